@@ -1,0 +1,40 @@
+# The two commands: `make demo` and `make test`. Both create/refresh the virtualenv first.
+SHELL := /bin/bash
+# First Python >= 3.11 on PATH (3.11 preferred: the CPU torch wheel and tflite-runtime exist for it).
+PYTHON ?= $(shell for p in python3.11 python3.12 python3.13 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+	&& { echo $$p; break; }; done)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.edgeopt-installed
+DEMO := build/demo
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "error: Python >= 3.11 is required (none found on PATH)"; exit 2; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[all]'
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/python examples/digits.py --out $(DEMO)
+	$(BIN)/edgeopt convert $(DEMO)/digits_cnn.onnx -o $(DEMO)/raspberry-pi-4-int8 --force \
+		--profile raspberry-pi-4 --target onnx --quantize int8 \
+		--calibration $(DEMO)/calibration.npz --validation $(DEMO)/validation.npz --max-accuracy-drop 1.0
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python benchmarks/cli_startup.py
+	$(BIN)/python benchmarks/convert_onnx.py
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,1 @@
+"""edgeopt.agent: the device agent (sources, windowing, batching, sinks, updates)."""

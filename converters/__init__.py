@@ -1,0 +1,1 @@
+"""edgeopt.converters: passes (ONNX → ONNX), targets (ONNX → artifact), the pipeline, validation."""

@@ -1,0 +1,78 @@
+"""Does a model fit a board? Storage for the model file, RAM for weights plus activations.
+
+The memory figure is an estimate, computed the way static arena planners (TFLite's, TVM's) size
+their buffers: walk the graph in execution order at batch 1, keep each intermediate tensor alive
+from the node that produces it to its last consumer, and take the largest total; add the weights
+(the model file, as the runtime holds it in memory). The runtime library itself is not counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgeopt.profiles import Profile
+
+
+def _tensor_elems(model: onnx.ModelProto) -> dict[str, int]:
+    sizes = {}
+    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if not vi.type.tensor_type.HasField("shape"):
+            continue
+        n = 1
+        for i, d in enumerate(dims):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                n *= d.dim_value
+            elif i == 0:
+                n *= 1  # dynamic batch: estimate at batch 1
+            else:
+                n = -1
+                break
+        if n >= 0:
+            sizes[vi.name] = n
+    return sizes
+
+
+def peak_activation_elements(model: onnx.ModelProto) -> int:
+    """Largest number of activation elements alive at once, at batch 1 (weights excluded)."""
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    sizes = _tensor_elems(model)
+    weights = {i.name for i in model.graph.initializer}
+    last_use: dict[str, int] = {}
+    for idx, node in enumerate(model.graph.node):
+        for name in node.input:
+            last_use[name] = idx
+    outputs = {o.name for o in model.graph.output}
+    live = {vi.name for vi in model.graph.input if vi.name not in weights}
+    peak = sum(sizes.get(n, 0) for n in live)
+    for idx, node in enumerate(model.graph.node):
+        if node.op_type == "Constant":
+            continue
+        live.update(o for o in node.output if o)
+        peak = max(peak, sum(sizes.get(n, 0) for n in live))
+        live = {n for n in live if last_use.get(n, -1) > idx or n in outputs}
+    return int(peak)
+
+
+def fit_check(model_bytes: int, peak_memory_bytes: int, profile: Profile | None) -> dict[str, Any]:
+    if profile is None:
+        return {"profile": None, "model_bytes": model_bytes, "peak_memory_bytes": peak_memory_bytes,
+                "ram_budget_bytes": None, "storage_budget_bytes": None, "ok": None, "problems": []}
+    problems = []
+    if model_bytes > profile.model_storage_budget_bytes:
+        problems.append(f"model file {model_bytes} B exceeds the storage budget "
+                        f"{profile.model_storage_budget_bytes} B of {profile.name}")
+    if peak_memory_bytes > profile.model_ram_budget_bytes:
+        problems.append(f"estimated peak memory {peak_memory_bytes} B exceeds the RAM budget "
+                        f"{profile.model_ram_budget_bytes} B of {profile.name}")
+    return {"profile": profile.name, "model_bytes": model_bytes, "peak_memory_bytes": peak_memory_bytes,
+            "ram_budget_bytes": profile.model_ram_budget_bytes,
+            "storage_budget_bytes": profile.model_storage_budget_bytes, "ok": not problems, "problems": problems}
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    return int(sum(np.prod(i.dims) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(i.data_type)).itemsize
+                   for i in model.graph.initializer))

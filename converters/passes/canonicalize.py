@@ -1,0 +1,177 @@
+"""Front-end canonicalisation every target needs.
+
+1. freeze inputs given ``input_values`` into constants (so ``If`` on, say, a sample rate folds away);
+2. fix dynamic input dims from ``input_shapes``; a dynamic leading (batch) dim may stay dynamic,
+   any other dynamic dim left is an error naming the input;
+3. drop training-only behaviour (Dropout, BatchNormalization in training mode);
+4. constant folding, dead-code elimination and simplification with onnxslim;
+5. ONNX shape inference, so every later step sees concrete shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgeopt.converters.passes import Pass, PassContext
+from edgeopt.errors import UserInputError, closest
+from edgeopt.onnx_io import input_specs
+from edgeopt.params import Param
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """'image:1,1,8,8' → ('image', (1, 1, 8, 8))."""
+    name, sep, dims = text.rpartition(":")
+    try:
+        if not sep or not name:
+            raise ValueError
+        shape = tuple(int(d) for d in dims.split(","))
+        if any(d <= 0 for d in shape):
+            raise ValueError
+    except ValueError:
+        raise UserInputError(f"--input-shape {text!r}: expected NAME:d0,d1,... with positive integers") from None
+    return name, shape
+
+
+def parse_input_value(text: str) -> tuple[str, str]:
+    """'sample_rate=16000' → ('sample_rate', '16000')."""
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise UserInputError(f"--input-value {text!r}: expected NAME=VALUE")
+    return name, value
+
+
+def _mapping(v: Any) -> dict:
+    if not isinstance(v, dict):
+        raise TypeError(v)
+    return dict(v)
+
+
+class Canonicalize(Pass):
+    name: ClassVar[str] = "canonicalize"
+    summary: ClassVar[str] = "fix shapes, freeze inputs, drop training-only nodes, fold constants, infer shapes"
+    params: ClassVar[tuple[Param, ...]] = (
+        Param("input_shapes", _mapping, None, "fixed shapes per input name, e.g. {'image': (1, 1, 8, 8)}"),
+        Param("input_values", _mapping, None, "inputs to freeze into constants, e.g. {'sample_rate': '16000'}"),
+        Param("keep_dynamic_batch", bool, True,
+              "leave a dynamic leading (batch) dim dynamic instead of requiring --input-shape for it"),
+        Param("simplify", bool, True, "run onnxslim (constant folding, dead code, fusions)"),
+    )
+
+    def _apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        model = onnx.ModelProto.FromString(model.SerializeToString())  # never mutate the caller's model
+        details: dict[str, Any] = {"nodes_before": len(model.graph.node)}
+        frozen = self._freeze_inputs(model, self.config["input_values"] or {})
+        fixed = self._fix_shapes(model, self.config["input_shapes"] or {})
+        removed = self._drop_training_nodes(model)
+        self._check_dynamic(model)
+        if self.config["simplify"]:
+            import onnxslim
+
+            model = onnxslim.slim(model)
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        details.update(nodes_after=len(model.graph.node), frozen_inputs=frozen, fixed_shapes=fixed,
+                       training_nodes_removed=removed)
+        ctx.details[self.name] = details
+        return model
+
+    # -- 1. freeze ---------------------------------------------------------------------------
+    @staticmethod
+    def _freeze_inputs(model: onnx.ModelProto, values: dict[str, Any]) -> dict[str, Any]:
+        specs = {s.name: s for s in input_specs(model)}
+        frozen = {}
+        for name, raw in values.items():
+            if name not in specs:
+                raise UserInputError(f"--input-value: model has no input '{name}'{closest(name, list(specs))}; "
+                                     f"inputs: {', '.join(specs)}")
+            spec = specs[name]
+            if spec.is_dynamic:
+                raise UserInputError(f"--input-value: input '{name}' has dynamic shape {spec.describe_shape()}; "
+                                     f"only inputs with a fixed shape (e.g. scalars) can be frozen")
+            dtype = np.dtype(spec.dtype)
+            try:
+                scalar = {"f": float, "i": int, "u": int, "b": lambda s: str(s).lower() in ("1", "true")}[dtype.kind](raw)
+            except (KeyError, ValueError):
+                raise UserInputError(f"--input-value: {raw!r} is not a valid {dtype.name} for input '{name}'") from None
+            array = np.full(tuple(int(d) for d in spec.shape), scalar, dtype=dtype)
+            for i, vi in enumerate(model.graph.input):
+                if vi.name == name:
+                    del model.graph.input[i]
+                    break
+            model.graph.initializer.append(numpy_helper.from_array(array, name))
+            frozen[name] = scalar
+        return frozen
+
+    # -- 2. shapes ---------------------------------------------------------------------------
+    @staticmethod
+    def _fix_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
+        by_name = {vi.name: vi for vi in model.graph.input}
+        specs = {s.name: s for s in input_specs(model)}
+        fixed = {}
+        for name, shape in shapes.items():
+            if name not in specs:
+                raise UserInputError(f"--input-shape: model has no input '{name}'{closest(name, list(specs))}; "
+                                     f"inputs: {', '.join(specs)}")
+            spec = specs[name]
+            if len(spec.shape) != len(shape):
+                raise UserInputError(f"--input-shape: input '{name}' has rank {len(spec.shape)} "
+                                     f"{spec.describe_shape()}, got {len(shape)} dims {list(shape)}")
+            for i, (have, want) in enumerate(zip(spec.shape, shape, strict=True)):
+                if isinstance(have, int) and have != want:
+                    raise UserInputError(f"--input-shape: input '{name}' dim {i} is fixed at {have} in the "
+                                         f"model, got {want}")
+            dims = by_name[name].type.tensor_type.shape.dim
+            for d, want in zip(dims, shape, strict=True):
+                d.ClearField("dim_param")
+                d.dim_value = want
+            fixed[name] = list(shape)
+        if fixed:
+            # Stale intermediate shapes would contradict the new input shapes; inference redoes them.
+            del model.graph.value_info[:]
+        return fixed
+
+    def _check_dynamic(self, model: onnx.ModelProto) -> None:
+        for spec in input_specs(model):
+            dyn = spec.dynamic_dims()
+            if self.config["keep_dynamic_batch"] and dyn[:1] == [0]:
+                dyn = dyn[1:]
+            if dyn:
+                example = ",".join(str(d) if isinstance(d, int) else "N" for d in spec.shape)
+                raise UserInputError(
+                    f"input '{spec.name}' has dynamic dim(s) {dyn} in shape {spec.describe_shape()}; "
+                    f"fix them with --input-shape {spec.name}:{example}")
+
+    # -- 3. training-only nodes ----------------------------------------------------------------
+    @staticmethod
+    def _drop_training_nodes(model: onnx.ModelProto) -> int:
+        graph = model.graph
+        rename: dict[str, str] = {}
+        keep = []
+        removed = 0
+        graph_outputs = {o.name for o in graph.output}
+        for node in graph.node:
+            if node.op_type == "Dropout" and node.domain in ("", "ai.onnx"):
+                src = rename.get(node.input[0], node.input[0])
+                if node.output[0] in graph_outputs:
+                    keep.append(helper.make_node("Identity", [src], [node.output[0]], name=node.name))
+                else:
+                    rename[node.output[0]] = src
+                removed += 1
+                continue
+            if node.op_type == "BatchNormalization":
+                for attr in node.attribute:
+                    if attr.name == "training_mode" and attr.i:
+                        attr.i = 0
+                        del node.output[1:]
+                        removed += 1
+            keep.append(node)
+        for node in keep:
+            for i, name in enumerate(node.input):
+                if name in rename:
+                    node.input[i] = rename[name]
+        del graph.node[:]
+        graph.node.extend(keep)
+        return removed

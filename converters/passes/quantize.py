@@ -1,0 +1,189 @@
+"""Quantization passes built on onnxruntime.quantization (and ORT's fp16 converter).
+
+- ``quantize-int8``: static post-training quantization, QDQ format, per-channel weights, calibrated
+  on the calibration set with min-max, entropy or percentile ranges;
+- ``quantize-int8-dynamic``: int8 weights, activations quantized at run time;
+- ``quantize-fp16``: float16 weights and compute, float32 I/O unless asked otherwise;
+- ``quantize-int4``: block-wise weight-only INT4 for MatMul/Gemm (MatMulNBits, or blocked
+  DequantizeLinear with ``format=qdq``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgeopt.converters.passes import ConversionError, Pass, PassContext
+from edgeopt.errors import UserInputError
+from edgeopt.onnx_io import input_specs, iter_nodes, toposort
+from edgeopt.params import Param, in_range
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+class _CalibrationReader:
+    """Feeds calibration samples to ORT one at a time, ticking a progress bar."""
+
+    def __init__(self, samples: list[dict[str, np.ndarray]], tick):
+        self._it = iter(samples)
+        self._tick = tick
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        sample = next(self._it, None)
+        if sample is not None:
+            self._tick(1)
+        return sample
+
+    def rewind(self) -> None:  # part of ORT's CalibrationDataReader protocol; one pass is all we need
+        pass
+
+
+class QuantizeInt8Static(Pass):
+    name: ClassVar[str] = "quantize-int8"
+    summary: ClassVar[str] = "static INT8 post-training quantization (QDQ, per-channel weights)"
+    params: ClassVar[tuple[Param, ...]] = (
+        Param("calibration_method", str, "minmax", "how activation ranges are chosen from the calibration set",
+              choices=CALIBRATION_METHODS),
+        Param("percentile", float, 99.999, "percentile kept when calibration_method=percentile",
+              check=in_range(90.0, 100.0)),
+        Param("per_channel", bool, True, "one scale per output channel of each weight"),
+        Param("activation_type", str, "int8", "integer type of activations", choices=("int8", "uint8")),
+        Param("max_calibration_samples", int, 512, "use at most this many calibration samples",
+              check=lambda v: None if v >= 1 else "must be >= 1"),
+        Param("min_calibration_samples", int, 16, "refuse calibration sets smaller than this",
+              check=lambda v: None if v >= 1 else "must be >= 1"),
+    )
+
+    def _apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        if ctx.calibration is None:
+            raise UserInputError("--quantize int8 needs calibration data: pass --calibration DATA "
+                                 "(.npz with one array per input, or .npy)")
+        data = ctx.calibration.take(self.config["max_calibration_samples"])
+        if len(data) < self.config["min_calibration_samples"]:
+            raise UserInputError(
+                f"calibration set {data.source} has {len(data)} samples; int8 calibration needs at least "
+                f"{self.config['min_calibration_samples']} for stable activation ranges")
+        src, pre, out = (ctx.workdir / f"int8-{s}.onnx" for s in ("src", "pre", "out"))
+        onnx.save_model(model, str(src))
+        quant_pre_process(str(src), str(pre))
+        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                  "percentile": CalibrationMethod.Percentile}[self.config["calibration_method"]]
+        extra: dict[str, Any] = {"CalibMovingAverage": False}
+        if method == CalibrationMethod.Percentile:
+            extra["CalibPercentile"] = self.config["percentile"]
+        with ctx.progress("calibrating", len(data)) as tick:
+            quantize_static(
+                str(pre), str(out), _CalibrationReader(list(data.samples()), tick),
+                quant_format=QuantFormat.QDQ, per_channel=self.config["per_channel"],
+                activation_type=QuantType.QInt8 if self.config["activation_type"] == "int8" else QuantType.QUInt8,
+                weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra,
+            )
+        ctx.details[self.name] = {"calibration_samples": len(data), "calibration_source": data.source}
+        return onnx.load(str(out))
+
+
+class QuantizeInt8Dynamic(Pass):
+    name: ClassVar[str] = "quantize-int8-dynamic"
+    summary: ClassVar[str] = "INT8 weights; activations quantized at run time (no calibration data)"
+    params: ClassVar[tuple[Param, ...]] = (
+        Param("per_channel", bool, True, "one scale per output channel of each weight"),
+    )
+
+    def _apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        src, pre, out = (ctx.workdir / f"dyn-{s}.onnx" for s in ("src", "pre", "out"))
+        onnx.save_model(model, str(src))
+        quant_pre_process(str(src), str(pre))
+        quantize_dynamic(str(pre), str(out), per_channel=self.config["per_channel"], weight_type=QuantType.QInt8)
+        return onnx.load(str(out))
+
+
+class QuantizeFp16(Pass):
+    name: ClassVar[str] = "quantize-fp16"
+    summary: ClassVar[str] = "float16 weights and compute"
+    params: ClassVar[tuple[Param, ...]] = (
+        Param("keep_io_types", bool, True, "keep model inputs and outputs float32 (casts inside the model)"),
+    )
+
+    def _apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        out = convert_float_to_float16(model, keep_io_types=self.config["keep_io_types"])
+        toposort(out.graph)  # the converter appends its I/O casts after the nodes that read them
+        return out
+
+
+class QuantizeInt4(Pass):
+    name: ClassVar[str] = "quantize-int4"
+    summary: ClassVar[str] = "block-wise weight-only INT4 for MatMul/Gemm"
+    params: ClassVar[tuple[Param, ...]] = (
+        Param("block_size", int, 32, "weights per quantization block along the reduction axis",
+              choices=(16, 32, 64, 128, 256)),
+        Param("symmetric", bool, True, "symmetric blocks (no zero points)"),
+        Param("format", str, "matmulnbits", "MatMulNBits contrib op (ONNX Runtime) or standard blocked "
+              "DequantizeLinear + MatMul (opset 21)", choices=("matmulnbits", "qdq")),
+    )
+
+    def _apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        from onnxruntime.quantization import QuantFormat
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        model = gemm_to_matmul(model)
+        quantizer = MatMulNBitsQuantizer(
+            model, bits=4, block_size=self.config["block_size"], is_symmetric=self.config["symmetric"],
+            quant_format=QuantFormat.QOperator if self.config["format"] == "matmulnbits" else QuantFormat.QDQ,
+            op_types_to_quantize=("MatMul",),
+        )
+        quantizer.process()
+        out = quantizer.model.model
+        quantized = sum(n.op_type in ("MatMulNBits", "DequantizeLinear") for n in out.graph.node)
+        if quantized == 0:
+            raise ConversionError("pass 'quantize-int4' found no MatMul/Gemm with constant weights to quantize")
+        ctx.details[self.name] = {"quantized_matmuls": quantized}
+        return out
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite Gemm with a constant B (alpha=beta=1, no transA) as MatMul (+ Add of C).
+
+    ORT's MatMulNBits quantizer only handles MatMul, and torch exports every Linear as Gemm; this
+    small rewrite is the missing piece (no library does it in the direction we need: onnxslim fuses
+    MatMul+Add *into* Gemm).
+    """
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    specs = {s.name for s in input_specs(model)}
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or node.input[1] in specs):
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        if attrs.get("transB", 0):
+            weight = weight.T
+        wname = f"{node.input[1]}_kn"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), wname))
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], wname], [mm_out], name=f"{node.name}_matmul"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in iter_nodes(graph) for i in n.input} | {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return model

@@ -1,0 +1,323 @@
+"""``edgeopt convert``: load → canonicalise → check ops → compile (with quantization) → validate →
+golden vectors → latency → fit → artifact directory, written atomically.
+
+Everything that can be rejected (files, flags, data, unsupported ops, the output location) is
+checked before the output directory is created; the directory appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgeopt import __version__
+from edgeopt.artifact import (
+    GOLDEN,
+    MANIFEST,
+    MANIFEST_SCHEMA,
+    REPORT,
+    REPORT_SCHEMA,
+    file_hashes,
+    save_golden,
+    tool_versions,
+)
+from edgeopt.converters.fit import fit_check, peak_activation_elements
+from edgeopt.converters.passes import PassContext, ProgressFactory, get_pass, no_progress
+from edgeopt.converters.targets import Target, get_target
+from edgeopt.converters.validate import accuracy, parity
+from edgeopt.data import Dataset, generate_inputs, load_dataset
+from edgeopt.errors import CheckFailed, UserInputError
+from edgeopt.fsutil import atomic_write_json, check_output_dir, sha256_file, staged_directory, tree_size
+from edgeopt.onnx_io import count_params, input_specs, iter_nodes, load_model
+from edgeopt.profiles import Profile, load_profile
+from edgeopt.runtime import Runtime, run_batched, runtime_for_format, to_model_dtype
+from edgeopt.runtime.onnxruntime import OnnxRuntime
+from edgeopt.specs import TensorSpec
+
+VALIDATION_BATCH = 32
+
+
+@dataclass
+class ConvertOptions:
+    model: Path
+    output: Path
+    target: str | None = None
+    profile: str | None = None
+    quantize: str | None = None
+    calibration: Path | None = None
+    validation: Path | None = None
+    max_accuracy_drop: float | None = None
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    input_values: dict[str, str] = field(default_factory=dict)
+    name: str | None = None
+    version: str = "1"
+    force: bool = False
+    pass_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # by pass name
+    target_params: dict[str, Any] = field(default_factory=dict)
+    threads: int = 1
+    golden_count: int = 8
+    generated_samples: int = 64
+    seed: int = 0
+
+
+@dataclass
+class ConvertResult:
+    output: Path
+    report: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+class ConvertCheckFailed(CheckFailed):
+    """A check failed after the artifact was written; carries the result so the CLI can show it."""
+
+    def __init__(self, result: ConvertResult):
+        self.result = result
+        super().__init__(f"{result.output}: {'; '.join(result.report['failures'])} "
+                         f"(artifact kept, report marked failed)")
+
+
+def resolve_recipe(opts: ConvertOptions) -> tuple[Profile | None, str, str]:
+    """(profile, target name, quantize mode) from the flags, with the profile's defaults filling gaps."""
+    profile = load_profile(opts.profile) if opts.profile else None
+    target = opts.target or (profile.default_target if profile else None)
+    if target is None:
+        raise UserInputError("no --target given and no --profile to take a default from")
+    quantize = opts.quantize or (profile.default_quantize if profile else "none")
+    if profile is not None:
+        fmt = get_target(target).format
+        if fmt not in profile.formats:
+            raise UserInputError(f"profile '{profile.name}' runs {', '.join(profile.formats)}; "
+                                 f"--target {target} produces {fmt}")
+    return profile, target, quantize
+
+
+class _Steps:
+    """Wall time and facts per pipeline step, for the report."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[dict[str, Any]]:
+        row: dict[str, Any] = {"step": name}
+        t0 = time.perf_counter()
+        yield row
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        self.rows.append(row)
+
+
+def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> ConvertResult:
+    """Run the whole conversion; raises ``ConvertCheckFailed`` (artifact written) when a check fails."""
+    started = time.perf_counter()
+    steps = _Steps()
+    profile, target_name, quantize = resolve_recipe(opts)
+    target: Target = get_target(target_name)(pass_params=opts.pass_params, **opts.target_params)
+    target.check_quantize(quantize)
+    check_output_dir(opts.output, opts.force)
+
+    with steps("load"):
+        source = load_model(opts.model)
+    source_specs = input_specs(source)
+    # Ops no schema knows (custom domains, typos) are reported before canonicalisation touches the graph.
+    target.check_supported(_nodes_without_schema(source))
+
+    with tempfile.TemporaryDirectory(prefix="edgeopt-") as work:
+        ctx = PassContext(workdir=Path(work), progress=progress)
+        canon_pass = get_pass("canonicalize")(input_shapes=opts.input_shapes or None,
+                                              input_values=opts.input_values or None,
+                                              **opts.pass_params.get("canonicalize", {}))
+        with steps("canonicalize") as row:
+            canonical = canon_pass.apply(source, ctx)
+            row.update(ctx.details["canonicalize"])
+        target.check_supported(canonical)
+        specs = input_specs(canonical)
+        ctx.calibration = load_dataset(opts.calibration, specs) if opts.calibration else None
+        validation, validation_source = _validation_set(opts, specs, ctx.calibration)
+        frozen = ctx.details["canonicalize"]["frozen_inputs"]
+
+        with staged_directory(opts.output, opts.force) as stage:
+            with steps("compile") as row:
+                model_path = target.compile(canonical, quantize, ctx, stage)
+                row["size_bytes"] = tree_size(model_path)
+            converted_rt = runtime_for_format(target.format)(model_path, threads=opts.threads)
+            source_rt = OnnxRuntime(opts.model, threads=opts.threads)
+            source_runner = _SourceRunner(source_rt, frozen, source_specs)
+            with steps("validate"):
+                par, acc, golden = _validate(source_runner, converted_rt, validation, opts.golden_count)
+            save_golden(stage / GOLDEN, *golden)
+            with steps("latency"):
+                latency = _latency(source_runner, converted_rt, validation)
+            model_bytes = tree_size(model_path)
+            peak = model_bytes + peak_activation_elements(canonical) * target.activation_bytes(quantize)
+            fit = fit_check(model_bytes, peak, profile)
+
+            recipe = [canon_pass.describe()]
+            recipe += [get_pass(p)(**opts.pass_params.get(p, {})).describe() for p in target.passes_for(quantize)]
+            recipe.append({"pass": f"compile:{target.name}", "params": {"quantize": quantize, **target.config}})
+            failures = _failures(opts, fit, acc, par)
+            versions = tool_versions(*target.toolchain)
+            report = {
+                "schema": REPORT_SCHEMA,
+                "status": "failed" if failures else "ok",
+                "failures": failures,
+                "source": {"path": str(opts.model), "sha256": sha256_file(opts.model),
+                           "size_bytes": tree_size(opts.model), "params": count_params(source)},
+                "artifact": {"path": str(opts.output), "format": target.format,
+                             "sha256": sha256_file(model_path) if model_path.is_file() else None,
+                             "size_bytes": model_bytes, "params": count_params(canonical)},
+                "recipe": recipe,
+                "parity": par,
+                "accuracy": acc,
+                "latency": latency,
+                "fit": fit,
+                "validation": {"source": validation_source, "samples": len(validation)},
+                "steps": steps.rows,
+                "pass_details": {k: v for k, v in ctx.details.items() if k != "canonicalize"},
+                "notes": ctx.notes,
+                "tool_versions": versions,
+                "duration_s": round(time.perf_counter() - started, 3),
+            }
+            atomic_write_json(stage / REPORT, report)
+            manifest = _manifest(opts, target, converted_rt, profile, quantize, par, recipe, versions,
+                                 source_sha=report["source"]["sha256"], stage=stage,
+                                 golden_count=len(next(iter(golden[0].values()))))
+            atomic_write_json(stage / MANIFEST, manifest)
+
+    result = ConvertResult(Path(opts.output), report, manifest)
+    if failures:
+        raise ConvertCheckFailed(result)
+    return result
+
+
+def _validation_set(opts: ConvertOptions, specs: list[TensorSpec], calibration: Dataset | None) -> tuple[Dataset, str]:
+    if opts.validation is not None:
+        return load_dataset(opts.validation, specs), str(opts.validation)
+    if calibration is not None:
+        return calibration, f"{opts.calibration} (the calibration data: no --validation given)"
+    return (generate_inputs(specs, opts.generated_samples, opts.seed),
+            f"{opts.generated_samples} generated random inputs (no --validation or --calibration given)")
+
+
+def _failures(opts: ConvertOptions, fit: dict, acc: dict, par: dict) -> list[str]:
+    failures = list(fit["problems"])
+    if opts.max_accuracy_drop is not None:
+        if acc["drop"] is None:
+            failures.append("--max-accuracy-drop needs labels in the validation data to measure accuracy")
+        elif acc["drop"] > opts.max_accuracy_drop:
+            failures.append(f"accuracy drop {acc['drop']:.2f} ({acc['metric']}) exceeds --max-accuracy-drop "
+                            f"{opts.max_accuracy_drop}")
+    if not par["finite"]:
+        failures.append("the converted model produced NaN or Inf outputs")
+    return failures
+
+
+def _nodes_without_schema(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A model holding only the nodes whose op has no ONNX schema (custom domains, misspelled ops)."""
+    unknown = [n for n in iter_nodes(model.graph)
+               if n.domain not in ("", "ai.onnx", "ai.onnx.ml") or not onnx.defs.has(n.op_type, n.domain)]
+    return onnx.helper.make_model(onnx.helper.make_graph(unknown, "unknown_ops", [], []))
+
+
+class _SourceRunner:
+    """Runs the original model, adding back the inputs that were frozen into the converted one."""
+
+    def __init__(self, rt: OnnxRuntime, frozen: dict[str, Any], source_specs: list[TensorSpec]):
+        self.rt = rt
+        self.constants = {s.name: np.full(tuple(int(d) for d in s.shape), frozen[s.name], dtype=s.dtype)
+                          for s in source_specs if s.name in frozen}
+
+    def feeds(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**inputs, **self.constants}
+
+    def run_all(self, inputs: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+        n = len(next(iter(inputs.values())))
+        outs: dict[str, list[np.ndarray]] = {}
+        for start in range(0, n, batch):
+            for k, v in self.rt.run(self.feeds({k: v[start:start + batch] for k, v in inputs.items()})).items():
+                outs.setdefault(k, []).append(v)
+        return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def _pair_outputs(source: list[TensorSpec], converted: list[TensorSpec]) -> list[tuple[str, str]]:
+    """(source name, converted name) pairs: by name when the names survived conversion, else by order."""
+    if {s.name for s in source} == {c.name for c in converted}:
+        return [(c.name, c.name) for c in converted]
+    if len(source) != len(converted):
+        raise UserInputError(f"converted model has {len(converted)} outputs, the original {len(source)}")
+    return [(s.name, c.name) for s, c in zip(source, converted, strict=True)]
+
+
+def _validate(source: _SourceRunner, converted_rt: Runtime, data: Dataset, golden_count: int):
+    ref = source.run_all(data.inputs, VALIDATION_BATCH)
+    got = run_batched(converted_rt, data.inputs, VALIDATION_BATCH)
+    pairs = _pair_outputs(source.rt.outputs, converted_rt.outputs)
+    ref_list = [ref[s] for s, _ in pairs]
+    got_list = [got[c] for _, c in pairs]
+    par = parity(ref_list, got_list, [c for _, c in pairs])
+    acc = accuracy(data.labels, ref_list[0], got_list[0])
+    k = min(golden_count, len(data))
+    # Golden outputs are the original model's, keyed by the converted model's output names.
+    golden = ({n: a[:k] for n, a in data.inputs.items()}, {c: ref[s][:k] for s, c in pairs})
+    return par, acc, golden
+
+
+def _latency(source: _SourceRunner, converted_rt: Runtime, data: Dataset) -> dict[str, Any]:
+    from edgeopt.bench import measure
+
+    batch = converted_rt.fixed_batch or 1  # the report's latency is per call at batch 1 when the model allows
+    sample = {k: np.resize(v, (batch,) + v.shape[1:]) for k, v in data.inputs.items()}
+    model_sample = {s.name: to_model_dtype(s, sample[s.name]) for s in converted_rt.inputs}
+    src, conv = measure([source.rt, converted_rt], [source.feeds(sample), model_sample])
+    out = conv.to_json()
+    del out["calls"], out["mean_ms"]
+    out["source_p50_ms"] = round(src.p50_ms, 4)
+    out["speedup_vs_source"] = round(src.p50_ms / conv.p50_ms, 3) if conv.p50_ms > 0 else None
+    return out
+
+
+def golden_tolerance(par: dict[str, Any]) -> dict[str, float]:
+    """How close a device's outputs must be to the golden (original-model) outputs.
+
+    The converted model already differs from the original by its quantization error, so the
+    tolerance is the error measured here with a 2x margin for another CPU's kernels, and at least
+    1e-4 of the output scale. ``cosine_min`` likewise allows twice the measured cosine distance.
+    """
+    outputs = par["outputs"].values()
+    atol = max(max(2.0 * o["max_abs_err"], 1e-4 * max(o["output_scale"], 1.0)) for o in outputs)
+    cos_dist = max(1.0 - o["cosine"] for o in outputs)
+    return {"atol": float(atol), "cosine_min": float(max(0.0, 1.0 - max(2.0 * cos_dist, 1e-4)))}
+
+
+def _manifest(opts: ConvertOptions, target: Target, rt: Runtime, profile: Profile | None, quantize: str,
+              par: dict[str, Any], recipe: list, versions: dict[str, str], *, source_sha: str, stage: Path,
+              golden_count: int) -> dict[str, Any]:
+    return {
+        "schema": MANIFEST_SCHEMA,
+        "name": opts.name or Path(opts.model).stem,
+        "version": str(opts.version),
+        "model": {"file": target.model_file, "format": target.format, "runtime": target.runtime,
+                  "quantize": quantize},
+        "inputs": [s.to_json() for s in rt.inputs],
+        "outputs": [s.to_json() for s in rt.outputs],
+        "preprocessing": {"window": None, "hop": None, "normalization": None},
+        "golden": {"file": GOLDEN, "count": golden_count, **golden_tolerance(par)},
+        "target_profile": profile.name if profile else None,
+        "latency_budget_ms": profile.latency_budget_ms if profile else None,
+        "source": {"file": Path(opts.model).name, "sha256": source_sha},
+        "recipe": recipe,
+        "tool_versions": versions,
+        "edgeopt_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": file_hashes(stage, [target.model_file, GOLDEN, REPORT]),
+    }
+
+
+__all__ = ["ConvertOptions", "ConvertResult", "ConvertCheckFailed", "convert", "resolve_recipe"]

@@ -1,0 +1,91 @@
+"""Targets: compile a canonicalised (and possibly compressed) ONNX model into one format.
+
+A target declares which ONNX ops it supports, so unsupported ops are reported with their node names
+before any work is done, and which ``--quantize`` modes it offers. It fills in ``_compile``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import onnx
+
+from edgeopt import registry
+from edgeopt.converters.passes import ConversionError, PassContext, quiet_loggers
+from edgeopt.errors import EdgeoptError, UnsupportedOpsError, UserInputError
+from edgeopt.fsutil import ENVIRONMENT_ERRNOS, environment_fault
+from edgeopt.onnx_io import iter_nodes, op_key
+from edgeopt.params import Configurable, Param
+
+QUANTIZE_MODES = ("none", "fp16", "int8", "int8-dynamic", "int16x8", "int4")
+
+
+class Target(Configurable):
+    name: ClassVar[str] = ""
+    format: ClassVar[str] = ""            # manifest "format": onnx | tflite | coreml | tvm
+    runtime: ClassVar[str] = ""           # registered runtime that runs the output
+    model_file: ClassVar[str] = ""        # file (or directory) name inside the artifact
+    quantize_modes: ClassVar[tuple[str, ...]] = ("none",)
+    toolchain: ClassVar[tuple[str, ...]] = ()  # packages whose versions go into the manifest
+    params: ClassVar[tuple[Param, ...]] = ()
+
+    def __init__(self, pass_params: dict[str, dict] | None = None, **settings):
+        """``pass_params``: settings for the passes this target runs, by pass name."""
+        super().__init__(**settings)
+        self.pass_params = pass_params or {}
+
+    def passes_for(self, quantize: str) -> list[str]:
+        """Names of the registered passes this target runs for a quantize mode (for the recipe)."""
+        return []
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def is_supported(self, node: onnx.NodeProto) -> bool:
+        """Whether this target can compile ``node`` (op type, domain and, where it matters, attributes)."""
+        raise NotImplementedError
+
+    def _compile(self, model: onnx.ModelProto, quantize: str, ctx: PassContext, out: Path) -> None:
+        """Write the compiled model to ``out`` (a path inside the staging directory)."""
+        raise NotImplementedError
+
+    def activation_bytes(self, quantize: str) -> int:
+        """Bytes per activation element at run time, for the memory estimate of the fit check."""
+        return 4
+
+    # -- public --------------------------------------------------------------------------------
+    def unsupported_nodes(self, model: onnx.ModelProto) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for i, node in enumerate(iter_nodes(model.graph)):
+            if not self.is_supported(node):
+                found.setdefault(op_key(node), []).append(node.name or f"#{i}")
+        return found
+
+    def check_supported(self, model: onnx.ModelProto) -> None:
+        if unsupported := self.unsupported_nodes(model):
+            raise UnsupportedOpsError(self.name, unsupported)
+
+    def check_quantize(self, quantize: str) -> None:
+        if quantize not in self.quantize_modes:
+            raise UserInputError(f"target '{self.name}' does not offer --quantize {quantize}; "
+                                 f"it offers: {', '.join(self.quantize_modes)}")
+
+    def compile(self, model: onnx.ModelProto, quantize: str, ctx: PassContext, out_dir: Path) -> Path:
+        self.check_quantize(quantize)
+        out = Path(out_dir) / self.model_file
+        try:
+            with quiet_loggers():
+                self._compile(model, quantize, ctx, out)
+        except EdgeoptError:
+            raise
+        except OSError as exc:
+            if exc.errno not in ENVIRONMENT_ERRNOS:
+                raise ConversionError(f"{self.name}: {exc}") from exc
+            raise environment_fault(exc, out) from exc
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConversionError(f"target '{self.name}' failed to compile: {first}") from exc
+        return out
+
+
+def get_target(name: str) -> type[Target]:
+    return registry.load(registry.TARGETS, name)

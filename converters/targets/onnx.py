@@ -1,0 +1,61 @@
+"""The ONNX target: an optimised (and optionally quantized) ONNX model for ONNX Runtime."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import ClassVar
+
+import onnx
+
+from edgeopt.converters.passes import ConversionError, PassContext, get_pass
+from edgeopt.converters.targets import Target
+from edgeopt.errors import UnsupportedOpsError
+from edgeopt.onnx_io import save_model
+
+# quantize mode → pass that implements it for ONNX Runtime
+QUANTIZE_PASSES = {"int8": "quantize-int8", "int8-dynamic": "quantize-int8-dynamic", "fp16": "quantize-fp16",
+                   "int4": "quantize-int4"}
+ORT_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
+
+
+class OnnxTarget(Target):
+    name: ClassVar[str] = "onnx"
+    format: ClassVar[str] = "onnx"
+    runtime: ClassVar[str] = "onnxruntime"
+    model_file: ClassVar[str] = "model.onnx"
+    quantize_modes: ClassVar[tuple[str, ...]] = ("none", *QUANTIZE_PASSES)
+    toolchain: ClassVar[tuple[str, ...]] = ()
+
+    def is_supported(self, node: onnx.NodeProto) -> bool:
+        if node.domain not in ORT_DOMAINS:
+            return False
+        if node.domain in ("", "ai.onnx", "ai.onnx.ml"):
+            return onnx.defs.has(node.op_type, node.domain)
+        return True  # com.microsoft contrib ops: ONNX Runtime's own check at load time names a missing one
+
+    def passes_for(self, quantize: str) -> list[str]:
+        return [QUANTIZE_PASSES[quantize]] if quantize in QUANTIZE_PASSES else []
+
+    def _compile(self, model: onnx.ModelProto, quantize: str, ctx: PassContext, out: Path) -> None:
+        for pass_name in self.passes_for(quantize):
+            model = get_pass(pass_name)(**self.pass_params.get(pass_name, {})).apply(model, ctx)
+        save_model(model, out)
+        self._check_loads(out)
+
+    @staticmethod
+    def _check_loads(path: Path) -> None:
+        """Catch ops ONNX Runtime has no kernel for (e.g. an op/type pair) and name the node."""
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        try:
+            ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            text = str(exc)
+            m = re.search(r"implementation for (\w+)\(\d+\) node with name '([^']*)'", text)
+            if m:
+                raise UnsupportedOpsError("onnx", {m.group(1): [m.group(2)]}) from exc
+            first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+            raise ConversionError(f"ONNX Runtime cannot load the converted model: {first}") from exc

@@ -1,0 +1,1 @@
+"""edgeopt.fleet: device registry, signed repository, rollouts."""

@@ -1,0 +1,129 @@
+"""The artifact directory written by ``edgeopt convert`` and read by bench and the agent.
+
+    DIR/model.<ext>     the compiled model
+    DIR/manifest.json   what a device needs (I/O, preprocessing, golden tolerance, sha256 of every file)
+    DIR/golden.npz      inputs and the original model's outputs for them (``input:NAME``, ``output:NAME``)
+    DIR/report.json     what the engineer needs (sizes, parity, accuracy, latency, fit)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeopt.errors import UserInputError
+from edgeopt.fsutil import sha256_file
+from edgeopt.specs import TensorSpec
+
+MANIFEST_SCHEMA = "edgeopt.manifest/1"
+REPORT_SCHEMA = "edgeopt.report/1"
+MANIFEST = "manifest.json"
+REPORT = "report.json"
+GOLDEN = "golden.npz"
+
+
+class TamperedArtifact(UserInputError):
+    """A file of an artifact does not match the sha256 its manifest lists (or is missing)."""
+
+
+def tool_versions(*packages: str) -> dict[str, str]:
+    out = {}
+    for pkg in ("edgeopt", "numpy", "onnx", "onnxruntime", "onnxslim", *packages):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def file_hashes(root: Path, names: list[str]) -> dict[str, str]:
+    """sha256 of each named file; a directory (e.g. an .mlpackage) contributes each file inside it."""
+    hashes = {}
+    for name in names:
+        path = root / name
+        if path.is_dir():
+            for f in sorted(p for p in path.rglob("*") if p.is_file()):
+                hashes[str(f.relative_to(root))] = sha256_file(f)
+        else:
+            hashes[name] = sha256_file(path)
+    return hashes
+
+
+def save_golden(path: Path, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+    arrays = {f"input:{k}": v for k, v in inputs.items()}
+    arrays.update({f"output:{k}": v for k, v in outputs.items()})
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_golden(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    with np.load(path, allow_pickle=False) as npz:
+        inputs = {k[len("input:"):]: npz[k] for k in npz.files if k.startswith("input:")}
+        outputs = {k[len("output:"):]: npz[k] for k in npz.files if k.startswith("output:")}
+    return inputs, outputs
+
+
+@dataclass
+class Artifact:
+    """A loaded artifact directory (manifest parsed; files not yet verified)."""
+
+    root: Path
+    manifest: dict[str, Any]
+
+    @property
+    def model_file(self) -> Path:
+        return self.root / self.manifest["model"]["file"]
+
+    @property
+    def format(self) -> str:
+        return self.manifest["model"]["format"]
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return [TensorSpec.from_json(t) for t in self.manifest["inputs"]]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [TensorSpec.from_json(t) for t in self.manifest["outputs"]]
+
+    def report(self) -> dict[str, Any]:
+        return json.loads((self.root / REPORT).read_text())
+
+    def golden(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        return load_golden(self.root / GOLDEN)
+
+    def verify(self) -> None:
+        """Check every file against the manifest's sha256; raise ``TamperedArtifact`` naming the file."""
+        files: dict[str, str] = self.manifest.get("files") or {}
+        if not files:
+            raise TamperedArtifact(f"{self.root / MANIFEST}: lists no file hashes")
+        for rel, expected in files.items():
+            path = (self.root / rel).resolve()
+            if self.root.resolve() not in path.parents:
+                raise TamperedArtifact(f"{self.root / MANIFEST}: file entry {rel!r} points outside the artifact")
+            if not path.is_file():
+                raise TamperedArtifact(f"{self.root}: file {rel} listed in the manifest is missing")
+            if sha256_file(path) != expected:
+                raise TamperedArtifact(f"{self.root}: {rel} does not match its sha256 in the manifest (modified?)")
+
+
+def open_artifact(root: str | Path) -> Artifact:
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise UserInputError(f"{root}: not an edgeopt artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserInputError(f"{path}: malformed JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("schema") != MANIFEST_SCHEMA:
+        raise UserInputError(f"{path}: unknown manifest schema {manifest.get('schema') if isinstance(manifest, dict) else None!r}")
+    for key in ("model", "inputs", "outputs", "files"):
+        if key not in manifest:
+            raise UserInputError(f"{path}: manifest has no '{key}'")
+    return Artifact(root, manifest)

@@ -1,0 +1,87 @@
+"""``edgeopt convert``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from edgeopt.converters.passes.quantize import QuantizeFp16, QuantizeInt4, QuantizeInt8Static
+from edgeopt.converters.targets import QUANTIZE_MODES
+
+_CAL = QuantizeInt8Static.param("calibration_method")
+_BLOCK = QuantizeInt4.param("block_size")
+_KEEP_IO = QuantizeFp16.param("keep_io_types")
+
+
+@click.command("convert", context_settings={"max_content_width": 100})
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Artifact directory to write (must not exist unless --force).")
+@click.option("--target", help="Output format: onnx, tflite, coreml or tvm (default: the profile's).")
+@click.option("--profile", help="Hardware profile name (see 'edgeopt profiles list') or a profile .toml file.")
+@click.option("--quantize", type=click.Choice(QUANTIZE_MODES),
+              help="Quantization mode (default: the profile's, else none).")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="Calibration data: .npz (an array per input name), .npy or sensor .csv.")
+@_CAL.click_option("--calibration-method")
+@_BLOCK.click_option("--int4-block-size", type=int)
+@click.option("--fp16-io", is_flag=True, help="With --quantize fp16: make inputs/outputs float16 too "
+              "(default: " + _KEEP_IO.help + ").")
+@click.option("--validation", type=click.Path(path_type=Path),
+              help="Validation data (with optional 'labels'); default: the calibration data, else random inputs.")
+@click.option("--max-accuracy-drop", type=float,
+              help="Exit 1 (artifact kept, report marked failed) when accuracy drops by more than this "
+                   "(percentage points of top-1, or MAE increase).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:d0,d1,..",
+              help="Fix an input's dynamic dims (repeatable).")
+@click.option("--input-value", "input_values", multiple=True, metavar="NAME=VALUE",
+              help="Freeze an input to a constant so control flow on it folds away (repeatable).")
+@click.option("--name", help="Model name in the manifest (default: the file name).")
+@click.option("--version", "model_version", default="1", show_default=True, help="Model version in the manifest.")
+@click.option("--threads", type=int, default=1, show_default=True, help="Threads for validation and latency.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def convert_cmd(model: Path, output: Path, target, profile, quantize, calibration, calibration_method,
+                int4_block_size, fp16_io, validation, max_accuracy_drop, input_shapes, input_values, name,
+                model_version, threads, force, as_json, quiet) -> None:
+    """Convert MODEL (ONNX) into an artifact directory: model, manifest.json, golden.npz, report.json.
+
+    \b
+    Examples:
+      edgeopt convert model.onnx -o out --profile raspberry-pi-4 --target onnx --quantize int8 \\
+          --calibration cal.npz --validation val.npz --max-accuracy-drop 1.0
+      edgeopt convert model.onnx -o out --target onnx --quantize int4 --input-shape x:1,64
+    """
+    from edgeopt.cli.progress import make_progress
+    from edgeopt.cli.render import print_convert_report
+    from edgeopt.converters.passes.canonicalize import parse_input_shape, parse_input_value
+    from edgeopt.converters.pipeline import ConvertCheckFailed, ConvertOptions, convert
+
+    opts = ConvertOptions(
+        model=model, output=output, target=target, profile=profile, quantize=quantize, calibration=calibration,
+        validation=validation, max_accuracy_drop=max_accuracy_drop,
+        input_shapes=dict(parse_input_shape(s) for s in input_shapes),
+        input_values=dict(parse_input_value(v) for v in input_values),
+        name=name, version=model_version, force=force, threads=threads,
+        pass_params={
+            "quantize-int8": {"calibration_method": calibration_method},
+            "quantize-int4": {"block_size": int4_block_size},
+            "quantize-fp16": {"keep_io_types": not fp16_io},
+        },
+    )
+    try:
+        result = convert(opts, progress=make_progress(not quiet))
+    except ConvertCheckFailed as exc:
+        _show(exc.result.report, as_json, print_convert_report)
+        raise
+    _show(result.report, as_json, print_convert_report)
+
+
+def _show(report: dict, as_json: bool, printer) -> None:
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        printer(report)

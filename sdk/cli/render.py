@@ -1,0 +1,142 @@
+"""Human-readable tables for the CLI (rich). Scripts use ``--json`` instead."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from edgeopt.profiles import format_size
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _ratio(a: float | None, b: float | None, fmt: str = "{:.2f}x") -> str:
+    if not a or b is None:
+        return "-"
+    return fmt.format(b / a)
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f} ms"
+
+
+def print_convert_report(report: dict[str, Any]) -> None:
+    con = _console()
+    src, art, acc, lat, par, fit = (report[k] for k in ("source", "artifact", "accuracy", "latency", "parity", "fit"))
+    recipe = next((r for r in report["recipe"] if r["pass"].startswith("compile:")), {"params": {}})
+    title = (f"{src['path']} → {art['path']}  [{art['format']}, quantize {recipe['params'].get('quantize', 'none')}"
+             f"{', profile ' + fit['profile'] if fit['profile'] else ''}]")
+    table = Table(title=escape(title), title_justify="left")
+    table.add_column("", no_wrap=True)
+    table.add_column("original", justify="right")
+    table.add_column("converted", justify="right")
+    table.add_column("change", justify="right")
+    table.add_row("size", format_size(src["size_bytes"]), format_size(art["size_bytes"]),
+                  _ratio(src["size_bytes"], art["size_bytes"]))
+    table.add_row("parameters", f"{src['params']:,}", f"{art['params']:,}", "")
+    if acc["metric"]:
+        unit = " %" if acc["metric"] == "top1_percent" else ""
+        drop = f"{-acc['drop']:+.2f} pts" if acc["metric"] == "top1_percent" else f"{acc['drop']:+.4f}"
+        table.add_row(f"accuracy ({acc['metric']})", f"{acc['original']:.2f}{unit}", f"{acc['converted']:.2f}{unit}", drop)
+    else:
+        table.add_row("accuracy", "-", "-", "no labels")
+    speed = lat.get("speedup_vs_source")
+    change = "-" if not speed else (f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower")
+    table.add_row(f"latency p50, batch {lat['batch']}", _ms(lat.get("source_p50_ms")), _ms(lat["p50_ms"]), change)
+    con.print(table)
+    con.print(f"latency: {lat['runtime']}, {lat['threads'] or 'auto'} thread(s), p95 {_ms(lat['p95_ms'])}, "
+              f"p99 {_ms(lat['p99_ms'])}, {lat['throughput_per_s']:,.0f} samples/s (measured on this host)")
+    top1 = f", top-1 agreement {par['top1_agreement']:.2%}" if par["top1_agreement"] is not None else ""
+    con.print(escape(f"parity: max abs err {par['max_abs_err']:.3g}, mean abs err {par['mean_abs_err']:.3g}, "
+              f"cosine {par['cosine']:.6f}{top1}  ({report['validation']['samples']} samples: "
+              f"{report['validation']['source']})"))
+    if fit["profile"]:
+        verdict = "fits" if fit["ok"] else "DOES NOT FIT"
+        con.print(f"fit on {fit['profile']}: model {format_size(fit['model_bytes'])} of "
+                  f"{format_size(fit['storage_budget_bytes'])} storage budget, est. peak memory "
+                  f"{format_size(fit['peak_memory_bytes'])} of {format_size(fit['ram_budget_bytes'])} RAM budget: {verdict}")
+    for note in report.get("notes", []):
+        con.print(f"note: {note}")
+    status = "[green]ok[/green]" if report["status"] == "ok" else "[red]FAILED[/red]: " + "; ".join(report["failures"])
+    con.print(f"status: {status}  ({report['duration_s']:.1f} s)")
+
+
+def print_bench(result: dict[str, Any]) -> None:
+    con = _console()
+    table = Table(title=f"{result['model']}  [{result['runtime']}, {result['threads'] or 'auto'} threads]",
+                  title_justify="left")
+    for col in ("batch", "p50", "p95", "p99", "throughput"):
+        table.add_column(col, justify="right")
+    for row in result["results"]:
+        if row.get("skipped"):
+            table.add_row(str(row["batch"]), "-", "-", "-", row["skipped"])
+        else:
+            table.add_row(str(row["batch"]), _ms(row["p50_ms"]), _ms(row["p95_ms"]), _ms(row["p99_ms"]),
+                          f"{row['throughput_per_s']:,.0f}/s")
+    con.print(table)
+
+
+def print_inspect(info: dict[str, Any]) -> None:
+    con = _console()
+    con.print(f"[bold]{info['path']}[/bold]  {format_size(info['size_bytes'])}, {info['params']:,} parameters, "
+              f"{info['nodes']} nodes, opset {info['opset']}, producer {info['producer'] or '-'}")
+    io = Table(title="inputs / outputs", title_justify="left")
+    for col in ("", "name", "shape", "dtype"):
+        io.add_column(col)
+    for kind in ("inputs", "outputs"):
+        for t in info[kind]:
+            io.add_row(kind[:-1], t["name"], str(t["shape"]), t["dtype"])
+    con.print(io)
+    ops = Table(title="operators", title_justify="left")
+    ops.add_column("op", no_wrap=True)
+    ops.add_column("count", justify="right")
+    for op, n in info["ops"].items():
+        ops.add_row(op, str(n))
+    con.print(ops)
+    tg = Table(title="targets", title_justify="left")
+    tg.add_column("target", no_wrap=True)
+    tg.add_column("supports every op")
+    for name, t in info["targets"].items():
+        if t["supported"]:
+            tg.add_row(name, "[green]yes[/green]")
+        else:
+            detail = "; ".join(f"{op} ({', '.join(nodes[:3])}{'…' if len(nodes) > 3 else ''})"
+                               for op, nodes in t["unsupported"].items())
+            tg.add_row(name, f"[red]no[/red]: {detail}")
+    con.print(tg)
+
+
+def print_profiles(profiles: list[dict[str, Any]]) -> None:
+    table = Table(title="hardware profiles", title_justify="left")
+    table.add_column("name", no_wrap=True)
+    for col in ("cpu", "RAM", "model RAM budget", "formats", "default recipe"):
+        table.add_column(col)
+    for p in profiles:
+        table.add_row(p["name"], f"{p['cores']}x {p['cpu']} ({p['arch']})", format_size(p["ram_bytes"]),
+                      format_size(p["model_ram_budget_bytes"]), ", ".join(p["formats"]),
+                      f"{p['default_recipe']['target']} {p['default_recipe']['quantize']}")
+    _console().print(table)
+
+
+def print_profile(p: dict[str, Any]) -> None:
+    con = _console()
+    con.print(f"[bold]{p['name']}[/bold]: {p['description']}")
+    rows = [
+        ("cpu", f"{p['cores']}x {p['cpu']} ({p['arch']}; {', '.join(p['cpu_features']) or '-'})"),
+        ("RAM / storage", f"{format_size(p['ram_bytes'])} / {format_size(p['storage_bytes'])}"),
+        ("model budgets", f"RAM {format_size(p['model_ram_budget_bytes'])}, "
+                          f"storage {format_size(p['model_storage_budget_bytes'])}"),
+        ("accelerators", ", ".join(p["accelerators"]) or "-"),
+        ("formats", ", ".join(p["formats"])),
+        ("default recipe", f"--target {p['default_recipe']['target']} --quantize {p['default_recipe']['quantize']}"),
+        ("latency budget", f"{p['latency_budget_ms']} ms" if p["latency_budget_ms"] else "-"),
+        ("TVM target", str(p["tvm_target"]) if p["tvm_target"] else "-"),
+        ("Core ML target", p["coreml_deployment_target"] or "-"),
+    ]
+    for k, v in rows:
+        con.print(f"  {k:<15} {v}")

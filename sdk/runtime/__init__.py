@@ -1,0 +1,188 @@
+"""Runtime backends: load a compiled model and run a batch of inputs.
+
+One small interface: an implementation fills in ``_load`` and ``_run``; the public ``run`` checks
+the feeds (names, dtypes, shapes) against the model's inputs and turns backend failures into
+edgeopt errors. Shared by validation, ``edgeopt bench`` and the device agent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from edgeopt import registry
+from edgeopt.errors import EdgeoptError, UserInputError
+from edgeopt.params import Configurable, Param
+from edgeopt.specs import TensorSpec
+
+# File name suffix → model format. A directory artifact names its format in manifest.json.
+FORMAT_BY_SUFFIX = {".onnx": "onnx", ".tflite": "tflite", ".mlpackage": "coreml", ".so": "tvm", ".tar": "tvm"}
+
+
+class RuntimeFailure(EdgeoptError):
+    """The backend failed while running a model that had loaded."""
+
+
+class Runtime(Configurable):
+    """Loads one model file and runs batches through it."""
+
+    name: ClassVar[str] = ""
+    formats: ClassVar[tuple[str, ...]] = ()
+    params: ClassVar[tuple[Param, ...]] = (
+        Param("threads", int, None, "CPU threads for inference (default: the backend's choice)",
+              check=lambda v: None if v >= 1 else "must be >= 1"),
+    )
+
+    def __init__(self, model_path: str | Path, **settings: Any):
+        super().__init__(**settings)
+        self.model_path = Path(model_path)
+        if not self.model_path.exists():
+            raise UserInputError(f"model file not found: {self.model_path}")
+        self.inputs: list[TensorSpec] = []
+        self.outputs: list[TensorSpec] = []
+        self._load()
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _load(self) -> None:
+        """Load ``self.model_path``; set ``self.inputs`` and ``self.outputs``."""
+        raise NotImplementedError
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run one batch (already checked); return outputs in ``self.outputs`` order."""
+        raise NotImplementedError
+
+    # -- public ------------------------------------------------------------------------------
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the model is compiled for, or None when its batch dim is dynamic."""
+        if self.inputs and not self.inputs[0].batch_dim_dynamic:
+            return int(self.inputs[0].shape[0])  # type: ignore[arg-type]
+        return None
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        checked = self.check_feeds(feeds)
+        try:
+            outs = self._run(checked)
+        except EdgeoptError:
+            raise
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeFailure(f"{self.name} failed running {self.model_path.name}: {first}") from exc
+        return {spec.name: out for spec, out in zip(self.outputs, outs, strict=True)}
+
+    def run_float(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run with float inputs and get float32 outputs, whatever the model's I/O types are:
+        quantized (int8/uint8/int16 with scale and zero point) or float16 I/O is converted here."""
+        specs = {s.name: s for s in self.inputs}
+        outs = self.run({name: to_model_dtype(specs[name], np.asarray(arr)) if name in specs else arr
+                         for name, arr in feeds.items()})  # unknown names: run() reports them
+        return {s.name: from_model_dtype(s, outs[s.name]) for s in self.outputs}
+
+    def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        expected = {s.name for s in self.inputs}
+        missing = expected - set(feeds)
+        extra = set(feeds) - expected
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing input(s) {', '.join(sorted(missing))}")
+            if extra:
+                parts.append(f"unknown input(s) {', '.join(sorted(extra))}")
+            raise UserInputError(f"{self.model_path.name}: {'; '.join(parts)}")
+        out = {}
+        for spec in self.inputs:
+            arr = np.asarray(feeds[spec.name])
+            if arr.dtype != np.dtype(spec.dtype):
+                raise UserInputError(
+                    f"{self.model_path.name}: input '{spec.name}' expects dtype {spec.dtype}, got {arr.dtype}")
+            if arr.ndim != len(spec.shape) or any(
+                isinstance(d, int) and d > 0 and a != d for a, d in zip(arr.shape, spec.shape, strict=False)
+            ):
+                raise UserInputError(
+                    f"{self.model_path.name}: input '{spec.name}' expects shape {spec.describe_shape()}, "
+                    f"got {list(arr.shape)}")
+            out[spec.name] = arr
+        return out
+
+
+def to_model_dtype(spec: TensorSpec, arr: np.ndarray) -> np.ndarray:
+    """Float data → what the model input takes (quantized with its scale/zero point, or cast)."""
+    dtype = np.dtype(spec.dtype)
+    if arr.dtype == dtype:
+        return arr
+    if spec.quantization and dtype.kind in "iu" and arr.dtype.kind == "f":
+        info = np.iinfo(dtype)
+        q = np.round(arr / spec.quantization["scale"] + spec.quantization["zero_point"])
+        return np.clip(q, info.min, info.max).astype(dtype)
+    if dtype.kind == "f" and arr.dtype.kind == "f":
+        return arr.astype(dtype)
+    return arr  # let run() report the mismatch
+
+
+def from_model_dtype(spec: TensorSpec, arr: np.ndarray) -> np.ndarray:
+    """A model output → float32 (dequantized with its scale/zero point when it is quantized)."""
+    if spec.quantization and arr.dtype.kind in "iu":
+        return ((arr.astype(np.float32) - spec.quantization["zero_point"]) * spec.quantization["scale"]).astype(
+            np.float32)
+    if arr.dtype.kind == "f" and arr.dtype != np.float32:
+        return arr.astype(np.float32)
+    return arr
+
+
+def runtime_for_format(fmt: str) -> type[Runtime]:
+    """The first registered runtime that runs ``fmt`` (raises with the list when none does)."""
+    available = []
+    for name in registry.names(registry.RUNTIMES):
+        cls = registry.load(registry.RUNTIMES, name)
+        available.extend(cls.formats)
+        if fmt in cls.formats:
+            return cls
+    raise UserInputError(f"no runtime for format '{fmt}'; runtimes installed for: {', '.join(sorted(set(available)))}")
+
+
+def resolve_model_file(path: str | Path) -> tuple[Path, str, dict[str, Any] | None]:
+    """(model file, format, manifest or None) for an artifact directory or a bare model file."""
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"not found: {path}")
+    if path.is_dir() and path.suffix != ".mlpackage":
+        manifest_path = path / "manifest.json"
+        if not manifest_path.is_file():
+            raise UserInputError(f"{path} is a directory without manifest.json (not an edgeopt artifact)")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            return path / manifest["model"]["file"], manifest["model"]["format"], manifest
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserInputError(f"{manifest_path}: malformed manifest ({exc})") from exc
+    fmt = FORMAT_BY_SUFFIX.get(path.suffix.lower())
+    if fmt is None:
+        known = ", ".join(sorted(FORMAT_BY_SUFFIX))
+        raise UserInputError(f"{path}: unknown model format (expected one of {known}, or an artifact directory)")
+    return path, fmt, None
+
+
+def open_runtime(path: str | Path, **settings: Any) -> Runtime:
+    """Load an artifact directory or a model file with the runtime its format needs."""
+    model_file, fmt, _ = resolve_model_file(path)
+    return runtime_for_format(fmt)(model_file, **settings)
+
+
+def run_batched(runtime: Runtime, inputs: Mapping[str, np.ndarray], batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Run float ``inputs`` (N samples along axis 0) in batches and return float outputs (see
+    ``Runtime.run_float``); a model with a fixed batch gets exactly that many samples per call
+    (the last call is padded and the padding dropped)."""
+    n = len(next(iter(inputs.values())))
+    step = runtime.fixed_batch or batch_size
+    chunks: dict[str, list[np.ndarray]] = {}
+    for start in range(0, n, step):
+        feeds = {k: v[start:start + step] for k, v in inputs.items()}
+        real = len(next(iter(feeds.values())))
+        if runtime.fixed_batch and real < step:
+            feeds = {k: np.concatenate([v, np.repeat(v[-1:], step - real, axis=0)]) for k, v in feeds.items()}
+        for k, v in runtime.run_float(feeds).items():
+            chunks.setdefault(k, []).append(v[:real])
+    return {k: np.concatenate(v) for k, v in chunks.items()}

@@ -1,0 +1,81 @@
+"""Shared fixtures: real digits models trained once per session, and a CLI runner.
+
+The models are trained with torch on scikit-learn's bundled digits set (no download) by the same
+code the demo uses (examples/digits.py).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from edgeopt.cli import EXIT_INTERNAL, main  # noqa: E402
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    def json(self):
+        return json.loads(self.out)
+
+
+def run_cli(*args: str | Path) -> CliResult:
+    """Run ``edgeopt ARGS`` in-process through the real entry point (error handling included).
+
+    An internal error (a bug, exit 70) fails the test at once: rerun the command with --debug to
+    see the traceback.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    result = CliResult(code, out.getvalue(), err.getvalue())
+    if code == EXIT_INTERNAL:
+        pytest.fail(f"internal error from edgeopt {' '.join(map(str, args))}: {result.err}")
+    return result
+
+
+def run_cli_subprocess(*args: str | Path, timeout: float = 300) -> CliResult:
+    """Run the installed ``edgeopt`` console script in a real subprocess."""
+    exe = Path(sys.executable).parent / "edgeopt"
+    proc = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def digits_models(tmp_path_factory) -> dict[str, Path]:
+    """digits CNN (~47k weights), MLP (~150k weights) and MLP-1M (~1.1M weights), trained and exported."""
+    import digits
+
+    root = tmp_path_factory.mktemp("digits")
+    made = {}
+    for kind in ("cnn", "mlp", "mlp-1m"):
+        out = digits.make(kind, root)
+        made[kind] = out["model"]
+    made["calibration"] = root / "calibration.npz"
+    made["validation"] = root / "validation.npz"
+    return made
+
+
+@pytest.fixture(scope="session")
+def digits_split():
+    import digits
+
+    return digits.load_split()

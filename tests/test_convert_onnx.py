@@ -1,0 +1,246 @@
+"""`edgeopt convert --target onnx` on real models trained on the real digits data.
+
+Accuracy and parity are recomputed here from the files the command wrote (ONNX Runtime on
+model.onnx), not read back from the report alone.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from edgeopt.artifact import open_artifact
+
+from conftest import run_cli
+
+DESIGN_REPORT_KEYS = {
+    "source": {"path", "sha256", "size_bytes", "params"},
+    "artifact": {"path", "format", "sha256", "size_bytes"},
+    "parity": {"max_abs_err", "mean_abs_err", "cosine", "top1_agreement"},
+    "accuracy": {"metric", "original", "converted", "drop"},
+    "latency": {"runtime", "batch", "threads", "p50_ms", "p95_ms", "p99_ms", "throughput_per_s"},
+    "fit": {"profile", "model_bytes", "peak_memory_bytes", "ram_budget_bytes", "storage_budget_bytes", "ok"},
+}
+
+
+def _ort_logits(path, x):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def _convert(models, tmp_path, kind, quantize, *extra):
+    out = tmp_path / f"{kind}-{quantize}"
+    res = run_cli("convert", models[kind], "-o", out, "--target", "onnx", "--quantize", quantize,
+                  "--calibration", models["calibration"], "--validation", models["validation"], "-q", *extra)
+    assert res.code == 0, res.err
+    return out, res
+
+
+@pytest.fixture(scope="module")
+def cnn_int8(digits_models, tmp_path_factory):
+    out, res = _convert(digits_models, tmp_path_factory.mktemp("cnn"), "cnn", "int8", "--profile", "raspberry-pi-4")
+    return out, res
+
+
+def test_int8_digits_cnn_keeps_accuracy_on_held_out_split(cnn_int8, digits_models):
+    out, _ = cnn_int8
+    val = np.load(digits_models["validation"])
+    x, y = val["image"], val["labels"]
+    original = _ort_logits(digits_models["cnn"], x)
+    converted = _ort_logits(out / "model.onnx", x)
+    acc_orig = (original.argmax(1) == y).mean() * 100
+    acc_conv = (converted.argmax(1) == y).mean() * 100
+    agreement = (original.argmax(1) == converted.argmax(1)).mean()
+    assert acc_orig > 90, "the trained CNN should be a real classifier"
+    assert acc_orig - acc_conv <= 1.0
+    assert agreement >= 0.98
+    # the model really is quantized: QDQ nodes around integer weights
+    ops = {n.op_type for n in onnx.load(out / "model.onnx").graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    report = json.loads((out / "report.json").read_text())
+    assert report["accuracy"]["drop"] == pytest.approx(acc_orig - acc_conv, abs=1e-6)
+    assert report["parity"]["top1_agreement"] == pytest.approx(agreement)
+
+
+def test_report_has_every_design_key_and_manifest_hashes_every_file(cnn_int8):
+    out, res = cnn_int8
+    report = json.loads((out / "report.json").read_text())
+    for key in ("recipe", "tool_versions", "duration_s"):
+        assert key in report
+    for key, fields in DESIGN_REPORT_KEYS.items():
+        assert fields <= set(report[key]), f"report[{key!r}] lacks {fields - set(report[key])}"
+    assert report["fit"]["profile"] == "raspberry-pi-4" and report["fit"]["ok"] is True
+    assert report["latency"]["p50_ms"] > 0 and report["latency"]["throughput_per_s"] > 0
+    assert [r["pass"] for r in report["recipe"]] == ["canonicalize", "quantize-int8", "compile:onnx"]
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.onnx", "golden.npz", "report.json"}
+    for pkg in ("onnx", "onnxruntime", "edgeopt"):
+        assert manifest["tool_versions"][pkg]
+    artifact = open_artifact(out)
+    artifact.verify()  # every sha256 matches
+    # golden vectors: inputs and the ORIGINAL model's outputs for them
+    gin, gout = artifact.golden()
+    assert len(gin["image"]) == manifest["golden"]["count"] == 8
+    converted = _ort_logits(out / "model.onnx", gin["image"])
+    assert np.abs(converted - gout["logits"]).max() <= manifest["golden"]["atol"]
+    # the table shows the ratios the demo promises
+    assert "size" in res.out and "accuracy" in res.out and "latency" in res.out
+
+
+def test_tampered_artifact_is_detected(cnn_int8, tmp_path):
+    import shutil
+
+    from edgeopt.artifact import TamperedArtifact
+
+    out, _ = cnn_int8
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (copy / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(TamperedArtifact, match="model.onnx"):
+        open_artifact(copy).verify()
+
+
+def test_int8_weight_dominated_mlp_is_at_most_030x(digits_models, tmp_path):
+    model = onnx.load(digits_models["mlp"])
+    weights = sum(int(np.prod(i.dims)) for i in model.graph.initializer)
+    assert weights >= 100_000
+    out, _ = _convert(digits_models, tmp_path, "mlp", "int8")
+    ratio = (out / "model.onnx").stat().st_size / digits_models["mlp"].stat().st_size
+    assert ratio <= 0.30, ratio
+
+
+def test_int4_matmul_heavy_mlp_is_at_most_020x_with_cosine_099(digits_models, tmp_path):
+    model = onnx.load(digits_models["mlp-1m"])
+    assert sum(int(np.prod(i.dims)) for i in model.graph.initializer) >= 1_000_000
+    out, _ = _convert(digits_models, tmp_path, "mlp-1m", "int4")
+    ratio = (out / "model.onnx").stat().st_size / digits_models["mlp-1m"].stat().st_size
+    assert ratio <= 0.20, ratio
+    ops = [n.op_type for n in onnx.load(out / "model.onnx").graph.node]
+    assert ops.count("MatMulNBits") == 3
+    x = np.load(digits_models["validation"])["image"]
+    a, b = _ort_logits(digits_models["mlp-1m"], x).ravel(), _ort_logits(out / "model.onnx", x).ravel()
+    assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) >= 0.99
+
+
+def test_int4_qdq_format_uses_blocked_dequantize_linear(digits_models, tmp_path):
+    from edgeopt.converters.passes import PassContext
+    from edgeopt.converters.passes.quantize import QuantizeInt4
+
+    model = onnx.load(digits_models["mlp-1m"])
+    out = QuantizeInt4(format="qdq", block_size=64).apply(model, PassContext(workdir=tmp_path))
+    dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 3
+    assert all(any(a.name == "block_size" and a.i == 64 for a in n.attribute) for n in dq)
+    onnx.save(out, tmp_path / "qdq.onnx")
+    x = np.load(digits_models["validation"])["image"]
+    a, b = _ort_logits(digits_models["mlp-1m"], x).ravel(), _ort_logits(tmp_path / "qdq.onnx", x).ravel()
+    assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) >= 0.99
+
+
+def test_fp16_keeps_float32_io_and_halves_weights(digits_models, tmp_path):
+    out, _ = _convert(digits_models, tmp_path, "mlp", "fp16")
+    model = onnx.load(out / "model.onnx")
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert all(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer if len(i.dims) == 2)
+    ratio = (out / "model.onnx").stat().st_size / digits_models["mlp"].stat().st_size
+    assert 0.45 <= ratio <= 0.55
+    report = json.loads((out / "report.json").read_text())
+    assert report["accuracy"]["drop"] <= 0.5
+
+
+def test_fp16_io_on_request(digits_models, tmp_path):
+    out, _ = _convert(digits_models, tmp_path, "mlp", "fp16", "--fp16-io")
+    model = onnx.load(out / "model.onnx")
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+def test_int8_dynamic_runs_and_is_smaller(digits_models, tmp_path):
+    out, _ = _convert(digits_models, tmp_path, "mlp", "int8-dynamic")
+    ops = {n.op_type for n in onnx.load(out / "model.onnx").graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeLinear" in ops
+    assert (out / "model.onnx").stat().st_size < 0.35 * digits_models["mlp"].stat().st_size
+    assert json.loads((out / "report.json").read_text())["accuracy"]["drop"] <= 1.0
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_calibration_methods_are_selectable(digits_models, tmp_path, method):
+    out, _ = _convert(digits_models, tmp_path, "cnn", "int8", "--calibration-method", method)
+    report = json.loads((out / "report.json").read_text())
+    step = next(r for r in report["recipe"] if r["pass"] == "quantize-int8")
+    assert step["params"]["calibration_method"] == method
+    assert report["accuracy"]["drop"] <= 2.0
+
+
+def test_accuracy_gate_fails_with_exit_1_and_keeps_the_artifact(digits_models, tmp_path):
+    """Calibrating on blank images clips every real activation: a real, large accuracy drop."""
+    blank = tmp_path / "blank.npz"
+    np.savez(blank, image=np.zeros((32, 1, 8, 8), np.float32))
+    out = tmp_path / "gated"
+    res = run_cli("convert", digits_models["cnn"], "-o", out, "--target", "onnx", "--quantize", "int8",
+                  "--calibration", blank, "--validation", digits_models["validation"],
+                  "--max-accuracy-drop", "1.0", "-q")
+    assert res.code == 1, res.err
+    assert "accuracy drop" in res.err and len(res.err.strip().splitlines()) == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "failed"
+    assert report["accuracy"]["drop"] > 1.0
+    open_artifact(out).verify()
+
+
+def test_fit_failure_on_a_small_board_exits_1(digits_models, tmp_path):
+    board = tmp_path / "tiny-board.toml"
+    board.write_text("""
+name = "tiny-board"
+description = "a board with 1 MiB for the model"
+formats = ["onnx"]
+[cpu]
+arch = "aarch64"
+cores = 1
+[memory]
+ram = "64 MiB"
+storage = "8 MiB"
+model_ram_budget = "1 MiB"
+model_storage_budget = "1 MiB"
+[default_recipe]
+target = "onnx"
+quantize = "none"
+""")
+    out = tmp_path / "nofit"
+    res = run_cli("convert", digits_models["mlp-1m"], "-o", out, "--profile", board, "-q",
+                  "--validation", digits_models["validation"])
+    assert res.code == 1
+    fit = json.loads((out / "report.json").read_text())["fit"]
+    assert fit["ok"] is False and fit["model_bytes"] > fit["storage_budget_bytes"]
+    assert "storage budget" in res.err
+    # the same model quantized to int4 fits
+    res = run_cli("convert", digits_models["mlp-1m"], "-o", tmp_path / "fits", "--profile", board, "-q",
+                  "--quantize", "int4", "--validation", digits_models["validation"])
+    assert res.code == 0, res.err
+
+
+def test_without_data_validation_uses_generated_inputs_and_says_so(digits_models, tmp_path):
+    out = tmp_path / "gen"
+    res = run_cli("convert", digits_models["cnn"], "-o", out, "--target", "onnx", "--json", "-q")
+    assert res.code == 0, res.err
+    report = res.json()
+    assert "generated" in report["validation"]["source"]
+    assert report["accuracy"]["metric"] is None
+    assert report["parity"]["max_abs_err"] < 1e-4  # float model: canonicalisation changes no numbers
+
+
+def test_force_replaces_an_existing_artifact(digits_models, tmp_path):
+    out = tmp_path / "art"
+    assert run_cli("convert", digits_models["cnn"], "-o", out, "--target", "onnx", "-q").code == 0
+    first = (out / "manifest.json").read_text()
+    assert run_cli("convert", digits_models["cnn"], "-o", out, "--target", "onnx", "-q", "--force",
+                   "--version", "2").code == 0
+    assert json.loads((out / "manifest.json").read_text())["version"] == "2" != json.loads(first)["version"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no temp or old directories left

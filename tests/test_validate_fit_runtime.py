@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeopt.converters.fit import fit_check, peak_activation_elements
+from edgeopt.converters.validate import accuracy, parity
+from edgeopt.errors import UserInputError
+from edgeopt.profiles import load_profile, parse_size
+from edgeopt.runtime import from_model_dtype, run_batched, to_model_dtype
+from edgeopt.runtime.onnxruntime import OnnxRuntime
+from edgeopt.specs import TensorSpec
+
+from onnx_models import chain, save
+
+
+def test_parity_metrics():
+    ref = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    got = ref + np.array([[0.1, 0, 0], [0, 0, -0.3]])
+    p = parity([ref], [got], ["y"])
+    assert p["max_abs_err"] == pytest.approx(0.3) and p["mean_abs_err"] == pytest.approx(0.4 / 6)
+    assert p["top1_agreement"] == 1.0 and 0.99 < p["cosine"] < 1.0 and p["finite"]
+    flipped = parity([ref], [ref[:, ::-1]], ["y"])
+    assert flipped["top1_agreement"] == 0.0
+    assert parity([ref], [ref * np.nan], ["y"])["finite"] is False
+
+
+def test_accuracy_top1_and_mae():
+    logits = np.eye(4)
+    labels = np.array([0, 1, 2, 0])
+    a = accuracy(labels, logits, logits[[0, 1, 0, 0]])
+    assert a == {"metric": "top1_percent", "original": 75.0, "converted": 75.0, "drop": 0.0}
+    b = accuracy(labels, logits, logits[[1, 1, 2, 3]])
+    assert b["drop"] == pytest.approx(25.0)
+    r = accuracy(np.array([1.0, 2.0]), np.array([[1.0], [2.0]]), np.array([[1.5], [2.0]]))
+    assert r["metric"] == "mae" and r["drop"] == pytest.approx(0.25)
+    assert accuracy(None, logits, logits)["metric"] is None
+
+
+def test_peak_activation_liveness():
+    # x[1,100] → t1[1,10] → t2[1,1000] → y[1,10]: the peak is t1 + t2 alive at the second MatMul
+    assert peak_activation_elements(chain([100, 10, 1000, 10])) == 1010
+    assert peak_activation_elements(chain([5, 5])) == 10
+
+
+def test_fit_check_against_profile():
+    pi = load_profile("raspberry-pi-4")
+    assert fit_check(10, 10, pi)["ok"] is True
+    bad = fit_check(10, 2 * 2**30, pi)
+    assert bad["ok"] is False and "RAM budget" in bad["problems"][0]
+    assert fit_check(10, 10, None)["ok"] is None
+
+
+def test_parse_size():
+    assert parse_size("4 GiB", "x") == 4 * 2**30 and parse_size("512MB", "x") == 512 * 10**6
+    assert parse_size(100, "x") == 100
+    with pytest.raises(UserInputError, match="not a size"):
+        parse_size("lots", "where")
+
+
+def test_profile_files_with_errors(tmp_path):
+    bad = tmp_path / "b.toml"
+    bad.write_text("name = 'b'\n[[")
+    with pytest.raises(UserInputError, match="invalid TOML"):
+        load_profile(str(bad))
+    bad.write_text("name = 'b'\ndescription = 'x'\n")
+    with pytest.raises(UserInputError, match="missing"):
+        load_profile(str(bad))
+
+
+def test_quantized_io_round_trip():
+    spec = TensorSpec("x", ("batch", 4), "int8", {"scale": 0.5, "zero_point": -3})
+    q = to_model_dtype(spec, np.array([[0.0, 1.0, 100.0, -100.0]], np.float32))
+    assert q.dtype == np.int8 and q.tolist() == [[-3, -1, 127, -128]]
+    np.testing.assert_allclose(from_model_dtype(spec, q), [[0.0, 1.0, 65.0, -62.5]])
+
+
+def test_runtime_checks_feeds_and_batches(tmp_path):
+    path = save(chain([4, 3]), tmp_path / "m.onnx")
+    rt = OnnxRuntime(path, threads=1)
+    assert rt.fixed_batch == 1
+    with pytest.raises(UserInputError, match="missing input"):
+        rt.run({})
+    with pytest.raises(UserInputError, match=r"expects shape \[1, 4\], got \[1, 5\]"):
+        rt.run({"x": np.zeros((1, 5), np.float32)})
+    with pytest.raises(UserInputError, match="expects dtype float32, got int32"):
+        rt.run({"x": np.zeros((1, 4), np.int32)})
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    out = run_batched(rt, {"x": x})["y"]  # five calls of batch 1
+    single = np.concatenate([rt.run({"x": x[i:i + 1]})["y"] for i in range(5)])
+    np.testing.assert_array_equal(out, single)
+
+
+def test_runtime_rejects_unloadable_model(tmp_path):
+    p = tmp_path / "m.onnx"
+    p.write_bytes(b"garbage")
+    with pytest.raises(UserInputError, match="cannot load"):
+        OnnxRuntime(p)
