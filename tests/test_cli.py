@@ -116,3 +116,16 @@ def test_json_report_from_convert(digits_models, tmp_path):
     report = res.json()
     assert report == json.loads((tmp_path / "a" / "report.json").read_text())
     assert np.isclose(report["accuracy"]["drop"], 0.0)
+
+
+def test_target_options_belong_to_their_target(monkeypatch):
+    from edgeopt.cli import convert as convert_cli
+    from edgeopt.errors import UserInputError
+    from edgeopt.params import Param
+
+    tune = Param("tune", int, 0, "tuning trials")
+    monkeypatch.setattr(convert_cli, "_target_params", lambda: {"tune": [("tvm", tune)]})
+    assert convert_cli._chosen_target_params("tvm", {"tune": 8}) == {"tune": 8}
+    assert convert_cli._chosen_target_params("onnx", {"tune": None}) == {}
+    with pytest.raises(UserInputError, match="--tune applies to target tvm, not onnx"):
+        convert_cli._chosen_target_params("onnx", {"tune": 8})

@@ -7,12 +7,56 @@ from pathlib import Path
 
 import click
 
+from edgeopt import registry
 from edgeopt.converters.passes.quantize import QuantizeFp16, QuantizeInt4, QuantizeInt8Static
 from edgeopt.converters.targets import QUANTIZE_MODES
+from edgeopt.errors import UserInputError
 
 _CAL = QuantizeInt8Static.param("calibration_method")
 _BLOCK = QuantizeInt4.param("block_size")
 _KEEP_IO = QuantizeFp16.param("keep_io_types")
+
+
+def _target_params() -> dict[str, list[tuple[str, object]]]:
+    """Every registered target's declared parameters: param name → [(target name, Param)]."""
+    found: dict[str, list[tuple[str, object]]] = {}
+    for name in registry.names(registry.TARGETS):
+        for param in registry.load(registry.TARGETS, name).params:
+            found.setdefault(param.name, []).append((name, param))
+    return found
+
+
+def target_options(func):
+    """One ``--flag`` per target parameter, generated from the targets' own declarations, so a new
+    target (or a plugin's) gets its options and their help without editing this command."""
+    for pname, owners in sorted(_target_params().items(), reverse=True):
+        param = owners[0][1]
+        which = ", ".join(t for t, _ in owners)
+        flag = "--" + pname.replace("_", "-")
+        if param.type is bool:
+            opt = click.option(flag, pname, is_flag=True, default=None,
+                               help=f"[{which}] {param.help}")
+        else:
+            choices = click.Choice([str(c) for c in param.choices]) if param.choices else param.type
+            opt = click.option(flag, pname, type=choices, default=None,
+                               help=f"[{which}] {param.help} (default: {param.default})")
+        func = opt(func)
+    return func
+
+
+def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[str, object]:
+    """The target options the user set; an option of another target is an error naming both."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return {}
+    owners = _target_params()
+    if target is None:
+        return given  # resolved from the profile later; the target itself rejects unknown params
+    mine = {k: v for k, v in given.items() if any(t == target for t, _ in owners[k])}
+    for k in given.keys() - mine.keys():
+        flag = "--" + k.replace("_", "-")
+        raise UserInputError(f"{flag} applies to target {', '.join(t for t, _ in owners[k])}, not {target}")
+    return mine
 
 
 @click.command("convert", context_settings={"max_content_width": 100})
@@ -44,9 +88,10 @@ _KEEP_IO = QuantizeFp16.param("keep_io_types")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@target_options
 def convert_cmd(model: Path, output: Path, target, profile, quantize, calibration, calibration_method,
                 int4_block_size, fp16_io, validation, max_accuracy_drop, input_shapes, input_values, name,
-                model_version, threads, force, as_json, quiet) -> None:
+                model_version, threads, force, as_json, quiet, **target_settings) -> None:
     """Convert MODEL (ONNX) into an artifact directory: model, manifest.json, golden.npz, report.json.
 
     \b
@@ -66,6 +111,7 @@ def convert_cmd(model: Path, output: Path, target, profile, quantize, calibratio
         input_shapes=dict(parse_input_shape(s) for s in input_shapes),
         input_values=dict(parse_input_value(v) for v in input_values),
         name=name, version=model_version, force=force, threads=threads,
+        target_params=_chosen_target_params(target, target_settings),
         pass_params={
             "quantize-int8": {"calibration_method": calibration_method},
             "quantize-int4": {"block_size": int4_block_size},
