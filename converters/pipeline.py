@@ -131,9 +131,10 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
 
     with tempfile.TemporaryDirectory(prefix="edgeopt-") as work:
         ctx = PassContext(workdir=Path(work), progress=progress)
+        canon_params = {"batch_size": profile.default_batch if profile else None,
+                        **opts.pass_params.get("canonicalize", {})}
         canon_pass = get_pass("canonicalize")(input_shapes=opts.input_shapes or None,
-                                              input_values=opts.input_values or None,
-                                              **opts.pass_params.get("canonicalize", {}))
+                                              input_values=opts.input_values or None, **canon_params)
         with steps("canonicalize") as row:
             canonical = canon_pass.apply(source, ctx)
             row.update(ctx.details["canonicalize"])
