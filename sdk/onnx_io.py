@@ -201,8 +201,11 @@ def count_macs(model: onnx.ModelProto) -> int | None:
     """Multiply-accumulates of one inference at batch 1: Conv, ConvTranspose, Gemm and MatMul.
 
     Computed from inferred shapes (a dynamic batch dim counts as 1); other ops (activations, pooling,
-    elementwise) are not counted, as is usual for MAC figures. ``None`` when a shape is unknown.
+    elementwise) are not counted, as is usual for MAC figures. ``None`` when a shape is unknown (or the
+    model is too big for in-memory shape inference).
     """
+    if model.ByteSize() >= PROTOBUF_LIMIT:
+        return None
     shapes = static_shapes(model)
     total = 0
     for node in iter_nodes(model.graph):

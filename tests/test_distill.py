@@ -162,3 +162,31 @@ def test_distill_bad_input(canonical, train_images, tmp_path):
         get_pass("distill")(data=str(few)).apply(canonical["resnet"], ctx)
     with pytest.raises(UserInputError, match="distillation data not found: .*missing.npz"):
         get_pass("distill")(data=str(tmp_path / "missing.npz")).preflight()
+
+
+def test_a_graph_with_a_fixed_batch_trains_in_batches_of_that_size(digits_split, train_images, tmp_path):
+    """A profile with batch 1 (TFLite Micro boards) fixes the batch; x.view(x.size(0), -1) then folds
+    into Reshape [1, -1], which only runs one sample at a time."""
+    nn = torch.nn
+
+    class ViewNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3, padding=1)
+            self.fc = nn.Linear(8 * 64, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).view(x.size(0), -1))
+
+    torch.manual_seed(0)
+    path = compress_models.export(ViewNet(), tmp_path / "view.onnx")
+    ctx = PassContext(workdir=tmp_path)
+    teacher = get_pass("canonicalize")(batch_size=1).apply(onnx.load(str(path)), ctx)
+    assert "Reshape" in [n.op_type for n in teacher.graph.node]
+    ctx.reference = teacher
+    pruned = get_pass("prune-structured")(ratio=0.5).apply(teacher, ctx)
+    distilled = get_pass("distill")(data=str(train_images), epochs=1).apply(pruned, ctx)
+    assert ctx.details["distill"]["batch_size"] == 1
+    assert "fixes the batch at 1" in ctx.notes[-1]
+    assert not np.array_equal(_weights(distilled)[pruned.graph.initializer[0].name],
+                              _weights(pruned)[pruned.graph.initializer[0].name])

@@ -145,6 +145,16 @@ class Distill(Pass):
         def forward(idx):
             return logits(module(**{n: xs[n][idx] for n in names})[0])
 
+        batch_size = self._batch_size(torch, student, forward, order, ctx)
+
+        def batches(idx):
+            """Chunks of ``idx``; a graph with a fixed batch gets exactly that many (the last chunk padded)."""
+            for chunk in idx.split(batch_size):
+                real = len(chunk)
+                if batch_size != cfg["batch_size"] and real < batch_size:
+                    chunk = torch.cat([chunk, chunk[-1:].repeat(batch_size - real)])
+                yield chunk, real
+
         def distill_loss(s, t):
             if not classifier:
                 return F.mse_loss(s, t)
@@ -153,7 +163,7 @@ class Distill(Pass):
 
         def evaluate():
             with torch.no_grad():
-                s = forward(val_idx)
+                s = torch.cat([forward(chunk)[:real] for chunk, real in batches(val_idx)])
                 t = t_all[val_idx]
                 agree = float((s.argmax(1) == t.argmax(1)).float().mean()) if classifier else None
                 return float(distill_loss(s, t)), agree
@@ -169,7 +179,7 @@ class Distill(Pass):
         with ctx.progress("distilling", cfg["epochs"]) as advance:
             for epoch in range(1, cfg["epochs"] + 1):
                 train_loss = 0.0
-                for batch in train_idx[torch.randperm(len(train_idx), generator=gen)].split(cfg["batch_size"]):
+                for batch, _ in batches(train_idx[torch.randperm(len(train_idx), generator=gen)]):
                     opt.zero_grad()
                     s = forward(batch)
                     loss = distill_loss(s, t_all[batch])
@@ -204,8 +214,24 @@ class Distill(Pass):
             "epochs_run": epochs_run, "best_epoch": best_epoch, "stopped_early": epochs_run < cfg["epochs"],
             "validation_loss": round(best_loss, 5),
             "validation_agreement_before": agreement_before, "validation_agreement_after": agreement_after,
-            "history": history, "threads": cfg["threads"], "seed": cfg["seed"],
+            "history": history, "threads": cfg["threads"], "seed": cfg["seed"], "batch_size": batch_size,
         }
+
+    def _batch_size(self, torch, student, forward, order, ctx: PassContext) -> int:
+        """The configured batch size, unless the student's graph only runs at its fixed input batch
+        (a Reshape to [1, -1] after a profile fixed batch 1): then exactly that batch."""
+        fixed = input_specs(student)[0].shape[0]
+        wanted = self.config["batch_size"]
+        if not isinstance(fixed, int) or fixed == wanted or len(order) <= fixed:
+            return wanted
+        try:
+            with torch.no_grad():
+                forward(order[:fixed + 1])
+            return wanted
+        except RuntimeError:
+            ctx.notes.append(f"distill: the student's graph fixes the batch at {fixed}; trained with batches "
+                             f"of {fixed} instead of {wanted}")
+            return fixed
 
 
 def _import_torch():
