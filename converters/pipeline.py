@@ -117,6 +117,10 @@ def compression_passes(opts: ConvertOptions) -> list[Pass]:
     if opts.student is not None and (opts.prune_sparsity is not None or opts.prune_channels is not None):
         raise UserInputError("--student replaces the pruned model as the student: give --student or a "
                              "pruning option, not both")
+    if (opts.distill is not None and opts.student is None and opts.prune_sparsity is None
+            and opts.prune_channels is None):
+        raise UserInputError("--distill trains a smaller student: add --prune-channels R, --prune-sparsity S "
+                             "or --student MODEL.onnx")
     if opts.prune_layers and opts.prune_sparsity is None and opts.prune_channels is None:
         raise UserInputError("per-layer pruning ratios need --prune-sparsity or --prune-channels")
     recipe: list[tuple[str, dict[str, Any]]] = []

@@ -213,6 +213,8 @@ def test_conflicting_or_incomplete_compression_flags(digits_models, tmp_path, tr
                                              "--prune-channels", "0.5")
     assert "--epochs applies to distillation: add --distill DATA" in _rejected(digits_models, tmp_path,
                                                                              "--epochs", "3")
+    assert "--distill trains a smaller student: add --prune-channels" in _rejected(
+        digits_models, tmp_path, "--distill", train_images)
     assert "distillation data not found" in _rejected(digits_models, tmp_path, "--prune-channels", "0.5",
                                                       "--distill", tmp_path / "nope.npz")
 
