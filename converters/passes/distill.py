@@ -84,10 +84,11 @@ class Distill(Pass):
         data = load_dataset(self.config["data"], input_specs(teacher))
         if len(data) < MIN_SAMPLES:
             raise UserInputError(f"{data.source}: {len(data)} samples; distillation needs at least {MIN_SAMPLES}")
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         with _torch_settings(torch, self.config["threads"], self.config["seed"]):
             details = self._train(torch, torch_import, teacher, student, data, ctx)
         details["seconds"] = round(time.perf_counter() - started, 2)
+        details["cpu_seconds"] = round(time.process_time() - cpu_started, 2)
         ctx.details[self.name] = details
         return details.pop("model")
 
