@@ -32,6 +32,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/cli_startup.py
 	$(BIN)/python benchmarks/convert_onnx.py
+	$(BIN)/python benchmarks/compress.py
 
 lint: setup
 	$(BIN)/ruff check .
