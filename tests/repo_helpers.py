@@ -38,24 +38,28 @@ class RepoPair:
     """A repository served over MQTT, and one device that trusts its first root."""
 
     def __init__(self, tmp: Path, broker: Mosquitto, repo: Repository, device_id: str = "dev-1",
-                 chunk_size: int = 64 * 1024, timeout: float = 2.0, retries: int = 3):
+                 chunk_size: int = 64 * 1024, timeout: float = 2.0, retries: int = 3, serve: bool = True):
         self.tmp, self.broker, self.repo = tmp, broker, repo
-        self.server_client = make_client("repo-server", broker.url)
-        connect(self.server_client)
-        self.server = RepoServer(repo, self.server_client)
-        self.server.start()
+        self.clients = []
+        if serve:
+            self.server_client = make_client("repo-server", broker.url)
+            connect(self.server_client)
+            self.server = RepoServer(repo, self.server_client)
+            self.server.start()
+            self.clients.append(self.server_client)
         self.device_dir = tmp / device_id
         (self.device_dir / "metadata").mkdir(parents=True, exist_ok=True)
         if not (self.device_dir / "metadata" / "root.json").exists():
             shutil.copy(repo.metadata_dir / "1.root.json", self.device_dir / "metadata" / "root.json")
         self.device_client = make_client(device_id, broker.url)
         connect(self.device_client)
+        self.clients.append(self.device_client)
         self.link = MqttRepoLink(self.device_client, device_id)
         self.fetcher = MqttFetcher(self.link, chunk_size=chunk_size, timeout=timeout, retries=retries,
                                    partial_dir=self.device_dir / "partial", backoff=0.05)
         self.trust = DeviceTrust(self.device_dir / "metadata", self.fetcher, self.device_dir / "downloads")
 
     def close(self) -> None:
-        for c in (self.device_client, self.server_client):
+        for c in self.clients:
             c.disconnect()
             c.loop_stop()

@@ -12,6 +12,8 @@ from edgeopt.artifact import TamperedArtifact, pack_artifact, unpack_artifact
 from edgeopt.errors import UserInputError
 from edgeopt.fleet.repository import Repository, parse_expiry
 
+from conftest import run_cli
+
 
 @pytest.fixture
 def repo(tmp_path):
@@ -112,3 +114,31 @@ def test_parse_expiry():
     assert e["targets"].days == 30 and e["timestamp"].seconds == 6 * 3600 and e["root"].days == 365
     with pytest.raises(UserInputError):
         parse_expiry("timestamp=soon")
+
+
+def test_cli_keys_publish_models_revoke(tmp_path):
+    repo = tmp_path / "repo"
+    res = run_cli("keys", "init", repo, "--root-keys", "2", "--root-threshold", "2", "--expiry", "timestamp=6h")
+    assert res.code == 0, res.err
+    assert run_cli("keys", "init", repo).code == 2
+    art = fake_artifact(tmp_path / "a", "kws", "7")
+    res = run_cli("fleet", "publish", art, "--repo", repo, "--json")
+    assert res.code == 0, res.err
+    assert res.json()["version"] == "7"
+    assert [m["version"] for m in run_cli("fleet", "models", "--repo", repo, "--json").json()] == ["7"]
+    assert run_cli("fleet", "revoke", "kws@7", "--repo", repo).code == 0
+    assert run_cli("fleet", "models", "--repo", repo, "--json").json() == []
+    res = run_cli("fleet", "revoke", "kws-7", "--repo", repo)
+    assert res.code == 2 and "NAME@VERSION" in res.err
+    res = run_cli("fleet", "publish", art, "--repo", tmp_path / "nope")
+    assert res.code == 2 and "not an edgeopt repository" in res.err
+    assert json.loads(run_cli("keys", "rotate-root", repo, "--root-keys", "1").out)["root_version"] == 2
+
+
+def test_key_with_loose_permissions_is_refused(tmp_path):
+    from edgeopt.errors import EnvironmentFault
+
+    repo = Repository.init(tmp_path / "repo")
+    (repo.keys_dir / "targets.pem").chmod(0o644)
+    with pytest.raises(EnvironmentFault, match="chmod 600"):
+        repo.publish(fake_artifact(tmp_path / "a"))

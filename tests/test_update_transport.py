@@ -292,3 +292,28 @@ def test_download_resumes_from_disk_after_an_agent_restart(tmp_path, broker, rep
         assert second.fetcher.stats["bytes_network"] - before == entry["length"] - 2**20
     finally:
         second.close()
+
+
+def test_fleet_serve_subprocess_serves_devices_and_stops_on_sigterm(tmp_path, broker, repo):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _publish(repo, tmp_path, "1", size=100_000)
+    exe = Path(sys.executable).parent / "edgeopt"
+    proc = subprocess.Popen([str(exe), "fleet", "serve", "--repo", str(repo.root), "--broker", broker.url,
+                             "--timestamp-refresh", "0.5"], stderr=subprocess.PIPE, text=True)
+    pair = RepoPair(tmp_path, broker, repo, serve=False, timeout=2.0, retries=10)
+    try:
+        pair.trust.refresh()
+        pair.trust.download(pair.trust.lookup("kws", "1"))
+        time.sleep(1.2)
+        assert repo.current()[0].signed.version > 2  # the service re-signed the timestamp
+        pair.trust.refresh()  # and devices accept the re-signed one
+    finally:
+        pair.close()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert '"requests"' in err
