@@ -13,7 +13,6 @@ from collections import Counter
 from typing import Any
 
 from edgeopt.fleet.repository import Repository
-from edgeopt.mqtt import subscribe
 from edgeopt.repo_protocol import (
     DEFAULT_CHUNK,
     MAX_CHUNK,
@@ -28,16 +27,16 @@ log = logging.getLogger("edgeopt.fleet.repo")
 
 
 class RepoServer:
-    def __init__(self, repo: Repository, client, prefix: str = "edgeopt", max_chunk: int = DEFAULT_CHUNK):
+    def __init__(self, repo: Repository, topics, prefix: str = "edgeopt", max_chunk: int = DEFAULT_CHUNK):
+        """``topics``: ``publish(topic, payload, qos)`` / ``subscribe(topic, handler(topic, payload))``."""
         if not 1 <= max_chunk <= MAX_CHUNK:
             raise ValueError(f"max_chunk must be in [1, {MAX_CHUNK}]")
-        self.repo, self.client, self.prefix, self.max_chunk = repo, client, prefix, max_chunk
+        self.repo, self.topics, self.prefix, self.max_chunk = repo, topics, prefix, max_chunk
         self.stats: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        topic = f"{self.prefix}/repo/req/+"
-        subscribe(self.client, topic, 1, lambda c, u, msg: self.handle(msg.topic, msg.payload))
+        self.topics.subscribe(f"{self.prefix}/repo/req/+", self.handle)
 
     def handle(self, topic: str, payload: bytes) -> ChunkResponse | None:
         """Answer one request; returns the response sent (or None when the request was rejected)."""
@@ -49,7 +48,7 @@ class RepoServer:
             log.warning("rejected repository request on %s: %s", topic, exc)
             return None
         resp = self._answer(req)
-        self.client.publish(response_topic(self.prefix, device), resp.encode(), qos=1)
+        self.topics.publish(response_topic(self.prefix, device), resp.encode(), qos=1)
         self._count("requests", errors=int(resp.error is not None), bytes_sent=len(resp.data))
         return resp
 

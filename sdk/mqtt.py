@@ -78,6 +78,20 @@ def subscribe(client, topic: str, qos: int, callback) -> None:
     client.subscribe(topic, qos=qos)
 
 
+class PahoTopics:
+    """``publish(topic, payload, qos)`` / ``subscribe(topic, handler(payload))`` over a paho client —
+    the small interface the repository link and server need (the agent's transport offers the same)."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def subscribe(self, topic: str, handler) -> None:
+        subscribe(self.client, topic, 1, lambda c, u, msg: handler(msg.topic, msg.payload))
+
+
 def connect(client, timeout: float = 10.0) -> None:
     """Connect and start the network thread; raise ``RemoteError`` if the broker does not accept us
     within ``timeout`` (paho keeps reconnecting by itself afterwards)."""

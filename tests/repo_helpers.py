@@ -15,7 +15,7 @@ from edgeopt.agent.update.trust import DeviceTrust
 from edgeopt.artifact import GOLDEN, MANIFEST_SCHEMA, REPORT, file_hashes
 from edgeopt.fleet.repo_server import RepoServer
 from edgeopt.fleet.repository import Repository
-from edgeopt.mqtt import connect, make_client
+from edgeopt.mqtt import PahoTopics, connect, make_client
 
 
 def fake_artifact(root: Path, name: str = "kws", version: str = "1", size: int = 4096, seed: int = 0) -> Path:
@@ -44,7 +44,7 @@ class RepoPair:
         if serve:
             self.server_client = make_client("repo-server", broker.url)
             connect(self.server_client)
-            self.server = RepoServer(repo, self.server_client)
+            self.server = RepoServer(repo, PahoTopics(self.server_client))
             self.server.start()
             self.clients.append(self.server_client)
         self.device_dir = tmp / device_id
@@ -54,7 +54,7 @@ class RepoPair:
         self.device_client = make_client(device_id, broker.url)
         connect(self.device_client)
         self.clients.append(self.device_client)
-        self.link = MqttRepoLink(self.device_client, device_id)
+        self.link = MqttRepoLink(PahoTopics(self.device_client), device_id)
         self.fetcher = MqttFetcher(self.link, chunk_size=chunk_size, timeout=timeout, retries=retries,
                                    partial_dir=self.device_dir / "partial", backoff=0.05)
         self.trust = DeviceTrust(self.device_dir / "metadata", self.fetcher, self.device_dir / "downloads")

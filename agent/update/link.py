@@ -8,7 +8,6 @@ import threading
 import uuid
 from typing import Protocol
 
-from edgeopt.mqtt import subscribe
 from edgeopt.repo_protocol import (
     ChunkRequest,
     ChunkResponse,
@@ -26,6 +25,14 @@ class RepoLink(Protocol):
         """One chunk, or None when no valid answer came within ``timeout`` seconds."""
 
 
+class Topics(Protocol):
+    """What the link needs from an MQTT connection (edgeopt.mqtt.PahoTopics, the agent's transport)."""
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> object: ...
+
+    def subscribe(self, topic: str, handler) -> None: ...
+
+
 class MqttRepoLink:
     """Publishes chunk requests on ``{prefix}/repo/req/{device}`` and waits for the matching response.
 
@@ -33,13 +40,12 @@ class MqttRepoLink:
     caller sees a timeout and retries.
     """
 
-    def __init__(self, client, device_id: str, prefix: str = "edgeopt", max_chunk: int = 1 << 20):
-        self.client, self.device_id, self.prefix, self.max_chunk = client, device_id, prefix, max_chunk
+    def __init__(self, topics: Topics, device_id: str, prefix: str = "edgeopt", max_chunk: int = 1 << 20):
+        self.topics, self.device_id, self.prefix, self.max_chunk = topics, device_id, prefix, max_chunk
         self._responses: queue.Queue[ChunkResponse] = queue.Queue()
         self._lock = threading.Lock()
         self.dropped = 0
-        topic = response_topic(prefix, device_id)
-        subscribe(client, topic, 1, lambda c, u, msg: self._on_response(msg.payload))
+        topics.subscribe(response_topic(prefix, device_id), lambda topic, payload: self._on_response(payload))
 
     def _on_response(self, payload: bytes) -> None:
         try:
@@ -54,7 +60,7 @@ class MqttRepoLink:
             while not self._responses.empty():  # stale answers to requests that timed out
                 self._responses.get_nowait()
                 self.dropped += 1
-            self.client.publish(request_topic(self.prefix, self.device_id), req.encode(), qos=1)
+            self.topics.publish(request_topic(self.prefix, self.device_id), req.encode(), qos=1)
             try:
                 while True:
                     resp = self._responses.get(timeout=timeout)

@@ -76,12 +76,12 @@ def serve_cmd(repo: Path, broker: str, prefix: str, chunk_size: int, timestamp_r
 
     from edgeopt.fleet.repo_server import RepoServer
     from edgeopt.fleet.repository import Repository
-    from edgeopt.mqtt import connect, make_client
+    from edgeopt.mqtt import PahoTopics, connect, make_client
 
     repository = Repository(repo)
     client = make_client(f"edgeopt-repo-{threading.get_native_id()}", broker)
     connect(client)
-    server = RepoServer(repository, client, prefix, chunk_size)
+    server = RepoServer(repository, PahoTopics(client), prefix, chunk_size)
     server.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
