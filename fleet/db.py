@@ -36,7 +36,9 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             update_changed_at {real},
             health TEXT, telemetry TEXT,
             failed_target TEXT, failed_reason TEXT, failed_at {real},
-            first_seen {real}, last_seen {real})""",
+            first_seen {real}, last_seen {real},
+            updated_at {real} NOT NULL DEFAULT 0)""",
+        "CREATE INDEX devices_by_update ON devices (updated_at)",
         """CREATE TABLE rollouts (
             rollout_id TEXT PRIMARY KEY,
             model_name TEXT NOT NULL, model_version TEXT NOT NULL,

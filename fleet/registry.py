@@ -25,7 +25,7 @@ from edgeopt.fleet.messages import (
     parse_state,
     parse_telemetry,
 )
-from edgeopt.fleet.rollout import ROLLBACK_STATES, DeviceRecord
+from edgeopt.fleet.rollout import DeviceRecord, rolled_back_from
 from edgeopt.fleet.store import FleetStore
 
 log = logging.getLogger("edgeopt.fleet.registry")
@@ -43,11 +43,12 @@ def merge_state(prev: DeviceRecord | None, msg: DeviceState | OfflineMark, at: f
     failed_target = prev.failed_target if prev else None
     failed_reason = prev.failed_reason if prev else None
     failed_at = prev.failed_at if prev else None
-    if u.state in ROLLBACK_STATES and u.target is not None:
+    rolled_back = rolled_back_from(msg.model, u)
+    if rolled_back is not None:
         # a new rollback event unless we already saw this device rolling back from this target
-        if not (prev_u is not None and prev_u.state in ROLLBACK_STATES and prev_u.target == u.target):
+        if prev is None or rolled_back_from(prev.model, prev_u) != rolled_back:
             failed_at = at
-        failed_target, failed_reason = u.target, u.reason
+        failed_target, failed_reason = rolled_back, u.reason
     return DeviceRecord(
         msg.device_id, online=msg.online, labels=msg.labels, profile=msg.profile, agent_version=msg.agent_version,
         model=msg.model, update=u, update_changed_at=at if moved else prev.update_changed_at,  # type: ignore[union-attr]

@@ -9,8 +9,8 @@ of it is acted on, so a restarted controller continues from exactly what was dec
 Per device (``device_outcome``):
   SUCCESS  the device runs the target (model == target) and its update state is COMMITTED or IDLE,
            and no health gate is out of bounds;
-  FAILURE  it rolled back from the target (ROLLING_BACK / ROLLED_BACK, or a recorded rollback of the
-           target after it was told), a health gate (probation error rate, agreement, latency p95,
+  FAILURE  it rolled back from the target (ROLLING_BACK / ROLLED_BACK, IDLE naming the target with a
+           reason, or a recorded rollback of the target after it was told), a health gate (probation error rate, agreement, latency p95,
            NaN outputs — from its state or its telemetry) is out of bounds while it runs the target,
            or it made no progress towards the target within ``device_timeout_s``. A failure is final
            for the rollout; a success is re-checked every tick (health can degrade while baking);
@@ -305,6 +305,19 @@ TRIAL_STATES = ("SHADOW", "PROBATION")
 SETTLED_STATES = ("COMMITTED", "IDLE")
 
 
+def rolled_back_from(model: ModelRef | None, update: UpdateStatus | None) -> ModelRef | None:
+    """The target a device reports rolling back from: ROLLING_BACK / ROLLED_BACK, or IDLE still
+    naming the target with a reason while running something else (the update machine keeps the
+    record's target and reason when it returns to IDLE after a rollback)."""
+    if update is None or update.target is None:
+        return None
+    if update.state in ROLLBACK_STATES:
+        return update.target
+    if update.state == "IDLE" and update.reason and model != update.target:
+        return update.target
+    return None
+
+
 def health_violation(health: Health | None, telemetry: Telemetry | None, gates: Gates) -> str | None:
     """The first bound the device's reported health breaks, as text; None when all hold."""
     error_rates = [v for v in (health.error_rate if health else None, telemetry.error_rate if telemetry else None)
@@ -333,8 +346,8 @@ def device_outcome(a: Assignment, rec: DeviceRecord | None, spec: RolloutSpec, n
         u = rec.update
         if rec.failed_target == target and rec.failed_at is not None and rec.failed_at >= assigned_at:
             return Outcome.FAILURE, f"rolled back: {rec.failed_reason or 'no reason given'}"
-        if u is not None and u.target == target and u.state in ROLLBACK_STATES:
-            return Outcome.FAILURE, f"rolled back: {u.reason or 'no reason given'}"
+        if rolled_back_from(rec.model, u) == target:
+            return Outcome.FAILURE, f"rolled back: {u.reason or 'no reason given'}"  # type: ignore[union-attr]
         on_target = rec.model == target
         if on_target or (u is not None and u.target == target and u.state in TRIAL_STATES):
             telemetry = rec.telemetry if rec.telemetry is not None and rec.telemetry.model == target else None

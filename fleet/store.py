@@ -9,6 +9,7 @@ crash between deciding and publishing only delays the message.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Iterable
@@ -34,19 +35,42 @@ from edgeopt.fleet.rollout import (
 DEVICE_COLUMNS = ("device_id", "online", "agent_version", "profile", "labels", "model_name", "model_version",
                   "update_state", "update_target", "update_rollout", "update_reason", "update_since",
                   "update_changed_at", "health", "telemetry", "failed_target", "failed_reason",
-                  "failed_at", "first_seen", "last_seen")
+                  "failed_at", "first_seen", "last_seen", "updated_at")
 IN_CHUNK = 500  # ids per "IN (...)" query
 
 
+# Rows repeat the same few values (models, labels, health) across thousands of devices: parse
+# each distinct text once. The cached objects are never mutated.
+@functools.lru_cache(maxsize=4096)
 def _ref(text: str | None) -> ModelRef | None:
     return ModelRef.parse(text) if text else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _model(name: str | None, version: str | None) -> ModelRef | None:
+    return ModelRef(name, version) if name else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _labels(text: str | None) -> dict[str, str]:
+    return json.loads(text or "{}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _health(text: str | None) -> Health | None:
+    return Health(**json.loads(text)) if text else None
+
+
+def _update(state: str | None, target: str | None, rollout: str | None, reason: str | None,
+            since: float | None) -> UpdateStatus | None:
+    return UpdateStatus(state, _ref(target), rollout, reason, since or 0.0) if state else None
 
 
 def _ref_text(ref: ModelRef | None) -> str | None:
     return str(ref) if ref else None
 
 
-def device_to_row(r: DeviceRecord, first_seen: float | None = None) -> tuple:
+def device_to_row(r: DeviceRecord, written_at: float) -> tuple:
     u = r.update
     return (r.device_id, int(r.online), r.agent_version, r.profile, json.dumps(r.labels, sort_keys=True),
             r.model.name if r.model else None, r.model.version if r.model else None,
@@ -54,25 +78,22 @@ def device_to_row(r: DeviceRecord, first_seen: float | None = None) -> tuple:
             u.reason if u else None, u.since if u else None, r.update_changed_at,
             json.dumps(asdict(r.health)) if r.health else None,
             json.dumps(asdict(r.telemetry)) if r.telemetry else None,
-            _ref_text(r.failed_target), r.failed_reason, r.failed_at, first_seen or r.last_seen, r.last_seen)
+            _ref_text(r.failed_target), r.failed_reason, r.failed_at, r.last_seen, r.last_seen, written_at)
 
 
 def row_to_device(row: dict[str, Any]) -> DeviceRecord:
-    update = None
-    if row["update_state"]:
-        update = UpdateStatus(row["update_state"], _ref(row["update_target"]), row["update_rollout"],
-                              row["update_reason"], row["update_since"] or 0.0)
     telemetry = None
     if row["telemetry"]:
         t = json.loads(row["telemetry"])
         telemetry = Telemetry(t["device_id"], ModelRef(**t["model"]) if t["model"] else None, t["latency_p95_ms"],
                               t["error_rate"])
-    model = ModelRef(row["model_name"], row["model_version"]) if row["model_name"] else None
     return DeviceRecord(
-        row["device_id"], bool(row["online"]), json.loads(row["labels"] or "{}"), row["profile"],
-        row["agent_version"], model, update, row["update_changed_at"],
-        Health(**json.loads(row["health"])) if row["health"] else None, telemetry,
-        _ref(row["failed_target"]), row["failed_reason"], row["failed_at"], row["last_seen"])
+        row["device_id"], bool(row["online"]), _labels(row["labels"]), row["profile"], row["agent_version"],
+        _model(row["model_name"], row["model_version"]),
+        _update(row["update_state"], row["update_target"], row["update_rollout"], row["update_reason"],
+                row["update_since"]),
+        row["update_changed_at"], _health(row["health"]), telemetry, _ref(row["failed_target"]),
+        row["failed_reason"], row["failed_at"], row["last_seen"])
 
 
 def _chunks(ids: list[str]) -> Iterable[list[str]]:
@@ -95,15 +116,27 @@ class FleetStore:
                 out[r["device_id"]] = row_to_device(r)
         return out
 
-    def save_devices(self, records: list[DeviceRecord]) -> None:
-        """Insert or replace these device records (first_seen is kept from the existing row)."""
+    def save_devices(self, records: list[DeviceRecord]) -> float:
+        """Insert or replace these device records (first_seen is kept from the existing row); returns
+        the ``updated_at`` stamped on them, which never goes backwards (see ``devices_changed_since``)."""
         cols = ", ".join(DEVICE_COLUMNS)
         marks = ", ".join("?" * len(DEVICE_COLUMNS))
         updates = ", ".join(f"{c} = excluded.{c}" for c in DEVICE_COLUMNS if c not in ("device_id", "first_seen"))
         with self.conn.transaction():
+            newest = self.conn.query("SELECT MAX(updated_at) AS t FROM devices")[0]["t"] or 0.0
+            written_at = max(self.clock(), newest + 1e-6)
             self.conn.executemany(f"INSERT INTO devices ({cols}) VALUES ({marks}) "
                                   f"ON CONFLICT (device_id) DO UPDATE SET {updates}",
-                                  [device_to_row(r) for r in records])
+                                  [device_to_row(r, written_at) for r in records])
+        return written_at
+
+    def devices_changed_since(self, since: float) -> tuple[dict[str, DeviceRecord], float]:
+        """Devices written after ``since`` and the newest ``updated_at`` among them (or ``since``).
+        Writers stamp increasing times inside their transaction, so polling with the returned value
+        misses nothing."""
+        rows = self.conn.query("SELECT * FROM devices WHERE updated_at > ?", (since,))
+        newest = max((r["updated_at"] for r in rows), default=since)
+        return {r["device_id"]: row_to_device(r) for r in rows}, newest
 
     def list_devices(self, selector: dict[str, str] | None = None) -> list[DeviceRecord]:
         devices = sorted(self.load_devices().values(), key=lambda d: d.device_id)
@@ -168,6 +201,10 @@ class FleetStore:
     def rollout_ids(self, states: tuple[Phase, ...] | None = None) -> list[str]:
         rows = self.conn.query("SELECT rollout_id, state FROM rollouts ORDER BY created_at, rollout_id")
         return [r["rollout_id"] for r in rows if states is None or r["state"] in states]
+
+    def rollout_revisions(self, states: tuple[Phase, ...]) -> dict[str, int]:
+        rows = self.conn.query("SELECT rollout_id, state, revision FROM rollouts")
+        return {r["rollout_id"]: r["revision"] for r in rows if r["state"] in states}
 
     def load_rollout(self, rollout_id: str) -> tuple[RolloutStatus, dict[str, Assignment]]:
         rows = self.conn.query("SELECT * FROM rollouts WHERE rollout_id = ?", (rollout_id,))

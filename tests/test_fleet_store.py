@@ -94,6 +94,12 @@ def test_registry_remembers_a_rollback_even_when_idle_follows_in_the_same_batch(
     d = store.load_devices()["dev-1"]
     assert d.update.state == "IDLE" and d.failed_target == V2 and d.failed_reason == "golden"
     assert d.failed_at == 1001.0 and d.update_changed_at == 1002.0
+    clock.t = 1002.5  # a restarted service that only sees the retained IDLE-after-rollback state
+    reg2 = Registry(store, clock=clock)
+    reg2.on_message("edgeopt/devices/dev-2/state", state("dev-2", upd="IDLE", target=V2, reason="golden"))
+    reg2.flush()
+    d2 = store.load_devices()["dev-2"]
+    assert d2.failed_target == V2 and d2.failed_at == 1002.5 and d2.failed_reason == "golden"
     clock.t = 1003.0
     reg.on_message("edgeopt/devices/dev-1/state", state("dev-1", upd="IDLE"))  # no change: same changed_at
     reg.on_message("edgeopt/devices/dev-1/telemetry", json.dumps(

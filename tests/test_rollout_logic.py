@@ -130,6 +130,13 @@ def test_outcome_for_every_model_state_and_target(model, state, target):
     assert (reason is None) == (outcome is not Outcome.FAILURE)
 
 
+def test_idle_naming_the_target_with_a_reason_is_a_rollback():
+    back = rec(V1, "IDLE", V2, changed=120.0, reason="golden self-test failed")
+    assert device_outcome(TOLD, back, spec(), 130.0) == (Outcome.FAILURE, "rolled back: golden self-test failed")
+    committed = rec(V2, "IDLE", V2, changed=120.0, reason="stale text")
+    assert device_outcome(TOLD, committed, spec(), 130.0)[0] is Outcome.SUCCESS
+
+
 def test_recorded_rollback_counts_only_after_the_device_was_told():
     after = rec(V1, "IDLE", None, failed_target=V2, failed_reason="self-test failed", failed_at=120.0)
     assert device_outcome(TOLD, after, spec(), 130.0) == (Outcome.FAILURE, "rolled back: self-test failed")

@@ -1,4 +1,10 @@
-"""``edgeopt fleet``: the signed model repository and its MQTT server."""
+"""``edgeopt fleet``: the signed model repository, the fleet service, devices and rollouts.
+
+Every command takes its settings from flags, environment variables, or a config file given to the
+group (``edgeopt fleet --config fleet.toml ...``): top-level keys (``repo``, ``db``, ``broker``,
+``prefix``) apply to every command that has that option, a ``[serve]`` / ``[simulate]`` /
+``[rollout.create]`` table to that command only. Flags win over the file.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,109 @@ import click
 
 REPO_OPTION = click.option("--repo", type=click.Path(path_type=Path), required=True, envvar="EDGEOPT_REPO",
                            help="Repository directory (from 'edgeopt keys init'); or $EDGEOPT_REPO.")
+OPTIONAL_REPO = click.option("--repo", type=click.Path(path_type=Path), envvar="EDGEOPT_REPO",
+                             help="Repository directory; or $EDGEOPT_REPO (the default database lives in it).")
+DB_OPTION = click.option("--db", envvar="EDGEOPT_FLEET_DB", metavar="URL",
+                         help="Fleet database: sqlite:///PATH or postgresql://USER@HOST/DB; or $EDGEOPT_FLEET_DB "
+                              "(default: sqlite:///REPO/fleet.db).")
+PREFIX_OPTION = click.option("--prefix", default="edgeopt", show_default=True, help="MQTT topic prefix.")
+
+
+def database_url(db: str | None, repo: Path | None) -> str:
+    from edgeopt.errors import UserInputError
+
+    if db:
+        return db
+    if repo is None:
+        raise UserInputError("no fleet database: pass --db URL, or --repo REPO for the default sqlite:///REPO/fleet.db")
+    if not Path(repo).is_dir():
+        raise UserInputError(f"repository directory {repo} does not exist (run 'edgeopt keys init {repo}')")
+    return f"sqlite:///{Path(repo).resolve() / 'fleet.db'}"
+
+
+def open_store(db: str | None, repo: Path | None):
+    from edgeopt.fleet.db import open_database
+    from edgeopt.fleet.store import FleetStore
+
+    _, conn = open_database(database_url(db, repo))
+    return FleetStore(conn)
+
+
+def _load_config(ctx: click.Context, path: Path) -> None:
+    """Turn a TOML config file into click's default_map for the fleet subcommands."""
+    import tomllib
+
+    from edgeopt.errors import UserInputError
+
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UserInputError(f"--config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserInputError(f"--config {path}: not valid TOML ({exc})") from None
+    group: click.Group = ctx.command  # type: ignore[assignment]
+
+    def defaults(cmd: click.Command, table: dict, shared: dict, where: str) -> dict:
+        names = {p.name for p in cmd.params}
+        out = {k: v for k, v in shared.items() if k in names}
+        for key, value in table.items():
+            sub = cmd.commands.get(key) if isinstance(cmd, click.Group) else None
+            if isinstance(value, dict) and sub is not None:
+                out[key] = defaults(sub, value, shared, f"{where}.{key}")
+            elif key.replace("-", "_") in names:
+                out[key.replace("-", "_")] = value
+            else:
+                raise UserInputError(f"--config {path}: unknown key '{key}' in [{where}]")
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                out.setdefault(name, defaults(sub, {}, shared, f"{where}.{name}"))
+        return out
+
+    shared = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    known_shared = {p.name for c in group.commands.values() for p in _all_params(c)}
+    for key in shared:
+        if key not in known_shared:
+            raise UserInputError(f"--config {path}: unknown key '{key}'")
+    default_map = {}
+    for name, cmd in group.commands.items():
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            raise UserInputError(f"--config {path}: '{name}' must be a table")
+        default_map[name] = defaults(cmd, table, shared, name)
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in group.commands:
+            raise UserInputError(f"--config {path}: unknown table [{key}]")
+    ctx.default_map = default_map
+
+
+def _all_params(cmd: click.Command):
+    yield from cmd.params
+    if isinstance(cmd, click.Group):
+        for sub in cmd.commands.values():
+            yield from _all_params(sub)
 
 
 @click.group("fleet")
-def fleet_cmd() -> None:
-    """Publish models into the signed repository and serve it to devices."""
+@click.option("--config", "config_file", type=click.Path(path_type=Path), envvar="EDGEOPT_FLEET_CONFIG",
+              help="TOML file with defaults for these commands (see 'edgeopt fleet --help'); or $EDGEOPT_FLEET_CONFIG.")
+@click.pass_context
+def fleet_cmd(ctx: click.Context, config_file: Path | None) -> None:
+    """Publish models, run the fleet service, watch devices and roll models out in waves.
+
+    \b
+    edgeopt keys init REPO                              signing keys (once)
+    edgeopt fleet publish ARTIFACT --repo REPO          sign a converted model into the repository
+    edgeopt fleet serve --repo REPO [--broker URL]      repository server + registry + rollout controller
+    edgeopt fleet devices [--selector k=v]              what the registry knows
+    edgeopt fleet rollout create --model NAME@VERSION --waves 1%,10%,50%,100% ...; start | status | ...
+    edgeopt fleet simulate --broker URL --devices N     simulated devices for demos and scale runs
+    edgeopt fleet broker-config DIR / provision DEVICE_ID   Mosquitto TLS + passwords + ACL; device bundles
+
+    With --config FILE, top-level keys (repo, db, broker, prefix) apply to every command that has
+    that option and a [serve] / [simulate] / [rollout.create] table to one command; flags win.
+    """
+    if config_file is not None:
+        _load_config(ctx, config_file)
 
 
 @fleet_cmd.command("publish")
@@ -63,35 +167,78 @@ def models_cmd(repo: Path, as_json: bool) -> None:
 
 @fleet_cmd.command("serve")
 @REPO_OPTION
-@click.option("--broker", required=True, help="Broker URL, e.g. mqtt://localhost:1883 or mqtts://host:8883?ca=ca.pem")
-@click.option("--prefix", default="edgeopt", show_default=True, help="Topic prefix.")
+@DB_OPTION
+@click.option("--broker", envvar="EDGEOPT_BROKER",
+              help="Broker URL, e.g. mqtt://localhost:1883 or mqtts://user:pw@host:8883?ca=ca.pem (default: start "
+                   "the embedded broker on --listen).")
+@click.option("--listen", default="127.0.0.1:1884", show_default=True,
+              help="HOST:PORT of the embedded broker (only without --broker).")
+@PREFIX_OPTION
 @click.option("--chunk-size", type=int, default=64 * 1024, show_default=True,
               help="Largest artifact chunk per message (keep under the broker's payload limit).")
+@click.option("--tick", type=float, default=1.0, show_default=True, help="Seconds between rollout decisions.")
 @click.option("--timestamp-refresh", type=float, default=3600.0, show_default=True,
               help="Seconds between re-signing the timestamp (must be well under its expiry).")
-def serve_cmd(repo: Path, broker: str, prefix: str, chunk_size: int, timestamp_refresh: float) -> None:
-    """Serve the repository's metadata and artifacts to devices over MQTT until interrupted."""
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True, help="Log level on stderr.")
+def serve_cmd(repo: Path, db: str | None, broker: str | None, listen: str, prefix: str, chunk_size: int, tick: float,
+              timestamp_refresh: float, log_level: str) -> None:
+    """Run the fleet service until interrupted: the repository server (metadata and artifact chunks
+    over MQTT), the device registry and the rollout controller. Restart-safe: everything it knows is
+    in the database, and a rollout in progress continues after a restart."""
+    import logging
     import signal
-    import threading
 
-    from edgeopt.fleet.repo_server import RepoServer
-    from edgeopt.fleet.repository import Repository
-    from edgeopt.mqtt import PahoTopics, connect, make_client
+    from edgeopt.errors import UserInputError
+    from edgeopt.fleet.service import FleetService, ServiceConfig
 
-    repository = Repository(repo)
-    client = make_client(f"edgeopt-repo-{threading.get_native_id()}", broker)
-    connect(client)
-    server = RepoServer(repository, PahoTopics(client), prefix, chunk_size)
-    server.start()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    click.echo(f"serving {repository.root} on {broker} under {prefix}/repo/", err=True)
+    if tick <= 0 or timestamp_refresh <= 0:
+        raise UserInputError("--tick and --timestamp-refresh must be positive")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service = FleetService(ServiceConfig(repo=repo, db=database_url(db, repo), broker=broker, listen=listen,
+                                         prefix=prefix, chunk_size=chunk_size, tick=tick,
+                                         timestamp_refresh=timestamp_refresh)).start()
+    signal.signal(signal.SIGTERM, lambda *_: service._stop.set())
+    click.echo(f"fleet service ready: broker {service.broker_url}, database {service.db}, prefix {prefix}/", err=True)
     try:
-        while not stop.wait(timestamp_refresh):
-            repository.refresh_timestamp()
+        service.wait()
     except KeyboardInterrupt:
         pass
     finally:
-        client.disconnect()
-        client.loop_stop()
-        click.echo(json.dumps(server.snapshot_stats()), err=True)
+        service.stop()
+        click.echo(json.dumps(service.status()), err=True)
+
+
+@fleet_cmd.command("devices")
+@OPTIONAL_REPO
+@DB_OPTION
+@click.option("--selector", "selectors", multiple=True, metavar="LABEL=VALUE[,...]",
+              help="Only devices with these labels (repeatable; all must match).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def devices_cmd(repo: Path | None, db: str | None, selectors: tuple[str, ...], as_json: bool) -> None:
+    """The devices the registry knows: labels, profile, model, update state, online, last seen."""
+    from edgeopt.cli.fleet_render import device_json, print_devices
+    from edgeopt.fleet.rollout import parse_selector, selector_text
+
+    selector = parse_selector(selectors)
+    store = open_store(db, repo)
+    devices = store.list_devices(selector)
+    if as_json:
+        click.echo(json.dumps([device_json(d) for d in devices], indent=2))
+        return
+    if not devices:
+        known = store.count_devices()
+        click.echo(f"no device matches {selector_text(selector)} ({known} device(s) known)", err=True)
+        return
+    print_devices(devices)
+
+
+def _register_subcommands() -> None:
+    from edgeopt.cli.fleet_ops import broker_config_cmd, provision_cmd, simulate_cmd
+    from edgeopt.cli.fleet_rollout import rollout_cmd
+
+    for cmd in (rollout_cmd, simulate_cmd, provision_cmd, broker_config_cmd):
+        fleet_cmd.add_command(cmd)
+
+
+_register_subcommands()

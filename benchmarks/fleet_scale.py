@@ -1,0 +1,231 @@
+"""Rollout of a 1 MB model to thousands of simulated devices on one local Mosquitto.
+
+Per run: a fresh Mosquitto (the generated tuning, plain TCP on loopback), a repository with kws@1
+and kws@2 (1 MB model each), `edgeopt fleet serve` (repository server + registry + controller,
+SQLite), and `edgeopt fleet simulate` processes holding one MQTT connection per device. Devices
+start on kws@1; the rollout sends kws@2 in waves 1%,10%,50%,100% (bake 2 s). Every device
+downloads the artifact through the repository server in chunks and checks it against the signed
+length and sha256 (TUF metadata verified once per simulator process: --verify shared).
+
+Measured: time from `rollout create --start` to COMPLETED, publish messages and bytes through the
+broker ($SYS counters), CPU and peak RSS of the fleet service ("controller"), of the broker and of
+the simulators.
+
+    python benchmarks/fleet_scale.py                      # 1,000 and 10,000 devices
+    python benchmarks/fleet_scale.py --runs 1000:65536,1000:262144 --sim-processes 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, print_table, write_json
+
+EDGEOPT = str(Path(sys.executable).parent / "edgeopt")
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the broker and the simulators
+    return hard
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_artifact(root: Path, version: str, size: int) -> Path:
+    """A structurally valid artifact whose model file is ``size`` random bytes (the devices move and
+    verify the bytes; they do not run them in this benchmark)."""
+    from edgeopt.artifact import GOLDEN, MANIFEST_SCHEMA, REPORT, file_hashes
+
+    root.mkdir(parents=True)
+    (root / "model.onnx").write_bytes(os.urandom(size))
+    (root / GOLDEN).write_bytes(b"golden")
+    (root / REPORT).write_text("{}")
+    manifest = {"schema": MANIFEST_SCHEMA, "name": "kws", "version": version,
+                "model": {"file": "model.onnx", "format": "onnx", "runtime": "onnxruntime", "quantize": "none"},
+                "inputs": [], "outputs": [], "target_profile": None,
+                "files": file_hashes(root, ["model.onnx", GOLDEN, REPORT])}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+class SysCounters:
+    """Mosquitto's $SYS counters (published every second with sys_interval 1)."""
+
+    TOPICS = {"$SYS/broker/publish/messages/received": "pub_in", "$SYS/broker/publish/messages/sent": "pub_out",
+              "$SYS/broker/bytes/received": "bytes_in", "$SYS/broker/bytes/sent": "bytes_out",
+              "$SYS/broker/clients/connected": "clients"}
+
+    def __init__(self, url: str):
+        from edgeopt.mqtt import connect, make_client
+
+        self.values: dict[str, int] = {}
+        self.client = make_client(f"bench-sys-{os.getpid()}", url)
+        self.client.on_message = self._on_message
+        connect(self.client)
+        self.client.subscribe([(t, 0) for t in self.TOPICS])
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.values[self.TOPICS[msg.topic]] = int(msg.payload)
+
+    def read(self) -> dict[str, int]:
+        time.sleep(1.5)  # one $SYS interval
+        return dict(self.values)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir: Path) -> dict:
+    from edgeopt.fleet.db import open_database
+    from edgeopt.fleet.repository import Repository
+    from edgeopt.fleet.rollout import Phase
+    from edgeopt.fleet.security import BROKER_TUNING
+    from edgeopt.fleet.store import FleetStore
+
+    procs: list[subprocess.Popen] = []
+    port = free_port()
+    (workdir / "mosquitto.conf").write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nsys_interval 1\n"
+        f"max_connections -1\nlog_dest file {workdir / 'mosquitto.log'}\nlog_type error\nlog_type warning\n"
+        f"user root\n{BROKER_TUNING}")
+    broker = subprocess.Popen([MOSQUITTO, "-c", str(workdir / "mosquitto.conf")], stderr=subprocess.DEVNULL)
+    procs.append(broker)
+    url = f"mqtt://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        repo_dir = workdir / "repo"
+        repo = Repository.init(repo_dir)
+        for v in ("1", "2"):
+            entry = repo.publish(make_artifact(workdir / f"art{v}", v, model_bytes), "kws", v)
+        db = f"sqlite:///{repo_dir / 'fleet.db'}"
+        log = open(workdir / "service.log", "w")  # noqa: SIM115 (closed with the process)
+        service = subprocess.Popen([EDGEOPT, "fleet", "serve", "--repo", repo_dir, "--db", db, "--broker", url,
+                                    "--chunk-size", str(chunk), "--tick", "1", "--log-level", "warning"],
+                                   stderr=log)
+        procs.append(service)
+        per = -(-devices // sim_processes)
+        sims = []
+        for i in range(sim_processes):
+            n = min(per, devices - i * per)
+            sims.append(subprocess.Popen(
+                [EDGEOPT, "fleet", "simulate", "--broker", url, "--devices", str(n), "--first-index", str(i * per),
+                 "--initial-model", "kws@1", "--repo", repo_dir, "--chunk-size", str(chunk), "--workers", "48"],
+                stderr=open(workdir / f"sim{i}.log", "w")))  # noqa: SIM115
+        procs.extend(sims)
+        _, conn = open_database(db)
+        store = FleetStore(conn)
+        deadline = time.monotonic() + 600
+        while store.count_devices() < devices or sum(d.online for d in store.list_devices()) < devices:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"only {store.count_devices()} of {devices} devices registered "
+                                   f"(see {workdir})")
+            time.sleep(0.5)
+        counters = SysCounters(url)
+        before = counters.read()
+        cpu0 = {"service": cpu_seconds(service.pid), "broker": cpu_seconds(broker.pid),
+                "sims": sum(cpu_seconds(p.pid) for p in sims)}
+        t0 = time.monotonic()
+        subprocess.run([EDGEOPT, "fleet", "rollout", "create", "--model", "kws@2", "--repo", repo_dir, "--db", db,
+                        "--id", "bench", "--waves", "1%,10%,50%,100%", "--bake", "2s", "--device-timeout", "120s",
+                        "--start"], check=True, capture_output=True)
+        state = None
+        while True:
+            rows = conn.query("SELECT state FROM rollouts WHERE rollout_id = 'bench'")
+            state = rows[0]["state"]
+            if state in (Phase.COMPLETED, Phase.ABORTED) or time.monotonic() - t0 > 900:
+                break
+            time.sleep(0.25)
+        elapsed = time.monotonic() - t0
+        cpu = {"service": cpu_seconds(service.pid) - cpu0["service"], "broker": cpu_seconds(broker.pid) - cpu0["broker"],
+               "sims": sum(cpu_seconds(p.pid) for p in sims) - cpu0["sims"]}
+        after = counters.read()
+        counters.close()
+        on_v2 = sum(1 for d in store.list_devices() if d.model and d.model.version == "2")
+        waves = [round(w["ended_at"] - w["started_at"], 1) if w["ended_at"] else None
+                 for w in conn.query("SELECT * FROM rollout_waves WHERE rollout_id = 'bench' ORDER BY wave")]
+        conn.close()
+        return {"devices": devices, "chunk_bytes": chunk, "artifact_bytes": entry["length"], "state": str(state),
+                "on_target": on_v2, "wave_seconds": waves, "seconds": round(elapsed, 2),
+                "publish_messages": after.get("pub_in", 0) - before.get("pub_in", 0)
+                + after.get("pub_out", 0) - before.get("pub_out", 0),
+                "broker_bytes": after.get("bytes_in", 0) - before.get("bytes_in", 0)
+                + after.get("bytes_out", 0) - before.get("bytes_out", 0),
+                "controller_cpu_s": round(cpu["service"], 2), "controller_peak_rss_mb": round(peak_rss_mb(service.pid), 1),
+                "broker_cpu_s": round(cpu["broker"], 2), "broker_peak_rss_mb": round(peak_rss_mb(broker.pid), 1),
+                "simulator_cpu_s": round(cpu["sims"], 2), "sim_processes": sim_processes}
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+        for p in reversed(procs):
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", default="1000:262144,10000:262144", help="DEVICES:CHUNK_BYTES,...")
+    ap.add_argument("--model-bytes", type=int, default=1_000_000)
+    ap.add_argument("--sim-processes", type=int, default=2)
+    args = ap.parse_args()
+    hard = raise_fd_limit()
+    results = []
+    for spec in args.runs.split(","):
+        devices, chunk = (int(x) for x in spec.split(":"))
+        if devices + 100 > hard:
+            raise SystemExit(f"{devices} devices need more file descriptors than the hard limit {hard}")
+        with tempfile.TemporaryDirectory(prefix="edgeopt-fleet-bench-") as tmp:
+            print(f"running {devices} devices, chunk {chunk} ...", flush=True)
+            r = run(devices, chunk, args.model_bytes, args.sim_processes, Path(tmp))
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    rows = [[r["devices"], r["chunk_bytes"] // 1024, r["state"], r["seconds"], r["devices"] / r["seconds"],
+             r["publish_messages"], r["broker_bytes"] / 1e9, r["controller_cpu_s"], r["controller_peak_rss_mb"],
+             r["broker_cpu_s"], r["simulator_cpu_s"]] for r in results]
+    print_table("rollout of a 1 MB model (waves 1%,10%,50%,100%, bake 2 s) on one Mosquitto",
+                ["devices", "chunk KiB", "result", "seconds", "devices/s", "publish msgs", "broker GB",
+                 "controller CPU s", "controller peak RSS MB", "broker CPU s", "simulator CPU s"], rows)
+    write_json("fleet_scale", {"model_bytes": args.model_bytes, "results": results})
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
