@@ -49,6 +49,7 @@ def provision(device_id: str, security_dir: Path, repo: Path, out: Path, host: s
     dest = Path(out) / device_id
     if dest.exists() and not force:
         raise UserInputError(f"{dest} already exists; pass --force to provision {device_id} again (new password)")
+    Path(out).mkdir(parents=True, exist_ok=True)
     with staged_directory(dest, force=force) as stage:
         (stage / "metadata").mkdir()
         root = repository.metadata_dir / f"{repository.root_version()}.root.json"

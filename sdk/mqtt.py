@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
 from edgeopt.errors import MissingDependency, RemoteError, UserInputError
@@ -53,6 +54,9 @@ def make_client(client_id: str, url: str | BrokerURL, *, will: tuple[str, bytes,
     if broker.username:
         client.username_pw_set(broker.username, broker.password)
     if broker.tls:
+        for what, path in (("ca", broker.ca), ("cert", broker.cert), ("key", broker.key)):
+            if path is not None and not Path(path).is_file():
+                raise UserInputError(f"broker URL: {what} file {path} does not exist")
         client.tls_set(ca_certs=broker.ca, certfile=broker.cert, keyfile=broker.key)
     if will:
         topic, payload, qos, retain = will
