@@ -58,14 +58,14 @@ def _load_config(ctx: click.Context, path: Path) -> None:
     group: click.Group = ctx.command  # type: ignore[assignment]
 
     def defaults(cmd: click.Command, table: dict, shared: dict, where: str) -> dict:
-        names = {p.name for p in cmd.params}
-        out = {k: v for k, v in shared.items() if k in names}
+        names = _option_names(cmd)
+        out = {names[k]: v for k, v in shared.items() if k in names}
         for key, value in table.items():
             sub = cmd.commands.get(key) if isinstance(cmd, click.Group) else None
             if isinstance(value, dict) and sub is not None:
                 out[key] = defaults(sub, value, shared, f"{where}.{key}")
             elif key.replace("-", "_") in names:
-                out[key.replace("-", "_")] = value
+                out[names[key.replace("-", "_")]] = value
             else:
                 raise UserInputError(f"--config {path}: unknown key '{key}' in [{where}]")
         if isinstance(cmd, click.Group):
@@ -74,7 +74,7 @@ def _load_config(ctx: click.Context, path: Path) -> None:
         return out
 
     shared = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    known_shared = {p.name for c in group.commands.values() for p in _all_params(c)}
+    known_shared = {k for c in group.commands.values() for k in _option_names(c, deep=True)}
     for key in shared:
         if key not in known_shared:
             raise UserInputError(f"--config {path}: unknown key '{key}'")
@@ -90,11 +90,19 @@ def _load_config(ctx: click.Context, path: Path) -> None:
     ctx.default_map = default_map
 
 
-def _all_params(cmd: click.Command):
-    yield from cmd.params
-    if isinstance(cmd, click.Group):
+def _option_names(cmd: click.Command, deep: bool = False) -> dict[str, str]:
+    """Config key → click parameter name: a key is an option's long flag without dashes
+    (``selector`` for ``--selector``, ``chunk_size`` or ``chunk-size`` for ``--chunk-size``)."""
+    names: dict[str, str] = {}
+    for p in cmd.params:
+        if isinstance(p, click.Option):
+            for opt in p.opts:
+                if opt.startswith("--"):
+                    names[opt[2:].replace("-", "_")] = p.name  # type: ignore[assignment]
+    if deep and isinstance(cmd, click.Group):
         for sub in cmd.commands.values():
-            yield from _all_params(sub)
+            names.update(_option_names(sub, deep=True))
+    return names
 
 
 @click.group("fleet")
