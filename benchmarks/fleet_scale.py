@@ -11,8 +11,8 @@ Measured: time from `rollout create --start` to COMPLETED, publish messages and 
 broker ($SYS counters), CPU and peak RSS of the fleet service ("controller"), of the broker and of
 the simulators.
 
-    python benchmarks/fleet_scale.py                      # 1,000 and 10,000 devices
-    python benchmarks/fleet_scale.py --runs 1000:65536,1000:262144 --sim-processes 1
+    python benchmarks/fleet_scale.py                      # 1,000 and 10,000 devices, 64 and 256 KiB chunks
+    python benchmarks/fleet_scale.py --runs 1000:262144 --sim-processes 1
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", default="1000:262144,10000:262144", help="DEVICES:CHUNK_BYTES,...")
+    ap.add_argument("--runs", default="1000:65536,1000:262144,10000:65536,10000:262144", help="DEVICES:CHUNK_BYTES,...")
     ap.add_argument("--model-bytes", type=int, default=1_000_000)
     ap.add_argument("--sim-processes", type=int, default=2)
     args = ap.parse_args()

@@ -51,6 +51,9 @@ def _check_published(repo: Path, model) -> None:
 @click.option("--min-agreement", type=float, help="Health gate: lowest agreement with the previous model (0..1).")
 @click.option("--max-latency-p95", type=float, metavar="MS", help="Health gate: highest latency p95 in ms.")
 @click.option("--max-nan-outputs", type=int, help="Health gate: most NaN outputs a device may report.")
+@click.option("--online-only", is_flag=True,
+              help="Plan only the matching devices that are online now (default: every matching device; an "
+                   "offline one counts as failed once --device-timeout passes).")
 @click.option("--id", "rollout_id", help="Rollout id (default: NAME-VERSION-RANDOM).")
 @click.option("--start", "start_now", is_flag=True, help="Start it right away.")
 @REPO_OPTION
@@ -59,7 +62,7 @@ def _check_published(repo: Path, model) -> None:
 def create_cmd(model_text: str, selectors: tuple[str, ...], waves: str, bake: str, success_threshold: str,
                failure_threshold: str, device_timeout: str, max_error_rate: float | None,
                min_agreement: float | None, max_latency_p95: float | None, max_nan_outputs: int | None,
-               rollout_id: str | None, start_now: bool, repo: Path, db: str | None, as_json: bool) -> None:
+               online_only: bool, rollout_id: str | None, start_now: bool, repo: Path, db: str | None, as_json: bool) -> None:
     """Plan a rollout of NAME@VERSION over the devices the selector matches now."""
     from edgeopt.errors import UserInputError
     from edgeopt.fleet.messages import ROLLOUT_ID_RE, MessageError, ModelRef
@@ -93,9 +96,9 @@ def create_cmd(model_text: str, selectors: tuple[str, ...], waves: str, bake: st
     if not ROLLOUT_ID_RE.match(rollout_id):
         raise UserInputError(f"--id {rollout_id!r}: use letters, digits, '.', '_', '-' (at most 64)")
     store = open_store(db, repo)
-    devices = [d.device_id for d in store.list_devices(spec.selector)]
+    devices = [d.device_id for d in store.list_devices(spec.selector) if d.online or not online_only]
     if not devices:
-        raise UserInputError(f"selector {selector_text(spec.selector)} matches no device "
+        raise UserInputError(f"selector {selector_text(spec.selector)} matches no {'online ' if online_only else ''}device "
                              f"({store.count_devices()} device(s) known; see 'edgeopt fleet devices')")
     now = time.time()
     status, assignments = new_rollout(rollout_id, spec, devices, now)
