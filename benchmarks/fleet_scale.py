@@ -160,6 +160,7 @@ def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir:
         before = counters.read()
         cpu0 = {"service": cpu_seconds(service.pid), "broker": cpu_seconds(broker.pid),
                 "sims": sum(cpu_seconds(p.pid) for p in sims)}
+        load_before = os.getloadavg()[0]
         t0 = time.monotonic()
         subprocess.run([EDGEOPT, "fleet", "rollout", "create", "--model", "kws@2", "--repo", repo_dir, "--db", db,
                         "--id", "bench", "--waves", "1%,10%,50%,100%", "--bake", "2s", "--device-timeout", "120s",
@@ -172,6 +173,7 @@ def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir:
                 break
             time.sleep(0.25)
         elapsed = time.monotonic() - t0
+        load = round(max(load_before, os.getloadavg()[0]), 1)  # the machine is shared: how busy it was
         cpu = {"service": cpu_seconds(service.pid) - cpu0["service"], "broker": cpu_seconds(broker.pid) - cpu0["broker"],
                "sims": sum(cpu_seconds(p.pid) for p in sims) - cpu0["sims"]}
         after = counters.read()
@@ -188,7 +190,7 @@ def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir:
                 + after.get("bytes_out", 0) - before.get("bytes_out", 0),
                 "controller_cpu_s": round(cpu["service"], 2), "controller_peak_rss_mb": round(peak_rss_mb(service.pid), 1),
                 "broker_cpu_s": round(cpu["broker"], 2), "broker_peak_rss_mb": round(peak_rss_mb(broker.pid), 1),
-                "simulator_cpu_s": round(cpu["sims"], 2), "sim_processes": sim_processes}
+                "simulator_cpu_s": round(cpu["sims"], 2), "sim_processes": sim_processes, "load_average": load}
     finally:
         for p in reversed(procs):
             if p.poll() is None:
@@ -200,6 +202,56 @@ def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir:
                 p.kill()
 
 
+def chunk_round_trip(workdir: Path, nodelay: bool, requests: int = 200, chunk: int = 64 * 1024) -> float:
+    """Median ms for one 64 KiB repository request/response through a Mosquitto with or without
+    ``set_tcp_nodelay`` (the clients always set TCP_NODELAY)."""
+    import statistics
+
+    from edgeopt.agent.update.link import MqttRepoLink
+    from edgeopt.fleet.repo_server import RepoServer
+    from edgeopt.fleet.repository import Repository
+    from edgeopt.mqtt import PahoTopics, connect, make_client
+
+    port = free_port()
+    conf = workdir / f"rtt-{nodelay}.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n"
+                    + ("set_tcp_nodelay true\n" if nodelay else ""))
+    broker = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stderr=subprocess.DEVNULL)
+    clients = []
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        repo_dir = workdir / f"rtt-repo-{nodelay}"
+        repo = Repository.init(repo_dir)
+        entry = repo.publish(make_artifact(workdir / f"rtt-art-{nodelay}", "1", 1_000_000), "kws", "1")
+        url = f"mqtt://127.0.0.1:{port}"
+        server_client, device_client = make_client("rtt-server", url), make_client("rtt-device", url)
+        clients = [server_client, device_client]
+        for c in clients:
+            connect(c)
+        RepoServer(repo, PahoTopics(server_client), max_chunk=chunk).start()
+        link = MqttRepoLink(PahoTopics(device_client), "rtt-device")
+        time.sleep(0.3)
+        path = f"targets/{entry['sha256']}.kws-1.tar"
+        times = []
+        for i in range(requests):
+            t = time.perf_counter()
+            if link.request(path, (i * chunk) % 900_000, chunk, 5.0) is None:
+                raise RuntimeError("no answer from the repository server")
+            times.append(time.perf_counter() - t)
+        return round(statistics.median(times) * 1000, 2)
+    finally:
+        for c in clients:
+            c.disconnect()
+            c.loop_stop()
+        broker.terminate()
+        broker.wait(10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="1000:65536,1000:262144,10000:65536,10000:262144", help="DEVICES:CHUNK_BYTES,...")
@@ -207,6 +259,13 @@ def main() -> None:
     ap.add_argument("--sim-processes", type=int, default=2)
     args = ap.parse_args()
     hard = raise_fd_limit()
+    with tempfile.TemporaryDirectory(prefix="edgeopt-fleet-rtt-") as tmp:
+        rtt = {"broker_nodelay_ms": chunk_round_trip(Path(tmp), True),
+               "broker_default_ms": chunk_round_trip(Path(tmp), False)}
+    print_table("one 64 KiB repository request/response (median of 200)", ["broker", "ms", "x"],
+                [["set_tcp_nodelay true", rtt["broker_nodelay_ms"], 1.0],
+                 ["Mosquitto default (Nagle on)", rtt["broker_default_ms"],
+                  rtt["broker_default_ms"] / rtt["broker_nodelay_ms"]]])
     results = []
     for spec in args.runs.split(","):
         devices, chunk = (int(x) for x in spec.split(":"))
@@ -219,11 +278,11 @@ def main() -> None:
             results.append(r)
     rows = [[r["devices"], r["chunk_bytes"] // 1024, r["state"], r["seconds"], r["devices"] / r["seconds"],
              r["publish_messages"], r["broker_bytes"] / 1e9, r["controller_cpu_s"], r["controller_peak_rss_mb"],
-             r["broker_cpu_s"], r["simulator_cpu_s"]] for r in results]
+             r["broker_cpu_s"], r["simulator_cpu_s"], r["load_average"]] for r in results]
     print_table("rollout of a 1 MB model (waves 1%,10%,50%,100%, bake 2 s) on one Mosquitto",
                 ["devices", "chunk KiB", "result", "seconds", "devices/s", "publish msgs", "broker GB",
-                 "controller CPU s", "controller peak RSS MB", "broker CPU s", "simulator CPU s"], rows)
-    write_json("fleet_scale", {"model_bytes": args.model_bytes, "results": results})
+                 "controller CPU s", "controller peak RSS MB", "broker CPU s", "simulator CPU s", "load avg"], rows)
+    write_json("fleet_scale", {"model_bytes": args.model_bytes, "chunk_round_trip": rtt, "results": results})
 
 
 if __name__ == "__main__":

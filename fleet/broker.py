@@ -48,7 +48,7 @@ class EmbeddedBroker:
                 raise UserInputError(f"the embedded broker cannot listen on {self.host}:{self.port} ({exc.strerror}); "
                                      f"pass --listen HOST:PORT, or --broker URL to use a running broker") from None
         for name in ("amqtt", "transitions"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+            logging.getLogger(name).setLevel(logging.ERROR)
         ready, failure = threading.Event(), []
         config = {"listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
                   "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}

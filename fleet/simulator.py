@@ -143,8 +143,9 @@ def golden_self_test(archive: bytes, workdir: Path) -> str | None:
             diff = float(np.max(np.abs(np.asarray(got[name], np.float64) - want))) if want.size else 0.0
             if not np.isfinite(got[name]).all():
                 return f"golden self-test: output {name} is not finite"
-            if diff > float(golden.get("atol", 1e-4)):
-                return f"golden self-test: output {name} is off by {diff:.3g} > atol {golden.get('atol')}"
+            atol = float(golden.get("atol", 1e-4))
+            if diff > atol:
+                return f"golden self-test: output {name} is off by {diff:.3g} > atol {atol:.3g}"
     return None
 
 

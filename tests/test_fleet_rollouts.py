@@ -103,8 +103,8 @@ def test_each_kind_of_device_failure_aborts(tmp_path, broker, mode, gates, needl
         rig.close()
 
 
-def test_pause_holds_the_next_wave_and_resume_continues(tmp_path, broker):
-    rig = FleetRig(tmp_path, broker, sqlite_url(tmp_path), 40)
+def test_pause_holds_the_next_wave_and_resume_continues(tmp_path, broker, db_url):  # noqa: F811
+    rig = FleetRig(tmp_path, broker, db_url, 40)
     try:
         rig.create(waves=parse_waves("25%,100%"), bake_s=1.0)
         status, assignments = rig.wait("r-1", lambda s, a: s.waves[0].state is Phase.RUNNING, 30, "wave 1")
@@ -126,11 +126,11 @@ def test_pause_holds_the_next_wave_and_resume_continues(tmp_path, broker):
         rig.close()
 
 
-def test_controller_killed_mid_wave_continues_after_restart(tmp_path, broker):
+def test_controller_killed_mid_wave_continues_after_restart(tmp_path, broker, db_url):  # noqa: F811
     """`edgeopt fleet serve` in a subprocess is SIGKILLed in the middle of wave 2 and started again:
     the rollout continues from its persisted decisions — no wave starts twice, no device is
     re-planned — and completes."""
-    rig = FleetRig(tmp_path, broker, sqlite_url(tmp_path), 100, service="subprocess", step_delay=0.05)
+    rig = FleetRig(tmp_path, broker, db_url, 100, service="subprocess", step_delay=0.05)
     try:
         rig.create(waves=parse_waves("10%,50%,100%"), bake_s=0.5)
         status, before = rig.wait("r-1", lambda s, a: s.waves[1].state is Phase.RUNNING, 60, "wave 2")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from rich import box
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
@@ -83,11 +84,11 @@ def rollout_renderable(info: dict[str, Any], service: list[dict[str, Any]] | Non
                                        f"{spec['failure_count']} devices" if spec["failure_count"] is not None else "")
                            if x)
              + f" failed, device timeout {spec['device_timeout_s']:g} s")
-    table = Table(title_justify="left")
-    for col in ("wave", "state", "devices", "told", "updated", "failed", "pending", "progress", "time"):
-        table.add_column(col, justify="right" if col not in ("state", "progress") else "left")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("wave", "state", "size", "told", "ok", "failed", "pending", "progress", "time"):
+        table.add_column(col, justify="right" if col not in ("state", "progress") else "left", no_wrap=True)
     for w in info["waves"]:
-        width = 20
+        width = 10
         done = round(width * w["success"] / w["size"]) if w["size"] else width
         bad = min(width - done, round(width * w["failure"] / w["size"])) if w["size"] else 0
         bar = f"[green]{'█' * done}[/green][red]{'█' * bad}[/red]{'·' * (width - done - bad)}"
@@ -98,11 +99,12 @@ def rollout_renderable(info: dict[str, Any], service: list[dict[str, Any]] | Non
     parts: list = [head, escape(rules), table]
     if info["reason"]:
         parts.append(f"[bold]why:[/bold] {escape(info['reason'])}")
-    if info["failures"]:
-        shown = info["failures"][:8]
-        parts.append("failed devices: " + "; ".join(escape(f"{f['device_id']} (wave {f['wave']}): {f['reason']}")
-                                                  for f in shown)
-                     + (f"; … {len(info['failures']) - len(shown)} more" if len(info["failures"]) > len(shown) else ""))
+    by_reason: dict[str, list[str]] = {}
+    for f in info["failures"]:
+        by_reason.setdefault(f["reason"] or "?", []).append(f["device_id"])
+    for reason, devices in sorted(by_reason.items(), key=lambda kv: -len(kv[1]))[:0 if info["reason"] else 5]:
+        shown = ", ".join(devices[:4]) + (", …" if len(devices) > 4 else "")
+        parts.append(escape(f"failed: {len(devices)} × {reason} ({shown})"))
     for s in service or []:
         stale = time.time() - s["updated_at"] > 15 or s.get("stopped_at")
         parts.append(f"service: {'[red]not running[/red] (last heartbeat ' if stale else 'running, heartbeat '}"

@@ -200,7 +200,10 @@ def status_cmd(rollout_id: str | None, repo: Path | None, db: str | None, watch:
             time.sleep(1.0)
             info = snapshot()
             live.update(rollout_renderable(info, store.service_status()))
+    if not console.is_terminal:
+        console.print()
     if as_json:
         click.echo(json.dumps(info, indent=2))
     if info["state"] == "ABORTED":
-        raise CheckFailed(f"rollout {rollout_id} aborted: {info['reason']}")
+        raise CheckFailed(f"rollout {rollout_id} aborted in wave {info['current_wave']} (why: see above, or "
+                          f"'edgeopt fleet rollout status {rollout_id} --json')")
