@@ -26,11 +26,10 @@ from edgeopt.fleet.rollout import (
     DeviceRecord,
     Outcome,
     Phase,
-    RolloutSpec,
     RolloutStatus,
     WaveStatus,
-    matches,
 )
+from edgeopt.fleet.rollout_spec import RolloutSpec, matches
 
 DEVICE_COLUMNS = ("device_id", "online", "agent_version", "profile", "labels", "model_name", "model_version",
                   "update_state", "update_target", "update_rollout", "update_reason", "update_since",

@@ -168,7 +168,8 @@ class FleetRig:
         import time
 
         from edgeopt.fleet.messages import ModelRef
-        from edgeopt.fleet.rollout import RolloutSpec, new_rollout, parse_waves
+        from edgeopt.fleet.rollout import new_rollout
+        from edgeopt.fleet.rollout_spec import RolloutSpec, parse_waves
 
         options = {"waves": parse_waves("1%,10%,50%,100%"), "bake_s": 0.3, "device_timeout_s": 30.0,
                    "success_threshold": 1.0, "failure_pct": 0.05} | spec_options

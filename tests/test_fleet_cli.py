@@ -138,7 +138,8 @@ def test_config_file_supplies_defaults(fleet, tmp_path):
 def test_service_on_the_embedded_broker_rolls_out_to_simulated_devices(tmp_path):
     """No broker URL: the service starts the embedded (pure-Python) broker; simulated devices connect
     to it, register, and take a rollout to the end."""
-    from edgeopt.fleet.rollout import Phase, RolloutSpec, apply_command, new_rollout, parse_waves
+    from edgeopt.fleet.rollout import Phase, apply_command, new_rollout
+    from edgeopt.fleet.rollout_spec import RolloutSpec, parse_waves
     from edgeopt.fleet.service import FleetService, ServiceConfig
     from edgeopt.fleet.simulator import SimConfig, Simulator
 

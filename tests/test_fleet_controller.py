@@ -11,7 +11,8 @@ from edgeopt.fleet.controller import Controller, DesiredPublisher
 from edgeopt.fleet.db import open_database
 from edgeopt.fleet.messages import ModelRef, UpdateStatus, parse_desired, state_message
 from edgeopt.fleet.registry import Registry
-from edgeopt.fleet.rollout import Phase, RolloutSpec, apply_command, new_rollout, parse_waves
+from edgeopt.fleet.rollout import Phase, apply_command, new_rollout
+from edgeopt.fleet.rollout_spec import RolloutSpec, parse_waves
 from edgeopt.fleet.store import FleetStore
 
 V1, V2 = ModelRef("kws", "1"), ModelRef("kws", "2")

@@ -10,7 +10,8 @@ import pytest
 from fleet_helpers import FleetRig, db_url, sqlite_url, tuned_mosquitto  # noqa: F401  (db_url: fixture)
 
 from edgeopt.fleet.messages import ModelRef
-from edgeopt.fleet.rollout import Phase, parse_waves
+from edgeopt.fleet.rollout import Phase
+from edgeopt.fleet.rollout_spec import parse_waves
 from edgeopt.fleet.simulator import FailurePlan
 
 V1, V2 = ModelRef("kws", "1"), ModelRef("kws", "2")
@@ -87,7 +88,7 @@ def test_failures_in_wave_2_abort_it_and_roll_every_told_device_back(tmp_path, b
     ("silent", {}, "timeout: no progress"),
 ])
 def test_each_kind_of_device_failure_aborts(tmp_path, broker, mode, gates, needle):
-    from edgeopt.fleet.rollout import Gates
+    from edgeopt.fleet.rollout_spec import Gates
 
     rig = FleetRig(tmp_path, broker, sqlite_url(tmp_path), 20)
     try:

@@ -18,7 +18,8 @@ from edgeopt.fleet.messages import (
     state_message,
 )
 from edgeopt.fleet.registry import Registry
-from edgeopt.fleet.rollout import Outcome, Phase, RolloutSpec, apply_command, decide, new_rollout, parse_waves
+from edgeopt.fleet.rollout import Outcome, Phase, apply_command, decide, new_rollout
+from edgeopt.fleet.rollout_spec import RolloutSpec, parse_waves
 from edgeopt.fleet.store import FleetStore
 
 V1, V2 = ModelRef("kws", "1"), ModelRef("kws", "2")

@@ -13,23 +13,25 @@ from edgeopt.fleet.messages import Health, ModelRef, Telemetry, UpdateStatus
 from edgeopt.fleet.rollout import (
     Assignment,
     DeviceRecord,
-    Gates,
     Outcome,
     Phase,
-    RolloutSpec,
-    WaveStep,
     apply_command,
     decide,
     device_outcome,
     health_violation,
     new_rollout,
+    progress,
+)
+from edgeopt.fleet.rollout_spec import (
+    Gates,
+    RolloutSpec,
+    WaveStep,
     parse_duration,
     parse_failure_threshold,
     parse_percent,
     parse_selector,
     parse_waves,
     plan_waves,
-    progress,
     wave_sizes,
 )
 

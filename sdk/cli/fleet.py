@@ -226,7 +226,7 @@ def serve_cmd(repo: Path, db: str | None, broker: str | None, listen: str, prefi
 def devices_cmd(repo: Path | None, db: str | None, selectors: tuple[str, ...], as_json: bool) -> None:
     """The devices the registry knows: labels, profile, model, update state, online, last seen."""
     from edgeopt.cli.fleet_render import device_json, print_devices
-    from edgeopt.fleet.rollout import parse_selector, selector_text
+    from edgeopt.fleet.rollout_spec import parse_selector, selector_text
 
     selector = parse_selector(selectors)
     store = open_store(db, repo)

@@ -56,7 +56,7 @@ def simulate_cmd(broker: str, count: int, fail_rate: float, fail_mode: str, fail
 
     from edgeopt.errors import UserInputError
     from edgeopt.fleet.messages import MessageError, ModelRef
-    from edgeopt.fleet.rollout import parse_selector
+    from edgeopt.fleet.rollout_spec import parse_selector
     from edgeopt.fleet.simulator import FailurePlan, SimConfig, Simulator
 
     if root is None and repo is not None:

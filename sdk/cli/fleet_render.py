@@ -59,7 +59,8 @@ def print_devices(devices: list) -> None:
 
 
 def rollout_json(status, assignments, events: list | None = None) -> dict[str, Any]:
-    from edgeopt.fleet.rollout import Outcome, progress, selector_text
+    from edgeopt.fleet.rollout import Outcome, progress
+    from edgeopt.fleet.rollout_spec import selector_text
 
     failures = sorted((a for a in assignments.values() if a.outcome is Outcome.FAILURE), key=lambda a: a.outcome_at or 0)
     return {"rollout_id": status.rollout_id, "target": str(status.spec.target), "state": str(status.state),

@@ -66,11 +66,10 @@ def create_cmd(model_text: str, selectors: tuple[str, ...], waves: str, bake: st
     """Plan a rollout of NAME@VERSION over the devices the selector matches now."""
     from edgeopt.errors import UserInputError
     from edgeopt.fleet.messages import ROLLOUT_ID_RE, MessageError, ModelRef
-    from edgeopt.fleet.rollout import (
+    from edgeopt.fleet.rollout import apply_command, new_rollout
+    from edgeopt.fleet.rollout_spec import (
         Gates,
         RolloutSpec,
-        apply_command,
-        new_rollout,
         parse_duration,
         parse_failure_threshold,
         parse_percent,
