@@ -176,8 +176,12 @@ def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir:
         load = round(max(load_before, os.getloadavg()[0]), 1)  # the machine is shared: how busy it was
         cpu = {"service": cpu_seconds(service.pid) - cpu0["service"], "broker": cpu_seconds(broker.pid) - cpu0["broker"],
                "sims": sum(cpu_seconds(p.pid) for p in sims) - cpu0["sims"]}
+        service_rss = round(peak_rss_mb(service.pid), 1)
         after = counters.read()
         counters.close()
+        service.terminate()
+        service.wait(60)
+        summary = service_summary(workdir / "service.log")
         on_v2 = sum(1 for d in store.list_devices() if d.model and d.model.version == "2")
         waves = [round(w["ended_at"] - w["started_at"], 1) if w["ended_at"] else None
                  for w in conn.query("SELECT * FROM rollout_waves WHERE rollout_id = 'bench' ORDER BY wave")]
@@ -188,9 +192,10 @@ def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir:
                 + after.get("pub_out", 0) - before.get("pub_out", 0),
                 "broker_bytes": after.get("bytes_in", 0) - before.get("bytes_in", 0)
                 + after.get("bytes_out", 0) - before.get("bytes_out", 0),
-                "controller_cpu_s": round(cpu["service"], 2), "controller_peak_rss_mb": round(peak_rss_mb(service.pid), 1),
+                "controller_cpu_s": round(cpu["service"], 2), "controller_peak_rss_mb": service_rss,
                 "broker_cpu_s": round(cpu["broker"], 2), "broker_peak_rss_mb": round(peak_rss_mb(broker.pid), 1),
-                "simulator_cpu_s": round(cpu["sims"], 2), "sim_processes": sim_processes, "load_average": load}
+                "simulator_cpu_s": round(cpu["sims"], 2), "sim_processes": sim_processes, "load_average": load,
+                "registry": summary.get("registry"), "repo_server": summary.get("repo_server")}
     finally:
         for p in reversed(procs):
             if p.poll() is None:
@@ -202,10 +207,9 @@ def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir:
                 p.kill()
 
 
-def chunk_round_trip(workdir: Path, nodelay: bool, requests: int = 200, chunk: int = 64 * 1024) -> float:
-    """Median ms for one 64 KiB repository request/response through a Mosquitto with or without
+def chunk_round_trip(workdir: Path, nodelay: bool, requests: int = 200, chunk: int = 64 * 1024) -> dict:
+    """p50 / p90 ms of one 64 KiB repository request/response through a Mosquitto with or without
     ``set_tcp_nodelay`` (the clients always set TCP_NODELAY)."""
-    import statistics
 
     from edgeopt.agent.update.link import MqttRepoLink
     from edgeopt.fleet.repo_server import RepoServer
@@ -243,13 +247,64 @@ def chunk_round_trip(workdir: Path, nodelay: bool, requests: int = 200, chunk: i
             if link.request(path, (i * chunk) % 900_000, chunk, 5.0) is None:
                 raise RuntimeError("no answer from the repository server")
             times.append(time.perf_counter() - t)
-        return round(statistics.median(times) * 1000, 2)
+        times.sort()
+        return {"p50_ms": round(times[len(times) // 2] * 1000, 2), "p90_ms": round(times[len(times) * 9 // 10] * 1000, 2)}
     finally:
         for c in clients:
             c.disconnect()
             c.loop_stop()
         broker.terminate()
         broker.wait(10)
+
+
+def controller_tick_cost(workdir: Path, devices: int = 10_000, changed: int = 100) -> dict:
+    """What one controller tick costs over ``devices`` devices in a running rollout: reading every
+    device record back (a naive tick) vs reading only the ``changed`` rows written since the last
+    tick (what the controller does), plus the decision itself."""
+    from edgeopt.fleet.controller import Controller, DesiredPublisher
+    from edgeopt.fleet.db import open_database
+    from edgeopt.fleet.messages import Health, ModelRef, UpdateStatus
+    from edgeopt.fleet.rollout import DeviceRecord, apply_command, decide, new_rollout
+    from edgeopt.fleet.rollout_spec import RolloutSpec, parse_waves
+    from edgeopt.fleet.store import FleetStore
+
+    _, conn = open_database(f"sqlite:///{workdir / 'tick.db'}")
+    store = FleetStore(conn)
+    v1, v2 = ModelRef("kws", "1"), ModelRef("kws", "2")
+
+    def record(i: int, model: ModelRef) -> DeviceRecord:
+        return DeviceRecord(f"sim-{i:05d}", True, {"fleet": "sim"}, "raspberry-pi-4", "sim-0.1", model,
+                            UpdateStatus("IDLE", since=time.time() + i), time.time(), Health(0.0, 2.0, 1.0, 0),
+                            last_seen=time.time())
+
+    store.save_devices([record(i, v1) for i in range(devices)])
+    spec = RolloutSpec(v2, {}, parse_waves("100%"), bake_s=600.0)
+    status, assignments = new_rollout("tick", spec, [f"sim-{i:05d}" for i in range(devices)], time.time())
+    store.create_rollout(status, assignments)
+    status, assignments = store.load_rollout("tick")
+    store.save_decision(apply_command(status, assignments, "start", time.time()), status.revision)
+    controller = Controller(store, DesiredPublisher(store, lambda *a: None))
+    controller.publisher.flush = lambda: 0
+    controller.tick()  # starts the wave; reads every device once
+    store.save_devices([record(i, v2) for i in range(changed)])
+    t = time.perf_counter()
+    controller.tick()
+    incremental = time.perf_counter() - t
+    status, assignments = store.load_rollout("tick")
+    t = time.perf_counter()
+    decide(status, assignments, store.load_devices(assignments), time.time())
+    full = time.perf_counter() - t
+    conn.close()
+    return {"devices": devices, "changed": changed, "full_reload_ms": round(full * 1000, 1),
+            "incremental_ms": round(incremental * 1000, 1)}
+
+
+def service_summary(log: Path) -> dict:
+    """The JSON status line `edgeopt fleet serve` prints when it stops."""
+    for line in reversed(log.read_text().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {}
 
 
 def main() -> None:
@@ -260,12 +315,17 @@ def main() -> None:
     args = ap.parse_args()
     hard = raise_fd_limit()
     with tempfile.TemporaryDirectory(prefix="edgeopt-fleet-rtt-") as tmp:
-        rtt = {"broker_nodelay_ms": chunk_round_trip(Path(tmp), True),
-               "broker_default_ms": chunk_round_trip(Path(tmp), False)}
-    print_table("one 64 KiB repository request/response (median of 200)", ["broker", "ms", "x"],
-                [["set_tcp_nodelay true", rtt["broker_nodelay_ms"], 1.0],
-                 ["Mosquitto default (Nagle on)", rtt["broker_default_ms"],
-                  rtt["broker_default_ms"] / rtt["broker_nodelay_ms"]]])
+        rtt = {"set_tcp_nodelay": chunk_round_trip(Path(tmp), True), "default": chunk_round_trip(Path(tmp), False)}
+    on, off = rtt["set_tcp_nodelay"], rtt["default"]
+    print_table("one 64 KiB repository request/response through Mosquitto (200 requests)",
+                ["broker", "p50 ms", "p90 ms", "p90 x"],
+                [["set_tcp_nodelay true", on["p50_ms"], on["p90_ms"], 1.0],
+                 ["default (Nagle on)", off["p50_ms"], off["p90_ms"], off["p90_ms"] / on["p90_ms"]]])
+    with tempfile.TemporaryDirectory(prefix="edgeopt-fleet-tick-") as tmp:
+        tick = controller_tick_cost(Path(tmp))
+    print_table(f"one controller tick, {tick['devices']:,} devices in a running rollout, {tick['changed']} changed",
+                ["tick", "ms"], [["read every device back + decide", tick["full_reload_ms"]],
+                                 ["read the changed rows + decide (the controller)", tick["incremental_ms"]]])
     results = []
     for spec in args.runs.split(","):
         devices, chunk = (int(x) for x in spec.split(":"))
@@ -282,7 +342,8 @@ def main() -> None:
     print_table("rollout of a 1 MB model (waves 1%,10%,50%,100%, bake 2 s) on one Mosquitto",
                 ["devices", "chunk KiB", "result", "seconds", "devices/s", "publish msgs", "broker GB",
                  "controller CPU s", "controller peak RSS MB", "broker CPU s", "simulator CPU s", "load avg"], rows)
-    write_json("fleet_scale", {"model_bytes": args.model_bytes, "chunk_round_trip": rtt, "results": results})
+    write_json("fleet_scale", {"model_bytes": args.model_bytes, "chunk_round_trip": rtt, "controller_tick": tick,
+                               "results": results})
 
 
 if __name__ == "__main__":
