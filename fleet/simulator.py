@@ -222,7 +222,6 @@ class SimDevice:
         self.health: Health | None = Health(0.0, 2.0, 1.0, 0)
         self.busy = False
         self.queued: Desired | None = None
-        self.desired_seen: list[Desired] = []
         self.silenced = False
         self.stats: Counter[str] = Counter()
         self.repo_handler = None
@@ -308,7 +307,6 @@ class SimDevice:
     # -- updates -------------------------------------------------------------------------------
     def on_desired(self, desired: Desired) -> None:
         """On the loop thread: start an update, or queue it behind the one in progress."""
-        self.desired_seen.append(desired)
         if desired.model is None:
             return
         if self.busy:
@@ -489,9 +487,6 @@ class Simulator:
                 self.loop.call_later(interval, tick)
 
             self.loop.call_later(offset, tick)
-
-    def by_id(self) -> dict[str, SimDevice]:
-        return {d.device_id: d for d in self.devices}
 
     def summary(self) -> dict[str, Any]:
         states: Counter[str] = Counter(d.update.state for d in self.devices)
