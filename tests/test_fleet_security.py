@@ -201,3 +201,15 @@ def test_bad_device_ids_and_existing_config_are_refused(tmp_path, secured):
             secured["security"].add_device(bad)
     with pytest.raises(UserInputError, match="no broker configuration"):
         BrokerSecurity(tmp_path)
+
+
+def test_clients_turn_nagle_off_and_name_a_missing_tls_file(secured, tmp_path):
+    import socket
+
+    fleet = Client("fleet-nodelay", secured["security"].service_url())
+    try:
+        assert fleet.client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        fleet.close()
+    with pytest.raises(UserInputError, match="ca file .*missing-ca.pem does not exist"):
+        make_client("x", f"mqtts://localhost:{secured['port']}?ca={tmp_path / 'missing-ca.pem'}")
