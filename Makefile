@@ -25,6 +25,10 @@ demo: setup
 	$(BIN)/edgeopt convert $(DEMO)/digits_cnn.onnx -o $(DEMO)/raspberry-pi-4-int8 --force \
 		--profile raspberry-pi-4 --target onnx --quantize int8 \
 		--calibration $(DEMO)/calibration.npz --validation $(DEMO)/validation.npz --max-accuracy-drop 1.0
+	$(BIN)/edgeopt convert $(DEMO)/digits_cnn.onnx -o $(DEMO)/raspberry-pi-4-fp32 --force -q \
+		--profile raspberry-pi-4 --target onnx --quantize none --validation $(DEMO)/validation.npz
+	$(BIN)/python examples/fleet_demo.py --v1 $(DEMO)/raspberry-pi-4-fp32 --v2 $(DEMO)/raspberry-pi-4-int8 \
+		--out $(DEMO)/fleet --devices 50
 
 test: setup
 	$(BIN)/python -m pytest
@@ -33,6 +37,7 @@ bench: setup
 	$(BIN)/python benchmarks/cli_startup.py
 	$(BIN)/python benchmarks/convert_onnx.py
 	$(BIN)/python benchmarks/compress.py
+	$(BIN)/python benchmarks/fleet_scale.py
 
 lint: setup
 	$(BIN)/ruff check .
