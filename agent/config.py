@@ -149,9 +149,8 @@ class SystemdSection:
     """systemd integration (sd_notify over $NOTIFY_SOCKET)."""
 
     section: ClassVar[str] = "systemd"
-    notify: bool = key(True, "send READY=1 / STATUS= / WATCHDOG=1 when $NOTIFY_SOCKET is set")
-    watchdog_stall_s: float = key(0.0, "stop sending WATCHDOG=1 when the inference loop has not turned "
-                                       "for this long (0: half of WatchdogSec)", check=at_least(0))
+    notify: bool = key(True, "send READY=1 / STATUS= / WATCHDOG=1 (from the inference loop, every "
+                             "WatchdogSec/2) when $NOTIFY_SOCKET is set")
 
 
 # -- sources ----------------------------------------------------------------------------------------
@@ -273,7 +272,7 @@ class JsonlSink(SinkBase):
     kind: ClassVar[str] = "jsonl"
     path: str = key("", "file to write (rotated files get .1, .2, ...)")
     max_bytes: int = key(10 * MIB, "rotate when the file reaches this size", check=at_least(1024))
-    keep: int = key(5, "rotated files to keep", check=at_least(0))
+    keep: int = key(5, "rotated files to keep", check=at_least(1))
 
 
 @dataclass
@@ -478,3 +477,30 @@ def reference_markdown() -> str:
             out += [f"#### `type = \"{kind}\"`", "", cls.__doc__.strip(), ""]
             out += [*head, *rows, ""] if rows else ["No further keys.", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def default_config_text(device_id: str = "", mqtt_host: str = "") -> str:
+    """The config ``edgeopt agent install-service`` writes: a Unix-socket sensor source, results to
+    MQTT when a broker is given (else a JSON Lines file), and every other key at its default, commented."""
+    lines = ["# edgeopt-agent configuration (keys and defaults: docs/agent.md).", ""]
+    for cls in SECTIONS:
+        lines.append(f"[{cls.section}]")
+        for f in dataclasses.fields(cls):
+            value: Any = f.default
+            if cls is AgentSection and f.name == "device_id" and device_id:
+                lines.append(f'device_id = "{device_id}"')
+                continue
+            if cls is MqttSection and f.name == "host" and mqtt_host:
+                lines.append(f'host = "{mqtt_host}"')
+                continue
+            text = ("true" if value else "false") if isinstance(value, bool) else (
+                f'"{value}"' if isinstance(value, str) else repr(value))
+            lines.append(f"# {f.name} = {text}  # {f.metadata['doc']}")
+        lines.append("")
+    lines += ["[[source]]", 'type = "unix-stream"', 'name = "sensor"',
+              'path = "/run/edgeopt-agent/sensor.sock"  # RuntimeDirectory= of the unit', ""]
+    if mqtt_host:
+        lines += ["[[sink]]", 'type = "mqtt"', ""]
+    else:
+        lines += ["[[sink]]", 'type = "jsonl"', 'path = "/var/log/edgeopt-agent/results.jsonl"  # LogsDirectory=', ""]
+    return "\n".join(lines)

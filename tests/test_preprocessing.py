@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from conftest import run_cli
 from edgeopt.converters.preprocessing import parse_normalize, resolve_preprocessing
 from edgeopt.errors import UserInputError
 from edgeopt.specs import TensorSpec
+
+from conftest import run_cli
 
 
 def spec(*shape):

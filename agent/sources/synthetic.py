@@ -7,9 +7,14 @@ Channels: ax, ay, az (acceleration in g, gravity on z) and, for 6 channels, gx, 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import numpy as np
+
+from edgeopt.agent.config import SyntheticSource
+from edgeopt.agent.sources import Source
+from edgeopt.errors import UserInputError
 
 ACTIVITIES = ("still", "walk", "run", "shake")
 CHANNELS = ("ax", "ay", "az", "gx", "gy", "gz")
@@ -59,3 +64,33 @@ def imu_stream(n: int, rate_hz: float = 50.0, channels: int = 3, seed: int = 0) 
         if have >= n:
             break
     return np.concatenate(parts)[:n], np.concatenate(labels)[:n]
+
+
+class SyntheticImuSource(Source):
+    kind = "synthetic"
+    cfg: SyntheticSource
+
+    def _run(self) -> None:
+        channels = self.ctx.pre.channels
+        if channels not in (3, 6):
+            raise UserInputError(f"source '{self.name}': the synthetic IMU sends 3 or 6 channels; "
+                                 f"the model takes {channels}")
+        self.bind(list(CHANNELS[:channels]), channels)
+        rate = self.cfg.rate_hz or self.ctx.rate_hz
+        total = int(self.cfg.seconds * rate) if self.cfg.seconds else None
+        sent = 0
+        wall0, t0 = time.monotonic(), time.time()
+        chunk = max(1, int(rate * 0.02)) if self.cfg.replay == "recorded" else 4096
+        for segment, _activity in iter_segments(rate, channels, self.cfg.seed):
+            for i in range(0, len(segment), chunk):
+                part = segment[i:i + chunk]
+                if total is not None:
+                    part = part[:total - sent]
+                if not len(part):
+                    return
+                if self.cfg.replay == "recorded" and not self.sleep_until(wall0 + sent / rate):
+                    return
+                if self.stopping.is_set():
+                    return
+                self.emit(part, t0 + (sent + np.arange(len(part))) / rate)
+                sent += len(part)
