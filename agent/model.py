@@ -131,6 +131,6 @@ def load_active_model(state: StateDir, runtime_override: str = "", threads: int 
                       hop: int = 0) -> LoadedModel:
     slot = state.active_slot()
     if slot is None:
-        raise NoModel(f"no model: {state.root} has no active slot (install one with "
+        raise NoModel(f"{state.root} has no active slot (install a model with "
                       f"'edgeopt agent install-model ARTIFACT --state-dir {state.root}')")
     return load_model(state.slot_path(slot), slot, runtime_override, threads, window, hop)

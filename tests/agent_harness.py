@@ -87,7 +87,12 @@ class AgentProcess:
         self.proc.send_signal(sig)
 
     def communicate(self, timeout: float = 30.0) -> int:
-        out, err = self.proc.communicate(timeout=timeout)
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+            raise AssertionError(f"agent still running after {timeout} s; stderr: {err.decode()[-2000:]}") from None
         self.out += out.decode()
         self.err += err.decode()
         return self.proc.returncode

@@ -10,9 +10,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from edgeopt.agent.statedir import StateDir
+
 from agent_harness import AgentProcess, base_config
 from brokers import Mosquitto, Subscriber
-from edgeopt.agent.statedir import StateDir
 
 WINDOW, HOP = 64, 32
 

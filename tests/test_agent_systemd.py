@@ -4,6 +4,7 @@ exits 0, SIGHUP reloads the configuration (and keeps the old one when the new on
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import socket
@@ -12,11 +13,12 @@ import time
 
 import pytest
 
+from edgeopt.agent.config import load_config
+from edgeopt.agent.statedir import StateDir
+
 from agent_harness import AgentProcess, base_config, results_from_jsonl
 from brokers import Mosquitto, Subscriber
 from conftest import run_cli
-from edgeopt.agent.config import load_config
-from edgeopt.agent.statedir import StateDir
 
 WINDOW, HOP = 64, 32
 
@@ -40,10 +42,8 @@ class NotifySocket:
     def collect(self, until, timeout: float = 20.0) -> list[str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not until(self.messages):
-            try:
+            with contextlib.suppress(TimeoutError):
                 self.messages.append(self.sock.recv(4096).decode())
-            except TimeoutError:
-                pass
         return self.messages
 
 
