@@ -504,3 +504,9 @@ def default_config_text(device_id: str = "", mqtt_host: str = "") -> str:
     else:
         lines += ["[[sink]]", 'type = "jsonl"', 'path = "/var/log/edgeopt-agent/results.jsonl"  # LogsDirectory=', ""]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m edgeopt.agent.config > reference.md (embedded in docs/agent.md)
+    import sys
+
+    sys.stdout.write(reference_markdown())

@@ -197,7 +197,8 @@ class Agent:
         return json.dumps(self.state_message(online), separators=(",", ":")).encode()
 
     def state_message(self, online: bool = True) -> dict[str, Any]:
-        sources = self.pipeline.source_stats() if self.pipeline else getattr(self, "_source_history", {})
+        p = self.pipeline
+        sources = p.source_stats() if p else getattr(self, "_source_history", {})
         return {
             "online": online, "device": self.config.device_id, "agent_version": __version__,
             "status": self.status if online else "stopped", "error": self.error, "config_error": self.config_error,
@@ -214,8 +215,9 @@ class Agent:
 
     def telemetry(self) -> dict[str, Any]:
         c = self.totals.copy()
-        if self.pipeline is not None:
-            c.update(self.pipeline.counters())
+        p = self.pipeline  # the main thread may tear it down meanwhile
+        if p is not None:
+            c.update(p.counters())
         rss, peak = rss_bytes()
         out: dict[str, Any] = {
             "device": self.config.device_id, "time": time.time(), "uptime_s": self.uptime.seconds(),
@@ -228,10 +230,10 @@ class Agent:
                         "outbox_overflow": self.outbox.dropped if self.outbox else 0},
             "batches": self.stats.batches, "batch_size_histogram": self.stats.histogram(),
             "latency_ms": self.stats.latency(),
-            "queue_depth": len(self.pipeline.queue) if self.pipeline else 0,
+            "queue_depth": len(p.queue) if p else 0,
             "rss_bytes": rss, "peak_rss_bytes": peak,
             "first_inference": self.stats.first_inference, "last_inference": self.stats.last_inference,
-            "sources": self.pipeline.source_stats() if self.pipeline else getattr(self, "_source_history", {}),
+            "sources": p.source_stats() if p else getattr(self, "_source_history", {}),
             "outbox": self.publisher.stats() if self.publisher else None,
         }
         if self.transport is not None:
@@ -250,11 +252,14 @@ class Agent:
     def _telemetry_loop(self) -> None:
         interval = self.config.telemetry.interval_s
         while not self._stop.wait(interval):
-            snapshot = self.telemetry()
-            self.write_status()
-            t = self.transport
-            if t is not None and t.connected.is_set():
-                t.publish(self.config.topic("telemetry"), json.dumps(snapshot, separators=(",", ":")).encode(), qos=0)
+            try:
+                snapshot = self.telemetry()
+                self.write_status()
+                t = self.transport
+                if t is not None and t.connected.is_set():
+                    t.publish(self.config.topic("telemetry"), json.dumps(snapshot, separators=(",", ":")).encode())
+            except Exception:  # telemetry must never take the agent down
+                log.exception("telemetry failed")
 
     # -- reload -----------------------------------------------------------------------------------------
     def _do_reload(self) -> None:
@@ -300,14 +305,13 @@ class Agent:
                 self._look_for_model()
                 continue
             handled = self.pipeline.step()
-            if not handled:
-                self._look_for_model()
-                if self.pipeline is not None and self._sources_done():
-                    failed = [n for n, s in self.pipeline.source_stats().items() if s["status"] == "error"]
-                    code = EXIT_SOURCE_FAILED if failed else EXIT_OK
-                    log.info("every source has ended%s", f" ({', '.join(failed)} failed)" if failed else "")
-                    self._finish_batch_run()
-                    break
+            self._look_for_model()  # a new active slot: flush with the old model, switch (rate-limited)
+            if not handled and self.pipeline is not None and self._sources_done():
+                failed = [n for n, s in self.pipeline.source_stats().items() if s["status"] == "error"]
+                code = EXIT_SOURCE_FAILED if failed else EXIT_OK
+                log.info("every source has ended%s", f" ({', '.join(failed)} failed)" if failed else "")
+                self._finish_batch_run()
+                break
         self._shutdown()
         return code
 

@@ -111,17 +111,23 @@ def test_missing_model_waits_then_runs_the_installed_one(tmp_path, imu_model):
     assert res.code == 0, res.err
     st = agent.wait_status(lambda s: s["telemetry"]["windows_out"] == 1, what="the installed model running")
     assert st["state"]["status"] == "running" and st["state"]["model"]["slot"] == "a"
+    newer = fake_artifact(tmp_path, imu_model, "onnx", "onnxruntime", version="4")
+    assert run_cli("agent", "install-model", newer, "--state-dir", tmp_path / "state").code == 0
+    st = agent.wait_status(lambda s: (s["state"]["model"] or {}).get("version") == "4", what="switch to version 4")
+    assert st["state"]["model"]["slot"] == "b" and st["state"]["status"] == "running"
     assert agent.stop() == 0
+    assert (tmp_path / "state" / "active").read_text().strip() == "b"
 
 
-def fake_artifact(tmp_path, imu_model, fmt: str, runtime: str):
-    """The imu artifact relabelled as another format (hashes still match: only the manifest changes)."""
+def fake_artifact(tmp_path, imu_model, fmt: str, runtime: str, version: str = "3"):
+    """The imu artifact relabelled (hashes still match: only the manifest changes)."""
     import shutil
 
-    art = tmp_path / f"art-{fmt}"
+    art = tmp_path / f"art-{fmt}-{version}"
     shutil.copytree(imu_model["artifact"], art)
     manifest = json.loads((art / "manifest.json").read_text())
     manifest["model"].update(format=fmt, runtime=runtime)
+    manifest["version"] = version
     (art / "manifest.json").write_text(json.dumps(manifest))
     return art
 

@@ -13,9 +13,10 @@ import time
 import numpy as np
 import pytest
 
+from edgeopt.agent.statedir import StateDir
+
 from agent_harness import AgentProcess, base_config, results_from_jsonl, to_toml
 from brokers import Mosquitto
-from edgeopt.agent.statedir import StateDir
 
 WINDOW, HOP = 64, 32
 
