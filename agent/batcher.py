@@ -20,7 +20,11 @@ OVERFLOW_POLICIES = ("drop-oldest", "block")
 
 
 class QueueClosed(Exception):
-    """``put`` on a queue that is shutting down."""
+    """``put`` on a queue that is shutting down; ``queued``: how many of the windows got in first."""
+
+    def __init__(self, queued: int = 0):
+        super().__init__(f"queue closed after {queued} window(s)")
+        self.queued = queued
 
 
 class WindowQueue:
@@ -40,21 +44,34 @@ class WindowQueue:
         return len(self._items)
 
     def put(self, window: Window) -> None:
+        self.put_many([window])
+
+    def put_many(self, windows: list[Window]) -> int:
+        """Queue ``windows`` in order (one wake-up for all of them); returns how many were queued
+        before the queue closed (then raises ``QueueClosed``)."""
+        queued = 0
         with self._cond:
-            while len(self._items) >= self.capacity:
-                if self._closed:
-                    raise QueueClosed
-                if self.overflow == "drop-oldest":
-                    old = self._items.popleft()
-                    self.dropped += 1
-                    self.dropped_by_source[old.source] += 1
-                else:
-                    self._cond.wait(0.1)
-            if self._closed:
-                raise QueueClosed
-            self._items.append(window)
-            self.windows_in += 1
-            self._cond.notify_all()
+            try:
+                for window in windows:
+                    while len(self._items) >= self.capacity:
+                        if self._closed:
+                            raise QueueClosed(queued)
+                        if self.overflow == "drop-oldest":
+                            old = self._items.popleft()
+                            self.dropped += 1
+                            self.dropped_by_source[old.source] += 1
+                        else:
+                            self._cond.notify_all()  # let the consumer make room
+                            self._cond.wait(0.1)
+                    if self._closed:
+                        raise QueueClosed(queued)
+                    self._items.append(window)
+                    self.windows_in += 1
+                    queued += 1
+            finally:
+                if queued:
+                    self._cond.notify_all()
+        return queued
 
     def get_batch(self, max_batch: int, max_wait_s: float, idle_timeout_s: float = 0.1) -> list[Window]:
         """Up to ``max_batch`` windows; [] when none arrived within ``idle_timeout_s``."""

@@ -66,9 +66,9 @@ class LoadedModel:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "slot": self.slot, "runtime": self.runtime.name}
 
-    def infer(self, windows: list[Window]) -> tuple[list[dict[str, Any]], float]:
-        """Result records for ``windows`` (one inference call, or one per fixed-size batch) and the
-        seconds spent inside the runtime."""
+    def infer(self, windows: list[Window]) -> tuple[dict[str, np.ndarray], float]:
+        """Float outputs for ``windows`` (one inference call, or one per fixed-size batch) and the
+        seconds spent inside the runtime; ``records`` turns them into result records."""
         batch = np.stack([w.data for w in windows]).reshape((len(windows), *self.sample_shape))
         step = self.fixed_batch or len(windows)
         outputs: dict[str, list[np.ndarray]] = {n: [] for n in self.output_names}
@@ -83,10 +83,10 @@ class LoadedModel:
             spent += time.perf_counter() - t0
             for n in self.output_names:
                 outputs[n].append(out[n][:real])
-        merged = {n: np.concatenate(v) for n, v in outputs.items()}
-        return self._records(windows, merged), spent
+        merged = {n: v[0] if len(v) == 1 else np.concatenate(v) for n, v in outputs.items()}
+        return merged, spent
 
-    def _records(self, windows: list[Window], outputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    def records(self, windows: list[Window], outputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         lists = {n: np.round(v.astype(np.float64), 6).tolist() for n, v in outputs.items()}
         top1 = None
         if len(outputs) == 1:

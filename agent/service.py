@@ -175,7 +175,7 @@ class Agent:
             return
         p = self.pipeline
         p.stop_sources(timeout=0.5 if deadline is None else max(0.05, min(1.0, deadline - time.monotonic() - 1)))
-        flushed = p.flush()
+        flushed = p.flush(timeout=5.0 if deadline is None else max(0.1, deadline - time.monotonic() - 0.5))
         if flushed:
             log.info("flushed %d queued window(s)", flushed)
         self.totals.update(p.counters())
@@ -226,6 +226,7 @@ class Agent:
             "samples_in": c["samples_in"], "windows_in": c["windows_in"], "windows_out": self.stats.windows_out,
             "dropped": {"queue_overflow": c["queue_overflow"], "nan_windows": c["nan_windows"],
                         "malformed_rows": c["malformed_rows"], "inference_errors": c["inference_errors"],
+                        "sink_errors": c["sink_errors"],
                         "stopped_mid_window": c["stopped_mid_window"],
                         "outbox_overflow": self.outbox.dropped if self.outbox else 0},
             "batches": self.stats.batches, "batch_size_histogram": self.stats.histogram(),

@@ -134,13 +134,14 @@ def test_mqtt_topic_source(tmp_path, state):
 
 
 def test_jsonl_sink_rotates_and_keeps_every_line(tmp_path, state, imu_model):
-    cfg = base_config(tmp_path, agent={"exit_when_sources_end": True}, batching={"overflow": "block"},
+    cfg = base_config(tmp_path, agent={"exit_when_sources_end": True}, batching={"overflow": "block", "max_batch": 4},
                       source=[{"type": "csv", "name": "f", "path": str(imu_model["stream"]), "replay": "fast"}],
                       sink=[{"type": "jsonl", "path": str(tmp_path / "out.jsonl"), "max_bytes": 8192, "keep": 100}])
     agent = AgentProcess(tmp_path, cfg)
     assert agent.communicate() == 0
     rotated = sorted(tmp_path.glob("out.jsonl.*"))
-    assert len(rotated) >= 3 and all(p.stat().st_size <= 8192 for p in rotated)
+    line = len((tmp_path / "out.jsonl").read_text().splitlines()[0]) + 1
+    assert len(rotated) >= 3 and all(p.stat().st_size <= 8192 + 4 * line for p in rotated)  # rotation per batch
     assert [r["seq"] for r in results_from_jsonl(tmp_path / "out.jsonl")] == list(range(186))
 
 

@@ -29,9 +29,14 @@ class Sink:
         return {}
 
 
+COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps(separators=...) makes one per call
+
+
 def window_lines(meta: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
-    """One JSON object per window: the batch's device/model fields plus the window's record."""
-    return [json.dumps({**meta, **r}, separators=(",", ":")) for r in results]
+    """One JSON object per window: the batch's device/model fields plus the window's record (the
+    shared fields are encoded once per batch)."""
+    head = COMPACT_JSON.encode(meta)[:-1] + ","
+    return [head + COMPACT_JSON.encode(r)[1:] for r in results]
 
 
 class StdoutResultsSink(Sink):
@@ -40,6 +45,11 @@ class StdoutResultsSink(Sink):
     def write(self, meta, results) -> None:
         sys.stdout.write("".join(line + "\n" for line in window_lines(meta, results)))
         sys.stdout.flush()
+
+
+class _RaisingRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    def handleError(self, record) -> None:  # logging would print a traceback and go on: let the sink count it
+        raise
 
 
 class JsonlResultsSink(Sink):
@@ -51,17 +61,19 @@ class JsonlResultsSink(Sink):
         path = Path(cfg.path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.handler = logging.handlers.RotatingFileHandler(path, maxBytes=cfg.max_bytes, backupCount=cfg.keep,
-                                                                encoding="utf-8")
+            self.handler = _RaisingRotatingFileHandler(path, maxBytes=cfg.max_bytes, backupCount=cfg.keep,
+                                                       encoding="utf-8")
         except OSError as exc:
             raise environment_fault(exc, path) from exc
         self.handler.setFormatter(logging.Formatter("%(message)s"))
         self.lines = 0
 
     def write(self, meta, results) -> None:
-        for line in window_lines(meta, results):
-            self.handler.emit(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
-            self.lines += 1
+        # one record per batch: the size check (two stat calls) and the flush happen once per batch,
+        # so a file may pass max_bytes by at most one batch
+        lines = window_lines(meta, results)
+        self.handler.emit(logging.makeLogRecord({"msg": "\n".join(lines), "levelno": logging.INFO}))
+        self.lines += len(lines)
 
     def close(self) -> None:
         self.handler.close()

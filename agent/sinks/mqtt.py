@@ -5,14 +5,13 @@ unacknowledged), so results survive broker outages and agent restarts."""
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import threading
 import time
 from typing import Any
 
 from edgeopt.agent.outbox import Outbox
-from edgeopt.agent.sinks import Sink
+from edgeopt.agent.sinks import COMPACT_JSON, Sink
 
 log = logging.getLogger("edgeopt.agent.results")
 
@@ -101,7 +100,7 @@ class MqttResultsSink(Sink):
         self.publisher = publisher
 
     def write(self, meta, results) -> None:
-        payload = json.dumps({**meta, "results": results}, separators=(",", ":")).encode()
+        payload = COMPACT_JSON.encode({**meta, "results": results}).encode()
         self.outbox.append(self.topic, payload)
         self.publisher.wake()
 

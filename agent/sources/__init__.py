@@ -80,12 +80,13 @@ class Source:
         if self.windower is None:
             raise RuntimeError("Source.bind() must come before emit()")
         windows = self.windower.push(samples, timestamps)
-        for i, window in enumerate(windows):
-            try:
-                self.ctx.queue.put(window)
-            except QueueClosed:  # shutting down: these windows were cut but never queued; count them
-                self.dropped_at_stop += len(windows) - i
-                raise
+        if not windows:
+            return
+        try:
+            self.ctx.queue.put_many(windows)
+        except QueueClosed as closed:  # shutting down: windows cut but never queued are counted
+            self.dropped_at_stop += len(windows) - closed.queued
+            raise
 
     def count_malformed(self, n: int, detail: str) -> None:
         self.malformed += n
