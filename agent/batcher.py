@@ -36,6 +36,7 @@ class WindowQueue:
         self._items: deque[Window] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._interrupted = False
         self.windows_in = 0
         self.dropped = 0
         self.dropped_by_source: Counter[str] = Counter()
@@ -74,31 +75,36 @@ class WindowQueue:
         return queued
 
     def get_batch(self, max_batch: int, max_wait_s: float, idle_timeout_s: float = 0.1) -> list[Window]:
-        """Up to ``max_batch`` windows; [] when none arrived within ``idle_timeout_s``."""
+        """Up to ``max_batch`` windows; [] when none arrived within ``idle_timeout_s``. Returns early
+        (with what it has) after ``close`` or ``interrupt``."""
         with self._cond:
-            if not self._items and not self._closed:
+            if not self._items and not self._closed and not self._interrupted:
                 self._cond.wait(idle_timeout_s)
             if not self._items:
+                self._interrupted = False
                 return []
             deadline = time.monotonic() + max_wait_s
-            while len(self._items) < max_batch and not self._closed:
+            while len(self._items) < max_batch and not self._closed and not self._interrupted:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
+            self._interrupted = False
             batch = [self._items.popleft() for _ in range(min(max_batch, len(self._items)))]
             self._cond.notify_all()
             return batch
+
+    def interrupt(self) -> None:
+        """Make a waiting ``get_batch`` return now (the queue stays open: sources keep going)."""
+        with self._cond:
+            self._interrupted = True
+            self._cond.notify_all()
 
     def close(self) -> None:
         """Stop accepting windows and wake every waiter (a partial batch is returned at once)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-
-    def reopen(self) -> None:
-        with self._cond:
-            self._closed = False
 
     @property
     def closed(self) -> bool:

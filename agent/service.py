@@ -76,7 +76,8 @@ class Agent:
     def _on_reload_signal(self, signum, frame) -> None:
         self._reload.set()
         if self.pipeline is not None:
-            self.pipeline.queue.close()  # wakes the loop; the reload rebuilds the pipeline
+            # wake the loop without closing the queue: a rejected config keeps this pipeline running
+            self.pipeline.queue.interrupt()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -272,8 +273,6 @@ class Agent:
         except EdgeoptError as exc:
             self.config_error = f"reload ignored, keeping the running configuration: {exc}"
             log.error("%s", self.config_error)
-            if self.pipeline is not None:
-                self.pipeline.queue.reopen()
             self.publish_state()
             self.write_status()
             self.notifier.notify("READY=1", f"STATUS={self.status} (config reload failed)")

@@ -117,27 +117,36 @@ def test_notify_ready_then_watchdog_and_sigterm_flushes_the_partial_batch(tmp_pa
 def test_sighup_reloads_the_config_and_keeps_the_old_one_when_it_is_broken(tmp_path, state):
     sensor = tmp_path / "sensor.sock"
     cfg = base_config(tmp_path, batching={"max_batch": 1},
-                      source=[{"type": "unix-stream", "name": "s", "path": str(sensor)}],
+                      source=[{"type": "unix-stream", "name": "s", "path": str(sensor)},
+                              {"type": "synthetic", "name": "live", "rate_hz": 500.0}],  # busy all along
                       sink=[{"type": "jsonl", "path": str(tmp_path / "first.jsonl")}])
     agent = AgentProcess(tmp_path, cfg)
+
+    def windows(source):
+        return lambda s: s["telemetry"]["sources"].get(source, {}).get("windows", 0)
+
     agent.wait_status(lambda s: s["state"]["status"] == "running", what="running")
     conn = feed_lines(sensor, WINDOW)
-    agent.wait_status(lambda s: s["telemetry"]["windows_out"] == 1, what="one window")
+    agent.wait_status(lambda s: windows("s")(s) == 1, what="one window")
     good = agent.config_path.read_text()
     agent.config_path.write_text(good.replace("max_batch", "max_bach"))
     agent.signal(signal.SIGHUP)
     st = agent.wait_status(lambda s: s["state"]["config_error"], what="config error")
     assert "unknown key 'max_bach'" in st["state"]["config_error"] and "did you mean 'max_batch'" in st["state"]["config_error"]
+    live_before = windows("live")(st)
     conn.sendall(b"".join(b"0.5,0.5,1.0\n" for _ in range(HOP)))
-    agent.wait_status(lambda s: s["telemetry"]["windows_out"] == 2, what="still running the old config")
+    st = agent.wait_status(lambda s: windows("s")(s) == 2 and windows("live")(s) >= live_before + 5,
+                           what="both sources still running the old config")
+    assert st["telemetry"]["sources"]["live"]["status"] == "running"
     conn.close()
     agent.config_path.write_text(good.replace("first.jsonl", "second.jsonl"))
     agent.signal(signal.SIGHUP)
-    agent.wait_status(lambda s: s["state"]["config_error"] is None and s["state"]["status"] == "running",
-                      what="reloaded")
+    agent.wait_status(lambda s: s["state"]["config_error"] is None and s["state"]["status"] == "running"
+                      and "s" in s["telemetry"]["sources"], what="reloaded")
     conn = feed_lines(sensor, WINDOW)
-    agent.wait_status(lambda s: s["telemetry"]["windows_out"] == 3, what="a window after the reload")
+    agent.wait_status(lambda s: windows("s")(s) == 1, what="a window after the reload (new pipeline)")
     conn.close()
     assert agent.stop() == 0, agent.err
-    assert len(results_from_jsonl(tmp_path / "first.jsonl")) == 2
-    assert [r["id"] for r in results_from_jsonl(tmp_path / "second.jsonl")] == ["s:0"]
+    first = [r["id"] for r in results_from_jsonl(tmp_path / "first.jsonl") if r["source"] == "s"]
+    second = [r["id"] for r in results_from_jsonl(tmp_path / "second.jsonl") if r["source"] == "s"]
+    assert first == ["s:0", "s:1"] and second == ["s:0"]

@@ -234,3 +234,12 @@ def test_docs_embed_the_generated_key_reference():
     embedded = page.split(begin, 1)[1].split(end, 1)[0]
     assert embedded == reference_markdown(), ("docs/agent.md is out of date: regenerate it with "
                                               "python -m edgeopt.agent.config > the reference section")
+
+
+def test_interrupt_returns_the_partial_batch_and_keeps_the_queue_open():
+    q = WindowQueue(100)
+    q.put(win(0))
+    threading.Timer(0.1, q.interrupt).start()
+    assert [w.seq for w in q.get_batch(32, 600.0)] == [0]
+    q.put(win(1))  # still open
+    assert [w.seq for w in q.get_batch(32, 0.0)] == [1]
