@@ -10,6 +10,7 @@ the system broker on 1883 is never used.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import shutil
@@ -45,7 +46,8 @@ class Mosquitto:
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.conf = self.dir / "mosquitto.conf"
-        lines = [f"listener {self.port} {self.host}", "allow_anonymous true",
+        # as root, mosquitto would switch to user "mosquitto", which cannot write the test's directory
+        lines = [f"user {getpass.getuser()}", f"listener {self.port} {self.host}", "allow_anonymous true",
                  f"log_dest file {self.dir / 'mosquitto.log'}", "log_type error", "log_type warning",
                  "log_type notice", "max_queued_messages 0", "queue_qos0_messages true"]
         if persistence:  # sessions and queued messages survive a restart (saved every second)
@@ -88,14 +90,15 @@ class Mosquitto:
 
 
 class Subscriber:
-    """A paho client recording (topic, payload, retain) per message; a persistent session by default,
-    so a broker restart does not lose what arrives while it reconnects."""
+    """A paho client recording (topic, payload, retain, dup) per message; a persistent session by
+    default, so a broker restart does not lose what arrives while it reconnects. ``dup`` marks the
+    broker's redelivery of a message it had sent this subscriber before (QoS 1 at-least-once)."""
 
     def __init__(self, broker: Mosquitto, *topics: str, client_id: str | None = None, clean_session: bool = False,
                  qos: int = 1):
         import paho.mqtt.client as mqtt
 
-        self.messages: list[tuple[str, bytes, bool]] = []
+        self.messages: list[tuple[str, bytes, bool, bool]] = []
         self._lock = threading.Lock()
         self.subscribed = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"test-sub-{id(self):x}",
@@ -113,7 +116,7 @@ class Subscriber:
 
         def on_message(client, userdata, msg):
             with self._lock:
-                self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
+                self.messages.append((msg.topic, msg.payload, bool(msg.retain), bool(msg.dup)))
 
         self.client.on_connect = on_connect
         self.client.on_subscribe = on_subscribe
@@ -123,9 +126,10 @@ class Subscriber:
         if not self.subscribed.wait(10):
             raise RuntimeError("subscription not acknowledged")
 
-    def payloads(self, topic_suffix: str) -> list[dict]:
+    def payloads(self, topic_suffix: str, redeliveries: bool = True) -> list[dict]:
         with self._lock:
-            return [json.loads(p) for t, p, _ in self.messages if t.endswith(topic_suffix)]
+            return [json.loads(p) for t, p, _, dup in self.messages
+                    if t.endswith(topic_suffix) and (redeliveries or not dup)]
 
     def wait_for(self, predicate, timeout: float = 20.0, what: str = "condition") -> None:
         deadline = time.monotonic() + timeout

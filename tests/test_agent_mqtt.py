@@ -36,8 +36,8 @@ def mqtt_config(tmp_path, broker, mqtt=None, **extra):
                                        "reconnect_max_s": 0.5, **(mqtt or {})}, **extra)
 
 
-def result_ids(sub: Subscriber) -> list[str]:
-    return [r["id"] for msg in sub.payloads("/results") for r in msg["results"]]
+def result_ids(sub: Subscriber, redeliveries: bool = True) -> list[str]:
+    return [r["id"] for msg in sub.payloads("/results", redeliveries) for r in msg["results"]]
 
 
 def test_csv_to_mqtt_results_state_and_telemetry(tmp_path, imu_model, state):
@@ -65,7 +65,7 @@ def test_csv_to_mqtt_results_state_and_telemetry(tmp_path, imu_model, state):
     running = [s for s in states if s["status"] == "running"]
     assert running and running[0]["online"] is True and running[0]["model"]["version"] == "3"
     assert states[-1]["online"] is False and states[-1]["status"] == "stopped"
-    assert [retain for t, _, retain in sub.messages if t.endswith("/state")][-1] is False  # live, not replayed
+    assert [retain for t, _, retain, _ in sub.messages if t.endswith("/state")][-1] is False  # live, not replayed
     status = agent.status()["telemetry"]
     assert status["windows_out"] == len(expected) and sum(status["dropped"].values()) == 0
     assert status["outbox"]["pending"] == 0 and status["outbox"]["acked"] == len(messages)
@@ -81,7 +81,7 @@ def test_retained_state_and_last_will(tmp_path, state, imu_model):
                           what="first results")
         late = Subscriber(broker, "edgeopt/devices/dev1/state", clean_session=True)  # joins later: gets the retained
         late.wait_for(lambda: late.messages, what="retained state")
-        topic, payload, retained = late.messages[0]
+        topic, payload, retained, _ = late.messages[0]
         assert retained and json.loads(payload)["online"] is True and json.loads(payload)["status"] == "running"
         telemetry = Subscriber(broker, "edgeopt/devices/dev1/telemetry", clean_session=True)
         telemetry.wait_for(lambda: telemetry.payloads("telemetry"), what="telemetry")
@@ -92,17 +92,23 @@ def test_retained_state_and_last_will(tmp_path, state, imu_model):
         assert t["model"]["version"] == "3" and t["rss_bytes"] > 0 and t["latency_ms"]["p50_ms"] > 0
         agent.proc.kill()  # no clean DISCONNECT: the broker publishes the last will
         agent.communicate()
-        late.wait_for(lambda: any(not json.loads(p)["online"] for _, p, _ in late.messages), timeout=15,
+        late.wait_for(lambda: any(not json.loads(p)["online"] for _, p, _, _ in late.messages), timeout=15,
                       what="last will")
         late.close()
         telemetry.close()
 
 
 def test_offline_broker_crash_loses_no_result_and_keeps_order(tmp_path, imu_model, state):
-    """The broker is killed (SIGKILL) mid-stream and restarted 2.5 s later. The agent keeps
-    inferring into its outbox and flushes it in order on reconnect: every window id arrives, first
-    occurrences in order; a repeat is allowed only for messages that were in flight at the crash
-    (counted by the agent as resent), and every drop counter stays 0."""
+    """The broker is killed mid-stream and restarted 2.5 s later. The agent keeps inferring into its
+    outbox and flushes it in order on reconnect: every window id arrives, first occurrences in order;
+    a repeat is allowed only for messages that were in flight at the crash (counted by the agent as
+    resent), and every drop counter stays 0.
+
+    The broker gets SIGTERM, not SIGKILL: Mosquitto acknowledges a QoS 1 message once it is in its
+    memory and writes its database to disk only every `autosave_interval`, so a SIGKILL can lose
+    messages the broker itself had acknowledged (seen under load) — a broker durability limit the
+    agent cannot see. For the agent both are the same fault: the connection drops mid-stream, with
+    messages in flight, and the broker is unreachable until it restarts."""
     n_windows = len(window_labels(imu_model["stream"]))
     with Mosquitto(tmp_path) as broker:
         sub = Subscriber(broker, "edgeopt/devices/dev1/results", client_id="results-reader")
@@ -112,8 +118,7 @@ def test_offline_broker_crash_loses_no_result_and_keeps_order(tmp_path, imu_mode
                           sink=[{"type": "mqtt"}])
         agent = AgentProcess(tmp_path, cfg)
         agent.wait_status(lambda s: s["telemetry"]["windows_out"] >= 30, what="30 windows")
-        time.sleep(1.1)  # the subscriber's persistent session is autosaved every second
-        broker.kill()
+        broker.stop()
         down = agent.wait_status(lambda s: not s["telemetry"]["mqtt"]["connected"], what="disconnect")
         time.sleep(2.5)
         during = agent.status()["telemetry"]
@@ -121,15 +126,23 @@ def test_offline_broker_crash_loses_no_result_and_keeps_order(tmp_path, imu_mode
         assert during["outbox"]["pending"] > 0
         broker.start()
         assert agent.communicate(60) == 0, agent.err
-        sub.wait_for(lambda: len(set(result_ids(sub))) >= n_windows, timeout=30, what="every result")
-        sub.close()
+        try:
+            sub.wait_for(lambda: len(set(result_ids(sub))) >= n_windows, timeout=30, what="every result")
+        finally:
+            sub.close()
+            missing = sorted({f"imu:{i}" for i in range(n_windows)} - set(result_ids(sub)),
+                             key=lambda i: int(i.split(":")[1]))
+            print("missing:", missing, "final:", json.dumps(agent.status()["telemetry"]["outbox"]),
+                  json.dumps(agent.status()["telemetry"]["mqtt"]))
     ids = result_ids(sub)
     final = agent.status()["telemetry"]
     assert sum(final["dropped"].values()) == 0
     assert set(ids) == {f"imu:{i}" for i in range(n_windows)}
     first_seen = list(dict.fromkeys(ids))
     assert first_seen == sorted(first_seen, key=lambda i: int(i.split(":")[1])), "order not preserved"
-    repeats = sum(c - 1 for c in Counter(ids).values())
+    # repeats the agent caused (not the broker's own redelivery to this subscriber, flagged dup)
+    sent = result_ids(sub, redeliveries=False)
+    repeats = sum(c - 1 for c in Counter(sent).values())
     batch = cfg["batching"]["max_batch"]
     assert repeats <= final["outbox"]["resent_after_disconnect"] * batch
     assert final["mqtt"]["disconnects"] >= 1 and final["mqtt"]["connects"] >= 2
