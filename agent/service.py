@@ -230,7 +230,8 @@ class Agent:
                         "sink_errors": c["sink_errors"],
                         "stopped_mid_window": c["stopped_mid_window"],
                         "outbox_overflow": self.outbox.dropped if self.outbox else 0},
-            "batches": self.stats.batches, "batch_size_histogram": self.stats.histogram(),
+            "windows_per_s": self.stats.rate(), "batches": self.stats.batches,
+            "batch_size_histogram": self.stats.histogram(),
             "latency_ms": self.stats.latency(),
             "queue_depth": len(p.queue) if p else 0,
             "rss_bytes": rss, "peak_rss_bytes": peak,
@@ -243,11 +244,11 @@ class Agent:
                            "disconnects": self.transport.disconnects, "last_error": self.transport.last_error}
         return out
 
-    def write_status(self) -> None:
+    def write_status(self, telemetry: dict[str, Any] | None = None) -> None:
         with self._state_lock:
             try:
                 atomic_write_json(self.config.status_file, {"state": self.state_message(not self._stop.is_set()),
-                                                            "telemetry": self.telemetry()})
+                                                            "telemetry": telemetry or self.telemetry()})
             except EdgeoptError as exc:
                 log.warning("cannot write the status file: %s", exc)
 
@@ -256,7 +257,7 @@ class Agent:
         while not self._stop.wait(interval):
             try:
                 snapshot = self.telemetry()
-                self.write_status()
+                self.write_status(snapshot)
                 t = self.transport
                 if t is not None and t.connected.is_set():
                     t.publish(self.config.topic("telemetry"), json.dumps(snapshot, separators=(",", ":")).encode())

@@ -37,6 +37,7 @@ class InferenceStats:
         self._latencies_ms: deque[float] = deque(maxlen=latency_window)
         self.first_inference: float | None = None
         self.last_inference: float | None = None
+        self._rate_mark = (time.monotonic(), 0)
 
     def record(self, batch: int, seconds: float) -> None:
         now = time.time()
@@ -47,6 +48,14 @@ class InferenceStats:
             self._latencies_ms.append(seconds * 1000.0)
             self.first_inference = self.first_inference or now
             self.last_inference = now
+
+    def rate(self) -> float:
+        """Windows inferred per second since the previous call (the telemetry interval)."""
+        now = time.monotonic()
+        with self._lock:
+            last_t, last_n = self._rate_mark
+            self._rate_mark = (now, self.windows_out)
+            return round((self.windows_out - last_n) / (now - last_t), 2) if now > last_t else 0.0
 
     def latency(self) -> dict[str, float | None]:
         with self._lock:

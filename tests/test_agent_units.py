@@ -243,3 +243,13 @@ def test_interrupt_returns_the_partial_batch_and_keeps_the_queue_open():
     assert [w.seq for w in q.get_batch(32, 600.0)] == [0]
     q.put(win(1))  # still open
     assert [w.seq for w in q.get_batch(32, 0.0)] == [1]
+
+
+def test_the_agent_extra_pulls_in_no_heavy_toolchain():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = " ".join(project["dependencies"] + project["optional-dependencies"]["agent"]).lower()
+    for heavy in ("torch", "tvm", "coremltools", "tensorflow", "ai-edge-litert"):
+        assert heavy not in deps, heavy
+    assert project["scripts"]["edgeopt-agent"] == "edgeopt.agent.cli:main"
