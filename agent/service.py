@@ -214,7 +214,8 @@ class Agent:
         if t is not None and t.connected.is_set():
             t.publish(self.config.topic("state"), self._state_payload(), qos=1, retain=True)
 
-    def telemetry(self) -> dict[str, Any]:
+    def telemetry(self, mark: bool = False) -> dict[str, Any]:
+        """The telemetry snapshot; ``mark`` (the periodic message) starts a new windows_per_s interval."""
         c = self.totals.copy()
         p = self.pipeline  # the main thread may tear it down meanwhile
         if p is not None:
@@ -230,7 +231,7 @@ class Agent:
                         "sink_errors": c["sink_errors"],
                         "stopped_mid_window": c["stopped_mid_window"],
                         "outbox_overflow": self.outbox.dropped if self.outbox else 0},
-            "windows_per_s": self.stats.rate(), "batches": self.stats.batches,
+            "windows_per_s": self.stats.rate(mark), "batches": self.stats.batches,
             "batch_size_histogram": self.stats.histogram(),
             "latency_ms": self.stats.latency(),
             "queue_depth": len(p.queue) if p else 0,
@@ -256,7 +257,7 @@ class Agent:
         interval = self.config.telemetry.interval_s
         while not self._stop.wait(interval):
             try:
-                snapshot = self.telemetry()
+                snapshot = self.telemetry(mark=True)
                 self.write_status(snapshot)
                 t = self.transport
                 if t is not None and t.connected.is_set():

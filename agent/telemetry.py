@@ -49,12 +49,13 @@ class InferenceStats:
             self.first_inference = self.first_inference or now
             self.last_inference = now
 
-    def rate(self) -> float:
-        """Windows inferred per second since the previous call (the telemetry interval)."""
+    def rate(self, mark: bool = False) -> float:
+        """Windows inferred per second since the last mark (``mark``: start a new interval)."""
         now = time.monotonic()
         with self._lock:
             last_t, last_n = self._rate_mark
-            self._rate_mark = (now, self.windows_out)
+            if mark:
+                self._rate_mark = (now, self.windows_out)
             return round((self.windows_out - last_n) / (now - last_t), 2) if now > last_t else 0.0
 
     def latency(self) -> dict[str, float | None]:
