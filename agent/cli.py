@@ -25,7 +25,7 @@ def _logging(level: str) -> None:
     logging.getLogger("paho").setLevel(logging.WARNING)
 
 
-@click.command("run", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("run", short_help="Run the agent (same as edgeopt-agent).", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-c", "--config", "config_path", type=click.Path(path_type=Path), required=True,
               help="Agent configuration (TOML); keys and defaults: docs/agent.md.")
 @click.option("--debug", is_flag=True, help="Show tracebacks (same as EDGEOPT_DEBUG=1).")
@@ -48,7 +48,7 @@ def run_cmd(config_path: Path, debug: bool) -> None:
         raise SystemExit(code)
 
 
-@click.command("install-service")
+@click.command("install-service", short_help="Write the systemd unit and a default config.")
 @click.option("--unit-dir", type=click.Path(path_type=Path), default=Path("/etc/systemd/system"),
               show_default=True, help="Where to write edgeopt-agent.service.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=Path("/etc/edgeopt/agent.toml"),
@@ -96,7 +96,7 @@ def render_unit(exe: Path, config_path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-@click.command("install-model")
+@click.command("install-model", short_help="Install an artifact into the inactive slot and activate it.")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--state-dir", type=click.Path(path_type=Path), help="The agent's state directory.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path),
