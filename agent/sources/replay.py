@@ -123,4 +123,4 @@ class NpyReplaySource(_Replay):
         if arr.ndim != 2 or arr.dtype.kind not in "fiu":
             raise UserInputError(f"source '{self.name}': {path} holds {arr.dtype} {list(arr.shape)}; expected "
                                  f"numeric samples [T, C]")
-        return None, arr.astype(np.float32), None
+        return None, arr.astype(np.float32, copy=False), None
