@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 from common import print_table, write_json
 
+import digits
 from edgeopt.bench import measure
 from edgeopt.converters.pipeline import ConvertOptions, convert
 from edgeopt.runtime.onnxruntime import OnnxRuntime
-
-import digits
 
 MODES = ["none", "int8", "int8-dynamic", "int4", "fp16"]
 MODELS = ["cnn", "mlp", "mlp-1m"]
