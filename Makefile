@@ -44,6 +44,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/cli_startup.py
 	$(BIN)/python benchmarks/convert_onnx.py
+	$(BIN)/python benchmarks/compress.py
 	$(BIN)/python benchmarks/agent_throughput.py
 
 lint: setup

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from common import ROOT, print_table, write_json
 
 sys.path.insert(0, str(ROOT / "tests"))

@@ -8,6 +8,9 @@ from pathlib import Path
 import click
 
 from edgeopt import registry
+from edgeopt.converters.passes.distill import Distill
+from edgeopt.converters.passes.prune_structured import PruneStructured
+from edgeopt.converters.passes.prune_unstructured import PruneUnstructured
 from edgeopt.converters.passes.quantize import QuantizeFp16, QuantizeInt4, QuantizeInt8Static
 from edgeopt.converters.targets import QUANTIZE_MODES
 from edgeopt.errors import UserInputError
@@ -15,6 +18,22 @@ from edgeopt.errors import UserInputError
 _CAL = QuantizeInt8Static.param("calibration_method")
 _BLOCK = QuantizeInt4.param("block_size")
 _KEEP_IO = QuantizeFp16.param("keep_io_types")
+_SPARSITY = PruneUnstructured.param("sparsity")
+_CHANNELS = PruneStructured.param("ratio")
+_EPOCHS = Distill.param("epochs")
+_RATIO = click.FloatRange(0.0, 1.0, max_open=True)
+
+
+def parse_layer_ratio(text: str) -> tuple[str, float]:
+    """'/3/Conv=0.25' → ('/3/Conv', 0.25)."""
+    name, sep, value = text.rpartition("=")
+    try:
+        ratio = float(value)
+        if not sep or not name or not 0.0 <= ratio < 1.0:
+            raise ValueError
+    except ValueError:
+        raise UserInputError(f"--prune-layer {text!r}: expected NODE_NAME=RATIO with 0 <= RATIO < 1") from None
+    return name, ratio
 
 
 def _target_params() -> dict[str, list[tuple[str, object]]]:
@@ -78,6 +97,21 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
 @click.option("--max-accuracy-drop", type=float,
               help="Exit 1 (artifact kept, report marked failed) when accuracy drops by more than this "
                    "(percentage points of top-1, or MAE increase).")
+@_SPARSITY.click_option("--prune-sparsity", type=_RATIO, default=None, show_default=False,
+                        help=f"Unstructured pruning: {_SPARSITY.help} (Conv/Gemm/MatMul weights).")
+@_CHANNELS.click_option("--prune-channels", type=_RATIO, default=None, show_default=False,
+                        help=f"Structured pruning: {_CHANNELS.help}, giving a smaller dense model.")
+@click.option("--prune-layer", "prune_layers", multiple=True, metavar="NODE=RATIO",
+              help="Per-layer ratio (or sparsity) for the pruning above, by ONNX node name (repeatable).")
+@click.option("--distill", type=click.Path(path_type=Path), metavar="DATA",
+              help="Distil the original model into the compressed one on DATA (.npz, labels optional; "
+                   "needs the 'train' extra).")
+@_EPOCHS.click_option("--epochs", default=None, show_default=False,
+                      help=f"With --distill: {_EPOCHS.help} (default: {_EPOCHS.default}).")
+@click.option("--student", type=click.Path(path_type=Path), metavar="MODEL.onnx",
+              help="With --distill: train this student architecture instead of the pruned model.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for distillation (split, shuffling) and generated inputs.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:d0,d1,..",
               help="Fix an input's dynamic dims (repeatable).")
 @click.option("--input-value", "input_values", multiple=True, metavar="NAME=VALUE",
@@ -101,9 +135,10 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @target_options
 def convert_cmd(model: Path, output: Path, target, profile, quantize, calibration, calibration_method,
-                int4_block_size, fp16_io, validation, max_accuracy_drop, input_shapes, input_values,
-                preprocessing_file, hop, layout, channels, sample_rate, normalize, name,
-                model_version, threads, force, as_json, quiet, **target_settings) -> None:
+                int4_block_size, fp16_io, validation, max_accuracy_drop, prune_sparsity, prune_channels,
+                prune_layers, distill, epochs, student, seed, input_shapes, input_values,
+                preprocessing_file, hop, layout, channels, sample_rate, normalize, name, model_version,
+                threads, force, as_json, quiet, **target_settings) -> None:
     """Convert MODEL (ONNX) into an artifact directory: model, manifest.json, golden.npz, report.json.
 
     \b
@@ -111,6 +146,8 @@ def convert_cmd(model: Path, output: Path, target, profile, quantize, calibratio
       edgeopt convert model.onnx -o out --profile raspberry-pi-4 --target onnx --quantize int8 \\
           --calibration cal.npz --validation val.npz --max-accuracy-drop 1.0
       edgeopt convert model.onnx -o out --target onnx --quantize int4 --input-shape x:1,64
+      edgeopt convert model.onnx -o out --target onnx --prune-channels 0.5 --distill train.npz \\
+          --epochs 30 --quantize int8 --calibration cal.npz --validation val.npz
     """
     from edgeopt.cli.progress import make_progress
     from edgeopt.cli.render import print_convert_report
@@ -129,7 +166,10 @@ def convert_cmd(model: Path, output: Path, target, profile, quantize, calibratio
         validation=validation, max_accuracy_drop=max_accuracy_drop,
         input_shapes=dict(parse_input_shape(s) for s in input_shapes),
         input_values=dict(parse_input_value(v) for v in input_values),
-        name=name, version=model_version, force=force, threads=threads, preprocessing=preprocessing,
+        name=name, version=model_version, force=force, threads=threads, seed=seed,
+        prune_sparsity=prune_sparsity, prune_channels=prune_channels,
+        prune_layers=dict(parse_layer_ratio(t) for t in prune_layers), distill=distill, epochs=epochs,
+        student=student, preprocessing=preprocessing,
         target_params=_chosen_target_params(target, target_settings),
         pass_params={
             "quantize-int8": {"calibration_method": calibration_method},
