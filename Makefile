@@ -9,9 +9,21 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgeopt-installed
 DEMO := build/demo
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup system-deps demo test bench lint clean
 
-setup: $(STAMP)
+setup: $(STAMP) system-deps
+
+# The agent's integration tests run a real Mosquitto and `systemd-analyze verify`: install them where
+# missing and possible (Debian/Ubuntu as root); elsewhere those tests skip, naming what to install.
+system-deps:
+	@missing=""; \
+	command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || missing="$$missing mosquitto"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	if [ -n "$$missing" ]; then \
+		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+		else echo "note: the agent tests need:$$missing (apt-get install$$missing); they skip without"; fi; \
+	fi
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python >= 3.11 is required (none found on PATH)"; exit 2; }
@@ -38,6 +50,7 @@ bench: setup
 	$(BIN)/python benchmarks/convert_onnx.py
 	$(BIN)/python benchmarks/compress.py
 	$(BIN)/python benchmarks/fleet_scale.py
+	$(BIN)/python benchmarks/agent_throughput.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -31,6 +31,7 @@ from edgeopt.artifact import (
 )
 from edgeopt.converters.fit import fit_check, peak_activation_elements
 from edgeopt.converters.passes import Pass, PassContext, ProgressFactory, get_pass, no_progress
+from edgeopt.converters.preprocessing import resolve_preprocessing
 from edgeopt.converters.targets import Target, get_target
 from edgeopt.converters.validate import accuracy, parity
 from edgeopt.data import Dataset, generate_inputs, load_dataset
@@ -62,6 +63,7 @@ class ConvertOptions:
     force: bool = False
     pass_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # by pass name
     target_params: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)  # window/hop/layout/... (see preprocessing.py)
     threads: int = 1
     golden_count: int = 8
     generated_samples: int = 64
@@ -183,6 +185,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
             row.update(ctx.details["canonicalize"])
         target.check_supported(canonical)
         specs = input_specs(canonical)
+        preprocessing = resolve_preprocessing(specs, opts.preprocessing)
         ctx.calibration = load_dataset(opts.calibration, specs) if opts.calibration else None
         validation, validation_source = _validation_set(opts, specs, ctx.calibration)
         frozen = ctx.details["canonicalize"]["frozen_inputs"]
@@ -246,7 +249,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
             }
             atomic_write_json(stage / REPORT, report)
             manifest = _manifest(opts, target, converted_rt, profile, quantize, par, recipe, versions,
-                                 source_sha=report["source"]["sha256"], stage=stage,
+                                 preprocessing, source_sha=report["source"]["sha256"], stage=stage,
                                  golden_count=len(next(iter(golden[0].values()))))
             atomic_write_json(stage / MANIFEST, manifest)
 
@@ -383,7 +386,8 @@ def golden_tolerance(par: dict[str, Any]) -> dict[str, float]:
 
 
 def _manifest(opts: ConvertOptions, target: Target, rt: Runtime, profile: Profile | None, quantize: str,
-              par: dict[str, Any], recipe: list, versions: dict[str, str], *, source_sha: str, stage: Path,
+              par: dict[str, Any], recipe: list, versions: dict[str, str], preprocessing: dict[str, Any], *,
+              source_sha: str, stage: Path,
               golden_count: int) -> dict[str, Any]:
     return {
         "schema": MANIFEST_SCHEMA,
@@ -393,7 +397,7 @@ def _manifest(opts: ConvertOptions, target: Target, rt: Runtime, profile: Profil
                   "quantize": quantize},
         "inputs": [s.to_json() for s in rt.inputs],
         "outputs": [s.to_json() for s in rt.outputs],
-        "preprocessing": {"window": None, "hop": None, "normalization": None},
+        "preprocessing": preprocessing,
         "golden": {"file": GOLDEN, "count": golden_count, **golden_tolerance(par)},
         "target_profile": profile.name if profile else None,
         "latency_budget_ms": profile.latency_budget_ms if profile else None,

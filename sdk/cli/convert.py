@@ -116,6 +116,17 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
               help="Fix an input's dynamic dims (repeatable).")
 @click.option("--input-value", "input_values", multiple=True, metavar="NAME=VALUE",
               help="Freeze an input to a constant so control flow on it folds away (repeatable).")
+@click.option("--preprocessing", "preprocessing_file", type=click.Path(path_type=Path),
+              help="JSON file with the manifest's preprocessing for a sensor model (window, hop, layout, "
+                   "channels, sample_rate_hz, normalization); the flags below override its keys.")
+@click.option("--hop", type=int, help="Sensor model: samples between window starts (default: the window, "
+              "which is the model input's time dim).")
+@click.option("--layout", type=click.Choice(["channels_first", "channels_last"]),
+              help="Sensor model: input laid out [N, C, T] or [N, T, C] (default: the smaller dim is C).")
+@click.option("--channels", metavar="NAME,NAME,..", help="Sensor model: channel names in the model's order.")
+@click.option("--sample-rate", type=float, metavar="HZ", help="Sensor model: sample rate of the stream.")
+@click.option("--normalize", metavar="MEAN:STD[,MEAN:STD..]",
+              help="Sensor model: per-channel (x - mean) / std, one pair for all channels or one per channel.")
 @click.option("--name", help="Model name in the manifest (default: the file name).")
 @click.option("--version", "model_version", default="1", show_default=True, help="Model version in the manifest.")
 @click.option("--threads", type=int, default=1, show_default=True, help="Threads for validation and latency.")
@@ -125,7 +136,8 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
 @target_options
 def convert_cmd(model: Path, output: Path, target, profile, quantize, calibration, calibration_method,
                 int4_block_size, fp16_io, validation, max_accuracy_drop, prune_sparsity, prune_channels,
-                prune_layers, distill, epochs, student, seed, input_shapes, input_values, name, model_version,
+                prune_layers, distill, epochs, student, seed, input_shapes, input_values,
+                preprocessing_file, hop, layout, channels, sample_rate, normalize, name, model_version,
                 threads, force, as_json, quiet, **target_settings) -> None:
     """Convert MODEL (ONNX) into an artifact directory: model, manifest.json, golden.npz, report.json.
 
@@ -141,6 +153,13 @@ def convert_cmd(model: Path, output: Path, target, profile, quantize, calibratio
     from edgeopt.cli.render import print_convert_report
     from edgeopt.converters.passes.canonicalize import parse_input_shape, parse_input_value
     from edgeopt.converters.pipeline import ConvertCheckFailed, ConvertOptions, convert
+    from edgeopt.converters.preprocessing import load_preprocessing_file, parse_normalize
+
+    preprocessing = load_preprocessing_file(preprocessing_file) if preprocessing_file else {}
+    preprocessing.update({k: v for k, v in {
+        "hop": hop, "layout": layout, "sample_rate_hz": sample_rate,
+        "channels": [c.strip() for c in channels.split(",")] if channels else None,
+        "normalization": parse_normalize(normalize) if normalize else None}.items() if v is not None})
 
     opts = ConvertOptions(
         model=model, output=output, target=target, profile=profile, quantize=quantize, calibration=calibration,
@@ -150,7 +169,7 @@ def convert_cmd(model: Path, output: Path, target, profile, quantize, calibratio
         name=name, version=model_version, force=force, threads=threads, seed=seed,
         prune_sparsity=prune_sparsity, prune_channels=prune_channels,
         prune_layers=dict(parse_layer_ratio(t) for t in prune_layers), distill=distill, epochs=epochs,
-        student=student,
+        student=student, preprocessing=preprocessing,
         target_params=_chosen_target_params(target, target_settings),
         pass_params={
             "quantize-int8": {"calibration_method": calibration_method},
