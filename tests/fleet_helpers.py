@@ -68,9 +68,9 @@ V1_TEXT, V2_TEXT = "kws@1", "kws@2"
 
 def tuned_mosquitto(workdir: Path):
     """The tests' Mosquitto with the tuning the generated broker config carries (TCP_NODELAY...)."""
-    from brokers import Mosquitto
-
     from edgeopt.fleet.security import BROKER_TUNING
+
+    from brokers import Mosquitto
 
     return Mosquitto(workdir, extra_config=BROKER_TUNING).start()
 

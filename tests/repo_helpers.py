@@ -7,8 +7,6 @@ import os
 import shutil
 from pathlib import Path
 
-from brokers import Mosquitto
-
 from edgeopt.agent.update.fetcher import MqttFetcher
 from edgeopt.agent.update.link import MqttRepoLink
 from edgeopt.agent.update.trust import DeviceTrust
@@ -16,6 +14,8 @@ from edgeopt.artifact import GOLDEN, MANIFEST_SCHEMA, REPORT, file_hashes
 from edgeopt.fleet.repo_server import RepoServer
 from edgeopt.fleet.repository import Repository
 from edgeopt.mqtt import PahoTopics, connect, make_client
+
+from brokers import Mosquitto
 
 
 def fake_artifact(root: Path, name: str = "kws", version: str = "1", size: int = 4096, seed: int = 0) -> Path:

@@ -10,13 +10,13 @@ import time
 import tomllib
 
 import pytest
-from brokers import Mosquitto, free_port
 
 from edgeopt.errors import RemoteError, UserInputError
 from edgeopt.fleet.repository import Repository
 from edgeopt.fleet.security import SERVICE_USER, BrokerSecurity, password_line
 from edgeopt.mqtt import connect, make_client
 
+from brokers import Mosquitto, free_port
 from conftest import run_cli
 
 QUIET = 1.0  # how long a message that the ACL drops is given to (not) arrive

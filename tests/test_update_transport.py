@@ -10,13 +10,14 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from brokers import Mosquitto
 from repo_helpers import RepoPair, fake_artifact
 
 from edgeopt.agent.update.trust import UpdateRefused
 from edgeopt.artifact import unpack_artifact
 from edgeopt.fleet.repository import Repository, _write
 from edgeopt.signing import load_signer
+
+from brokers import Mosquitto
 
 
 @pytest.fixture
