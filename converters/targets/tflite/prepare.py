@@ -1,0 +1,91 @@
+"""Make a canonical ONNX model fully static for lowering: fix a dynamic batch dim, fold the shape
+arithmetic that a dynamic batch kept alive, and know every value's shape."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from edgeopt.converters.passes import PassContext
+from edgeopt.onnx_io import input_specs
+
+
+def fix_batch(model: onnx.ModelProto, ctx: PassContext, batch: int = 1) -> onnx.ModelProto:
+    """A .tflite has static shapes: a dynamic leading (batch) dim becomes ``batch`` (the front end
+    has already rejected any other dynamic dim)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    fixed = []
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if dims and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
+            dims[0].ClearField("dim_param")
+            dims[0].dim_value = batch
+            fixed.append(vi.name)
+    if fixed:
+        del model.graph.value_info[:]
+        for out in model.graph.output:  # shape inference fills them in again
+            for d in out.type.tensor_type.shape.dim:
+                if not d.HasField("dim_value"):
+                    d.ClearField("dim_param")
+        example = input_specs(model)[0]
+        ctx.notes.append(f"tflite: the dynamic batch dim of {', '.join(repr(n) for n in fixed)} is fixed to {batch} "
+                         f"(a .tflite has static shapes; for another batch size convert with "
+                         f"--input-shape {example.name}:N,{','.join(str(d) for d in example.shape[1:])})")
+    return model
+
+
+def static_model(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+    """Batch fixed, constants folded, every value with a static shape in ``value_info``."""
+    import onnxslim
+
+    model = fix_batch(model, ctx)
+    model = onnxslim.slim(model)
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    missing = _values_without_static_shape(model)
+    if missing:
+        _fill_shapes_by_running(model, missing)
+    return model
+
+
+def _values_without_static_shape(model: onnx.ModelProto) -> list[str]:
+    known = set()
+    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            known.add(vi.name)
+    known |= {i.name for i in model.graph.initializer}
+    return [o for n in model.graph.node for o in n.output if o and o not in known]
+
+
+def _fill_shapes_by_running(model: onnx.ModelProto, names: list[str]) -> None:
+    """Shape inference could not work some shapes out (e.g. an op without a shape function): run the
+    model once on zeros with those values as extra outputs and record what they are."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    existing = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in existing:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feeds = {}
+    for spec in input_specs(model):
+        feeds[spec.name] = np.zeros(spec.concrete_shape(1), dtype=spec.dtype)
+    values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
+    by_name = {vi.name: vi for vi in model.graph.value_info}
+    for name in names:
+        arr = np.asarray(values[name])
+        vi = by_name.get(name)
+        if vi is None:
+            vi = model.graph.value_info.add()
+            vi.name = name
+        vi.type.tensor_type.elem_type = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+        shape = vi.type.tensor_type.shape
+        del shape.dim[:]
+        for d in arr.shape:
+            shape.dim.add().dim_value = int(d)
