@@ -51,10 +51,6 @@ class TFLiteTarget(Target):
               "keep the ONNX (NCHW / NCL) layout of inputs and outputs (default: channels-last at the edges)"),
     )
 
-    def __init__(self, pass_params=None, **settings):
-        super().__init__(pass_params, **settings)
-        self.io_transposes: dict[str, list[int]] = {}
-
     # -- support ---------------------------------------------------------------------------------
     def is_supported(self, node: onnx.NodeProto) -> bool:
         return unsupported_reason(Node.of(node), GraphFacts()) is None
@@ -88,6 +84,7 @@ class TFLiteTarget(Target):
         except LoweringError as exc:
             raise UnsupportedOpsError(self.name, {f"{exc.node.op}[{exc.reason}]": [exc.node.name]}) from exc
         self.io_transposes = dict(lowering.io_perms)
+        self.op_origins = lowering.b.origins()
         return data
 
     def _compile(self, model: onnx.ModelProto, quantize: str, ctx: PassContext, out: Path) -> None:
@@ -96,7 +93,7 @@ class TFLiteTarget(Target):
             from .quantize import quantize_model
 
             data = quantize_model(data, quantize, ctx, io_transposes=self.io_transposes,
-                                  float_io=bool(self.config["float_io"]),
+                                  float_io=bool(self.config["float_io"]), origins=self.op_origins,
                                   block_size=(self.pass_params.get("quantize-int4") or {}).get("block_size"))
         if len(data) >= FLATBUFFER_LIMIT:
             raise UserInputError(f"the converted model is {len(data) / 2**30:.1f} GiB; a .tflite FlatBuffer holds "

@@ -62,6 +62,7 @@ class ModelBuilder:
         self.operators: list[_Operator] = []
         self._names: set[str] = set()
         self._constants: dict[tuple[str, tuple[int, ...], str], int] = {}
+        self.origin: tuple[str, str] | None = None  # (ONNX op, node name) the next operators come from
 
     # -- tensors -----------------------------------------------------------------------------
     def _unique(self, name: str) -> str:
@@ -135,7 +136,17 @@ class ModelBuilder:
                 setattr(opts, key, value)
         elif options:
             raise ValueError(f"{builtin}: options given without an options type")
-        self.operators.append(_Operator(builtin, list(inputs), list(outputs), opts, options_type))
+        self.operators.append(_Operator(builtin, list(inputs), list(outputs), opts, options_type,
+                                        {"origin": self.origin}))
+
+    def origins(self) -> dict[str, list[tuple[str, str]]]:
+        """TFLite operator name → the (ONNX op, node name) pairs it was lowered from."""
+        out: dict[str, list[tuple[str, str]]] = {}
+        for op in self.operators:
+            origin = op.extra.get("origin")
+            if origin is not None and origin not in out.setdefault(op.builtin, []):
+                out[op.builtin].append(origin)
+        return out
 
     # -- finishing ---------------------------------------------------------------------------
     def _consumers(self) -> dict[int, list[int]]:

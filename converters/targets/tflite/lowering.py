@@ -341,7 +341,9 @@ class Lowering:
             node = Node.of(proto, i)
             if node.op == "Constant":
                 continue
+            self.b.origin = (node.op, node.name)
             RULES[node.op].lower(self, node)
+        self.b.origin = None
         outputs = []
         for vi in g.output:
             stored = self.perm(vi.name)

@@ -10,7 +10,7 @@ from edgeopt.converters.targets.tflite.lowering import GraphFacts, Lowering, Nod
 
 # -- unary ------------------------------------------------------------------------------------------
 _UNARY = {"Relu": "RELU", "Sigmoid": "LOGISTIC", "Tanh": "TANH", "Exp": "EXP", "Log": "LOG", "Sqrt": "SQRT",
-          "Abs": "ABS", "Neg": "NEG", "HardSwish": "HARD_SWISH"}
+          "Abs": "ABS", "HardSwish": "HARD_SWISH"}
 
 
 def _same_order_output(ctx: Lowering, node: Node) -> tuple[int, int]:
@@ -32,6 +32,14 @@ def _check_dropout(node: Node, facts: GraphFacts) -> str | None:
         if mode is None or bool(mode.reshape(())):
             return "training mode"
     return None
+
+
+@lowers("Neg")
+def lower_neg(ctx: Lowering, node: Node) -> None:
+    """x * -1 (exact): MUL has full-integer kernels, NEG has none in LiteRT's quantizer."""
+    x, out = _same_order_output(ctx, node)
+    ctx.op("MUL", [x, ctx.const_tensor(np.array(-1.0, np.float32), f"{node.name}/minus_one")], [out], "MulOptions",
+           fusedActivationFunction=0)
 
 
 @lowers("Identity")
@@ -196,6 +204,14 @@ def _broadcast_binary(ctx: Lowering, node: Node, builtin: str) -> None:
 
 @lowers(*_BINARY)
 def lower_binary(ctx: Lowering, node: Node) -> None:
+    if node.op == "Div" and ctx.is_const(node.inputs[1]) and not ctx.is_const(node.inputs[0]):
+        # x / c as x * (1 / c): within an ulp in float, and MUL is full-integer quantizable (DIV is not)
+        divisor = ctx.const(node.inputs[1]).astype(np.float64)
+        if np.all(divisor != 0):
+            reciprocal = f"{node.name}/reciprocal"
+            ctx.facts.constants[reciprocal] = (1.0 / divisor).astype(np.float32)
+            ctx.facts.shapes[reciprocal] = tuple(divisor.shape)
+            node = Node(node.proto, "Mul", node.name, [node.inputs[0], reciprocal], node.outputs, node.attrs)
     _broadcast_binary(ctx, node, _BINARY[node.op])
 
 

@@ -47,6 +47,77 @@ def static_model(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
     missing = _values_without_static_shape(model)
     if missing:
         _fill_shapes_by_running(model, missing)
+    return fuse_erf_gelu(model)
+
+
+def fuse_erf_gelu(model: onnx.ModelProto) -> onnx.ModelProto:
+    """x * 0.5 * (1 + erf(x / sqrt(2))) — how torch exports GELU before opset 20 — as one Gelu node,
+    which lowers to TFLite's GELU builtin (fast, and full-integer quantizable, unlike an erf built
+    from DIV and SIGN). onnxslim ships this pattern but leaves it disabled, so it is matched here."""
+    g = model.graph
+    consts = {i.name: onnx.numpy_helper.to_array(i) for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def scalar(name: str) -> float | None:
+        arr = consts.get(name)
+        return float(arr.reshape(())) if arr is not None and arr.size == 1 else None
+
+    def other(node: onnx.NodeProto, name: str) -> str:
+        return node.input[1] if node.input[0] == name else node.input[0]
+
+    def only_consumer(name: str) -> onnx.NodeProto | None:
+        users = consumers.get(name, [])
+        return users[0] if len(users) == 1 and name not in {o.name for o in g.output} else None
+
+    fused: list[tuple[list[onnx.NodeProto], onnx.NodeProto]] = []
+    for erf in [n for n in g.node if n.op_type == "Erf"]:
+        scale = producer.get(erf.input[0])
+        if scale is None or scale.op_type not in ("Div", "Mul") or scale.input[1] not in consts:
+            continue
+        c = scalar(scale.input[1])
+        if c is None or not np.isclose(c if scale.op_type == "Div" else 1 / c, np.sqrt(2), rtol=1e-4):
+            continue
+        x = scale.input[0]
+        add = only_consumer(erf.output[0])
+        if add is None or add.op_type != "Add" or scalar(other(add, erf.output[0])) != 1.0:
+            continue
+        mul = only_consumer(add.output[0])
+        if mul is None or mul.op_type != "Mul":
+            continue
+        partner = other(mul, add.output[0])
+        half = producer.get(partner)
+        if partner == x:  # (x * (1 + erf)) * 0.5
+            last = only_consumer(mul.output[0])
+            if last is None or last.op_type != "Mul" or scalar(other(last, mul.output[0])) != 0.5:
+                continue
+            nodes = [scale, erf, add, mul, last]
+        elif half is not None and half.op_type == "Mul" and x in half.input and scalar(other(half, x)) == 0.5 \
+                and only_consumer(half.output[0]) is mul:  # (x * 0.5) * (1 + erf)
+            last = mul
+            nodes = [scale, erf, add, half, mul]
+        else:
+            continue
+        if any(only_consumer(n.output[0]) is None for n in nodes[:-1] if n is not scale) or \
+                only_consumer(scale.output[0]) is not erf:
+            continue
+        gelu = onnx.helper.make_node("Gelu", [x], [last.output[0]], name=f"{erf.name or 'erf'}_gelu")
+        fused.append((nodes, gelu))
+    if not fused:
+        return model
+    drop = {id(n) for nodes, _ in fused for n in nodes}
+    replacement = {id(nodes[-1]): gelu for nodes, gelu in fused}  # Gelu takes the place of the last Mul
+    kept = []
+    for n in g.node:
+        if id(n) in replacement:
+            kept.append(replacement[id(n)])
+        elif id(n) not in drop:
+            kept.append(n)
+    del g.node[:]
+    g.node.extend(kept)
     return model
 
 
