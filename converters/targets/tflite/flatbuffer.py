@@ -317,6 +317,21 @@ def read_model(data: bytes):
     return s.ModelT.InitFromPackedBuf(bytearray(data), 0)
 
 
+def buffer_span(data: bytes, index: int) -> tuple[int, int]:
+    """(start, length) in ``data`` of buffer ``index``'s bytes, stored inside the FlatBuffer or, as
+    litert-quantizer writes large models, after it (``offset`` / ``size``)."""
+    import flatbuffers
+
+    s = schema()
+    buf = s.Model.GetRootAs(data, 0).Buffers(index)
+    if buf.Offset() > 1:
+        return int(buf.Offset()), int(buf.Size())
+    if buf.DataIsNone():
+        return 0, 0
+    o = flatbuffers.number_types.UOffsetTFlags.py_type(buf._tab.Offset(4))
+    return int(buf._tab.Vector(o)), int(buf.DataLength())
+
+
 def builtin_op_names(path: str | Path) -> list[str]:
     """The operator code of every operator in a .tflite file: a builtin name, or ``CUSTOM:<code>``."""
     s = schema()

@@ -25,6 +25,7 @@ MIN_CALIBRATION_SAMPLES = 16
 MAX_CALIBRATION_SAMPLES = 512
 INT4_BLOCK_SIZES = (32, 64, 128, 256)
 DEFAULT_INT4_BLOCK = 32
+FLOAT16_MIN_NORMAL = 2.0**-14
 
 
 def quantize_model(data: bytes, mode: str, ctx: PassContext, *, io_transposes: dict[str, list[int]],
@@ -39,7 +40,7 @@ def quantize_model(data: bytes, mode: str, ctx: PassContext, *, io_transposes: d
 
         return _litert_quantize(data, recipe.dynamic_wi8_afp32())
     if mode == "int4":
-        return _litert_quantize(data, int4_recipe(data, block_size or DEFAULT_INT4_BLOCK))
+        return fix_zero_block_scales(_litert_quantize(data, int4_recipe(data, block_size or DEFAULT_INT4_BLOCK)))
     if mode == "fp16":
         return _litert_quantize(data, fp16_recipe())
     raise UserInputError(f"target 'tflite' has no quantize mode '{mode}'")
@@ -171,7 +172,8 @@ def _litert_quantize(data: bytes, recipe: Any) -> bytes:
 
     qt = quantizer.Quantizer(bytearray(data))
     qt.load_quantization_recipe(recipe)
-    return bytes(qt.quantize(enable_progress_report=False).quantized_model)
+    with np.errstate(divide="ignore", invalid="ignore"):  # zero int4 block scales: see fix_zero_block_scales
+        return bytes(qt.quantize(enable_progress_report=False).quantized_model)
 
 
 def int4_recipe(data: bytes, block_size: int) -> Any:
@@ -191,7 +193,7 @@ def int4_recipe(data: bytes, block_size: int) -> Any:
     rm.add_dynamic_config(".*", ops.CONV_2D, 4)
     rm.add_dynamic_config(".*", ops.FULLY_CONNECTED, 4, granularity)
     # Blocks run along the input depth: a FULLY_CONNECTED whose depth the block does not divide gets
-    # channel-wise int4 (the latest matching recipe entry wins).
+    # channel-wise int4 (the latest matching recipe entry wins; an op's scope is its output names + ';').
     model = read_model(data)
     sub = model.subgraphs[0]
     fc = schema().BuiltinOperator.FULLY_CONNECTED
@@ -199,12 +201,42 @@ def int4_recipe(data: bytes, block_size: int) -> Any:
         code = model.operatorCodes[op.opcodeIndex]
         if max(code.builtinCode, code.deprecatedBuiltinCode) != fc:
             continue
-        depth = sub.tensors[op.inputs[1]].shape[-1]
-        if depth % block_size:
+        if sub.tensors[op.inputs[1]].shape[-1] % block_size:
             name = sub.tensors[op.outputs[0]].name
             name = name.decode() if isinstance(name, bytes) else name
-            rm.add_dynamic_config(f"^{re.escape(name)}$", ops.FULLY_CONNECTED, 4)
+            rm.add_dynamic_config(f"^{re.escape(name)};$", ops.FULLY_CONNECTED, 4)
     return rm.get_quantization_recipe()
+
+
+def fix_zero_block_scales(data: bytes) -> bytes:
+    """litert-quantizer writes a zero float16 scale for an int4 block whose weights are all (nearly)
+    zero — the scale underflows float16 — and divides by it; XNNPACK then refuses the model. Trained
+    networks have such blocks (inputs that are always zero, decayed neurons). Their weights are below
+    float16's resolution, so: the smallest normal float16 scale, and weights 0 (what quantizing them
+    at that scale gives). Patched in place; no tool does it."""
+    from edgeopt.converters.targets.tflite.flatbuffer import buffer_span, read_model, schema
+
+    s = schema()
+    model = read_model(data)
+    out = bytearray(data)
+    for tensor in model.subgraphs[0].tensors:
+        q = tensor.quantization
+        if tensor.type != s.TensorType.INT4 or q is None or not isinstance(q.details, s.BlockwiseQuantizationT):
+            continue
+        scales_tensor = model.subgraphs[0].tensors[q.details.scales]
+        start, length = buffer_span(data, scales_tensor.buffer)
+        scales = np.frombuffer(out, np.float16, count=length // 2, offset=start)
+        zero = scales == 0
+        if not zero.any():
+            continue
+        scales[zero] = FLOAT16_MIN_NORMAL
+        rows, depth = int(tensor.shape[0]), int(tensor.shape[-1])
+        block = int(q.details.blockSize)
+        w_start, _ = buffer_span(data, tensor.buffer)
+        for row, blk in zip(*np.nonzero(zero.reshape(rows, depth // block)), strict=True):
+            first = w_start + (row * depth + blk * block) // 2  # two int4 values per byte
+            out[first:first + block // 2] = bytes(block // 2)
+    return bytes(out)
 
 
 def fp16_recipe() -> Any:
