@@ -10,13 +10,13 @@ import json
 
 import numpy as np
 import pytest
+from test_convert_onnx import DESIGN_REPORT_KEYS, _ort_logits
 
 from edgeopt.artifact import open_artifact
 from edgeopt.converters.targets.tflite.flatbuffer import builtin_op_names
 from edgeopt.runtime.litert import LiteRtRuntime
 
 from conftest import run_cli
-from test_convert_onnx import DESIGN_REPORT_KEYS, _ort_logits
 
 
 def _convert(models, out, kind, quantize, *extra):

@@ -225,6 +225,8 @@ add(
     Case("instance_norm", "InstanceNormalization", X4, {"epsilon": 1e-4}, {"s": c(4), "bb": c(4)}, after_conv=True),
     Case("instance_norm_1d", "InstanceNormalization", X3, {}, {"s": c(3), "bb": c(3)}),
     Case("layer_norm_last", "LayerNormalization", {"x": (2, 5, 8)}, {}, {"s": c(8), "bb": c(8)}),
+    Case("layer_norm_with_mean_inv_std", "LayerNormalization", {"x": (2, 5, 8)}, {}, {"s": c(8), "bb": c(8)},
+         outputs=3),
     Case("layer_norm_axis1", "LayerNormalization", {"x": (2, 5, 8)}, {"axis": 1}, {"s": c(5, 8)}),
 )
 

@@ -101,6 +101,7 @@ class LiteRtRuntime(Runtime):
         if resized:
             it.allocate_tensors()
         for detail in self._input_details:
-            it.set_tensor(detail["index"], np.ascontiguousarray(feeds[detail["name"]]))
+            arr = feeds[detail["name"]]
+            it.set_tensor(detail["index"], arr if arr.flags.c_contiguous else arr.copy(order="C"))
         it.invoke()
         return [it.get_tensor(d["index"]) for d in self._output_details]

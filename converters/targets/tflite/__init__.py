@@ -28,6 +28,15 @@ FLATBUFFER_LIMIT = 2**31  # FlatBuffers address at most 2 GiB
 ACTIVATION_BYTES = {"none": 4, "fp16": 4, "int8-dynamic": 4, "int4": 4, "int8": 1, "int16x8": 2}
 
 
+def _has_dynamic_batch(model: onnx.ModelProto) -> bool:
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name not in inits and dims and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
+            return True
+    return False
+
+
 def require_litert(purpose: str) -> None:
     try:
         import ai_edge_litert  # noqa: F401
@@ -58,6 +67,20 @@ class TFLiteTarget(Target):
     def unsupported_nodes(self, model: onnx.ModelProto) -> dict[str, list[str]]:
         """Op type, attributes and graph context (constant weights, float tensors) per node; the key
         says why when the op type itself is supported, e.g. ``Pad[mode=edge]``."""
+        found = self._unsupported(model)
+        if found and _has_dynamic_batch(model):
+            # Shape arithmetic on a dynamic batch dim (an RNN's zero initial state, a Reshape to
+            # [batch, -1]) folds away once the batch is fixed, as compiling does: judge that graph.
+            from .prepare import static_model
+
+            try:
+                return self._unsupported(static_model(model, None))
+            except Exception:  # a graph onnxslim cannot fold: report what the raw graph has
+                return found
+        return found
+
+    @staticmethod
+    def _unsupported(model: onnx.ModelProto) -> dict[str, list[str]]:
         facts = graph_facts(model)
         found: dict[str, list[str]] = {}
         for i, proto in enumerate(iter_nodes(model.graph)):

@@ -29,7 +29,7 @@ def _check_dropout(node: Node, facts: GraphFacts) -> str | None:
         return "mask output"
     if facts.with_graph and node.has_input(2):
         mode = facts.const(node.inputs[2])
-        if mode is None or bool(mode.reshape(())):
+        if mode is not None and bool(mode.reshape(())):
             return "training mode"
     return None
 
@@ -48,7 +48,7 @@ def lower_identity(ctx: Lowering, node: Node) -> None:
     ctx.alias(node.outputs[0], x, perm)
 
 
-lowers("Dropout", check=_check_dropout)(lower_identity)  # inference: Dropout passes its input through
+lowers("Dropout", check=_check_dropout, constant_inputs=(1, 2))(lower_identity)  # inference: Dropout passes its input through
 
 
 @lowers("LeakyRelu")
@@ -99,16 +99,24 @@ def lower_clip(ctx: Lowering, node: Node) -> None:
 
 @lowers("HardSigmoid")
 def lower_hard_sigmoid(ctx: Lowering, node: Node) -> None:
-    """max(0, min(1, alpha * x + beta)) as MUL, ADD, MINIMUM, MAXIMUM."""
+    """max(0, min(1, alpha x + beta)) = relu6(6 alpha x + 6 beta) / 6: a MUL (left out when 6 alpha = 1),
+    an ADD with RELU6 fused, a MUL; no MINIMUM / MAXIMUM, which full-integer graphs must requantize for."""
     alpha, beta = float(node.attr("alpha", 0.2)), float(node.attr("beta", 0.5))
     x, out = _same_order_output(ctx, node)
-    scaled = ctx.binary("MUL", x, ctx.const_tensor(np.array(alpha, np.float32), f"{node.name}/alpha"),
-                        f"{node.name}/scaled")
-    shifted = ctx.binary("ADD", scaled, ctx.const_tensor(np.array(beta, np.float32), f"{node.name}/beta"),
-                         f"{node.name}/shifted")
-    upper = ctx.binary("MINIMUM", shifted, ctx.const_tensor(np.array(1.0, np.float32), f"{node.name}/one"),
-                       f"{node.name}/upper")
-    ctx.op("MAXIMUM", [upper, ctx.const_tensor(np.array(0.0, np.float32), f"{node.name}/zero")], [out])
+    n = node.name
+    if abs(6 * alpha - 1) > 1e-7:
+        x = ctx.binary("MUL", x, ctx.const_tensor(np.array(6 * alpha, np.float32), f"{n}/alpha6"), f"{n}/scaled")
+    clipped = ctx.tmp(f"{n}/relu6", ctx.b.shape(x))
+    ctx.op("ADD", [x, ctx.const_tensor(np.array(6 * beta, np.float32), f"{n}/beta6")], [clipped], "AddOptions",
+           fusedActivationFunction=_relu6())
+    ctx.op("MUL", [clipped, ctx.const_tensor(np.array(1 / 6, np.float32), f"{n}/sixth")], [out], "MulOptions",
+           fusedActivationFunction=0)
+
+
+def _relu6() -> int:
+    from edgeopt.converters.targets.tflite.flatbuffer import schema
+
+    return schema().ActivationFunctionType.RELU6
 
 
 def _check_gelu(node: Node, facts: GraphFacts) -> str | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeopt.converters.targets.tflite import layout
-from edgeopt.converters.targets.tflite.lowering import GraphFacts, Lowering, Node, lowers
+from edgeopt.converters.targets.tflite.lowering import Lowering, Node, lowers
 
 _REDUCE = {"ReduceMean": "MEAN", "ReduceMax": "REDUCE_MAX", "ReduceMin": "REDUCE_MIN", "ReduceSum": "SUM"}
 
@@ -85,9 +85,10 @@ def lower_softmax(ctx: Lowering, node: Node) -> None:
 
 
 # -- normalizations -----------------------------------------------------------------------------------
-def _normalize(ctx: Lowering, node: Node, name: str, axes: list[int], eps: float, out_perm) -> tuple[int, int]:
+def _normalize(ctx: Lowering, node: Node, name: str, axes: list[int], eps: float,
+               out_perm) -> tuple[int, int, int]:
     """(x - mean) / sqrt(var + eps) over ONNX ``axes`` of a value stored with ``out_perm``;
-    returns (normalized tensor, its shape's rank)."""
+    returns the normalized tensor, the mean and 1 / sqrt(var + eps) (reduced axes kept as 1)."""
     n = node.name
     x = ctx.get(name, out_perm)
     stored_axes = np.array(sorted(layout.axis_in(a, out_perm) for a in axes), np.int32)
@@ -101,7 +102,7 @@ def _normalize(ctx: Lowering, node: Node, name: str, axes: list[int], eps: float
            keepDims=True)
     inv_std = ctx.unary("RSQRT", ctx.binary("ADD", var, ctx.const_tensor(np.array(eps, np.float32), f"{n}/eps"),
                                             f"{n}/var_eps"), f"{n}/inv_std")
-    return ctx.binary("MUL", centered, inv_std, f"{n}/normalized"), len(ctx.b.shape(x))
+    return ctx.binary("MUL", centered, inv_std, f"{n}/normalized"), mean, inv_std
 
 
 @lowers("InstanceNormalization", constant_inputs=(1, 2))
@@ -109,7 +110,7 @@ def lower_instance_norm(ctx: Lowering, node: Node) -> None:
     name = node.inputs[0]
     rank = ctx.rank(name)
     perm = layout.channels_last(rank)
-    normed, _ = _normalize(ctx, node, name, list(range(2, rank)), float(node.attr("epsilon", 1e-5)), perm)
+    normed, _, _ = _normalize(ctx, node, name, list(range(2, rank)), float(node.attr("epsilon", 1e-5)), perm)
     per_channel = (1,) * (rank - 1) + (-1,)
     scale = ctx.const(node.inputs[1]).astype(np.float32).reshape(per_channel)
     bias = ctx.const(node.inputs[2]).astype(np.float32).reshape(per_channel)
@@ -119,19 +120,14 @@ def lower_instance_norm(ctx: Lowering, node: Node) -> None:
            fusedActivationFunction=0)
 
 
-def _check_layer_norm(node: Node, facts: GraphFacts) -> str | None:
-    if len([o for o in node.outputs if o]) > 1:
-        return "Mean / InvStdDev outputs"
-    return None
-
-
-@lowers("LayerNormalization", check=_check_layer_norm, constant_inputs=(1, 2))
+@lowers("LayerNormalization", constant_inputs=(1, 2))
 def lower_layer_norm(ctx: Lowering, node: Node) -> None:
     name = node.inputs[0]
     rank = ctx.rank(name)
     axis = int(node.attr("axis", -1)) % rank
     perm = ctx.perm(name)
-    normed, _ = _normalize(ctx, node, name, list(range(axis, rank)), float(node.attr("epsilon", 1e-5)), perm)
+    normed, mean, inv_std = _normalize(ctx, node, name, list(range(axis, rank)), float(node.attr("epsilon", 1e-5)),
+                                       perm)
     scaled = ctx.binary("MUL", normed, ctx.broadcast_to_rank(node.inputs[1], rank, perm), f"{node.name}/scaled")
     out = ctx.output(node.outputs[0], perm)
     if node.has_input(2):
@@ -139,3 +135,8 @@ def lower_layer_norm(ctx: Lowering, node: Node) -> None:
                fusedActivationFunction=0)
     else:
         ctx.reshape(scaled, ctx.b.shape(out), node.name, out=out)
+    # the optional Mean and InvStdDev outputs (reduced axes kept as size 1, same axis order)
+    for index, tensor in ((1, mean), (2, inv_std)):
+        if len(node.outputs) > index and node.outputs[index]:
+            extra = ctx.output(node.outputs[index], perm)
+            ctx.reshape(tensor, ctx.b.shape(extra), node.outputs[index], out=extra)

@@ -30,9 +30,6 @@ def _check_resize(node: Node, facts: GraphFacts) -> str | None:
     if node.attr("nearest_mode", "round_prefer_floor") not in _NEAREST_MODES:
         return f"nearest_mode={node.attr('nearest_mode')}"
     if facts.with_graph:
-        for i in range(1, len(node.inputs)):
-            if node.inputs[i] and not facts.is_const(node.inputs[i]):
-                return f"input {i} must be a constant"
         shape = facts.shapes.get(node.inputs[0])
         out = facts.shapes.get(node.outputs[0])
         if shape is not None and len(shape) not in (3, 4):
@@ -59,14 +56,17 @@ def _onnx_scale(ctx: Lowering, node: Node, axis: int, in_size: int, out_size: in
 
 
 def onnx_source_coords(transform: str, out_size: int, in_size: int, scale: float) -> np.ndarray:
+    """ONNX's source coordinate of every output index; ``length_resized`` is in_size * scale, which
+    with given scales need not be the (floored) output size."""
     i = np.arange(out_size, dtype=np.float64)
+    length_resized = in_size * scale
     if transform == "align_corners":
-        return i * (in_size - 1) / (out_size - 1) if out_size > 1 else np.zeros(out_size)
+        return i * (in_size - 1) / (length_resized - 1) if length_resized > 1 else np.zeros(out_size)
     if transform == "asymmetric":
         return i / scale
     if transform == "tf_half_pixel_for_nn":
         return (i + 0.5) / scale
-    if transform == "pytorch_half_pixel" and out_size == 1:
+    if transform == "pytorch_half_pixel" and length_resized <= 1:
         return np.zeros(out_size)
     return (i + 0.5) / scale - 0.5
 
@@ -99,7 +99,7 @@ def tflite_bilinear(out_size: int, in_size: int, align_corners: bool, half_pixel
 _FLAGS = ((False, True), (False, False), (True, False))  # (align_corners, half_pixel_centers)
 
 
-@lowers("Resize", check=_check_resize)
+@lowers("Resize", check=_check_resize, constant_inputs=(1, 2, 3))
 def lower_resize(ctx: Lowering, node: Node) -> None:
     in_shape, out_shape = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
     rank = len(in_shape)

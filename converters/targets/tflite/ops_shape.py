@@ -97,12 +97,23 @@ def lower_split(ctx: Lowering, node: Node) -> None:
     if len(outs) == 1:
         ctx.reshape(x, ctx.b.shape(outs[0]), node.name, out=outs[0])
         return
-    axis_t = ctx.const_tensor(np.array(layout.axis_in(axis, perm), np.int32), f"{node.name}/axis")
+    if 0 in sizes:
+        raise LoweringError(node, "zero-size outputs")
+    stored_axis = layout.axis_in(axis, perm)
     if len(set(sizes)) == 1:
+        axis_t = ctx.const_tensor(np.array(stored_axis, np.int32), f"{node.name}/axis")
         ctx.op("SPLIT", [axis_t, x], outs, "SplitOptions", numSplits=len(outs))
-    else:
-        ctx.op("SPLIT_V", [x, ctx.const_tensor(np.array(sizes, np.int32), f"{node.name}/splits"), axis_t], outs,
-               "SplitVOptions", numSplits=len(outs))
+        return
+    # Uneven parts: one SLICE each (XNNPACK refuses some uneven SPLIT_V graphs at load time)
+    shape = ctx.b.shape(x)
+    start = 0
+    for i, (out, size) in enumerate(zip(outs, sizes, strict=True)):
+        begin = [0] * len(shape)
+        extent = list(shape)
+        begin[stored_axis], extent[stored_axis] = start, size
+        ctx.op("SLICE", [x, ctx.const_tensor(np.array(begin, np.int32), f"{node.name}/begin{i}"),
+                         ctx.const_tensor(np.array(extent, np.int32), f"{node.name}/size{i}")], [out])
+        start += size
 
 
 # -- Slice --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from edgeopt.converters.passes import PassContext
 from edgeopt.onnx_io import input_specs
 
 
-def fix_batch(model: onnx.ModelProto, ctx: PassContext, batch: int = 1) -> onnx.ModelProto:
+def fix_batch(model: onnx.ModelProto, ctx: PassContext | None, batch: int = 1) -> onnx.ModelProto:
     """A .tflite has static shapes: a dynamic leading (batch) dim becomes ``batch`` (the front end
     has already rejected any other dynamic dim)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -31,18 +31,24 @@ def fix_batch(model: onnx.ModelProto, ctx: PassContext, batch: int = 1) -> onnx.
                 if not d.HasField("dim_value"):
                     d.ClearField("dim_param")
         example = input_specs(model)[0]
-        ctx.notes.append(f"tflite: the dynamic batch dim of {', '.join(repr(n) for n in fixed)} is fixed to {batch} "
+        if ctx is not None:
+            ctx.notes.append(f"tflite: the dynamic batch dim of {', '.join(repr(n) for n in fixed)} is fixed to {batch} "
                          f"(a .tflite has static shapes; for another batch size convert with "
-                         f"--input-shape {example.name}:N,{','.join(str(d) for d in example.shape[1:])})")
+                             f"--input-shape {example.name}:N,{','.join(str(d) for d in example.shape[1:])})")
     return model
 
 
-def static_model(model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+def static_model(model: onnx.ModelProto, ctx: PassContext | None) -> onnx.ModelProto:
     """Batch fixed, constants folded, every value with a static shape in ``value_info``."""
     import onnxslim
 
     model = fix_batch(model, ctx)
     model = onnxslim.slim(model)
+    # Shapes are recomputed from the inputs by ONNX's own inference: onnxslim's can be wrong (it gives
+    # every output of an uneven Split the size of the last one), and the lowering trusts them.
+    del model.graph.value_info[:]
+    for out in model.graph.output:
+        out.type.tensor_type.ClearField("shape")
     model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     missing = _values_without_static_shape(model)
     if missing:
