@@ -42,7 +42,8 @@ def main() -> None:
     write_json("onnx_node_cases_tflite", {
         "per_op": {op: dict(c) for op, c in by_op.items()},
         "refusal_reasons": {op: dict(c) for op, c in reasons.items()},
-        "cases": [r.__dict__ for r in results]})
+        "passed": sorted(r.name for r in results if r.outcome == "passed"),
+        "not_passed": [r.__dict__ for r in results if r.outcome != "passed"]})
 
 
 if __name__ == "__main__":
