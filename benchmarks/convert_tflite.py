@@ -101,6 +101,7 @@ def main() -> None:
         tmp = Path(tmp)
         for name, m in _models(tmp).items():
             variants = {}
+            (tmp / name).mkdir(exist_ok=True)
             for mode in MODES:
                 out = tmp / name / f"tflite-{mode}"
                 t0 = time.perf_counter()

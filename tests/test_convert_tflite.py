@@ -161,6 +161,15 @@ def test_bench_runs_a_tflite_artifact(cnn_tflite):
     assert rows[0]["batch"] == 1 and rows[0]["p50_ms"] > 0 and "fixed batch of 1" in rows[1]["skipped"]
 
 
+def test_bench_runtime_params_reach_litert(cnn_tflite):
+    res = run_cli("bench", cnn_tflite["none"], "--batch", "1", "--rounds", "1", "--min-round-time", "0.01",
+                  "--runtime-param", "xnnpack=false", "--json")
+    assert res.code == 0, res.err
+    assert res.json()["runtime_params"]["xnnpack"] is False and res.json()["results"][0]["p50_ms"] > 0
+    res = run_cli("bench", cnn_tflite["none"], "--runtime-param", "xnnpak=false")
+    assert res.code == 2 and "unknown parameter 'xnnpak'" in res.err and "did you mean 'xnnpack'" in res.err
+
+
 def test_batch_size_from_input_shape(digits_models, tmp_path):
     out = _convert(digits_models, tmp_path / "b4", "cnn", "none", "--input-shape", "image:4,1,8,8")
     rt = LiteRtRuntime(out / "model.tflite")

@@ -16,9 +16,10 @@ def fully_connected(ctx: Lowering, x: int, weights: np.ndarray, bias: np.ndarray
     if out is None:
         shape = (*in_shape[:-1], n) if keep_num_dims else (int(np.prod(in_shape[:-1])), n)
         out = ctx.tmp(hint, shape)
-    bias = np.zeros(n, np.float32) if bias is None else bias
-    ctx.op("FULLY_CONNECTED", [x, ctx.const_tensor(weights.astype(np.float32), hint + "/weights"),
-                               ctx.const_tensor(bias.astype(np.float32), hint + "/bias")], [out],
+    # no bias: the optional input is left out (-1) rather than a tensor of zeros, which a quantized
+    # model would carry once per operator with its own scale
+    bias_t = -1 if bias is None else ctx.const_tensor(np.asarray(bias, np.float32), hint + "/bias")
+    ctx.op("FULLY_CONNECTED", [x, ctx.const_tensor(weights.astype(np.float32), hint + "/weights"), bias_t], [out],
            "FullyConnectedOptions", fusedActivationFunction=0, weightsFormat=0, keepNumDims=keep_num_dims,
            asymmetricQuantizeInputs=False)
     return out

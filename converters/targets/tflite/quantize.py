@@ -173,7 +173,7 @@ def _litert_quantize(data: bytes, recipe: Any) -> bytes:
     qt = quantizer.Quantizer(bytearray(data))
     qt.load_quantization_recipe(recipe)
     with np.errstate(divide="ignore", invalid="ignore"):  # zero int4 block scales: see fix_zero_block_scales
-        return bytes(qt.quantize(enable_progress_report=False).quantized_model)
+        return bytes(qt.quantize(enable_progress_bar=False, enable_progress_report=False).quantized_model)
 
 
 def int4_recipe(data: bytes, block_size: int) -> Any:
