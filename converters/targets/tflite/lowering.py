@@ -164,7 +164,7 @@ class LoweringError(Exception):
 
 # Ops whose consumers make a rank-3/4 value prefer channels-last storage.
 LAYOUT_SENSITIVE = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
-                    "InstanceNormalization", "Resize", "LpNormalization"}
+                    "InstanceNormalization", "Resize"}
 # Ops that keep their input's axis order (so a graph input feeding them then a Conv is channels-last).
 LAYOUT_TRANSPARENT = {"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish",
                       "Exp", "Log", "Sqrt", "Abs", "Neg", "Identity", "Dropout", "Add", "Sub", "Mul", "Div",
