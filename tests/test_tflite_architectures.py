@@ -88,3 +88,5 @@ def test_full_integer_int8_converts_and_tracks_the_float_model(exported, tmp_pat
     report, conv = _convert(path, tmp_path / "int8", "--quantize", "int8", "--calibration", cal)
     assert float_activations(conv.path) == []  # integer end to end, int8 in and out (TFLite Micro's subset)
     assert report["parity"]["cosine"] >= 0.98, report["parity"]
+    if name == "mobilenet":  # hardswish as ADD/RELU6 + MULs: XNNPACK has no integer HARD_SWISH kernel
+        assert "HARD_SWISH" not in builtin_op_names(conv.path)

@@ -94,14 +94,16 @@ class TFLiteTarget(Target):
         return ACTIVATION_BYTES.get(quantize, 4)
 
     # -- compile ---------------------------------------------------------------------------------
-    def lower(self, model: onnx.ModelProto, ctx: PassContext) -> bytes:
-        """The float .tflite bytes of a canonical ONNX model (sets ``io_transposes``)."""
+    def lower(self, model: onnx.ModelProto, ctx: PassContext, quantize: str = "none") -> bytes:
+        """The float .tflite bytes of a canonical ONNX model (sets ``io_transposes``); ``quantize`` lets
+        the lowering pick integer-friendly forms for a model headed for full-integer quantization."""
         from .prepare import static_model
 
         require_litert("the tflite target")
         model = static_model(model, ctx)
         self.check_supported(model)
-        lowering = Lowering(model, keep_io_layout=self.config["keep_io_layout"])
+        lowering = Lowering(model, keep_io_layout=self.config["keep_io_layout"],
+                            full_integer=quantize in ("int8", "int16x8"))
         try:
             data = lowering.run()
         except LoweringError as exc:
@@ -111,7 +113,7 @@ class TFLiteTarget(Target):
         return data
 
     def _compile(self, model: onnx.ModelProto, quantize: str, ctx: PassContext, out: Path) -> None:
-        data = self.lower(model, ctx)
+        data = self.lower(model, ctx, quantize)
         if quantize != "none":
             from .quantize import quantize_model
 

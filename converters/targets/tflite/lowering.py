@@ -174,10 +174,12 @@ LAYOUT_TRANSPARENT = {"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "
 class Lowering:
     """Lowers one canonical ONNX graph (static shapes, float32) into a ``ModelBuilder``."""
 
-    def __init__(self, model: onnx.ModelProto, keep_io_layout: bool = False):
+    def __init__(self, model: onnx.ModelProto, keep_io_layout: bool = False, full_integer: bool = False):
         self.model = model
         self.facts = graph_facts(model)
         self.keep_io_layout = keep_io_layout
+        # the float model will be quantized to full integer: prefer lowerings with integer kernels
+        self.full_integer = full_integer
         self.b = ModelBuilder()
         self.values: dict[str, Value] = {}
         self._views: dict[tuple[str, Perm | None], int] = {}

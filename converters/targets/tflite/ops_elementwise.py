@@ -10,7 +10,7 @@ from edgeopt.converters.targets.tflite.lowering import GraphFacts, Lowering, Nod
 
 # -- unary ------------------------------------------------------------------------------------------
 _UNARY = {"Relu": "RELU", "Sigmoid": "LOGISTIC", "Tanh": "TANH", "Exp": "EXP", "Log": "LOG", "Sqrt": "SQRT",
-          "Abs": "ABS", "HardSwish": "HARD_SWISH"}
+          "Abs": "ABS"}
 
 
 def _same_order_output(ctx: Lowering, node: Node) -> tuple[int, int]:
@@ -32,6 +32,23 @@ def _check_dropout(node: Node, facts: GraphFacts) -> str | None:
         if mode is not None and bool(mode.reshape(())):
             return "training mode"
     return None
+
+
+@lowers("HardSwish")
+def lower_hard_swish(ctx: Lowering, node: Node) -> None:
+    """HARD_SWISH for float models. For a full-integer model x * relu6(x + 3) / 6 instead (ADD with RELU6
+    fused, two MULs): XNNPACK has no integer HARD_SWISH, so LiteRT would run its slow reference kernel
+    (a MobileNet-style net ran 6x slower in INT8 than in FP32), and LiteRT's quantizer has no int16 one."""
+    x, out = _same_order_output(ctx, node)
+    if not ctx.full_integer:
+        ctx.op("HARD_SWISH", [x], [out])
+        return
+    n = node.name
+    gate = ctx.tmp(f"{n}/relu6", ctx.b.shape(x))
+    ctx.op("ADD", [x, ctx.const_tensor(np.array(3.0, np.float32), f"{n}/three")], [gate], "AddOptions",
+           fusedActivationFunction=_relu6())
+    scaled = ctx.binary("MUL", gate, ctx.const_tensor(np.array(1 / 6, np.float32), f"{n}/sixth"), f"{n}/gate")
+    ctx.op("MUL", [x, scaled], [out], "MulOptions", fusedActivationFunction=0)
 
 
 @lowers("Neg")
