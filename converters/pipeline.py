@@ -259,7 +259,8 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
             }
             atomic_write_json(stage / REPORT, report)
             manifest = _manifest(opts, target, converted_rt, profile, quantize, par, recipe, versions,
-                                 preprocessing, source_sha=report["source"]["sha256"], stage=stage,
+                                 _preprocessing_for_model(preprocessing, specs, target.io_transposes),
+                                 source_sha=report["source"]["sha256"], stage=stage,
                                  golden_count=len(next(iter(golden[0].values()))))
             atomic_write_json(stage / MANIFEST, manifest)
 
@@ -396,6 +397,16 @@ def _latency(source: _SourceRunner, converted_rt: Runtime, data: Dataset,
     out["source_p50_ms"] = round(src.p50_ms, 4)
     out["speedup_vs_source"] = round(src.p50_ms / conv.p50_ms, 3) if conv.p50_ms > 0 else None
     return out
+
+
+def _preprocessing_for_model(preprocessing: dict[str, Any], specs: list[TensorSpec],
+                             transposes: dict[str, list[int]]) -> dict[str, Any]:
+    """The manifest's preprocessing describes the windows the converted model takes: a target that
+    stores a [C, T] input as [T, C] (tflite) turns channels_first into channels_last."""
+    if not preprocessing.get("layout") or len(specs) != 1 or list(transposes.get(specs[0].name, [])) != [0, 2, 1]:
+        return preprocessing
+    flipped = "channels_last" if preprocessing["layout"] == "channels_first" else "channels_first"
+    return {**preprocessing, "layout": flipped}
 
 
 def _check_size_limit(target: Target, model: Path) -> None:

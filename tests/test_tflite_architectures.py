@@ -79,6 +79,23 @@ def float_activations(path) -> list[str]:
     return [t.name for t in sub.tensors if t.type in floats and not constant(t)]
 
 
+def test_sensor_model_manifest_describes_the_windows_the_tflite_model_takes(exported, tmp_path):
+    """A 1-D CNN over [N, C, T] windows takes [N, T, C] as a .tflite: the manifest's preprocessing says
+    channels_last, so the device agent cuts windows the way the converted model wants them."""
+    from edgeopt.agent.windowing import Preprocessing
+
+    path, _ = exported["cnn1d"]
+    _convert(path, tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["inputs"][0]["shape"] == [1, 64, 6]
+    assert manifest["preprocessing"]["layout"] == "channels_last" and manifest["preprocessing"]["window"] == 64
+    pre = Preprocessing.from_manifest(manifest, tuple(manifest["inputs"][0]["shape"][1:]))
+    assert (pre.window, pre.channels, pre.channels_first) == (64, 6, False)
+    keep = tmp_path / "keep"
+    _convert(path, keep, "--keep-io-layout")
+    assert json.loads((keep / "manifest.json").read_text())["preprocessing"]["layout"] == "channels_first"
+
+
 @pytest.mark.parametrize("name", ["mobilenet", "cnn1d", "lstm"])
 def test_full_integer_int8_converts_and_tracks_the_float_model(exported, tmp_path, name):
     path, shape = exported[name]
