@@ -37,7 +37,15 @@ from edgeopt.converters.validate import accuracy, parity
 from edgeopt.data import Dataset, generate_inputs, load_dataset
 from edgeopt.errors import CheckFailed, UserInputError
 from edgeopt.fsutil import atomic_write_json, check_output_dir, sha256_file, staged_directory, tree_size
-from edgeopt.onnx_io import count_macs, count_params, input_specs, iter_nodes, load_model, save_model
+from edgeopt.onnx_io import (
+    count_macs,
+    count_params,
+    input_specs,
+    iter_nodes,
+    load_model,
+    model_bytes_on_disk,
+    save_model,
+)
 from edgeopt.profiles import Profile, load_profile
 from edgeopt.runtime import Runtime, run_batched, runtime_for_format, to_model_dtype
 from edgeopt.runtime.onnxruntime import OnnxRuntime
@@ -168,6 +176,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
         p.preflight()
     check_output_dir(opts.output, opts.force)
 
+    _check_size_limit(target, opts.model)
     with steps("load"):
         source = load_model(opts.model)
     source_specs = input_specs(source)
@@ -210,10 +219,11 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
             source_rt = OnnxRuntime(opts.model, threads=opts.threads)
             source_runner = _SourceRunner(source_rt, frozen, source_specs)
             with steps("validate"):
-                par, acc, golden = _validate(source_runner, converted_rt, validation, opts.golden_count)
+                par, acc, golden = _validate(source_runner, converted_rt, validation, opts.golden_count,
+                                             target.io_transposes)
             save_golden(stage / GOLDEN, *golden)
             with steps("latency"):
-                latency = _latency(source_runner, converted_rt, validation)
+                latency = _latency(source_runner, converted_rt, validation, target.io_transposes)
             compile_row.update(params=count_params(model), macs=count_macs(model), accuracy=acc["converted"],
                                top1_agreement=par["top1_agreement"], latency_p50_ms=latency["p50_ms"])
             model_bytes = tree_size(model_path)
@@ -249,7 +259,8 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
             }
             atomic_write_json(stage / REPORT, report)
             manifest = _manifest(opts, target, converted_rt, profile, quantize, par, recipe, versions,
-                                 preprocessing, source_sha=report["source"]["sha256"], stage=stage,
+                                 _preprocessing_for_model(preprocessing, specs, target.io_transposes),
+                                 source_sha=report["source"]["sha256"], stage=stage,
                                  golden_count=len(next(iter(golden[0].values()))))
             atomic_write_json(stage / MANIFEST, manifest)
 
@@ -344,32 +355,69 @@ def _pair_outputs(source: list[TensorSpec], converted: list[TensorSpec]) -> list
     return [(s.name, c.name) for s, c in zip(source, converted, strict=True)]
 
 
-def _validate(source: _SourceRunner, converted_rt: Runtime, data: Dataset, golden_count: int):
+def _to_model_layout(arrays: dict[str, np.ndarray], transposes: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    """Source-layout arrays → the converted model's layout (e.g. NCHW → NHWC for TFLite)."""
+    return {k: np.transpose(v, transposes[k]) if k in transposes else v for k, v in arrays.items()}
+
+
+def _to_source_layout(arrays: dict[str, np.ndarray], transposes: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    return {k: np.transpose(v, np.argsort(transposes[k])) if k in transposes else v for k, v in arrays.items()}
+
+
+def _validate(source: _SourceRunner, converted_rt: Runtime, data: Dataset, golden_count: int,
+              transposes: dict[str, list[int]] | None = None):
+    transposes = transposes or {}
     ref = source.run_all(data.inputs, VALIDATION_BATCH)
-    got = run_batched(converted_rt, data.inputs, VALIDATION_BATCH)
+    got = _to_source_layout(run_batched(converted_rt, _to_model_layout(data.inputs, transposes), VALIDATION_BATCH),
+                            transposes)
     pairs = _pair_outputs(source.rt.outputs, converted_rt.outputs)
     ref_list = [ref[s] for s, _ in pairs]
     got_list = [got[c] for _, c in pairs]
     par = parity(ref_list, got_list, [c for _, c in pairs])
     acc = accuracy(data.labels, ref_list[0], got_list[0])
     k = min(golden_count, len(data))
-    # Golden outputs are the original model's, keyed by the converted model's output names.
-    golden = ({n: a[:k] for n, a in data.inputs.items()}, {c: ref[s][:k] for s, c in pairs})
+    # Golden vectors are what a device feeds the converted model and compares its outputs with: in the
+    # converted model's layout, outputs from the original model, keyed by the converted model's names.
+    golden = (_to_model_layout({n: a[:k] for n, a in data.inputs.items()}, transposes),
+              _to_model_layout({c: ref[s][:k] for s, c in pairs}, transposes))
     return par, acc, golden
 
 
-def _latency(source: _SourceRunner, converted_rt: Runtime, data: Dataset) -> dict[str, Any]:
+def _latency(source: _SourceRunner, converted_rt: Runtime, data: Dataset,
+             transposes: dict[str, list[int]] | None = None) -> dict[str, Any]:
     from edgeopt.bench import measure
 
     batch = converted_rt.fixed_batch or 1  # the report's latency is per call at batch 1 when the model allows
     sample = {k: np.resize(v, (batch,) + v.shape[1:]) for k, v in data.inputs.items()}
-    model_sample = {s.name: to_model_dtype(s, sample[s.name]) for s in converted_rt.inputs}
+    model_sample = _to_model_layout(sample, transposes or {})
+    model_sample = {s.name: to_model_dtype(s, model_sample[s.name]) for s in converted_rt.inputs}
     src, conv = measure([source.rt, converted_rt], [source.feeds(sample), model_sample])
     out = conv.to_json()
     del out["calls"], out["mean_ms"]
     out["source_p50_ms"] = round(src.p50_ms, 4)
     out["speedup_vs_source"] = round(src.p50_ms / conv.p50_ms, 3) if conv.p50_ms > 0 else None
     return out
+
+
+def _preprocessing_for_model(preprocessing: dict[str, Any], specs: list[TensorSpec],
+                             transposes: dict[str, list[int]]) -> dict[str, Any]:
+    """The manifest's preprocessing describes the windows the converted model takes: a target that
+    stores a [C, T] input as [T, C] (tflite) turns channels_first into channels_last."""
+    if not preprocessing.get("layout") or len(specs) != 1 or list(transposes.get(specs[0].name, [])) != [0, 2, 1]:
+        return preprocessing
+    flipped = "channels_last" if preprocessing["layout"] == "channels_first" else "channels_first"
+    return {**preprocessing, "layout": flipped}
+
+
+def _check_size_limit(target: Target, model: Path) -> None:
+    """Refuse, before loading it, a model bigger than the target's format can hold."""
+    limit = target.max_model_bytes
+    if limit is None:
+        return
+    size = model_bytes_on_disk(model)
+    if size is not None and size >= limit:
+        raise UserInputError(f"{model}: the model and its weights take {size / 2**30:.2f} GiB; target "
+                             f"'{target.name}' writes {target.format} files of at most {limit / 2**30:.0f} GiB")
 
 
 def golden_tolerance(par: dict[str, Any]) -> dict[str, float]:
@@ -394,7 +442,7 @@ def _manifest(opts: ConvertOptions, target: Target, rt: Runtime, profile: Profil
         "name": opts.name or Path(opts.model).stem,
         "version": str(opts.version),
         "model": {"file": target.model_file, "format": target.format, "runtime": target.runtime,
-                  "quantize": quantize},
+                  "quantize": quantize, "io_transposes": target.io_transposes},
         "inputs": [s.to_json() for s in rt.inputs],
         "outputs": [s.to_json() for s in rt.outputs],
         "preprocessing": preprocessing,

@@ -7,6 +7,7 @@ Every function that reads a user's file turns parser and checker failures into a
 from __future__ import annotations
 
 import collections
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,29 @@ def load_model(path: str | Path, check: bool = True) -> onnx.ModelProto:
     if check:
         check_model(model, path)
     return model
+
+
+def model_bytes_on_disk(path: str | Path) -> int | None:
+    """Bytes of a model file plus the external data it references, read without loading any
+    weights (None when the file cannot be parsed: ``load_model`` then says why)."""
+    path = Path(path)
+    try:
+        total = path.stat().st_size
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return None
+    files = set()
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in init.external_data}
+            if "length" in info:
+                total += int(info["length"])
+            elif "location" in info:
+                files.add(info["location"])
+    for name in files:
+        with contextlib.suppress(OSError):
+            total += (path.parent / name).stat().st_size
+    return total
 
 
 def check_model(model: onnx.ModelProto, path: str | Path | None = None) -> None:

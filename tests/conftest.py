@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from tflite_guard import only_builtin_tflite_ops  # noqa: E402,F401  (session check: no custom op in any .tflite)
+
 from edgeopt.cli import EXIT_INTERNAL, main  # noqa: E402
 
 

@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from edgeopt import registry
 from edgeopt.bench import measure
 from edgeopt.onnx_io import count_macs
-from edgeopt.runtime import open_runtime, run_batched
+from edgeopt.runtime import open_runtime, resolve_model_file, run_batched
 from edgeopt.runtime.onnxruntime import OnnxRuntime
 
 import compress_models
@@ -54,7 +54,10 @@ def recipe(digits_models, train_images, tmp_path_factory):
 
 def _accuracy(path, split) -> float:
     rt = open_runtime(path)
-    logits = run_batched(rt, {"image": split.x_val})[rt.outputs[0].name]
+    manifest = resolve_model_file(path)[2] or {}
+    perm = manifest.get("model", {}).get("io_transposes", {}).get("image")  # e.g. NCHW → NHWC for tflite
+    x = np.transpose(split.x_val, perm) if perm else split.x_val
+    logits = run_batched(rt, {"image": x})[rt.outputs[0].name]
     return float((logits.argmax(1) == split.y_val).mean() * 100)
 
 

@@ -28,12 +28,17 @@ class Target(Configurable):
     model_file: ClassVar[str] = ""        # file (or directory) name inside the artifact
     quantize_modes: ClassVar[tuple[str, ...]] = ("none",)
     toolchain: ClassVar[tuple[str, ...]] = ()  # packages whose versions go into the manifest
+    max_model_bytes: ClassVar[int | None] = None  # largest source model (weights included) the format holds
     params: ClassVar[tuple[Param, ...]] = ()
 
     def __init__(self, pass_params: dict[str, dict] | None = None, **settings):
         """``pass_params``: settings for the passes this target runs, by pass name."""
         super().__init__(**settings)
         self.pass_params = pass_params or {}
+        # Set by ``compile`` when the compiled model's I/O layout differs from the source model's:
+        # input/output name → axes such that model tensor = numpy.transpose(source tensor, axes)
+        # (e.g. [0, 2, 3, 1] for NCHW → NHWC). Validation and golden vectors follow it.
+        self.io_transposes: dict[str, list[int]] = {}
 
     def passes_for(self, quantize: str) -> list[str]:
         """Names of the registered passes this target runs for a quantize mode (for the recipe)."""

@@ -1,0 +1,137 @@
+"""The TFLite / LiteRT target: ONNX → .tflite FlatBuffer, written with LiteRT's own schema bindings
+(no TensorFlow), quantized with LiteRT's own quantizers.
+
+Pipeline inside ``_compile``: fix the batch dim and fold what that makes constant (prepare), check
+every node against the lowering rules, lower to builtin operators (channels-last inside, NHWC or
+NCHW at the edges), quantize, write, and load the result in LiteRT with XNNPACK on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import onnx
+
+from edgeopt.converters.passes import ConversionError, PassContext
+from edgeopt.converters.targets import Target
+from edgeopt.errors import MissingDependency, UnsupportedOpsError, UserInputError
+from edgeopt.onnx_io import iter_nodes, op_key
+from edgeopt.params import Param
+
+# Importing the op modules registers their lowerings in ``lowering.RULES``.
+from . import ops_conv, ops_dense, ops_elementwise, ops_reduce, ops_resize, ops_rnn, ops_shape  # noqa: F401
+from .lowering import GraphFacts, Lowering, LoweringError, Node, graph_facts, unsupported_reason
+
+FLATBUFFER_LIMIT = 2**31  # FlatBuffers address at most 2 GiB
+
+ACTIVATION_BYTES = {"none": 4, "fp16": 4, "int8-dynamic": 4, "int4": 4, "int8": 1, "int16x8": 2}
+
+
+def _has_dynamic_batch(model: onnx.ModelProto) -> bool:
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name not in inits and dims and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
+            return True
+    return False
+
+
+def require_litert(purpose: str) -> None:
+    try:
+        import ai_edge_litert  # noqa: F401
+        import flatbuffers  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependency(exc.name or "ai_edge_litert", "tflite", purpose) from exc
+
+
+class TFLiteTarget(Target):
+    name: ClassVar[str] = "tflite"
+    format: ClassVar[str] = "tflite"
+    runtime: ClassVar[str] = "litert"
+    model_file: ClassVar[str] = "model.tflite"
+    quantize_modes: ClassVar[tuple[str, ...]] = ("none", "fp16", "int8", "int8-dynamic", "int16x8", "int4")
+    toolchain: ClassVar[tuple[str, ...]] = ("ai-edge-litert", "litert-quantizer", "flatbuffers")
+    max_model_bytes: ClassVar[int | None] = FLATBUFFER_LIMIT
+    params: ClassVar[tuple[Param, ...]] = (
+        Param("float_io", bool, False,
+              "with --quantize int8/int16x8: keep float32 inputs and outputs (default: integer I/O, full-integer)"),
+        Param("keep_io_layout", bool, False,
+              "keep the ONNX (NCHW / NCL) layout of inputs and outputs (default: channels-last at the edges)"),
+    )
+
+    # -- support ---------------------------------------------------------------------------------
+    def is_supported(self, node: onnx.NodeProto) -> bool:
+        return unsupported_reason(Node.of(node), GraphFacts()) is None
+
+    def unsupported_nodes(self, model: onnx.ModelProto) -> dict[str, list[str]]:
+        """Op type, attributes and graph context (constant weights, float tensors) per node; the key
+        says why when the op type itself is supported, e.g. ``Pad[mode=edge]``."""
+        found = self._unsupported(model)
+        if found and _has_dynamic_batch(model):
+            # Shape arithmetic on a dynamic batch dim (an RNN's zero initial state, a Reshape to
+            # [batch, -1]) folds away once the batch is fixed, as compiling does: judge that graph.
+            from .prepare import static_model
+
+            try:
+                return self._unsupported(static_model(model, None))
+            except Exception:  # a graph onnxslim cannot fold: report what the raw graph has
+                return found
+        return found
+
+    @staticmethod
+    def _unsupported(model: onnx.ModelProto) -> dict[str, list[str]]:
+        facts = graph_facts(model)
+        found: dict[str, list[str]] = {}
+        for i, proto in enumerate(iter_nodes(model.graph)):
+            reason = unsupported_reason(Node.of(proto, i), facts)
+            if reason is not None:
+                key = op_key(proto) + (f"[{reason}]" if reason else "")
+                found.setdefault(key, []).append(proto.name or f"#{i}")
+        return found
+
+    def activation_bytes(self, quantize: str) -> int:
+        return ACTIVATION_BYTES.get(quantize, 4)
+
+    # -- compile ---------------------------------------------------------------------------------
+    def lower(self, model: onnx.ModelProto, ctx: PassContext, quantize: str = "none") -> bytes:
+        """The float .tflite bytes of a canonical ONNX model (sets ``io_transposes``); ``quantize`` lets
+        the lowering pick integer-friendly forms for a model headed for full-integer quantization."""
+        from .prepare import static_model
+
+        require_litert("the tflite target")
+        model = static_model(model, ctx)
+        self.check_supported(model)
+        lowering = Lowering(model, keep_io_layout=self.config["keep_io_layout"],
+                            full_integer=quantize in ("int8", "int16x8"))
+        try:
+            data = lowering.run()
+        except LoweringError as exc:
+            raise UnsupportedOpsError(self.name, {f"{exc.node.op}[{exc.reason}]": [exc.node.name]}) from exc
+        self.io_transposes = dict(lowering.io_perms)
+        self.op_origins = lowering.b.origins()
+        return data
+
+    def _compile(self, model: onnx.ModelProto, quantize: str, ctx: PassContext, out: Path) -> None:
+        data = self.lower(model, ctx, quantize)
+        if quantize != "none":
+            from .quantize import quantize_model
+
+            data = quantize_model(data, quantize, ctx, io_transposes=self.io_transposes,
+                                  float_io=bool(self.config["float_io"]), origins=self.op_origins,
+                                  block_size=(self.pass_params.get("quantize-int4") or {}).get("block_size"))
+        if len(data) >= FLATBUFFER_LIMIT:
+            raise UserInputError(f"the converted model is {len(data) / 2**30:.1f} GiB; a .tflite FlatBuffer holds "
+                                 f"at most 2 GiB")
+        out.write_bytes(data)
+        check_loads(out)
+
+
+def check_loads(path: Path) -> None:
+    """Load the written model as a device would (XNNPACK on) so a refused graph fails here."""
+    from edgeopt.runtime.litert import LiteRtRuntime
+
+    try:
+        LiteRtRuntime(path, threads=1)
+    except UserInputError as exc:
+        raise ConversionError(f"LiteRT cannot load the converted model: {exc}") from exc
