@@ -58,6 +58,8 @@ class AgentSection:
                                              "published (batch replay of recorded files)")
     shutdown_timeout_s: float = key(4.0, "on SIGTERM, seconds allowed to flush the last batch and "
                                          "publish it before exiting", check=positive)
+    profile: str = key("", "hardware profile name reported in the state message (fleet selectors use it)")
+    labels: list = key([], "labels reported in the state message, as \"key=value\" strings (fleet selectors)")
 
 
 @dataclass
@@ -118,6 +120,50 @@ class MqttSection:
                                  check=positive)
     reconnect_max_s: float = key(30.0, "longest reconnect delay", check=positive)
     max_inflight: int = key(32, "result messages sent and not yet acknowledged (QoS 1)", check=at_least(1))
+
+
+@dataclass
+class UpdateSection:
+    """Signed model updates: follow {prefix}/devices/{device_id}/desired, check, switch, or roll back."""
+
+    section: ClassVar[str] = "update"
+    enabled: bool = key(True, "follow the retained desired message when a broker is configured")
+    root: str = key("", "pinned root metadata (root.json from 'edgeopt fleet provision'); copied to "
+                        "{state_dir}/trust on first start (empty: it must already be there)")
+    chunk_bytes: int = key(64 * 1024, "artifact bytes asked for per request (keep under the broker's "
+                                      "payload limit)", check=at_least(1024))
+    request_timeout_s: float = key(5.0, "seconds to wait for one chunk before asking again", check=positive)
+    request_retries: int = key(8, "attempts per chunk before the download step gives up and retries later",
+                               check=at_least(0))
+    max_download_bytes: int = key(1024 * MIB, "largest artifact accepted", check=at_least(1024))
+    retry_interval_s: float = key(10.0, "pause before retrying a step the network interrupted", check=at_least(0))
+    max_retries: int = key(30, "retries of one step before the update is rolled back", check=at_least(0))
+    self_test_timeout_s: float = key(60.0, "self-test time limit (the child process is killed after it)",
+                                     check=positive)
+    latency_budget_ms: float = key(0.0, "batch-1 latency budget for the self-test and probation "
+                                        "(0: the manifest's latency_budget_ms)", check=at_least(0))
+    shadow_windows: int = key(0, "SHADOW: live windows to run beside the current model before switching "
+                                 "(0: no shadow)", check=at_least(0))
+    shadow_min_agreement: float = key(0.95, "SHADOW: top-1 agreement with the current model required",
+                                      check=lambda v: None if 0 <= v <= 1 else "must be in [0, 1]")
+    shadow_timeout_s: float = key(600.0, "SHADOW: give up (roll back) when fewer windows arrive in this time",
+                                  check=positive)
+    baseline_s: float = key(2.0, "before switching, seconds spent measuring the current model's latency and "
+                                 "confidence (the candidate is held to them)", check=at_least(0))
+    probation_windows: int = key(100, "PROBATION: live windows the new model must handle", check=at_least(0))
+    probation_s: float = key(10.0, "PROBATION: and for at least this long", check=at_least(0))
+    probation_timeout_s: float = key(600.0, "PROBATION: commit on time alone when windows arrive slower than this",
+                                     check=positive)
+    probation_max_error_rate: float = key(0.01, "PROBATION: failed or NaN windows allowed (fraction)",
+                                          check=lambda v: None if 0 <= v <= 1 else "must be in [0, 1]")
+    probation_max_nan: int = key(0, "PROBATION: windows with NaN/Inf outputs allowed", check=at_least(0))
+    probation_latency_factor: float = key(3.0, "PROBATION: latency p95 allowed, as a multiple of the previous "
+                                               "model's (plus 1 ms)", check=positive)
+    probation_min_confidence_ratio: float = key(0.5, "PROBATION: mean top-1 confidence required, as a fraction "
+                                                     "of the previous model's", check=at_least(0))
+    state_hook: str = key("", "executable run on entering each update state with the state, model name and "
+                              "version as arguments (like Mender state scripts)")
+    state_hook_timeout_s: float = key(30.0, "state hook time limit", check=positive)
 
 
 @dataclass
@@ -285,8 +331,8 @@ class StdoutSink(SinkBase):
 SINK_KINDS: dict[str, type[SinkBase]] = {c.kind: c for c in (MqttSink, JsonlSink, StdoutSink)}  # type: ignore
 SINK_REQUIRED = {"jsonl": ("path",)}
 
-SECTIONS = (AgentSection, ModelSection, PreprocessingSection, BatchingSection, MqttSection, TelemetrySection,
-            OutboxSection, SystemdSection)
+SECTIONS = (AgentSection, ModelSection, PreprocessingSection, BatchingSection, MqttSection, UpdateSection,
+            TelemetrySection, OutboxSection, SystemdSection)
 
 
 @dataclass
@@ -296,6 +342,7 @@ class AgentConfig:
     preprocessing: PreprocessingSection
     batching: BatchingSection
     mqtt: MqttSection
+    update: UpdateSection
     telemetry: TelemetrySection
     outbox: OutboxSection
     systemd: SystemdSection
@@ -306,6 +353,10 @@ class AgentConfig:
     @property
     def device_id(self) -> str:
         return self.agent.device_id or socket.gethostname()
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(item.split("=", 1) for item in self.agent.labels)
 
     @property
     def state_dir(self) -> Path:
@@ -416,6 +467,10 @@ def parse_config(data: dict[str, Any], file: str = "agent.toml") -> AgentConfig:
     needs_broker += [f"[[source]] {s.name}" for s in sources if s.type == "mqtt"]
     if needs_broker and not mqtt.host:
         raise UserInputError(f"{file}: {', '.join(needs_broker)} needs a broker: set [mqtt] host")
+    for item in sections["agent"].labels:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise UserInputError(f"{file}: [agent] labels: {item!r} is not \"key=value\"")
     if mqtt.reconnect_max_s < mqtt.reconnect_min_s:
         raise UserInputError(f"{file}: [mqtt] reconnect_max_s must be >= reconnect_min_s")
     return AgentConfig(**sections, sources=sources, sinks=sinks)

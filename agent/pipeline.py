@@ -44,24 +44,26 @@ class ResultWriter:
         self._thread.start()
         self._last_error_log = -1e9
 
-    def submit(self, windows: list, outputs: dict[str, np.ndarray]) -> None:
-        self._queue.put((windows, outputs))
+    def submit(self, windows: list, outputs: dict[str, np.ndarray], model: LoadedModel | None = None) -> None:
+        """Queue one batch's results; ``model`` is the one that produced them (it changes at a switch)."""
+        self._queue.put((windows, outputs, model or self.model))
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            windows, outputs = item
+            windows, outputs, model = item
+            meta = {**self.meta, "model": {"name": model.name, "version": model.version}}
             try:
-                results = self.model.records(windows, outputs)
+                results = model.records(windows, outputs)
             except Exception:  # a bug; keep going, say so
                 log.exception("cannot build result records")
                 self.sink_errors += len(windows)
                 continue
             for sink in self.sinks:
                 try:
-                    sink.write(self.meta, results)
+                    sink.write(meta, results)
                 except Exception as exc:  # disk full, a broken pipe: count, log now and then, go on
                     self.sink_errors += len(windows)
                     if time.monotonic() - self._last_error_log > 10:
@@ -89,6 +91,9 @@ class Pipeline:
         self.meta = {"device": device_id, "model": {"name": model.name, "version": model.version}}
         self.inference_errors = 0  # windows lost to a failing inference call
         self.writer = ResultWriter(model, sinks, self.meta)
+        # called after every batch with (windows, outputs or None, seconds, model): the updater's
+        # shadow and probation watch live windows this way
+        self.observers: list = []
 
     def start(self) -> None:
         for src in self.sources:
@@ -103,14 +108,38 @@ class Pipeline:
         return len(batch)
 
     def infer(self, batch) -> None:
+        model = self.model
         try:
-            outputs, seconds = self.model.infer(batch)
+            outputs, seconds = model.infer(batch)
         except EdgeoptError as exc:
             self.inference_errors += len(batch)
             log.error("inference failed on %d window(s) (%s ... %s): %s", len(batch), batch[0].id, batch[-1].id, exc)
+            self._observe(batch, None, 0.0, model)
             return
         self.stats.record(len(batch), seconds)
-        self.writer.submit(batch, outputs)
+        self.writer.submit(batch, outputs, model)
+        self._observe(batch, outputs, seconds, model)
+
+    def _observe(self, batch, outputs, seconds: float, model: LoadedModel) -> None:
+        for observer in list(self.observers):
+            try:
+                observer(batch, outputs, seconds, model)
+            except Exception:  # an observer must never stop inference
+                log.exception("batch observer failed")
+
+    def can_swap_to(self, model: LoadedModel) -> bool:
+        """Whether ``model`` takes the same windows (the sources window and normalize for the model)."""
+        a, b = self.model.pre, model.pre
+        same = (a.window, a.hop, a.channels_first, a.channels, a.channel_names, a.sample_rate_hz) == (
+            b.window, b.hop, b.channels_first, b.channels, b.channel_names, b.sample_rate_hz)
+        arrays = all((x is None and y is None) or (x is not None and y is not None and np.array_equal(x, y))
+                     for x, y in ((a.mean, b.mean), (a.std, b.std)))
+        return same and arrays and self.model.sample_shape == model.sample_shape
+
+    def swap_model(self, model: LoadedModel) -> None:
+        """Use ``model`` from the next batch on (between two batches: no window is lost or repeated)."""
+        self.model = model
+        self.max_batch = min(self.config.batching.max_batch, model.fixed_batch or self.config.batching.max_batch)
 
     @property
     def sources_finished(self) -> bool:

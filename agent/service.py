@@ -33,11 +33,13 @@ from edgeopt.agent.sinks import Sink, make_sink
 from edgeopt.agent.statedir import StateDir
 from edgeopt.agent.systemd import Notifier
 from edgeopt.agent.telemetry import InferenceStats, Uptime, rss_bytes
+from edgeopt.artifact import TamperedArtifact, open_artifact
 from edgeopt.errors import EdgeoptError
 from edgeopt.fsutil import atomic_write_json
 
 log = logging.getLogger("edgeopt.agent")
 
+STATE_SCHEMA = "edgeopt.state/1"
 EXIT_OK = 0
 EXIT_SOURCE_FAILED = 1
 
@@ -63,6 +65,12 @@ class Agent:
         self.publisher = None
         self.outbox: Outbox | None = None
         self.sinks: list[Sink] = []
+        self.updater = None
+        self.fallback_note: str | None = None
+        self.updates_note: str | None = None  # why updates are off, for the state message
+        self.batch_observers: list = []       # shared with every pipeline (see Pipeline.observers)
+        self._swap: tuple | None = None
+        self._swap_lock = threading.Lock()
 
     # -- signals ----------------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -93,7 +101,7 @@ class Agent:
             from edgeopt.agent.sinks.mqtt import ResultPublisher
             from edgeopt.agent.transport import MqttTransport
 
-            will = json.dumps({"online": False, "device": cfg.device_id}).encode()
+            will = json.dumps({"schema": STATE_SCHEMA, "device_id": cfg.device_id, "online": False}).encode()
             self.transport = MqttTransport(cfg.mqtt, cfg.mqtt.client_id or f"edgeopt-agent-{cfg.device_id}",
                                            cfg.topic("state"), will)
             self.transport.on_connect_hooks.append(self.publish_state)
@@ -103,10 +111,28 @@ class Agent:
                 self.publisher = ResultPublisher(self.transport, self.outbox, cfg.mqtt.max_inflight)
                 self.publisher.start()
             self.transport.start()
+            self._start_updater()
         self.sinks = [make_sink(s, topic=cfg.topic("results"), outbox=self.outbox, publisher=self.publisher)
                       for s in cfg.sinks]
 
+    def _start_updater(self) -> None:
+        self.updater, self.updates_note = None, None
+        if not self.config.update.enabled:
+            self.updates_note = "updates disabled in [update]"
+            return
+        from edgeopt.agent.update.updater import Updater
+
+        try:
+            self.updater = Updater(self, self.config, self.transport, self.config.device_id)
+        except EdgeoptError as exc:
+            self.updates_note = f"updates off: {exc}"
+            log.warning("%s", self.updates_note)
+            return
+        self.updater.start()
+
     def _close_io(self, deadline: float) -> None:
+        if self.updater is not None:  # stopped, but kept: the last state message still reports it
+            self.updater.stop(timeout=max(0.1, min(1.0, deadline - time.monotonic() - 1)))
         for sink in self.sinks:
             sink.close()
         if self.publisher is not None:
@@ -154,22 +180,97 @@ class Agent:
         self._teardown_pipeline()
         m = self.config.model
         try:
-            self.model = load_active_model(self.state, m.runtime, m.threads, self.config.preprocessing.window,
-                                           self.config.preprocessing.hop)
+            model = load_active_model(self.state, m.runtime, m.threads, self.config.preprocessing.window,
+                                      self.config.preprocessing.hop)
         except NoModel as exc:
             self.model = None
             self._set_status("no model", str(exc))
+            return
+        except TamperedArtifact as exc:
+            if self._fall_back(key[0], exc):
+                self._look_for_model(force=True)
+                return
+            self.model = None
+            self._set_status("error", f"model in slot {key[0]} cannot run: {exc}")
             return
         except EdgeoptError as exc:
             self.model = None
             self._set_status("error", f"model in slot {key[0]} cannot run: {exc}")
             return
-        self.pipeline = Pipeline(self.config, self.model, self.sinks, self.config.device_id, self.stats,
-                                 self.transport)
+        self._start_pipeline(model)
+
+    def _start_pipeline(self, model: LoadedModel) -> None:
+        self.model = model
+        self.pipeline = Pipeline(self.config, model, self.sinks, self.config.device_id, self.stats, self.transport)
+        self.pipeline.observers = self.batch_observers
         self.pipeline.start()
-        log.info("running model %s version %s (slot %s, %s)", self.model.name, self.model.version, self.model.slot,
-                 self.model.runtime.name)
+        log.info("running model %s version %s (slot %s, %s)", model.name, model.version, model.slot,
+                 model.runtime.name)
         self._set_status("running", None)
+
+    def _fall_back(self, broken: str, exc: Exception) -> bool:
+        """The active slot fails its hashes (disk corruption, tampering): switch to the other slot if it
+        holds a model that passed its checks before (a committed update, or an installed model)."""
+        other = "b" if broken == "a" else "a"
+        if not self.state.is_good(other):
+            return False
+        try:
+            open_artifact(self.state.slot_path(other)).verify()
+        except EdgeoptError:
+            return False
+        log.error("slot %s failed verification (%s); falling back to slot %s", broken, exc, other)
+        self.state.activate(other)
+        self.fallback_note = f"slot {broken} failed verification ({exc}); fell back to slot {other}"
+        return True
+
+    # -- the updater's view of the agent (agent.update.updater.Host) -------------------------------------
+    def current_model(self) -> dict[str, Any] | None:
+        return self.model.describe() if self.model else None
+
+    def add_batch_observer(self, fn) -> None:
+        self.batch_observers.append(fn)
+
+    def remove_batch_observer(self, fn) -> None:
+        with contextlib.suppress(ValueError):
+            self.batch_observers.remove(fn)
+
+    def request_swap(self, slot: str | None, model: LoadedModel | None, timeout: float = 60.0) -> bool:
+        """Ask the inference loop to activate ``slot`` and run ``model`` from its next batch on (None:
+        load whatever the slot holds; slot None: no model). Returns once done (False on timeout)."""
+        done = threading.Event()
+        with self._swap_lock:
+            self._swap = (slot, model, done)
+        p = self.pipeline
+        if p is not None:
+            p.queue.interrupt()
+        return done.wait(timeout)
+
+    def _apply_swap(self) -> None:
+        with self._swap_lock:
+            slot, model, done = self._swap
+            self._swap = None
+        try:
+            if slot is None:
+                self.state.deactivate()
+            else:
+                self.state.activate(slot)
+            if model is None:
+                self._look_for_model(force=True)
+            elif self.pipeline is not None and self.pipeline.can_swap_to(model):
+                self.pipeline.swap_model(model)
+                self.model = model
+                log.info("switched to model %s version %s (slot %s) between two batches", model.name,
+                         model.version, slot)
+                self._set_status("running", None)
+            else:  # different windowing: the pipeline is rebuilt (its queue is flushed first)
+                self._teardown_pipeline()
+                self._start_pipeline(model)
+            self._model_key = self._model_identity()
+        except EdgeoptError as exc:
+            log.error("switching to slot %s failed: %s", slot, exc)
+        finally:
+            done.set()
+            self.publish_state()
 
     def _teardown_pipeline(self, deadline: float | None = None) -> None:
         if self.pipeline is None:
@@ -198,15 +299,21 @@ class Agent:
         return json.dumps(self.state_message(online), separators=(",", ":")).encode()
 
     def state_message(self, online: bool = True) -> dict[str, Any]:
+        """The retained state (``edgeopt.state/1``, parsed by fleet/messages.py)."""
         p = self.pipeline
         sources = p.source_stats() if p else getattr(self, "_source_history", {})
+        u = self.updater
+        update = u.status() if u else {"state": "IDLE", "target": None, "rollout": None, "reason": self.updates_note,
+                                       "since": 0.0}
         return {
-            "online": online, "device": self.config.device_id, "agent_version": __version__,
-            "status": self.status if online else "stopped", "error": self.error, "config_error": self.config_error,
+            "schema": STATE_SCHEMA, "device_id": self.config.device_id, "online": online,
+            "agent_version": __version__, "profile": self.config.agent.profile or None, "labels": self.config.labels,
             "model": self.model.describe() if self.model else None,
-            "update": {"state": "IDLE"},
+            "update": update, "health": u.health() if u else None,
+            "status": self.status if online else "stopped", "error": self.error, "config_error": self.config_error,
+            "fallback": self.fallback_note,
             "sources": {n: {"type": s["type"], "status": s["status"], "error": s["error"]} for n, s in sources.items()},
-            "time": time.time(),
+            "ts": time.time(),
         }
 
     def publish_state(self) -> None:
@@ -299,6 +406,9 @@ class Agent:
         code = EXIT_OK
         while not self._stop.is_set():
             self.notifier.watchdog()
+            if self._swap is not None:
+                self._apply_swap()
+                continue
             if self._reload.is_set():
                 self._do_reload()
                 continue

@@ -27,6 +27,7 @@ from edgeopt.fsutil import atomic_write_bytes, environment_fault, fsync_dir, fsy
 
 SLOTS = ("a", "b")
 ACTIVE = "active"
+GOOD = ".passed"  # inside a slot: the sha256 of the manifest that passed its checks
 
 
 class StateDir:
@@ -68,6 +69,33 @@ class StateDir:
             raise UserInputError(f"slot {slot} holds no artifact ({self.slot_path(slot)})")
         atomic_write_bytes(self.root / ACTIVE, f"{slot}\n".encode())
 
+    def mark_good(self, slot: str) -> None:
+        """Record that the model in ``slot`` passed its checks (installed by an operator, or committed
+        after self-test and probation). The mark lives inside the slot, so restaging the slot drops it,
+        and it names the manifest it vouches for."""
+        import hashlib
+
+        path = self.slot_path(slot)
+        digest = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+        atomic_write_bytes(path / GOOD, digest.encode())
+
+    def is_good(self, slot: str) -> bool:
+        import hashlib
+
+        path = self.slot_path(slot)
+        try:
+            return (path / GOOD).read_text() == hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+        except OSError:
+            return False
+
+    def deactivate(self) -> None:
+        """No active slot (a first install rolled back): the agent waits for a model again."""
+        try:
+            (self.root / ACTIVE).unlink(missing_ok=True)
+            fsync_dir(self.root)
+        except OSError as exc:
+            raise environment_fault(exc, self.root / ACTIVE) from exc
+
     def stage(self, artifact_dir: str | Path, slot: str) -> Path:
         """Copy a verified artifact into ``slot`` (never the active one), complete or not at all."""
         if slot == self.active_slot():
@@ -96,4 +124,5 @@ class StateDir:
         slot = self.inactive_slot()
         self.stage(artifact_dir, slot)
         self.activate(slot)
+        self.mark_good(slot)  # an operator installed it by hand
         return slot

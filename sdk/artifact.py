@@ -54,11 +54,21 @@ def file_hashes(root: Path, names: list[str]) -> dict[str, str]:
     return hashes
 
 
-def save_golden(path: Path, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+def save_golden(path: Path, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
+                expected: dict[str, np.ndarray] | None = None) -> None:
+    """``input:NAME`` and the original model's ``output:NAME``; ``expected:NAME`` (optional) holds
+    the converted model's own outputs for the same inputs."""
     arrays = {f"input:{k}": v for k, v in inputs.items()}
     arrays.update({f"output:{k}": v for k, v in outputs.items()})
+    arrays.update({f"expected:{k}": v for k, v in (expected or {}).items()})
     with open(path, "wb") as f:
         np.savez(f, **arrays)
+
+
+def load_expected(path: Path) -> dict[str, np.ndarray]:
+    """The converted model's own golden outputs (empty for artifacts made before they were stored)."""
+    with np.load(path, allow_pickle=False) as npz:
+        return {k[len("expected:"):]: npz[k] for k in npz.files if k.startswith("expected:")}
 
 
 def load_golden(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

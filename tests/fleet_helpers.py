@@ -114,13 +114,13 @@ class FleetRig:
                  artifact_bytes: int = 20_000, **sim_options):
         import time
 
-        from repo_helpers import fake_artifact
-
         from edgeopt.fleet.db import open_database
         from edgeopt.fleet.messages import ModelRef
         from edgeopt.fleet.repository import Repository
         from edgeopt.fleet.simulator import SimConfig, Simulator
         from edgeopt.fleet.store import FleetStore
+
+        from repo_helpers import fake_artifact
 
         self.tmp, self.broker, self.db = tmp, broker, db
         self.repo = Repository.init(tmp / "repo")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import pytest
-from repo_helpers import fake_artifact
 
 from edgeopt.fleet.db import open_database
 from edgeopt.fleet.messages import ModelRef, UpdateStatus, state_message
@@ -15,6 +14,7 @@ from edgeopt.fleet.repository import Repository
 from edgeopt.fleet.store import FleetStore
 
 from conftest import run_cli
+from repo_helpers import fake_artifact
 
 
 @pytest.fixture

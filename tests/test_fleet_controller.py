@@ -5,7 +5,6 @@ the controller's read and write is never overwritten."""
 from __future__ import annotations
 
 import pytest
-from fleet_helpers import sqlite_url
 
 from edgeopt.fleet.controller import Controller, DesiredPublisher
 from edgeopt.fleet.db import open_database
@@ -14,6 +13,8 @@ from edgeopt.fleet.registry import Registry
 from edgeopt.fleet.rollout import Phase, apply_command, new_rollout
 from edgeopt.fleet.rollout_spec import RolloutSpec, parse_waves
 from edgeopt.fleet.store import FleetStore
+
+from fleet_helpers import sqlite_url
 
 V1, V2 = ModelRef("kws", "1"), ModelRef("kws", "2")
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from fleet_helpers import FleetRig, db_url, sqlite_url, tuned_mosquitto  # noqa: F401  (db_url: fixture)
 
 from edgeopt.fleet.messages import ModelRef
 from edgeopt.fleet.rollout import Phase
 from edgeopt.fleet.rollout_spec import parse_waves
 from edgeopt.fleet.simulator import FailurePlan
+
+from fleet_helpers import FleetRig, db_url, sqlite_url, tuned_mosquitto  # noqa: F401  (db_url: fixture)
 
 V1, V2 = ModelRef("kws", "1"), ModelRef("kws", "2")
 ENDED = (Phase.COMPLETED, Phase.ABORTED)

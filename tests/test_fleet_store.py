@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from fleet_helpers import db_url  # noqa: F401  (fixture)
 
 from edgeopt.errors import EnvironmentFault, RemoteError, UserInputError
 from edgeopt.fleet.db import MIGRATIONS, Database, open_database, redact
@@ -21,6 +20,8 @@ from edgeopt.fleet.registry import Registry
 from edgeopt.fleet.rollout import Outcome, Phase, apply_command, decide, new_rollout
 from edgeopt.fleet.rollout_spec import RolloutSpec, parse_waves
 from edgeopt.fleet.store import FleetStore
+
+from fleet_helpers import db_url  # noqa: F401  (fixture)
 
 V1, V2 = ModelRef("kws", "1"), ModelRef("kws", "2")
 

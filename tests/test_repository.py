@@ -6,13 +6,13 @@ import json
 import stat
 
 import pytest
-from repo_helpers import fake_artifact
 
 from edgeopt.artifact import TamperedArtifact, pack_artifact, unpack_artifact
 from edgeopt.errors import UserInputError
 from edgeopt.fleet.repository import Repository, parse_expiry
 
 from conftest import run_cli
+from repo_helpers import fake_artifact
 
 
 @pytest.fixture

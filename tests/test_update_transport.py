@@ -10,7 +10,6 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from repo_helpers import RepoPair, fake_artifact
 
 from edgeopt.agent.update.trust import UpdateRefused
 from edgeopt.artifact import unpack_artifact
@@ -18,6 +17,7 @@ from edgeopt.fleet.repository import Repository, _write
 from edgeopt.signing import load_signer
 
 from brokers import Mosquitto
+from repo_helpers import RepoPair, fake_artifact
 
 
 @pytest.fixture

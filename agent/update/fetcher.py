@@ -40,13 +40,12 @@ class MqttFetcher(FetcherInterface):
         self.link, self.chunk_size, self.timeout, self.retries = link, chunk_size, timeout, retries
         self.max_total, self.backoff = max_total, backoff
         self.partial_dir = Path(partial_dir) if partial_dir else None
-        if self.partial_dir is not None:
-            self.partial_dir.mkdir(parents=True, exist_ok=True)
         self.stats: Counter[str] = Counter()  # bytes_network, bytes_resumed, requests, retries
 
     def partial_path(self, repo_path: str) -> Path | None:
         if self.partial_dir is None or not repo_path.startswith("targets/"):
             return None
+        self.partial_dir.mkdir(parents=True, exist_ok=True)
         return self.partial_dir / (repo_path.split("/", 1)[1] + ".part")
 
     def discard_partial(self, repo_path: str) -> None:

@@ -85,6 +85,7 @@ class UpdateRecord:
     reason: str | None = None                 # why the last failure happened (for the state topic)
     attempts: int = 0                         # RETRY count in the current state
     entered_at: float = 0.0
+    outcome: str | None = None                # COMMITTED or ROLLED_BACK once the update ended
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -93,7 +94,8 @@ class UpdateRecord:
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> UpdateRecord:
         return cls(State(obj["state"]), obj.get("target"), obj.get("previous"), obj.get("reason"),
-                   int(obj.get("attempts", 0)), float(obj.get("entered_at", 0.0)), list(obj.get("history", [])))
+                   int(obj.get("attempts", 0)), float(obj.get("entered_at", 0.0)), obj.get("outcome"),
+                   list(obj.get("history", [])))
 
 
 class RecordStore:
@@ -143,7 +145,7 @@ class UpdateMachine:
         record = self.store.load()
         if record.state is not State.IDLE:
             raise InvalidTransition(f"an update is already in progress ({record.state})")
-        record.target, record.previous, record.reason = target, previous, None
+        record.target, record.previous, record.reason, record.outcome = target, previous, None, None
         self._move(record, next_state(record.state, Event.UPDATE))
         return record
 
@@ -175,6 +177,8 @@ class UpdateMachine:
             entry["reason"] = reason
         record.history = (record.history + [entry])[-HISTORY_KEEP:]
         record.state, record.entered_at = new, self.clock()
+        if new in (State.COMMITTED, State.ROLLED_BACK):
+            record.outcome = str(new)
         if reason is not None:
             record.reason = reason
         if new is State.IDLE:

@@ -1,0 +1,534 @@
+"""The agent's side of signed updates: follows the retained ``desired`` message and drives the
+update state machine (agent/update/machine.py) with the steps below, while inference goes on.
+
+    DOWNLOADING   refresh the signed metadata (TUF), look NAME@VERSION up in the signed targets (the
+                  allow-list), download it over MQTT (resumable; verified length + sha256)
+    VERIFYING     re-hash the downloaded file against the signed length and sha256
+    STAGED        unpack into the inactive slot (safe extraction, every file's hash checked) and
+                  check the manifest names the version asked for
+    SELF_TEST     in a child process: load with its runtime, golden vectors, NaN/Inf, latency budget
+    SHADOW        (optional) run the candidate beside the current model on live windows; top-1
+                  agreement must reach the threshold
+    PROBATION     switch (the main loop activates the slot by one atomic rename and swaps the model
+                  between two batches, so no window is lost), then watch the candidate's error rate,
+                  NaN outputs, latency p95 and confidence on live windows
+    COMMITTED     the candidate stays; downloads are cleaned up
+    ROLLING_BACK  the previous slot is activated and its model swapped back in
+    ROLLED_BACK   the version is remembered as refused (a retained ``desired`` naming it again does
+                  not start it again) and the reason is reported
+
+Every transition goes out on the retained ``state`` topic with the reason. A ``desired`` that is
+not in the signed targets is refused in DOWNLOADING, before anything is written to a slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgeopt.agent.update.machine import Event, RecordStore, State, UpdateMachine, UpdateRecord
+from edgeopt.errors import EdgeoptError, RemoteError
+
+log = logging.getLogger("edgeopt.agent.update")
+MAX_DESIRED_BYTES = 1024
+
+
+class Host(Protocol):
+    """What the updater needs from the running agent."""
+
+    state: Any  # agent.statedir.StateDir
+
+    def current_model(self) -> dict[str, Any] | None: ...
+
+    def add_batch_observer(self, fn: Callable) -> None: ...
+
+    def remove_batch_observer(self, fn: Callable) -> None: ...
+
+    def request_swap(self, slot: str, model: Any, timeout: float = 60.0) -> bool: ...
+
+    def publish_state(self) -> None: ...
+
+
+def parse_desired(payload: bytes) -> dict[str, Any] | None:
+    """The retained ``desired`` message → {name, version, rollout} (None: cleared). Raises ValueError."""
+    from edgeopt.fleet.repository import NAME_RE
+
+    if not payload:
+        return None
+    if len(payload) > MAX_DESIRED_BYTES:
+        raise ValueError(f"desired message of {len(payload)} bytes exceeds {MAX_DESIRED_BYTES}")
+    obj = json.loads(payload)
+    if not isinstance(obj, dict):
+        raise ValueError("desired is not a JSON object")
+    name, version, rollout = obj.get("name"), obj.get("version"), obj.get("rollout")
+    for field, value in (("name", name), ("version", version)):
+        if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
+            raise ValueError(f"desired.{field} is malformed: {str(value)[:60]!r}")
+    if rollout is not None and (not isinstance(rollout, str) or not NAME_RE.match(rollout)):
+        raise ValueError(f"desired.rollout is malformed: {str(rollout)[:60]!r}")
+    return {"name": name, "version": version, "rollout": rollout}
+
+
+def top1_confidence(outputs: dict[str, np.ndarray]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(top-1 index, top-1 probability) per window for a single classifier output, else (None, None).
+    Scores that are not already probabilities go through a softmax."""
+    if len(outputs) != 1:
+        return None, None
+    y = np.asarray(next(iter(outputs.values())), dtype=np.float64)
+    if y.ndim != 2 or y.shape[1] < 2:
+        return None, None
+    if not ((y >= 0).all() and np.allclose(y.sum(1), 1.0, atol=1e-3)):
+        z = np.exp(y - y.max(1, keepdims=True))
+        y = z / z.sum(1, keepdims=True)
+    return y.argmax(1), y.max(1)
+
+
+class Watch:
+    """Live-window statistics of one model during SHADOW / PROBATION (fed from the inference loop)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.windows = 0
+        self.failed = 0          # windows whose inference raised or gave NaN/Inf
+        self.nan_outputs = 0
+        self.latencies_ms: list[float] = []
+        self.confidence: list[float] = []
+        self.agree = 0
+        self.compared = 0
+
+    def add(self, n: int, outputs: dict[str, np.ndarray] | None, seconds: float) -> None:
+        with self.lock:
+            self.windows += n
+            if outputs is None:
+                self.failed += n
+                return
+            finite = np.ones(n, dtype=bool)
+            for v in outputs.values():
+                finite &= np.isfinite(np.asarray(v, dtype=np.float64).reshape(n, -1)).all(1)
+            bad = int((~finite).sum())
+            self.nan_outputs += bad
+            self.failed += bad
+            self.latencies_ms.append(seconds * 1000.0)
+            _, conf = top1_confidence(outputs)
+            if conf is not None:
+                self.confidence.extend(conf[finite].tolist())
+
+    def p95_ms(self) -> float | None:
+        with self.lock:
+            return float(np.percentile(self.latencies_ms, 95)) if self.latencies_ms else None
+
+    def mean_confidence(self) -> float | None:
+        with self.lock:
+            return float(np.mean(self.confidence)) if self.confidence else None
+
+    def error_rate(self) -> float:
+        with self.lock:
+            return self.failed / self.windows if self.windows else 0.0
+
+    def agreement(self) -> float | None:
+        with self.lock:
+            return self.agree / self.compared if self.compared else None
+
+
+def _failing_safely(state: State, step):
+    """A step before COMMITTED that raises something unexpected (a bug, a full disk) fails the update
+    instead of stalling it: the device goes back to the model that passed its checks."""
+
+    def run(record: UpdateRecord) -> Event:
+        try:
+            return step(record)
+        except Exception as exc:
+            log.exception("update step %s failed unexpectedly", state)
+            record.reason = f"{str(state).lower()}: {type(exc).__name__}: {exc}"[:200]
+            return Event.FAILED
+
+    return run
+
+
+class _TopicsOver:
+    """The agent's transport (handlers get the payload) as the link's Topics (handlers get topic and
+    payload); the device subscribes to exact topics only, so the topic is known."""
+
+    def __init__(self, transport):
+        self.transport = transport
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False):
+        return self.transport.publish(topic, payload, qos=qos, retain=retain)
+
+    def subscribe(self, topic: str, handler) -> None:
+        self.transport.subscribe(topic, lambda payload: handler(topic, payload))
+
+
+class Updater:
+    def __init__(self, host: Host, config, transport, device_id: str):
+        from edgeopt.agent.update.fetcher import MqttFetcher
+        from edgeopt.agent.update.link import MqttRepoLink
+        from edgeopt.agent.update.trust import DeviceTrust
+
+        self.host, self.cfg, self.transport, self.device_id = host, config.update, transport, device_id
+        self.model_cfg = config.model
+        self.root = host.state.root
+        self.prefix = config.mqtt.prefix
+        self.desired_topic = config.topic("desired")
+        trust_dir = self.root / "trust"
+        trust_dir.mkdir(parents=True, exist_ok=True)
+        pinned = trust_dir / "root.json"
+        if not pinned.is_file():
+            if not self.cfg.root or not Path(self.cfg.root).is_file():
+                raise EdgeoptError(f"updates need a pinned root: set [update] root (provisioned metadata/root.json) "
+                                   f"or place it at {pinned}")
+            shutil.copyfile(self.cfg.root, pinned)
+        link = MqttRepoLink(_TopicsOver(transport), device_id, self.prefix)
+        self.fetcher = MqttFetcher(link, chunk_size=self.cfg.chunk_bytes, timeout=self.cfg.request_timeout_s,
+                                   retries=self.cfg.request_retries, max_total=self.cfg.max_download_bytes,
+                                   partial_dir=self.root / "downloads" / "partial")
+        self.trust = DeviceTrust(trust_dir, self.fetcher, self.root / "downloads")
+        self.store = RecordStore(self.root / "update.json")
+        checked = {State.DOWNLOADING: self._downloading, State.VERIFYING: self._verifying,
+                   State.STAGED: self._staged, State.SELF_TEST: self._self_test, State.SHADOW: self._shadow,
+                   State.PROBATION: self._probation}
+        steps = {state: _failing_safely(state, step) for state, step in checked.items()}
+        steps.update({State.COMMITTED: self._committed, State.ROLLING_BACK: self._rolling_back,
+                      State.ROLLED_BACK: self._rolled_back})
+        self.machine = UpdateMachine(self.store, steps, on_transition=self._on_transition,
+                                     max_retries=self.cfg.max_retries)
+        self._desired: dict[str, Any] | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.watch: Watch | None = None
+        self.rejected_messages = 0
+        self.record = self.store.load()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.record = self.machine.recover()
+        self.transport.subscribe(self.desired_topic, self._on_desired)
+        self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _on_desired(self, payload: bytes) -> None:
+        try:
+            self._desired = parse_desired(payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            self.rejected_messages += 1
+            log.warning("ignored a malformed desired message: %s", exc)
+            return
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.record.state is not State.IDLE:
+                    self.record = self.machine.step()
+                    continue
+                target = self._wanted()
+                if target is not None:
+                    previous = self.host.current_model()
+                    self.record = self.machine.begin(target, previous)
+                    continue
+            except Exception:  # a bug must not take inference down; the state file says where we are
+                log.exception("update step failed unexpectedly")
+                self._stop.wait(5.0)
+                continue
+            self._wake.wait(1.0)
+            self._wake.clear()
+
+    def _wanted(self) -> dict[str, Any] | None:
+        desired = self._desired
+        if desired is None:
+            return None
+        current = self.host.current_model()
+        if current and (current["name"], current["version"]) == (desired["name"], desired["version"]):
+            return None
+        last = self.record.target or {}
+        if self.record.outcome == "ROLLED_BACK" and (last.get("name"), last.get("version")) == (
+                desired["name"], desired["version"]):
+            return None  # refused before: a retained desired must not loop; a new version is needed
+        return dict(desired)
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def _on_transition(self, record: UpdateRecord) -> None:
+        self.record = record
+        log.info("update %s@%s: %s%s", (record.target or {}).get("name"), (record.target or {}).get("version"),
+                 record.state, f" ({record.reason})" if record.reason and record.state is State.ROLLING_BACK else "")
+        self._run_hook(record)
+        self.host.publish_state()
+
+    def _run_hook(self, record: UpdateRecord) -> None:
+        """[update] state_hook: an executable run on entering each state (like Mender's state
+        scripts), with the state, model name and version as arguments. It runs before the step."""
+        if not self.cfg.state_hook:
+            return
+        t = record.target or {}
+        try:
+            subprocess.run([self.cfg.state_hook, str(record.state), str(t.get("name", "")),
+                            str(t.get("version", ""))], timeout=self.cfg.state_hook_timeout_s, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("state hook %s failed: %s", self.cfg.state_hook, exc)
+
+    def status(self) -> dict[str, Any]:
+        """The ``update`` field of the state message."""
+        r = self.record
+        t = r.target or {}
+        state = r.outcome if r.state is State.IDLE and r.outcome else str(r.state)
+        return {"state": state, "target": {"name": t["name"], "version": t["version"]} if t.get("name") else None,
+                "rollout": t.get("rollout"), "reason": r.reason, "since": r.entered_at}
+
+    def health(self) -> dict[str, Any] | None:
+        w = self.watch
+        if w is None:
+            return None
+        p95 = w.p95_ms()
+        return {"error_rate": round(w.error_rate(), 6), "latency_p95_ms": None if p95 is None else round(p95, 4),
+                "agreement": w.agreement(), "nan_outputs": w.nan_outputs}
+
+    # -- steps -------------------------------------------------------------------------------------
+    def _sleep(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    def _downloading(self, r: UpdateRecord) -> Event:
+        from edgeopt.agent.update.trust import UpdateRefused
+
+        t = r.target
+        try:
+            self.trust.refresh()
+            signed = self.trust.lookup(t["name"], t["version"])
+            path = self.trust.download(signed)
+        except UpdateRefused as exc:
+            r.reason = f"{exc.reason}: {exc}"
+            return Event.FAILED
+        except RemoteError as exc:
+            r.reason = f"repository unreachable: {exc}"
+            self._sleep(self.cfg.retry_interval_s)
+            return Event.RETRY
+        r.reason = None
+        t.update(path=str(path), sha256=signed.sha256, length=signed.length, format=signed.custom.get("format"))
+        return Event.OK
+
+    def _verifying(self, r: UpdateRecord) -> Event:
+        from edgeopt.fsutil import sha256_file
+
+        path = Path(r.target["path"])
+        if not path.is_file() or path.stat().st_size != r.target["length"] or sha256_file(path) != r.target["sha256"]:
+            r.reason = "hash_mismatch: the downloaded file does not match its signed length and sha256"
+            return Event.FAILED
+        return Event.OK
+
+    def _staged(self, r: UpdateRecord) -> Event:
+        from edgeopt.artifact import unpack_artifact
+
+        t = r.target
+        state = self.host.state
+        slot = state.inactive_slot()
+        work = self.root / "staging"
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            artifact = unpack_artifact(Path(t["path"]), work / "artifact")
+            m = artifact.manifest
+            if (str(m.get("name")), str(m.get("version"))) != (t["name"], t["version"]):
+                r.reason = (f"staged: the artifact's manifest says {m.get('name')}@{m.get('version')}, "
+                            f"not {t['name']}@{t['version']}")
+                return Event.FAILED
+            state.stage(artifact.root, slot)
+        except EdgeoptError as exc:
+            r.reason = f"staged: {exc}"
+            return Event.FAILED
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        t["slot"] = slot
+        if r.previous is not None:
+            r.previous.setdefault("slot", state.active_slot())
+        return Event.OK
+
+    def _self_test(self, r: UpdateRecord) -> Event:
+        from edgeopt.agent.update.selftest import run_in_child
+
+        budget = self.cfg.latency_budget_ms or None
+        res = run_in_child(self.host.state.slot_path(r.target["slot"]), self.model_cfg.runtime, self.model_cfg.threads,
+                           budget, self.cfg.self_test_timeout_s)
+        r.target["self_test"] = {"ok": res.ok, **res.details}
+        if not res.ok:
+            r.reason = f"self-test: {res.reason}"
+            return Event.FAILED
+        return Event.OK
+
+    def _load_slot(self, slot: str):
+        from edgeopt.agent.model import load_model
+
+        m = self.model_cfg
+        return load_model(self.host.state.slot_path(slot), slot, m.runtime, m.threads)
+
+    def _shadow(self, r: UpdateRecord) -> Event:
+        n = self.cfg.shadow_windows
+        if n <= 0 or self.host.current_model() is None:  # nothing runs yet: nothing to compare with
+            return Event.OK
+        try:
+            candidate = self._load_slot(r.target["slot"])
+        except EdgeoptError as exc:
+            r.reason = f"shadow: candidate does not load: {exc}"
+            return Event.FAILED
+        batches: queue.Queue = queue.Queue(maxsize=64)
+
+        def observe(windows, outputs, seconds, model):
+            if outputs is not None and model is not candidate:
+                # when the shadow cannot keep up it samples: inference never waits for it
+                with contextlib.suppress(queue.Full):
+                    batches.put_nowait((windows, outputs))
+
+        watch = self.watch = Watch()
+        self.host.add_batch_observer(observe)
+        deadline = time.monotonic() + self.cfg.shadow_timeout_s
+        try:
+            while watch.compared < n and not self._stop.is_set():
+                if time.monotonic() > deadline:
+                    r.reason = f"shadow: only {watch.compared} of {n} live windows within {self.cfg.shadow_timeout_s:g} s"
+                    return Event.FAILED
+                try:
+                    windows, current = batches.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                try:
+                    mine, seconds = candidate.infer(windows)
+                except EdgeoptError:
+                    mine, seconds = None, 0.0
+                watch.add(len(windows), mine, seconds)
+                a, _ = top1_confidence(current)
+                b, _ = top1_confidence(mine) if mine is not None else (None, None)
+                with watch.lock:
+                    watch.compared += len(windows)
+                    if a is not None and b is not None:
+                        watch.agree += int((a == b).sum())
+                    elif mine is not None:  # not a classifier: agreement = outputs within the golden atol
+                        ok = all(np.allclose(mine[k], current[k], atol=1e-3 * max(1.0, float(np.abs(current[k]).max())))
+                                 for k in current)
+                        watch.agree += len(windows) if ok else 0
+            if self._stop.is_set():
+                return Event.RETRY
+            agreement = watch.agreement() or 0.0
+            r.target["shadow"] = {"windows": watch.compared, "agreement": round(agreement, 4),
+                                  "error_rate": round(watch.error_rate(), 4)}
+            if agreement < self.cfg.shadow_min_agreement:
+                r.reason = (f"shadow: top-1 agreement {agreement:.1%} with the current model is below "
+                            f"{self.cfg.shadow_min_agreement:.0%} over {watch.compared} live windows")
+                return Event.FAILED
+            return Event.OK
+        finally:
+            self.host.remove_batch_observer(observe)
+            self.watch = None
+
+    def _probation(self, r: UpdateRecord) -> Event:
+        cfg = self.cfg
+        baseline = Watch()
+
+        def observe_baseline(windows, outputs, seconds, model):
+            if model is not None and model.slot != r.target["slot"]:
+                baseline.add(len(windows), outputs, seconds)
+
+        # a short look at the current model first: the latency / confidence the candidate is held to
+        if self.host.current_model() is not None and self.host.state.active_slot() != r.target["slot"]:
+            self.host.add_batch_observer(observe_baseline)
+            end = time.monotonic() + cfg.baseline_s
+            while baseline.windows < cfg.probation_windows and time.monotonic() < end and not self._stop.is_set():
+                self._sleep(0.1)
+            self.host.remove_batch_observer(observe_baseline)
+        try:
+            candidate = self._load_slot(r.target["slot"])
+        except EdgeoptError as exc:
+            r.reason = f"probation: candidate does not load: {exc}"
+            return Event.FAILED
+        watch = self.watch = Watch()
+
+        def observe(windows, outputs, seconds, model):
+            if model is candidate:
+                watch.add(len(windows), outputs, seconds)
+
+        self.host.add_batch_observer(observe)
+        try:
+            if not self.host.request_swap(r.target["slot"], candidate):
+                r.reason = "probation: the inference loop did not take the new model in time"
+                return Event.FAILED
+            started = time.monotonic()
+            while not self._stop.is_set():
+                elapsed = time.monotonic() - started
+                verdict = self._probation_verdict(watch, baseline)
+                if verdict is not None:
+                    r.reason = f"probation: {verdict} over {watch.windows} live windows"
+                    return Event.FAILED
+                if (elapsed >= cfg.probation_s and watch.windows >= cfg.probation_windows) or \
+                        elapsed >= cfg.probation_timeout_s:
+                    break
+                self._sleep(0.1)
+                self.host.publish_state()
+            if self._stop.is_set():
+                return Event.RETRY  # the agent is stopping; recover() counts it as a failure on restart
+            r.target["probation"] = {"windows": watch.windows, **(self.health() or {})}
+            return Event.OK
+        finally:
+            self.host.remove_batch_observer(observe)
+            self.watch = None
+
+    def _probation_verdict(self, w: Watch, baseline: Watch) -> str | None:
+        cfg = self.cfg
+        if w.nan_outputs > cfg.probation_max_nan:
+            return f"{w.nan_outputs} window(s) with NaN/Inf outputs (allowed {cfg.probation_max_nan})"
+        if w.windows >= 20 and w.error_rate() > cfg.probation_max_error_rate:
+            return f"error rate {w.error_rate():.1%} above {cfg.probation_max_error_rate:.1%}"
+        p95, base_p95 = w.p95_ms(), baseline.p95_ms()
+        budget = cfg.latency_budget_ms or None
+        if p95 is not None and len(w.latencies_ms) >= 10:
+            if budget is not None and p95 > budget:
+                return f"latency p95 {p95:.3f} ms above the budget {budget:g} ms"
+            if base_p95 is not None and p95 > cfg.probation_latency_factor * base_p95 + 1.0:
+                return f"latency p95 {p95:.3f} ms above {cfg.probation_latency_factor:g}x the previous model's {base_p95:.3f} ms"
+        conf, base_conf = w.mean_confidence(), baseline.mean_confidence()
+        if conf is not None and base_conf is not None and len(w.confidence) >= 20 and \
+                conf < cfg.probation_min_confidence_ratio * base_conf:
+            return f"mean top-1 confidence {conf:.3f} below {cfg.probation_min_confidence_ratio:g}x the previous model's {base_conf:.3f}"
+        return None
+
+    def _committed(self, r: UpdateRecord) -> Event:
+        self.host.state.mark_good(r.target["slot"])  # a fallback target from now on
+        self._clean_downloads(r)
+        return Event.OK
+
+    def _rolling_back(self, r: UpdateRecord) -> Event:
+        state = self.host.state
+        prev_slot = (r.previous or {}).get("slot")
+        if prev_slot is None and state.active_slot() == (r.target or {}).get("slot"):
+            self.host.request_swap(None, None)  # a first install failed: back to no model
+        elif prev_slot and state.active_slot() != prev_slot:
+            try:
+                model = self._load_slot(prev_slot)
+            except EdgeoptError as exc:  # the previous model passed its checks once; say so loudly
+                log.error("rolling back: the previous model in slot %s does not load: %s", prev_slot, exc)
+                model = None
+            self.host.request_swap(prev_slot, model)
+        self._clean_downloads(r)
+        return Event.OK
+
+    def _rolled_back(self, r: UpdateRecord) -> Event:
+        return Event.OK
+
+    def _clean_downloads(self, r: UpdateRecord) -> None:
+        path = (r.target or {}).get("path")
+        if path:
+            Path(path).unlink(missing_ok=True)
+        shutil.rmtree(self.root / "downloads" / "partial", ignore_errors=True)

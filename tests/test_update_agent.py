@@ -1,0 +1,184 @@
+"""Signed updates on a real agent: a real Mosquitto, the signed repository served over it, real
+ONNX Runtime, an agent subprocess inferring on a live synthetic IMU stream the whole time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from update_harness import (
+    Rig,
+    convert,
+    model_version,
+    nan_on_golden,
+    nan_on_live_data,
+    permuted_classes,
+    scrambled,
+    seq_gaps,
+    update_of,
+    wait_outcome,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def artifacts(imu_model, tmp_path_factory):
+    """v1 and v2 of the IMU model, and bad candidates built from it."""
+    root = tmp_path_factory.mktemp("update-artifacts")
+    arts = {"1": convert(imu_model, root / "v1", "1"), "2": convert(imu_model, root / "v2", "2")}
+    arts["scrambled"] = scrambled(arts["2"], root / "scrambled", "3")
+    arts["nan"] = nan_on_golden(arts["2"], root / "nan", "4")
+    arts["disagree"] = convert(imu_model, root / "disagree", "5", permuted_classes(imu_model, root / "perm.onnx"))
+    arts["nan_live"] = convert(imu_model, root / "nan_live", "6", nan_on_live_data(imu_model, root / "nanlive.onnx"))
+    return arts
+
+
+@pytest.fixture
+def rig(tmp_path, artifacts):
+    r = Rig(tmp_path)
+    r.publish(artifacts["1"], "1")
+    yield r
+    r.close()
+
+
+def _running_v1(rig, tmp_path, **update):
+    """An agent that took v1 through the update path and now runs it."""
+    jsonl = tmp_path / "results.jsonl"
+    agent = rig.start_agent(rig.agent_config(tmp_path / "state", jsonl, **update))
+    rig.set_desired("dev1", "1")
+    status = wait_outcome(agent, "1")
+    assert update_of(status)["state"] == "COMMITTED", update_of(status)
+    return agent, jsonl
+
+
+def test_happy_path_commits_v2_and_no_window_is_lost_across_the_switch(rig, artifacts, tmp_path):
+    agent, jsonl = _running_v1(rig, tmp_path)
+    rig.publish(artifacts["2"], "2")
+    rig.set_desired("dev1", "2", rollout="wave-1")
+    status = wait_outcome(agent, "2")
+    update = update_of(status)
+    assert update["state"] == "COMMITTED" and update["rollout"] == "wave-1", update
+    assert model_version(status) == "2" and status["state"]["status"] == "running"
+    agent.wait_status(lambda s: s["telemetry"]["windows_out"] > status["telemetry"]["windows_out"] + 20,
+                      what="more windows on v2")
+    assert agent.stop() == 0
+    missing, versions = seq_gaps(jsonl)
+    assert missing == [], f"windows lost across the switch: {missing[:10]}"
+    first_v2 = versions.index("2")
+    assert versions[first_v2 - 1] == "1" and set(versions[first_v2:]) == {"2"}  # one clean switch
+    assert versions.count("1") > 20 and versions.count("2") > 20  # inference ran throughout
+
+
+def test_state_topic_reports_each_transition(rig, artifacts, tmp_path):
+    import threading
+
+    from edgeopt.fleet.messages import parse_state
+    from edgeopt.mqtt import connect, make_client
+
+    seen: list[str] = []
+    lock = threading.Lock()
+    watcher = make_client("watcher", rig.broker.url)
+
+    def on_message(c, u, msg):
+        if msg.payload:
+            st = parse_state("dev1", msg.payload)  # the fleet's own parser accepts every message
+            with lock:
+                if getattr(st, "update", None) and (not seen or seen[-1] != st.update.state):
+                    seen.append(st.update.state)
+
+    watcher.on_message = on_message
+    connect(watcher)
+    watcher.subscribe("edgeopt/devices/dev1/state", qos=1)
+    try:
+        agent, _ = _running_v1(rig, tmp_path)
+        rig.publish(artifacts["2"], "2")
+        rig.set_desired("dev1", "2")
+        wait_outcome(agent, "2")
+        agent.stop()
+    finally:
+        watcher.disconnect()
+        watcher.loop_stop()
+    expected = ["DOWNLOADING", "VERIFYING", "STAGED", "SELF_TEST", "SHADOW", "PROBATION", "COMMITTED"]
+    tail = seen[len(seen) - 1 - seen[::-1].index("DOWNLOADING"):]
+    assert tail == expected, seen
+
+
+@pytest.mark.parametrize("variant,config,reason", [
+    ("scrambled", {}, "golden vectors"),
+    ("nan", {}, "NaN/Inf on golden inputs"),
+    ("2", {"latency_budget_ms": 0.0001}, "exceeds the budget"),
+])
+def test_self_test_failures_roll_back(rig, artifacts, tmp_path, variant, config, reason):
+    agent, jsonl = _running_v1(rig, tmp_path, **config) if not config else (None, None)
+    if agent is None:  # a budget no model meets: install v1 without it, then update with it
+        agent, jsonl = _running_v1(rig, tmp_path)
+        agent.stop()
+        cfg = rig.agent_config(tmp_path / "state", jsonl, **config)
+        agent = rig.start_agent(cfg, name="agent2.toml")
+    version = json.loads((artifacts[variant] / "manifest.json").read_text())["version"]
+    rig.publish(artifacts[variant], version)
+    rig.set_desired("dev1", version)
+    status = wait_outcome(agent, version)
+    update = update_of(status)
+    assert update["state"] == "ROLLED_BACK" and "self-test" in update["reason"] and reason in update["reason"], update
+    assert model_version(status) == "1" and status["state"]["status"] == "running"
+    before = status["telemetry"]["windows_out"]
+    agent.wait_status(lambda s: s["telemetry"]["windows_out"] > before + 10, what="v1 still inferring")
+    assert agent.stop() == 0
+    assert set(seq_gaps(jsonl)[1]) == {"1"}  # the candidate never served a window
+
+
+def test_shadow_disagreement_rolls_back_before_the_switch(rig, artifacts, tmp_path):
+    agent, jsonl = _running_v1(rig, tmp_path, shadow_windows=40)
+    rig.publish(artifacts["disagree"], "5")
+    rig.set_desired("dev1", "5")
+    status = wait_outcome(agent, "5")
+    update = update_of(status)
+    assert update["state"] == "ROLLED_BACK" and "shadow: top-1 agreement" in update["reason"], update
+    assert model_version(status) == "1"
+    assert agent.stop() == 0
+    assert set(seq_gaps(jsonl)[1]) == {"1"}
+
+
+def test_probation_error_rate_rolls_back_to_the_previous_model(rig, artifacts, tmp_path):
+    agent, jsonl = _running_v1(rig, tmp_path, probation_windows=200, probation_s=3.0)
+    rig.publish(artifacts["nan_live"], "6")
+    rig.set_desired("dev1", "6")
+    status = wait_outcome(agent, "6")
+    update = update_of(status)
+    assert update["state"] == "ROLLED_BACK" and "probation" in update["reason"], update
+    assert "NaN" in update["reason"] or "error rate" in update["reason"]
+    assert model_version(status) == "1"
+    before = status["telemetry"]["windows_out"]
+    agent.wait_status(lambda s: s["telemetry"]["windows_out"] > before + 10, what="v1 inferring again")
+    assert agent.stop() == 0
+    missing, versions = seq_gaps(jsonl)
+    assert missing == []  # no window lost through switch and rollback
+    assert "6" in versions and versions[-1] == "1"  # the candidate served on probation, then v1 again
+
+
+def test_a_version_not_in_signed_targets_is_refused_and_the_model_untouched(rig, artifacts, tmp_path):
+    agent, _ = _running_v1(rig, tmp_path)
+    rig.publish(artifacts["2"], "2")
+    rig.repo.revoke("imu-cnn", "2")
+    for version in ("2", "9"):  # revoked, never published
+        rig.set_desired("dev1", version)
+        status = wait_outcome(agent, version)
+        update = update_of(status)
+        assert update["state"] == "ROLLED_BACK" and update["reason"].startswith("not_allowed"), update
+        assert model_version(status) == "1"
+    slots = sorted(p.name for p in (tmp_path / "state" / "slots").iterdir() if not p.name.startswith("."))
+    assert len(slots) == 1  # nothing was staged
+    assert agent.stop() == 0
+
+
+def test_malformed_desired_messages_are_ignored(rig, tmp_path):
+    agent, _ = _running_v1(rig, tmp_path)
+    for payload in (b"{", b"[]", json.dumps({"name": "../x", "version": "1"}).encode(), b"\xff" * 2000,
+                    json.dumps({"name": "imu-cnn"}).encode()):
+        rig.server_client.publish("edgeopt/devices/dev1/desired", payload, qos=1, retain=True).wait_for_publish(5)
+    status = agent.wait_status(lambda s: s["state"]["status"] == "running", what="still running")
+    assert model_version(status) == "1" and update_of(status)["state"] == "COMMITTED"
+    assert agent.stop() == 0
