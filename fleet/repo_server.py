@@ -48,8 +48,10 @@ class RepoServer:
             log.warning("rejected repository request on %s: %s", topic, exc)
             return None
         resp = self._answer(req)
-        self.topics.publish(response_topic(self.prefix, device), resp.encode(), qos=1)
-        self._count("requests", errors=int(resp.error is not None), bytes_sent=len(resp.data))
+        frame = resp.encode()
+        self.topics.publish(response_topic(self.prefix, device), frame, qos=1)
+        self._count("requests", errors=int(resp.error is not None), bytes_sent=len(resp.data),
+                    payload_bytes=len(frame), request_bytes=len(payload))
         return resp
 
     def _answer(self, req) -> ChunkResponse:
