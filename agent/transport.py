@@ -57,6 +57,10 @@ class MqttTransport:
         if cfg.tls:
             self.client.tls_set(ca_certs=cfg.ca_file or None, certfile=cfg.cert_file or None,
                                 keyfile=cfg.key_file or None)
+        from edgeopt.mqtt import set_nodelay
+
+        # request/response traffic (update chunks) must not wait for Nagle + delayed ACK (~40 ms each)
+        self.client.on_socket_open = lambda c, userdata, sock: set_nodelay(sock)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
