@@ -37,10 +37,14 @@ demo: setup
 	$(BIN)/edgeopt convert $(DEMO)/digits_cnn.onnx -o $(DEMO)/raspberry-pi-4-int8 --force \
 		--profile raspberry-pi-4 --target onnx --quantize int8 \
 		--calibration $(DEMO)/calibration.npz --validation $(DEMO)/validation.npz --max-accuracy-drop 1.0
-	$(BIN)/edgeopt convert $(DEMO)/digits_cnn.onnx -o $(DEMO)/raspberry-pi-4-fp32 --force -q \
-		--profile raspberry-pi-4 --target onnx --quantize none --validation $(DEMO)/validation.npz
-	$(BIN)/python examples/fleet_demo.py --v1 $(DEMO)/raspberry-pi-4-fp32 --v2 $(DEMO)/raspberry-pi-4-int8 \
-		--out $(DEMO)/fleet --devices 50
+	$(BIN)/python examples/imu.py --out $(DEMO)/imu
+	$(BIN)/edgeopt convert $(DEMO)/imu/imu_cnn.onnx -o $(DEMO)/imu-v1 --force -q --target onnx --name imu \
+		--version 1 --preprocessing $(DEMO)/imu/preprocessing.json --validation $(DEMO)/imu/validation.npz
+	$(BIN)/edgeopt convert $(DEMO)/imu/imu_cnn.onnx -o $(DEMO)/imu-v2 --force -q --target onnx --name imu \
+		--version 2 --quantize int8 --calibration $(DEMO)/imu/calibration.npz \
+		--preprocessing $(DEMO)/imu/preprocessing.json --validation $(DEMO)/imu/validation.npz
+	$(BIN)/python examples/fleet_demo.py --v1 $(DEMO)/imu-v1 --v2 $(DEMO)/imu-v2 \
+		--out $(DEMO)/fleet --devices 50 --agents 3
 
 test: setup
 	$(BIN)/python -m pytest

@@ -2,7 +2,7 @@
 broken v3, start the fleet service on its embedded broker, bring up simulated devices, roll v2 out
 in waves, then roll v3 out and watch it abort and roll back by itself.
 
-    python examples/fleet_demo.py --v1 build/demo/raspberry-pi-4-fp32 --v2 build/demo/raspberry-pi-4-int8 \\
+    python examples/fleet_demo.py --v1 build/demo/imu-v1 --v2 build/demo/imu-v2 \\
         --out build/demo/fleet [--devices 50] [--agents 3]
 
 Every simulated device keeps its own MQTT connection, runs its own python-tuf client against the
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 EDGEOPT = str(Path(sys.executable).parent / "edgeopt")
-NAME = "digits"
+NAME = "imu"
 
 
 def edgeopt(*args, check: bool = True) -> subprocess.CompletedProcess:
@@ -62,15 +62,56 @@ def break_artifact(good: Path, dest: Path) -> Path:
     return dest
 
 
-def start_real_agents(count: int, broker: str, repo: Path, out: Path) -> list[subprocess.Popen]:
-    """Real device agents next to the simulated ones. The agent (issue 6) does not follow `desired`
-    yet: its update wiring (agent/update/machine.py driven by the agent's MQTT transport) lands at
-    integration; until then this says so instead of pretending."""
+AGENT = str(Path(sys.executable).parent / "edgeopt-agent")
+
+
+def start_real_agents(count: int, broker: str, repo: Path, out: Path, v1: Path) -> list[subprocess.Popen]:
+    """Real ``edgeopt-agent`` processes next to the simulated devices: each has its own state
+    directory with v1 installed, pins the repository's root, infers on a synthetic IMU stream (its
+    results go to a JSON Lines file) and takes every update through download, TUF verification,
+    self-test, probation and commit or rollback."""
+    host, port = broker.removeprefix("mqtt://").split(":")
+    procs = []
+    for i in range(1, count + 1):
+        device = f"agent-{i}"
+        home = out / "agents" / device
+        home.mkdir(parents=True)
+        subprocess.run([EDGEOPT, "agent", "install-model", str(v1), "--state-dir", str(home / "state")],
+                       check=True, capture_output=True)
+        (home / "agent.toml").write_text(f"""[agent]
+device_id = "{device}"
+state_dir = "{home / 'state'}"
+labels = ["fleet=demo", "kind=real-agent"]
+log_level = "warning"
+
+[mqtt]
+host = "{host}"
+port = {port}
+reconnect_max_s = 2.0
+
+[update]
+root = "{repo / 'metadata' / '1.root.json'}"
+probation_windows = 30
+probation_s = 1.0
+baseline_s = 0.5
+
+[telemetry]
+interval_s = 2.0
+
+[[source]]
+type = "synthetic"
+rate_hz = 800.0
+seed = {i}
+
+[[sink]]
+type = "jsonl"
+path = "{home / 'results.jsonl'}"
+""")
+        with open(home / "agent.log", "w") as log:  # the child keeps its own copy of the descriptor
+            procs.append(subprocess.Popen([AGENT, "--config", str(home / "agent.toml")], stderr=log))
     if count:
-        print(f"note: {count} real agent(s) requested, but the agent cannot take signed updates from the "
-              f"fleet yet (agent ↔ update-machine wiring pending); continuing with simulated devices only",
-              flush=True)
-    return []
+        print(f"started {count} real agent(s) (edgeopt-agent, logs in {out / 'agents'})", flush=True)
+    return procs
 
 
 def wait_for_devices(repo: Path, count: int, timeout: float = 60.0) -> None:
@@ -100,7 +141,7 @@ def main() -> None:
     ap.add_argument("--v2", type=Path, required=True, help="artifact published as version 2")
     ap.add_argument("--out", type=Path, default=Path("build/demo/fleet"))
     ap.add_argument("--devices", type=int, default=50, help="simulated devices")
-    ap.add_argument("--agents", type=int, default=3, help="real agents (see start_real_agents)")
+    ap.add_argument("--agents", type=int, default=3, help="real edgeopt-agent processes")
     args = ap.parse_args()
 
     out = args.out
@@ -128,9 +169,10 @@ def main() -> None:
              f"{NAME}@1", "--repo", repo, "--labels", "fleet=demo", "--verify", "full", "--self-test", "golden",
              "--step-delay", "0.1", "--probation", "1", "--workers", "8", "--telemetry-interval", "5"],
             stderr=subprocess.DEVNULL))
-        procs += start_real_agents(args.agents, broker, repo, out)
-        wait_for_devices(repo, args.devices)
-        print(f"\n{args.devices} devices online: {models_summary(repo)}\n", flush=True)
+        procs += start_real_agents(args.agents, broker, repo, out, args.v1)
+        total = args.devices + args.agents
+        wait_for_devices(repo, total)
+        print(f"\n{total} devices online: {models_summary(repo)}\n", flush=True)
 
         edgeopt("fleet", "rollout", "create", "--model", f"{NAME}@2", "--repo", repo, "--selector", "fleet=demo",
                 "--waves", "10%,50%,100%", "--bake", "3s", "--device-timeout", "60s", "--id", "demo-v2", "--start")
@@ -145,7 +187,7 @@ def main() -> None:
         if code != 1:
             raise SystemExit("fleet demo: the broken v3 rollout was expected to abort")
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and models_summary(repo) != f"{args.devices} on {NAME}@2":
+        while time.monotonic() < deadline and models_summary(repo) != f"{total} on {NAME}@2":
             time.sleep(0.5)
         print(f"\nv3 aborted and rolled back by itself: {models_summary(repo)}", flush=True)
     finally:
