@@ -44,28 +44,38 @@ def default_format() -> str:
     return "onnx"
 
 
-def build(work: Path, fmt: str) -> tuple[Path, dict]:
+def build(work: Path, fmt: str) -> dict[int, Path]:
+    """The artifact per batch size: one ONNX artifact with a dynamic batch serves both; a .tflite has
+    static shapes, so LiteRT gets one artifact per batch size (``--input-shape imu:B,3,64``), as
+    TFLite deployments do."""
     from edgeopt.cli import main as cli_main
 
     import imu
 
     made = imu.make(work / "model")
-    art = work / f"artifact-{fmt}"
-    report = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(report):
-            cli_main(["convert", str(made["model"]), "-o", str(art), "--target", fmt, "-q", "--force", "--json",
-                      "--preprocessing", str(made["preprocessing"]), "--validation", str(made["validation"])])
-    except SystemExit as exc:
-        if exc.code:
-            raise SystemExit(f"convert to {fmt} failed") from None
-    return art, made
+    arts = {}
+    for batch in (32, 1):
+        art = work / f"artifact-{fmt}-b{batch}"
+        shape = ["--input-shape", f"imu:{batch},3,64"] if fmt == "tflite" else []
+        if fmt != "tflite" and arts:
+            arts[batch] = next(iter(arts.values()))
+            continue
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                cli_main(["convert", str(made["model"]), "-o", str(art), "--target", fmt, "-q", "--force", "--json",
+                          "--preprocessing", str(made["preprocessing"]), "--validation", str(made["validation"]),
+                          *shape])
+        except SystemExit as exc:
+            if exc.code:
+                raise SystemExit(f"convert to {fmt} failed") from None
+        arts[batch] = art
+    return arts
 
 
 def agent_config(work: Path, name: str, npy: Path, max_batch: int) -> Path:
     from agent_harness import to_toml
 
-    cfg = {"agent": {"device_id": "bench", "state_dir": str(work / "state"), "exit_when_sources_end": True},
+    cfg = {"agent": {"device_id": "bench", "state_dir": str(work / f"state-{name}"), "exit_when_sources_end": True},
            "telemetry": {"interval_s": 60.0, "status_file": str(work / f"{name}.status.json")},
            "batching": {"max_batch": max_batch, "max_wait_ms": 20.0, "overflow": "block", "queue_windows": 4096},
            "source": [{"type": "npy", "name": "imu", "path": str(npy), "replay": "fast",
@@ -126,17 +136,21 @@ def main() -> None:
 
     from edgeopt.agent.sources.synthetic import imu_stream
     from edgeopt.agent.statedir import StateDir
-    from edgeopt.agent.windowing import Preprocessing, Windower
+    from edgeopt.agent.windowing import Windower
 
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
         work = Path(tmp)
-        artifact, _ = build(work, fmt)
-        StateDir(work / "state").install(artifact)
+        artifacts = build(work, fmt)
+        for b, art in artifacts.items():
+            StateDir(work / f"state-b{b}").install(art)
+        artifact = artifacts[32]
         samples, _ = imu_stream(args.samples, 50.0, 3, seed=7)
         npy = work / "stream.npy"
         np.save(npy, samples)
         manifest = json.loads((artifact / "manifest.json").read_text())
-        pre = Preprocessing.from_manifest(manifest, (3, 64))
+        from edgeopt.agent.model import load_model
+
+        pre = load_model(artifact, None).pre  # the converted model's own window layout ([C, T] or [T, C])
         windows = np.stack([w.data for w in Windower("b", pre).push(samples, np.arange(len(samples)) / 50.0)])
 
         configs = {b: agent_config(work, f"b{b}", npy, b) for b in (32, 1)}
@@ -145,7 +159,7 @@ def main() -> None:
         for _ in range(args.rounds):  # interleaved rounds: machine noise hits every variant alike
             for b in (32, 1):
                 agent_runs[b].append(run_agent(configs[b], work / f"b{b}.status.json", work / "notify.sock"))
-                bare[b].append(bare_loop(artifact, windows, b))
+                bare[b].append(bare_loop(artifacts[b], windows, b))
 
     med = {b: statistics.median(r["windows_per_s"] for r in agent_runs[b]) for b in (32, 1)}
     bare_med = {b: statistics.median(bare[b]) for b in (32, 1)}
