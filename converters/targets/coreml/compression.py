@@ -110,7 +110,8 @@ def compress(mlmodel: Any, scheme: CompressionScheme) -> tuple[Any, list[str], l
         config = cto.OptimizationConfig(global_config=cto.OpMagnitudePrunerConfig(
             target_sparsity=scheme.sparsity, weight_threshold=scheme.min_weights - 1))
         run = cto.prune_weights
-    with captured_coremltools_log() as messages:
+    # An all-zero channel has scale 0: coremltools divides 0 by 0 there (numpy warns) and stores 0 * q = 0.
+    with captured_coremltools_log() as messages, np.errstate(divide="ignore", invalid="ignore"):
         compressed = run(mlmodel, config)
     return compressed, [m for m in messages if m.strip()], adjusted
 
