@@ -54,8 +54,9 @@ class CoreMLTarget(Target):
               "--quantize int4 needs iOS18 / macOS15", choices=DEPLOYMENT_TARGETS),
         Param("palettize", int, None, "k-means palettize weights to a 2^N-entry lookup table per tensor",
               choices=(4, 6, 8)),
-        Param("prune_sparsity", float, None, "zero this fraction of each weight tensor (smallest magnitudes) "
-              "and store it as Core ML sparse weights", check=in_range(0.0, 1.0, lo_open=True, hi_open=True)),
+        Param("sparse_min_zeros", float, 0.25, "without --quantize int8/int4 or --palettize: store weights that "
+              "are at least this fraction zeros (e.g. after --prune-sparsity) as Core ML sparse weights",
+              check=in_range(0.0, 1.0, lo_open=True)),
         Param("compress_min_weights", int, 512, "with weight compression: tensors with fewer weights stay "
               "uncompressed (their scales / table would cost more than they save)",
               check=lambda v: None if v >= 1 else "must be >= 1"),
@@ -86,7 +87,6 @@ class CoreMLTarget(Target):
         cfg = self.config
         chosen = [f"--quantize {quantize}"] if quantize in ("int8", "int4") else []
         chosen += [f"--palettize {cfg['palettize']}"] if cfg["palettize"] else []
-        chosen += [f"--prune-sparsity {cfg['prune_sparsity']}"] if cfg["prune_sparsity"] else []
         if len(chosen) > 1:
             raise UserInputError(f"target 'coreml' compresses weights one way at a time; got {' and '.join(chosen)}")
         if quantize == "fp16" and cfg["compute_precision"] == "fp32":
@@ -165,6 +165,7 @@ class CoreMLTarget(Target):
             compress,
             scheme_for,
             weights_by_consumer,
+            zero_fraction,
         )
         from edgeopt.converters.targets.coreml.lowering import NodeLoweringError, lower
         from edgeopt.converters.targets.coreml.rules import LoweringError
@@ -184,14 +185,16 @@ class CoreMLTarget(Target):
         with captured_coremltools_log() as messages:
             mlmodel = ct.convert(lowered.program, convert_to="mlprogram", compute_precision=precision,
                                  minimum_deployment_target=ct.target(self.spec_version), skip_model_load=True)
-        scheme = scheme_for(quantize, self.config["palettize"], self.config["prune_sparsity"],
+        weights = weights_by_consumer(mlmodel._mil_program)
+        scheme = scheme_for(quantize, self.config["palettize"],
                             int((self.pass_params.get("quantize-int4") or {}).get("block_size") or 32),
-                            self.config["compress_min_weights"])
+                            self.config["compress_min_weights"], self.config["sparse_min_zeros"],
+                            list(weights.values()) if self.spec_version >= COMPRESSED_WEIGHTS else [])
         reference = None
         compression_notes: list[str] = []
         adjusted_blocks: list[dict[str, Any]] = []
         if scheme is not None:
-            reference = weights_by_consumer(mlmodel._mil_program)
+            reference = weights
             mlmodel, compression_notes, adjusted_blocks = compress(mlmodel, scheme)
         spec_names = self._io_name_map(mlmodel.get_spec(), lowered)
         mlmodel.user_defined_metadata[IO_NAMES_KEY] = json.dumps(spec_names, sort_keys=True)
@@ -202,7 +205,7 @@ class CoreMLTarget(Target):
         expected_outputs = [TensorSpec(s.name, tuple(s.shape), "float32") for s in output_specs(model)]
         verification = verify_package(out, spec_version=self.spec_version, inputs=expected_inputs,
                                       outputs=expected_outputs, reference_weights=reference)
-        weights = verification.pop("compressed_weights")
+        checked = verification.pop("compressed_weights")
         ctx.details["coreml"] = {
             "minimum_deployment_target": self.config["minimum_deployment_target"],
             "deployment_target_from": self.deployment_source,
@@ -210,12 +213,17 @@ class CoreMLTarget(Target):
             "compute_precision": self.config["compute_precision"],
             "compression": ({**scheme.describe(), "block_size_reduced": adjusted_blocks} if adjusted_blocks
                             else scheme.describe() if scheme else None),
-            "verification": {**verification, "compressed_weights_checked": len(weights),
-                             "compressed_weights_ok": all(w["ok"] for w in weights)},
-            "compressed_weights": weights,
+            "verification": {**verification, "compressed_weights_checked": len(checked),
+                             "compressed_weights_ok": all(w["ok"] for w in checked)},
+            "compressed_weights": checked,
             "converter_messages": [m for m in messages + compression_notes if m.strip()][:20],
         }
-        if scheme is not None and not weights:
+        zero_heavy = sum(w.size >= self.config["compress_min_weights"] and zero_fraction(w) >= self.config[
+            "sparse_min_zeros"] for w in weights.values())
+        if scheme is not None and scheme.kind != "sparse" and zero_heavy:
+            ctx.notes.append(f"{zero_heavy} weight tensor(s) are mostly zeros (pruned); {scheme.describe()['scheme']} "
+                             "stores them densely (sparse and quantized weights together are not offered)")
+        if scheme is not None and not checked:
             ctx.notes.append(f"{scheme.describe()['scheme']}: no weight tensor was large enough to compress "
                              f"(--compress-min-weights {self.config['compress_min_weights']})")
 

@@ -2,7 +2,8 @@
 
 One scheme per model: linear INT8 (symmetric, one scale per output channel), INT4 (symmetric,
 one scale per block of input channels; iOS 18 opset), k-means palettization (a 2^n-entry lookup
-table per tensor) or magnitude pruning stored as Core ML sparse weights. Tensors with fewer than
+table per tensor), or — without any of those — Core ML sparse weights (a bit mask plus the non-zero
+values) for tensors that are mostly zeros already, as ``--prune-sparsity`` leaves them. Tensors with fewer than
 ``min_weights`` elements stay uncompressed (default 512, where coremltools defaults to 2048: a
 compressed tensor carries its own scales or table, blob headers and a constexpr op in the program,
 about 400 bytes, so tensors of a few hundred weights and up still get smaller).
@@ -28,11 +29,11 @@ MIN_INT4_BLOCK = 4  # below this, a per-block scale costs more than INT4 saves
 
 @dataclass(frozen=True)
 class CompressionScheme:
-    kind: str                  # "linear" | "palettize" | "prune"
+    kind: str                  # "linear" | "palettize" | "sparse"
     dtype: str | None = None   # linear: "int8" | "int4"
     nbits: int | None = None   # palettize: 4 | 6 | 8
     block_size: int | None = None
-    sparsity: float | None = None
+    min_zeros: float | None = None  # sparse: store tensors with at least this fraction of exact zeros
     min_weights: int = 512     # smaller tensors stay uncompressed
 
     def describe(self) -> dict[str, Any]:
@@ -44,20 +45,26 @@ class CompressionScheme:
         if self.kind == "palettize":
             return {"scheme": f"palettize-{self.nbits}", "mode": "kmeans", "nbits": self.nbits,
                     "granularity": "per_tensor"}
-        return {"scheme": "sparse", "mode": "magnitude", "target_sparsity": self.sparsity}
+        return {"scheme": "sparse", "mode": "existing zeros", "min_zero_fraction": self.min_zeros}
 
 
-def scheme_for(quantize: str, palettize: int | None, prune_sparsity: float | None, int4_block_size: int,
-               min_weights: int) -> CompressionScheme | None:
+def scheme_for(quantize: str, palettize: int | None, int4_block_size: int, min_weights: int,
+               sparse_min_zeros: float, weights: list[np.ndarray]) -> CompressionScheme | None:
+    """The scheme the flags ask for; without one, sparse storage when some tensor (of ``weights``,
+    the converted program's) is at least ``sparse_min_zeros`` zeros."""
     if quantize == "int8":
         return CompressionScheme("linear", dtype="int8", min_weights=min_weights)
     if quantize == "int4":
         return CompressionScheme("linear", dtype="int4", block_size=int4_block_size, min_weights=min_weights)
     if palettize:
         return CompressionScheme("palettize", nbits=palettize, min_weights=min_weights)
-    if prune_sparsity:
-        return CompressionScheme("prune", sparsity=prune_sparsity, min_weights=min_weights)
+    if any(w.size >= min_weights and w.ndim >= 2 and zero_fraction(w) >= sparse_min_zeros for w in weights):
+        return CompressionScheme("sparse", min_zeros=sparse_min_zeros, min_weights=min_weights)
     return None
+
+
+def zero_fraction(weight: np.ndarray) -> float:
+    return 1.0 - np.count_nonzero(weight) / weight.size if weight.size else 0.0
 
 
 @contextlib.contextmanager
@@ -106,9 +113,9 @@ def compress(mlmodel: Any, scheme: CompressionScheme) -> tuple[Any, list[str], l
         config = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(
             mode="kmeans", nbits=scheme.nbits, granularity="per_tensor", weight_threshold=scheme.min_weights - 1))
         run = cto.palettize_weights
-    else:
-        config = cto.OptimizationConfig(global_config=cto.OpMagnitudePrunerConfig(
-            target_sparsity=scheme.sparsity, weight_threshold=scheme.min_weights - 1))
+    else:  # zeros already there: the threshold pruner only drops values that are (float16-)zero
+        config = cto.OptimizationConfig(global_config=cto.OpThresholdPrunerConfig(
+            threshold=1e-30, minimum_sparsity_percentile=scheme.min_zeros, weight_threshold=scheme.min_weights - 1))
         run = cto.prune_weights
     # An all-zero channel has scale 0: coremltools divides 0 by 0 there (numpy warns) and stores 0 * q = 0.
     with captured_coremltools_log() as messages, np.errstate(divide="ignore", invalid="ignore"):
