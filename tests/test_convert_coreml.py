@@ -298,6 +298,18 @@ def test_artifact_hashes_and_golden_vectors(converted, source_models):
     np.testing.assert_allclose(outputs["y"], sess.run(None, {name: inputs[name]})[0], rtol=1e-5, atol=1e-6)
 
 
+def test_batch_size_fixes_the_dynamic_batch(digits_models, tmp_path):
+    out = tmp_path / "b4"
+    res = run_cli("convert", digits_models["cnn"], "-o", out, "--target", "coreml", "--batch-size", "4",
+                  "--compute-precision", "fp32", "-q")
+    assert res.code == 0, res.err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"][0]["shape"] == [4, 1, 8, 8] and manifest["outputs"][0]["shape"] == [4, 10]
+    x = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)
+    want = ort.InferenceSession(str(digits_models["cnn"]), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    np.testing.assert_allclose(run_package(out / "model.mlpackage", {"image": x})["logits"], want, atol=1e-4)
+
+
 def _blob_data_offset(package, op_name: str, attribute: str) -> tuple[int, int]:
     """(offset, size) of an op attribute's data inside weight.bin: each blob starts with a 64-byte
     header (sentinel, type, size in bytes, data offset)."""

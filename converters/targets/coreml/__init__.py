@@ -17,6 +17,13 @@ import onnx
 
 from edgeopt.converters.passes import ConversionError, PassContext
 from edgeopt.converters.targets import Target
+from edgeopt.converters.targets.coreml.compression import (
+    captured_coremltools_log,
+    compress,
+    scheme_for,
+    weights_by_consumer,
+    zero_fraction,
+)
 from edgeopt.converters.targets.coreml.deployment import (
     BLOCKWISE_INT4,
     COMPRESSED_WEIGHTS,
@@ -26,10 +33,14 @@ from edgeopt.converters.targets.coreml.deployment import (
     deployment_target,
     releases_for,
 )
+from edgeopt.converters.targets.coreml.lowering import RULES, NodeLoweringError, lower
+from edgeopt.converters.targets.coreml.rules import LoweringError
+from edgeopt.converters.targets.coreml.verify import verify_package
 from edgeopt.errors import UnsupportedOpsError, UserInputError
 from edgeopt.onnx_io import input_specs, iter_nodes, op_key, output_specs
 from edgeopt.params import Param, in_range
 from edgeopt.profiles import Profile
+from edgeopt.runtime.coreml import IO_NAMES_KEY, feature_specs, import_coremltools
 from edgeopt.specs import TensorSpec
 
 COMPUTE_PRECISIONS = ("fp16", "fp32")
@@ -111,8 +122,6 @@ class CoreMLTarget(Target):
     @staticmethod
     def node_problem(node: onnx.NodeProto) -> str | None:
         """Why the target cannot lower ``node`` ('' when the op is unknown), or None."""
-        from edgeopt.converters.targets.coreml.lowering import RULES
-
         rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if rule is None:
             return ""
@@ -121,8 +130,6 @@ class CoreMLTarget(Target):
     def unsupported_nodes(self, model: onnx.ModelProto) -> dict[str, list[str]]:
         """Ops with no Core ML lowering, attributes the lowering cannot express, and weights / shapes /
         axes that are computed at run time where Core ML needs constants — each named by node."""
-        from edgeopt.converters.targets.coreml.lowering import RULES
-
         found: dict[str, list[str]] = {}
         constants = {i.name for i in model.graph.initializer}
         computed_from_inputs = self._computed_from_inputs(model)
@@ -160,72 +167,83 @@ class CoreMLTarget(Target):
 
     # -- compile -------------------------------------------------------------------------------------
     def _compile(self, model: onnx.ModelProto, quantize: str, ctx: PassContext, out: Path) -> None:
-        from edgeopt.converters.targets.coreml.compression import (
-            captured_coremltools_log,
-            compress,
-            scheme_for,
-            weights_by_consumer,
-            zero_fraction,
-        )
-        from edgeopt.converters.targets.coreml.lowering import NodeLoweringError, lower
-        from edgeopt.converters.targets.coreml.rules import LoweringError
-        from edgeopt.converters.targets.coreml.verify import verify_package
-        from edgeopt.runtime.coreml import IO_NAMES_KEY, import_coremltools
-
-        ct = import_coremltools()
-        try:
-            lowered = lower(model, self.spec_version)
-        except NodeLoweringError as exc:
-            if "not supported" in str(exc):
-                raise UnsupportedOpsError(self.name, {f"{op_key(exc.node)} ({exc})": [exc.node_name]}) from exc
-            raise ConversionError(f"target 'coreml' cannot lower {exc}") from exc
-        except LoweringError as exc:
-            raise ConversionError(f"target 'coreml': {exc}") from exc
-        precision = ct.precision.FLOAT16 if self.config["compute_precision"] == "fp16" else ct.precision.FLOAT32
-        with captured_coremltools_log() as messages:
-            mlmodel = ct.convert(lowered.program, convert_to="mlprogram", compute_precision=precision,
-                                 minimum_deployment_target=ct.target(self.spec_version), skip_model_load=True)
+        lowered = self._lower(model)
+        mlmodel, messages = self._convert(lowered)
         weights = weights_by_consumer(mlmodel._mil_program)
-        scheme = scheme_for(quantize, self.config["palettize"],
-                            int((self.pass_params.get("quantize-int4") or {}).get("block_size") or 32),
-                            self.config["compress_min_weights"], self.config["sparse_min_zeros"],
-                            list(weights.values()) if self.spec_version >= COMPRESSED_WEIGHTS else [])
-        reference = None
-        compression_notes: list[str] = []
-        adjusted_blocks: list[dict[str, Any]] = []
+        scheme = self._compression_scheme(quantize, weights)
+        adjusted: list[dict[str, Any]] = []
         if scheme is not None:
-            reference = weights
-            mlmodel, compression_notes, adjusted_blocks = compress(mlmodel, scheme)
-        spec_names = self._io_name_map(mlmodel.get_spec(), lowered)
-        mlmodel.user_defined_metadata[IO_NAMES_KEY] = json.dumps(spec_names, sort_keys=True)
-        mlmodel.short_description = f"converted by edgeopt from {model.graph.name or 'an ONNX model'}"
-        mlmodel.save(str(out))
-
-        expected_inputs = [TensorSpec(s.name, s.concrete_shape(), "float32") for s in input_specs(model)]
-        expected_outputs = [TensorSpec(s.name, tuple(s.shape), "float32") for s in output_specs(model)]
-        verification = verify_package(out, spec_version=self.spec_version, inputs=expected_inputs,
-                                      outputs=expected_outputs, reference_weights=reference)
+            mlmodel, compression_messages, adjusted = compress(mlmodel, scheme)
+            messages += compression_messages
+        self._save(mlmodel, lowered, model, out)
+        verification = verify_package(
+            out, spec_version=self.spec_version,
+            inputs=[TensorSpec(s.name, s.concrete_shape(), "float32") for s in input_specs(model)],
+            outputs=[TensorSpec(s.name, tuple(s.shape), "float32") for s in output_specs(model)],
+            reference_weights=weights if scheme is not None else None)
         checked = verification.pop("compressed_weights")
+        description = scheme.describe() if scheme else None
+        if adjusted:
+            description = {**description, "block_size_reduced": adjusted}
         ctx.details["coreml"] = {
             "minimum_deployment_target": self.config["minimum_deployment_target"],
             "deployment_target_from": self.deployment_source,
             "specification_version": self.spec_version,
             "compute_precision": self.config["compute_precision"],
-            "compression": ({**scheme.describe(), "block_size_reduced": adjusted_blocks} if adjusted_blocks
-                            else scheme.describe() if scheme else None),
+            "compression": description,
             "verification": {**verification, "compressed_weights_checked": len(checked),
                              "compressed_weights_ok": all(w["ok"] for w in checked)},
             "compressed_weights": checked,
-            "converter_messages": [m for m in messages + compression_notes if m.strip()][:20],
+            "converter_messages": [m for m in messages if m.strip()][:20],
         }
-        zero_heavy = sum(w.size >= self.config["compress_min_weights"] and zero_fraction(w) >= self.config[
-            "sparse_min_zeros"] for w in weights.values())
-        if scheme is not None and scheme.kind != "sparse" and zero_heavy:
-            ctx.notes.append(f"{zero_heavy} weight tensor(s) are mostly zeros (pruned); {scheme.describe()['scheme']} "
-                             "stores them densely (sparse and quantized weights together are not offered)")
-        if scheme is not None and not checked:
-            ctx.notes.append(f"{scheme.describe()['scheme']}: no weight tensor was large enough to compress "
-                             f"(--compress-min-weights {self.config['compress_min_weights']})")
+        ctx.notes.extend(self._compression_notes(scheme, weights, checked))
+
+    def _lower(self, model: onnx.ModelProto) -> Any:
+        """The MIL program; a node the lowering cannot express is reported like an unsupported op."""
+        try:
+            return lower(model, self.spec_version)
+        except NodeLoweringError as exc:
+            if exc.expected:  # a limit of the Core ML op set, found once shapes are known
+                raise UnsupportedOpsError(self.name, {f"{op_key(exc.node)} ({exc.reason})": [exc.node_name]}) from exc
+            raise ConversionError(f"target 'coreml' cannot lower {exc}") from exc
+        except LoweringError as exc:
+            raise ConversionError(f"target 'coreml': {exc}") from exc
+
+    def _convert(self, lowered: Any) -> tuple[Any, list[str]]:
+        """``ct.convert`` of the MIL program at the deployment target and compute precision."""
+        ct = import_coremltools()
+        precision = ct.precision.FLOAT16 if self.config["compute_precision"] == "fp16" else ct.precision.FLOAT32
+        with captured_coremltools_log() as messages:
+            mlmodel = ct.convert(lowered.program, convert_to="mlprogram", compute_precision=precision,
+                                 minimum_deployment_target=ct.target(self.spec_version), skip_model_load=True)
+        return mlmodel, messages
+
+    def _compression_scheme(self, quantize: str, weights: dict[tuple[str, str], Any]) -> Any:
+        block = int((self.pass_params.get("quantize-int4") or {}).get("block_size") or 32)
+        candidates = list(weights.values()) if self.spec_version >= COMPRESSED_WEIGHTS else []
+        return scheme_for(quantize, self.config["palettize"], block, self.config["compress_min_weights"],
+                          self.config["sparse_min_zeros"], candidates)
+
+    def _save(self, mlmodel: Any, lowered: Any, model: onnx.ModelProto, out: Path) -> None:
+        io_names = self._io_name_map(mlmodel.get_spec(), lowered)
+        mlmodel.user_defined_metadata[IO_NAMES_KEY] = json.dumps(io_names, sort_keys=True)
+        mlmodel.short_description = f"converted by edgeopt from {model.graph.name or 'an ONNX model'}"
+        mlmodel.save(str(out))
+
+    def _compression_notes(self, scheme: Any, weights: dict[tuple[str, str], Any], checked: list) -> list[str]:
+        if scheme is None:
+            return []
+        notes = []
+        mostly_zeros = sum(w.size >= self.config["compress_min_weights"]
+                           and zero_fraction(w) >= self.config["sparse_min_zeros"] for w in weights.values())
+        name = scheme.describe()["scheme"]
+        if scheme.kind != "sparse" and mostly_zeros:
+            notes.append(f"{mostly_zeros} weight tensor(s) are mostly zeros (pruned); {name} stores them densely "
+                         "(sparse and quantized weights together are not offered)")
+        if not checked:
+            notes.append(f"{name}: no weight tensor was large enough to compress "
+                         f"(--compress-min-weights {self.config['compress_min_weights']})")
+        return notes
 
     @staticmethod
     def _io_name_map(spec: Any, lowered: Any) -> dict[str, dict[str, str]]:
@@ -239,6 +257,4 @@ class CoreMLTarget(Target):
                 "outputs": dict(zip(outputs, lowered.output_names.values(), strict=True))}
 
     def io_specs(self, model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        from edgeopt.runtime.coreml import feature_specs, import_coremltools
-
         return feature_specs(import_coremltools().utils.load_spec(str(model_path)))

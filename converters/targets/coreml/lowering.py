@@ -30,12 +30,19 @@ from edgeopt.onnx_io import input_specs, op_key, opset_version
 
 
 class NodeLoweringError(Exception):
-    """Lowering failed at one node; carries the node for the message."""
+    """Lowering failed at one node. ``expected``: a limit of Core ML's op set (a ``LoweringError``),
+    as opposed to an unexpected failure inside the MIL builder."""
 
-    def __init__(self, node: onnx.NodeProto, index: int, reason: str):
+    def __init__(self, node: onnx.NodeProto, index: int, reason: str, expected: bool):
         self.node = node
         self.node_name = node.name or f"#{index}"
+        self.reason = reason
+        self.expected = expected
         super().__init__(f"node '{self.node_name}' ({op_key(node)}): {reason}")
+
+
+class ShapeMismatch(Exception):
+    """MIL inferred another shape than ONNX for a node's output: a bug in the lowering, not a limit."""
 
 
 @dataclass
@@ -90,7 +97,7 @@ def lower(model: onnx.ModelProto, spec_version: int) -> LoweredProgram:
     from coremltools.converters.mil.mil import Function, Program, types
 
     opset = ct.target(spec_version)
-    cx = LoweringContext(mb, spec_version, opset_version(model) or 1)
+    cx = LoweringContext(mb, opset_version(model) or 1)
     inits = {i.name for i in model.graph.initializer}
     for init in model.graph.initializer:
         cx.values[init.name] = _constant(init)
@@ -115,9 +122,10 @@ def lower(model: onnx.ModelProto, spec_version: int) -> LoweredProgram:
                 _lower_node(cx, node, model, onnx_shapes)
             except Exception as exc:  # MIL type inference raises ValueError / TypeError / AssertionError
                 first = (str(exc).strip().splitlines() or [""])[0]
-                if not isinstance(exc, LoweringError):
+                expected = isinstance(exc, LoweringError)
+                if not expected:
                     first = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-                raise NodeLoweringError(node, index, first) from exc
+                raise NodeLoweringError(node, index, first, expected) from exc
         outputs = []
         for out in model.graph.output:
             value = cx.values.get(out.name)
@@ -151,9 +159,9 @@ def _lower_node(cx: LoweringContext, node: onnx.NodeProto, model: onnx.ModelProt
         return
     rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
     if rule is None:
-        raise LoweringError("not supported by the Core ML target")
+        raise LoweringError("no Core ML lowering for this op")
     if (problem := rule.problem(node)) is not None:
-        raise LoweringError(f"not supported by the Core ML target with {problem}")
+        raise LoweringError(f"not supported with {problem}")
     result = rule.lower(cx, node, attributes(node))
     results = list(result) if isinstance(result, (list, tuple)) else [result]
     for name, value in zip(node.output, results, strict=False):
@@ -164,7 +172,7 @@ def _lower_node(cx: LoweringContext, node: onnx.NodeProto, model: onnx.ModelProt
         if want is not None and not isinstance(value, np.ndarray):
             got = tuple(value.shape)
             if got != want:
-                raise LoweringError(f"output '{name}' has shape {list(got)} in Core ML, "
+                raise ShapeMismatch(f"output '{name}' has shape {list(got)} in Core ML, "
                                     f"but {list(want)} in ONNX (a lowering bug; please report it)")
     missing = [o for o in node.output[len(results):] if o]
     if missing:

@@ -29,7 +29,6 @@ class OpRule:
     lower: Callable[..., Any]          # (cx: LoweringContext, node, attrs) -> output value(s)
     check: Check | None = None          # reason the node is not supported, or None
     const_inputs: tuple[int, ...] = ()  # input positions that must be initializers
-    min_spec: int = 0                   # lowest Core ML specification version with the needed ops
 
     def problem(self, node: onnx.NodeProto) -> str | None:
         return self.check(node, attributes(node)) if self.check else None
@@ -91,10 +90,9 @@ class LoweringContext:
     for constants (initializers) — lowering functions read constants directly, so shapes, axes and
     weights never become run-time computations."""
 
-    def __init__(self, mb: Any, spec_version: int, opset: int):
+    def __init__(self, mb: Any, opset: int):
         self.mb = mb
-        self.spec_version = spec_version  # Core ML specification version (deployment target)
-        self.opset = opset                # the ONNX model's default-domain opset
+        self.opset = opset  # the ONNX model's default-domain opset
         self.values: dict[str, Any] = {}
         self.node: onnx.NodeProto | None = None
         self._names: set[str] = set()
