@@ -362,3 +362,20 @@ def test_real_export_with_if_and_shape_converts_once_the_shape_is_fixed(tmp_path
     want = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = run_package(out / "model.mlpackage", {"x": x})["y"]
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_onnx_names_that_are_not_core_ml_identifiers_are_kept_in_the_artifact(tmp_path):
+    """Core ML renames `input.1` to `input_1`; the package's metadata maps it back, so the manifest,
+    golden vectors and runtime keep the ONNX names."""
+    from edgeopt.runtime.coreml import feature_specs, import_coremltools, read_io_names
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32), "w")
+    model = _graph([h.make_node("MatMul", ["input.1", "w"], ["m"]), h.make_node("Relu", ["m"], ["out:0"])],
+                   [h.make_tensor_value_info("input.1", T.FLOAT, [1, 8])],
+                   [h.make_tensor_value_info("out:0", T.FLOAT, [1, 4])], [w])
+    _check(model, tmp_path)  # run_package feeds and reads the ONNX names
+    spec = import_coremltools().utils.load_spec(str(tmp_path / "model.mlpackage"))
+    assert [f.name for f in spec.description.input] == ["input_1"]
+    assert read_io_names(spec) == {"inputs": {"input_1": "input.1"}, "outputs": {"out_0": "out:0"}}
+    inputs, outputs = feature_specs(spec)
+    assert [s.name for s in inputs] == ["input.1"] and [s.name for s in outputs] == ["out:0"]
