@@ -58,6 +58,7 @@ bench: setup
 	$(BIN)/python benchmarks/update.py
 	$(BIN)/python benchmarks/convert_tflite.py
 	$(BIN)/python benchmarks/onnx_node_cases_tflite.py
+	$(BIN)/python benchmarks/convert_coreml.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from edgeopt import registry
 from edgeopt.bench import measure
 from edgeopt.onnx_io import count_macs
-from edgeopt.runtime import open_runtime, resolve_model_file, run_batched
+from edgeopt.runtime import open_runtime, resolve_model_file, run_batched, runtime_for_format
 from edgeopt.runtime.onnxruntime import OnnxRuntime
 
 import compress_models
@@ -133,8 +133,11 @@ def test_residual_and_concat_nets_prune_and_run_in_every_target(dependency_nets,
     assert res.code == 0, res.err
     report = res.json()
     assert report["artifact"]["macs"] < report["source"]["macs"] / 3
-    # the pipeline ran the compiled model on the validation set with the target's runtime
-    assert report["validation"]["samples"] == 449 and report["parity"]["finite"]
+    # the pipeline ran the compiled model on the validation set with the target's runtime, or says
+    # why it could not (Core ML prediction off macOS)
+    unavailable = runtime_for_format(report["artifact"]["format"]).unavailable_reason()
+    assert report["validation"]["samples"] == 449
+    assert report["parity"]["finite"] if unavailable is None else any(unavailable in n for n in report["notes"])
     if report["artifact"]["format"] == "onnx":
         model = onnx.load(str(out / "model.onnx"))
         onnx.checker.check_model(model, full_check=True)

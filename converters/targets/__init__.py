@@ -7,7 +7,7 @@ before any work is done, and which ``--quantize`` modes it offers. It fills in `
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import onnx
 
@@ -17,6 +17,8 @@ from edgeopt.errors import EdgeoptError, UnsupportedOpsError, UserInputError
 from edgeopt.fsutil import ENVIRONMENT_ERRNOS, environment_fault
 from edgeopt.onnx_io import iter_nodes, op_key
 from edgeopt.params import Configurable, Param
+from edgeopt.profiles import Profile
+from edgeopt.specs import TensorSpec
 
 QUANTIZE_MODES = ("none", "fp16", "int8", "int8-dynamic", "int16x8", "int4")
 
@@ -31,10 +33,12 @@ class Target(Configurable):
     max_model_bytes: ClassVar[int | None] = None  # largest source model (weights included) the format holds
     params: ClassVar[tuple[Param, ...]] = ()
 
-    def __init__(self, pass_params: dict[str, dict] | None = None, **settings):
-        """``pass_params``: settings for the passes this target runs, by pass name."""
+    def __init__(self, pass_params: dict[str, dict] | None = None, profile: Profile | None = None, **settings):
+        """``pass_params``: settings for the passes this target runs, by pass name; ``profile``: the
+        board being converted for, whose facts (deployment target, TVM target...) a target may use."""
         super().__init__(**settings)
         self.pass_params = pass_params or {}
+        self.profile = profile
         # Set by ``compile`` when the compiled model's I/O layout differs from the source model's:
         # input/output name → axes such that model tensor = numpy.transpose(source tensor, axes)
         # (e.g. [0, 2, 3, 1] for NCHW → NHWC). Validation and golden vectors follow it.
@@ -56,6 +60,16 @@ class Target(Configurable):
     def activation_bytes(self, quantize: str) -> int:
         """Bytes per activation element at run time, for the memory estimate of the fit check."""
         return 4
+
+    def canonicalize_settings(self) -> dict[str, Any]:
+        """Settings this target needs from the canonicalize pass (e.g. ``{"batch_size": 1}`` for a
+        format that takes fixed shapes); explicit canonicalize settings still win."""
+        return {}
+
+    def io_specs(self, model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """Inputs and outputs of a compiled model, read from the file. Used for the manifest when no
+        runtime for the format can load the model on this machine (``Runtime.unavailable_reason``)."""
+        raise NotImplementedError(f"target '{self.name}' cannot describe a model without its runtime")
 
     # -- public --------------------------------------------------------------------------------
     def unsupported_nodes(self, model: onnx.ModelProto) -> dict[str, list[str]]:

@@ -44,18 +44,22 @@ def print_convert_report(report: dict[str, Any]) -> None:
         drop = f"{-acc['drop']:+.2f} pts" if acc["metric"] == "top1_percent" else f"{acc['drop']:+.4f}"
         table.add_row(f"accuracy ({acc['metric']})", f"{acc['original']:.2f}{unit}", f"{acc['converted']:.2f}{unit}", drop)
     else:
-        table.add_row("accuracy", "-", "-", "no labels")
+        table.add_row("accuracy", "-", "-", "not measured" if par["max_abs_err"] is None else "no labels")
     speed = lat.get("speedup_vs_source")
     change = "-" if not speed else (f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower")
-    table.add_row(f"latency p50, batch {lat['batch']}", _ms(lat.get("source_p50_ms")), _ms(lat["p50_ms"]), change)
+    table.add_row(f"latency p50, batch {lat['batch'] or '-'}", _ms(lat.get("source_p50_ms")), _ms(lat["p50_ms"]),
+                  change)
     con.print(table)
     _print_compression_steps(con, report)
-    con.print(f"latency: {lat['runtime']}, {lat['threads'] or 'auto'} thread(s), p95 {_ms(lat['p95_ms'])}, "
-              f"p99 {_ms(lat['p99_ms'])}, {lat['throughput_per_s']:,.0f} samples/s (measured on this host)")
-    top1 = f", top-1 agreement {par['top1_agreement']:.2%}" if par["top1_agreement"] is not None else ""
-    con.print(escape(f"parity: max abs err {par['max_abs_err']:.3g}, mean abs err {par['mean_abs_err']:.3g}, "
-              f"cosine {par['cosine']:.6f}{top1}  ({report['validation']['samples']} samples: "
-              f"{report['validation']['source']})"))
+    if lat["p50_ms"] is None or par["max_abs_err"] is None:  # the converted model could not run here
+        con.print(f"latency and parity: not measured ({lat['runtime']} cannot run on this host; see the notes)")
+    else:
+        con.print(f"latency: {lat['runtime']}, {lat['threads'] or 'auto'} thread(s), p95 {_ms(lat['p95_ms'])}, "
+                  f"p99 {_ms(lat['p99_ms'])}, {lat['throughput_per_s']:,.0f} samples/s (measured on this host)")
+        top1 = f", top-1 agreement {par['top1_agreement']:.2%}" if par["top1_agreement"] is not None else ""
+        con.print(escape(f"parity: max abs err {par['max_abs_err']:.3g}, mean abs err {par['mean_abs_err']:.3g}, "
+                  f"cosine {par['cosine']:.6f}{top1}  ({report['validation']['samples']} samples: "
+                  f"{report['validation']['source']})"))
     if fit["profile"]:
         verdict = "fits" if fit["ok"] else "DOES NOT FIT"
         con.print(f"fit on {fit['profile']}: model {format_size(fit['model_bytes'])} of "

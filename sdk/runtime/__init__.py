@@ -47,6 +47,14 @@ class Runtime(Configurable):
         self._load()
 
     # -- hooks -------------------------------------------------------------------------------
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this backend cannot run models on this machine at all (e.g. Core ML off macOS), or None.
+
+        The converter then skips the measurements that need the converted model to run (parity,
+        accuracy, latency) and says so in the report, instead of failing."""
+        return None
+
     def _load(self) -> None:
         """Load ``self.model_path``; set ``self.inputs`` and ``self.outputs``."""
         raise NotImplementedError
