@@ -143,8 +143,8 @@ def golden_self_test(archive: bytes, workdir: Path) -> str | None:
             diff = float(np.max(np.abs(np.asarray(got[name], np.float64) - want))) if want.size else 0.0
             if not np.isfinite(got[name]).all():
                 return f"golden self-test: output {name} is not finite"
-            atol = float(golden.get("atol", 1e-4))
-            if diff > atol:
+            atol = golden.get("atol")  # null when the converter could not run the model (Core ML off macOS)
+            if atol is not None and diff > float(atol):
                 return f"golden self-test: output {name} is off by {diff:.3g} > atol {atol:.3g}"
     return None
 
