@@ -119,7 +119,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
     started = time.perf_counter()
     steps = _Steps()
     profile, target_name, quantize = resolve_recipe(opts)
-    target: Target = get_target(target_name)(pass_params=opts.pass_params, **opts.target_params)
+    target: Target = get_target(target_name)(pass_params=opts.pass_params, profile=profile, **opts.target_params)
     target.check_quantize(quantize)
     check_output_dir(opts.output, opts.force)
 
@@ -147,7 +147,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
             with steps("compile") as row:
                 model_path = target.compile(canonical, quantize, ctx, stage)
                 row["size_bytes"] = tree_size(model_path)
-            converted_rt = runtime_for_format(target.format)(model_path, threads=opts.threads)
+            converted_rt = runtime_for_format(target.format)(target.runnable_model(model_path), threads=opts.threads)
             source_rt = OnnxRuntime(opts.model, threads=opts.threads)
             source_runner = _SourceRunner(source_rt, frozen, source_specs)
             with steps("validate"):

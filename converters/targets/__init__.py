@@ -17,6 +17,7 @@ from edgeopt.errors import EdgeoptError, UnsupportedOpsError, UserInputError
 from edgeopt.fsutil import ENVIRONMENT_ERRNOS, environment_fault
 from edgeopt.onnx_io import iter_nodes, op_key
 from edgeopt.params import Configurable, Param
+from edgeopt.profiles import Profile
 
 QUANTIZE_MODES = ("none", "fp16", "int8", "int8-dynamic", "int16x8", "int4")
 
@@ -30,10 +31,12 @@ class Target(Configurable):
     toolchain: ClassVar[tuple[str, ...]] = ()  # packages whose versions go into the manifest
     params: ClassVar[tuple[Param, ...]] = ()
 
-    def __init__(self, pass_params: dict[str, dict] | None = None, **settings):
-        """``pass_params``: settings for the passes this target runs, by pass name."""
+    def __init__(self, pass_params: dict[str, dict] | None = None, profile: Profile | None = None, **settings):
+        """``pass_params``: settings for the passes this target runs, by pass name; ``profile``: the board
+        the output is for (None: this host), for targets that build for a specific machine."""
         super().__init__(**settings)
         self.pass_params = pass_params or {}
+        self.profile = profile
 
     def passes_for(self, quantize: str) -> list[str]:
         """Names of the registered passes this target runs for a quantize mode (for the recipe)."""
@@ -47,6 +50,11 @@ class Target(Configurable):
     def _compile(self, model: onnx.ModelProto, quantize: str, ctx: PassContext, out: Path) -> None:
         """Write the compiled model to ``out`` (a path inside the staging directory)."""
         raise NotImplementedError
+
+    def runnable_model(self, model_path: Path) -> Path:
+        """A model file that runs on this host and computes what ``model_path`` does, for validation,
+        golden vectors and latency: the artifact itself, unless it was compiled for another CPU."""
+        return model_path
 
     def activation_bytes(self, quantize: str) -> int:
         """Bytes per activation element at run time, for the memory estimate of the fit check."""
