@@ -59,7 +59,8 @@ class _Graph:
 
     def const(self, array: np.ndarray, hint: str) -> str:
         name = self.name(hint)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        # (np.ascontiguousarray would turn a 0-d index into shape [1])
+        self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))
         return name
 
     def op(self, op_type: str, inputs: list[str], hint: str | None = None, outputs: int = 1, **attrs) -> list[str]:

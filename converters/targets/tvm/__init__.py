@@ -95,6 +95,11 @@ class TVMTarget(Target):
                              f"from the FP32 model instead: it is not quantized")
             ctx.details["compile:tvm"] = {"quantized": False}
             mod = relax_module(float_model)
+        else:
+            if quantize != "none":
+                ctx.notes.append(f"TVM imported the {quantize} (QDQ) model: the library reproduces its rounding "
+                                 f"(Quantize/DequantizeLinear kernels) but computes in float32; expect int8 "
+                                 f"accuracy, not int8 speed")
         ctx.details.setdefault("compile:tvm", {}).update(target=dict(machine.spec), arch=machine.arch,
                                                          cross_compiler=cross)
         database = None

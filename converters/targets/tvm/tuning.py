@@ -31,6 +31,7 @@ def tune(mod, target, trials: int, work_dir: Path, progress: ProgressFactory, se
         lowered = tvm.transform.Sequential(pipeline.library_dispatch_passes(target)
                                            + pipeline.legalize_passes(target))(mod)
     tasks = ms.relax_integration.extract_tasks(lowered, target)
+    work_dir.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=str(work_dir))
     if not tasks:
         return database
