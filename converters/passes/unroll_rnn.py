@@ -8,9 +8,9 @@ and onnxslim/onnxsim keep them whole), so it is written here, following the equa
 ONNX operator specification. The input projection of every time step is one MatMul over the whole
 sequence; only the recurrent part is unrolled.
 
-Supported: default activations, ``direction`` forward / reverse / bidirectional, ``layout`` 0 or 1,
+Supported: default activations, ``direction`` forward / reverse / bidirectional, ``layout`` 0,
 peepholes (LSTM), ``linear_before_reset`` 0 or 1 (GRU), optional initial states, constant W / R /
-B. Not supported (the node is reported by name instead): ``clip``, ``input_forget``, custom
+B. Not supported (the node is reported by name instead): ``clip``, ``input_forget``, ``layout`` 1, custom
 activations, ``sequence_lens``, a sequence length that is not fixed.
 """
 
@@ -39,8 +39,8 @@ def rnn_node_supported(node: onnx.NodeProto) -> bool:
     n_dirs = 2 if attrs.get("direction", b"forward") in (b"bidirectional", "bidirectional") else 1
     if acts and acts != DEFAULT_ACTIVATIONS[node.op_type] * n_dirs:
         return False
-    if "clip" in attrs or attrs.get("input_forget", 0):
-        return False
+    if "clip" in attrs or attrs.get("input_forget", 0) or attrs.get("layout", 0):
+        return False  # layout 1 too: ONNX Runtime has no kernel for it, so the rewrite could not be checked
     return not (len(node.input) > 4 and node.input[4])  # sequence_lens
 
 

@@ -22,6 +22,8 @@ from edgeopt.converters.passes import ProgressFactory
 
 def tune(mod, target, trials: int, work_dir: Path, progress: ProgressFactory, seed: int = 0):
     """Tune ``mod`` for ``target`` with at most ``trials`` measured candidates; returns the database."""
+    import logging
+
     import tvm
     from tvm.relax import pipeline
     from tvm.s_tir import meta_schedule as ms
@@ -32,6 +34,8 @@ def tune(mod, target, trials: int, work_dir: Path, progress: ProgressFactory, se
                                            + pipeline.legalize_passes(target))(mod)
     tasks = ms.relax_integration.extract_tasks(lowered, target)
     work_dir.mkdir(parents=True, exist_ok=True)
+    # MetaSchedule logs every round (tables of tasks) to stdout at INFO; the progress bar says enough.
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     database = ms.database.JSONDatabase(work_dir=str(work_dir))
     if not tasks:
         return database
