@@ -18,6 +18,13 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[all]'
+	@# The TVM target cross-links aarch64 libraries with aarch64-linux-gnu-gcc: install it where apt can.
+	@command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || { \
+		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu >/dev/null 2>&1 || \
+			{ apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu >/dev/null 2>&1; } || \
+			echo "note: could not install gcc-aarch64-linux-gnu; TVM builds for aarch64 boards need it"; \
+		else echo "note: install gcc-aarch64-linux-gnu (Debian/Ubuntu) for TVM builds for aarch64 boards"; fi; }
 	@touch $(STAMP)
 
 demo: setup
@@ -32,6 +39,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/cli_startup.py
 	$(BIN)/python benchmarks/convert_onnx.py
+	$(BIN)/python benchmarks/convert_tvm.py
 
 lint: setup
 	$(BIN)/ruff check .
