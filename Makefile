@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgeopt-installed
 DEMO := build/demo
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean aarch64-env
 
 setup: $(STAMP)
 
@@ -40,6 +40,10 @@ bench: setup
 	$(BIN)/python benchmarks/cli_startup.py
 	$(BIN)/python benchmarks/convert_onnx.py
 	$(BIN)/python benchmarks/convert_tvm.py
+
+# Optional: an emulated aarch64 Python + TVM runtime (qemu-user) for running aarch64 TVM builds here.
+aarch64-env: setup
+	tools/make_aarch64_emulation_env.sh build/qemu-aarch64
 
 lint: setup
 	$(BIN)/ruff check .
