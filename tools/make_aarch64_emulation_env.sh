@@ -33,7 +33,7 @@ fi
 restore() { if [ "$added" = 1 ]; then dpkg --remove-architecture arm64; apt-get update -qq >/dev/null 2>&1 || true; fi; }
 trap restore EXIT
 apt-get update -qq >/dev/null
-( cd "$DIR/debs" && for p in $PACKAGES; do apt-get download -qq "$p:arm64"; done )
+( cd "$DIR/debs" && for p in $PACKAGES; do apt-get download -qq -o APT::Sandbox::User=root "$p:arm64"; done )
 for deb in "$DIR"/debs/*.deb; do dpkg -x "$deb" "$DIR/sysroot"; done
 
 "$PIP" download -q --no-deps --only-binary=:all: --platform manylinux_2_28_aarch64 --python-version 3.11 \
