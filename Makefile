@@ -9,9 +9,22 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgeopt-installed
 DEMO := build/demo
 
+.PHONY: setup system-deps demo test bench lint clean
 .PHONY: setup demo test bench lint clean aarch64-env
 
-setup: $(STAMP)
+setup: $(STAMP) system-deps
+
+# The agent's integration tests run a real Mosquitto and `systemd-analyze verify`: install them where
+# missing and possible (Debian/Ubuntu as root); elsewhere those tests skip, naming what to install.
+system-deps:
+	@missing=""; \
+	command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || missing="$$missing mosquitto"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	if [ -n "$$missing" ]; then \
+		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+		else echo "note: the agent tests need:$$missing (apt-get install$$missing); they skip without"; fi; \
+	fi
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python >= 3.11 is required (none found on PATH)"; exit 2; }
@@ -32,6 +45,10 @@ demo: setup
 	$(BIN)/edgeopt convert $(DEMO)/digits_cnn.onnx -o $(DEMO)/raspberry-pi-4-int8 --force \
 		--profile raspberry-pi-4 --target onnx --quantize int8 \
 		--calibration $(DEMO)/calibration.npz --validation $(DEMO)/validation.npz --max-accuracy-drop 1.0
+	$(BIN)/edgeopt convert $(DEMO)/digits_cnn.onnx -o $(DEMO)/raspberry-pi-4-fp32 --force -q \
+		--profile raspberry-pi-4 --target onnx --quantize none --validation $(DEMO)/validation.npz
+	$(BIN)/python examples/fleet_demo.py --v1 $(DEMO)/raspberry-pi-4-fp32 --v2 $(DEMO)/raspberry-pi-4-int8 \
+		--out $(DEMO)/fleet --devices 50
 
 test: setup
 	$(BIN)/python -m pytest
@@ -39,6 +56,9 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/cli_startup.py
 	$(BIN)/python benchmarks/convert_onnx.py
+	$(BIN)/python benchmarks/compress.py
+	$(BIN)/python benchmarks/fleet_scale.py
+	$(BIN)/python benchmarks/agent_throughput.py
 	$(BIN)/python benchmarks/convert_tvm.py
 
 # Optional: an emulated aarch64 Python + TVM runtime (qemu-user) for running aarch64 TVM builds here.

@@ -12,18 +12,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import print_table, write_json
 
-import digits
 from edgeopt.bench import measure
 from edgeopt.converters.pipeline import ConvertOptions, convert
 from edgeopt.runtime.onnxruntime import OnnxRuntime
+
+from common import print_table, write_json
 
 MODES = ["none", "int8", "int8-dynamic", "int4", "fp16"]
 MODELS = ["cnn", "mlp", "mlp-1m"]
 
 
 def main() -> None:
+    import digits  # examples/, put on the path by common
+
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -1,5 +1,5 @@
-"""``edgeopt convert``: load → canonicalise → check ops → compile (with quantization) → validate →
-golden vectors → latency → fit → artifact directory, written atomically.
+"""``edgeopt convert``: load → canonicalise → check ops → compress (prune → distill) → compile (with
+quantization) → validate → golden vectors → latency → fit → artifact directory, written atomically.
 
 Everything that can be rejected (files, flags, data, unsupported ops, the output location) is
 checked before the output directory is created; the directory appears complete or not at all.
@@ -30,13 +30,14 @@ from edgeopt.artifact import (
     tool_versions,
 )
 from edgeopt.converters.fit import fit_check, peak_activation_elements
-from edgeopt.converters.passes import PassContext, ProgressFactory, get_pass, no_progress
+from edgeopt.converters.passes import Pass, PassContext, ProgressFactory, get_pass, no_progress
+from edgeopt.converters.preprocessing import resolve_preprocessing
 from edgeopt.converters.targets import Target, get_target
 from edgeopt.converters.validate import accuracy, parity
 from edgeopt.data import Dataset, generate_inputs, load_dataset
 from edgeopt.errors import CheckFailed, UserInputError
 from edgeopt.fsutil import atomic_write_json, check_output_dir, sha256_file, staged_directory, tree_size
-from edgeopt.onnx_io import count_params, input_specs, iter_nodes, load_model
+from edgeopt.onnx_io import count_macs, count_params, input_specs, iter_nodes, load_model, save_model
 from edgeopt.profiles import Profile, load_profile
 from edgeopt.runtime import Runtime, run_batched, runtime_for_format, to_model_dtype
 from edgeopt.runtime.onnxruntime import OnnxRuntime
@@ -62,10 +63,18 @@ class ConvertOptions:
     force: bool = False
     pass_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # by pass name
     target_params: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)  # window/hop/layout/... (see preprocessing.py)
     threads: int = 1
     golden_count: int = 8
     generated_samples: int = 64
-    seed: int = 0
+    seed: int = 0  # random validation inputs, and the distillation split / shuffling
+    # compression, run in this order between canonicalisation and the target
+    prune_sparsity: float | None = None   # unstructured magnitude pruning (prune-unstructured)
+    prune_channels: float | None = None   # structured channel pruning (prune-structured)
+    prune_layers: dict[str, float] = field(default_factory=dict)  # per-layer ratio / sparsity by node name
+    distill: Path | None = None           # distillation data (distill)
+    epochs: int | None = None
+    student: Path | None = None
 
 
 @dataclass
@@ -99,6 +108,39 @@ def resolve_recipe(opts: ConvertOptions) -> tuple[Profile | None, str, str]:
     return profile, target, quantize
 
 
+def compression_passes(opts: ConvertOptions) -> list[Pass]:
+    """The compression recipe the options ask for, in pipeline order: prune, then distill."""
+    if opts.prune_sparsity is not None and opts.prune_channels is not None:
+        raise UserInputError("--prune-sparsity (unstructured) and --prune-channels (structured) exclude each "
+                             "other; give one")
+    if opts.distill is None and (opts.epochs is not None or opts.student is not None):
+        flag = "--epochs" if opts.epochs is not None else "--student"
+        raise UserInputError(f"{flag} applies to distillation: add --distill DATA")
+    if opts.student is not None and (opts.prune_sparsity is not None or opts.prune_channels is not None):
+        raise UserInputError("--student replaces the pruned model as the student: give --student or a "
+                             "pruning option, not both")
+    if (opts.distill is not None and opts.student is None and opts.prune_sparsity is None
+            and opts.prune_channels is None):
+        raise UserInputError("--distill trains a smaller student: add --prune-channels R, --prune-sparsity S "
+                             "or --student MODEL.onnx")
+    if opts.prune_layers and opts.prune_sparsity is None and opts.prune_channels is None:
+        raise UserInputError("per-layer pruning ratios need --prune-sparsity or --prune-channels")
+    recipe: list[tuple[str, dict[str, Any]]] = []
+    if opts.prune_sparsity is not None:
+        recipe.append(("prune-unstructured", {"sparsity": opts.prune_sparsity,
+                                              "layer_sparsity": opts.prune_layers or None}))
+    if opts.prune_channels is not None:
+        recipe.append(("prune-structured", {"ratio": opts.prune_channels, "layer_ratios": opts.prune_layers or None}))
+    if opts.distill is not None:
+        recipe.append(("distill", {"data": str(opts.distill), "seed": opts.seed, "epochs": opts.epochs,
+                                   "student": None if opts.student is None else str(opts.student)}))
+    passes = []
+    for name, params in recipe:
+        given = {k: v for k, v in params.items() if v is not None}
+        passes.append(get_pass(name)(**{**opts.pass_params.get(name, {}), **given}))
+    return passes
+
+
 class _Steps:
     """Wall time and facts per pipeline step, for the report."""
 
@@ -121,6 +163,9 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
     profile, target_name, quantize = resolve_recipe(opts)
     target: Target = get_target(target_name)(pass_params=opts.pass_params, profile=profile, **opts.target_params)
     target.check_quantize(quantize)
+    compression = compression_passes(opts)
+    for p in compression:
+        p.preflight()
     check_output_dir(opts.output, opts.force)
 
     with steps("load"):
@@ -131,22 +176,36 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
 
     with tempfile.TemporaryDirectory(prefix="edgeopt-") as work:
         ctx = PassContext(workdir=Path(work), progress=progress)
+        canon_params = {"batch_size": profile.default_batch if profile else None,
+                        **opts.pass_params.get("canonicalize", {})}
         canon_pass = get_pass("canonicalize")(input_shapes=opts.input_shapes or None,
-                                              input_values=opts.input_values or None,
-                                              **opts.pass_params.get("canonicalize", {}))
+                                              input_values=opts.input_values or None, **canon_params)
         with steps("canonicalize") as row:
             canonical = canon_pass.apply(source, ctx)
             row.update(ctx.details["canonicalize"])
         target.check_supported(canonical)
         specs = input_specs(canonical)
+        preprocessing = resolve_preprocessing(specs, opts.preprocessing)
         ctx.calibration = load_dataset(opts.calibration, specs) if opts.calibration else None
         validation, validation_source = _validation_set(opts, specs, ctx.calibration)
         frozen = ctx.details["canonicalize"]["frozen_inputs"]
 
+        model, measured = canonical, [(row, canonical)]
+        ctx.reference = canonical
+        for compress_pass in compression:
+            with steps(compress_pass.name) as row:
+                model = compress_pass.apply(model, ctx)
+            measured.append((row, model))
+        if compression:
+            target.check_supported(model)
+            _measure_steps(measured, validation, ctx.workdir, opts.threads)
+        else:
+            _describe_model(row, canonical)
+
         with staged_directory(opts.output, opts.force) as stage:
-            with steps("compile") as row:
-                model_path = target.compile(canonical, quantize, ctx, stage)
-                row["size_bytes"] = tree_size(model_path)
+            with steps("compile") as compile_row:
+                model_path = target.compile(model, quantize, ctx, stage)
+                compile_row["size_bytes"] = tree_size(model_path)
             converted_rt = runtime_for_format(target.format)(target.runnable_model(model_path), threads=opts.threads)
             source_rt = OnnxRuntime(opts.model, threads=opts.threads)
             source_runner = _SourceRunner(source_rt, frozen, source_specs)
@@ -155,11 +214,13 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
             save_golden(stage / GOLDEN, *golden)
             with steps("latency"):
                 latency = _latency(source_runner, converted_rt, validation)
+            compile_row.update(params=count_params(model), macs=count_macs(model), accuracy=acc["converted"],
+                               top1_agreement=par["top1_agreement"], latency_p50_ms=latency["p50_ms"])
             model_bytes = tree_size(model_path)
-            peak = model_bytes + peak_activation_elements(canonical) * target.activation_bytes(quantize)
+            peak = model_bytes + peak_activation_elements(model) * target.activation_bytes(quantize)
             fit = fit_check(model_bytes, peak, profile)
 
-            recipe = [canon_pass.describe()]
+            recipe = [canon_pass.describe()] + [p.describe() for p in compression]
             recipe += [get_pass(p)(**opts.pass_params.get(p, {})).describe() for p in target.passes_for(quantize)]
             recipe.append({"pass": f"compile:{target.name}", "params": {"quantize": quantize, **target.config}})
             failures = _failures(opts, fit, acc, par)
@@ -169,10 +230,11 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
                 "status": "failed" if failures else "ok",
                 "failures": failures,
                 "source": {"path": str(opts.model), "sha256": sha256_file(opts.model),
-                           "size_bytes": tree_size(opts.model), "params": count_params(source)},
+                           "size_bytes": tree_size(opts.model), "params": count_params(source),
+                           "macs": count_macs(canonical)},
                 "artifact": {"path": str(opts.output), "format": target.format,
                              "sha256": sha256_file(model_path) if model_path.is_file() else None,
-                             "size_bytes": model_bytes, "params": count_params(canonical)},
+                             "size_bytes": model_bytes, "params": count_params(model), "macs": count_macs(model)},
                 "recipe": recipe,
                 "parity": par,
                 "accuracy": acc,
@@ -187,7 +249,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
             }
             atomic_write_json(stage / REPORT, report)
             manifest = _manifest(opts, target, converted_rt, profile, quantize, par, recipe, versions,
-                                 source_sha=report["source"]["sha256"], stage=stage,
+                                 preprocessing, source_sha=report["source"]["sha256"], stage=stage,
                                  golden_count=len(next(iter(golden[0].values()))))
             atomic_write_json(stage / MANIFEST, manifest)
 
@@ -195,6 +257,33 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
     if failures:
         raise ConvertCheckFailed(result)
     return result
+
+
+def _describe_model(row: dict[str, Any], model: onnx.ModelProto) -> None:
+    row.update(size_bytes=model.ByteSize(), params=count_params(model), macs=count_macs(model))
+
+
+def _measure_steps(measured: list[tuple[dict[str, Any], onnx.ModelProto]], data: Dataset, workdir: Path,
+                   threads: int) -> None:
+    """Size, params, MACs, accuracy, top-1 agreement with the canonical model and ONNX Runtime latency
+    (batch 1, all steps measured interleaved) after each compression step, into its report row."""
+    from edgeopt.bench import measure
+
+    runtimes = []
+    for i, (row, model) in enumerate(measured):
+        _describe_model(row, model)
+        path = workdir / f"step-{i}-{row['step']}.onnx"
+        save_model(model, path)
+        runtimes.append(OnnxRuntime(path, threads=threads))
+    outputs = [run_batched(rt, data.inputs, VALIDATION_BATCH)[rt.outputs[0].name] for rt in runtimes]
+    for (row, _), out in zip(measured, outputs, strict=True):
+        row["accuracy"] = accuracy(data.labels, outputs[0], out)["converted"]
+        row["top1_agreement"] = parity([outputs[0]], [out], ["output"])["top1_agreement"]
+    sample = {k: v[:1] for k, v in data.inputs.items()}
+    feeds = [{s.name: to_model_dtype(s, np.resize(sample[s.name], (rt.fixed_batch or 1,) + sample[s.name].shape[1:]))
+              for s in rt.inputs} for rt in runtimes]
+    for (row, _), stats in zip(measured, measure(runtimes, feeds), strict=True):
+        row["latency_p50_ms"] = round(stats.p50_ms, 4)
 
 
 def _validation_set(opts: ConvertOptions, specs: list[TensorSpec], calibration: Dataset | None) -> tuple[Dataset, str]:
@@ -297,7 +386,8 @@ def golden_tolerance(par: dict[str, Any]) -> dict[str, float]:
 
 
 def _manifest(opts: ConvertOptions, target: Target, rt: Runtime, profile: Profile | None, quantize: str,
-              par: dict[str, Any], recipe: list, versions: dict[str, str], *, source_sha: str, stage: Path,
+              par: dict[str, Any], recipe: list, versions: dict[str, str], preprocessing: dict[str, Any], *,
+              source_sha: str, stage: Path,
               golden_count: int) -> dict[str, Any]:
     return {
         "schema": MANIFEST_SCHEMA,
@@ -307,7 +397,7 @@ def _manifest(opts: ConvertOptions, target: Target, rt: Runtime, profile: Profil
                   "quantize": quantize},
         "inputs": [s.to_json() for s in rt.inputs],
         "outputs": [s.to_json() for s in rt.outputs],
-        "preprocessing": {"window": None, "hop": None, "normalization": None},
+        "preprocessing": preprocessing,
         "golden": {"file": GOLDEN, "count": golden_count, **golden_tolerance(par)},
         "target_profile": profile.name if profile else None,
         "latency_budget_ms": profile.latency_budget_ms if profile else None,

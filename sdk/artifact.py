@@ -127,3 +127,59 @@ def open_artifact(root: str | Path) -> Artifact:
         if key not in manifest:
             raise UserInputError(f"{path}: manifest has no '{key}'")
     return Artifact(root, manifest)
+
+
+# -- packing: one file per artifact for the signed repository ---------------------------------------
+
+MAX_UNPACKED_BYTES = 4 * 2**30
+
+
+def pack_artifact(root: Path, dest: Path) -> None:
+    """Write the artifact directory ``root`` as a deterministic tar (sorted names, zeroed owners and
+    times), so the same artifact always packs to the same bytes and the same sha256."""
+    import tarfile
+
+    root = Path(root)
+    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root).as_posix()
+            info = tar.gettarinfo(str(path), arcname=rel)
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mtime = 0
+            if path.is_symlink() or not (path.is_file() or path.is_dir()):
+                raise UserInputError(f"{path}: artifacts may hold only regular files and directories")
+            info.mode = 0o755 if path.is_dir() else 0o644
+            if path.is_file():
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
+
+
+def unpack_artifact(archive: Path, dest: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> Artifact:
+    """Unpack a packed artifact into the new directory ``dest`` and verify every file's hash.
+
+    Only regular files and directories with relative, non-escaping names are accepted (tarfile's
+    'data' filter), and the unpacked size is capped: the archive came over the network.
+    """
+    import tarfile
+
+    dest = Path(dest)
+    try:
+        with tarfile.open(archive, "r") as tar:
+            members = tar.getmembers()
+            total = 0
+            for m in members:
+                if not (m.isfile() or m.isdir()):
+                    raise TamperedArtifact(f"{archive}: member {m.name!r} is not a regular file or directory")
+                total += m.size
+                if total > max_bytes:
+                    raise TamperedArtifact(f"{archive}: unpacks to more than {max_bytes} bytes")
+            dest.mkdir(parents=True)
+            tar.extractall(dest, members=members, filter="data")
+    except tarfile.TarError as exc:  # includes the 'data' filter's refusals (FilterError)
+        raise TamperedArtifact(f"{archive}: not a valid or not a safe artifact archive ({exc})") from exc
+    artifact = open_artifact(dest)
+    artifact.verify()
+    return artifact

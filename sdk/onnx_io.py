@@ -183,3 +183,46 @@ def toposort(graph: onnx.GraphProto) -> None:
         pending, requirements = rest, rest_req
     del graph.node[:]
     graph.node.extend(ordered)
+
+
+def static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Inferred shapes of every tensor, a dynamic (batch) dim counted as 1."""
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    shapes: dict[str, tuple[int, ...]] = {
+        i.name: tuple(int(d) for d in i.dims) for i in inferred.graph.initializer}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        if vi.type.tensor_type.HasField("shape"):
+            shapes[vi.name] = tuple(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else 1
+                                    for d in vi.type.tensor_type.shape.dim)
+    return shapes
+
+
+def count_macs(model: onnx.ModelProto) -> int | None:
+    """Multiply-accumulates of one inference at batch 1: Conv, ConvTranspose, Gemm and MatMul.
+
+    Computed from inferred shapes (a dynamic batch dim counts as 1); other ops (activations, pooling,
+    elementwise) are not counted, as is usual for MAC figures. ``None`` when a shape is unknown (or the
+    model is too big for in-memory shape inference).
+    """
+    if model.ByteSize() >= PROTOBUF_LIMIT:
+        return None
+    shapes = static_shapes(model)
+    total = 0
+    for node in iter_nodes(model.graph):
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
+            continue
+        ins = [shapes.get(name) for name in node.input[:2]]
+        out = shapes.get(node.output[0])
+        if out is None or any(s is None for s in ins):
+            return None
+        x, w = ins
+        if node.op_type == "Conv":  # each output element sums C_in/group x kernel products
+            total += int(np.prod(out)) * int(np.prod(w[1:]))
+        elif node.op_type == "ConvTranspose":  # each input element scatters into C_out/group x kernel outputs
+            total += int(np.prod(x)) * int(np.prod(w[1:]))
+        elif node.op_type == "Gemm":
+            trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
+            total += int(np.prod(out)) * int(x[0] if trans_a else x[-1])
+        else:  # MatMul: every output element is a dot product over A's last dim
+            total += int(np.prod(out)) * int(x[-1])
+    return total

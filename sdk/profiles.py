@@ -53,6 +53,7 @@ class Profile:
     default_target: str
     default_quantize: str
     latency_budget_ms: float | None
+    default_batch: int | None = None  # fixes a dynamic batch dim (e.g. 1 for TFLite Micro boards)
     tvm_target: dict[str, Any] | None = None
     coreml_deployment_target: str | None = None
     source: str = ""
@@ -65,7 +66,8 @@ class Profile:
             "storage_bytes": self.storage_bytes, "model_ram_budget_bytes": self.model_ram_budget_bytes,
             "model_storage_budget_bytes": self.model_storage_budget_bytes,
             "accelerators": list(self.accelerators), "formats": list(self.formats),
-            "default_recipe": {"target": self.default_target, "quantize": self.default_quantize},
+            "default_recipe": {"target": self.default_target, "quantize": self.default_quantize,
+                               "batch": self.default_batch},
             "latency_budget_ms": self.latency_budget_ms, "tvm_target": self.tvm_target,
             "coreml_deployment_target": self.coreml_deployment_target,
         }
@@ -93,6 +95,7 @@ def _parse(doc: dict[str, Any], source: str) -> Profile:
             formats=tuple(doc["formats"]),
             default_target=str(recipe["target"]), default_quantize=str(recipe.get("quantize", "none")),
             latency_budget_ms=float(doc["latency_budget_ms"]) if "latency_budget_ms" in doc else None,
+            default_batch=int(recipe["batch"]) if "batch" in recipe else None,
             tvm_target=doc.get("tvm", {}).get("target"),
             coreml_deployment_target=doc.get("coreml", {}).get("minimum_deployment_target"),
             source=source,

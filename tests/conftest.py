@@ -79,3 +79,18 @@ def digits_split():
     import digits
 
     return digits.load_split()
+
+
+@pytest.fixture(scope="session")
+def imu_model(tmp_path_factory) -> dict:
+    """A 1-D CNN activity classifier ([N, 3, 64], 3 accelerometer channels at 50 Hz) trained on a
+    synthetic IMU stream (examples/imu.py), its data, and an ONNX artifact with its preprocessing."""
+    import imu
+
+    root = tmp_path_factory.mktemp("imu")
+    made = imu.make(root)
+    made["artifact"] = root / "artifact"
+    res = run_cli("convert", made["model"], "-o", made["artifact"], "--target", "onnx", "-q", "--name", "imu-cnn",
+                  "--version", "3", "--preprocessing", made["preprocessing"], "--validation", made["validation"])
+    assert res.code == 0, res.err
+    return made

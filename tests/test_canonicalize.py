@@ -101,3 +101,16 @@ def test_flag_parsers():
             parse_input_shape(bad)
     with pytest.raises(UserInputError):
         parse_input_value("rate")
+
+
+def test_batch_size_fixes_only_a_dynamic_leading_dim(tmp_path):
+    from edgeopt.profiles import load_profile
+
+    model, details = _apply(if_on_sample_rate(), tmp_path, batch_size=4, input_values={"rate": "1"}, simplify=False)
+    assert input_specs(model)[0].shape == (4, 4) and details["fixed_shapes"] == {"x": [4, 4]}
+    explicit, _ = _apply(dynamic_dims(), tmp_path, batch_size=4, input_shapes={"x": (2, 3, 5)})
+    assert input_specs(explicit)[0].shape == (2, 3, 5)  # an explicit --input-shape wins
+    with pytest.raises(UserInputError, match="dynamic dim"):
+        _apply(dynamic_dims(), tmp_path, batch_size=4)  # 'time' is still dynamic
+    assert load_profile("arduino-nano-33-ble-sense").default_batch == 1
+    assert load_profile("raspberry-pi-4").default_batch is None

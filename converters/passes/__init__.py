@@ -30,8 +30,10 @@ ProgressFactory = Callable[[str, int | None], contextlib.AbstractContextManager]
 
 
 @contextlib.contextmanager
-def no_progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-    yield lambda n=1: None
+def no_progress(description: str, total: int | None) -> Iterator[Callable[..., None]]:
+    """The progress factory's protocol: yields ``advance(n=1, status=None)``; ``status`` is a short
+    text shown next to the bar (e.g. a training loss)."""
+    yield lambda n=1, status=None: None
 
 
 @dataclass
@@ -41,6 +43,7 @@ class PassContext:
     workdir: Path
     calibration: Dataset | None = None
     progress: ProgressFactory = no_progress
+    reference: onnx.ModelProto | None = None  # the model before compression (the distillation teacher)
     notes: list[str] = field(default_factory=list)  # warnings that end up in the report
     details: dict[str, Any] = field(default_factory=dict)  # per-pass facts for the report, by pass name
 
@@ -54,6 +57,9 @@ class Pass(Configurable):
 
     def _apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         raise NotImplementedError
+
+    def preflight(self) -> None:
+        """Checks that need no model (a toolchain is installed, a file exists), run before any work."""
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         try:

@@ -56,6 +56,8 @@ class Canonicalize(Pass):
     params: ClassVar[tuple[Param, ...]] = (
         Param("input_shapes", _mapping, None, "fixed shapes per input name, e.g. {'image': (1, 1, 8, 8)}"),
         Param("input_values", _mapping, None, "inputs to freeze into constants, e.g. {'sample_rate': '16000'}"),
+        Param("batch_size", int, None, "fix a dynamic leading (batch) dim of every input to this size",
+              check=lambda v: None if v >= 1 else "must be >= 1"),
         Param("keep_dynamic_batch", bool, True,
               "leave a dynamic leading (batch) dim dynamic instead of requiring --input-shape for it"),
         Param("simplify", bool, True, "run onnxslim (constant folding, dead code, fusions)"),
@@ -65,7 +67,7 @@ class Canonicalize(Pass):
         model = onnx.ModelProto.FromString(model.SerializeToString())  # never mutate the caller's model
         details: dict[str, Any] = {"nodes_before": len(model.graph.node)}
         frozen = self._freeze_inputs(model, self.config["input_values"] or {})
-        fixed = self._fix_shapes(model, self.config["input_shapes"] or {})
+        fixed = self._fix_shapes(model, self._with_batch(model, self.config["input_shapes"] or {}))
         removed = self._drop_training_nodes(model)
         self._check_dynamic(model)
         if self.config["simplify"]:
@@ -106,6 +108,17 @@ class Canonicalize(Pass):
         return frozen
 
     # -- 2. shapes ---------------------------------------------------------------------------
+    def _with_batch(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """Explicit shapes, plus ``batch_size`` for every other input whose only dynamic dim is the first."""
+        batch = self.config["batch_size"]
+        if batch is None:
+            return shapes
+        shapes = dict(shapes)
+        for spec in input_specs(model):
+            if spec.name not in shapes and spec.dynamic_dims() == [0]:
+                shapes[spec.name] = (batch, *[int(d) for d in spec.shape[1:]])  # type: ignore[arg-type]
+        return shapes
+
     @staticmethod
     def _fix_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
         by_name = {vi.name: vi for vi in model.graph.input}

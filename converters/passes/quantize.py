@@ -97,7 +97,6 @@ class QuantizeInt8Dynamic(Pass):
 
     def _apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         from onnxruntime.quantization import QuantType, quantize_dynamic
-
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         src, pre, out = (ctx.workdir / f"dyn-{s}.onnx" for s in ("src", "pre", "out"))

@@ -21,6 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("edgeopt.cli.inspect:inspect_cmd", "Ops, parameters, size and target support of an ONNX model."),
     "bench": ("edgeopt.cli.bench:bench_cmd", "Latency and throughput of an artifact or model over a batch sweep."),
     "profiles": ("edgeopt.cli.profiles:profiles_cmd", "List and show hardware profiles."),
+    "keys": ("edgeopt.cli.keys:keys_cmd", "Create and rotate the signing keys of a fleet repository."),
+    "fleet": ("edgeopt.cli.fleet:fleet_cmd", "Publish models, run the fleet service, roll models out in waves."),
+    "agent": ("edgeopt.agent.cli:agent_group", "Run the device agent, install it as a systemd service, install a model."),
 }
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in edgeopt, not the user's input
@@ -63,35 +66,38 @@ def cli(debug: bool) -> None:
         os.environ["EDGEOPT_DEBUG"] = "1"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, command: click.Command | None = None, prog_name: str = "edgeopt") -> None:
+    """Run ``command`` (default: the ``edgeopt`` group) and turn errors into one-line messages and
+    exit codes; other entry points (``edgeopt-agent``) pass their own command and name."""
     from edgeopt.errors import EdgeoptError
 
+    command = command or cli
     args = sys.argv[1:] if argv is None else argv
     if "--debug" in args:
         os.environ["EDGEOPT_DEBUG"] = "1"
     try:
-        code = cli.main(args=args, prog_name="edgeopt", standalone_mode=False)
+        code = command.main(args=args, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.ClickException as exc:  # usage errors: click prints them itself
         exc.show()
         code = exc.exit_code
     except click.exceptions.Abort:
-        click.echo("edgeopt: aborted", err=True)
+        click.echo(f"{prog_name}: aborted", err=True)
         code = 130
     except EdgeoptError as exc:
         if debug_enabled():
             raise
-        click.echo(f"edgeopt: error: {exc}", err=True)
+        click.echo(f"{prog_name}: error: {exc}", err=True)
         code = exc.exit_code
     except KeyboardInterrupt:
-        click.echo("edgeopt: interrupted", err=True)
+        click.echo(f"{prog_name}: interrupted", err=True)
         code = 130
     except Exception as exc:
         if debug_enabled():
             raise
         first = (str(exc).strip().splitlines() or [""])[0]
-        click.echo(f"edgeopt: internal error: {type(exc).__name__}: {first} "
+        click.echo(f"{prog_name}: internal error: {type(exc).__name__}: {first} "
                    f"(a bug in edgeopt; rerun with --debug for the traceback)", err=True)
         code = EXIT_INTERNAL
     sys.exit(code or 0)

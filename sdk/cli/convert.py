@@ -8,6 +8,9 @@ from pathlib import Path
 import click
 
 from edgeopt import registry
+from edgeopt.converters.passes.distill import Distill
+from edgeopt.converters.passes.prune_structured import PruneStructured
+from edgeopt.converters.passes.prune_unstructured import PruneUnstructured
 from edgeopt.converters.passes.quantize import QuantizeFp16, QuantizeInt4, QuantizeInt8Static
 from edgeopt.converters.targets import QUANTIZE_MODES
 from edgeopt.errors import UserInputError
@@ -15,6 +18,22 @@ from edgeopt.errors import UserInputError
 _CAL = QuantizeInt8Static.param("calibration_method")
 _BLOCK = QuantizeInt4.param("block_size")
 _KEEP_IO = QuantizeFp16.param("keep_io_types")
+_SPARSITY = PruneUnstructured.param("sparsity")
+_CHANNELS = PruneStructured.param("ratio")
+_EPOCHS = Distill.param("epochs")
+_RATIO = click.FloatRange(0.0, 1.0, max_open=True)
+
+
+def parse_layer_ratio(text: str) -> tuple[str, float]:
+    """'/3/Conv=0.25' → ('/3/Conv', 0.25)."""
+    name, sep, value = text.rpartition("=")
+    try:
+        ratio = float(value)
+        if not sep or not name or not 0.0 <= ratio < 1.0:
+            raise ValueError
+    except ValueError:
+        raise UserInputError(f"--prune-layer {text!r}: expected NODE_NAME=RATIO with 0 <= RATIO < 1") from None
+    return name, ratio
 
 
 def _target_params() -> dict[str, list[tuple[str, object]]]:
@@ -78,10 +97,36 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
 @click.option("--max-accuracy-drop", type=float,
               help="Exit 1 (artifact kept, report marked failed) when accuracy drops by more than this "
                    "(percentage points of top-1, or MAE increase).")
+@_SPARSITY.click_option("--prune-sparsity", type=_RATIO, default=None, show_default=False,
+                        help=f"Unstructured pruning: {_SPARSITY.help} (Conv/Gemm/MatMul weights).")
+@_CHANNELS.click_option("--prune-channels", type=_RATIO, default=None, show_default=False,
+                        help=f"Structured pruning: {_CHANNELS.help}, giving a smaller dense model.")
+@click.option("--prune-layer", "prune_layers", multiple=True, metavar="NODE=RATIO",
+              help="Per-layer ratio (or sparsity) for the pruning above, by ONNX node name (repeatable).")
+@click.option("--distill", type=click.Path(path_type=Path), metavar="DATA",
+              help="Distil the original model into the compressed one on DATA (.npz, labels optional; "
+                   "needs the 'train' extra).")
+@_EPOCHS.click_option("--epochs", default=None, show_default=False,
+                      help=f"With --distill: {_EPOCHS.help} (default: {_EPOCHS.default}).")
+@click.option("--student", type=click.Path(path_type=Path), metavar="MODEL.onnx",
+              help="With --distill: train this student architecture instead of the pruned model.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for distillation (split, shuffling) and generated inputs.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:d0,d1,..",
               help="Fix an input's dynamic dims (repeatable).")
 @click.option("--input-value", "input_values", multiple=True, metavar="NAME=VALUE",
               help="Freeze an input to a constant so control flow on it folds away (repeatable).")
+@click.option("--preprocessing", "preprocessing_file", type=click.Path(path_type=Path),
+              help="JSON file with the manifest's preprocessing for a sensor model (window, hop, layout, "
+                   "channels, sample_rate_hz, normalization); the flags below override its keys.")
+@click.option("--hop", type=int, help="Sensor model: samples between window starts (default: the window, "
+              "which is the model input's time dim).")
+@click.option("--layout", type=click.Choice(["channels_first", "channels_last"]),
+              help="Sensor model: input laid out [N, C, T] or [N, T, C] (default: the smaller dim is C).")
+@click.option("--channels", metavar="NAME,NAME,..", help="Sensor model: channel names in the model's order.")
+@click.option("--sample-rate", type=float, metavar="HZ", help="Sensor model: sample rate of the stream.")
+@click.option("--normalize", metavar="MEAN:STD[,MEAN:STD..]",
+              help="Sensor model: per-channel (x - mean) / std, one pair for all channels or one per channel.")
 @click.option("--name", help="Model name in the manifest (default: the file name).")
 @click.option("--version", "model_version", default="1", show_default=True, help="Model version in the manifest.")
 @click.option("--threads", type=int, default=1, show_default=True, help="Threads for validation and latency.")
@@ -90,8 +135,10 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @target_options
 def convert_cmd(model: Path, output: Path, target, profile, quantize, calibration, calibration_method,
-                int4_block_size, fp16_io, validation, max_accuracy_drop, input_shapes, input_values, name,
-                model_version, threads, force, as_json, quiet, **target_settings) -> None:
+                int4_block_size, fp16_io, validation, max_accuracy_drop, prune_sparsity, prune_channels,
+                prune_layers, distill, epochs, student, seed, input_shapes, input_values,
+                preprocessing_file, hop, layout, channels, sample_rate, normalize, name, model_version,
+                threads, force, as_json, quiet, **target_settings) -> None:
     """Convert MODEL (ONNX) into an artifact directory: model, manifest.json, golden.npz, report.json.
 
     \b
@@ -99,18 +146,30 @@ def convert_cmd(model: Path, output: Path, target, profile, quantize, calibratio
       edgeopt convert model.onnx -o out --profile raspberry-pi-4 --target onnx --quantize int8 \\
           --calibration cal.npz --validation val.npz --max-accuracy-drop 1.0
       edgeopt convert model.onnx -o out --target onnx --quantize int4 --input-shape x:1,64
+      edgeopt convert model.onnx -o out --target onnx --prune-channels 0.5 --distill train.npz \\
+          --epochs 30 --quantize int8 --calibration cal.npz --validation val.npz
     """
     from edgeopt.cli.progress import make_progress
     from edgeopt.cli.render import print_convert_report
     from edgeopt.converters.passes.canonicalize import parse_input_shape, parse_input_value
     from edgeopt.converters.pipeline import ConvertCheckFailed, ConvertOptions, convert
+    from edgeopt.converters.preprocessing import load_preprocessing_file, parse_normalize
+
+    preprocessing = load_preprocessing_file(preprocessing_file) if preprocessing_file else {}
+    preprocessing.update({k: v for k, v in {
+        "hop": hop, "layout": layout, "sample_rate_hz": sample_rate,
+        "channels": [c.strip() for c in channels.split(",")] if channels else None,
+        "normalization": parse_normalize(normalize) if normalize else None}.items() if v is not None})
 
     opts = ConvertOptions(
         model=model, output=output, target=target, profile=profile, quantize=quantize, calibration=calibration,
         validation=validation, max_accuracy_drop=max_accuracy_drop,
         input_shapes=dict(parse_input_shape(s) for s in input_shapes),
         input_values=dict(parse_input_value(v) for v in input_values),
-        name=name, version=model_version, force=force, threads=threads,
+        name=name, version=model_version, force=force, threads=threads, seed=seed,
+        prune_sparsity=prune_sparsity, prune_channels=prune_channels,
+        prune_layers=dict(parse_layer_ratio(t) for t in prune_layers), distill=distill, epochs=epochs,
+        student=student, preprocessing=preprocessing,
         target_params=_chosen_target_params(target, target_settings),
         pass_params={
             "quantize-int8": {"calibration_method": calibration_method},

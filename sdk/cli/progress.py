@@ -14,8 +14,13 @@ def make_progress(enabled: bool = True):
 
         console = Console(stderr=True)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=True, disable=not enabled or not console.is_terminal) as bar:
-            task = bar.add_task(description, total=total)
-            yield lambda n=1: bar.advance(task, n)
+                      TextColumn("{task.fields[status]}"), console=console, transient=True,
+                      disable=not enabled or not console.is_terminal) as bar:
+            task = bar.add_task(description, total=total, status="")
+
+            def advance(n: int = 1, status: str | None = None) -> None:
+                bar.update(task, advance=n, **({"status": status} if status is not None else {}))
+
+            yield advance
 
     return progress

@@ -49,6 +49,7 @@ def print_convert_report(report: dict[str, Any]) -> None:
     change = "-" if not speed else (f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower")
     table.add_row(f"latency p50, batch {lat['batch']}", _ms(lat.get("source_p50_ms")), _ms(lat["p50_ms"]), change)
     con.print(table)
+    _print_compression_steps(con, report)
     con.print(f"latency: {lat['runtime']}, {lat['threads'] or 'auto'} thread(s), p95 {_ms(lat['p95_ms'])}, "
               f"p99 {_ms(lat['p99_ms'])}, {lat['throughput_per_s']:,.0f} samples/s (measured on this host)")
     top1 = f", top-1 agreement {par['top1_agreement']:.2%}" if par["top1_agreement"] is not None else ""
@@ -64,6 +65,22 @@ def print_convert_report(report: dict[str, Any]) -> None:
         con.print(f"note: {note}")
     status = "[green]ok[/green]" if report["status"] == "ok" else "[red]FAILED[/red]: " + "; ".join(report["failures"])
     con.print(f"status: {status}  ({report['duration_s']:.1f} s)")
+
+
+def _print_compression_steps(con: Console, report: dict[str, Any]) -> None:
+    """One row per model-changing step (canonical model, each compression pass, compiled artifact)."""
+    rows = [r for r in report["steps"] if "macs" in r]
+    if len(rows) < 3:  # only canonicalize + compile: nothing was compressed
+        return
+    table = Table(title="compression steps", title_justify="left")
+    for col in ("step", "size", "params", "MACs", "accuracy", "agreement", "p50, batch 1"):
+        table.add_column(col, justify="left" if col == "step" else "right", no_wrap=col == "step")
+    for r in rows:
+        acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.2f}"
+        agree = "-" if r.get("top1_agreement") is None else f"{r['top1_agreement']:.2%}"
+        table.add_row(r["step"], format_size(r["size_bytes"]), f"{r['params']:,}",
+                      "-" if r["macs"] is None else f"{r['macs']:,}", acc, agree, _ms(r.get("latency_p50_ms")))
+    con.print(table)
 
 
 def print_bench(result: dict[str, Any]) -> None:

@@ -1,0 +1,134 @@
+"""``edgeopt-agent --config agent.toml`` and the ``edgeopt agent`` group (run, install-service,
+install-model).
+
+Only click, the config and the run loop are imported up front; the runtime for the model, and
+paho-mqtt when a broker is configured, are imported when they are needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+
+import click
+
+UNIT_NAME = "edgeopt-agent.service"
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="edgeopt-agent: %(levelname)s: %(message)s")
+    logging.getLogger("paho").setLevel(logging.WARNING)
+
+
+@click.command("run", short_help="Run the agent (same as edgeopt-agent).", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-c", "--config", "config_path", type=click.Path(path_type=Path), required=True,
+              help="Agent configuration (TOML); keys and defaults: docs/agent.md.")
+@click.option("--debug", is_flag=True, help="Show tracebacks (same as EDGEOPT_DEBUG=1).")
+@click.version_option(package_name="edgeopt", message="edgeopt-agent %(version)s")
+def run_cmd(config_path: Path, debug: bool) -> None:
+    """Run the device agent: the model in the state directory's active slot, fed by the configured
+    sources, results to the configured sinks; MQTT state and telemetry; systemd notify and watchdog.
+
+    SIGTERM flushes the partial batch and exits 0; SIGHUP reloads the configuration.
+    """
+    from edgeopt.agent.config import load_config
+    from edgeopt.agent.service import Agent
+
+    config = load_config(config_path)
+    _logging("debug" if debug else config.agent.log_level)
+    agent = Agent(config)
+    agent.install_signal_handlers()
+    code = agent.run()
+    if code:
+        raise SystemExit(code)
+
+
+@click.command("install-service", short_help="Write the systemd unit and a default config.")
+@click.option("--unit-dir", type=click.Path(path_type=Path), default=Path("/etc/systemd/system"),
+              show_default=True, help="Where to write edgeopt-agent.service.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=Path("/etc/edgeopt/agent.toml"),
+              show_default=True, help="Config file the unit runs with (written with defaults when missing).")
+@click.option("--exec", "exec_path", type=click.Path(path_type=Path),
+              help="The edgeopt-agent executable (default: the one next to this Python).")
+@click.option("--device-id", default="", help="Device id for the default config (default: the host name).")
+@click.option("--mqtt-host", default="", help="Broker for the default config (default: none; results to a file).")
+@click.option("--force", is_flag=True, help="Overwrite an existing unit file and config.")
+def install_service_cmd(unit_dir: Path, config_path: Path, exec_path: Path | None, device_id: str, mqtt_host: str,
+                        force: bool) -> None:
+    """Write the systemd unit (Type=notify, watchdog, DynamicUser, hardening) and a default config."""
+    from edgeopt.agent.config import default_config_text
+    from edgeopt.errors import UserInputError
+    from edgeopt.fsutil import atomic_write_bytes
+
+    exe = exec_path or Path(sys.executable).parent / "edgeopt-agent"
+    if not exe.is_file() or not os.access(exe, os.X_OK):
+        found = shutil.which("edgeopt-agent")
+        if exec_path or not found:
+            raise UserInputError(f"{exe}: not an executable edgeopt-agent (pass --exec PATH)")
+        exe = Path(found)
+    unit = render_unit(exe.resolve(), config_path)
+    unit_path = unit_dir / UNIT_NAME
+    for path in (unit_path, config_path):
+        if not path.parent.is_dir():
+            raise UserInputError(f"directory {path.parent} does not exist")
+    if unit_path.exists() and not force:
+        raise UserInputError(f"{unit_path} exists; pass --force to replace it")
+    atomic_write_bytes(unit_path, unit.encode())
+    click.echo(f"wrote {unit_path}")
+    if config_path.exists() and not force:
+        click.echo(f"kept the existing {config_path}")
+    else:
+        atomic_write_bytes(config_path, default_config_text(device_id, mqtt_host).encode(), mode=0o640)
+        click.echo(f"wrote {config_path}")
+    click.echo("next: systemctl daemon-reload && systemctl enable --now edgeopt-agent")
+
+
+def render_unit(exe: Path, config_path: Path) -> str:
+    """The shipped unit (hardware/systemd/edgeopt-agent.service) with ExecStart filled in."""
+    template = resources.files("edgeopt.hardware").joinpath("systemd", UNIT_NAME).read_text()
+    lines = [f"ExecStart={exe} --config {config_path}" if ln.startswith("ExecStart=") else ln
+             for ln in template.splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+@click.command("install-model", short_help="Install an artifact into the inactive slot and activate it.")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--state-dir", type=click.Path(path_type=Path), help="The agent's state directory.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path),
+              help="Take the state directory from this agent config.")
+def install_model_cmd(artifact: Path, state_dir: Path | None, config_path: Path | None) -> None:
+    """Verify ARTIFACT (an `edgeopt convert` output), copy it into the inactive slot and make that slot
+    active (one atomic rename); a running agent switches to it within [model] poll_interval_s."""
+    from edgeopt.agent.statedir import StateDir
+    from edgeopt.errors import UserInputError
+
+    if (state_dir is None) == (config_path is None):
+        raise UserInputError("give exactly one of --state-dir or --config")
+    if config_path is not None:
+        from edgeopt.agent.config import load_config
+
+        state_dir = load_config(config_path).state_dir
+    slot = StateDir(state_dir).install(artifact)
+    click.echo(f"installed {artifact} into slot {slot} of {state_dir} (now active)")
+
+
+@click.group("agent")
+def agent_group() -> None:
+    """The device agent: run it, install it as a systemd service, install a model into its state dir."""
+
+
+agent_group.add_command(run_cmd)
+agent_group.add_command(install_service_cmd)
+agent_group.add_command(install_model_cmd)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``edgeopt-agent`` console script (same as ``edgeopt agent run``)."""
+    from edgeopt.cli import main as cli_main
+
+    cli_main(argv, command=run_cmd, prog_name="edgeopt-agent")

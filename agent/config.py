@@ -1,0 +1,512 @@
+"""The agent's configuration file (TOML): every key, its type, default and one-line doc.
+
+The declarations below are the single source of truth: ``load_config`` validates a file against
+them (an unknown key is an error naming the key and the closest known one), and
+``reference_markdown()`` renders the key reference that docs/agent.md embeds (a test checks the
+page is up to date).
+
+    [agent] [model] [preprocessing] [batching] [mqtt] [telemetry] [outbox] [systemd]
+    [[source]]   one table per source; ``type`` picks the kind
+    [[sink]]     one table per sink; ``type`` picks the kind
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from edgeopt.errors import UserInputError, closest
+
+MIB = 1024 * 1024
+
+
+def key(default: Any, doc: str, *, choices: tuple[Any, ...] | None = None, check=None) -> Any:
+    """A config key: its default and one-line doc (rendered into docs/agent.md)."""
+    meta = {"doc": doc, "choices": choices, "check": check}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def at_least(lo: float):
+    return lambda v: None if v >= lo else f"must be >= {lo}"
+
+
+def positive(v: float) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+REPLAY = ("recorded", "fast")
+
+
+@dataclass
+class AgentSection:
+    """Identity, where state lives, and how the agent ends."""
+
+    section: ClassVar[str] = "agent"
+    device_id: str = key("", "device id used in MQTT topics and results (empty: the host name)")
+    state_dir: str = key("", "state directory holding the model slots and the outbox "
+                             "(empty: $STATE_DIRECTORY set by systemd, else /var/lib/edgeopt-agent)")
+    log_level: str = key("info", "log level on stderr", choices=("debug", "info", "warning", "error"))
+    exit_when_sources_end: bool = key(False, "exit 0 once every source has ended and its windows are "
+                                             "published (batch replay of recorded files)")
+    shutdown_timeout_s: float = key(4.0, "on SIGTERM, seconds allowed to flush the last batch and "
+                                         "publish it before exiting", check=positive)
+
+
+@dataclass
+class ModelSection:
+    """The model run from the state directory's active slot."""
+
+    section: ClassVar[str] = "model"
+    runtime: str = key("", "registered runtime to use (empty: the one the artifact's manifest names)")
+    threads: int = key(1, "CPU threads for inference", check=at_least(1))
+    poll_interval_s: float = key(2.0, "while no model is active (or it failed to load), seconds between "
+                                      "looks at the active slot", check=positive)
+
+
+@dataclass
+class PreprocessingSection:
+    """Overrides of the manifest's preprocessing (0 / empty: take the manifest's)."""
+
+    section: ClassVar[str] = "preprocessing"
+    window: int = key(0, "samples per window (0: the manifest's; must match the model input)",
+                      check=at_least(0))
+    hop: int = key(0, "samples between window starts (0: the manifest's)", check=at_least(0))
+    nan_policy: str = key("drop", "a window holding NaN/Inf samples: drop it (counted), replace them by "
+                                  "zero, or hold the channel's last finite value",
+                          choices=("drop", "zero", "hold"))
+
+
+@dataclass
+class BatchingSection:
+    """Dynamic batching between the windowers and the model."""
+
+    section: ClassVar[str] = "batching"
+    max_batch: int = key(32, "most windows per inference call (capped by a model's fixed batch)",
+                         check=at_least(1))
+    max_wait_ms: float = key(20.0, "longest wait for a batch to fill after its first window arrives",
+                             check=at_least(0))
+    queue_windows: int = key(1024, "capacity of the window queue", check=at_least(1))
+    overflow: str = key("drop-oldest", "when the queue is full: drop the oldest window (counted) or block "
+                                       "the source until there is room", choices=("drop-oldest", "block"))
+
+
+@dataclass
+class MqttSection:
+    """Connection to the MQTT broker (results, telemetry, state, mqtt sources)."""
+
+    section: ClassVar[str] = "mqtt"
+    host: str = key("", "broker host name (empty: no MQTT)")
+    port: int = key(1883, "broker port", check=at_least(1))
+    prefix: str = key("edgeopt", "topic prefix: {prefix}/devices/{device_id}/...")
+    client_id: str = key("", "MQTT client id (empty: edgeopt-agent-{device_id})")
+    username: str = key("", "user name (empty: anonymous)")
+    password_file: str = key("", "file holding the password (kept out of the config)")
+    tls: bool = key(False, "connect with TLS")
+    ca_file: str = key("", "CA bundle for TLS (empty: the system's)")
+    cert_file: str = key("", "client certificate for TLS (PEM)")
+    key_file: str = key("", "client key for TLS (PEM)")
+    keepalive_s: int = key(30, "MQTT keep-alive in seconds", check=at_least(5))
+    reconnect_min_s: float = key(0.5, "first reconnect delay; doubles per failure, with jitter",
+                                 check=positive)
+    reconnect_max_s: float = key(30.0, "longest reconnect delay", check=positive)
+    max_inflight: int = key(32, "result messages sent and not yet acknowledged (QoS 1)", check=at_least(1))
+
+
+@dataclass
+class TelemetrySection:
+    """Periodic telemetry to MQTT and a local status file."""
+
+    section: ClassVar[str] = "telemetry"
+    interval_s: float = key(10.0, "seconds between telemetry messages and status file updates",
+                            check=positive)
+    status_file: str = key("", "local status file, JSON (empty: {state_dir}/status.json)")
+
+
+@dataclass
+class OutboxSection:
+    """The bounded on-disk queue of results waiting for the broker."""
+
+    section: ClassVar[str] = "outbox"
+    dir: str = key("", "outbox directory (empty: {state_dir}/outbox)")
+    max_bytes: int = key(16 * MIB, "size cap; past it the oldest results are dropped (and counted)",
+                         check=at_least(4096))
+    segment_bytes: int = key(1 * MIB, "size of one outbox segment file (the unit that is dropped)",
+                             check=at_least(1024))
+    fsync_interval_s: float = key(1.0, "seconds between fsyncs of the outbox (0: after every write)",
+                                  check=at_least(0))
+
+
+@dataclass
+class SystemdSection:
+    """systemd integration (sd_notify over $NOTIFY_SOCKET)."""
+
+    section: ClassVar[str] = "systemd"
+    notify: bool = key(True, "send READY=1 / STATUS= / WATCHDOG=1 (from the inference loop, every "
+                             "WatchdogSec/2) when $NOTIFY_SOCKET is set")
+
+
+# -- sources ----------------------------------------------------------------------------------------
+@dataclass
+class SourceBase:
+    type: str = key("", "kind of source (see below)")
+    name: str = key("", "name in window ids and results (empty: TYPE-INDEX)")
+    channels: list = key([], "names of the channels in the order this source sends them (empty: a CSV "
+                             "header, else the model's channel order)")
+
+
+@dataclass
+class ReplaySource(SourceBase):
+    path: str = key("", "file to replay")
+    replay: str = key("recorded", "'recorded': at the recorded rate; 'fast': as fast as possible",
+                      choices=REPLAY)
+    rate_hz: float = key(0.0, "sample rate when the file has no timestamps (0: the manifest's "
+                              "sample_rate_hz, else 50)", check=at_least(0))
+    loop: bool = key(False, "start again at the end of the file")
+
+
+@dataclass
+class CsvSource(ReplaySource):
+    """Replay a sensor CSV: a column per channel (header optional), a row per time step."""
+
+    kind: ClassVar[str] = "csv"
+    timestamp_column: str = key("", "column holding timestamps in seconds (empty: 't', 'time' or "
+                                    "'timestamp' when present)")
+
+
+@dataclass
+class NpySource(ReplaySource):
+    """Replay a .npy array of samples [T, C] (float)."""
+
+    kind: ClassVar[str] = "npy"
+
+
+@dataclass
+class LineSource(SourceBase):
+    timestamped: bool = key(False, "the first field of each line is a UNIX timestamp (s); else the "
+                                   "arrival time is used")
+
+
+@dataclass
+class StdinSource(LineSource):
+    """Lines 'v0,v1,...' on standard input."""
+
+    kind: ClassVar[str] = "stdin"
+
+
+@dataclass
+class UnixStreamSource(LineSource):
+    """Lines on a Unix stream socket the agent listens on (several clients may connect)."""
+
+    kind: ClassVar[str] = "unix-stream"
+    path: str = key("", "socket path to create")
+
+
+@dataclass
+class UnixDgramSource(LineSource):
+    """Datagrams on a Unix datagram socket, each holding one or more lines."""
+
+    kind: ClassVar[str] = "unix-dgram"
+    path: str = key("", "socket path to create")
+
+
+@dataclass
+class SerialSource(LineSource):
+    """Lines from a serial port (needs pyserial: pip install 'edgeopt[serial]')."""
+
+    kind: ClassVar[str] = "serial"
+    port: str = key("", "device, e.g. /dev/ttyUSB0")
+    baudrate: int = key(115200, "baud rate", check=at_least(1))
+
+
+@dataclass
+class MqttSource(LineSource):
+    """Messages on an MQTT topic (the [mqtt] broker), each holding one or more lines."""
+
+    kind: ClassVar[str] = "mqtt"
+    topic: str = key("", "topic to subscribe to (QoS 1)")
+
+
+@dataclass
+class SyntheticSource(SourceBase):
+    """A synthetic accelerometer/IMU stream for demos (activities: still, walk, run, shake)."""
+
+    kind: ClassVar[str] = "synthetic"
+    rate_hz: float = key(0.0, "sample rate (0: the manifest's sample_rate_hz, else 50)", check=at_least(0))
+    seconds: float = key(0.0, "length of the stream (0: endless)", check=at_least(0))
+    seed: int = key(0, "random seed")
+    replay: str = key("recorded", "'recorded': in real time; 'fast': as fast as possible", choices=REPLAY)
+
+
+SOURCE_KINDS: dict[str, type[SourceBase]] = {c.kind: c for c in (  # type: ignore[attr-defined]
+    CsvSource, NpySource, StdinSource, UnixStreamSource, UnixDgramSource, SerialSource, MqttSource,
+    SyntheticSource)}
+REQUIRED = {"csv": ("path",), "npy": ("path",), "unix-stream": ("path",), "unix-dgram": ("path",),
+            "serial": ("port",), "mqtt": ("topic",)}
+
+
+# -- sinks ------------------------------------------------------------------------------------------
+@dataclass
+class SinkBase:
+    type: str = key("", "kind of sink (see below)")
+
+
+@dataclass
+class MqttSink(SinkBase):
+    """Results to {prefix}/devices/{device_id}/results (QoS 1), through the on-disk outbox."""
+
+    kind: ClassVar[str] = "mqtt"
+
+
+@dataclass
+class JsonlSink(SinkBase):
+    """Results as JSON Lines in a file, rotated by size."""
+
+    kind: ClassVar[str] = "jsonl"
+    path: str = key("", "file to write (rotated files get .1, .2, ...)")
+    max_bytes: int = key(10 * MIB, "rotate when the file reaches this size", check=at_least(1024))
+    keep: int = key(5, "rotated files to keep", check=at_least(1))
+
+
+@dataclass
+class StdoutSink(SinkBase):
+    """Results as JSON Lines on standard output."""
+
+    kind: ClassVar[str] = "stdout"
+
+
+SINK_KINDS: dict[str, type[SinkBase]] = {c.kind: c for c in (MqttSink, JsonlSink, StdoutSink)}  # type: ignore
+SINK_REQUIRED = {"jsonl": ("path",)}
+
+SECTIONS = (AgentSection, ModelSection, PreprocessingSection, BatchingSection, MqttSection, TelemetrySection,
+            OutboxSection, SystemdSection)
+
+
+@dataclass
+class AgentConfig:
+    agent: AgentSection
+    model: ModelSection
+    preprocessing: PreprocessingSection
+    batching: BatchingSection
+    mqtt: MqttSection
+    telemetry: TelemetrySection
+    outbox: OutboxSection
+    systemd: SystemdSection
+    sources: list[SourceBase]
+    sinks: list[SinkBase]
+    path: Path | None = None
+
+    @property
+    def device_id(self) -> str:
+        return self.agent.device_id or socket.gethostname()
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.agent.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+                    or "/var/lib/edgeopt-agent")
+
+    @property
+    def status_file(self) -> Path:
+        return Path(self.telemetry.status_file) if self.telemetry.status_file else self.state_dir / "status.json"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return Path(self.outbox.dir) if self.outbox.dir else self.state_dir / "outbox"
+
+    def topic(self, leaf: str) -> str:
+        return f"{self.mqtt.prefix}/devices/{self.device_id}/{leaf}"
+
+
+# -- parsing ----------------------------------------------------------------------------------------
+def _type_ok(value: Any, hint: Any) -> bool:
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is list or typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, hint)
+
+
+def _build(cls: type, table: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in table:
+        if name not in fields:
+            raise UserInputError(f"{where}: unknown key '{name}'{closest(name, list(fields))}")
+    values = {}
+    for name, f in fields.items():
+        if name not in table:
+            continue
+        value, hint = table[name], hints[name]
+        if not _type_ok(value, hint):
+            want = "a list of strings" if hint is list else {"str": "a string", "int": "an integer",
+                                                             "float": "a number", "bool": "true or false"
+                                                             }.get(hint.__name__, hint.__name__)
+            raise UserInputError(f"{where}: '{name}' must be {want}, got {value!r}")
+        if hint is float:
+            value = float(value)
+        choices, check = f.metadata.get("choices"), f.metadata.get("check")
+        if choices and value not in choices:
+            raise UserInputError(f"{where}: '{name}' must be one of {', '.join(map(str, choices))}, got {value!r}"
+                                 f"{closest(str(value), [str(c) for c in choices])}")
+        if check and (problem := check(value)):
+            raise UserInputError(f"{where}: '{name}' {problem}, got {value!r}")
+        values[name] = value
+    return cls(**values)
+
+
+def _build_kinds(items: Any, kinds: dict[str, type], required: dict[str, tuple[str, ...]], what: str,
+                 file: str) -> list[Any]:
+    if not isinstance(items, list):
+        raise UserInputError(f"{file}: '{what}' must be an array of tables ([[{what}]])")
+    out = []
+    for i, table in enumerate(items):
+        where = f"{file}: [[{what}]] #{i + 1}"
+        if not isinstance(table, dict):
+            raise UserInputError(f"{where}: must be a table")
+        kind = table.get("type")
+        if kind not in kinds:
+            raise UserInputError(f"{where}: 'type' must be one of {', '.join(kinds)}, got {kind!r}"
+                                 f"{closest(str(kind), list(kinds))}")
+        where = f"{file}: [[{what}]] #{i + 1} ({kind})"
+        obj = _build(kinds[kind], table, where)
+        for name in required.get(kind, ()):
+            if not getattr(obj, name):
+                raise UserInputError(f"{where}: '{name}' is required")
+        out.append(obj)
+    return out
+
+
+def parse_config(data: dict[str, Any], file: str = "agent.toml") -> AgentConfig:
+    """Validate a parsed TOML document against the declarations."""
+    known = {s.section for s in SECTIONS} | {"source", "sink"}
+    for name in data:
+        if name not in known:
+            raise UserInputError(f"{file}: unknown section or key '{name}'{closest(name, sorted(known))}")
+    sections = {}
+    for cls in SECTIONS:
+        table = data.get(cls.section, {})
+        if not isinstance(table, dict):
+            raise UserInputError(f"{file}: '{cls.section}' must be a table ([{cls.section}])")
+        sections[cls.section] = _build(cls, table, f"{file}: [{cls.section}]")
+    sources = _build_kinds(data.get("source", []), SOURCE_KINDS, REQUIRED, "source", file)
+    if not sources:
+        raise UserInputError(f"{file}: no [[source]] configured; the agent needs at least one")
+    names = set()
+    for i, src in enumerate(sources):
+        src.name = src.name or f"{src.type}-{i + 1}"
+        if src.name in names:
+            raise UserInputError(f"{file}: two sources are named '{src.name}'")
+        names.add(src.name)
+    sinks = _build_kinds(data.get("sink", []), SINK_KINDS, SINK_REQUIRED, "sink", file)
+    mqtt: MqttSection = sections["mqtt"]
+    if not sinks:
+        sinks = [MqttSink(type="mqtt") if mqtt.host else StdoutSink(type="stdout")]
+    needs_broker = [f"[[sink]] {s.type}" for s in sinks if s.type == "mqtt"]
+    needs_broker += [f"[[source]] {s.name}" for s in sources if s.type == "mqtt"]
+    if needs_broker and not mqtt.host:
+        raise UserInputError(f"{file}: {', '.join(needs_broker)} needs a broker: set [mqtt] host")
+    if mqtt.reconnect_max_s < mqtt.reconnect_min_s:
+        raise UserInputError(f"{file}: [mqtt] reconnect_max_s must be >= reconnect_min_s")
+    return AgentConfig(**sections, sources=sources, sinks=sinks)
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserInputError(f"{path}: not valid TOML ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserInputError(f"{path}: cannot read ({exc})") from None
+    config = parse_config(data, str(path))
+    config.path = path
+    return config
+
+
+# -- documentation ----------------------------------------------------------------------------------
+def _default_text(f: dataclasses.Field) -> str:
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    if isinstance(value, str):
+        return f'`"{value}"`'
+    if isinstance(value, int) and value >= MIB and value % MIB == 0:
+        return f"`{value}` ({value // MIB} MiB)"
+    return f"`{value!r}`"
+
+
+def _rows(cls: type, skip: set[str] = frozenset()) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        hint = hints[f.name]
+        tname = "list of strings" if hint is list else hint.__name__
+        doc = f.metadata["doc"]
+        if f.metadata.get("choices"):
+            doc += " (" + " \\| ".join(f"`{c}`" for c in f.metadata["choices"]) + ")"
+        rows.append(f"| `{f.name}` | {tname} | {_default_text(f)} | {doc} |")
+    return rows
+
+
+def reference_markdown() -> str:
+    """The key reference embedded in docs/agent.md (generated; do not edit the page by hand)."""
+    head = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    out: list[str] = []
+    for cls in SECTIONS:
+        out += [f"### `[{cls.section}]`", "", cls.__doc__.strip(), "", *head, *_rows(cls), ""]
+    for what, kinds, base in (("source", SOURCE_KINDS, SourceBase), ("sink", SINK_KINDS, SinkBase)):
+        common = {f.name for f in dataclasses.fields(base)}
+        out += [f"### `[[{what}]]`", "", f"Keys every {what} takes:", "", *head, *_rows(base), ""]
+        for kind, cls in kinds.items():
+            rows = _rows(cls, skip=common)
+            out += [f"#### `type = \"{kind}\"`", "", cls.__doc__.strip(), ""]
+            out += [*head, *rows, ""] if rows else ["No further keys.", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def default_config_text(device_id: str = "", mqtt_host: str = "") -> str:
+    """The config ``edgeopt agent install-service`` writes: a Unix-socket sensor source, results to
+    MQTT when a broker is given (else a JSON Lines file), and every other key at its default, commented."""
+    lines = ["# edgeopt-agent configuration (keys and defaults: docs/agent.md).", ""]
+    for cls in SECTIONS:
+        lines.append(f"[{cls.section}]")
+        for f in dataclasses.fields(cls):
+            value: Any = f.default
+            if cls is AgentSection and f.name == "device_id" and device_id:
+                lines.append(f'device_id = "{device_id}"')
+                continue
+            if cls is MqttSection and f.name == "host" and mqtt_host:
+                lines.append(f'host = "{mqtt_host}"')
+                continue
+            text = ("true" if value else "false") if isinstance(value, bool) else (
+                f'"{value}"' if isinstance(value, str) else repr(value))
+            lines.append(f"# {f.name} = {text}  # {f.metadata['doc']}")
+        lines.append("")
+    lines += ["[[source]]", 'type = "unix-stream"', 'name = "sensor"',
+              'path = "/run/edgeopt-agent/sensor.sock"  # RuntimeDirectory= of the unit', ""]
+    if mqtt_host:
+        lines += ["[[sink]]", 'type = "mqtt"', ""]
+    else:
+        lines += ["[[sink]]", 'type = "jsonl"', 'path = "/var/log/edgeopt-agent/results.jsonl"  # LogsDirectory=', ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m edgeopt.agent.config > reference.md (embedded in docs/agent.md)
+    import sys
+
+    sys.stdout.write(reference_markdown())

@@ -1,0 +1,136 @@
+"""The model the agent runs: the artifact in the active slot, loaded with the runtime its manifest
+names, and turned from windows into result records.
+
+Only the runtime the manifest names is imported (through its entry point), so an ONNX model never
+pulls in LiteRT or TVM and the reverse.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeopt import registry
+from edgeopt.agent.statedir import StateDir
+from edgeopt.agent.windowing import Preprocessing, Window
+from edgeopt.artifact import open_artifact
+from edgeopt.errors import EdgeoptError, MissingDependency, UserInputError
+from edgeopt.runtime import Runtime
+
+# model format → the pip extra that installs its runtime
+EXTRA_FOR_FORMAT = {"onnx": "agent", "tflite": "tflite", "tvm": "tvm", "coreml": "coreml"}
+
+
+class NoModel(EdgeoptError):
+    """No slot is active yet: the agent waits for a model."""
+
+
+def runtime_class(manifest: dict[str, Any], override: str = "") -> type[Runtime]:
+    """The runtime ``override`` names, else the manifest's, else any registered one for its format."""
+    wanted = override or manifest["model"].get("runtime") or ""
+    fmt = manifest["model"]["format"]
+    names = registry.names(registry.RUNTIMES)
+    if wanted in names:
+        return registry.load(registry.RUNTIMES, wanted)
+    if override:
+        registry.load(registry.RUNTIMES, override)  # raises: unknown runtime, with the closest name
+    for name in names:
+        cls = registry.load(registry.RUNTIMES, name)
+        if fmt in cls.formats:
+            return cls
+    raise UserInputError(f"the model's runtime '{wanted or fmt}' (format {fmt}) is not installed; installed "
+                         f"runtimes: {', '.join(names) or 'none'}; install it with: pip install "
+                         f"'edgeopt[{EXTRA_FOR_FORMAT.get(fmt, 'all')}]'")
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: str
+    slot: str | None
+    path: Path
+    runtime: Runtime
+    pre: Preprocessing
+    input_name: str
+    sample_shape: tuple[int, ...]
+    output_names: list[str]
+
+    @property
+    def fixed_batch(self) -> int | None:
+        return self.runtime.fixed_batch
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "slot": self.slot, "runtime": self.runtime.name}
+
+    def infer(self, windows: list[Window]) -> tuple[dict[str, np.ndarray], float]:
+        """Float outputs for ``windows`` (one inference call, or one per fixed-size batch) and the
+        seconds spent inside the runtime; ``records`` turns them into result records."""
+        batch = np.stack([w.data for w in windows]).reshape((len(windows), *self.sample_shape))
+        step = self.fixed_batch or len(windows)
+        outputs: dict[str, list[np.ndarray]] = {n: [] for n in self.output_names}
+        spent = 0.0
+        for start in range(0, len(windows), step):
+            part = batch[start:start + step]
+            real = len(part)
+            if self.fixed_batch and real < step:
+                part = np.concatenate([part, np.repeat(part[-1:], step - real, axis=0)])
+            t0 = time.perf_counter()
+            out = self.runtime.run_float({self.input_name: part})
+            spent += time.perf_counter() - t0
+            for n in self.output_names:
+                outputs[n].append(out[n][:real])
+        merged = {n: v[0] if len(v) == 1 else np.concatenate(v) for n, v in outputs.items()}
+        return merged, spent
+
+    def records(self, windows: list[Window], outputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        lists = {n: np.round(v.astype(np.float64), 6).tolist() for n, v in outputs.items()}
+        top1 = None
+        if len(outputs) == 1:
+            only = next(iter(outputs.values()))
+            if only.ndim == 2 and only.shape[1] > 1:
+                top1 = only.argmax(axis=1).tolist()
+        records = []
+        for i, w in enumerate(windows):
+            rec: dict[str, Any] = {"id": w.id, "source": w.source, "seq": w.seq, "t_start": w.t_start,
+                                   "t_end": w.t_end, "outputs": {n: v[i] for n, v in lists.items()}}
+            if top1 is not None:
+                rec["top1"] = top1[i]
+            records.append(rec)
+        return records
+
+
+def load_model(path: Path, slot: str | None, runtime_override: str = "", threads: int = 1, window: int = 0,
+               hop: int = 0) -> LoadedModel:
+    artifact = open_artifact(path)
+    artifact.verify()
+    manifest = artifact.manifest
+    cls = runtime_class(manifest, runtime_override)
+    try:
+        runtime = cls(artifact.model_file, threads=threads)
+    except ImportError as exc:
+        module = exc.name or str(exc)
+        raise MissingDependency(module, EXTRA_FOR_FORMAT.get(artifact.format, "all"),
+                                f"runtime '{cls.name}' (model format {artifact.format})") from exc
+    if len(runtime.inputs) != 1:
+        raise UserInputError(f"{path}: the agent feeds one-input sensor models; this one has "
+                             f"{len(runtime.inputs)} inputs")
+    spec = runtime.inputs[0]
+    sample_shape = spec.sample_shape()
+    if any(not isinstance(d, int) for d in sample_shape):
+        raise UserInputError(f"{path}: input '{spec.name}' {spec.describe_shape()} has dynamic dims")
+    pre = Preprocessing.from_manifest(manifest, sample_shape, window, hop, where=str(path / "manifest.json"))
+    return LoadedModel(str(manifest.get("name", "")), str(manifest.get("version", "")), slot, path, runtime, pre,
+                       spec.name, tuple(int(d) for d in sample_shape), [o.name for o in runtime.outputs])
+
+
+def load_active_model(state: StateDir, runtime_override: str = "", threads: int = 1, window: int = 0,
+                      hop: int = 0) -> LoadedModel:
+    slot = state.active_slot()
+    if slot is None:
+        raise NoModel(f"{state.root} has no active slot (install a model with "
+                      f"'edgeopt agent install-model ARTIFACT --state-dir {state.root}')")
+    return load_model(state.slot_path(slot), slot, runtime_override, threads, window, hop)

@@ -1,0 +1,342 @@
+"""The agent's run loop: model from the state directory, sources → windows → batches → model →
+sinks, MQTT state and telemetry, systemd notification, and the signals.
+
+- SIGTERM / SIGINT: the window queue closes (sources stop at once), the windows still queued (the
+  partial batch) are inferred and written, the outbox is drained to the broker while time remains,
+  the retained state says ``online: false``, and the process exits 0 — all within
+  ``[agent] shutdown_timeout_s``.
+- SIGHUP: the configuration file is read again; if it is valid the pipeline is rebuilt with it
+  (the same graceful steps, without exiting), otherwise the agent keeps running the old one and its
+  state names the error.
+- No model, or a model that cannot load (its runtime is not installed, a tampered file): the agent
+  stays up, says so in its state and status file, and looks at the active slot again every
+  ``[model] poll_interval_s`` seconds (and on SIGHUP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from edgeopt import __version__
+from edgeopt.agent.config import AgentConfig, load_config
+from edgeopt.agent.model import LoadedModel, NoModel, load_active_model
+from edgeopt.agent.outbox import Outbox
+from edgeopt.agent.pipeline import Pipeline
+from edgeopt.agent.sinks import Sink, make_sink
+from edgeopt.agent.statedir import StateDir
+from edgeopt.agent.systemd import Notifier
+from edgeopt.agent.telemetry import InferenceStats, Uptime, rss_bytes
+from edgeopt.errors import EdgeoptError
+from edgeopt.fsutil import atomic_write_json
+
+log = logging.getLogger("edgeopt.agent")
+
+EXIT_OK = 0
+EXIT_SOURCE_FAILED = 1
+
+
+class Agent:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.notifier = Notifier(config.systemd.notify)
+        self.uptime = Uptime()
+        self.stats = InferenceStats()
+        self.totals: Counter[str] = Counter()  # counters of pipelines already torn down
+        self.pipeline: Pipeline | None = None
+        self.model: LoadedModel | None = None
+        self.status = "starting"
+        self.error: str | None = None
+        self.config_error: str | None = None
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._model_key: tuple | None = None
+        self._next_model_look = 0.0
+        self._state_lock = threading.Lock()
+        self.transport = None
+        self.publisher = None
+        self.outbox: Outbox | None = None
+        self.sinks: list[Sink] = []
+
+    # -- signals ----------------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_reload_signal)
+
+    def _on_stop_signal(self, signum, frame) -> None:
+        self.request_stop()
+
+    def _on_reload_signal(self, signum, frame) -> None:
+        self._reload.set()
+        if self.pipeline is not None:
+            # wake the loop without closing the queue: a rejected config keeps this pipeline running
+            self.pipeline.queue.interrupt()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        if self.pipeline is not None:
+            self.pipeline.queue.close()  # a waiting batch returns at once, sources stop
+
+    # -- set-up -----------------------------------------------------------------------------------------
+    def _open_io(self) -> None:
+        cfg = self.config
+        self.state = StateDir(cfg.state_dir)
+        self.state.ensure()
+        if cfg.mqtt.host:
+            from edgeopt.agent.sinks.mqtt import ResultPublisher
+            from edgeopt.agent.transport import MqttTransport
+
+            will = json.dumps({"online": False, "device": cfg.device_id}).encode()
+            self.transport = MqttTransport(cfg.mqtt, cfg.mqtt.client_id or f"edgeopt-agent-{cfg.device_id}",
+                                           cfg.topic("state"), will)
+            self.transport.on_connect_hooks.append(self.publish_state)
+            if any(s.type == "mqtt" for s in cfg.sinks):
+                self.outbox = Outbox(cfg.outbox_dir, cfg.outbox.max_bytes, cfg.outbox.segment_bytes,
+                                     cfg.outbox.fsync_interval_s)
+                self.publisher = ResultPublisher(self.transport, self.outbox, cfg.mqtt.max_inflight)
+                self.publisher.start()
+            self.transport.start()
+        self.sinks = [make_sink(s, topic=cfg.topic("results"), outbox=self.outbox, publisher=self.publisher)
+                      for s in cfg.sinks]
+
+    def _close_io(self, deadline: float) -> None:
+        for sink in self.sinks:
+            sink.close()
+        if self.publisher is not None:
+            if not self.publisher.drain(max(0.0, deadline - time.monotonic() - 0.3)):
+                log.warning("stopping with %d result message(s) not yet acknowledged; they stay in the outbox "
+                            "and are sent on the next start", self.outbox.pending)
+            self.publisher.stop()
+        if self.outbox is not None:
+            self.outbox.close()
+        self.write_status()
+        if self.transport is not None:
+            if self.transport.connected.is_set():
+                info = self.transport.client.publish(self.config.topic("state"), self._state_payload(online=False),
+                                                     qos=1, retain=True)
+                with contextlib.suppress(RuntimeError, ValueError):
+                    info.wait_for_publish(max(0.05, min(0.5, deadline - time.monotonic())))
+            self.transport.stop(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+        self.transport = self.publisher = self.outbox = None
+        self.sinks = []
+
+    # -- model ------------------------------------------------------------------------------------------
+    def _model_identity(self) -> tuple:
+        slot = self.state.active_slot()
+        if slot is None:
+            return (None,)
+        manifest = self.state.slot_path(slot) / "manifest.json"
+        try:
+            return (slot, manifest.stat().st_mtime_ns)
+        except FileNotFoundError:
+            return (slot, None)
+
+    def _look_for_model(self, force: bool = False) -> None:
+        """(Re)load the model when the active slot changed (or ``force``); build its pipeline."""
+        now = time.monotonic()
+        if not force and now < self._next_model_look:
+            return
+        self._next_model_look = now + self.config.model.poll_interval_s
+        try:
+            key = self._model_identity()
+        except EdgeoptError as exc:
+            key = ("broken", str(exc))
+        if not force and key == self._model_key:
+            return
+        self._model_key = key
+        self._teardown_pipeline()
+        m = self.config.model
+        try:
+            self.model = load_active_model(self.state, m.runtime, m.threads, self.config.preprocessing.window,
+                                           self.config.preprocessing.hop)
+        except NoModel as exc:
+            self.model = None
+            self._set_status("no model", str(exc))
+            return
+        except EdgeoptError as exc:
+            self.model = None
+            self._set_status("error", f"model in slot {key[0]} cannot run: {exc}")
+            return
+        self.pipeline = Pipeline(self.config, self.model, self.sinks, self.config.device_id, self.stats,
+                                 self.transport)
+        self.pipeline.start()
+        log.info("running model %s version %s (slot %s, %s)", self.model.name, self.model.version, self.model.slot,
+                 self.model.runtime.name)
+        self._set_status("running", None)
+
+    def _teardown_pipeline(self, deadline: float | None = None) -> None:
+        if self.pipeline is None:
+            return
+        p = self.pipeline
+        p.stop_sources(timeout=0.5 if deadline is None else max(0.05, min(1.0, deadline - time.monotonic() - 1)))
+        flushed = p.flush(timeout=5.0 if deadline is None else max(0.1, deadline - time.monotonic() - 0.5))
+        if flushed:
+            log.info("flushed %d queued window(s)", flushed)
+        self.totals.update(p.counters())
+        self._source_history = p.source_stats()
+        self.pipeline = None
+
+    # -- state, telemetry, status ------------------------------------------------------------------------
+    def _set_status(self, status: str, error: str | None) -> None:
+        changed = (status, error) != (self.status, self.error)
+        self.status, self.error = status, error
+        if changed:
+            if error:
+                log.warning("%s: %s", status, error)
+            self.notifier.status(f"{status}{': ' + error if error else ''}"[:200])
+            self.publish_state()
+            self.write_status()
+
+    def _state_payload(self, online: bool = True) -> bytes:
+        return json.dumps(self.state_message(online), separators=(",", ":")).encode()
+
+    def state_message(self, online: bool = True) -> dict[str, Any]:
+        p = self.pipeline
+        sources = p.source_stats() if p else getattr(self, "_source_history", {})
+        return {
+            "online": online, "device": self.config.device_id, "agent_version": __version__,
+            "status": self.status if online else "stopped", "error": self.error, "config_error": self.config_error,
+            "model": self.model.describe() if self.model else None,
+            "update": {"state": "IDLE"},
+            "sources": {n: {"type": s["type"], "status": s["status"], "error": s["error"]} for n, s in sources.items()},
+            "time": time.time(),
+        }
+
+    def publish_state(self) -> None:
+        t = self.transport
+        if t is not None and t.connected.is_set():
+            t.publish(self.config.topic("state"), self._state_payload(), qos=1, retain=True)
+
+    def telemetry(self, mark: bool = False) -> dict[str, Any]:
+        """The telemetry snapshot; ``mark`` (the periodic message) starts a new windows_per_s interval."""
+        c = self.totals.copy()
+        p = self.pipeline  # the main thread may tear it down meanwhile
+        if p is not None:
+            c.update(p.counters())
+        rss, peak = rss_bytes()
+        out: dict[str, Any] = {
+            "device": self.config.device_id, "time": time.time(), "uptime_s": self.uptime.seconds(),
+            "status": self.status, "error": self.error,
+            "model": self.model.describe() if self.model else None,
+            "samples_in": c["samples_in"], "windows_in": c["windows_in"], "windows_out": self.stats.windows_out,
+            "dropped": {"queue_overflow": c["queue_overflow"], "nan_windows": c["nan_windows"],
+                        "malformed_rows": c["malformed_rows"], "inference_errors": c["inference_errors"],
+                        "sink_errors": c["sink_errors"],
+                        "stopped_mid_window": c["stopped_mid_window"],
+                        "outbox_overflow": self.outbox.dropped if self.outbox else 0},
+            "windows_per_s": self.stats.rate(mark), "batches": self.stats.batches,
+            "batch_size_histogram": self.stats.histogram(),
+            "latency_ms": self.stats.latency(),
+            "queue_depth": len(p.queue) if p else 0,
+            "rss_bytes": rss, "peak_rss_bytes": peak,
+            "first_inference": self.stats.first_inference, "last_inference": self.stats.last_inference,
+            "sources": p.source_stats() if p else getattr(self, "_source_history", {}),
+            "outbox": self.publisher.stats() if self.publisher else None,
+        }
+        if self.transport is not None:
+            out["mqtt"] = {"connected": self.transport.connected.is_set(), "connects": self.transport.connects,
+                           "disconnects": self.transport.disconnects, "last_error": self.transport.last_error}
+        return out
+
+    def write_status(self, telemetry: dict[str, Any] | None = None) -> None:
+        with self._state_lock:
+            try:
+                atomic_write_json(self.config.status_file, {"state": self.state_message(not self._stop.is_set()),
+                                                            "telemetry": telemetry or self.telemetry()})
+            except EdgeoptError as exc:
+                log.warning("cannot write the status file: %s", exc)
+
+    def _telemetry_loop(self) -> None:
+        interval = self.config.telemetry.interval_s
+        while not self._stop.wait(interval):
+            try:
+                snapshot = self.telemetry(mark=True)
+                self.write_status(snapshot)
+                t = self.transport
+                if t is not None and t.connected.is_set():
+                    t.publish(self.config.topic("telemetry"), json.dumps(snapshot, separators=(",", ":")).encode())
+            except Exception:  # telemetry must never take the agent down
+                log.exception("telemetry failed")
+
+    # -- reload -----------------------------------------------------------------------------------------
+    def _do_reload(self) -> None:
+        self._reload.clear()
+        self.notifier.reloading()
+        path = self.config.path
+        try:
+            new = load_config(path)
+        except EdgeoptError as exc:
+            self.config_error = f"reload ignored, keeping the running configuration: {exc}"
+            log.error("%s", self.config_error)
+            self.publish_state()
+            self.write_status()
+            self.notifier.notify("READY=1", f"STATUS={self.status} (config reload failed)")
+            return
+        log.info("reloading with %s", path)
+        deadline = time.monotonic() + self.config.agent.shutdown_timeout_s
+        self._teardown_pipeline(deadline)
+        self._close_io(deadline)
+        self.config, self.config_error = new, None
+        self._open_io()
+        self._look_for_model(force=True)
+        self.notifier.notify("READY=1", f"STATUS={self.status}")
+
+    # -- main loop --------------------------------------------------------------------------------------
+    def run(self) -> int:
+        self._open_io()
+        self._look_for_model(force=True)
+        self.notifier.ready(self.status if not self.error else f"{self.status}: {self.error}"[:200])
+        self.write_status()
+        telemetry = threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True)
+        telemetry.start()
+        code = EXIT_OK
+        while not self._stop.is_set():
+            self.notifier.watchdog()
+            if self._reload.is_set():
+                self._do_reload()
+                continue
+            if self.pipeline is None:
+                self._stop.wait(0.1)
+                self._look_for_model()
+                continue
+            handled = self.pipeline.step()
+            self._look_for_model()  # a new active slot: flush with the old model, switch (rate-limited)
+            if not handled and self.pipeline is not None and self._sources_done():
+                failed = [n for n, s in self.pipeline.source_stats().items() if s["status"] == "error"]
+                code = EXIT_SOURCE_FAILED if failed else EXIT_OK
+                log.info("every source has ended%s", f" ({', '.join(failed)} failed)" if failed else "")
+                self._finish_batch_run()
+                break
+        self._shutdown()
+        return code
+
+    def _sources_done(self) -> bool:
+        p = self.pipeline
+        return self.config.agent.exit_when_sources_end and p is not None and p.sources_finished and not len(p.queue)
+
+    def _finish_batch_run(self) -> None:
+        """exit_when_sources_end: give the broker time to take every result (up to a minute)."""
+        if self.publisher is not None and self.transport is not None:
+            deadline = time.monotonic() + 60
+            while self.outbox.pending and time.monotonic() < deadline and (
+                    self.transport.connected.is_set() or time.monotonic() < deadline - 50):
+                self.notifier.watchdog()
+                self.publisher.drain(0.2)
+        self._stop.set()
+
+    def _shutdown(self) -> None:
+        deadline = time.monotonic() + self.config.agent.shutdown_timeout_s
+        self.notifier.stopping("stopping: flushing the last batch")
+        log.info("stopping")
+        self._teardown_pipeline(deadline)
+        self.status = "stopped"
+        self._close_io(deadline)
+        self.notifier.close()
+        log.info("stopped after %d window(s) in %d batch(es)", self.stats.windows_out, self.stats.batches)

@@ -1,0 +1,80 @@
+"""Counters, the batch-size histogram, inference latency percentiles and memory, for the periodic
+telemetry message and the local status file."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter, deque
+
+import numpy as np
+
+
+def rss_bytes() -> tuple[int | None, int | None]:
+    """(current, peak) resident set size of this process, from /proc (Linux); None elsewhere."""
+    try:
+        fields = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    name, value = line.split(":", 1)
+                    fields[name] = int(value.split()[0]) * 1024
+        return fields.get("VmRSS"), fields.get("VmHWM")
+    except (OSError, ValueError):
+        return None, None
+
+
+class InferenceStats:
+    """What the inference loop did: windows out, batch sizes, latency per call."""
+
+    def __init__(self, latency_window: int = 2048):
+        self._lock = threading.Lock()
+        self.windows_out = 0
+        self.batches = 0
+        self.errors = 0
+        self.batch_sizes: Counter[int] = Counter()
+        self._latencies_ms: deque[float] = deque(maxlen=latency_window)
+        self.first_inference: float | None = None
+        self.last_inference: float | None = None
+        self._rate_mark = (time.monotonic(), 0)
+
+    def record(self, batch: int, seconds: float) -> None:
+        now = time.time()
+        with self._lock:
+            self.windows_out += batch
+            self.batches += 1
+            self.batch_sizes[batch] += 1
+            self._latencies_ms.append(seconds * 1000.0)
+            self.first_inference = self.first_inference or now
+            self.last_inference = now
+
+    def rate(self, mark: bool = False) -> float:
+        """Windows inferred per second since the last mark (``mark``: start a new interval)."""
+        now = time.monotonic()
+        with self._lock:
+            last_t, last_n = self._rate_mark
+            if mark:
+                self._rate_mark = (now, self.windows_out)
+            return round((self.windows_out - last_n) / (now - last_t), 2) if now > last_t else 0.0
+
+    def latency(self) -> dict[str, float | None]:
+        with self._lock:
+            values = np.asarray(self._latencies_ms)
+        if not len(values):
+            return {"p50_ms": None, "p95_ms": None, "p99_ms": None}
+        p50, p95, p99 = np.percentile(values, [50, 95, 99])
+        return {"p50_ms": round(float(p50), 4), "p95_ms": round(float(p95), 4), "p99_ms": round(float(p99), 4)}
+
+    def histogram(self) -> dict[str, int]:
+        with self._lock:
+            return {str(k): v for k, v in sorted(self.batch_sizes.items())}
+
+
+class Uptime:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.pid = os.getpid()
+
+    def seconds(self) -> float:
+        return round(time.monotonic() - self.started, 3)

@@ -1,0 +1,1 @@
+"""Signed model updates on the device: fetching TUF metadata and artifacts over MQTT, verifying them."""

@@ -1,0 +1,190 @@
+"""The device agent on a small 1-D CNN sensor model (examples/imu.py: 3 channels x 64 samples, 4
+activities): end-to-end windows/s of the real `edgeopt-agent` process against a bare loop calling the
+runtime with the same batches, batch 32 against batch 1, the agent's peak RSS, and the time from
+start to READY=1 (sd_notify).
+
+    python benchmarks/agent_throughput.py [--format tflite|onnx] [--samples N] [--rounds R]
+
+The agent replays a .npy stream as fast as it can (overflow "block": nothing dropped) into a JSON
+Lines sink; its rate is windows_out / (last - first inference) from its status file. The bare loop
+cuts the same windows with numpy beforehand and times only the backend calls (``Runtime._run``,
+the interpreter / session call without edgeopt's checks), 1 thread, like the agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import ROOT, print_table, write_json
+
+sys.path.insert(0, str(ROOT / "tests"))
+AGENT = str(Path(sys.executable).parent / "edgeopt-agent")
+
+
+def default_format() -> str:
+    from edgeopt import registry
+
+    if "tflite" in registry.names(registry.TARGETS):
+        return "tflite"
+    print("note: the tflite target is not installed here; measuring the ONNX artifact with ONNX Runtime "
+          "(pass --format tflite once it is)")
+    return "onnx"
+
+
+def build(work: Path, fmt: str) -> tuple[Path, dict]:
+    from edgeopt.cli import main as cli_main
+
+    import imu
+
+    made = imu.make(work / "model")
+    art = work / f"artifact-{fmt}"
+    report = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(report):
+            cli_main(["convert", str(made["model"]), "-o", str(art), "--target", fmt, "-q", "--force", "--json",
+                      "--preprocessing", str(made["preprocessing"]), "--validation", str(made["validation"])])
+    except SystemExit as exc:
+        if exc.code:
+            raise SystemExit(f"convert to {fmt} failed") from None
+    return art, made
+
+
+def agent_config(work: Path, name: str, npy: Path, max_batch: int) -> Path:
+    from agent_harness import to_toml
+
+    cfg = {"agent": {"device_id": "bench", "state_dir": str(work / "state"), "exit_when_sources_end": True},
+           "telemetry": {"interval_s": 60.0, "status_file": str(work / f"{name}.status.json")},
+           "batching": {"max_batch": max_batch, "max_wait_ms": 20.0, "overflow": "block", "queue_windows": 4096},
+           "source": [{"type": "npy", "name": "imu", "path": str(npy), "replay": "fast",
+                       "channels": ["ax", "ay", "az"]}],
+           "sink": [{"type": "jsonl", "path": str(work / f"{name}.jsonl"), "max_bytes": 64 << 20, "keep": 1}]}
+    path = work / f"{name}.toml"
+    path.write_text(to_toml(cfg))
+    return path
+
+
+def run_agent(config: Path, status_file: Path, ready_socket: Path) -> dict:
+    """Start the agent, time READY=1, let it replay the stream, and read its final status."""
+    if ready_socket.exists():
+        ready_socket.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(ready_socket))
+    sock.settimeout(30)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([AGENT, "--config", str(config)], env={**os.environ, "NOTIFY_SOCKET": str(ready_socket)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ready_s = None
+    while ready_s is None:
+        if b"READY=1" in sock.recv(4096):
+            ready_s = time.perf_counter() - t0
+    sock.close()
+    _, err = proc.communicate(timeout=600)
+    if proc.returncode:
+        raise SystemExit(f"agent failed: {err.decode()[-2000:]}")
+    t = json.loads(status_file.read_text())["telemetry"]
+    span = t["last_inference"] - t["first_inference"]
+    return {"ready_s": ready_s, "windows": t["windows_out"], "windows_per_s": t["windows_out"] / span,
+            "peak_rss_bytes": t["peak_rss_bytes"], "dropped": sum(t["dropped"].values()),
+            "latency_ms": t["latency_ms"], "histogram": t["batch_size_histogram"]}
+
+
+def bare_loop(artifact: Path, windows: np.ndarray, batch: int) -> float:
+    """Windows/s of the backend call alone over the same windows, in batches of ``batch``."""
+    from edgeopt.agent.model import load_model
+
+    model = load_model(artifact, None, threads=1)
+    rt, name = model.runtime, model.input_name
+    batches = [{name: windows[i:i + batch]} for i in range(0, len(windows) - batch + 1, batch)]
+    for b in batches[:20]:
+        rt._run(b)
+    t0 = time.perf_counter()
+    for b in batches:
+        rt._run(b)
+    return len(batches) * batch / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--format", choices=["tflite", "onnx"], default=None)
+    ap.add_argument("--samples", type=int, default=400_000, help="stream length (50 Hz samples)")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    fmt = args.format or default_format()
+
+    from edgeopt.agent.sources.synthetic import imu_stream
+    from edgeopt.agent.statedir import StateDir
+    from edgeopt.agent.windowing import Preprocessing, Windower
+
+    with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
+        work = Path(tmp)
+        artifact, _ = build(work, fmt)
+        StateDir(work / "state").install(artifact)
+        samples, _ = imu_stream(args.samples, 50.0, 3, seed=7)
+        npy = work / "stream.npy"
+        np.save(npy, samples)
+        manifest = json.loads((artifact / "manifest.json").read_text())
+        pre = Preprocessing.from_manifest(manifest, (3, 64))
+        windows = np.stack([w.data for w in Windower("b", pre).push(samples, np.arange(len(samples)) / 50.0)])
+
+        configs = {b: agent_config(work, f"b{b}", npy, b) for b in (32, 1)}
+        agent_runs: dict[int, list[dict]] = {32: [], 1: []}
+        bare: dict[int, list[float]] = {32: [], 1: []}
+        for _ in range(args.rounds):  # interleaved rounds: machine noise hits every variant alike
+            for b in (32, 1):
+                agent_runs[b].append(run_agent(configs[b], work / f"b{b}.status.json", work / "notify.sock"))
+                bare[b].append(bare_loop(artifact, windows, b))
+
+    med = {b: statistics.median(r["windows_per_s"] for r in agent_runs[b]) for b in (32, 1)}
+    bare_med = {b: statistics.median(bare[b]) for b in (32, 1)}
+    # ratios per round (its variants ran back to back), then the median: robust to load that changes
+    # between rounds on a shared machine
+    rate = {b: [r["windows_per_s"] for r in agent_runs[b]] for b in (32, 1)}
+    vs_bare = {b: statistics.median(a / x for a, x in zip(rate[b], bare[b], strict=True)) for b in (32, 1)}
+    agent_gain = statistics.median(a / x for a, x in zip(rate[32], rate[1], strict=True))
+    bare_gain = statistics.median(a / x for a, x in zip(bare[32], bare[1], strict=True))
+    ready = statistics.median(r["ready_s"] for b in (32, 1) for r in agent_runs[b])
+    rss = max(r["peak_rss_bytes"] for b in (32, 1) for r in agent_runs[b])
+    runtime = manifest["model"]["runtime"]
+    rows = [
+        ["(a) agent end-to-end, batch 32", f"{med[32]:,.0f} windows/s", f"{vs_bare[32]:.2f}x of bare",
+         ">= 0.9x", "yes" if vs_bare[32] >= 0.9 else "no"],
+        ["    bare loop, batch 32", f"{bare_med[32]:,.0f} windows/s", "", "", ""],
+        ["    agent end-to-end, batch 1", f"{med[1]:,.0f} windows/s", f"{vs_bare[1]:.2f}x of bare", "", ""],
+        ["    bare loop, batch 1", f"{bare_med[1]:,.0f} windows/s", "", "", ""],
+        ["(b) agent batch 32 vs batch 1", "", f"{agent_gain:.1f}x", ">= 5x", "yes" if agent_gain >= 5 else "no"],
+        ["    bare loop batch 32 vs batch 1", "", f"{bare_gain:.1f}x", "", ""],
+        ["(c) agent peak RSS", f"{rss / 2**20:.1f} MiB", "", "<= 80 MB", "yes" if rss <= 80e6 else "no"],
+        ["(d) start to READY=1 (median)", f"{ready:.2f} s", "", "<= 1.5 s", "yes" if ready <= 1.5 else "no"],
+    ]
+    n_windows = agent_runs[32][0]["windows"]
+    print(f"load average during the run: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    print_table(f"edgeopt-agent, {fmt} artifact on {runtime}, 1 thread, {n_windows:,} windows per run, "
+                f"median of {args.rounds} interleaved rounds (ratios: median of per-round ratios)", ["measure", "value", "ratio", "goal", "met"], rows)
+    write_json("agent_throughput", {
+        "load_average": os.getloadavg(),
+        "format": fmt, "runtime": runtime, "windows_per_run": n_windows, "rounds": args.rounds,
+        "agent_windows_per_s": {str(b): [r["windows_per_s"] for r in agent_runs[b]] for b in (32, 1)},
+        "bare_windows_per_s": {str(b): bare[b] for b in (32, 1)},
+        "agent_vs_bare_b32": vs_bare[32], "agent_vs_bare_b1": vs_bare[1], "agent_b32_vs_b1": agent_gain,
+        "bare_b32_vs_b1": bare_gain, "peak_rss_bytes": rss, "ready_s_median": ready,
+        "ready_s": [r["ready_s"] for b in (32, 1) for r in agent_runs[b]],
+        "dropped": sum(r["dropped"] for b in (32, 1) for r in agent_runs[b]),
+        "agent_latency_ms_b32": agent_runs[32][-1]["latency_ms"],
+    })
+
+
+if __name__ == "__main__":
+    main()

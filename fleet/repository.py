@@ -1,0 +1,303 @@
+"""The signed model repository: TUF metadata (root, targets, snapshot, timestamp) over a directory.
+
+    REPO/keys/root-1.pem ...        Ed25519 root keys (0600) — keep them offline after `keys init`
+    REPO/keys/{targets,snapshot,timestamp}.pem   online keys used by publish / revoke / refresh
+    REPO/metadata/N.root.json       every root version (devices walk the chain when root rotates)
+    REPO/metadata/N.targets.json    consistent snapshots: each version under its own name
+    REPO/metadata/N.snapshot.json
+    REPO/metadata/timestamp.json
+    REPO/targets/SHA256.NAME-VERSION.tar   packed artifacts, named by hash (consistent snapshots)
+
+The signed targets metadata is the allow-list: a model is installable only while its
+``NAME-VERSION.tar`` entry is in it. Publishing adds an entry (versions are immutable), revoking
+removes it. Every change bumps and re-signs targets, snapshot and timestamp under a file lock.
+All metadata handling is python-tuf's (``tuf.api.metadata``); this module only decides layout,
+naming and which role changes when.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from edgeopt.artifact import open_artifact, pack_artifact
+from edgeopt.errors import UserInputError
+from edgeopt.fsutil import atomic_write_bytes, fsync_dir
+from edgeopt.signing import generate_key, load_signer
+
+ROLES = ("root", "targets", "snapshot", "timestamp")
+DEFAULT_EXPIRY = {"root": timedelta(days=365), "targets": timedelta(days=90), "snapshot": timedelta(days=7),
+                  "timestamp": timedelta(days=1)}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+# what a device may ask the repository server for: one level under metadata/ or targets/
+REPO_PATH_RE = re.compile(r"^(metadata|targets)/[A-Za-z0-9][A-Za-z0-9_.+-]{0,200}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
+        raise UserInputError(f"invalid model {kind} {value!r}: use letters, digits, '.', '_', '+', '-' "
+                             f"(at most 64, no '..', no '/')")
+    return value
+
+
+def target_name(name: str, version: str) -> str:
+    """The TUF target path of a model version: ``NAME-VERSION.tar``."""
+    return f"{check_name('name', name)}-{check_name('version', version)}.tar"
+
+
+def parse_expiry(text: str) -> dict[str, timedelta]:
+    """'targets=30d,timestamp=6h' → per-role expiry periods (the rest keep their defaults)."""
+    out = dict(DEFAULT_EXPIRY)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        role, _, period = part.partition("=")
+        m = re.fullmatch(r"(\d+)([smhd])", period.strip())
+        if role not in ROLES or not m:
+            raise UserInputError(f"--expiry {part!r}: expected ROLE=N(s|m|h|d) with ROLE in {', '.join(ROLES)}")
+        out[role] = timedelta(**{{"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]:
+                                 int(m.group(1))})
+    return out
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+class Repository:
+    """A TUF repository in a directory. Mutating methods take an exclusive lock on REPO/.lock."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.metadata_dir = self.root / "metadata"
+        self.targets_dir = self.root / "targets"
+        self.keys_dir = self.root / "keys"
+        if not (self.metadata_dir / "timestamp.json").is_file():
+            raise UserInputError(f"{self.root}: not an edgeopt repository (run 'edgeopt keys init {self.root}')")
+
+    # -- creation ------------------------------------------------------------------------------
+    @classmethod
+    def init(cls, root: str | Path, *, root_keys: int = 1, root_threshold: int = 1,
+             expiry: dict[str, timedelta] | None = None) -> Repository:
+        from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
+
+        root = Path(root)
+        if not 1 <= root_threshold <= root_keys:
+            raise UserInputError(f"root threshold {root_threshold} must be between 1 and the number of root "
+                                 f"keys ({root_keys})")
+        if (root / "metadata").exists() or (root / "keys").exists():
+            raise UserInputError(f"{root} already holds a repository; refusing to overwrite its keys")
+        expiry = expiry or DEFAULT_EXPIRY
+        for sub in ("metadata", "targets", "keys"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        (root / "keys").chmod(0o700)
+        root_signers = [generate_key(root / "keys" / f"root-{i + 1}.pem") for i in range(root_keys)]
+        online = {role: generate_key(root / "keys" / f"{role}.pem") for role in ("targets", "snapshot", "timestamp")}
+
+        now = _now()
+        root_md = Metadata(Root(expires=now + expiry["root"], consistent_snapshot=True))
+        for signer in root_signers:
+            root_md.signed.add_key(signer.public_key, "root")
+        root_md.signed.roles["root"].threshold = root_threshold
+        for role, signer in online.items():
+            root_md.signed.add_key(signer.public_key, role)
+        repo_files = {
+            "1.root.json": root_md,
+            "1.targets.json": Metadata(Targets(expires=now + expiry["targets"])),
+            "1.snapshot.json": Metadata(Snapshot(expires=now + expiry["snapshot"])),
+            "timestamp.json": Metadata(Timestamp(expires=now + expiry["timestamp"])),
+        }
+        for signer in root_signers:
+            root_md.sign(signer, append=True)
+        repo_files["1.targets.json"].sign(online["targets"])
+        repo_files["1.snapshot.json"].sign(online["snapshot"])
+        repo_files["timestamp.json"].sign(online["timestamp"])
+        for name, md in repo_files.items():
+            _write(root / "metadata" / name, md)
+        repo = cls(root)
+        repo._write_expiry_policy(expiry)
+        return repo
+
+    # -- reading -------------------------------------------------------------------------------
+    def _load(self, name: str):
+        from tuf.api.metadata import Metadata
+
+        return Metadata.from_file(str(self.metadata_dir / name))
+
+    def root_version(self) -> int:
+        versions = [int(p.name.split(".")[0]) for p in self.metadata_dir.glob("*.root.json")]
+        return max(versions)
+
+    def root_metadata(self):
+        return self._load(f"{self.root_version()}.root.json")
+
+    def current(self) -> tuple[Any, Any, Any]:
+        """(timestamp, snapshot, targets) metadata as the repository serves them now."""
+        ts = self._load("timestamp.json")
+        snap = self._load(f"{ts.signed.snapshot_meta.version}.snapshot.json")
+        tgt = self._load(f"{snap.signed.meta['targets.json'].version}.targets.json")
+        return ts, snap, tgt
+
+    def list_models(self) -> list[dict[str, Any]]:
+        _, _, targets = self.current()
+        return [{"target": path, "length": tf.length, "sha256": tf.hashes["sha256"], **(tf.custom or {})}
+                for path, tf in sorted(targets.signed.targets.items())]
+
+    def file_for(self, repo_path: str) -> Path | None:
+        """The file behind a request path ('metadata/3.targets.json', 'targets/<sha>.<name>'), or None.
+
+        Request paths come from the network: they must match ``REPO_PATH_RE`` (no '/', no '..' in
+        the file name), and the result must still lie inside the repository.
+        """
+        if not isinstance(repo_path, str) or not REPO_PATH_RE.match(repo_path) or ".." in repo_path:
+            return None
+        path = (self.root / repo_path).resolve()
+        base = (self.root / repo_path.split("/", 1)[0]).resolve()
+        if path.parent != base or not path.is_file():
+            return None
+        return path
+
+    # -- changes ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.root / ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _expiry(self) -> dict[str, timedelta]:
+        import json
+
+        path = self.root / "expiry.json"
+        if not path.is_file():
+            return dict(DEFAULT_EXPIRY)
+        return {role: timedelta(seconds=s) for role, s in json.loads(path.read_text()).items()}
+
+    def _write_expiry_policy(self, expiry: dict[str, timedelta]) -> None:
+        import json
+
+        atomic_write_bytes(self.root / "expiry.json",
+                           json.dumps({r: int(d.total_seconds()) for r, d in expiry.items()}).encode())
+
+    def publish(self, artifact_dir: str | Path, name: str | None = None, version: str | None = None) -> dict[str, Any]:
+        """Pack and sign an artifact directory as ``NAME-VERSION.tar``; returns its listing entry."""
+        from tuf.api.metadata import TargetFile
+
+        artifact = open_artifact(artifact_dir)
+        artifact.verify()
+        name = check_name("name", artifact.manifest["name"] if name is None else name)
+        version = check_name("version", artifact.manifest["version"] if version is None else version)
+        path = target_name(name, version)
+        with self._locked():
+            _, _, targets = self.current()
+            if path in targets.signed.targets:
+                raise UserInputError(f"{name}@{version} is already published; versions are immutable "
+                                     f"(publish a new version)")
+            fd, tmp = tempfile.mkstemp(dir=self.targets_dir, suffix=".partial")
+            os.close(fd)
+            try:
+                pack_artifact(Path(artifact_dir), Path(tmp))
+                tf = TargetFile.from_file(path, tmp, ["sha256"])
+                tf.unrecognized_fields["custom"] = {
+                    "name": name, "version": version, "format": artifact.format,
+                    "runtime": artifact.manifest["model"].get("runtime"),
+                    "profile": artifact.manifest.get("target_profile"),
+                    "quantize": artifact.manifest["model"].get("quantize"),
+                }
+                Path(tmp).replace(self.targets_dir / f"{tf.hashes['sha256']}.{path}")
+                fsync_dir(self.targets_dir)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+            targets.signed.targets[path] = tf
+            self._commit_targets(targets)
+        return {"target": path, "length": tf.length, "sha256": tf.hashes["sha256"], **tf.custom}
+
+    def revoke(self, name: str, version: str) -> None:
+        """Remove NAME@VERSION from the signed targets: no device will install it from now on."""
+        path = target_name(name, version)
+        with self._locked():
+            _, _, targets = self.current()
+            if path not in targets.signed.targets:
+                raise UserInputError(f"{name}@{version} is not in the repository")
+            del targets.signed.targets[path]
+            self._commit_targets(targets)
+
+    def refresh_timestamp(self) -> int:
+        """Re-sign the timestamp with a new expiry (the fleet service does this periodically)."""
+        with self._locked():
+            ts, _, _ = self.current()
+            return self._commit_timestamp(ts, ts.signed.snapshot_meta.version)
+
+    def _commit_targets(self, targets) -> None:
+        expiry = self._expiry()
+        ts, snap, _ = self.current()
+        targets.signed.version += 1
+        targets.signed.expires = _now() + expiry["targets"]
+        targets.sign(load_signer(self.keys_dir / "targets.pem"))
+        _write(self.metadata_dir / f"{targets.signed.version}.targets.json", targets)
+        snap.signed.version += 1
+        snap.signed.expires = _now() + expiry["snapshot"]
+        snap.signed.meta["targets.json"].version = targets.signed.version
+        snap.sign(load_signer(self.keys_dir / "snapshot.pem"))
+        _write(self.metadata_dir / f"{snap.signed.version}.snapshot.json", snap)
+        self._commit_timestamp(ts, snap.signed.version)
+
+    def _commit_timestamp(self, ts, snapshot_version: int) -> int:
+        ts.signed.version += 1
+        ts.signed.expires = _now() + self._expiry()["timestamp"]
+        ts.signed.snapshot_meta.version = snapshot_version
+        ts.sign(load_signer(self.keys_dir / "timestamp.pem"))
+        _write(self.metadata_dir / "timestamp.json", ts)
+        return ts.signed.version
+
+    def rotate_root(self, new_root_keys: int, threshold: int, old_key_files: list[Path] | None = None,
+                    rotate_online: tuple[str, ...] = ()) -> int:
+        """Write root version N+1 with freshly generated root keys (and, optionally, new online keys
+        for some roles), signed by a threshold of the old root keys AND of the new ones, as TUF
+        requires so that devices can walk from the root they trust to the new one."""
+        from tuf.api.metadata import Metadata
+
+        if not 1 <= threshold <= new_root_keys:
+            raise UserInputError(f"root threshold {threshold} must be between 1 and {new_root_keys}")
+        with self._locked():
+            old = self.root_metadata()
+            new: Metadata = Metadata.from_dict(old.to_dict())
+            version = old.signed.version + 1
+            old_files = old_key_files or sorted(self.keys_dir.glob("root-*.pem"))
+            old_signers = [s for s in map(load_signer, old_files) if s.public_key.keyid in old.signed.roles["root"].keyids]
+            for keyid in list(new.signed.roles["root"].keyids):
+                new.signed.revoke_key(keyid, "root")
+            new_signers = [generate_key(self.keys_dir / f"root-v{version}-{i + 1}.pem") for i in range(new_root_keys)]
+            for signer in new_signers:
+                new.signed.add_key(signer.public_key, "root")
+            new.signed.roles["root"].threshold = threshold
+            for role in rotate_online:
+                for keyid in list(new.signed.roles[role].keyids):
+                    new.signed.revoke_key(keyid, role)
+                key_file = self.keys_dir / f"{role}.pem"
+                key_file.rename(self.keys_dir / f"{role}-retired-v{version}.pem")
+                new.signed.add_key(generate_key(key_file).public_key, role)
+            new.signed.version = version
+            new.signed.expires = _now() + self._expiry()["root"]
+            new.signatures.clear()
+            for signer in old_signers + new_signers:
+                new.sign(signer, append=True)
+            _write(self.metadata_dir / f"{version}.root.json", new)
+        if rotate_online:  # re-sign what the rotated online keys cover
+            with self._locked():
+                _, _, targets = self.current()
+                self._commit_targets(targets)
+        return version
+
+
+def _write(path: Path, md) -> None:
+    from tuf.api.serialization.json import JSONSerializer
+
+    atomic_write_bytes(path, md.to_bytes(JSONSerializer(compact=False)))

@@ -1,0 +1,145 @@
+"""``edgeopt fleet serve``: one long-running process with the repository server, the device registry
+and the rollout controller (and the embedded broker when no broker URL is given).
+
+Everything it knows lives in the database (``fleet.db``) and the repository directory, so it is
+restart-safe: kill it at any moment, start it again, and rollouts continue where the last
+persisted decision left them. Operator commands (``edgeopt fleet rollout ...``) write to the same
+database and take effect at the next tick.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeopt.fleet.db import open_database, redact
+from edgeopt.fleet.store import FleetStore
+
+log = logging.getLogger("edgeopt.fleet")
+
+
+@dataclass
+class ServiceConfig:
+    repo: Path
+    db: str
+    broker: str | None = None            # None: start the embedded broker on ``listen``
+    listen: str = "127.0.0.1:1884"
+    prefix: str = "edgeopt"
+    chunk_size: int = 64 * 1024
+    tick: float = 1.0                     # seconds between controller decisions
+    flush_interval: float = 0.25          # seconds between registry writes
+    timestamp_refresh: float = 3600.0     # seconds between re-signing the repository timestamp
+    heartbeat: float = 2.0
+
+
+class FleetService:
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self.embedded = None
+        self.clients: list = []
+        self.connections: list = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.broker_url: str | None = config.broker
+
+    def start(self) -> FleetService:
+        from edgeopt.fleet.broker import EmbeddedBroker, parse_listen
+        from edgeopt.fleet.controller import Controller, DesiredPublisher
+        from edgeopt.fleet.registry import Registry
+        from edgeopt.fleet.repo_server import RepoServer
+        from edgeopt.fleet.repository import Repository
+        from edgeopt.mqtt import PahoTopics, connect, make_client, subscribe
+
+        cfg = self.config
+        self.repository = Repository(cfg.repo)
+        db, control_conn = open_database(cfg.db)  # fails early, before anything is started
+        self.db = db
+        self.connections = [control_conn, db.connect(), db.connect()]
+        self.store = FleetStore(control_conn)
+        if self.broker_url is None:
+            self.embedded = EmbeddedBroker(*parse_listen(cfg.listen)).start()
+            self.broker_url = self.embedded.url
+        tag = f"{socket.gethostname()[:20]}-{os.getpid()}"
+        repo_client = make_client(f"edgeopt-fleet-repo-{tag}", self.broker_url)
+        fleet_client = make_client(f"edgeopt-fleet-{tag}", self.broker_url)
+        fleet_client.max_inflight_messages_set(1000)
+        fleet_client.max_queued_messages_set(0)
+        self.clients = [repo_client, fleet_client]
+        for c in self.clients:
+            connect(c)
+
+        self.repo_server = RepoServer(self.repository, PahoTopics(repo_client), cfg.prefix, cfg.chunk_size)
+        self.repo_server.start()
+        self.registry = Registry(FleetStore(self.connections[1]), cfg.prefix, cfg.flush_interval)
+        self.registry.subscribe(lambda topic, qos, handler: subscribe(
+            fleet_client, topic, qos, lambda c, u, m: handler(m.topic, m.payload)))
+        self.publisher = DesiredPublisher(FleetStore(self.connections[2]),
+                                          lambda t, p, q, r: fleet_client.publish(t, p, qos=q, retain=r), cfg.prefix)
+        self.controller = Controller(self.store, self.publisher)
+        resubscribe = fleet_client.on_connect
+
+        def on_connect(c, userdata, flags, reason_code, properties):
+            if resubscribe is not None:
+                resubscribe(c, userdata, flags, reason_code, properties)
+            if not reason_code.is_failure:
+                self.publisher.request_republish()  # the broker may have lost retained messages
+
+        fleet_client.on_connect = on_connect
+        self.publisher.request_republish()
+        self.registry.start()
+        self.started_at = time.time()
+        self._spawn(self._control_loop, "edgeopt-controller")
+        self._spawn(self._housekeeping_loop, "edgeopt-housekeeping")
+        log.info("fleet service: repository %s, database %s, broker %s", cfg.repo, db, redact(self.broker_url))
+        return self
+
+    def _spawn(self, target, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _control_loop(self) -> None:
+        self.controller.run(self._stop, self.config.tick)
+
+    def _housekeeping_loop(self) -> None:
+        store = FleetStore(self.connections[0])
+        next_refresh = time.monotonic() + self.config.timestamp_refresh
+        while not self._stop.wait(self.config.heartbeat):
+            try:
+                store.heartbeat("service", self.status())
+                if time.monotonic() >= next_refresh:
+                    self.repository.refresh_timestamp()
+                    next_refresh = time.monotonic() + self.config.timestamp_refresh
+            except Exception:
+                log.exception("housekeeping failed")
+
+    def status(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "broker": redact(self.broker_url or ""), "started_at": self.started_at,
+                "embedded_broker": self.embedded is not None, "registry": self.registry.snapshot_stats(),
+                "repo_server": self.repo_server.snapshot_stats(), "controller": self.controller.snapshot_stats()}
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stop.wait(timeout)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+        try:
+            self.registry.stop()
+            FleetStore(self.connections[0]).heartbeat("service", self.status() | {"stopped_at": time.time()})
+        except Exception:
+            log.exception("final registry flush failed")
+        for c in self.clients:
+            c.disconnect()
+            c.loop_stop()
+        if self.embedded is not None:
+            self.embedded.stop()
+        for conn in self.connections:
+            conn.close()

@@ -1,0 +1,252 @@
+"""``edgeopt fleet``: the signed model repository, the fleet service, devices and rollouts.
+
+Every command takes its settings from flags, environment variables, or a config file given to the
+group (``edgeopt fleet --config fleet.toml ...``): top-level keys (``repo``, ``db``, ``broker``,
+``prefix``) apply to every command that has that option, a ``[serve]`` / ``[simulate]`` /
+``[rollout.create]`` table to that command only. Flags win over the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+REPO_OPTION = click.option("--repo", type=click.Path(path_type=Path), required=True, envvar="EDGEOPT_REPO",
+                           help="Repository directory (from 'edgeopt keys init'); or $EDGEOPT_REPO.")
+OPTIONAL_REPO = click.option("--repo", type=click.Path(path_type=Path), envvar="EDGEOPT_REPO",
+                             help="Repository directory; or $EDGEOPT_REPO (the default database lives in it).")
+DB_OPTION = click.option("--db", envvar="EDGEOPT_FLEET_DB", metavar="URL",
+                         help="Fleet database: sqlite:///PATH or postgresql://USER@HOST/DB; or $EDGEOPT_FLEET_DB "
+                              "(default: sqlite:///REPO/fleet.db).")
+PREFIX_OPTION = click.option("--prefix", default="edgeopt", show_default=True, help="MQTT topic prefix.")
+
+
+def database_url(db: str | None, repo: Path | None) -> str:
+    from edgeopt.errors import UserInputError
+
+    if db:
+        return db
+    if repo is None:
+        raise UserInputError("no fleet database: pass --db URL, or --repo REPO for the default sqlite:///REPO/fleet.db")
+    if not Path(repo).is_dir():
+        raise UserInputError(f"repository directory {repo} does not exist (run 'edgeopt keys init {repo}')")
+    return f"sqlite:///{Path(repo).resolve() / 'fleet.db'}"
+
+
+def open_store(db: str | None, repo: Path | None):
+    from edgeopt.fleet.db import open_database
+    from edgeopt.fleet.store import FleetStore
+
+    _, conn = open_database(database_url(db, repo))
+    return FleetStore(conn)
+
+
+def _load_config(ctx: click.Context, path: Path) -> None:
+    """Turn a TOML config file into click's default_map for the fleet subcommands."""
+    import tomllib
+
+    from edgeopt.errors import UserInputError
+
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UserInputError(f"--config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserInputError(f"--config {path}: not valid TOML ({exc})") from None
+    group: click.Group = ctx.command  # type: ignore[assignment]
+
+    def defaults(cmd: click.Command, table: dict, shared: dict, where: str) -> dict:
+        names = _option_names(cmd)
+        out = {names[k]: v for k, v in shared.items() if k in names}
+        for key, value in table.items():
+            sub = cmd.commands.get(key) if isinstance(cmd, click.Group) else None
+            if isinstance(value, dict) and sub is not None:
+                out[key] = defaults(sub, value, shared, f"{where}.{key}")
+            elif key.replace("-", "_") in names:
+                out[names[key.replace("-", "_")]] = value
+            else:
+                raise UserInputError(f"--config {path}: unknown key '{key}' in [{where}]")
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                out.setdefault(name, defaults(sub, {}, shared, f"{where}.{name}"))
+        return out
+
+    shared = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    known_shared = {k for c in group.commands.values() for k in _option_names(c, deep=True)}
+    for key in shared:
+        if key not in known_shared:
+            raise UserInputError(f"--config {path}: unknown key '{key}'")
+    default_map = {}
+    for name, cmd in group.commands.items():
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            raise UserInputError(f"--config {path}: '{name}' must be a table")
+        default_map[name] = defaults(cmd, table, shared, name)
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in group.commands:
+            raise UserInputError(f"--config {path}: unknown table [{key}]")
+    ctx.default_map = default_map
+
+
+def _option_names(cmd: click.Command, deep: bool = False) -> dict[str, str]:
+    """Config key → click parameter name: a key is an option's long flag without dashes
+    (``selector`` for ``--selector``, ``chunk_size`` or ``chunk-size`` for ``--chunk-size``)."""
+    names: dict[str, str] = {}
+    for p in cmd.params:
+        if isinstance(p, click.Option):
+            for opt in p.opts:
+                if opt.startswith("--"):
+                    names[opt[2:].replace("-", "_")] = p.name  # type: ignore[assignment]
+    if deep and isinstance(cmd, click.Group):
+        for sub in cmd.commands.values():
+            names.update(_option_names(sub, deep=True))
+    return names
+
+
+@click.group("fleet")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), envvar="EDGEOPT_FLEET_CONFIG",
+              help="TOML file with defaults for these commands (see 'edgeopt fleet --help'); or $EDGEOPT_FLEET_CONFIG.")
+@click.pass_context
+def fleet_cmd(ctx: click.Context, config_file: Path | None) -> None:
+    """Publish models, run the fleet service, watch devices and roll models out in waves.
+
+    \b
+    edgeopt keys init REPO                              signing keys (once)
+    edgeopt fleet publish ARTIFACT --repo REPO          sign a converted model into the repository
+    edgeopt fleet serve --repo REPO [--broker URL]      repository server + registry + rollout controller
+    edgeopt fleet devices [--selector k=v]              what the registry knows
+    edgeopt fleet rollout create --model NAME@VERSION --waves 1%,10%,50%,100% ...; start | status | ...
+    edgeopt fleet simulate --broker URL --devices N     simulated devices for demos and scale runs
+    edgeopt fleet broker-config DIR / provision DEVICE_ID   Mosquitto TLS + passwords + ACL; device bundles
+
+    With --config FILE, top-level keys (repo, db, broker, prefix) apply to every command that has
+    that option and a [serve] / [simulate] / [rollout.create] table to one command; flags win.
+    """
+    if config_file is not None:
+        _load_config(ctx, config_file)
+
+
+@fleet_cmd.command("publish")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@REPO_OPTION
+@click.option("--name", help="Model name (default: the manifest's).")
+@click.option("--version", "model_version", help="Model version (default: the manifest's).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def publish_cmd(artifact: Path, repo: Path, name: str | None, model_version: str | None, as_json: bool) -> None:
+    """Verify ARTIFACT (an 'edgeopt convert' output directory), pack it and sign it into the repository."""
+    from edgeopt.fleet.repository import Repository
+
+    entry = Repository(repo).publish(artifact, name, model_version)
+    click.echo(json.dumps(entry) if as_json else
+               f"published {entry['name']}@{entry['version']} ({entry['length']} bytes, sha256 {entry['sha256'][:16]}…)")
+
+
+@fleet_cmd.command("revoke")
+@click.argument("model")
+@REPO_OPTION
+def revoke_cmd(model: str, repo: Path) -> None:
+    """Remove MODEL (NAME@VERSION) from the signed targets: devices will refuse it from now on."""
+    from edgeopt.errors import UserInputError
+    from edgeopt.fleet.repository import Repository
+
+    name, sep, version = model.partition("@")
+    if not sep:
+        raise UserInputError(f"expected NAME@VERSION, got {model!r}")
+    Repository(repo).revoke(name, version)
+    click.echo(f"revoked {name}@{version}")
+
+
+@fleet_cmd.command("models")
+@REPO_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models_cmd(repo: Path, as_json: bool) -> None:
+    """The models in the signed targets."""
+    from edgeopt.fleet.repository import Repository
+
+    models = Repository(repo).list_models()
+    if as_json:
+        click.echo(json.dumps(models, indent=2))
+        return
+    for m in models:
+        click.echo(f"{m['name']}@{m['version']}  {m['format']}  {m['length']} bytes  profile {m.get('profile') or '-'}")
+
+
+@fleet_cmd.command("serve")
+@REPO_OPTION
+@DB_OPTION
+@click.option("--broker", envvar="EDGEOPT_BROKER",
+              help="Broker URL, e.g. mqtt://localhost:1883 or mqtts://user:pw@host:8883?ca=ca.pem (default: start "
+                   "the embedded broker on --listen).")
+@click.option("--listen", default="127.0.0.1:1884", show_default=True,
+              help="HOST:PORT of the embedded broker (only without --broker).")
+@PREFIX_OPTION
+@click.option("--chunk-size", type=int, default=64 * 1024, show_default=True,
+              help="Largest artifact chunk per message (keep under the broker's payload limit).")
+@click.option("--tick", type=float, default=1.0, show_default=True, help="Seconds between rollout decisions.")
+@click.option("--timestamp-refresh", type=float, default=3600.0, show_default=True,
+              help="Seconds between re-signing the timestamp (must be well under its expiry).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True, help="Log level on stderr.")
+def serve_cmd(repo: Path, db: str | None, broker: str | None, listen: str, prefix: str, chunk_size: int, tick: float,
+              timestamp_refresh: float, log_level: str) -> None:
+    """Run the fleet service until interrupted: the repository server (metadata and artifact chunks
+    over MQTT), the device registry and the rollout controller. Restart-safe: everything it knows is
+    in the database, and a rollout in progress continues after a restart."""
+    import logging
+    import signal
+
+    from edgeopt.errors import UserInputError
+    from edgeopt.fleet.service import FleetService, ServiceConfig
+
+    if tick <= 0 or timestamp_refresh <= 0:
+        raise UserInputError("--tick and --timestamp-refresh must be positive")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service = FleetService(ServiceConfig(repo=repo, db=database_url(db, repo), broker=broker, listen=listen,
+                                         prefix=prefix, chunk_size=chunk_size, tick=tick,
+                                         timestamp_refresh=timestamp_refresh)).start()
+    signal.signal(signal.SIGTERM, lambda *_: service._stop.set())
+    click.echo(f"fleet service ready: broker {service.broker_url}, database {service.db}, prefix {prefix}/", err=True)
+    try:
+        service.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.stop()
+        click.echo(json.dumps(service.status()), err=True)
+
+
+@fleet_cmd.command("devices")
+@OPTIONAL_REPO
+@DB_OPTION
+@click.option("--selector", "selectors", multiple=True, metavar="LABEL=VALUE[,...]",
+              help="Only devices with these labels (repeatable; all must match).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def devices_cmd(repo: Path | None, db: str | None, selectors: tuple[str, ...], as_json: bool) -> None:
+    """The devices the registry knows: labels, profile, model, update state, online, last seen."""
+    from edgeopt.cli.fleet_render import device_json, print_devices
+    from edgeopt.fleet.rollout_spec import parse_selector, selector_text
+
+    selector = parse_selector(selectors)
+    store = open_store(db, repo)
+    devices = store.list_devices(selector)
+    if as_json:
+        click.echo(json.dumps([device_json(d) for d in devices], indent=2))
+        return
+    if not devices:
+        known = store.count_devices()
+        click.echo(f"no device matches {selector_text(selector)} ({known} device(s) known)", err=True)
+        return
+    print_devices(devices)
+
+
+def _register_subcommands() -> None:
+    from edgeopt.cli.fleet_ops import broker_config_cmd, provision_cmd, simulate_cmd
+    from edgeopt.cli.fleet_rollout import rollout_cmd
+
+    for cmd in (rollout_cmd, simulate_cmd, provision_cmd, broker_config_cmd):
+        fleet_cmd.add_command(cmd)
+
+
+_register_subcommands()

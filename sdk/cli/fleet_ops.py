@@ -1,0 +1,140 @@
+"""``edgeopt fleet simulate | provision | broker-config``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from edgeopt.cli.fleet import PREFIX_OPTION, REPO_OPTION
+
+
+@click.command("simulate")
+@click.option("--broker", required=True, envvar="EDGEOPT_BROKER", help="Broker URL (mqtt://host:port, mqtts://...).")
+@click.option("--devices", "count", type=int, default=10, show_default=True, help="How many simulated devices.")
+@click.option("--fail-rate", type=float, default=0.0, show_default=True,
+              help="Share of devices whose update fails (drawn reproducibly per device and version).")
+@click.option("--fail-mode", type=click.Choice(["self-test", "probation", "health", "silent"]), default="self-test",
+              show_default=True, help="How a failing update fails (see docs/fleet.md).")
+@click.option("--fail-versions", default="", metavar="V1,V2", help="Only updates to these versions fail.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the failure draw.")
+@click.option("--labels", "label_terms", multiple=True, default=("fleet=sim",), show_default=True,
+              metavar="LABEL=VALUE[,...]", help="Labels every simulated device reports.")
+@click.option("--profile", default="raspberry-pi-4", show_default=True, help="Hardware profile they report.")
+@click.option("--initial-model", metavar="NAME@VERSION", help="The model they start with (installed at the factory).")
+@click.option("--root", type=click.Path(path_type=Path), help="Root metadata to pin (REPO/metadata/1.root.json).")
+@click.option("--repo", type=click.Path(path_type=Path), envvar="EDGEOPT_REPO",
+              help="Take the pinned root from this repository (instead of --root).")
+@click.option("--verify", type=click.Choice(["shared", "full"]), default="shared", show_default=True,
+              help="TUF metadata checked once per process (shared) or by every device (full).")
+@click.option("--self-test", type=click.Choice(["simulated", "golden"]), default="simulated", show_default=True,
+              help="'golden' runs the artifact's golden vectors with the real runtime on every device.")
+@click.option("--id-prefix", default="sim-", show_default=True, help="Device ids are PREFIX00000, PREFIX00001, ...")
+@click.option("--first-index", type=int, default=0, show_default=True, help="Number of the first device.")
+@click.option("--workers", type=int, default=32, show_default=True, help="Threads for downloads and checks.")
+@click.option("--chunk-size", type=int, default=64 * 1024, show_default=True,
+              help="Bytes per repository request (at most the server's --chunk-size).")
+@click.option("--step-delay", type=float, default=0.0, show_default=True, help="Seconds spent in each update state.")
+@click.option("--probation", type=float, default=0.0, show_default=True, help="Seconds in PROBATION.")
+@click.option("--telemetry-interval", type=float, default=0.0, show_default=True,
+              help="Seconds between telemetry messages (0: none).")
+@click.option("--duration", type=float, default=0.0, show_default=True, help="Stop after this many seconds (0: never).")
+@PREFIX_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
+def simulate_cmd(broker: str, count: int, fail_rate: float, fail_mode: str, fail_versions: str, seed: int,
+                 label_terms: tuple[str, ...], profile: str, initial_model: str | None, root: Path | None,
+                 repo: Path | None, verify: str, self_test: str, id_prefix: str, first_index: int, workers: int,
+                 chunk_size: int, step_delay: float, probation: float, telemetry_interval: float, duration: float,
+                 prefix: str, as_json: bool) -> None:
+    """Run N simulated devices, each with its own MQTT connection, until interrupted: they report
+    state, follow 'desired', download and verify updates through the repository server, and fail
+    as asked (for demos and scale tests)."""
+    import signal
+    import threading
+
+    from edgeopt.errors import UserInputError
+    from edgeopt.fleet.messages import MessageError, ModelRef
+    from edgeopt.fleet.rollout_spec import parse_selector
+    from edgeopt.fleet.simulator import FailurePlan, SimConfig, Simulator
+
+    if root is None and repo is not None:
+        root = Path(repo) / "metadata" / "1.root.json"
+    try:
+        model = ModelRef.parse(initial_model) if initial_model else None
+    except MessageError as exc:
+        raise UserInputError(f"--initial-model: {exc}") from None
+    versions = frozenset(v.strip() for v in fail_versions.split(",") if v.strip()) or None
+    config = SimConfig(broker=broker, devices=count, prefix=prefix, id_prefix=id_prefix, first_index=first_index,
+                       labels=parse_selector(label_terms), profile=profile, initial_model=model, root=root,
+                       verify=verify, self_test=self_test, workers=workers, chunk_size=chunk_size,
+                       step_delay=step_delay, probation=probation, telemetry_interval=telemetry_interval,
+                       failures=FailurePlan(fail_rate, fail_mode, versions, seed=seed))
+    sim = Simulator(config).start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    click.echo(f"{count} simulated device(s) connected to {broker} ({id_prefix}{first_index:05d}…)", err=True)
+    started = time.monotonic()
+    try:
+        while not stop.wait(5.0):
+            s = sim.summary()
+            click.echo(f"{s['connected']}/{s['devices']} connected; models {s['models']}; states {s['update_states']}",
+                       err=True)
+            if duration and time.monotonic() - started >= duration:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        summary = sim.summary()
+        sim.stop()
+    click.echo(json.dumps(summary) if as_json else f"stopped: models {summary['models']}", err=not as_json)
+
+
+@click.command("broker-config")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--host", "hosts", multiple=True, help="Name or address devices use for the broker (repeatable; "
+                                                     "localhost and 127.0.0.1 are always added).")
+@click.option("--port", type=int, default=8883, show_default=True, help="TLS listener port.")
+@click.option("--bind", default="0.0.0.0", show_default=True, help="Address the listener binds.")
+@PREFIX_OPTION
+def broker_config_cmd(directory: Path, hosts: tuple[str, ...], port: int, bind: str, prefix: str) -> None:
+    """Generate a Mosquitto configuration in DIRECTORY: a CA and a server certificate (TLS only), a
+    password file with the fleet service's account, and an ACL that keeps each device to its own
+    topics. Add devices with 'edgeopt fleet provision'."""
+    from edgeopt.fleet.security import BrokerSecurity
+
+    sec = BrokerSecurity.init(directory, list(hosts), port, bind, prefix)
+    click.echo(f"broker configuration in {sec.dir}:\n"
+               f"  run the broker:   mosquitto -c {sec.dir / 'mosquitto.conf'}\n"
+               f"  fleet service:    edgeopt fleet --config {sec.dir / 'fleet.toml'} serve --repo REPO\n"
+               f"  add a device:     edgeopt fleet provision DEVICE_ID --broker-config {sec.dir} --repo REPO\n"
+               f"  keep {sec.dir / 'ca.key'} offline once the server certificate is made")
+
+
+@click.command("provision")
+@click.argument("device_id")
+@click.option("--broker-config", "security_dir", type=click.Path(path_type=Path), required=True,
+              help="Directory from 'edgeopt fleet broker-config'.")
+@REPO_OPTION
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("provisioned"), show_default=True,
+              help="Where OUT/DEVICE_ID/ is written.")
+@click.option("--host", help="Broker host name the device connects to (default: the first --host of broker-config).")
+@click.option("--port", type=int, help="Broker port (default: the listener's).")
+@click.option("--install-dir", default="/etc/edgeopt-agent", show_default=True,
+              help="Where the bundle will live on the device (paths in agent.toml).")
+@click.option("--force", is_flag=True, help="Provision an existing device again, with a new password.")
+@PREFIX_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def provision_cmd(device_id: str, security_dir: Path, repo: Path, out: Path, host: str | None, port: int | None,
+                  install_dir: str, force: bool, prefix: str, as_json: bool) -> None:
+    """Give DEVICE_ID its broker password (added to the broker's password file), the broker CA, the
+    repository's pinned root metadata and an agent config, in OUT/DEVICE_ID/."""
+    from edgeopt.fleet.provision import provision
+
+    info = provision(device_id, security_dir, repo, out, host, port, prefix, install_dir, force)
+    if as_json:
+        click.echo(json.dumps(info))
+    else:
+        click.echo(f"provisioned {device_id} in {info['directory']} (broker {info['broker']}, root "
+                   f"v{info['root_version']}); {info['reload']}")

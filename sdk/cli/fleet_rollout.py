@@ -1,0 +1,208 @@
+"""``edgeopt fleet rollout``: create a staged rollout, start / pause / resume / abort it, watch it.
+
+Commands write to the fleet database; the running ``edgeopt fleet serve`` acts on them at its next
+tick (decisions are made and persisted there, see ``edgeopt.fleet.rollout``).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from pathlib import Path
+
+import click
+
+from edgeopt.cli.fleet import DB_OPTION, OPTIONAL_REPO, REPO_OPTION, open_store
+
+
+@click.group("rollout")
+def rollout_cmd() -> None:
+    """Staged rollouts: waves, health gates, automatic abort and rollback."""
+
+
+def _check_published(repo: Path, model) -> None:
+    from edgeopt.errors import UserInputError
+    from edgeopt.fleet.repository import Repository
+
+    published = [f"{m['name']}@{m['version']}" for m in Repository(repo).list_models()]
+    if str(model) not in published:
+        listing = ", ".join(published[-8:]) if published else "nothing published yet"
+        raise UserInputError(f"{model} is not in the repository {repo} (published: {listing}); "
+                             f"publish it with 'edgeopt fleet publish'")
+
+
+@rollout_cmd.command("create")
+@click.option("--model", "model_text", required=True, metavar="NAME@VERSION", help="The version to roll out.")
+@click.option("--selector", "selectors", multiple=True, metavar="LABEL=VALUE[,...]",
+              help="Devices whose labels match (repeatable; all must match; default: every device).")
+@click.option("--waves", default="1%,10%,50%,100%", show_default=True,
+              help="Cumulative shares (1%,10%,50%,100%), wave sizes summing to 100% (1%,9%,40%,50%), or "
+                   "cumulative device counts ending at 100% (5,50,100%).")
+@click.option("--bake", default="10m", show_default=True,
+              help="How long a wave's success share must hold before the next wave starts.")
+@click.option("--success-threshold", default="95%", show_default=True,
+              help="Share of a wave's devices that must run the new version.")
+@click.option("--failure-threshold", default="5%", show_default=True,
+              help="Abort past this share of the told devices failing, and/or past a count: 5%, 3 or 5%,3.")
+@click.option("--device-timeout", default="15m", show_default=True,
+              help="A device without progress towards the new version for this long counts as failed.")
+@click.option("--max-error-rate", type=float, help="Health gate: highest error rate a device may report (0..1).")
+@click.option("--min-agreement", type=float, help="Health gate: lowest agreement with the previous model (0..1).")
+@click.option("--max-latency-p95", type=float, metavar="MS", help="Health gate: highest latency p95 in ms.")
+@click.option("--max-nan-outputs", type=int, help="Health gate: most NaN outputs a device may report.")
+@click.option("--online-only", is_flag=True,
+              help="Plan only the matching devices that are online now (default: every matching device; an "
+                   "offline one counts as failed once --device-timeout passes).")
+@click.option("--id", "rollout_id", help="Rollout id (default: NAME-VERSION-RANDOM).")
+@click.option("--start", "start_now", is_flag=True, help="Start it right away.")
+@REPO_OPTION
+@DB_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def create_cmd(model_text: str, selectors: tuple[str, ...], waves: str, bake: str, success_threshold: str,
+               failure_threshold: str, device_timeout: str, max_error_rate: float | None,
+               min_agreement: float | None, max_latency_p95: float | None, max_nan_outputs: int | None,
+               online_only: bool, rollout_id: str | None, start_now: bool, repo: Path, db: str | None, as_json: bool) -> None:
+    """Plan a rollout of NAME@VERSION over the devices the selector matches now."""
+    from edgeopt.errors import UserInputError
+    from edgeopt.fleet.messages import ROLLOUT_ID_RE, MessageError, ModelRef
+    from edgeopt.fleet.rollout import apply_command, new_rollout
+    from edgeopt.fleet.rollout_spec import (
+        Gates,
+        RolloutSpec,
+        parse_duration,
+        parse_failure_threshold,
+        parse_percent,
+        parse_selector,
+        parse_waves,
+        selector_text,
+    )
+
+    try:
+        model = ModelRef.parse(model_text)
+    except MessageError as exc:
+        raise UserInputError(f"--model: {exc}") from None
+    for flag, value in (("--max-error-rate", max_error_rate), ("--min-agreement", min_agreement)):
+        if value is not None and not 0 <= value <= 1:
+            raise UserInputError(f"{flag} {value}: must be between 0 and 1")
+    failure_pct, failure_count = parse_failure_threshold(failure_threshold)
+    spec = RolloutSpec(model, parse_selector(selectors), parse_waves(waves), parse_duration(bake, "--bake"),
+                       parse_percent(success_threshold, "--success-threshold"), failure_pct, failure_count,
+                       parse_duration(device_timeout, "--device-timeout"),
+                       Gates(max_error_rate, min_agreement, max_latency_p95, max_nan_outputs))
+    _check_published(repo, model)
+    rollout_id = rollout_id or f"{model.name}-{model.version}-{secrets.token_hex(3)}".replace("+", ".")
+    if not ROLLOUT_ID_RE.match(rollout_id):
+        raise UserInputError(f"--id {rollout_id!r}: use letters, digits, '.', '_', '-' (at most 64)")
+    store = open_store(db, repo)
+    devices = [d.device_id for d in store.list_devices(spec.selector) if d.online or not online_only]
+    if not devices:
+        raise UserInputError(f"selector {selector_text(spec.selector)} matches no {'online ' if online_only else ''}device "
+                             f"({store.count_devices()} device(s) known; see 'edgeopt fleet devices')")
+    now = time.time()
+    status, assignments = new_rollout(rollout_id, spec, devices, now)
+    store.create_rollout(status, assignments)
+    if start_now:
+        status, assignments = store.load_rollout(rollout_id)
+        store.save_decision(apply_command(status, assignments, "start", now), status.revision)
+    if as_json:
+        click.echo(json.dumps({"rollout_id": rollout_id, "devices": len(devices),
+                               "waves": [w.size for w in status.waves], "started": start_now}))
+    else:
+        sizes = " → ".join(str(w.size) for w in status.waves)
+        click.echo(f"created rollout {rollout_id}: {model} to {len(devices)} device(s) in {len(status.waves)} "
+                   f"wave(s) of {sizes}{' (started)' if start_now else f'; start it with: edgeopt fleet rollout start {rollout_id}'}")
+
+
+def _command(rollout_id: str, command: str, repo: Path | None, db: str | None, reason: str | None = None) -> None:
+    from edgeopt.errors import RemoteError
+    from edgeopt.fleet.rollout import apply_command
+
+    store = open_store(db, repo)
+    for _ in range(20):  # the controller may move the rollout between our read and our write
+        status, assignments = store.load_rollout(rollout_id)
+        decision = apply_command(status, assignments, command, time.time(), reason)
+        if store.save_decision(decision, status.revision):
+            state = decision.rollout.state
+            extra = f"; {len(decision.desired)} device(s) told to go back" if command == "abort" else ""
+            click.echo(f"rollout {rollout_id}: {state}{extra}")
+            return
+        time.sleep(0.1)
+    raise RemoteError(f"rollout {rollout_id} kept changing under the command; try again")
+
+
+def _simple(command: str, summary: str):
+    @click.argument("rollout_id")
+    @OPTIONAL_REPO
+    @DB_OPTION
+    def cmd(rollout_id: str, repo: Path | None, db: str | None) -> None:
+        _command(rollout_id, command, repo, db)
+
+    cmd.__doc__ = summary
+    return rollout_cmd.command(command)(cmd)
+
+
+start_cmd = _simple("start", "Start ROLLOUT_ID: its first wave begins at the service's next tick.")
+pause_cmd = _simple("pause", "Hold ROLLOUT_ID in its current wave (the failure threshold still aborts it).")
+resume_cmd = _simple("resume", "Let a paused ROLLOUT_ID continue.")
+
+
+@rollout_cmd.command("abort")
+@click.argument("rollout_id")
+@click.option("--reason", help="Recorded with the abort.")
+@OPTIONAL_REPO
+@DB_OPTION
+def abort_cmd(rollout_id: str, reason: str | None, repo: Path | None, db: str | None) -> None:
+    """Abort ROLLOUT_ID: every device it told goes back to the version it ran before."""
+    _command(rollout_id, "abort", repo, db, reason)
+
+
+@rollout_cmd.command("status")
+@click.argument("rollout_id", required=False)
+@OPTIONAL_REPO
+@DB_OPTION
+@click.option("--watch", is_flag=True,
+              help="Redraw every second until the rollout ends; exit 0 when it completed, 1 when it aborted.")
+@click.option("--events", "with_events", is_flag=True, help="Include the decision log (with --json).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status_cmd(rollout_id: str | None, repo: Path | None, db: str | None, watch: bool, with_events: bool,
+               as_json: bool) -> None:
+    """One rollout's waves, progress, failures and why it ended; without ROLLOUT_ID, every rollout."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from edgeopt.cli.fleet_render import print_rollouts, rollout_json, rollout_renderable
+    from edgeopt.errors import CheckFailed, UserInputError
+
+    store = open_store(db, repo)
+    if rollout_id is None:
+        if watch:
+            raise UserInputError("--watch needs a ROLLOUT_ID")
+        rows = [rollout_json(*store.load_rollout(r)) for r in store.rollout_ids()]
+        click.echo(json.dumps(rows, indent=2)) if as_json else print_rollouts(rows)
+        return
+
+    def snapshot() -> dict:
+        status, assignments = store.load_rollout(rollout_id)
+        return rollout_json(status, assignments, store.events(rollout_id) if with_events else None)
+
+    info = snapshot()
+    if as_json and not watch:
+        click.echo(json.dumps(info, indent=2))
+        return
+    console = Console(highlight=False)
+    if not watch:
+        console.print(rollout_renderable(info, store.service_status()))
+        return
+    with Live(rollout_renderable(info, store.service_status()), console=console, refresh_per_second=4) as live:
+        while info["state"] not in ("COMPLETED", "ABORTED"):
+            time.sleep(1.0)
+            info = snapshot()
+            live.update(rollout_renderable(info, store.service_status()))
+    if not console.is_terminal:
+        console.print()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    if info["state"] == "ABORTED":
+        raise CheckFailed(f"rollout {rollout_id} aborted in wave {info['current_wave']} (why: see above, or "
+                          f"'edgeopt fleet rollout status {rollout_id} --json')")
