@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, print_table, write_json
 
 from edgeopt import registry
 from edgeopt.bench import measure
@@ -26,6 +25,7 @@ from edgeopt.runtime import runtime_for_format
 from edgeopt.runtime.onnxruntime import OnnxRuntime
 
 import digits
+from common import ROOT, print_table, write_json
 
 sys.path.insert(0, str(ROOT / "tests"))
 import tvm_models  # noqa: E402
