@@ -10,6 +10,7 @@ STAMP := $(VENV)/.edgeopt-installed
 DEMO := build/demo
 
 .PHONY: setup system-deps demo test bench lint clean
+.PHONY: setup demo test bench lint clean aarch64-env
 
 setup: $(STAMP) system-deps
 
@@ -30,6 +31,13 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[all]'
+	@# The TVM target cross-links aarch64 libraries with aarch64-linux-gnu-gcc: install it where apt can.
+	@command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || { \
+		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu >/dev/null 2>&1 || \
+			{ apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu >/dev/null 2>&1; } || \
+			echo "note: could not install gcc-aarch64-linux-gnu; TVM builds for aarch64 boards need it"; \
+		else echo "note: install gcc-aarch64-linux-gnu (Debian/Ubuntu) for TVM builds for aarch64 boards"; fi; }
 	@touch $(STAMP)
 
 demo: setup
@@ -59,6 +67,11 @@ bench: setup
 	$(BIN)/python benchmarks/convert_tflite.py
 	$(BIN)/python benchmarks/onnx_node_cases_tflite.py
 	$(BIN)/python benchmarks/convert_coreml.py
+	$(BIN)/python benchmarks/convert_tvm.py
+
+# Optional: an emulated aarch64 Python + TVM runtime (qemu-user) for running aarch64 TVM builds here.
+aarch64-env: setup
+	tools/make_aarch64_emulation_env.sh build/qemu-aarch64
 
 lint: setup
 	$(BIN)/ruff check .

@@ -221,7 +221,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
                 compile_row["size_bytes"] = tree_size(model_path)
             source_runner = _SourceRunner(OnnxRuntime(opts.model, threads=opts.threads), frozen, source_specs)
             if unavailable is None:
-                converted_rt = runtime_cls(model_path, threads=opts.threads)
+                converted_rt = runtime_cls(target.runnable_model(model_path), threads=opts.threads)
                 io_specs = (converted_rt.inputs, converted_rt.outputs)
                 with steps("validate"):
                     par, acc, golden = _validate(source_runner, converted_rt, validation, opts.golden_count,

@@ -136,8 +136,9 @@ def fake_artifact(tmp_path, imu_model, fmt: str, runtime: str, version: str = "3
 def test_a_model_that_cannot_run_is_a_clear_error_in_the_state(tmp_path, imu_model, how):
     env = {}
     if how == "unregistered":
-        art = fake_artifact(tmp_path, imu_model, "tvm", "tvm-runtime-not-here")
-        expected = "runtime 'tvm-runtime-not-here' (format tvm) is not installed"
+        # a format no registered runtime offers (tvm has a runtime now that the TVM target exists)
+        art = fake_artifact(tmp_path, imu_model, "vendor-npu", "vendor-npu-runtime")
+        expected = "runtime 'vendor-npu-runtime' (format vendor-npu) is not installed"
     elif how == "package-missing":  # onnxruntime made unimportable for the agent process only
         art = imu_model["artifact"]
         shadow = tmp_path / "shadow" / "onnxruntime"

@@ -57,6 +57,11 @@ class Target(Configurable):
         """Write the compiled model to ``out`` (a path inside the staging directory)."""
         raise NotImplementedError
 
+    def runnable_model(self, model_path: Path) -> Path:
+        """A model file that runs on this host and computes what ``model_path`` does, for validation,
+        golden vectors and latency: the artifact itself, unless it was compiled for another CPU."""
+        return model_path
+
     def activation_bytes(self, quantize: str) -> int:
         """Bytes per activation element at run time, for the memory estimate of the fit check."""
         return 4

@@ -1,0 +1,84 @@
+"""Host latency of TVM (default schedules, and MetaSchedule-tuned with --tune 64) vs ONNX Runtime vs
+LiteRT on the same models, single thread, batch 1, all variants of a model measured interleaved in
+one run (edgeopt.bench.measure), so the ratios are comparable.
+
+LiteRT is included when the ``tflite`` target is registered (another branch adds it); otherwise
+the table says so.
+
+    python benchmarks/convert_tvm.py [--tune 64] [--models cnn,mobilenet,lstm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgeopt import registry
+from edgeopt.bench import measure
+from edgeopt.converters.pipeline import ConvertOptions, convert
+from edgeopt.runtime import runtime_for_format
+from edgeopt.runtime.onnxruntime import OnnxRuntime
+
+import digits
+from common import ROOT, print_table, write_json
+
+sys.path.insert(0, str(ROOT / "tests"))
+import tvm_models  # noqa: E402
+
+
+def _sources(tmp: Path) -> dict[str, tuple[Path, str, np.ndarray]]:
+    made = digits.make("cnn", tmp / "cnn")
+    out = {"cnn": (made["model"], "image", np.load(made["validation"])["image"][:1])}
+    for kind in ("mobilenet", "lstm"):
+        path, name, shape = tvm_models.export(kind, tmp / f"{kind}.onnx")
+        out[kind] = (path, name, tvm_models.sample_inputs(shape, 1))
+    return out
+
+
+def _convert(path: Path, out: Path, target: str, **target_params) -> tuple[Path, float]:
+    t0 = time.perf_counter()
+    res = convert(ConvertOptions(model=path, output=out, target=target, quantize="none", target_params=target_params))
+    return out / res.manifest["model"]["file"], time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tune", type=int, default=64)
+    parser.add_argument("--models", default="cnn,mobilenet,lstm")
+    args = parser.parse_args()
+    has_litert = "tflite" in registry.names(registry.TARGETS)
+    rows, results = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        sources = _sources(tmp)
+        for kind in args.models.split(","):
+            path, name, x = sources[kind]
+            variants: dict[str, tuple[object, float | None]] = {"onnxruntime": (OnnxRuntime(path, threads=1), None)}
+            so, secs = _convert(path, tmp / f"{kind}-tvm", "tvm")
+            variants["tvm default"] = (runtime_for_format("tvm")(so, threads=1), secs)
+            if args.tune:
+                so, secs = _convert(path, tmp / f"{kind}-tvm-tuned", "tvm", tune=args.tune)
+                variants[f"tvm --tune {args.tune}"] = (runtime_for_format("tvm")(so, threads=1), secs)
+            if has_litert:
+                model, secs = _convert(path, tmp / f"{kind}-tflite", "tflite")
+                variants["litert"] = (runtime_for_format("tflite")(model, threads=1), secs)
+            runtimes = [rt for rt, _ in variants.values()]
+            stats = measure(runtimes, [{name: x}] * len(runtimes), rounds=7, min_round_s=0.2)
+            base = stats[0].p50_ms
+            for (label, (_, secs)), st in zip(variants.items(), stats, strict=True):
+                rows.append([kind, label, st.p50_ms, st.p95_ms, base / st.p50_ms, secs])
+                results.append({"model": kind, "variant": label, "latency_b1": st.to_json(),
+                                "speedup_vs_onnxruntime": base / st.p50_ms, "convert_seconds": secs})
+    title = "Host latency, batch 1, 1 thread (TVM default vs tuned vs ONNX Runtime" + (
+        " vs LiteRT)" if has_litert else "; LiteRT: tflite target not registered on this branch)")
+    print_table(title, ["model", "runtime", "p50 ms", "p95 ms", "speedup vs ORT", "convert s"], rows)
+    write_json("convert_tvm", {"tune_trials": args.tune, "litert": has_litert, "results": results})
+
+
+if __name__ == "__main__":
+    main()

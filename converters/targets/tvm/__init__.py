@@ -1,0 +1,126 @@
+"""The TVM target: ONNX → TVM Relax → a compiled shared library (``model.so``) for the host or, with a
+board profile, for the board's CPU (cross-linked, e.g. aarch64 for Raspberry Pi / Jetson / i.MX 8M).
+
+Ops are checked against the converter table of TVM's own Relax ONNX front end; LSTM and GRU, which
+that front end lacks, are unrolled into elementary ops first (the ``unroll-rnn`` pass).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import ClassVar
+
+import onnx
+
+from edgeopt.converters.passes import ConversionError, PassContext, get_pass
+from edgeopt.converters.passes.unroll_rnn import DEFAULT_ACTIVATIONS, rnn_node_supported
+from edgeopt.converters.targets import Target
+from edgeopt.converters.targets.tvm.machine import build_machine, find_cross_compiler
+from edgeopt.errors import MissingDependency, UserInputError
+from edgeopt.params import Param
+
+QUANTIZE_PASSES = {"int8": "quantize-int8"}
+_HANDLED_BY_IMPORTER = {"If", "Constant"}  # handled inside TVM's importer, not through its converter table
+
+
+@functools.cache
+def relax_onnx_ops() -> frozenset[str]:
+    """The ONNX op types TVM's Relax front end converts (its own converter table)."""
+    try:
+        from tvm.relax.frontend.onnx import onnx_frontend
+    except ImportError as exc:
+        raise MissingDependency("apache-tvm", "tvm", "the TVM target") from exc
+    return frozenset(onnx_frontend._get_convert_map()) | _HANDLED_BY_IMPORTER
+
+
+class TVMTarget(Target):
+    name: ClassVar[str] = "tvm"
+    format: ClassVar[str] = "tvm"
+    runtime: ClassVar[str] = "tvm"
+    model_file: ClassVar[str] = "model.so"
+    quantize_modes: ClassVar[tuple[str, ...]] = ("none", *QUANTIZE_PASSES)
+    toolchain: ClassVar[tuple[str, ...]] = ("apache-tvm", "apache-tvm-ffi")
+    params: ClassVar[tuple[Param, ...]] = (
+        Param("batch", int, 1, "batch size the TVM library is compiled for (TVM needs static shapes)",
+              check=lambda v: None if v >= 1 else "must be >= 1"),
+        Param("tune", int, 0, "MetaSchedule tuning trials, measured on this host (0: TVM's default schedules)",
+              check=lambda v: None if v >= 0 else "must be >= 0"),
+        Param("cross_compiler", str, None,
+              "C compiler that links a TVM library for another CPU (default: <mtriple>-gcc from the profile)"),
+    )
+
+    def __init__(self, pass_params=None, profile=None, **settings):
+        super().__init__(pass_params=pass_params, profile=profile, **settings)
+        self._stand_in: Path | None = None
+
+    def is_supported(self, node: onnx.NodeProto) -> bool:
+        if node.domain not in ("", "ai.onnx"):
+            return False
+        if node.op_type in DEFAULT_ACTIVATIONS:
+            return rnn_node_supported(node)
+        return node.op_type in relax_onnx_ops()
+
+    def passes_for(self, quantize: str) -> list[str]:
+        return [QUANTIZE_PASSES[quantize]] if quantize in QUANTIZE_PASSES else []
+
+    def runnable_model(self, model_path: Path) -> Path:
+        return self._stand_in or model_path
+
+    def _compile(self, model: onnx.ModelProto, quantize: str, ctx: PassContext, out: Path) -> None:
+        from edgeopt.converters.targets.tvm import build
+
+        machine = build_machine(self.profile)
+        cross = None if machine.is_host else find_cross_compiler(machine, self.config["cross_compiler"])
+        if self.config["tune"] and not machine.is_host:
+            raise UserInputError(f"--tune measures candidate kernels on this machine ({build_machine(None).arch}); "
+                                 f"it cannot tune for {machine.describe()}: drop --tune for this profile")
+        float_model = model
+        if any(n.op_type in DEFAULT_ACTIVATIONS for n in model.graph.node):
+            float_model = get_pass("unroll-rnn")(**self.pass_params.get("unroll-rnn", {})).apply(model, ctx)
+        model = float_model
+        for pass_name in self.passes_for(quantize):
+            model = get_pass(pass_name)(**self.pass_params.get(pass_name, {})).apply(model, ctx)
+
+        def relax_module(onnx_model: onnx.ModelProto):
+            static = build.fix_batch(onnx_model, self.config["batch"])
+            return build.import_relax(static, build.signature(static))
+
+        try:
+            mod = relax_module(model)
+        except ConversionError as exc:
+            if quantize == "none":
+                raise
+            ctx.notes.append(f"TVM could not import the {quantize} (QDQ) model ({exc}); the library was built "
+                             f"from the FP32 model instead: it is not quantized")
+            ctx.details["compile:tvm"] = {"quantized": False}
+            mod = relax_module(float_model)
+        else:
+            if quantize != "none":
+                ctx.notes.append(f"TVM imported the {quantize} (QDQ) model: the library reproduces its rounding "
+                                 f"(Quantize/DequantizeLinear kernels) but computes in float32; expect int8 "
+                                 f"accuracy, not int8 speed")
+        ctx.details.setdefault("compile:tvm", {}).update(target=dict(machine.spec), arch=machine.arch,
+                                                         cross_compiler=cross)
+        database = None
+        if self.config["tune"]:
+            from edgeopt.converters.targets.tvm.tuning import tune
+
+            database = tune(mod, machine.tvm_target(num_cores=self._cores()), self.config["tune"],
+                            ctx.workdir / "tuning", ctx.progress)
+            ctx.details["compile:tvm"]["tuning_trials"] = self.config["tune"]
+        target = machine.tvm_target(num_cores=self._cores() if database is not None else None)
+        build.compile_library(mod, target, out, cross_compiler=cross, database=database)
+        if not machine.is_host:
+            # The library is for another CPU: validation, golden vectors and latency use a build of the
+            # same Relax module for this host; the report says so.
+            self._stand_in = ctx.workdir / "host-stand-in.so"
+            host = build_machine(None)
+            build.compile_library(mod, host.tvm_target(), self._stand_in, cross_compiler=None)
+            ctx.notes.append(f"the library is built for {machine.describe()} and cannot run here: parity, golden "
+                             f"outputs and latency were measured on a {host.arch} build of the same TVM module")
+
+    def _cores(self) -> int:
+        import os
+
+        return self.profile.cores if self.profile is not None else (os.cpu_count() or 1)

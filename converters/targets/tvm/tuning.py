@@ -1,0 +1,83 @@
+"""MetaSchedule tuning of a Relax module with a trial budget, on this host.
+
+Two departures from ``tune_relax``'s defaults, both for speed on small machines, neither changing
+what is searched:
+
+- builds run in this process (``InProcessBuilder``): TVM's LocalBuilder starts a fresh worker pool
+  for every batch of candidates and each worker re-imports ``tvm.s_tir.tensor_intrin`` (tens of
+  seconds of TVMScript parsing), which dominated tuning time here;
+- the cost model is XGBoost when it is installed, else random (``xgboost`` is an optional extra of
+  TVM's own); the search strategy is the default evolutionary search either way.
+
+The tuning database (JSON) and MetaSchedule's logs are kept in the work directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from edgeopt.converters.passes import ProgressFactory
+
+
+def tune(mod, target, trials: int, work_dir: Path, progress: ProgressFactory, seed: int = 0):
+    """Tune ``mod`` for ``target`` with at most ``trials`` measured candidates; returns the database."""
+    import logging
+
+    import tvm
+    from tvm.relax import pipeline
+    from tvm.s_tir import meta_schedule as ms
+
+    # The same preparation compile_relax applies before looking schedules up, so database keys match.
+    with target:
+        lowered = tvm.transform.Sequential(pipeline.library_dispatch_passes(target)
+                                           + pipeline.legalize_passes(target))(mod)
+    tasks = ms.relax_integration.extract_tasks(lowered, target)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    # MetaSchedule logs every round (tables of tasks) to stdout at INFO; the progress bar says enough.
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    database = ms.database.JSONDatabase(work_dir=str(work_dir))
+    if not tasks:
+        return database
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        tasks, str(work_dir), seed=seed, num_threads=1)
+    per_iter = max(1, min(64, trials // max(1, len(tasks)) or 1))
+    with progress(f"tuning {len(tasks)} kernels", trials) as tick:
+        ms.tune.tune_tasks(
+            tasks=contexts, task_weights=weights, work_dir=str(work_dir), max_trials_global=trials,
+            num_trials_per_iter=per_iter, builder=_in_process_builder(), runner=ms.runner.LocalRunner(timeout_sec=120),
+            database=database, cost_model="xgb" if importlib.util.find_spec("xgboost") else "random",
+            measure_callbacks=[*ms.MeasureCallback.create("default"), _progress_callback(tick)],
+        )
+    return database
+
+
+def _in_process_builder():
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        def build(self, build_inputs):
+            results = []
+            for item in build_inputs:
+                try:
+                    results.append(BuilderResult(default_export(default_build(item.mod, item.target, None)), None))
+                except Exception as exc:  # a candidate schedule that does not compile: reported, not fatal
+                    results.append(BuilderResult(None, f"in-process build failed: {exc}"))
+            return results
+
+    return InProcessBuilder()
+
+
+def _progress_callback(tick):
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class ProgressCallback(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            tick(len(measure_candidates))
+
+    return ProgressCallback()
