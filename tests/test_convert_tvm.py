@@ -79,7 +79,8 @@ def test_host_library_matches_onnx_runtime(kind, sources, converted):
     assert report["parity"]["max_abs_err"] <= 1e-4
     assert report["latency"]["runtime"] == "tvm"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["model"] == {"file": "model.so", "format": "tvm", "runtime": "tvm", "quantize": "none"}
+    assert manifest["model"] == {"file": "model.so", "format": "tvm", "runtime": "tvm", "quantize": "none",
+                                 "io_transposes": {}}
     assert manifest["tool_versions"]["apache-tvm"]
     artifact = open_artifact(out)
     artifact.verify()

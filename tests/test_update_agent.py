@@ -10,6 +10,7 @@ import pytest
 from update_harness import (
     Rig,
     convert,
+    crashes_on_load,
     model_version,
     nan_on_golden,
     nan_on_live_data,
@@ -32,6 +33,7 @@ def artifacts(imu_model, tmp_path_factory):
     arts["nan"] = nan_on_golden(arts["2"], root / "nan", "4")
     arts["disagree"] = convert(imu_model, root / "disagree", "5", permuted_classes(imu_model, root / "perm.onnx"))
     arts["nan_live"] = convert(imu_model, root / "nan_live", "6", nan_on_live_data(imu_model, root / "nanlive.onnx"))
+    arts["crash"] = crashes_on_load(arts["2"], root / "crash", "7")
     return arts
 
 
@@ -128,6 +130,25 @@ def test_self_test_failures_roll_back(rig, artifacts, tmp_path, variant, config,
     agent.wait_status(lambda s: s["telemetry"]["windows_out"] > before + 10, what="v1 still inferring")
     assert agent.stop() == 0
     assert set(seq_gaps(jsonl)[1]) == {"1"}  # the candidate never served a window
+
+
+def test_a_model_that_crashes_its_runtime_on_load_rolls_back_and_the_agent_survives(rig, artifacts, tmp_path):
+    from edgeopt import registry
+
+    if "tvm" not in registry.names(registry.RUNTIMES):
+        pytest.skip("needs the tvm runtime (pip install 'edgeopt[tvm]') to load a native model library")
+    agent, jsonl = _running_v1(rig, tmp_path)
+    rig.publish(artifacts["crash"], "7")
+    rig.set_desired("dev1", "7")
+    status = wait_outcome(agent, "7")
+    update = update_of(status)
+    assert update["state"] == "ROLLED_BACK" and "crashed loading the model (signal 6)" in update["reason"], update
+    assert agent.proc.poll() is None and model_version(status) == "1"  # the child died, not the agent
+    before = status["telemetry"]["windows_out"]
+    agent.wait_status(lambda s: s["telemetry"]["windows_out"] > before + 10, what="v1 still inferring")
+    assert agent.stop() == 0
+    missing, versions = seq_gaps(jsonl)
+    assert missing == [] and set(versions) == {"1"}
 
 
 def test_shadow_disagreement_rolls_back_before_the_switch(rig, artifacts, tmp_path):

@@ -196,3 +196,28 @@ def wait(predicate, timeout: float = 20.0, what: str = "condition") -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+CRASH_ON_LOAD_C = """
+#include <stdlib.h>
+/* Runs when the library is loaded (dlopen): a native model library that brings its runtime down. */
+__attribute__((constructor)) static void crash_on_load(void) { abort(); }
+"""
+
+
+def crashes_on_load(good: Path, dest: Path, version: str) -> Path:
+    """A TVM-format artifact whose model.so aborts the process that loads it (a broken native build).
+    Built from ``good``'s manifest and golden vectors; the compiled library is a real shared object."""
+    import subprocess
+
+    shutil.copytree(good, dest)
+    (dest / "model.onnx").unlink()
+    src = dest / "crash.c"
+    src.write_text(CRASH_ON_LOAD_C)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(dest / "model.so"), str(src)], check=True)
+    src.unlink()
+    manifest = json.loads((dest / MANIFEST).read_text())
+    manifest["model"].update(file="model.so", format="tvm", runtime="tvm")
+    manifest["version"] = version
+    (dest / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return rehash(dest)
