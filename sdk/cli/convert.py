@@ -57,8 +57,9 @@ def target_options(func):
                                help=f"[{which}] {param.help}")
         else:
             choices = click.Choice([str(c) for c in param.choices]) if param.choices else param.type
-            opt = click.option(flag, pname, type=choices, default=None,
-                               help=f"[{which}] {param.help} (default: {param.default})")
+            # A parameter whose default depends on the profile says so in its own help.
+            default = "" if param.default is None or "(default:" in param.help else f" (default: {param.default})"
+            opt = click.option(flag, pname, type=choices, default=None, help=f"[{which}] {param.help}{default}")
         func = opt(func)
     return func
 
