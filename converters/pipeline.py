@@ -346,16 +346,19 @@ class _SourceRunner:
         self.constants = {s.name: np.full(tuple(int(d) for d in s.shape), frozen[s.name], dtype=s.dtype)
                           for s in source_specs if s.name in frozen}
 
+        batched = [s for s in source_specs if s.name not in frozen and s.shape]
+        # An original exported with a fixed batch (often 1) is run that many samples per call.
+        self.fixed_batch = int(batched[0].shape[0]) if batched and not batched[0].batch_dim_dynamic else None
+
     def feeds(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {**inputs, **self.constants}
 
+    def run_float(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One call of the original, outputs as it gives them (what ``run_batched`` calls)."""
+        return self.rt.run(self.feeds(inputs))
+
     def run_all(self, inputs: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
-        n = len(next(iter(inputs.values())))
-        outs: dict[str, list[np.ndarray]] = {}
-        for start in range(0, n, batch):
-            for k, v in self.rt.run(self.feeds({k: v[start:start + batch] for k, v in inputs.items()})).items():
-                outs.setdefault(k, []).append(v)
-        return {k: np.concatenate(v) for k, v in outs.items()}
+        return run_batched(self, inputs, batch)  # type: ignore[arg-type]  # duck-typed: fixed_batch, run_float
 
 
 def _pair_outputs(source: list[TensorSpec], converted: list[TensorSpec]) -> list[tuple[str, str]]:

@@ -85,6 +85,30 @@ def test_training_only_nodes_are_removed(tmp_path):
     np.testing.assert_allclose(got, ref, rtol=1e-6)
 
 
+@pytest.mark.parametrize("batch", [2, "N"])
+def test_a_dropout_mask_that_is_read_becomes_all_true(tmp_path, batch):
+    """An inference-mode Dropout passes its input through and its mask is all true; removing the node
+    must not leave the mask dangling when a node or the graph output reads it (a constant for a static
+    shape, computed from the input's shape for a dynamic batch)."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])
+    nodes = [helper.make_node("Dropout", ["x"], ["y", "mask"], name="drop"),
+             helper.make_node("Not", ["mask"], ["dropped"], name="not")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4]),
+               helper.make_tensor_value_info("mask", TensorProto.BOOL, [batch, 4]),
+               helper.make_tensor_value_info("dropped", TensorProto.BOOL, [batch, 4])]
+    src = helper.make_model(helper.make_graph(nodes, "g", [x], outputs), opset_imports=[helper.make_opsetid("", 17)])
+    for simplify in (False, True):
+        model, details = _apply(src, tmp_path, simplify=simplify)
+        onnx.checker.check_model(model, full_check=True)
+        assert "Dropout" not in [n.op_type for n in model.graph.node] and details["training_nodes_removed"] == 1
+        x_val = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+        y, mask, dropped = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x_val})
+        np.testing.assert_array_equal(y, x_val)
+        assert mask.dtype == bool and mask.shape == (2, 4) and mask.all() and not dropped.any()
+
+
 def test_canonicalize_does_not_mutate_its_input(tmp_path):
     src = if_on_sample_rate()
     before = src.SerializeToString()

@@ -16,6 +16,7 @@ import pytest
 from edgeopt.artifact import open_artifact
 
 from conftest import run_cli
+from onnx_models import chain, save
 
 DESIGN_REPORT_KEYS = {
     "source": {"path", "sha256", "size_bytes", "params"},
@@ -234,6 +235,21 @@ def test_without_data_validation_uses_generated_inputs_and_says_so(digits_models
     assert "generated" in report["validation"]["source"]
     assert report["accuracy"]["metric"] is None
     assert report["parity"]["max_abs_err"] < 1e-4  # float model: canonicalisation changes no numbers
+
+
+@pytest.mark.parametrize("target", ["onnx", "tflite"])
+def test_an_original_with_a_fixed_batch_of_1_is_validated_one_sample_per_call(tmp_path, target):
+    """Models exported with batch 1 baked in are common: the original is run a sample at a time, on
+    every validation sample (not just the first), for generated and for given data."""
+    model = save(chain([6, 8, 3]), tmp_path / "b1.onnx")
+    x = np.random.default_rng(1).standard_normal((10, 6)).astype(np.float32)
+    np.savez(tmp_path / "val.npz", x=x)
+    for data, samples in ([], 64), (["--validation", tmp_path / "val.npz"], 10):
+        res = run_cli("convert", model, "-o", tmp_path / f"{target}-{samples}", "--target", target, "--json", "-q", *data)
+        assert res.code == 0, res.err
+        report = res.json()
+        assert report["validation"]["samples"] == samples
+        assert report["parity"]["max_abs_err"] < 1e-4 * report["parity"]["outputs"]["y"]["output_scale"]
 
 
 def test_force_replaces_an_existing_artifact(digits_models, tmp_path):

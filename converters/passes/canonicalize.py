@@ -165,6 +165,10 @@ class Canonicalize(Pass):
         keep = []
         removed = 0
         graph_outputs = {o.name for o in graph.output}
+        read = graph_outputs | {name for node in graph.node for name in node.input}
+        static_shapes: dict[str, list[int]] = {}
+        if any(n.op_type == "Dropout" and len(n.output) > 1 and n.output[1] in read for n in graph.node):
+            static_shapes = _static_shapes(model)
         for node in graph.node:
             if node.op_type == "Dropout" and node.domain in ("", "ai.onnx"):
                 src = rename.get(node.input[0], node.input[0])
@@ -172,6 +176,8 @@ class Canonicalize(Pass):
                     keep.append(helper.make_node("Identity", [src], [node.output[0]], name=node.name))
                 else:
                     rename[node.output[0]] = src
+                if len(node.output) > 1 and node.output[1] in read:
+                    keep.extend(_all_true_mask(node, src, static_shapes.get(node.input[0])))
                 removed += 1
                 continue
             if node.op_type == "BatchNormalization":
@@ -188,3 +194,26 @@ class Canonicalize(Pass):
         del graph.node[:]
         graph.node.extend(keep)
         return removed
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Value name → shape, for the values whose shape inference finds fully static."""
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    shapes = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = [d.dim_value for d in dims]
+    return shapes
+
+
+def _all_true_mask(dropout: onnx.NodeProto, src: str, shape: list[int] | None) -> list[onnx.NodeProto]:
+    """The mask of an inference-mode Dropout, which keeps everything: all true, shaped like its input
+    — a constant when that shape is static, else computed from the input's shape."""
+    mask = dropout.output[1]
+    if shape is not None:
+        value = numpy_helper.from_array(np.ones(shape, dtype=bool), name=mask)
+        return [helper.make_node("Constant", [], [mask], name=f"{dropout.name}/mask", value=value)]
+    return [helper.make_node("Shape", [src], [f"{mask}__shape"], name=f"{dropout.name}/mask_shape"),
+            helper.make_node("ConstantOfShape", [f"{mask}__shape"], [mask], name=f"{dropout.name}/mask",
+                             value=helper.make_tensor("value", onnx.TensorProto.BOOL, [1], [True]))]

@@ -67,7 +67,7 @@ class Runtime(Configurable):
     @property
     def fixed_batch(self) -> int | None:
         """The batch size the model is compiled for, or None when its batch dim is dynamic."""
-        if self.inputs and not self.inputs[0].batch_dim_dynamic:
+        if self.inputs and self.inputs[0].shape and not self.inputs[0].batch_dim_dynamic:
             return int(self.inputs[0].shape[0])  # type: ignore[arg-type]
         return None
 
