@@ -24,7 +24,6 @@ from edgeopt.converters.pipeline import ConvertOptions, convert
 from edgeopt.runtime import runtime_for_format
 from edgeopt.runtime.onnxruntime import OnnxRuntime
 
-import digits
 from common import ROOT, print_table, write_json
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -32,6 +31,8 @@ import tvm_models  # noqa: E402
 
 
 def _sources(tmp: Path) -> dict[str, tuple[Path, str, np.ndarray]]:
+    import digits  # examples/ is on sys.path once `common` is imported
+
     made = digits.make("cnn", tmp / "cnn")
     out = {"cnn": (made["model"], "image", np.load(made["validation"])["image"][:1])}
     for kind in ("mobilenet", "lstm"):

@@ -39,8 +39,9 @@ def tune(mod, target, trials: int, work_dir: Path, progress: ProgressFactory, se
     database = ms.database.JSONDatabase(work_dir=str(work_dir))
     if not tasks:
         return database
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        tasks, str(work_dir), seed=seed, num_threads=1)
+    # The search runs on TVM's default thread count (physical cores); candidates are measured one at
+    # a time with the threads the target asks for.
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, str(work_dir), seed=seed)
     per_iter = max(1, min(64, trials // max(1, len(tasks)) or 1))
     with progress(f"tuning {len(tasks)} kernels", trials) as tick:
         ms.tune.tune_tasks(
