@@ -14,8 +14,8 @@ sha256 that python-tuf verified in the signed targets metadata:
     verify="full"    every device runs its own python-tuf client (``DeviceTrust``) with its own
                      pinned root and trusted-metadata directory (what a real agent does)
 
-``self_test="golden"`` unpacks the artifact and runs its golden vectors with the real runtime, so a
-broken model fails on the simulated devices as it would on real ones; the default only simulates
+``self_test="golden"`` unpacks the artifact and runs the agent's own self-test on it (golden vectors
+with the real runtime), so a broken model fails on the simulated devices as it would on real ones; the default only simulates
 the outcome (``FailurePlan``). Network I/O runs on one thread (``ClientLoop``); the blocking parts
 of an update (metadata, download, hashing, self-test) run in a small worker pool.
 """
@@ -125,28 +125,17 @@ class SimConfig:
 
 
 def golden_self_test(archive: bytes, workdir: Path) -> str | None:
-    """Unpack a packed artifact and run its golden vectors with the runtime its format needs; the
-    reason it fails, or None. (The device agent's own self-test does the same on a real device.)"""
-    import numpy as np
-
+    """Unpack a packed artifact and run the device agent's own self-test on it (golden vectors
+    within the manifest's tolerances, no NaN/Inf, latency within its budget); the reason it fails,
+    or None."""
+    from edgeopt.agent.update.selftest import check_artifact
     from edgeopt.artifact import unpack_artifact
-    from edgeopt.runtime import open_runtime, run_batched
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tar = Path(tmp) / "artifact.tar"
         tar.write_bytes(archive)
-        artifact = unpack_artifact(tar, Path(tmp) / "artifact")
-        inputs, expected = artifact.golden()
-        golden = artifact.manifest.get("golden") or {}
-        got = run_batched(open_runtime(artifact.root), inputs)
-        for name, want in expected.items():
-            diff = float(np.max(np.abs(np.asarray(got[name], np.float64) - want))) if want.size else 0.0
-            if not np.isfinite(got[name]).all():
-                return f"golden self-test: output {name} is not finite"
-            atol = golden.get("atol")  # null when the converter could not run the model (Core ML off macOS)
-            if atol is not None and diff > float(atol):
-                return f"golden self-test: output {name} is off by {diff:.3g} > atol {atol:.3g}"
-    return None
+        result = check_artifact(unpack_artifact(tar, Path(tmp) / "artifact").root)
+    return None if result.ok else f"self-test: {result.reason}"
 
 
 class SharedTrust:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 from edgeopt.fleet.messages import ModelRef
@@ -154,3 +155,27 @@ def test_controller_killed_mid_wave_continues_after_restart(tmp_path, broker, db
         rig.wait_devices(lambda d: d.model == V2, 30, "every device on kws@2")
     finally:
         rig.close()
+
+
+def test_the_simulators_golden_self_test_is_the_agents_and_catches_a_broken_model(tmp_path):
+    """``self_test="golden"``: the simulated device unpacks the signed archive and runs the agent's own
+    self-test on it, so a model that publishes fine but computes garbage fails on the device."""
+    from fleet_demo import break_artifact
+
+    from edgeopt.artifact import pack_artifact
+    from edgeopt.fleet.simulator import golden_self_test
+
+    from conftest import run_cli
+    from onnx_models import chain, save
+
+    x = np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32)
+    np.savez(tmp_path / "val.npz", x=x)
+    res = run_cli("convert", save(chain([32, 64, 4]), tmp_path / "m.onnx"), "-o", tmp_path / "good", "--target", "onnx",
+                  "-q", "--validation", tmp_path / "val.npz")
+    assert res.code == 0, res.err
+    verdicts = {}
+    for name, artifact in ("good", tmp_path / "good"), ("broken", break_artifact(tmp_path / "good", tmp_path / "broken")):
+        pack_artifact(artifact, tmp_path / f"{name}.tar")
+        verdicts[name] = golden_self_test((tmp_path / f"{name}.tar").read_bytes(), tmp_path)
+    assert verdicts["good"] is None
+    assert verdicts["broken"] and "golden vectors: output 'y'" in verdicts["broken"], verdicts["broken"]
