@@ -19,6 +19,12 @@ from typing import Any
 from edgeopt.errors import EnvironmentFault, UserInputError
 
 
+def cache_dir() -> Path:
+    """Where edgeopt keeps what it can recompute: ``$XDG_CACHE_HOME/edgeopt`` (``~/.cache/edgeopt``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edgeopt"
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new entry in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

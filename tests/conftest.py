@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -59,6 +60,19 @@ def run_cli_subprocess(*args: str | Path, timeout: float = 300) -> CliResult:
     exe = Path(sys.executable).parent / "edgeopt"
     proc = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=timeout)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory):
+    """edgeopt's cache (``$XDG_CACHE_HOME/edgeopt``) lives in the session's temporary directory, for
+    this process and the agents and CLIs it starts, not in the user's home."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
 
 
 @pytest.fixture(scope="session")

@@ -239,6 +239,31 @@ def test_unsupported_op_is_named_with_its_node(tmp_path):
     assert "target 'tvm' does not support" in line and "Det" in line and "determinant_1" in line
 
 
+def test_the_op_table_is_cached_per_tvm_version_and_a_bad_cache_is_rebuilt(tmp_path, monkeypatch):
+    """Importing TVM's ONNX front end takes seconds; its converter table is kept in the user's cache,
+    keyed by the TVM version, and a corrupt cache file is ignored and rewritten."""
+    from importlib import metadata
+
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    from edgeopt.converters.targets.tvm import relax_onnx_ops
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cached = tmp_path / "edgeopt" / f"tvm-{metadata.version('apache-tvm')}-relax-onnx-ops.json"
+    truth = set(onnx_frontend._get_convert_map())
+    for before in (None, "{not json", '["Conv"]'):
+        if before is not None:
+            cached.write_text(before)
+        relax_onnx_ops.cache_clear()
+        ops = relax_onnx_ops()
+        if before == '["Conv"]':  # a readable cache is believed: that is the point of it
+            assert ops == {"Conv", "If", "Constant"}
+            continue
+        assert truth <= ops and {"If", "Constant"} <= ops
+        assert set(json.loads(cached.read_text())) == truth
+    relax_onnx_ops.cache_clear()
+
+
 def test_missing_cross_compiler_names_the_package(digits_models, tmp_path):
     out = tmp_path / "out"
     res = run_cli("convert", digits_models["cnn"], "-o", out, "--target", "tvm", "--profile", "raspberry-pi-4",

@@ -7,6 +7,7 @@ that front end lacks, are unrolled into elementary ops first (the ``unroll-rnn``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import ClassVar
@@ -17,7 +18,8 @@ from edgeopt.converters.passes import ConversionError, PassContext, get_pass
 from edgeopt.converters.passes.unroll_rnn import DEFAULT_ACTIVATIONS, rnn_node_supported
 from edgeopt.converters.targets import Target
 from edgeopt.converters.targets.tvm.machine import build_machine, find_cross_compiler
-from edgeopt.errors import MissingDependency, UserInputError
+from edgeopt.errors import EnvironmentFault, MissingDependency, UserInputError
+from edgeopt.fsutil import atomic_write_json, cache_dir
 from edgeopt.params import Param
 
 QUANTIZE_PASSES = {"int8": "quantize-int8"}
@@ -26,12 +28,32 @@ _HANDLED_BY_IMPORTER = {"If", "Constant"}  # handled inside TVM's importer, not 
 
 @functools.cache
 def relax_onnx_ops() -> frozenset[str]:
-    """The ONNX op types TVM's Relax front end converts (its own converter table)."""
+    """The ONNX op types TVM's Relax front end converts (its own converter table).
+
+    Importing the front end takes seconds (TVM pulls in torch when it is installed), so the table is
+    kept per TVM version in the user's cache directory: ``edgeopt inspect`` and the op check before
+    a conversion then cost a file read."""
+    import json
+    from importlib import metadata
+
+    try:
+        version = metadata.version("apache-tvm")
+    except metadata.PackageNotFoundError as exc:
+        raise MissingDependency("apache-tvm", "tvm", "the TVM target") from exc
+    cached = cache_dir() / f"tvm-{version}-relax-onnx-ops.json"
+    try:
+        return frozenset(json.loads(cached.read_text())) | _HANDLED_BY_IMPORTER
+    except (OSError, ValueError, TypeError):
+        pass
     try:
         from tvm.relax.frontend.onnx import onnx_frontend
     except ImportError as exc:
         raise MissingDependency("apache-tvm", "tvm", "the TVM target") from exc
-    return frozenset(onnx_frontend._get_convert_map()) | _HANDLED_BY_IMPORTER
+    ops = sorted(onnx_frontend._get_convert_map())
+    with contextlib.suppress(OSError, EnvironmentFault):  # unwritable: the next run imports TVM again
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cached, ops)
+    return frozenset(ops) | _HANDLED_BY_IMPORTER
 
 
 class TVMTarget(Target):
