@@ -41,10 +41,11 @@ def _sources(tmp: Path) -> dict[str, tuple[Path, str, np.ndarray]]:
     return out
 
 
-def _convert(path: Path, out: Path, target: str, **target_params) -> tuple[Path, float]:
+def _convert(path: Path, out: Path, target: str, **target_params) -> tuple[Path, float, dict[str, list[int]]]:
+    """The model file, the conversion time, and the input transposes the target applied (tflite: NCHW → NHWC)."""
     t0 = time.perf_counter()
     res = convert(ConvertOptions(model=path, output=out, target=target, quantize="none", target_params=target_params))
-    return out / res.manifest["model"]["file"], time.perf_counter() - t0
+    return out / res.manifest["model"]["file"], time.perf_counter() - t0, res.manifest["model"].get("io_transposes") or {}
 
 
 def main() -> None:
@@ -59,19 +60,22 @@ def main() -> None:
         sources = _sources(tmp)
         for kind in args.models.split(","):
             path, name, x = sources[kind]
-            variants: dict[str, tuple[object, float | None]] = {"onnxruntime": (OnnxRuntime(path, threads=1), None)}
-            so, secs = _convert(path, tmp / f"{kind}-tvm", "tvm")
-            variants["tvm default"] = (runtime_for_format("tvm")(so, threads=1), secs)
+            # label -> (runtime, its feed, conversion seconds)
+            variants: dict[str, tuple[object, dict, float | None]] = {
+                "onnxruntime": (OnnxRuntime(path, threads=1), {name: x}, None)}
+            so, secs, _ = _convert(path, tmp / f"{kind}-tvm", "tvm")
+            variants["tvm default"] = (runtime_for_format("tvm")(so, threads=1), {name: x}, secs)
             if args.tune:
-                so, secs = _convert(path, tmp / f"{kind}-tvm-tuned", "tvm", tune=args.tune)
-                variants[f"tvm --tune {args.tune}"] = (runtime_for_format("tvm")(so, threads=1), secs)
+                so, secs, _ = _convert(path, tmp / f"{kind}-tvm-tuned", "tvm", tune=args.tune)
+                variants[f"tvm --tune {args.tune}"] = (runtime_for_format("tvm")(so, threads=1), {name: x}, secs)
             if has_litert:
-                model, secs = _convert(path, tmp / f"{kind}-tflite", "tflite")
-                variants["litert"] = (runtime_for_format("tflite")(model, threads=1), secs)
-            runtimes = [rt for rt, _ in variants.values()]
-            stats = measure(runtimes, [{name: x}] * len(runtimes), rounds=7, min_round_s=0.2)
+                model, secs, transposes = _convert(path, tmp / f"{kind}-tflite", "tflite")
+                feed = {name: np.ascontiguousarray(np.transpose(x, transposes[name])) if name in transposes else x}
+                variants["litert"] = (runtime_for_format("tflite")(model, threads=1), feed, secs)
+            stats = measure([rt for rt, _, _ in variants.values()], [feed for _, feed, _ in variants.values()],
+                            rounds=7, min_round_s=0.2)
             base = stats[0].p50_ms
-            for (label, (_, secs)), st in zip(variants.items(), stats, strict=True):
+            for (label, (_, _, secs)), st in zip(variants.items(), stats, strict=True):
                 rows.append([kind, label, st.p50_ms, st.p95_ms, base / st.p50_ms, secs])
                 results.append({"model": kind, "variant": label, "latency_b1": st.to_json(),
                                 "speedup_vs_onnxruntime": base / st.p50_ms, "convert_seconds": secs})
