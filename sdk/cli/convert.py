@@ -52,13 +52,16 @@ def target_options(func):
         param = owners[0][1]
         which = ", ".join(t for t, _ in owners)
         flag = "--" + pname.replace("_", "-")
+        # targets sharing a parameter name may mean it differently: then each says its own piece
+        alike = all((p.help, p.default) == (param.help, param.default) for _, p in owners)
         if param.type is bool:
-            opt = click.option(flag, pname, is_flag=True, default=None,
-                               help=f"[{which}] {param.help}")
+            text = f"[{which}] {param.help}" if alike else " ".join(f"[{t}] {p.help}." for t, p in owners)
+            opt = click.option(flag, pname, is_flag=True, default=None, help=text)
         else:
             choices = click.Choice([str(c) for c in param.choices]) if param.choices else param.type
-            opt = click.option(flag, pname, type=choices, default=None,
-                               help=f"[{which}] {param.help} (default: {param.default})")
+            text = (f"[{which}] {param.help} (default: {param.default})" if alike else
+                    " ".join(f"[{t}] {p.help} (default: {p.default})." for t, p in owners))
+            opt = click.option(flag, pname, type=choices, default=None, help=text)
         func = opt(func)
     return func
 
