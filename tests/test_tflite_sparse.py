@@ -129,6 +129,12 @@ def test_report_says_per_tensor_what_the_file_holds(converted):
     assert storage["dense_bytes"] == sum(r["dense_bytes"] for r in stored)
     assert storage["sparse_bytes"] == sum(r["sparse_bytes"] for r in stored)
 
+    # the memory estimate counts the dense copy LiteRT makes of each sparse weight at load
+    fit, dense_fit = _report(converted["none"])["fit"], _report(converted["none-dense"])["fit"]
+    assert fit["model_bytes"] == (converted["none"] / "model.tflite").stat().st_size < dense_fit["model_bytes"]
+    assert (fit["peak_memory_bytes"] - fit["model_bytes"] - storage["dense_bytes"]
+            == dense_fit["peak_memory_bytes"] - dense_fit["model_bytes"])
+
     # each pruned layer's sparsity, as the pruning pass reported it, is what its tensor holds
     layers = _report(converted["none"])["pass_details"]["prune-unstructured"]["layers"]
     by_node = {r["onnx_node"]: r for r in records.values()}
