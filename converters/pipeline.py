@@ -239,7 +239,8 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
             compile_row.update(params=count_params(model), macs=count_macs(model), accuracy=acc["converted"],
                                top1_agreement=par["top1_agreement"], latency_p50_ms=latency["p50_ms"])
             model_bytes = tree_size(model_path)
-            peak = model_bytes + peak_activation_elements(model) * target.activation_bytes(quantize)
+            peak = (model_bytes + target.expanded_weight_bytes
+                    + peak_activation_elements(model) * target.activation_bytes(quantize))
             fit = fit_check(model_bytes, peak, profile)
 
             recipe = [canon_pass.describe()] + [p.describe() for p in compression]

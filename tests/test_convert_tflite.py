@@ -83,7 +83,8 @@ def test_report_manifest_and_golden_vectors(cnn_tflite):
         assert fields <= set(report[key]), f"report[{key!r}] lacks {fields - set(report[key])}"
     assert report["latency"]["runtime"] == "litert" and report["latency"]["p50_ms"] > 0
     assert report["recipe"][-1] == {"pass": "compile:tflite", "params": {"quantize": "int8", "float_io": False,
-                                                                         "keep_io_layout": False}}
+                                                                         "keep_io_layout": False,
+                                                                         "sparse_min_zeros": 0.5}}
     assert {"ai-edge-litert", "flatbuffers"} <= set(report["tool_versions"])
     artifact = open_artifact(out)
     artifact.verify()

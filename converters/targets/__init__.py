@@ -43,6 +43,9 @@ class Target(Configurable):
         # input/output name → axes such that model tensor = numpy.transpose(source tensor, axes)
         # (e.g. [0, 2, 3, 1] for NCHW → NHWC). Validation and golden vectors follow it.
         self.io_transposes: dict[str, list[int]] = {}
+        # Set by ``compile``: bytes of weights the runtime expands in memory beyond the model file (e.g.
+        # sparse TFLite weights that LiteRT densifies at load); the fit check adds them to its estimate.
+        self.expanded_weight_bytes = 0
 
     def passes_for(self, quantize: str) -> list[str]:
         """Names of the registered passes this target runs for a quantize mode (for the recipe)."""

@@ -14,6 +14,7 @@ from edgeopt.converters.passes.prune_unstructured import PruneUnstructured
 from edgeopt.converters.passes.quantize import QuantizeFp16, QuantizeInt4, QuantizeInt8Static
 from edgeopt.converters.targets import QUANTIZE_MODES
 from edgeopt.errors import UserInputError
+from edgeopt.params import Param
 
 _CAL = QuantizeInt8Static.param("calibration_method")
 _BLOCK = QuantizeInt4.param("block_size")
@@ -45,6 +46,12 @@ def _target_params() -> dict[str, list[tuple[str, object]]]:
     return found
 
 
+def _default(param: Param) -> str:
+    """" (default: X)" for the help, unless the parameter's help already says what its default is
+    (one that depends on the profile)."""
+    return "" if param.default is None or "(default:" in param.help else f" (default: {param.default})"
+
+
 def target_options(func):
     """One ``--flag`` per target parameter, generated from the targets' own declarations, so a new
     target (or a plugin's) gets its options and their help without editing this command."""
@@ -52,14 +59,16 @@ def target_options(func):
         param = owners[0][1]
         which = ", ".join(t for t, _ in owners)
         flag = "--" + pname.replace("_", "-")
+        # targets sharing a parameter name may mean it differently: then each says its own piece
+        alike = all((p.help, p.default) == (param.help, param.default) for _, p in owners)
         if param.type is bool:
-            opt = click.option(flag, pname, is_flag=True, default=None,
-                               help=f"[{which}] {param.help}")
+            text = f"[{which}] {param.help}" if alike else " ".join(f"[{t}] {p.help}." for t, p in owners)
+            opt = click.option(flag, pname, is_flag=True, default=None, help=text)
         else:
             choices = click.Choice([str(c) for c in param.choices]) if param.choices else param.type
-            # A parameter whose default depends on the profile says so in its own help.
-            default = "" if param.default is None or "(default:" in param.help else f" (default: {param.default})"
-            opt = click.option(flag, pname, type=choices, default=None, help=f"[{which}] {param.help}{default}")
+            text = (f"[{which}] {param.help}{_default(param)}" if alike else
+                    " ".join(f"[{t}] {p.help}{_default(p)}." for t, p in owners))
+            opt = click.option(flag, pname, type=choices, default=None, help=text)
         func = opt(func)
     return func
 

@@ -42,6 +42,7 @@ class _Tensor:
     dtype: str
     data: np.ndarray | None = None
     quantization: dict[str, Any] | None = None
+    origin: tuple[str, str] | None = None  # (ONNX op, node name) whose lowering made this constant
 
 
 @dataclass
@@ -92,6 +93,7 @@ class ModelBuilder:
             return self._constants[key]
         idx = self.tensor(name, array.shape, array.dtype.name)
         self.tensors[idx].data = array
+        self.tensors[idx].origin = self.origin
         self._constants[key] = idx
         return idx
 
@@ -147,6 +149,11 @@ class ModelBuilder:
             if origin is not None and origin not in out.setdefault(op.builtin, []):
                 out[op.builtin].append(origin)
         return out
+
+    def constant_origins(self) -> dict[str, str]:
+        """Constant tensor name → the ONNX node whose lowering made it (weights keep their names through
+        quantization, so the report can name the layer a weight belongs to)."""
+        return {t.name: t.origin[1] for t in self.tensors if t.data is not None and t.origin is not None}
 
     # -- finishing ---------------------------------------------------------------------------
     def _consumers(self) -> dict[int, list[int]]:
@@ -351,3 +358,20 @@ def builtin_op_names(path: str | Path) -> list[str]:
         for i in range(sub.OperatorsLength()):
             ops.append(codes[sub.Operators(i).OpcodeIndex()])
     return ops
+
+
+def pack_model(model) -> bytes:
+    """.tflite bytes of an object-API ``ModelT``, every buffer aligned as ``ModelBuilder`` aligns them."""
+    import flatbuffers
+
+    size = 1024
+    for i, buf in enumerate(model.buffers or []):
+        if getattr(buf, "offset", 0) > 1:
+            raise ValueError(f"buffer {i} is stored outside the FlatBuffer; cannot repack it")
+        aligned = _AlignedBufferT()
+        aligned.data = None if buf.data is None or len(buf.data) == 0 else np.asarray(buf.data, np.uint8)
+        size += 0 if aligned.data is None else aligned.data.nbytes + BUFFER_ALIGNMENT
+        model.buffers[i] = aligned
+    builder = flatbuffers.Builder(size)
+    builder.Finish(model.Pack(builder), file_identifier=FILE_IDENTIFIER)
+    return bytes(builder.Output())
