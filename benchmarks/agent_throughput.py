@@ -151,7 +151,7 @@ def main() -> None:
         from edgeopt.agent.model import load_model
 
         pre = load_model(artifact, None).pre  # the converted model's own window layout ([C, T] or [T, C])
-        windows = np.stack([w.data for w in Windower("b", pre).push(samples, np.arange(len(samples)) / 50.0)])
+        windows = Windower("b", pre).push(samples, np.arange(len(samples)) / 50.0).data  # [n, *window shape]
 
         configs = {b: agent_config(work, f"b{b}", npy, b) for b in (32, 1)}
         agent_runs: dict[int, list[dict]] = {32: [], 1: []}

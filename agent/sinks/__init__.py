@@ -1,11 +1,10 @@
-"""Sinks: where results go. One small interface: ``write(meta, results)`` gets one inference batch
-(``meta``: device and model; ``results``: one record per window, in window order), ``close()``
-flushes. A sink that cannot keep up must not lose results silently: the MQTT sink spools to the
-on-disk outbox, the file sinks write synchronously."""
+"""Sinks: where results go. One small interface: ``write(results)`` gets one inference batch, encoded
+once for every sink (``EncodedResults``: the device and model fields, and one JSON record per window
+in window order), ``close()`` flushes. A sink that cannot keep up must not lose results silently:
+the MQTT sink spools to the on-disk outbox, the file sinks write synchronously, one write per batch."""
 
 from __future__ import annotations
 
-import json
 import logging
 import logging.handlers
 import sys
@@ -13,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from edgeopt.agent.config import JsonlSink, SinkBase
+from edgeopt.agent.results import EncodedResults
 from edgeopt.fsutil import environment_fault
 
 
 class Sink:
     kind = ""
 
-    def write(self, meta: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    def write(self, results: EncodedResults) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -29,21 +29,11 @@ class Sink:
         return {}
 
 
-COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps(separators=...) makes one per call
-
-
-def window_lines(meta: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
-    """One JSON object per window: the batch's device/model fields plus the window's record (the
-    shared fields are encoded once per batch)."""
-    head = COMPACT_JSON.encode(meta)[:-1] + ","
-    return [head + COMPACT_JSON.encode(r)[1:] for r in results]
-
-
 class StdoutResultsSink(Sink):
     kind = "stdout"
 
-    def write(self, meta, results) -> None:
-        sys.stdout.write("".join(line + "\n" for line in window_lines(meta, results)))
+    def write(self, results) -> None:
+        sys.stdout.write(results.lines())
         sys.stdout.flush()
 
 
@@ -68,12 +58,11 @@ class JsonlResultsSink(Sink):
         self.handler.setFormatter(logging.Formatter("%(message)s"))
         self.lines = 0
 
-    def write(self, meta, results) -> None:
+    def write(self, results) -> None:
         # one record per batch: the size check (two stat calls) and the flush happen once per batch,
         # so a file may pass max_bytes by at most one batch
-        lines = window_lines(meta, results)
-        self.handler.emit(logging.makeLogRecord({"msg": "\n".join(lines), "levelno": logging.INFO}))
-        self.lines += len(lines)
+        self.handler.emit(logging.makeLogRecord({"msg": results.lines()[:-1], "levelno": logging.INFO}))
+        self.lines += len(results)
 
     def close(self) -> None:
         self.handler.close()
