@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from edgeopt.agent.batcher import QueueClosed, WindowQueue
+from edgeopt.agent.config import JsonlSink
 from edgeopt.agent.results import encode_results
+from edgeopt.agent.sinks import JsonlResultsSink
 from edgeopt.agent.windowing import Preprocessing, WindowBatch, WindowBlock, Windower
 
 
@@ -218,3 +220,36 @@ def test_batch_encoding_is_byte_identical_to_json_dumps_of_each_record(shapes, s
     assert encoded.records == [json.dumps(r, **COMPACT) for r in records]
     assert encoded.lines() == "".join(json.dumps({**meta, **r}, **COMPACT) + "\n" for r in records)
     assert encoded.message() == json.dumps({**meta, "results": records}, **COMPACT).encode()
+
+
+def test_jsonl_sink_rotates_by_size_keeps_every_line_and_deletes_the_oldest(tmp_path):
+    path = tmp_path / "out" / "results.jsonl"
+    sink = JsonlResultsSink(JsonlSink(type="jsonl", path=str(path), max_bytes=1024, keep=2))
+    pre = preprocessing(2, 2, True, normalize=False)
+    w = Windower("s", pre)
+    meta = {"device": "d", "model": {"name": "m", "version": "1"}}
+    written = []
+    for i in range(12):
+        block = w.push(np.zeros((8, 3), np.float32), 100.0 * i + np.arange(8))
+        encoded = encode_results(meta, WindowBatch([block]), {"y": np.ones((len(block), 2), np.float32)})
+        sink.write(encoded)
+        written += encoded.lines().splitlines()
+    sink.close()
+    files = [path.with_name("results.jsonl.2"), path.with_name("results.jsonl.1"), path]
+    assert not path.with_name("results.jsonl.3").exists()
+    kept = [line for f in files for line in f.read_text().splitlines()]
+    assert kept == written[len(written) - len(kept):]  # the newest lines, in order, none lost inside
+    assert all(0 < f.stat().st_size <= 1024 for f in files[:2]) and len(kept) >= 3 * len(encoded)
+    assert sink.stats() == {"lines": len(written)}
+
+
+def test_jsonl_sink_appends_to_an_existing_file_and_counts_its_size(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text("x" * 1000 + "\n")
+    sink = JsonlResultsSink(JsonlSink(type="jsonl", path=str(path), max_bytes=1024, keep=1))
+    block = Windower("s", preprocessing(2, 2, True, normalize=False)).push(np.zeros((2, 3), np.float32),
+                                                                          np.arange(2.0))
+    sink.write(encode_results({"device": "d", "model": {}}, WindowBatch([block]), {"y": np.ones((1, 2))}))
+    sink.close()
+    assert path.with_name("r.jsonl.1").read_text() == "x" * 1000 + "\n"  # the old content rotated out whole
+    assert json.loads(path.read_text())["id"] == "s:0"

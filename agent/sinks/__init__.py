@@ -5,11 +5,11 @@ the MQTT sink spools to the on-disk outbox, the file sinks write synchronously, 
 
 from __future__ import annotations
 
-import logging
-import logging.handlers
+import os
+import stat
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from edgeopt.agent.config import JsonlSink, SinkBase
 from edgeopt.agent.results import EncodedResults
@@ -37,35 +37,54 @@ class StdoutResultsSink(Sink):
         sys.stdout.flush()
 
 
-class _RaisingRotatingFileHandler(logging.handlers.RotatingFileHandler):
-    def handleError(self, record) -> None:  # logging would print a traceback and go on: let the sink count it
-        raise
-
-
 class JsonlResultsSink(Sink):
-    """JSON Lines, rotated by size with the standard library's RotatingFileHandler."""
+    """JSON Lines, rotated by size: ``path`` → ``path.1`` → … → ``path.{keep}`` (the oldest is deleted),
+    as the standard library's RotatingFileHandler names them. The size is checked once per batch,
+    before it is written, so a file passes ``max_bytes`` only when one batch alone is larger."""
 
     kind = "jsonl"
 
     def __init__(self, cfg: JsonlSink):
-        path = Path(cfg.path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.handler = _RaisingRotatingFileHandler(path, maxBytes=cfg.max_bytes, backupCount=cfg.keep,
-                                                       encoding="utf-8")
-        except OSError as exc:
-            raise environment_fault(exc, path) from exc
-        self.handler.setFormatter(logging.Formatter("%(message)s"))
+        self.path = Path(cfg.path)
+        self.max_bytes = cfg.max_bytes
+        self.keep = cfg.keep
         self.lines = 0
+        self._file: BinaryIO | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._open()
+        except OSError as exc:
+            raise environment_fault(exc, self.path) from exc
+
+    def _open(self) -> None:
+        self._file = open(self.path, "ab")  # noqa: SIM115 - held until close()
+        self._size = self._file.tell()
+        self._rotates = stat.S_ISREG(os.fstat(self._file.fileno()).st_mode)  # not a FIFO or /dev/stdout
 
     def write(self, results) -> None:
-        # one record per batch: the size check (two stat calls) and the flush happen once per batch,
-        # so a file may pass max_bytes by at most one batch
-        self.handler.emit(logging.makeLogRecord({"msg": results.lines()[:-1], "levelno": logging.INFO}))
+        data = results.lines().encode()
+        if self._file is None:  # a rotation failed half-way: carry on in a file at self.path
+            self._open()
+        elif self._rotates and self._size and self._size + len(data) > self.max_bytes:
+            self._rotate()
+        self._file.write(data)
+        self._file.flush()
+        self._size += len(data)
         self.lines += len(results)
 
+    def _rotate(self) -> None:
+        self._file.close()
+        self._file = None
+        for i in range(self.keep - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        self._open()
+
     def close(self) -> None:
-        self.handler.close()
+        if self._file is not None:
+            self._file.close()
 
     def stats(self) -> dict[str, Any]:
         return {"lines": self.lines}
