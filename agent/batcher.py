@@ -5,7 +5,8 @@ Sources ``put`` blocks of windows; the inference loop takes batches with ``get_b
 once when the queue is closing, so a shutdown flushes the partial batch). Capacity and drops are
 counted in windows, not blocks: when the queue is full, the overflow policy decides: ``drop-oldest``
 discards the oldest queued windows and counts each; ``block`` makes the source wait for room
-(back-pressure, for replays). Windows leave in the order they came, so the order of each source is
+(back-pressure, for replays) — until half the queue is free, or room for all its windows, so a fast
+replay refills the queue in large steps rather than waking at every batch. Windows leave in the order they came, so the order of each source is
 kept; a batch is made of block slices (views), so a batch inside one block is that block's rows.
 """
 
@@ -36,7 +37,10 @@ class WindowQueue:
         self.overflow = overflow
         self._blocks: deque[WindowBlock] = deque()
         self._windows = 0  # windows in self._blocks
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        self._windows_queued = threading.Condition(lock)  # the inference loop waits on it
+        self._room_made = threading.Condition(lock)       # blocked sources wait on it
+        self._resume_room = max(1, capacity // 2)
         self._closed = False
         self._interrupted = False
         self.windows_in = 0
@@ -50,7 +54,7 @@ class WindowQueue:
         """Queue the windows of ``block`` in order (one wake-up for all of them); raises
         ``QueueClosed`` (saying how many got in first) once the queue is closing."""
         queued = 0
-        with self._cond:
+        with self._windows_queued:
             try:
                 while queued < len(block):
                     if self._closed:
@@ -59,17 +63,17 @@ class WindowQueue:
                     if self.overflow == "drop-oldest":
                         part = block[queued:]
                         self._drop_oldest(len(part) - room)
-                    elif room > 0:
+                    elif room >= min(len(block) - queued, self._resume_room):
                         part = block[queued:queued + room]
                     else:
-                        self._cond.notify_all()  # let the consumer make room
-                        self._cond.wait(0.1)
+                        self._windows_queued.notify_all()  # let the consumer make room
+                        self._room_made.wait(0.1)
                         continue
                     self._append(part)
                     queued += len(part)
             finally:
                 if queued:
-                    self._cond.notify_all()
+                    self._windows_queued.notify_all()
 
     def _append(self, block: WindowBlock) -> None:
         if len(block) > self.capacity:  # drop-oldest with more windows than the queue holds
@@ -100,9 +104,9 @@ class WindowQueue:
     def get_batch(self, max_batch: int, max_wait_s: float, idle_timeout_s: float = 0.1) -> WindowBatch:
         """Up to ``max_batch`` windows; an empty batch when none arrived within ``idle_timeout_s``.
         Returns early (with what it has) after ``close`` or ``interrupt``."""
-        with self._cond:
+        with self._windows_queued:
             if not self._windows and not self._closed and not self._interrupted:
-                self._cond.wait(idle_timeout_s)
+                self._windows_queued.wait(idle_timeout_s)
             if not self._windows:
                 self._interrupted = False
                 return WindowBatch([])
@@ -111,10 +115,11 @@ class WindowQueue:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                self._cond.wait(left)
+                self._windows_queued.wait(left)
             self._interrupted = False
             batch = self._take(max_batch)
-            self._cond.notify_all()
+            if self.capacity - self._windows >= self._resume_room:
+                self._room_made.notify_all()
             return batch
 
     def _take(self, n: int) -> WindowBatch:
@@ -133,15 +138,16 @@ class WindowQueue:
 
     def interrupt(self) -> None:
         """Make a waiting ``get_batch`` return now (the queue stays open: sources keep going)."""
-        with self._cond:
+        with self._windows_queued:
             self._interrupted = True
-            self._cond.notify_all()
+            self._windows_queued.notify_all()
 
     def close(self) -> None:
         """Stop accepting windows and wake every waiter (a partial batch is returned at once)."""
-        with self._cond:
+        with self._windows_queued:
             self._closed = True
-            self._cond.notify_all()
+            self._windows_queued.notify_all()
+            self._room_made.notify_all()
 
     @property
     def closed(self) -> bool:

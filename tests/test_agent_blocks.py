@@ -101,6 +101,16 @@ def queued(q):
     return [(b.source, int(s)) for b in batch.blocks for s in b.seq]
 
 
+def queued_when(q, n):
+    """Wait until ``n`` windows are queued, then take them."""
+    for _ in range(500):
+        if len(q) >= n:
+            break
+        threading.Event().wait(0.01)
+    batch = q.get_batch(n, 0.0, 0.0)
+    return [(b.source, int(s)) for b in batch.blocks for s in b.seq]
+
+
 def test_drop_oldest_on_blocks_drops_and_counts_the_oldest_windows_per_source():
     q = WindowQueue(10, "drop-oldest")
     q.put(blocks_of("a", 0, 4))
@@ -128,6 +138,17 @@ def test_block_policy_queues_what_fits_and_the_rest_in_order_as_room_frees():
         batch = q.get_batch(3, 0.0, idle_timeout_s=1.0)
         got += [int(s) for b in batch.blocks for s in b.seq]
     assert got == list(range(28)) and q.dropped == 0 and done.wait(1)
+
+
+def test_a_blocked_source_resumes_when_half_the_queue_is_free_not_at_every_batch():
+    q = WindowQueue(10, "block")
+    q.put(blocks_of("a", 0, 10))
+    threading.Thread(target=q.put, args=(blocks_of("a", 10, 20),), daemon=True).start()
+    assert [s for _, s in queued_when(q, 2)] == [0, 1]
+    threading.Event().wait(0.3)
+    assert len(q) == 8  # room for 2 of its 20 windows: still waiting
+    assert [s for _, s in queued_when(q, 3)] == [2, 3, 4]
+    assert [s for _, s in queued_when(q, 10)] == list(range(5, 15))  # then it fills the queue at once
 
 
 def test_closing_a_blocked_queue_says_how_many_windows_of_the_block_got_in():
