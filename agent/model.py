@@ -1,5 +1,5 @@
 """The model the agent runs: the artifact in the active slot, loaded with the runtime its manifest
-names, and turned from windows into result records.
+names, and run on batches of windows.
 
 Only the runtime the manifest names is imported (through its entry point), so an ONNX model never
 pulls in LiteRT or TVM and the reverse.
@@ -16,7 +16,7 @@ import numpy as np
 
 from edgeopt import registry
 from edgeopt.agent.statedir import StateDir
-from edgeopt.agent.windowing import Preprocessing, Window
+from edgeopt.agent.windowing import Preprocessing, WindowBatch
 from edgeopt.artifact import open_artifact
 from edgeopt.errors import EdgeoptError, MissingDependency, UserInputError
 from edgeopt.runtime import Runtime
@@ -66,42 +66,26 @@ class LoadedModel:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "slot": self.slot, "runtime": self.runtime.name}
 
-    def infer(self, windows: list[Window]) -> tuple[dict[str, np.ndarray], float]:
-        """Float outputs for ``windows`` (one inference call, or one per fixed-size batch) and the
-        seconds spent inside the runtime; ``records`` turns them into result records."""
-        batch = np.stack([w.data for w in windows]).reshape((len(windows), *self.sample_shape))
-        step = self.fixed_batch or len(windows)
-        outputs: dict[str, list[np.ndarray]] = {n: [] for n in self.output_names}
+    def infer(self, batch: WindowBatch) -> tuple[dict[str, np.ndarray], float]:
+        """Float outputs for the windows of ``batch`` (one inference call, or one per fixed-size batch)
+        and the seconds spent inside the runtime; ``edgeopt.agent.results`` turns them into records."""
+        n = len(batch)
+        data = batch.data.reshape((n, *self.sample_shape))
+        step = self.fixed_batch or n
+        outputs: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
         spent = 0.0
-        for start in range(0, len(windows), step):
-            part = batch[start:start + step]
+        for start in range(0, n, step):
+            part = data[start:start + step]
             real = len(part)
             if self.fixed_batch and real < step:
                 part = np.concatenate([part, np.repeat(part[-1:], step - real, axis=0)])
             t0 = time.perf_counter()
             out = self.runtime.run_float({self.input_name: part})
             spent += time.perf_counter() - t0
-            for n in self.output_names:
-                outputs[n].append(out[n][:real])
-        merged = {n: v[0] if len(v) == 1 else np.concatenate(v) for n, v in outputs.items()}
+            for name in self.output_names:
+                outputs[name].append(out[name][:real])
+        merged = {name: v[0] if len(v) == 1 else np.concatenate(v) for name, v in outputs.items()}
         return merged, spent
-
-    def records(self, windows: list[Window], outputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-        lists = {n: np.round(v.astype(np.float64), 6).tolist() for n, v in outputs.items()}
-        top1 = None
-        if len(outputs) == 1:
-            only = next(iter(outputs.values()))
-            if only.ndim == 2 and only.shape[1] > 1:
-                top1 = only.argmax(axis=1).tolist()
-        records = []
-        for i, w in enumerate(windows):
-            rec: dict[str, Any] = {"id": w.id, "source": w.source, "seq": w.seq, "t_start": w.t_start,
-                                   "t_end": w.t_end, "outputs": {n: v[i] for n, v in lists.items()}}
-            if top1 is not None:
-                rec["top1"] = top1[i]
-            records.append(rec)
-        return records
-
 
 def load_model(path: Path, slot: str | None, runtime_override: str = "", threads: int = 1, window: int = 0,
                hop: int = 0) -> LoadedModel:

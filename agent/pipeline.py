@@ -1,9 +1,9 @@
 """One running pipeline: the loaded model, its window queue, the sources feeding it, and the
 thread that writes results to the sinks.
 
-The inference loop only stacks windows and calls the runtime (which releases the GIL); turning
-outputs into records, encoding them and writing them happens in ``ResultWriter``'s thread, so the
-two overlap. The writer's queue is bounded: slow sinks hold back inference, and through the window
+The inference loop only takes a batch (a view of the queued windows) and calls the runtime (which
+releases the GIL); encoding the results and writing them happens in ``ResultWriter``'s thread, so
+the two overlap. The writer's queue is bounded: slow sinks hold back inference, and through the window
 queue, the sources (or the overflow policy drops, counted). A pipeline is built when a model
 becomes active (or the configuration is reloaded) and torn down before the next one is built; the
 agent adds its counters to its totals.
@@ -23,9 +23,11 @@ import numpy as np
 from edgeopt.agent.batcher import WindowQueue
 from edgeopt.agent.config import AgentConfig
 from edgeopt.agent.model import LoadedModel
+from edgeopt.agent.results import encode_results
 from edgeopt.agent.sinks import Sink
 from edgeopt.agent.sources import Source, SourceContext, make_source
 from edgeopt.agent.telemetry import InferenceStats
+from edgeopt.agent.windowing import WindowBatch
 from edgeopt.errors import EdgeoptError
 
 log = logging.getLogger("edgeopt.agent")
@@ -44,31 +46,31 @@ class ResultWriter:
         self._thread.start()
         self._last_error_log = -1e9
 
-    def submit(self, windows: list, outputs: dict[str, np.ndarray], model: LoadedModel | None = None) -> None:
+    def submit(self, batch: WindowBatch, outputs: dict[str, np.ndarray], model: LoadedModel | None = None) -> None:
         """Queue one batch's results; ``model`` is the one that produced them (it changes at a switch)."""
-        self._queue.put((windows, outputs, model or self.model))
+        self._queue.put((batch, outputs, model or self.model))
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            windows, outputs, model = item
+            batch, outputs, model = item
             meta = {**self.meta, "model": {"name": model.name, "version": model.version}}
             try:
-                results = model.records(windows, outputs)
+                results = encode_results(meta, batch, outputs)
             except Exception:  # a bug; keep going, say so
                 log.exception("cannot build result records")
-                self.sink_errors += len(windows)
+                self.sink_errors += len(batch)
                 continue
             for sink in self.sinks:
                 try:
-                    sink.write(meta, results)
+                    sink.write(results)
                 except Exception as exc:  # disk full, a broken pipe: count, log now and then, go on
-                    self.sink_errors += len(windows)
+                    self.sink_errors += len(batch)
                     if time.monotonic() - self._last_error_log > 10:
                         self._last_error_log = time.monotonic()
-                        log.error("%s sink failed on %d result(s): %s", sink.kind, len(windows), exc)
+                        log.error("%s sink failed on %d result(s): %s", sink.kind, len(batch), exc)
 
     def close(self, timeout: float = 5.0) -> None:
         """Write everything submitted, then stop."""
@@ -107,20 +109,20 @@ class Pipeline:
             self.infer(batch)
         return len(batch)
 
-    def infer(self, batch) -> None:
+    def infer(self, batch: WindowBatch) -> None:
         model = self.model
         try:
             outputs, seconds = model.infer(batch)
         except EdgeoptError as exc:
             self.inference_errors += len(batch)
-            log.error("inference failed on %d window(s) (%s ... %s): %s", len(batch), batch[0].id, batch[-1].id, exc)
+            log.error("inference failed on %d window(s) (%s): %s", len(batch), batch.describe(), exc)
             self._observe(batch, None, 0.0, model)
             return
         self.stats.record(len(batch), seconds)
         self.writer.submit(batch, outputs, model)
         self._observe(batch, outputs, seconds, model)
 
-    def _observe(self, batch, outputs, seconds: float, model: LoadedModel) -> None:
+    def _observe(self, batch: WindowBatch, outputs, seconds: float, model: LoadedModel) -> None:
         for observer in list(self.observers):
             try:
                 observer(batch, outputs, seconds, model)

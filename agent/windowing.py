@@ -5,6 +5,9 @@ normalizes each channel, handles NaN/Inf samples by the configured policy, and c
 ``window`` samples every ``hop`` samples, laid out [C, T] or [T, C] as the manifest says. Windows get
 consecutive sequence numbers per source, dropped ones included, so a gap in the ids is always a
 counted drop.
+
+Windows travel in blocks (``WindowBlock``: the windows one push completed, as columns and one array)
+rather than one object each: the per-window work is numpy's, and a batch is a slice of a block.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ class Preprocessing:
     std: np.ndarray | None
     sample_rate_hz: float | None
 
+    @property
+    def window_shape(self) -> tuple[int, int]:
+        """One window as the windower lays it out: (C, T) or (T, C)."""
+        return (self.channels, self.window) if self.channels_first else (self.window, self.channels)
+
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any], sample_shape: tuple, window: int = 0, hop: int = 0,
                       where: str = "manifest") -> Preprocessing:
@@ -56,17 +64,56 @@ class Preprocessing:
                    pre.get("sample_rate_hz"))
 
 
-@dataclass
-class Window:
+@dataclass(slots=True)
+class WindowBlock:
+    """Consecutive windows of one source, in order: what a windower cuts from one push, or a slice of
+    it. One entry per window in each column (``seq``, ``t_start``, ``t_end``) and one row of ``data``
+    [k, C, T] or [k, T, C] (float32, C-contiguous, so a run of rows is a model batch as it is).
+    Sequence numbers may have gaps: windows dropped for NaN samples keep their number."""
+
     source: str
-    seq: int
-    t_start: float
-    t_end: float
-    data: np.ndarray  # one model input sample, float32, [C, T] or [T, C]
+    seq: np.ndarray      # int64 [k]
+    t_start: np.ndarray  # float64 [k]: timestamp of the window's first sample
+    t_end: np.ndarray    # float64 [k]: timestamp of its last sample
+    data: np.ndarray     # float32 [k, *window shape]
+
+    @classmethod
+    def empty(cls, source: str, window_shape: tuple[int, ...]) -> WindowBlock:
+        return cls(source, np.empty(0, np.int64), np.empty(0), np.empty(0), np.empty((0, *window_shape), np.float32))
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+    def __getitem__(self, rows: slice) -> WindowBlock:
+        """The windows ``rows`` (a slice: the columns are views, nothing is copied)."""
+        return WindowBlock(self.source, self.seq[rows], self.t_start[rows], self.t_end[rows], self.data[rows])
+
+    def window_id(self, i: int) -> str:
+        return f"{self.source}:{self.seq[i]}"
+
+
+class WindowBatch:
+    """The windows of one inference call: blocks in queue order (several sources may be mixed, each
+    block holds one source's windows)."""
+
+    def __init__(self, blocks: list[WindowBlock]):
+        self.blocks = blocks
+        self._len = sum(len(b) for b in blocks)
+
+    def __len__(self) -> int:
+        return self._len
 
     @property
-    def id(self) -> str:
-        return f"{self.source}:{self.seq}"
+    def data(self) -> np.ndarray:
+        """The model input [n, *window shape]: a view when the batch is one block's rows, else one copy."""
+        if len(self.blocks) == 1:
+            return self.blocks[0].data
+        return np.concatenate([b.data for b in self.blocks])
+
+    def describe(self) -> str:
+        """'first id ... last id', for log messages."""
+        first, last = self.blocks[0], self.blocks[-1]
+        return f"{first.window_id(0)} ... {last.window_id(len(last) - 1)}"
 
 
 def channel_map(source: str, source_names: list[str] | None, source_count: int | None,
@@ -88,6 +135,10 @@ def channel_map(source: str, source_names: list[str] | None, source_count: int |
 
 
 class Windower:
+    """Cuts one source's samples into windows. Samples wait in a buffer laid out like the windows
+    ([C, n] for [C, T] windows, [n, C] for [T, C]), so a window is a strided view of it and a block
+    of windows is one contiguous copy."""
+
     def __init__(self, source: str, pre: Preprocessing, nan_policy: str = "drop",
                  index: list[int] | None = None):
         self.source = source
@@ -97,15 +148,18 @@ class Windower:
         self.seq = 0
         self.nan_windows = 0
         self.samples_in = 0
-        self._buf = np.empty((0, pre.channels), np.float32)
+        self._time_axis = 1 if pre.channels_first else 0
+        self._buf = np.empty((pre.channels, 0) if pre.channels_first else (0, pre.channels), np.float32)
         self._ts = np.empty(0, np.float64)
         self._bad = np.empty(0, bool)
         self._last_finite = np.zeros(pre.channels, np.float32)
+        self._mean_per_value = self._std_per_value = np.empty(0, np.float32)  # see _normalize
         self._skip = 0
         self._lock = threading.Lock()
 
-    def push(self, samples: np.ndarray, timestamps: np.ndarray) -> list[Window]:
-        """Add samples [n, source channels] with their timestamps [n]; return the windows completed."""
+    def push(self, samples: np.ndarray, timestamps: np.ndarray) -> WindowBlock:
+        """Add samples [n, source channels] with their timestamps [n]; return the windows completed
+        (possibly none)."""
         samples = np.asarray(samples, np.float32)
         if self.index is not None:
             samples = samples[:, self.index]
@@ -116,12 +170,30 @@ class Windower:
                 samples, timestamps = samples[skipped:], np.asarray(timestamps)[skipped:]
                 self._skip -= skipped
             samples, bad = self._clean(samples)
+            kept = self._buf.shape[self._time_axis]
+            # a new array (the caller's samples stay untouched), normalized in place past what was kept
+            self._buf = np.concatenate([self._buf, samples.T if self.pre.channels_first else samples],
+                                       axis=self._time_axis)
             if self.pre.mean is not None:
-                samples = (samples - self.pre.mean) / self.pre.std
-            self._buf = np.concatenate([self._buf, samples]) if len(self._buf) else samples
+                self._normalize(self._buf[:, kept:] if self.pre.channels_first else self._buf[kept:])
             self._ts = np.concatenate([self._ts, np.asarray(timestamps, np.float64)])
             self._bad = np.concatenate([self._bad, bad])
             return self._cut()
+
+    def _normalize(self, fresh: np.ndarray) -> None:
+        """(x - mean) / std for each channel, in place, on the new part of the buffer."""
+        mean, std = self.pre.mean, self.pre.std
+        if self.pre.channels_first:  # [C, m]
+            fresh -= mean[:, None]
+            fresh /= std[:, None]
+            return
+        # [m, C]: broadcasting along rows of a few channels costs numpy a loop per row; seen flat, the
+        # means repeated per sample make it one loop (the repeats are kept for the next push)
+        flat = fresh.reshape(-1)
+        if len(self._mean_per_value) < len(flat):
+            self._mean_per_value, self._std_per_value = np.tile(mean, len(fresh)), np.tile(std, len(fresh))
+        flat -= self._mean_per_value[:len(flat)]
+        flat /= self._std_per_value[:len(flat)]
 
     def _clean(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         finite = np.isfinite(samples)
@@ -142,26 +214,30 @@ class Windower:
                 self._last_finite = row.copy()
         return samples, np.zeros(len(samples), bool)
 
-    def _cut(self) -> list[Window]:
-        win, hop = self.pre.window, self.pre.hop
-        n = len(self._buf)
+    def _cut(self) -> WindowBlock:
+        """Every complete window in the buffer, as one block; the buffer keeps what the next window needs."""
+        win, hop, channels_first = self.pre.window, self.pre.hop, self.pre.channels_first
+        n = self._buf.shape[self._time_axis]
         if n < win:
-            return []
+            return WindowBlock.empty(self.source, self.pre.window_shape)
         starts = np.arange(0, n - win + 1, hop)
-        views = np.lib.stride_tricks.sliding_window_view(self._buf, win, axis=0)[starts]  # [k, C, win]
-        data = views if self.pre.channels_first else views.transpose(0, 2, 1)
-        bad_counts = np.concatenate([[0], np.cumsum(self._bad)])
-        has_bad = bad_counts[starts + win] - bad_counts[starts] > 0
-        out = []
-        for k, s in enumerate(starts):
-            seq = self.seq
-            self.seq += 1
-            if has_bad[k]:
-                self.nan_windows += 1
-                continue
-            out.append(Window(self.source, seq, float(self._ts[s]), float(self._ts[s + win - 1]),
-                              np.ascontiguousarray(data[k])))
-        keep_from = int(starts[-1]) + hop
+        k = len(starts)
+        t_stride, c_stride = self._buf.strides[self._time_axis], self._buf.strides[1 - self._time_axis]
+        views = np.lib.stride_tricks.as_strided(  # [k, C, win] or [k, win, C]: window i starts at sample i * hop
+            self._buf, (k, self.pre.channels, win) if channels_first else (k, win, self.pre.channels),
+            (hop * t_stride, c_stride, t_stride) if channels_first else (hop * t_stride, t_stride, c_stride),
+            writeable=False)
+        seq = self.seq + np.arange(k, dtype=np.int64)
+        self.seq += k
+        if self._bad.any():  # windows holding a NaN/Inf sample: dropped, counted, their numbers kept
+            bad_counts = np.concatenate([[0], np.cumsum(self._bad)])
+            good = bad_counts[starts + win] - bad_counts[starts] == 0
+            self.nan_windows += k - int(np.count_nonzero(good))
+            starts, views, seq = starts[good], views[good], seq[good]
+        data = np.array(views, order="C")  # one copy: the block outlives the buffer, its rows are a model batch
+        block = WindowBlock(self.source, seq, self._ts[starts], self._ts[starts + win - 1], data)
+        keep_from = k * hop  # where the next window starts
         self._skip = max(0, keep_from - n)  # hop > window: samples between windows are never used
-        self._buf, self._ts, self._bad = self._buf[keep_from:], self._ts[keep_from:], self._bad[keep_from:]
-        return out
+        self._buf = self._buf[:, keep_from:] if channels_first else self._buf[keep_from:]
+        self._ts, self._bad = self._ts[keep_from:], self._bad[keep_from:]
+        return block

@@ -8,7 +8,10 @@ start to READY=1 (sd_notify).
 The agent replays a .npy stream as fast as it can (overflow "block": nothing dropped) into a JSON
 Lines sink; its rate is windows_out / (last - first inference) from its status file. The bare loop
 cuts the same windows with numpy beforehand and times only the backend calls (``Runtime._run``,
-the interpreter / session call without edgeopt's checks), 1 thread, like the agent.
+the interpreter / session call without edgeopt's checks), 1 thread, like the agent. On a shared
+machine the rates follow the load; the CPU time per window (the agent's threads together, after
+READY=1 and less what a 200-sample run costs after READY, against the bare loop's) does much less,
+so the table gives both.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import contextlib
 import io
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -100,19 +104,31 @@ def run_agent(config: Path, status_file: Path, ready_socket: Path) -> dict:
     while ready_s is None:
         if b"READY=1" in sock.recv(4096):
             ready_s = time.perf_counter() - t0
+    cpu_at_ready = process_cpu_s(proc.pid)
     sock.close()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     _, err = proc.communicate(timeout=600)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
         raise SystemExit(f"agent failed: {err.decode()[-2000:]}")
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime) - cpu_at_ready
     t = json.loads(status_file.read_text())["telemetry"]
     span = t["last_inference"] - t["first_inference"]
-    return {"ready_s": ready_s, "windows": t["windows_out"], "windows_per_s": t["windows_out"] / span,
+    return {"ready_s": ready_s, "windows": t["windows_out"], "windows_per_s": t["windows_out"] / span if span else 0.0,
+            "cpu_after_ready_s": cpu_s,
             "peak_rss_bytes": t["peak_rss_bytes"], "dropped": sum(t["dropped"].values()),
             "latency_ms": t["latency_ms"], "histogram": t["batch_size_histogram"]}
 
 
-def bare_loop(artifact: Path, windows: np.ndarray, batch: int) -> float:
-    """Windows/s of the backend call alone over the same windows, in batches of ``batch``."""
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a running process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bare_loop(artifact: Path, windows: np.ndarray, batch: int) -> tuple[float, float]:
+    """Windows/s of the backend call alone over the same windows, in batches of ``batch``, and its
+    CPU µs per window."""
     from edgeopt.agent.model import load_model
 
     model = load_model(artifact, None, threads=1)
@@ -120,10 +136,11 @@ def bare_loop(artifact: Path, windows: np.ndarray, batch: int) -> float:
     batches = [{name: windows[i:i + batch]} for i in range(0, len(windows) - batch + 1, batch)]
     for b in batches[:20]:
         rt._run(b)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for b in batches:
         rt._run(b)
-    return len(batches) * batch / (time.perf_counter() - t0)
+    n = len(batches) * batch
+    return n / (time.perf_counter() - t0), (time.process_time() - cpu0) / n * 1e6
 
 
 def main() -> None:
@@ -151,15 +168,25 @@ def main() -> None:
         from edgeopt.agent.model import load_model
 
         pre = load_model(artifact, None).pre  # the converted model's own window layout ([C, T] or [T, C])
-        windows = np.stack([w.data for w in Windower("b", pre).push(samples, np.arange(len(samples)) / 50.0)])
+        windows = Windower("b", pre).push(samples, np.arange(len(samples)) / 50.0).data  # [n, *window shape]
 
         configs = {b: agent_config(work, f"b{b}", npy, b) for b in (32, 1)}
+        # what a run costs after READY=1 whatever its length (first inference, shutdown): measured on a
+        # 200-sample stream and taken off, so the CPU per window is the steady state's
+        np.save(work / "short.npy", samples[:200])
+        StateDir(work / "state-short").install(artifact)
+        short = agent_config(work, "short", work / "short.npy", 32)
+        fixed_cpu_s = statistics.median(run_agent(short, work / "short.status.json", work / "notify.sock")
+                                        ["cpu_after_ready_s"] for _ in range(3))
         agent_runs: dict[int, list[dict]] = {32: [], 1: []}
         bare: dict[int, list[float]] = {32: [], 1: []}
+        bare_cpu: dict[int, list[float]] = {32: [], 1: []}
         for _ in range(args.rounds):  # interleaved rounds: machine noise hits every variant alike
             for b in (32, 1):
                 agent_runs[b].append(run_agent(configs[b], work / f"b{b}.status.json", work / "notify.sock"))
-                bare[b].append(bare_loop(artifacts[b], windows, b))
+                rate_b, cpu_b = bare_loop(artifacts[b], windows, b)
+                bare[b].append(rate_b)
+                bare_cpu[b].append(cpu_b)
 
     med = {b: statistics.median(r["windows_per_s"] for r in agent_runs[b]) for b in (32, 1)}
     bare_med = {b: statistics.median(bare[b]) for b in (32, 1)}
@@ -169,6 +196,10 @@ def main() -> None:
     vs_bare = {b: statistics.median(a / x for a, x in zip(rate[b], bare[b], strict=True)) for b in (32, 1)}
     agent_gain = statistics.median(a / x for a, x in zip(rate[32], rate[1], strict=True))
     bare_gain = statistics.median(a / x for a, x in zip(bare[32], bare[1], strict=True))
+    # CPU per window: what the agent's threads together spend beside the runtime, whatever the load
+    cpu = {b: statistics.median((r["cpu_after_ready_s"] - fixed_cpu_s) / r["windows"] * 1e6 for r in agent_runs[b])
+           for b in (32, 1)}
+    cpu_bare = {b: statistics.median(bare_cpu[b]) for b in (32, 1)}
     ready = statistics.median(r["ready_s"] for b in (32, 1) for r in agent_runs[b])
     rss = max(r["peak_rss_bytes"] for b in (32, 1) for r in agent_runs[b])
     runtime = manifest["model"]["runtime"]
@@ -176,6 +207,8 @@ def main() -> None:
         ["(a) agent end-to-end, batch 32", f"{med[32]:,.0f} windows/s", f"{vs_bare[32]:.2f}x of bare",
          ">= 0.9x", "yes" if vs_bare[32] >= 0.9 else "no"],
         ["    bare loop, batch 32", f"{bare_med[32]:,.0f} windows/s", "", "", ""],
+        ["    CPU per window, batch 32: agent (all threads) / bare loop",
+         f"{cpu[32]:.1f} / {cpu_bare[32]:.1f} µs", f"{cpu_bare[32] / cpu[32]:.2f}x", "", ""],
         ["    agent end-to-end, batch 1", f"{med[1]:,.0f} windows/s", f"{vs_bare[1]:.2f}x of bare", "", ""],
         ["    bare loop, batch 1", f"{bare_med[1]:,.0f} windows/s", "", "", ""],
         ["(b) agent batch 32 vs batch 1", "", f"{agent_gain:.1f}x", ">= 5x", "yes" if agent_gain >= 5 else "no"],
@@ -192,6 +225,9 @@ def main() -> None:
         "format": fmt, "runtime": runtime, "windows_per_run": n_windows, "rounds": args.rounds,
         "agent_windows_per_s": {str(b): [r["windows_per_s"] for r in agent_runs[b]] for b in (32, 1)},
         "bare_windows_per_s": {str(b): bare[b] for b in (32, 1)},
+        "agent_cpu_after_ready_s": {str(b): [r["cpu_after_ready_s"] for r in agent_runs[b]] for b in (32, 1)},
+        "agent_fixed_cpu_after_ready_s": fixed_cpu_s, "agent_cpu_us_per_window": cpu[32],
+        "bare_cpu_us_per_window": {str(b): bare_cpu[b] for b in (32, 1)},
         "agent_vs_bare_b32": vs_bare[32], "agent_vs_bare_b1": vs_bare[1], "agent_b32_vs_b1": agent_gain,
         "bare_b32_vs_b1": bare_gain, "peak_rss_bytes": rss, "ready_s_median": ready,
         "ready_s": [r["ready_s"] for b in (32, 1) for r in agent_runs[b]],

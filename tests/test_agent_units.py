@@ -16,7 +16,7 @@ from edgeopt.agent.config import default_config_text, parse_config, reference_ma
 from edgeopt.agent.outbox import Outbox
 from edgeopt.agent.systemd import Notifier
 from edgeopt.agent.transport import backoff_delay
-from edgeopt.agent.windowing import Preprocessing, Window, Windower, channel_map
+from edgeopt.agent.windowing import Preprocessing, WindowBlock, Windower, channel_map
 from edgeopt.errors import UserInputError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,16 +32,22 @@ def stream(n, channels=2):
     return np.arange(n * channels, dtype=np.float32).reshape(n, channels), np.arange(n, dtype=np.float64)
 
 
+def windows(*blocks):
+    """(seq, t_start, t_end, data) of every window of ``blocks``, in order."""
+    return [(int(b.seq[i]), float(b.t_start[i]), float(b.t_end[i]), b.data[i]) for b in blocks for i in range(len(b))]
+
+
 # -- windowing ----------------------------------------------------------------------------------------
 def test_windows_cut_with_hop_across_pushes_and_layouts():
     samples, ts = stream(10)
     w = Windower("s", pre(window=4, hop=2))
-    out = w.push(samples[:3], ts[:3]) + w.push(samples[3:7], ts[3:7]) + w.push(samples[7:], ts[7:])
-    assert [x.seq for x in out] == [0, 1, 2, 3] and [x.t_start for x in out] == [0, 2, 4, 6]
-    assert out[1].t_end == 5
-    np.testing.assert_array_equal(out[1].data, samples[2:6].T)  # channels first: [C, T]
+    out = windows(w.push(samples[:3], ts[:3]), w.push(samples[3:7], ts[3:7]), w.push(samples[7:], ts[7:]))
+    assert [x[0] for x in out] == [0, 1, 2, 3] and [x[1] for x in out] == [0, 2, 4, 6]
+    assert out[1][2] == 5
+    np.testing.assert_array_equal(out[1][3], samples[2:6].T)  # channels first: [C, T]
     last = Windower("s", pre(channels_first=False)).push(samples, ts)
-    np.testing.assert_array_equal(last[1].data, samples[2:6])  # channels last: [T, C]
+    np.testing.assert_array_equal(last.data[1], samples[2:6])  # channels last: [T, C]
+    assert last.data.flags.c_contiguous and last.data.shape == (4, 4, 2)
 
 
 def test_hop_larger_than_window_skips_samples_between_pushes():
@@ -49,8 +55,8 @@ def test_hop_larger_than_window_skips_samples_between_pushes():
     w = Windower("s", pre(window=3, hop=5))
     out = []
     for i in range(0, 20, 4):
-        out += w.push(samples[i:i + 4], ts[i:i + 4])
-    assert [x.t_start for x in out] == [0, 5, 10, 15]
+        out += windows(w.push(samples[i:i + 4], ts[i:i + 4]))
+    assert [x[1] for x in out] == [0, 5, 10, 15]
 
 
 def test_normalization_and_channel_order_by_name():
@@ -58,8 +64,9 @@ def test_normalization_and_channel_order_by_name():
     index = channel_map("s", ["ay", "temp", "ax"], None, p)
     assert index == [2, 0]
     w = Windower("s", p, index=index)
-    (win,) = w.push(np.array([[10.0, 99, 3.0], [6.0, 99, 5.0]], np.float32), np.arange(2.0))
-    np.testing.assert_allclose(win.data, [[1.0, 2.0], [2.0, 1.0]])  # (x - mean) / std, [C, T]
+    block = w.push(np.array([[10.0, 99, 3.0], [6.0, 99, 5.0]], np.float32), np.arange(2.0))
+    assert len(block) == 1
+    np.testing.assert_allclose(block.data[0], [[1.0, 2.0], [2.0, 1.0]])  # (x - mean) / std, [C, T]
 
 
 def test_channel_mismatch_is_named():
@@ -77,15 +84,20 @@ def test_nan_policies(policy, expected_seqs, nan_windows):
     samples[4, 1] = np.nan  # in windows 1 (2..5) and 2 (4..7)
     w = Windower("s", pre(), nan_policy=policy)
     out = w.push(samples, ts)
-    assert [x.seq for x in out] == expected_seqs and w.nan_windows == nan_windows
-    assert all(np.isfinite(x.data).all() for x in out)
+    assert out.seq.tolist() == expected_seqs and w.nan_windows == nan_windows
+    assert np.isfinite(out.data).all()
     if policy == "hold":
-        assert out[1].data[1, 2] == samples[3, 1]
+        assert out.data[1, 1, 2] == samples[3, 1]
 
 
 # -- batching -----------------------------------------------------------------------------------------
-def win(seq, source="s"):
-    return Window(source, seq, 0.0, 0.0, np.zeros(1, np.float32))
+def win(seq, source="s", n=1):
+    """A block of ``n`` windows numbered from ``seq``."""
+    return WindowBlock(source, np.arange(seq, seq + n), np.zeros(n), np.zeros(n), np.zeros((n, 1), np.float32))
+
+
+def seqs(batch):
+    return [int(s) for b in batch.blocks for s in b.seq]
 
 
 def test_drop_oldest_counts_every_dropped_window():
@@ -93,7 +105,7 @@ def test_drop_oldest_counts_every_dropped_window():
     for i in range(5):
         q.put(win(i))
     assert q.dropped == 2 and q.dropped_by_source["s"] == 2
-    assert [w.seq for w in q.get_batch(10, 0.0)] == [2, 3, 4]
+    assert seqs(q.get_batch(10, 0.0)) == [2, 3, 4]
 
 
 def test_block_waits_for_room_and_keeps_order():
@@ -108,7 +120,7 @@ def test_block_waits_for_room_and_keeps_order():
     threading.Thread(target=producer, daemon=True).start()
     got = []
     while len(got) < 6:
-        got += [w.seq for w in q.get_batch(2, 0.0, idle_timeout_s=1.0)]
+        got += seqs(q.get_batch(2, 0.0, idle_timeout_s=1.0))
     assert got == list(range(6)) and q.dropped == 0 and done.wait(1)
 
 
@@ -116,7 +128,7 @@ def test_batch_fills_up_to_max_or_returns_after_max_wait():
     q = WindowQueue(100)
     for i in range(5):
         q.put(win(i))
-    assert [w.seq for w in q.get_batch(3, 10.0)] == [0, 1, 2]  # full at once: no waiting
+    assert seqs(q.get_batch(3, 10.0)) == [0, 1, 2]  # full at once: no waiting
     t0 = time.monotonic()
     assert len(q.get_batch(8, 0.05)) == 2
     assert time.monotonic() - t0 >= 0.05  # waited for more, then gave what it had
@@ -126,7 +138,7 @@ def test_close_returns_the_partial_batch_at_once_and_refuses_puts():
     q = WindowQueue(100)
     q.put(win(0))
     threading.Timer(0.1, q.close).start()
-    assert [w.seq for w in q.get_batch(32, 600.0)] == [0]
+    assert seqs(q.get_batch(32, 600.0)) == [0]
     with pytest.raises(QueueClosed):
         q.put(win(1))
 
@@ -240,9 +252,9 @@ def test_interrupt_returns_the_partial_batch_and_keeps_the_queue_open():
     q = WindowQueue(100)
     q.put(win(0))
     threading.Timer(0.1, q.interrupt).start()
-    assert [w.seq for w in q.get_batch(32, 600.0)] == [0]
+    assert seqs(q.get_batch(32, 600.0)) == [0]
     q.put(win(1))  # still open
-    assert [w.seq for w in q.get_batch(32, 0.0)] == [1]
+    assert seqs(q.get_batch(32, 0.0)) == [1]
 
 
 def test_the_agent_extra_pulls_in_no_heavy_toolchain():

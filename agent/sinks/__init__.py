@@ -1,25 +1,25 @@
-"""Sinks: where results go. One small interface: ``write(meta, results)`` gets one inference batch
-(``meta``: device and model; ``results``: one record per window, in window order), ``close()``
-flushes. A sink that cannot keep up must not lose results silently: the MQTT sink spools to the
-on-disk outbox, the file sinks write synchronously."""
+"""Sinks: where results go. One small interface: ``write(results)`` gets one inference batch, encoded
+once for every sink (``EncodedResults``: the device and model fields, and one JSON record per window
+in window order), ``close()`` flushes. A sink that cannot keep up must not lose results silently:
+the MQTT sink spools to the on-disk outbox, the file sinks write synchronously, one write per batch."""
 
 from __future__ import annotations
 
-import json
-import logging
-import logging.handlers
+import os
+import stat
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from edgeopt.agent.config import JsonlSink, SinkBase
+from edgeopt.agent.results import EncodedResults
 from edgeopt.fsutil import environment_fault
 
 
 class Sink:
     kind = ""
 
-    def write(self, meta: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    def write(self, results: EncodedResults) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -29,54 +29,62 @@ class Sink:
         return {}
 
 
-COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps(separators=...) makes one per call
-
-
-def window_lines(meta: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
-    """One JSON object per window: the batch's device/model fields plus the window's record (the
-    shared fields are encoded once per batch)."""
-    head = COMPACT_JSON.encode(meta)[:-1] + ","
-    return [head + COMPACT_JSON.encode(r)[1:] for r in results]
-
-
 class StdoutResultsSink(Sink):
     kind = "stdout"
 
-    def write(self, meta, results) -> None:
-        sys.stdout.write("".join(line + "\n" for line in window_lines(meta, results)))
+    def write(self, results) -> None:
+        sys.stdout.write(results.lines())
         sys.stdout.flush()
 
 
-class _RaisingRotatingFileHandler(logging.handlers.RotatingFileHandler):
-    def handleError(self, record) -> None:  # logging would print a traceback and go on: let the sink count it
-        raise
-
-
 class JsonlResultsSink(Sink):
-    """JSON Lines, rotated by size with the standard library's RotatingFileHandler."""
+    """JSON Lines, rotated by size: ``path`` → ``path.1`` → … → ``path.{keep}`` (the oldest is deleted),
+    as the standard library's RotatingFileHandler names them. The size is checked once per batch,
+    before it is written, so a file passes ``max_bytes`` only when one batch alone is larger."""
 
     kind = "jsonl"
 
     def __init__(self, cfg: JsonlSink):
-        path = Path(cfg.path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.handler = _RaisingRotatingFileHandler(path, maxBytes=cfg.max_bytes, backupCount=cfg.keep,
-                                                       encoding="utf-8")
-        except OSError as exc:
-            raise environment_fault(exc, path) from exc
-        self.handler.setFormatter(logging.Formatter("%(message)s"))
+        self.path = Path(cfg.path)
+        self.max_bytes = cfg.max_bytes
+        self.keep = cfg.keep
         self.lines = 0
+        self._file: BinaryIO | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._open()
+        except OSError as exc:
+            raise environment_fault(exc, self.path) from exc
 
-    def write(self, meta, results) -> None:
-        # one record per batch: the size check (two stat calls) and the flush happen once per batch,
-        # so a file may pass max_bytes by at most one batch
-        lines = window_lines(meta, results)
-        self.handler.emit(logging.makeLogRecord({"msg": "\n".join(lines), "levelno": logging.INFO}))
-        self.lines += len(lines)
+    def _open(self) -> None:
+        self._file = open(self.path, "ab")  # noqa: SIM115 - held until close()
+        self._size = self._file.tell()
+        self._rotates = stat.S_ISREG(os.fstat(self._file.fileno()).st_mode)  # not a FIFO or /dev/stdout
+
+    def write(self, results) -> None:
+        data = results.lines().encode()
+        if self._file is None:  # a rotation failed half-way: carry on in a file at self.path
+            self._open()
+        elif self._rotates and self._size and self._size + len(data) > self.max_bytes:
+            self._rotate()
+        self._file.write(data)
+        self._file.flush()
+        self._size += len(data)
+        self.lines += len(results)
+
+    def _rotate(self) -> None:
+        self._file.close()
+        self._file = None
+        for i in range(self.keep - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        self._open()
 
     def close(self) -> None:
-        self.handler.close()
+        if self._file is not None:
+            self._file.close()
 
     def stats(self) -> dict[str, Any]:
         return {"lines": self.lines}

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from edgeopt.agent.outbox import Outbox
-from edgeopt.agent.sinks import COMPACT_JSON, Sink
+from edgeopt.agent.sinks import Sink
 
 log = logging.getLogger("edgeopt.agent.results")
 
@@ -99,9 +99,8 @@ class MqttResultsSink(Sink):
         self.outbox = outbox
         self.publisher = publisher
 
-    def write(self, meta, results) -> None:
-        payload = COMPACT_JSON.encode({**meta, "results": results}).encode()
-        self.outbox.append(self.topic, payload)
+    def write(self, results) -> None:
+        self.outbox.append(self.topic, results.message())
         self.publisher.wake()
 
     def stats(self) -> dict[str, Any]:

@@ -79,13 +79,13 @@ class Source:
     def emit(self, samples: np.ndarray, timestamps: np.ndarray) -> None:
         if self.windower is None:
             raise RuntimeError("Source.bind() must come before emit()")
-        windows = self.windower.push(samples, timestamps)
-        if not windows:
+        block = self.windower.push(samples, timestamps)
+        if not len(block):
             return
         try:
-            self.ctx.queue.put_many(windows)
+            self.ctx.queue.put(block)
         except QueueClosed as closed:  # shutting down: windows cut but never queued are counted
-            self.dropped_at_stop += len(windows) - closed.queued
+            self.dropped_at_stop += len(block) - closed.queued
             raise
 
     def count_malformed(self, n: int, detail: str) -> None:
