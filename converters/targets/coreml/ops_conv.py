@@ -43,17 +43,22 @@ def _spatial_params(attrs, n: int, kernel=None):
 
 @rule("Conv", check=only(auto_pad=AUTO_PAD), const_inputs=(1, 2))
 def conv(cx, node, attrs):
+    return cx.mb.conv(**_conv_operands(cx, node, attrs, max_dims=3, supported="1 to 3"), name=cx.name())
+
+
+def _conv_operands(cx, node, attrs, max_dims: int, supported: str) -> dict:
+    """The arguments ``mb.conv`` and ``mb.conv_transpose`` share, from an ONNX Conv / ConvTranspose."""
     x = cx.input(node, 0)
     weight = cx.const(node, 1).astype(np.float32)
     shape = cx.shape(x)
     n = len(shape) - 2
-    if not 1 <= n <= 3:
-        raise LoweringError(f"Conv over {n} spatial dims (Core ML supports 1 to 3)")
+    if not 1 <= n <= max_dims:
+        raise LoweringError(f"{node.op_type} over {n} spatial dims (Core ML supports {supported})")
     kernel, strides, dilations = _spatial_params(attrs, n, list(weight.shape[2:]))
     pad = _explicit_pads(attrs, shape[2:], kernel, strides, dilations)
     bias = cx.const(node, 2).astype(np.float32) if cx.has(node, 2) else None
-    return cx.mb.conv(x=x, weight=weight, bias=bias, strides=strides, pad_type="custom", pad=pad,
-                      dilations=dilations, groups=int(attrs.get("group", 1)), name=cx.name())
+    return {"x": x, "weight": weight, "bias": bias, "strides": strides, "pad_type": "custom", "pad": pad,
+            "dilations": dilations, "groups": int(attrs.get("group", 1))}
 
 
 def _no_output_padding(node, attrs):
@@ -66,17 +71,7 @@ def _no_output_padding(node, attrs):
 
 @rule("ConvTranspose", check=all_of(only(auto_pad=("NOTSET", "VALID")), _no_output_padding), const_inputs=(1, 2))
 def conv_transpose(cx, node, attrs):
-    x = cx.input(node, 0)
-    weight = cx.const(node, 1).astype(np.float32)
-    shape = cx.shape(x)
-    n = len(shape) - 2
-    if not 1 <= n <= 2:
-        raise LoweringError(f"ConvTranspose over {n} spatial dims (Core ML supports 1 and 2)")
-    kernel, strides, dilations = _spatial_params(attrs, n, list(weight.shape[2:]))
-    pad = _explicit_pads(attrs, shape[2:], kernel, strides, dilations)
-    bias = cx.const(node, 2).astype(np.float32) if cx.has(node, 2) else None
-    return cx.mb.conv_transpose(x=x, weight=weight, bias=bias, strides=strides, pad_type="custom", pad=pad,
-                                dilations=dilations, groups=int(attrs.get("group", 1)), name=cx.name())
+    return cx.mb.conv_transpose(**_conv_operands(cx, node, attrs, max_dims=2, supported="1 and 2"), name=cx.name())
 
 
 @rule("Gemm")
