@@ -195,25 +195,53 @@ def test_int8_falls_back_to_fp32_with_a_warning_when_tvm_cannot_import_qdq(digit
     assert report["parity"]["max_abs_err"] <= 1e-4  # the FP32 library computes what the original does
 
 
+def _matmul_relu_reshape(path):
+    """MatMul→Relu (a kernel with a reduction) then Reshape and Sigmoid (kernels without one)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32), "w")
+    shape = numpy_helper.from_array(np.array([-1, 2, 4], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["r"]),
+         helper.make_node("Reshape", ["r", "shape"], ["s"]), helper.make_node("Sigmoid", ["s"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 4])], [weight, shape])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.slow
+def test_tuning_skips_kernels_without_a_reduction(tmp_path):
+    import tvm
+    from tvm.relax import pipeline
+    from tvm.s_tir import meta_schedule as ms
+
+    from edgeopt.converters.targets.tvm import build
+    from edgeopt.converters.targets.tvm.tuning import split_simple_tasks
+
+    model = build.fix_batch(onnx.load(_matmul_relu_reshape(tmp_path / "m.onnx")), 1)
+    target = tvm.target.Target({"kind": "llvm"})
+    with target:
+        mod = tvm.transform.Sequential(pipeline.library_dispatch_passes(target)
+                                       + pipeline.legalize_passes(target))(build.import_relax(model, build.signature(model)))
+    tuned, simple = split_simple_tasks(ms.relax_integration.extract_tasks(mod, target))
+    assert [t.task_name for t in tuned] and all("matmul" in t.task_name for t in tuned)
+    assert simple and not any("matmul" in t.task_name for t in simple)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("EDGEOPT_TEST_TVM_TUNE"),
                     reason="MetaSchedule tuning takes minutes of wall time even for 2 trials of one kernel on "
                            "the shared 2-core machine (over the test-time budget); EDGEOPT_TEST_TVM_TUNE=1 runs it")
 def test_tune_uses_metaschedule_on_the_host(tmp_path):
-    from onnx import TensorProto, helper, numpy_helper
-
-    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], [weight])
-    path = tmp_path / "tiny.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     out = tmp_path / "tuned"
-    res = run_cli("convert", path, "-o", out, "--target", "tvm", "--tune", "2", "-q")
+    res = run_cli("convert", _matmul_relu_reshape(tmp_path / "tiny.onnx"), "-o", out, "--target", "tvm",
+                  "--tune", "2", "-q")
     assert res.code == 0, res.err
     report = json.loads((out / "report.json").read_text())
-    assert report["pass_details"]["compile:tvm"]["tuning_trials"] == 2
+    details = report["pass_details"]["compile:tvm"]
+    assert details["tuning_trials"] == 2
+    assert details["tuned_kernels"] and details["default_schedule_kernels"]
     assert report["parity"]["max_abs_err"] <= 1e-4
 
 
