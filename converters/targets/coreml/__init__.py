@@ -34,6 +34,7 @@ from edgeopt.converters.targets.coreml.deployment import (
     releases_for,
 )
 from edgeopt.converters.targets.coreml.lowering import RULES, NodeLoweringError, lower
+from edgeopt.converters.targets.coreml.packing import pass_pipeline, small_constants_inline
 from edgeopt.converters.targets.coreml.rules import LoweringError
 from edgeopt.converters.targets.coreml.verify import verify_package
 from edgeopt.errors import UnsupportedOpsError, UserInputError
@@ -168,13 +169,14 @@ class CoreMLTarget(Target):
     # -- compile -------------------------------------------------------------------------------------
     def _compile(self, model: onnx.ModelProto, quantize: str, ctx: PassContext, out: Path) -> None:
         lowered = self._lower(model)
-        mlmodel, messages = self._convert(lowered)
-        weights = weights_by_consumer(mlmodel._mil_program)
-        scheme = self._compression_scheme(quantize, weights)
-        adjusted: list[dict[str, Any]] = []
-        if scheme is not None:
-            mlmodel, compression_messages, adjusted = compress(mlmodel, scheme)
-            messages += compression_messages
+        with small_constants_inline():  # both steps write the program and weight blob (see packing)
+            mlmodel, messages = self._convert(lowered)
+            weights = weights_by_consumer(mlmodel._mil_program)
+            scheme = self._compression_scheme(quantize, weights)
+            adjusted: list[dict[str, Any]] = []
+            if scheme is not None:
+                mlmodel, compression_messages, adjusted = compress(mlmodel, scheme)
+                messages += compression_messages
         self._save(mlmodel, lowered, model, out)
         verification = verify_package(
             out, spec_version=self.spec_version,
@@ -215,7 +217,8 @@ class CoreMLTarget(Target):
         precision = ct.precision.FLOAT16 if self.config["compute_precision"] == "fp16" else ct.precision.FLOAT32
         with captured_coremltools_log() as messages:
             mlmodel = ct.convert(lowered.program, convert_to="mlprogram", compute_precision=precision,
-                                 minimum_deployment_target=ct.target(self.spec_version), skip_model_load=True)
+                                 minimum_deployment_target=ct.target(self.spec_version), skip_model_load=True,
+                                 pass_pipeline=pass_pipeline(ct))
         return mlmodel, messages
 
     def _compression_scheme(self, quantize: str, weights: dict[tuple[str, str], Any]) -> Any:
