@@ -68,6 +68,9 @@ class TVMTarget(Target):
               check=lambda v: None if v >= 1 else "must be >= 1"),
         Param("tune", int, 0, "MetaSchedule tuning trials, measured on this host (0: TVM's default schedules)",
               check=lambda v: None if v >= 0 else "must be >= 0"),
+        Param("tune_cores", int, None, "threads the tuned kernels are planned and measured for (default: the "
+              "profile's cores, else this host's); 1 for a single-threaded deployment",
+              check=lambda v: None if v >= 1 else "must be >= 1"),
         Param("cross_compiler", str, None,
               "C compiler that links a TVM library for another CPU (default: <mtriple>-gcc from the profile)"),
     )
@@ -146,4 +149,6 @@ class TVMTarget(Target):
     def _cores(self) -> int:
         import os
 
+        if self.config["tune_cores"]:
+            return self.config["tune_cores"]
         return self.profile.cores if self.profile is not None else (os.cpu_count() or 1)

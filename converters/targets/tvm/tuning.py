@@ -19,7 +19,10 @@ The tuning database (JSON) and MetaSchedule's logs are kept in the work director
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from edgeopt.converters.passes import ProgressFactory
@@ -50,7 +53,11 @@ def tune(mod, target, trials: int, work_dir: Path, progress: ProgressFactory, se
     # a time with the threads the target asks for.
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, str(work_dir), seed=seed)
     per_iter = max(1, min(64, trials // max(1, len(tasks)) or 1))
-    with progress(f"tuning {len(tasks)} of {len(tasks) + len(simple)} kernels", trials) as tick:
+    # Candidates run in runner subprocesses, which take their thread count from TVM_NUM_THREADS:
+    # measure them on the cores they are planned for (the target's num-cores), not on all of them.
+    cores = target.attrs.get("num-cores")
+    with progress(f"tuning {len(tasks)} of {len(tasks) + len(simple)} kernels", trials) as tick, \
+            _environ(TVM_NUM_THREADS=str(int(cores)) if cores else None):
         ms.tune.tune_tasks(
             tasks=contexts, task_weights=weights, work_dir=str(work_dir), max_trials_global=trials,
             num_trials_per_iter=per_iter, builder=_in_process_builder(), runner=ms.runner.LocalRunner(timeout_sec=120),
@@ -58,6 +65,20 @@ def tune(mod, target, trials: int, work_dir: Path, progress: ProgressFactory, se
             measure_callbacks=[*ms.MeasureCallback.create("default"), _progress_callback(tick)],
         )
     return database, kernels
+
+
+@contextlib.contextmanager
+def _environ(**values: str | None) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def split_simple_tasks(tasks: list) -> tuple[list, list]:
