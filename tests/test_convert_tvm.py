@@ -310,6 +310,12 @@ def test_tune_for_another_cpu_is_refused(digits_models, tmp_path):
     assert "--tune" in _one_line_error(res, out)
 
 
+def test_tune_cores_without_tune_is_refused(digits_models, tmp_path):
+    out = tmp_path / "out"
+    res = run_cli("convert", digits_models["cnn"], "-o", out, "--target", "tvm", "--tune-cores", "1", "-q")
+    assert "needs --tune" in _one_line_error(res, out)
+
+
 def test_int4_is_not_offered(digits_models, tmp_path):
     out = tmp_path / "out"
     line = _one_line_error(run_cli("convert", digits_models["cnn"], "-o", out, "--target", "tvm",

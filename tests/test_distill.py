@@ -104,7 +104,10 @@ def test_distillation_recovers_pruned_accuracy_without_labels(canonical, train_i
     assert acc_teacher - acc_distilled <= 1.5
     assert details["labels_used"] is False and details["loss"] == "kl"
     assert details["train_samples"] + details["validation_samples"] == len(digits_split.x_train)
-    assert details["validation_agreement_after"] > details["validation_agreement_before"] + 0.5
+    # distillation closes at least half of the gap to full agreement with the teacher (how far the
+    # pruned model starts from it depends on the teacher this run trained: 0.3–0.65 seen)
+    before, after = details["validation_agreement_before"], details["validation_agreement_after"]
+    assert 1 - after < (1 - before) / 2, (before, after)
     # the structure is the pruned one; only the numbers changed
     assert [n.op_type for n in distilled.graph.node] == [n.op_type for n in pruned.graph.node]
     assert {i.name: tuple(i.dims) for i in distilled.graph.initializer} == {

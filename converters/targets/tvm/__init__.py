@@ -97,6 +97,8 @@ class TVMTarget(Target):
 
         machine = build_machine(self.profile)
         cross = None if machine.is_host else find_cross_compiler(machine, self.config["cross_compiler"])
+        if self.config["tune_cores"] and not self.config["tune"]:
+            raise UserInputError("--tune-cores sets the threads tuned kernels are planned for: it needs --tune N")
         if self.config["tune"] and not machine.is_host:
             raise UserInputError(f"--tune measures candidate kernels on this machine ({build_machine(None).arch}); "
                                  f"it cannot tune for {machine.describe()}: drop --tune for this profile")
