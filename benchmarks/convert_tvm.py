@@ -2,8 +2,9 @@
 LiteRT on the same models, single thread, batch 1, all variants of a model measured interleaved in
 one run (edgeopt.bench.measure), so the ratios are comparable.
 
-LiteRT is included when the ``tflite`` target is registered (another branch adds it); otherwise
-the table says so.
+MetaSchedule's cost model is XGBoost when ``xgboost`` is importable, else random; the JSON records
+which (``cost_model``) and is ``convert_tvm_xgb.json`` for an XGBoost run. LiteRT is included when
+the ``tflite`` target is registered.
 
     python benchmarks/convert_tvm.py [--tune 64] [--models cnn,mobilenet,lstm]
 """
@@ -21,6 +22,7 @@ import numpy as np
 from edgeopt import registry
 from edgeopt.bench import measure
 from edgeopt.converters.pipeline import ConvertOptions, convert
+from edgeopt.converters.targets.tvm import tuning
 from edgeopt.runtime import runtime_for_format
 from edgeopt.runtime.onnxruntime import OnnxRuntime
 
@@ -83,7 +85,10 @@ def main() -> None:
     title = "Host latency, batch 1, 1 thread (TVM default vs tuned vs ONNX Runtime" + (
         " vs LiteRT)" if has_litert else "; LiteRT: tflite target not registered on this branch)")
     print_table(title, ["model", "runtime", "p50 ms", "p95 ms", "speedup vs ORT", "convert s"], rows)
-    write_json("convert_tvm", {"tune_trials": args.tune, "litert": has_litert, "results": results})
+    cost_model = tuning.cost_model()
+    print(f"MetaSchedule cost model: {cost_model}")
+    write_json("convert_tvm" if cost_model == "random" else f"convert_tvm_{cost_model}", {"tune_trials": args.tune, "cost_model": cost_model, "litert": has_litert,
+                               "results": results})
 
 
 if __name__ == "__main__":

@@ -131,11 +131,12 @@ class TVMTarget(Target):
                                                          cross_compiler=cross)
         database = None
         if self.config["tune"]:
-            from edgeopt.converters.targets.tvm.tuning import tune
+            from edgeopt.converters.targets.tvm.tuning import cost_model, tune
 
             database, kernels = tune(mod, machine.tvm_target(num_cores=self._cores()), self.config["tune"],
                                      ctx.workdir / "tuning", ctx.progress)
-            ctx.details["compile:tvm"].update(tuning_trials=self.config["tune"], tuned_kernels=kernels["tuned"],
+            ctx.details["compile:tvm"].update(tuning_trials=self.config["tune"], tuning_cost_model=cost_model(),
+                                              tuned_kernels=kernels["tuned"],
                                               default_schedule_kernels=kernels["default_schedule"])
         target = machine.tvm_target(num_cores=self._cores() if database is not None else None)
         build.compile_library(mod, target, out, cross_compiler=cross, database=database)

@@ -61,10 +61,15 @@ def tune(mod, target, trials: int, work_dir: Path, progress: ProgressFactory, se
         ms.tune.tune_tasks(
             tasks=contexts, task_weights=weights, work_dir=str(work_dir), max_trials_global=trials,
             num_trials_per_iter=per_iter, builder=_in_process_builder(), runner=ms.runner.LocalRunner(timeout_sec=120),
-            database=database, cost_model="xgb" if importlib.util.find_spec("xgboost") else "random",
+            database=database, cost_model=cost_model(),
             measure_callbacks=[*ms.MeasureCallback.create("default"), _progress_callback(tick)],
         )
     return database, kernels
+
+
+def cost_model() -> str:
+    """MetaSchedule's cost model here: "xgb" when ``xgboost`` is importable, else "random"."""
+    return "xgb" if importlib.util.find_spec("xgboost") else "random"
 
 
 @contextlib.contextmanager
@@ -85,8 +90,9 @@ def split_simple_tasks(tasks: list) -> tuple[list, list]:
     """(tasks with a reduction, the rest): a kernel without a reduction block has no anchor block."""
     from tvm.s_tir.analysis import find_anchor_sblock
 
-    with_reduction = [t for t in tasks if find_anchor_sblock(t.dispatched[0]) is not None]
-    return with_reduction, [t for t in tasks if find_anchor_sblock(t.dispatched[0]) is None]
+    has_anchor = [find_anchor_sblock(t.dispatched[0]) is not None for t in tasks]
+    return ([t for t, a in zip(tasks, has_anchor, strict=True) if a],
+            [t for t, a in zip(tasks, has_anchor, strict=True) if not a])
 
 
 def _short(name: str, limit: int = 80) -> str:
