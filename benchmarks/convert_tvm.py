@@ -87,8 +87,8 @@ def main() -> None:
     print_table(title, ["model", "runtime", "p50 ms", "p95 ms", "speedup vs ORT", "convert s"], rows)
     cost_model = tuning.cost_model()
     print(f"MetaSchedule cost model: {cost_model}")
-    write_json("convert_tvm" if cost_model == "random" else f"convert_tvm_{cost_model}", {"tune_trials": args.tune, "cost_model": cost_model, "litert": has_litert,
-                               "results": results})
+    write_json("convert_tvm" if cost_model == "random" else f"convert_tvm_{cost_model}",
+               {"tune_trials": args.tune, "cost_model": cost_model, "litert": has_litert, "results": results})
 
 
 if __name__ == "__main__":
