@@ -132,19 +132,46 @@ class LocalBroker:
         raise NotImplementedError
 
 
+# Runs a broker that cannot watch its parent (Mosquitto) and ends it when the service goes away, even
+# by SIGKILL: its stdin is a pipe from the service, and reading it returns when the service is gone.
+# Its working directory is the broker's private directory: removed once the service is gone (a
+# broker that dies by itself leaves it, so that the service can read why).
+GUARD = """import os, shutil, signal, subprocess, sys, threading
+child = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL)
+leaving = threading.Event()
+def died_by_itself():
+    code = child.wait()
+    if not leaving.is_set():
+        os._exit(code)
+threading.Thread(target=died_by_itself, daemon=True).start()
+signal.signal(signal.SIGTERM, lambda *_: child.terminate())
+try:
+    sys.stdin.buffer.read()
+finally:
+    leaving.set()
+    child.terminate()
+    code = child.wait()
+    shutil.rmtree(os.getcwd(), ignore_errors=True)
+    os._exit(code)
+"""
+
+
 class _ChildBroker(LocalBroker):
-    """A broker in a child process whose output goes to a file in its own private directory."""
+    """A broker in a child process whose output goes to a file in its own private directory; the
+    child ends when the service closes its stdin or dies."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.proc: subprocess.Popen | None = None
         self.workdir: Path | None = None
 
-    def _spawn(self, argv: list[str], stdin=subprocess.DEVNULL) -> None:
+    def _spawn(self, argv: list[str]) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"edgeopt-{self.kind}-"))
         self._prepare(self.workdir)
+        # its own session: a Ctrl-C meant for the service must not stop the broker before the
+        # service has said goodbye to it
         with open(self.workdir / "broker.log", "wb") as out:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(argv, stdin=stdin, stdout=out, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
                                          cwd=self.workdir, start_new_session=True)
 
     def _prepare(self, workdir: Path) -> None:
@@ -153,8 +180,8 @@ class _ChildBroker(LocalBroker):
     def _failed(self) -> str | None:
         if self.proc is None or self.proc.poll() is None:
             return None
-        lines = [ln for ln in self.output().splitlines() if ln.strip()]
-        return f"exited {self.proc.returncode}" + (f": {lines[-1].strip()}" if lines else "")
+        lines = [ln.strip() for ln in self.output().splitlines() if ln.strip()]
+        return f"exited {self.proc.returncode}" + (f": {'; '.join(lines[-2:])}" if lines else "")
 
     def output(self) -> str:
         try:
@@ -165,15 +192,12 @@ class _ChildBroker(LocalBroker):
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
-            if proc.stdin is not None:
-                proc.stdin.close()
+            proc.stdin.close()  # the child's cue to end
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
@@ -216,7 +240,7 @@ class MosquittoBroker(_ChildBroker):
             self.version = version[2] if len(version) > 2 and version[0] == "mosquitto" else ""
         except (OSError, subprocess.TimeoutExpired):
             self.version = ""
-        self._spawn([exe, "-c", "mosquitto.conf"])
+        self._spawn([sys.executable, "-c", GUARD, exe, "-c", "mosquitto.conf"])
 
 
 class IotcoreBroker(_ChildBroker):
@@ -251,7 +275,7 @@ class IotcoreBroker(_ChildBroker):
         self.version = version("iotcore")
         bootstrap = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
                      "from edgeopt.fleet.broker import serve_iotcore; serve_iotcore()")
-        self._spawn([sys.executable, "-c", bootstrap, "rumqttd.toml"], stdin=subprocess.PIPE)
+        self._spawn([sys.executable, "-c", bootstrap, "rumqttd.toml"])
 
 
 def serve_iotcore() -> None:
@@ -267,6 +291,7 @@ def serve_iotcore() -> None:
         try:
             sys.stdin.buffer.read()
         finally:
+            shutil.rmtree(os.getcwd(), ignore_errors=True)  # the private directory
             os._exit(0)
 
     threading.Thread(target=exit_with_parent, daemon=True).start()

@@ -82,6 +82,31 @@ def test_serve_without_a_broker_starts_the_system_mosquitto_and_stops_it(tmp_pat
         pass
 
 
+@pytest.mark.parametrize("kind", ["mosquitto", "iotcore"])
+def test_a_killed_service_takes_its_broker_with_it(tmp_path, kind):
+    """SIGKILL leaves the service no time to stop its broker: the broker notices by itself, so a
+    restarted service finds the port free."""
+    needs(kind)
+    Repository.init(tmp_path / "repo")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    service = subprocess.Popen([EDGEOPT, "fleet", "serve", "--repo", tmp_path / "repo", "--listen", f"127.0.0.1:{port}",
+                                "--local-broker", kind], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while b"fleet service ready" not in service.stderr.readline():
+        assert time.monotonic() < deadline and service.poll() is None, "the service did not get ready"
+    service.kill()
+    service.wait(10)
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            break
+        assert time.monotonic() < deadline + 10, f"the {kind} broker outlived its service"
+        time.sleep(0.1)
+
+
 def test_service_on_iotcore_moves_chunks_above_its_default_payload_limit(tmp_path):
     """rumqttd's default payload cap (20 KiB) is below the chunk size: the service raises it, so a
     rollout of a 600 KB artifact in 256 KiB chunks goes through."""
