@@ -276,3 +276,44 @@ def test_ready_line_and_status_never_show_an_inline_password(workdir):
         broker.stop()
     assert "edgeopt-fleet:***@localhost" in line.decode() and "edgeopt-fleet:***@localhost" in status
     assert password not in line.decode() + out.decode() + err.decode() + status
+
+
+def test_who_the_broker_runs_as(monkeypatch):
+    """Root: the broker's user (default mosquitto) must exist. Anyone else: the broker can only be
+    that user (Mosquitto switches users only when started as root)."""
+    from edgeopt.errors import UserInputError
+    from edgeopt.fleet.security import Owners
+
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    with pytest.raises(UserInputError, match="--broker-user no-such-user: no such user"):
+        Owners.resolve("no-such-user")
+    root_owned = Owners.resolve("root")
+    assert root_owned.broker == (0, 0) and root_owned.ids("group") == (0, 0)
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    monkeypatch.setattr(os, "getegid", lambda: 4343)
+    monkeypatch.setattr("getpass.getuser", lambda: "alice")
+    alone = Owners.resolve(None)
+    assert alone.broker_user == "alice" and alone.ids("broker") == alone.ids("group") == (4242, 4343)
+    with pytest.raises(UserInputError, match="only root can give the broker's files to another user"):
+        Owners.resolve("mosquitto")
+
+
+def test_a_directory_the_broker_cannot_enter_is_named():
+    import tempfile
+
+    from edgeopt.fleet.security import blocked_ancestor
+
+    base = Path(tempfile.mkdtemp(prefix="edgeopt-blocked-", dir="/tmp"))  # /tmp: everyone may enter
+    try:
+        inner = base / "a" / "b"
+        inner.mkdir(parents=True)
+        for d in (base, base / "a", inner):
+            d.chmod(0o755)
+        outsider = 54321
+        assert blocked_ancestor(inner, outsider, {outsider}) is None
+        (base / "a").chmod(0o750)
+        assert blocked_ancestor(inner, outsider, {outsider}) == base / "a"
+        assert blocked_ancestor(inner, outsider, {(base / "a").stat().st_gid}) is None  # its group may
+        assert blocked_ancestor(inner, 0, set()) is None  # root enters everything
+    finally:
+        shutil.rmtree(base)
