@@ -22,7 +22,7 @@ from edgeopt.errors import EdgeoptError, MissingDependency, UserInputError
 from edgeopt.runtime import Runtime
 
 # model format → the pip extra that installs its runtime
-EXTRA_FOR_FORMAT = {"onnx": "agent", "tflite": "tflite", "tvm": "tvm", "coreml": "coreml"}
+EXTRA_FOR_FORMAT = {"onnx": "agent", "tflite": "litert", "tvm": "tvm", "coreml": "coreml"}
 
 
 class NoModel(EdgeoptError):
