@@ -53,13 +53,15 @@ def base_config(tmp: Path, **sections: Any) -> dict[str, Any]:
 
 class AgentProcess:
     def __init__(self, tmp: Path, config: dict[str, Any], env: dict[str, str] | None = None, stdin=None,
-                 name: str = "agent.toml"):
+                 name: str = "agent.toml", command: list[str] | None = None):
+        """``command``: how to start the agent (default: this venv's edgeopt-agent; the device tests
+        pass another virtualenv's, or an emulated Python running it)."""
         self.tmp = tmp
         self.config_path = tmp / name
         self.config_path.write_text(to_toml(config))
         self.state_dir = Path(config["agent"]["state_dir"])
         self.status_path = Path(config.get("telemetry", {}).get("status_file") or self.state_dir / "status.json")
-        self.proc = subprocess.Popen([AGENT, "--config", str(self.config_path)], stdin=stdin or subprocess.DEVNULL,
+        self.proc = subprocess.Popen([*(command or [AGENT]), "--config", str(self.config_path)], stdin=stdin or subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env={**os.environ, **(env or {})})
         self.out = self.err = ""

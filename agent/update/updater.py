@@ -42,6 +42,17 @@ from edgeopt.errors import EdgeoptError, RemoteError
 
 log = logging.getLogger("edgeopt.agent.update")
 MAX_DESIRED_BYTES = 1024
+# The fleet's registry drops a state whose reason is longer or holds control characters
+# (fleet/messages.py SHORT_TEXT); a python-tuf hash-mismatch message with both hashes is longer.
+MAX_REASON_CHARS = 200
+
+
+def reported_reason(reason: str | None) -> str | None:
+    """``reason`` as the state message carries it: one line, at most MAX_REASON_CHARS (update.json keeps it whole)."""
+    if reason is None:
+        return None
+    line = " ".join(reason.split())
+    return line if len(line) <= MAX_REASON_CHARS else line[:MAX_REASON_CHARS - 3] + "..."
 
 
 class Host(Protocol):
@@ -290,7 +301,7 @@ class Updater:
         t = r.target or {}
         state = r.outcome if r.state is State.IDLE and r.outcome else str(r.state)
         return {"state": state, "target": {"name": t["name"], "version": t["version"]} if t.get("name") else None,
-                "rollout": t.get("rollout"), "reason": r.reason, "since": r.entered_at}
+                "rollout": t.get("rollout"), "reason": reported_reason(r.reason), "since": r.entered_at}
 
     def health(self) -> dict[str, Any] | None:
         w = self.watch
