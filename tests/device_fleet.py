@@ -116,3 +116,28 @@ def device_config(tmp: Path, fleet: Fleet, broker_port: int, device_id: str, rat
     cfg["source"] = [{"type": "synthetic", "name": "imu", "rate_hz": rate_hz, "seed": 5}]
     cfg["sink"] = [{"type": "jsonl", "path": str(tmp / "results.jsonl")}]
     return cfg
+
+
+def commit_then_refuse_tampered(fleet: Fleet, agent, timeout: float, windows_after: int = 20) -> dict[str, Any]:
+    """The signed-update story on a board running imu-cnn@1 with @2 and a tampered @3 published:
+    a rollout of @2 completes and the board commits it; a rollout of @3 aborts because the board
+    refused the file (hash mismatch, seen by the registry too) and goes on inferring with @2.
+    Returns the board's last status."""
+    code, status = fleet.roll_out("imu-cnn@2", "ring=device", timeout=timeout)
+    assert code == 0, json.dumps(status)[:3000]
+    now = agent.wait_status(lambda s: s["state"]["update"]["state"] == "COMMITTED"
+                            and s["state"]["model"]["version"] == "2", timeout=timeout, what="imu-cnn@2 committed")
+    assert now["state"]["status"] == "running"
+
+    code, status = fleet.roll_out("imu-cnn@3", "ring=device", timeout=timeout)
+    assert code == 1, json.dumps(status)[:3000]  # aborted: the board refused the tampered file...
+    assert "hash_mismatch" in status["failures"][0]["reason"], status["failures"]  # ...and the registry saw why
+    refused = agent.wait_status(lambda s: s["state"]["update"]["state"] in ("ROLLED_BACK", "IDLE")
+                                and (s["state"]["update"]["target"] or {}).get("version") == "3",
+                                timeout=timeout, what="imu-cnn@3 refused")
+    assert "hash_mismatch" in (refused["state"]["update"]["reason"] or ""), refused["state"]["update"]
+    windows = refused["telemetry"]["windows_out"]
+    running = agent.wait_status(lambda s: s["telemetry"]["windows_out"] >= windows + windows_after,
+                                timeout=timeout, what="inference going on with imu-cnn@2")
+    assert running["state"]["model"]["version"] == "2" and running["state"]["status"] == "running"
+    return running

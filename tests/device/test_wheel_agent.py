@@ -13,32 +13,10 @@ import pytest
 
 from agent_harness import AgentProcess
 from brokers import Mosquitto
-from device_env import clean_env, wheel_venv
-from device_fleet import Fleet, checked, convert, device_config
+from device_env import IMPORT_EVERY_AGENT_MODULE, clean_env, wheel_venv
+from device_fleet import Fleet, checked, commit_then_refuse_tampered, convert, device_config
 
 pytestmark = [pytest.mark.device, pytest.mark.timeout(900)]
-
-# Walks the installed edgeopt.agent (not a list), imports every module, then the sdk modules the
-# agent reaches for at run time; prints what got imported and whether onnx could be.
-IMPORT_ALL = """
-import importlib, importlib.util, json, pkgutil, sys
-import edgeopt.agent
-agent = sorted(m.name for m in pkgutil.walk_packages(edgeopt.agent.__path__, "edgeopt.agent."))
-for name in agent:
-    importlib.import_module(name)
-for name in ("edgeopt.runtime.onnxruntime", "edgeopt.runtime.litert", "edgeopt.mqtt", "edgeopt.cli"):
-    importlib.import_module(name)
-from edgeopt.agent.update import trust
-import tuf.ngclient, securesystemslib.signer, paho.mqtt.client, onnxruntime  # what signed updates and ONNX need
-from securesystemslib.signer import SSlibKey
-import cryptography.hazmat.primitives.asymmetric.ed25519
-print(json.dumps({"agent": agent, "file": edgeopt.agent.__file__,
-                  "edgeopt": sorted(m for m in sys.modules if m.startswith("edgeopt")),
-                  "loaded": sorted(m for m in sys.modules if "." not in m),
-                  "installed": {m: importlib.util.find_spec(m) is not None
-                                for m in ("onnx", "onnxslim", "onnx_ir", "sympy", "torch", "tvm", "coremltools",
-                                          "ai_edge_litert", "amqtt", "psycopg")}}))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +25,7 @@ def venv(wheel_and_sdist):
 
 
 def test_every_agent_module_imports_from_the_wheel_and_onnx_is_not_installed(venv, tmp_path):
-    proc = venv.run(venv.python, "-c", IMPORT_ALL, cwd=tmp_path)
+    proc = venv.run(venv.python, "-c", IMPORT_EVERY_AGENT_MODULE, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["file"].startswith(str(venv.site_packages)), seen["file"]  # the wheel's copy, not the work tree
@@ -56,6 +34,7 @@ def test_every_agent_module_imports_from_the_wheel_and_onnx_is_not_installed(ven
         assert module in seen["agent"], module
     assert not [m for m, there in seen["installed"].items() if there], seen["installed"]
     assert not {"onnx", "onnxslim", "sympy", "torch"} & set(seen["loaded"])
+    assert seen["machine"] == "x86_64" and not seen["litert"]  # [litert] is a separate extra
 
 
 def test_commands_that_need_a_missing_extra_say_which_in_one_line(venv, imu_model, tmp_path):
@@ -90,22 +69,7 @@ def test_the_wheel_installed_agent_commits_a_signed_update_and_refuses_a_tampere
         fleet.wait_device("board-1", lambda d: (d["model"] or {}).get("version") == "1" and d["online"],
                           what="board-1 to register running imu-cnn@1")
 
-        code, status = fleet.roll_out("imu-cnn@2", "ring=device", timeout=90)
-        assert code == 0, json.dumps(status)[:3000]
-        now = agent.wait_status(lambda s: s["state"]["update"]["state"] == "COMMITTED"
-                                and s["state"]["model"]["version"] == "2", what="imu-cnn@2 committed")
-        assert now["state"]["status"] == "running"
-
-        code, status = fleet.roll_out("imu-cnn@3", "ring=device", timeout=90)
-        assert code == 1, json.dumps(status)[:3000]  # aborted: the board refused the tampered file...
-        assert "hash_mismatch" in status["failures"][0]["reason"], status["failures"]  # ...and the registry saw why
-        refused = agent.wait_status(lambda s: s["state"]["update"]["state"] in ("ROLLED_BACK", "IDLE")
-                                    and (s["state"]["update"]["target"] or {}).get("version") == "3",
-                                    what="imu-cnn@3 refused")
-        assert "hash_mismatch" in (refused["state"]["update"]["reason"] or ""), refused["state"]["update"]
-        windows = refused["telemetry"]["windows_out"]
-        running = agent.wait_status(lambda s: s["telemetry"]["windows_out"] > windows + 20, what="inference on v2")
-        assert running["state"]["model"]["version"] == "2" and running["state"]["status"] == "running"
+        commit_then_refuse_tampered(fleet, agent, timeout=90)
         assert agent.stop() == 0, agent.err[-3000:]
         assert "Traceback" not in agent.err, agent.err[-3000:]
         assert checked("fleet", "devices", "--repo", fleet.repo, "--json")  # the registry still answers
