@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from edgeopt.artifact import open_artifact, pack_artifact
+from edgeopt.artifact import open_artifact, pack_artifact, refuse_failed
 from edgeopt.errors import UserInputError
 from edgeopt.fsutil import atomic_write_bytes, fsync_dir
 from edgeopt.signing import generate_key, load_signer
@@ -50,6 +50,15 @@ def check_name(kind: str, value: str) -> str:
 def target_name(name: str, version: str) -> str:
     """The TUF target path of a model version: ``NAME-VERSION.tar``."""
     return f"{check_name('name', name)}-{check_name('version', version)}.tar"
+
+
+def check_labelled(manifest: dict[str, Any], name: str | None, version: str | None, where: str | Path) -> None:
+    """The manifest must name the model and version it is published as (None: take the manifest's)."""
+    labelled = (str(manifest.get("name")), str(manifest.get("version")))
+    asked = (labelled[0] if name is None else name, labelled[1] if version is None else version)
+    if labelled != asked:
+        raise UserInputError(f"{where}: the manifest says {labelled[0]}@{labelled[1]}, not {asked[0]}@{asked[1]} "
+                             f"(convert it with --name {asked[0]} --version {asked[1]})")
 
 
 def parse_expiry(text: str) -> dict[str, timedelta]:
@@ -186,14 +195,25 @@ class Repository:
         atomic_write_bytes(self.root / "expiry.json",
                            json.dumps({r: int(d.total_seconds()) for r, d in expiry.items()}).encode())
 
-    def publish(self, artifact_dir: str | Path, name: str | None = None, version: str | None = None) -> dict[str, Any]:
-        """Pack and sign an artifact directory as ``NAME-VERSION.tar``; returns its listing entry."""
+    def publish(self, artifact_dir: str | Path, name: str | None = None, version: str | None = None,
+                allow_failed: bool = False) -> dict[str, Any]:
+        """Pack and sign an artifact directory as ``NAME-VERSION.tar``; returns its listing entry.
+
+        Refused: an artifact whose manifest names another name or version than the one asked for
+        (devices check that the manifest matches the signed target, and would refuse it), and one
+        whose report says it failed its checks, unless ``allow_failed`` — which is then signed into
+        the target's custom fields (``allow_failed``, ``failed_checks``) for devices and operators."""
         from tuf.api.metadata import TargetFile
 
+        for kind, asked in (("name", name), ("version", version)):
+            if asked is not None:
+                check_name(kind, asked)
         artifact = open_artifact(artifact_dir)
         artifact.verify()
-        name = check_name("name", artifact.manifest["name"] if name is None else name)
-        version = check_name("version", artifact.manifest["version"] if version is None else version)
+        check_labelled(artifact.manifest, name, version, artifact_dir)
+        failed = refuse_failed(artifact, allow_failed)
+        name = check_name("name", artifact.manifest["name"])
+        version = check_name("version", artifact.manifest["version"])
         path = target_name(name, version)
         with self._locked():
             _, _, targets = self.current()
@@ -211,6 +231,9 @@ class Repository:
                     "profile": artifact.manifest.get("target_profile"),
                     "quantize": artifact.manifest["model"].get("quantize"),
                 }
+                if failed:
+                    tf.unrecognized_fields["custom"].update(
+                        allow_failed=True, failed_checks=[f[:200] for f in failed[:10]])
                 Path(tmp).replace(self.targets_dir / f"{tf.hashes['sha256']}.{path}")
                 fsync_dir(self.targets_dir)
             finally:
