@@ -11,6 +11,9 @@ sinks, MQTT state and telemetry, systemd notification, and the signals.
 - No model, or a model that cannot load (its runtime is not installed, a tampered file): the agent
   stays up, says so in its state and status file, and looks at the active slot again every
   ``[model] poll_interval_s`` seconds (and on SIGHUP).
+- A slot that cannot be read or fails its hashes (at start, or when swapping or rolling back to it)
+  is named in the state's ``slot_errors`` {slot: reason}; the agent falls back to the other slot when
+  that one passed its checks before, else runs no model — it never stops for it.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ from edgeopt.agent.model import LoadedModel, NoModel, load_active_model
 from edgeopt.agent.outbox import Outbox
 from edgeopt.agent.pipeline import Pipeline
 from edgeopt.agent.sinks import Sink, make_sink
-from edgeopt.agent.statedir import StateDir
+from edgeopt.agent.statedir import SLOTS, StateDir
 from edgeopt.agent.systemd import Notifier
 from edgeopt.agent.telemetry import InferenceStats, Uptime, rss_bytes
-from edgeopt.artifact import TamperedArtifact, open_artifact
+from edgeopt.agent.update.machine import reason_text
 from edgeopt.errors import EdgeoptError
 from edgeopt.fsutil import atomic_write_json
 
@@ -67,6 +70,7 @@ class Agent:
         self.sinks: list[Sink] = []
         self.updater = None
         self.fallback_note: str | None = None
+        self.slot_errors: dict[str, str] = {}  # slot → why it cannot be used (for the state message)
         self.updates_note: str | None = None  # why updates are off, for the state message
         self.batch_observers: list = []       # shared with every pipeline (see Pipeline.observers)
         self._swap: tuple | None = None
@@ -163,6 +167,8 @@ class Agent:
             return (slot, manifest.stat().st_mtime_ns)
         except FileNotFoundError:
             return (slot, None)
+        except OSError as exc:  # unreadable: looked at again when that changes
+            return (slot, "unreadable", exc.errno)
 
     def _look_for_model(self, force: bool = False) -> None:
         """(Re)load the model when the active slot changed (or ``force``); build its pipeline."""
@@ -186,17 +192,18 @@ class Agent:
             self.model = None
             self._set_status("no model", str(exc))
             return
-        except TamperedArtifact as exc:
-            if self._fall_back(key[0], exc):
-                self._look_for_model(force=True)
-                return
-            self.model = None
-            self._set_status("error", f"model in slot {key[0]} cannot run: {exc}")
-            return
         except EdgeoptError as exc:
+            slot = key[0] if key[0] in SLOTS else None
+            problem = self.state.slot_problem(slot) if slot else None
+            if problem is not None:  # unreadable or damaged, not merely unable to run here
+                self.set_slot_error(slot, problem)
+                if self._fall_back(slot, problem):
+                    self._look_for_model(force=True)
+                    return
             self.model = None
             self._set_status("error", f"model in slot {key[0]} cannot run: {exc}")
             return
+        self.set_slot_error(model.slot, None)
         self._start_pipeline(model)
 
     def _start_pipeline(self, model: LoadedModel) -> None:
@@ -208,20 +215,39 @@ class Agent:
                  model.runtime.name)
         self._set_status("running", None)
 
-    def _fall_back(self, broken: str, exc: Exception) -> bool:
-        """The active slot fails its hashes (disk corruption, tampering): switch to the other slot if it
-        holds a model that passed its checks before (a committed update, or an installed model)."""
+    def _fall_back(self, broken: str, problem: str) -> bool:
+        """The active slot cannot be read or fails its hashes (disk corruption, tampering, permissions):
+        switch to the other slot if it holds a model that passed its checks before (a committed
+        update, or an installed model) and still verifies."""
         other = "b" if broken == "a" else "a"
         if not self.state.is_good(other):
             return False
-        try:
-            open_artifact(self.state.slot_path(other)).verify()
-        except EdgeoptError:
+        if (other_problem := self.state.slot_problem(other)) is not None:
+            self.set_slot_error(other, other_problem)
             return False
-        log.error("slot %s failed verification (%s); falling back to slot %s", broken, exc, other)
-        self.state.activate(other)
-        self.fallback_note = f"slot {broken} failed verification ({exc}); fell back to slot {other}"
+        try:
+            self.state.activate(other)
+        except EdgeoptError as exc:
+            log.error("cannot fall back to slot %s: %s", other, exc)
+            return False
+        log.error("slot %s cannot be used (%s); falling back to slot %s", broken, problem, other)
+        self.fallback_note = reason_text(f"slot {broken} failed verification ({problem}",
+                                         tail=f"); fell back to slot {other}")
         return True
+
+    def set_slot_error(self, slot: str | None, problem: str | None) -> None:
+        """Record (or, with None, clear) why ``slot`` cannot be used; it goes out in the state."""
+        if slot not in SLOTS:
+            return
+        before = self.slot_errors.get(slot)
+        if problem is None:
+            self.slot_errors.pop(slot, None)
+        else:
+            self.slot_errors[slot] = reason_text(problem)
+        if self.slot_errors.get(slot) != before:
+            if problem is not None:
+                log.error("slot %s: %s", slot, problem)
+            self.publish_state()
 
     # -- the updater's view of the agent (agent.update.updater.Host) -------------------------------------
     def current_model(self) -> dict[str, Any] | None:
@@ -236,24 +262,30 @@ class Agent:
 
     def request_swap(self, slot: str | None, model: LoadedModel | None, timeout: float = 60.0) -> bool:
         """Ask the inference loop to activate ``slot`` and run ``model`` from its next batch on (None:
-        load whatever the slot holds; slot None: no model). Returns once done (False on timeout)."""
+        load whatever the slot holds; slot None: no model). Returns once done (False on timeout, or
+        when the slot could not be activated)."""
         done = threading.Event()
+        outcome: list[bool] = []
         with self._swap_lock:
-            self._swap = (slot, model, done)
+            self._swap = (slot, model, done, outcome)
         p = self.pipeline
         if p is not None:
             p.queue.interrupt()
-        return done.wait(timeout)
+        return done.wait(timeout) and outcome == [True]
 
     def _apply_swap(self) -> None:
         with self._swap_lock:
-            slot, model, done = self._swap
+            slot, model, done, outcome = self._swap
             self._swap = None
         try:
             if slot is None:
                 self.state.deactivate()
             else:
-                self.state.activate(slot)
+                try:
+                    self.state.activate(slot)
+                except EdgeoptError:
+                    self.set_slot_error(slot, self.state.slot_problem(slot))
+                    raise
             if model is None:
                 self._look_for_model(force=True)
             elif self.pipeline is not None and self.pipeline.can_swap_to(model):
@@ -265,7 +297,10 @@ class Agent:
             else:  # different windowing: the pipeline is rebuilt (its queue is flushed first)
                 self._teardown_pipeline()
                 self._start_pipeline(model)
+            if model is not None:
+                self.set_slot_error(slot, None)
             self._model_key = self._model_identity()
+            outcome.append(True)
         except EdgeoptError as exc:
             log.error("switching to slot %s failed: %s", slot, exc)
         finally:
@@ -311,7 +346,7 @@ class Agent:
             "model": self.model.describe() if self.model else None,
             "update": update, "health": u.health() if u else None,
             "status": self.status if online else "stopped", "error": self.error, "config_error": self.config_error,
-            "fallback": self.fallback_note,
+            "fallback": self.fallback_note, "slot_errors": dict(self.slot_errors) or None,
             "sources": {n: {"type": s["type"], "status": s["status"], "error": s["error"]} for n, s in sources.items()},
             "ts": time.time(),
         }
