@@ -138,6 +138,11 @@ class UpdateSection:
     max_download_bytes: int = key(1024 * MIB, "largest artifact accepted", check=at_least(1024))
     retry_interval_s: float = key(10.0, "pause before retrying a step the network interrupted", check=at_least(0))
     max_retries: int = key(30, "retries of one step before the update is rolled back", check=at_least(0))
+    refused_retry_s: float = key(60.0, "a version refused for a transport or integrity reason (download, hash, "
+                                       "archive, signature, not yet signed) is tried again after this pause "
+                                       "while the same desired stands, doubling with each refusal; a new "
+                                       "rollout id tries it at once", check=positive)
+    refused_retry_max_s: float = key(3600.0, "longest pause between such tries", check=positive)
     self_test_timeout_s: float = key(60.0, "self-test time limit (the child process is killed after it)",
                                      check=positive)
     latency_budget_ms: float = key(0.0, "batch-1 latency budget for the self-test and probation "

@@ -14,8 +14,9 @@ update state machine (agent/update/machine.py) with the steps below, while infer
                   NaN outputs, latency p95 and confidence on live windows
     COMMITTED     the candidate stays; downloads are cleaned up
     ROLLING_BACK  the previous slot is activated and its model swapped back in
-    ROLLED_BACK   the version is remembered as refused (a retained ``desired`` naming it again does
-                  not start it again) and the reason is reported
+    ROLLED_BACK   the version is remembered as refused, with its fault class (machine.py): a
+                  transport refusal is tried again after a backoff, a behaviour refusal only when a
+                  new rollout asks for it; a retained ``desired`` never loops. The reason says which.
 
 Every transition goes out on the retained ``state`` topic with the reason. A ``desired`` that is
 not in the signed targets is refused in DOWNLOADING, before anything is written to a slot.
@@ -37,7 +38,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edgeopt.agent.update.machine import Event, RecordStore, State, UpdateMachine, UpdateRecord
+from edgeopt.agent.update.machine import (
+    MANIFEST_MISMATCH,
+    Backoff,
+    Event,
+    RecordStore,
+    State,
+    UpdateMachine,
+    UpdateRecord,
+    reason_text,
+    wanted,
+)
 from edgeopt.errors import EdgeoptError, RemoteError
 
 log = logging.getLogger("edgeopt.agent.update")
@@ -56,6 +67,8 @@ class Host(Protocol):
     def remove_batch_observer(self, fn: Callable) -> None: ...
 
     def request_swap(self, slot: str, model: Any, timeout: float = 60.0) -> bool: ...
+
+    def set_slot_error(self, slot: str, problem: str | None) -> None: ...
 
     def publish_state(self) -> None: ...
 
@@ -202,7 +215,8 @@ class Updater:
         steps.update({State.COMMITTED: self._committed, State.ROLLING_BACK: self._rolling_back,
                       State.ROLLED_BACK: self._rolled_back})
         self.machine = UpdateMachine(self.store, steps, on_transition=self._on_transition,
-                                     max_retries=self.cfg.max_retries)
+                                     max_retries=self.cfg.max_retries,
+                                     backoff=Backoff(self.cfg.refused_retry_s, self.cfg.refused_retry_max_s))
         self._desired: dict[str, Any] | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -252,17 +266,9 @@ class Updater:
             self._wake.clear()
 
     def _wanted(self) -> dict[str, Any] | None:
-        desired = self._desired
-        if desired is None:
-            return None
-        current = self.host.current_model()
-        if current and (current["name"], current["version"]) == (desired["name"], desired["version"]):
-            return None
-        last = self.record.target or {}
-        if self.record.outcome == "ROLLED_BACK" and (last.get("name"), last.get("version")) == (
-                desired["name"], desired["version"]):
-            return None  # refused before: a retained desired must not loop; a new version is needed
-        return dict(desired)
+        """The desired version to start now (machine.wanted: refused versions wait for their backoff
+        or for a new rollout)."""
+        return wanted(self._desired, self.host.current_model(), self.record.refusals, time.time()).target
 
     # -- reporting ---------------------------------------------------------------------------------
     def _on_transition(self, record: UpdateRecord) -> None:
@@ -290,7 +296,7 @@ class Updater:
         t = r.target or {}
         state = r.outcome if r.state is State.IDLE and r.outcome else str(r.state)
         return {"state": state, "target": {"name": t["name"], "version": t["version"]} if t.get("name") else None,
-                "rollout": t.get("rollout"), "reason": r.reason, "since": r.entered_at}
+                "rollout": t.get("rollout"), "reason": reason_text(r.reason), "since": r.entered_at}
 
     def health(self) -> dict[str, Any] | None:
         w = self.watch
@@ -344,8 +350,8 @@ class Updater:
             artifact = unpack_artifact(Path(t["path"]), work / "artifact")
             m = artifact.manifest
             if (str(m.get("name")), str(m.get("version"))) != (t["name"], t["version"]):
-                r.reason = (f"staged: the artifact's manifest says {m.get('name')}@{m.get('version')}, "
-                            f"not {t['name']}@{t['version']}")
+                r.reason = (f"staged: {MANIFEST_MISMATCH}: the artifact's manifest says "
+                            f"{m.get('name')}@{m.get('version')}, not {t['name']}@{t['version']}")
                 return Event.FAILED
             state.stage(artifact.root, slot)
         except EdgeoptError as exc:
@@ -353,6 +359,7 @@ class Updater:
             return Event.FAILED
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        self.host.set_slot_error(slot, None)  # whatever was wrong with the slot, it holds a new artifact now
         t["slot"] = slot
         if r.previous is not None:
             r.previous.setdefault("slot", state.active_slot())
@@ -463,7 +470,7 @@ class Updater:
         self.host.add_batch_observer(observe)
         try:
             if not self.host.request_swap(r.target["slot"], candidate):
-                r.reason = "probation: the inference loop did not take the new model in time"
+                r.reason = "probation: the inference loop did not switch to the new model"
                 return Event.FAILED
             started = time.monotonic()
             while not self._stop.is_set():
@@ -515,12 +522,19 @@ class Updater:
         if prev_slot is None and state.active_slot() == (r.target or {}).get("slot"):
             self.host.request_swap(None, None)  # a first install failed: back to no model
         elif prev_slot and state.active_slot() != prev_slot:
-            try:
-                model = self._load_slot(prev_slot)
-            except EdgeoptError as exc:  # the previous model passed its checks once; say so loudly
-                log.error("rolling back: the previous model in slot %s does not load: %s", prev_slot, exc)
-                model = None
-            self.host.request_swap(prev_slot, model)
+            if (problem := state.slot_problem(prev_slot)) is not None:
+                # the previous model passed its checks once, but its slot is unreadable or damaged now:
+                # no model rather than the candidate that just failed its own
+                log.error("rolling back: slot %s cannot be used: %s", prev_slot, problem)
+                self.host.set_slot_error(prev_slot, problem)
+                self.host.request_swap(None, None)
+            else:
+                try:
+                    model = self._load_slot(prev_slot)
+                except EdgeoptError as exc:  # say so loudly; the agent retries loading it
+                    log.error("rolling back: the previous model in slot %s does not load: %s", prev_slot, exc)
+                    model = None
+                self.host.request_swap(prev_slot, model)
         self._clean_downloads(r)
         return Event.OK
 
