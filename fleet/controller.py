@@ -17,9 +17,9 @@ import time
 from collections import Counter
 from typing import Any
 
-from edgeopt.fleet.messages import ModelRef, device_topic, encode_desired
 from edgeopt.fleet.rollout import Assignment, Decision, DeviceRecord, Phase, RolloutStatus, decide
 from edgeopt.fleet.store import FleetStore
+from edgeopt.protocol import ModelRef, device_topic, encode_desired
 
 log = logging.getLogger("edgeopt.fleet.controller")
 

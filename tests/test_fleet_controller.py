@@ -8,11 +8,11 @@ import pytest
 
 from edgeopt.fleet.controller import Controller, DesiredPublisher
 from edgeopt.fleet.db import open_database
-from edgeopt.fleet.messages import ModelRef, UpdateStatus, parse_desired, state_message
 from edgeopt.fleet.registry import Registry
 from edgeopt.fleet.rollout import Phase, apply_command, new_rollout
 from edgeopt.fleet.rollout_spec import RolloutSpec, parse_waves
 from edgeopt.fleet.store import FleetStore
+from edgeopt.protocol import ModelRef, UpdateStatus, parse_desired, state_message
 
 from fleet_helpers import sqlite_url
 

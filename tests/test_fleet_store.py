@@ -9,17 +9,17 @@ import pytest
 
 from edgeopt.errors import EnvironmentFault, RemoteError, UserInputError
 from edgeopt.fleet.db import MIGRATIONS, Database, open_database, redact
-from edgeopt.fleet.messages import (
+from edgeopt.fleet.registry import Registry
+from edgeopt.fleet.rollout import Outcome, Phase, apply_command, decide, new_rollout
+from edgeopt.fleet.rollout_spec import RolloutSpec, parse_waves
+from edgeopt.fleet.store import FleetStore
+from edgeopt.protocol import (
     Health,
     ModelRef,
     UpdateStatus,
     offline_will,
     state_message,
 )
-from edgeopt.fleet.registry import Registry
-from edgeopt.fleet.rollout import Outcome, Phase, apply_command, decide, new_rollout
-from edgeopt.fleet.rollout_spec import RolloutSpec, parse_waves
-from edgeopt.fleet.store import FleetStore
 
 from fleet_helpers import db_url  # noqa: F401  (fixture)
 

@@ -1,5 +1,6 @@
-"""The fleet's network parser: every field of state / telemetry / desired messages is validated, and
-anything malformed raises MessageError (never another exception)."""
+"""The device↔fleet protocol (``edgeopt.protocol``): every field of state / telemetry / desired
+messages is validated, anything malformed raises ProtocolError (never another exception), and what
+the encoders produce the parsers accept. The hostile corpus is in test_protocol_hostile.py."""
 
 from __future__ import annotations
 
@@ -10,16 +11,16 @@ import random
 import pytest
 
 from edgeopt.agent.update.machine import State
-from edgeopt.fleet.messages import (
+from edgeopt.protocol import (
     MAX_STATE_BYTES,
     STATE_SCHEMA,
     UPDATE_STATES,
     Desired,
     DeviceState,
     Health,
-    MessageError,
     ModelRef,
     OfflineMark,
+    ProtocolError,
     UpdateStatus,
     encode_desired,
     offline_will,
@@ -122,7 +123,7 @@ BAD_STATES = [
 
 @pytest.mark.parametrize("case,payload,needle", BAD_STATES, ids=[c[0] for c in BAD_STATES])
 def test_malformed_state_is_refused_naming_the_field(case, payload, needle):
-    with pytest.raises(MessageError, match=needle):
+    with pytest.raises(ProtocolError, match=needle):
         parse_state("dev-1", payload)
 
 
@@ -142,7 +143,7 @@ def test_random_mutations_raise_only_message_error():
             key = rng.choice(list(target) + ["extra"])
             target[key] = rng.choice(values)
             payload = json.dumps(body).encode()
-        with contextlib.suppress(MessageError):
+        with contextlib.suppress(ProtocolError):
             parse_state("dev-1", payload)
 
 
@@ -151,7 +152,7 @@ def test_device_topic():
     assert parse_device_topic("p/q", "p/q/devices/a.b_c/telemetry") == ("a.b_c", "telemetry")
     for bad in ("edgeopt/devices/dev-1/other", "edgeopt/devices/../state", "other/devices/dev-1/state",
                 "edgeopt/devices//state", "edgeopt/devices/dev-1/state/x"):
-        with pytest.raises(MessageError):
+        with pytest.raises(ProtocolError):
             parse_device_topic("edgeopt", bad)
 
 
@@ -174,7 +175,7 @@ def test_telemetry_agent_shape_and_flat_shape():
     (b"x" * 70_000, "exceeds"),
 ])
 def test_malformed_telemetry(payload, needle):
-    with pytest.raises(MessageError, match=needle):
+    with pytest.raises(ProtocolError, match=needle):
         parse_telemetry("dev-1", payload)
 
 
@@ -184,12 +185,12 @@ def test_desired_round_trip_and_clear():
     assert encode_desired(None, "r-1") == b"" and parse_desired(b"") == Desired(None, None)
     for bad in (b"[]", enc({"name": "kws"}), enc({"name": "kws", "version": "../1"}),
                 enc({"name": "kws", "version": "1", "rollout": 5})):
-        with pytest.raises(MessageError):
+        with pytest.raises(ProtocolError):
             parse_desired(bad)
 
 
 def test_model_ref_parse():
     assert ModelRef.parse("kws@2.1") == ModelRef("kws", "2.1") and str(ModelRef("a", "b")) == "a@b"
     for bad in ("kws", "kws@", "@1", "a/b@1", "kws@1@2", "..@1"):
-        with pytest.raises(MessageError):
+        with pytest.raises(ProtocolError):
             ModelRef.parse(bad)
