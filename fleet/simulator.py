@@ -211,6 +211,8 @@ class SimDevice:
         self.stats: Counter[str] = Counter()
         self.repo_handler = None
         self.state_topic = device_topic(cfg.prefix, self.device_id, "state")
+        self.desired_topic = device_topic(cfg.prefix, self.device_id, "desired")
+        self.response_topic = response_topic(cfg.prefix, self.device_id)
         self.client = make_client(self.device_id, cfg.broker,
                                   will=(self.state_topic, offline_will(self.device_id), 1, True))
         self.client.on_connect = self._on_connect
@@ -235,9 +237,7 @@ class SimDevice:
         if reason_code.is_failure:
             log.warning("%s: broker refused the connection: %s", self.device_id, reason_code)
             return
-        prefix = self.sim.config.prefix
-        client.subscribe([(device_topic(prefix, self.device_id, "desired"), 1),
-                          (response_topic(prefix, self.device_id), 1)])
+        client.subscribe([(self.desired_topic, 1), (self.response_topic, 1)])
         self.publish_state()
         self.connected.set()
 
@@ -258,16 +258,19 @@ class SimDevice:
     def _on_message(self, client, userdata, msg) -> None:
         self.stats["received"] += 1
         self.stats["received_bytes"] += len(msg.payload)
-        if msg.topic.endswith("/desired"):
+        if msg.topic == self.desired_topic:
             try:
                 desired = parse_desired(msg.payload)
             except ProtocolError as exc:
-                self.stats["malformed_desired"] += 1
+                self.stats[f"rejected_desired_{exc.code}"] += 1
                 log.warning("%s: dropped malformed desired: %s", self.device_id, exc)
                 return
             self.on_desired(desired)
-        elif self.repo_handler is not None:
-            self.repo_handler(msg.topic, msg.payload)
+        elif msg.topic == self.response_topic:
+            if self.repo_handler is not None:
+                self.repo_handler(msg.topic, msg.payload)
+        else:  # another device's message (a broker handing out every retained desired): never act on it
+            self.stats["wrong_topic"] += 1
 
     def publish_state(self) -> None:
         if self.silenced:
