@@ -56,7 +56,7 @@ CODE_RE = re.compile(r"[a-z][a-z0-9_]{0,31}\Z")                  # keys of rejec
 
 # -- size limits --------------------------------------------------------------------------------------
 MAX_DESIRED_BYTES = 1024
-MAX_STATE_BYTES = 64 * 1024   # the largest state the encoder can produce is ~42 KB (a test checks)
+MAX_STATE_BYTES = 64 * 1024   # the largest state the encoder lets through is ~39 KB (a test checks)
 MAX_TELEMETRY_BYTES = 64 * 1024
 MAX_REQUEST_BYTES = 1024
 MAX_HEADER_BYTES = 4096
@@ -431,6 +431,7 @@ def encode_state(state: DeviceState | OfflineMark) -> bytes:
     """The ``edgeopt.state/1`` payload: free texts sanitized, then checked by ``parse_state`` itself, so
     an identifier or number that breaks its rule raises ``ProtocolError`` here instead of being sent
     and dropped. ``rejected_messages`` and ``slot_errors`` are left out when None."""
+    _id(state.device_id, "device_id", DEVICE_ID_RE, optional=False)  # the parser takes it from the topic
     if isinstance(state, OfflineMark):
         body: dict[str, Any] = {"schema": STATE_SCHEMA, "device_id": state.device_id, "online": False}
     else:
@@ -460,9 +461,10 @@ def encode_state(state: DeviceState | OfflineMark) -> bytes:
 
 
 def _dump_checked(body: dict[str, Any], what: str) -> bytes:
+    """JSON for a body the caller then parses: a NaN is written here so the parser names its field."""
     try:
-        return dump(body)
-    except (TypeError, ValueError) as exc:  # NaN, a value JSON has no form for
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    except (TypeError, ValueError) as exc:  # a value JSON has no form for
         raise ProtocolError(f"{what} cannot be encoded: {str(exc)[:80]}", "bad_json") from None
 
 
