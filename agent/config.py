@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from edgeopt.errors import UserInputError, closest
-from edgeopt.protocol import DEVICE_ID_RE, LABEL_KEY_RE, LABEL_VALUE_RE
+from edgeopt.protocol import DEVICE_ID_RE, LABEL_KEY_RE, LABEL_VALUE_RE, MAX_LABELS
 
 MIB = 1024 * 1024
 
@@ -475,6 +475,8 @@ def parse_config(data: dict[str, Any], file: str = "agent.toml") -> AgentConfig:
         if not LABEL_KEY_RE.fullmatch(k) or not LABEL_VALUE_RE.fullmatch(v):
             raise UserInputError(f"{file}: [agent] labels: {item!r}: keys take letters, digits, '_', '.', '-'; "
                                  f"values also ':', '/', '@', '+' (the fleet refuses other labels)")
+    if len(sections["agent"].labels) > MAX_LABELS:
+        raise UserInputError(f"{file}: [agent] labels: at most {MAX_LABELS} (the fleet refuses more)")
     identity = sections["agent"]
     if not DEVICE_ID_RE.fullmatch(identity.device_id or socket.gethostname()):
         raise UserInputError(f"{file}: [agent] device_id {identity.device_id or socket.gethostname()!r}: use letters, "

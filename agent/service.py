@@ -37,6 +37,7 @@ from edgeopt.artifact import TamperedArtifact, open_artifact
 from edgeopt.errors import EdgeoptError
 from edgeopt.fsutil import atomic_write_json
 from edgeopt.protocol import (
+    MAX_SOURCES,
     ROLLOUT_ID_RE,
     DeviceState,
     Health,
@@ -342,7 +343,8 @@ class Agent:
             ts=time.time(), model_slot=model.slot if ref else None, model_runtime=model.runtime.name if ref else None,
             status=self.status if online else "stopped", error=error, config_error=self.config_error,
             fallback=self.fallback_note,
-            sources={n: SourceStatus(s["type"], s["status"], s["error"]) for n, s in sources.items()},
+            sources={n: SourceStatus(s["type"], s["status"], s["error"])
+                     for n, s in list(sources.items())[:MAX_SOURCES]},  # the protocol's bound
             rejected_messages=self.rejected.snapshot())
 
     def _on_unmatched(self, topic: str) -> None:
