@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from edgeopt.errors import UserInputError, closest
+from edgeopt.protocol import DEVICE_ID_RE, LABEL_KEY_RE, LABEL_VALUE_RE, MAX_LABELS
 
 MIB = 1024 * 1024
 
@@ -476,6 +477,17 @@ def parse_config(data: dict[str, Any], file: str = "agent.toml") -> AgentConfig:
         k, sep, v = item.partition("=")
         if not sep or not k:
             raise UserInputError(f"{file}: [agent] labels: {item!r} is not \"key=value\"")
+        if not LABEL_KEY_RE.fullmatch(k) or not LABEL_VALUE_RE.fullmatch(v):
+            raise UserInputError(f"{file}: [agent] labels: {item!r}: keys take letters, digits, '_', '.', '-'; "
+                                 f"values also ':', '/', '@', '+' (the fleet refuses other labels)")
+    if len(sections["agent"].labels) > MAX_LABELS:
+        raise UserInputError(f"{file}: [agent] labels: at most {MAX_LABELS} (the fleet refuses more)")
+    identity = sections["agent"]
+    if not DEVICE_ID_RE.fullmatch(identity.device_id or socket.gethostname()):
+        raise UserInputError(f"{file}: [agent] device_id {identity.device_id or socket.gethostname()!r}: use letters, "
+                             f"digits, '.', '_', '-' (at most 64; it is part of every MQTT topic)")
+    if identity.profile and not LABEL_KEY_RE.fullmatch(identity.profile):
+        raise UserInputError(f"{file}: [agent] profile {identity.profile!r}: use letters, digits, '.', '_', '-'")
     if mqtt.reconnect_max_s < mqtt.reconnect_min_s:
         raise UserInputError(f"{file}: [mqtt] reconnect_max_s must be >= reconnect_min_s")
     return AgentConfig(**sections, sources=sources, sinks=sinks)

@@ -35,14 +35,30 @@ from edgeopt.agent.pipeline import Pipeline
 from edgeopt.agent.sinks import Sink, make_sink
 from edgeopt.agent.statedir import SLOTS, StateDir
 from edgeopt.agent.systemd import Notifier
-from edgeopt.agent.telemetry import InferenceStats, Uptime, rss_bytes
+from edgeopt.agent.telemetry import InferenceStats, RejectedMessages, Uptime, rss_bytes
 from edgeopt.agent.update.machine import reason_text
 from edgeopt.errors import EdgeoptError
 from edgeopt.fsutil import atomic_write_json
+from edgeopt.protocol import (
+    MAX_SOURCES,
+    ROLLOUT_ID_RE,
+    DeviceState,
+    Health,
+    ModelRef,
+    ProtocolError,
+    SourceStatus,
+    UpdateStatus,
+    clean_text,
+    encode_state,
+    encode_telemetry,
+    is_name,
+    matches,
+    offline_will,
+    parse_device_topic,
+)
 
 log = logging.getLogger("edgeopt.agent")
 
-STATE_SCHEMA = "edgeopt.state/1"
 EXIT_OK = 0
 EXIT_SOURCE_FAILED = 1
 
@@ -53,6 +69,8 @@ class Agent:
         self.notifier = Notifier(config.systemd.notify)
         self.uptime = Uptime()
         self.stats = InferenceStats()
+        self.rejected = RejectedMessages()  # network messages refused, by topic kind and reason (kept across reloads)
+        self._rejected_published = 0
         self.totals: Counter[str] = Counter()  # counters of pipelines already torn down
         self.pipeline: Pipeline | None = None
         self.model: LoadedModel | None = None
@@ -105,10 +123,10 @@ class Agent:
             from edgeopt.agent.sinks.mqtt import ResultPublisher
             from edgeopt.agent.transport import MqttTransport
 
-            will = json.dumps({"schema": STATE_SCHEMA, "device_id": cfg.device_id, "online": False}).encode()
             self.transport = MqttTransport(cfg.mqtt, cfg.mqtt.client_id or f"edgeopt-agent-{cfg.device_id}",
-                                           cfg.topic("state"), will)
+                                           cfg.topic("state"), offline_will(cfg.device_id))
             self.transport.on_connect_hooks.append(self.publish_state)
+            self.transport.on_unmatched = self._on_unmatched
             if any(s.type == "mqtt" for s in cfg.sinks):
                 self.outbox = Outbox(cfg.outbox_dir, cfg.outbox.max_bytes, cfg.outbox.segment_bytes,
                                      cfg.outbox.fsync_interval_s)
@@ -331,25 +349,48 @@ class Agent:
             self.write_status()
 
     def _state_payload(self, online: bool = True) -> bytes:
-        return json.dumps(self.state_message(online), separators=(",", ":")).encode()
+        try:
+            return encode_state(self.device_state(online))
+        except ProtocolError as exc:  # a bug or a value the protocol refuses: still tell the fleet we are here
+            log.error("the state message breaks the protocol (%s); sending a minimal one", exc)
+            return encode_state(DeviceState(self.config.device_id, online, status="error",
+                                            error=f"state message refused by the protocol: {exc}"))
 
     def state_message(self, online: bool = True) -> dict[str, Any]:
-        """The retained state (``edgeopt.state/1``, parsed by fleet/messages.py)."""
+        """The retained state exactly as published (``edgeopt.protocol.encode_state``)."""
+        return json.loads(self._state_payload(online))
+
+    def device_state(self, online: bool = True) -> DeviceState:
         p = self.pipeline
         sources = p.source_stats() if p else getattr(self, "_source_history", {})
         u = self.updater
-        update = u.status() if u else {"state": "IDLE", "target": None, "rollout": None, "reason": self.updates_note,
-                                       "since": 0.0}
-        return {
-            "schema": STATE_SCHEMA, "device_id": self.config.device_id, "online": online,
-            "agent_version": __version__, "profile": self.config.agent.profile or None, "labels": self.config.labels,
-            "model": self.model.describe() if self.model else None,
-            "update": update, "health": u.health() if u else None,
-            "status": self.status if online else "stopped", "error": self.error, "config_error": self.config_error,
-            "fallback": self.fallback_note, "slot_errors": dict(self.slot_errors) or None,
-            "sources": {n: {"type": s["type"], "status": s["status"], "error": s["error"]} for n, s in sources.items()},
-            "ts": time.time(),
-        }
+        update = _update_status(u.status()) if u else UpdateStatus("IDLE", reason=self.updates_note)
+        health = u.health() if u else None
+        model = self.model
+        error = self.error
+        ref = ModelRef(model.name, model.version) if model else None
+        if ref is not None and not (is_name(ref.name) and is_name(ref.version)):
+            error, ref = f"the model in slot {model.slot} names itself {clean_text(str(ref), 100)}, which the " \
+                         f"protocol refuses; reported without a model", None
+        return DeviceState(
+            self.config.device_id, online, agent_version=__version__, profile=self.config.agent.profile or None,
+            labels=self.config.labels, model=ref, update=update, health=None if health is None else Health(**health),
+            ts=time.time(), model_slot=model.slot if ref else None, model_runtime=model.runtime.name if ref else None,
+            status=self.status if online else "stopped", error=error, config_error=self.config_error,
+            fallback=self.fallback_note,
+            sources={n: SourceStatus(s["type"], s["status"], s["error"])
+                     for n, s in list(sources.items())[:MAX_SOURCES]},  # the protocol's bound
+            rejected_messages=self.rejected.snapshot(), slot_errors=dict(self.slot_errors) or None)
+
+    def _on_unmatched(self, topic: str) -> None:
+        """A message on a topic this agent did not subscribe to (a broker handing out another
+        device's retained message): refused and counted."""
+        try:
+            device, kind = parse_device_topic(self.config.mqtt.prefix, topic)
+        except ProtocolError:
+            self.rejected.add("other", "bad_topic")
+            return
+        self.rejected.add(kind, "wrong_device" if device != self.config.device_id else "unexpected")
 
     def publish_state(self) -> None:
         t = self.transport
@@ -381,6 +422,7 @@ class Agent:
             "first_inference": self.stats.first_inference, "last_inference": self.stats.last_inference,
             "sources": p.source_stats() if p else getattr(self, "_source_history", {}),
             "outbox": self.publisher.stats() if self.publisher else None,
+            "rejected_messages": self.rejected.snapshot(),
         }
         if self.transport is not None:
             out["mqtt"] = {"connected": self.transport.connected.is_set(), "connects": self.transport.connects,
@@ -403,7 +445,11 @@ class Agent:
                 self.write_status(snapshot)
                 t = self.transport
                 if t is not None and t.connected.is_set():
-                    t.publish(self.config.topic("telemetry"), json.dumps(snapshot, separators=(",", ":")).encode())
+                    t.publish(self.config.topic("telemetry"), encode_telemetry(self.config.device_id, snapshot))
+                    changes = self.rejected.changes
+                    if changes != self._rejected_published:  # new refusals reach the retained state too
+                        self._rejected_published = changes
+                        self.publish_state()
             except Exception:  # telemetry must never take the agent down
                 log.exception("telemetry failed")
 
@@ -485,3 +531,16 @@ class Agent:
         self._close_io(deadline)
         self.notifier.close()
         log.info("stopped after %d window(s) in %d batch(es)", self.stats.windows_out, self.stats.batches)
+
+
+def _update_status(u: dict[str, Any]) -> UpdateStatus:
+    """The updater's ``status()`` as the protocol's ``UpdateStatus``."""
+    t = u.get("target")
+    target = ModelRef(t["name"], t["version"]) if t else None
+    reason = u.get("reason")
+    if target is not None and not (is_name(target.name) and is_name(target.version)):
+        # a record written before names were matched whole (a version ending in a newline): report the
+        # update without its target rather than send a state the fleet drops
+        reason, target = f"target {clean_text(str(target), 80)} refused by the protocol; {reason or ''}", None
+    rollout = u.get("rollout") if matches(ROLLOUT_ID_RE, u.get("rollout")) else None
+    return UpdateStatus(u["state"], target, rollout, reason, u.get("since") or 0.0)

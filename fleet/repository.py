@@ -30,18 +30,16 @@ from typing import Any
 from edgeopt.artifact import open_artifact, pack_artifact, refuse_failed
 from edgeopt.errors import UserInputError
 from edgeopt.fsutil import atomic_write_bytes, fsync_dir
+from edgeopt.protocol import REPO_PATH_RE, is_name, matches
 from edgeopt.signing import generate_key, load_signer
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 DEFAULT_EXPIRY = {"root": timedelta(days=365), "targets": timedelta(days=90), "snapshot": timedelta(days=7),
                   "timestamp": timedelta(days=1)}
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
-# what a device may ask the repository server for: one level under metadata/ or targets/
-REPO_PATH_RE = re.compile(r"^(metadata|targets)/[A-Za-z0-9][A-Za-z0-9_.+-]{0,200}$")
 
 
 def check_name(kind: str, value: str) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
+    if not is_name(value):
         raise UserInputError(f"invalid model {kind} {value!r}: use letters, digits, '.', '_', '+', '-' "
                              f"(at most 64, no '..', no '/')")
     return value
@@ -163,7 +161,7 @@ class Repository:
         Request paths come from the network: they must match ``REPO_PATH_RE`` (no '/', no '..' in
         the file name), and the result must still lie inside the repository.
         """
-        if not isinstance(repo_path, str) or not REPO_PATH_RE.match(repo_path) or ".." in repo_path:
+        if not matches(REPO_PATH_RE, repo_path) or ".." in repo_path:
             return None
         path = (self.root / repo_path).resolve()
         base = (self.root / repo_path.split("/", 1)[0]).resolve()

@@ -35,8 +35,8 @@ from enum import StrEnum
 from typing import Any
 
 from edgeopt.errors import UserInputError
-from edgeopt.fleet.messages import Health, ModelRef, Telemetry, UpdateStatus
 from edgeopt.fleet.rollout_spec import Gates, RolloutSpec, plan_waves, selector_text
+from edgeopt.protocol import Health, ModelRef, Telemetry, UpdateStatus
 
 
 class Phase(StrEnum):
@@ -114,6 +114,7 @@ class DeviceRecord:
     failed_reason: str | None = None
     failed_at: float | None = None
     last_seen: float | None = None
+    rejected_messages: dict[str, dict[str, int]] | None = None  # what the device refused, as it last reported
 
 
 @dataclass(frozen=True)

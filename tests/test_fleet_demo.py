@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from edgeopt.agent.update.selftest import check_artifact
 from edgeopt.artifact import open_artifact
 from edgeopt.fleet.repository import Repository
+from edgeopt.golden_vectors import check_artifact
 
 pytestmark = pytest.mark.slow
 

@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from edgeopt.fleet.messages import ModelRef
 from edgeopt.fleet.rollout import Phase
 from edgeopt.fleet.rollout_spec import parse_waves
 from edgeopt.fleet.simulator import FailurePlan
+from edgeopt.protocol import ModelRef
 
 from fleet_helpers import FleetRig, db_url, sqlite_url, tuned_mosquitto  # noqa: F401  (db_url: fixture)
 

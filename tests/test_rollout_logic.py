@@ -9,7 +9,6 @@ import itertools
 import pytest
 
 from edgeopt.errors import UserInputError
-from edgeopt.fleet.messages import Health, ModelRef, Telemetry, UpdateStatus
 from edgeopt.fleet.rollout import (
     Assignment,
     DeviceRecord,
@@ -34,6 +33,7 @@ from edgeopt.fleet.rollout_spec import (
     plan_waves,
     wave_sizes,
 )
+from edgeopt.protocol import Health, ModelRef, Telemetry, UpdateStatus
 
 V1, V2 = ModelRef("kws", "1"), ModelRef("kws", "2")
 

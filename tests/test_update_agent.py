@@ -76,8 +76,8 @@ def test_happy_path_commits_v2_and_no_window_is_lost_across_the_switch(rig, arti
 def test_state_topic_reports_each_transition(rig, artifacts, tmp_path):
     import threading
 
-    from edgeopt.fleet.messages import parse_state
     from edgeopt.mqtt import connect, make_client
+    from edgeopt.protocol import parse_state
 
     seen: list[str] = []
     lock = threading.Lock()

@@ -30,7 +30,7 @@ V2 = {"name": "imu", "version": "2", "rollout": "r1"}
 RUNNING_V1 = {"name": "imu", "version": "1", "slot": "a", "runtime": "onnxruntime"}
 BACKOFF = Backoff(60.0, 3600.0)
 
-# Every reason word DeviceTrust (agent/update/trust.py) gives a refusal, and the other texts the
+# Every reason word DeviceTrust (sdk/repo_client.py) gives a refusal, and the other texts the
 # DOWNLOADING / VERIFYING / STAGED steps write: all are about getting intact, signed bytes.
 TRANSPORT_REASONS = [
     (State.DOWNLOADING, "repository unreachable: no reply within 2 s"),

@@ -25,7 +25,6 @@ not in the signed targets is refused in DOWNLOADING, before anything is written 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import queue
 import shutil
@@ -50,15 +49,16 @@ from edgeopt.agent.update.machine import (
     wanted,
 )
 from edgeopt.errors import EdgeoptError, RemoteError
+from edgeopt.protocol import ProtocolError, parse_desired
 
 log = logging.getLogger("edgeopt.agent.update")
-MAX_DESIRED_BYTES = 1024
 
 
 class Host(Protocol):
     """What the updater needs from the running agent."""
 
     state: Any  # agent.statedir.StateDir
+    rejected: Any  # agent.telemetry.RejectedMessages: refused network messages by topic kind and reason
 
     def current_model(self) -> dict[str, Any] | None: ...
 
@@ -71,26 +71,6 @@ class Host(Protocol):
     def set_slot_error(self, slot: str, problem: str | None) -> None: ...
 
     def publish_state(self) -> None: ...
-
-
-def parse_desired(payload: bytes) -> dict[str, Any] | None:
-    """The retained ``desired`` message → {name, version, rollout} (None: cleared). Raises ValueError."""
-    from edgeopt.fleet.repository import NAME_RE
-
-    if not payload:
-        return None
-    if len(payload) > MAX_DESIRED_BYTES:
-        raise ValueError(f"desired message of {len(payload)} bytes exceeds {MAX_DESIRED_BYTES}")
-    obj = json.loads(payload)
-    if not isinstance(obj, dict):
-        raise ValueError("desired is not a JSON object")
-    name, version, rollout = obj.get("name"), obj.get("version"), obj.get("rollout")
-    for field, value in (("name", name), ("version", version)):
-        if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
-            raise ValueError(f"desired.{field} is malformed: {str(value)[:60]!r}")
-    if rollout is not None and (not isinstance(rollout, str) or not NAME_RE.match(rollout)):
-        raise ValueError(f"desired.rollout is malformed: {str(rollout)[:60]!r}")
-    return {"name": name, "version": version, "rollout": rollout}
 
 
 def top1_confidence(outputs: dict[str, np.ndarray]) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -185,9 +165,7 @@ class _TopicsOver:
 
 class Updater:
     def __init__(self, host: Host, config, transport, device_id: str):
-        from edgeopt.agent.update.fetcher import MqttFetcher
-        from edgeopt.agent.update.link import MqttRepoLink
-        from edgeopt.agent.update.trust import DeviceTrust
+        from edgeopt.repo_client import DeviceTrust, MqttFetcher, MqttRepoLink
 
         self.host, self.cfg, self.transport, self.device_id = host, config.update, transport, device_id
         self.model_cfg = config.model
@@ -202,7 +180,8 @@ class Updater:
                 raise EdgeoptError(f"updates need a pinned root: set [update] root (provisioned metadata/root.json) "
                                    f"or place it at {pinned}")
             shutil.copyfile(self.cfg.root, pinned)
-        link = MqttRepoLink(_TopicsOver(transport), device_id, self.prefix)
+        link = MqttRepoLink(_TopicsOver(transport), device_id, self.prefix,
+                            on_rejected=lambda exc: host.rejected.add("repo", exc.code))
         self.fetcher = MqttFetcher(link, chunk_size=self.cfg.chunk_bytes, timeout=self.cfg.request_timeout_s,
                                    retries=self.cfg.request_retries, max_total=self.cfg.max_download_bytes,
                                    partial_dir=self.root / "downloads" / "partial")
@@ -222,7 +201,6 @@ class Updater:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.watch: Watch | None = None
-        self.rejected_messages = 0
         self.record = self.store.load()
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -240,11 +218,13 @@ class Updater:
 
     def _on_desired(self, payload: bytes) -> None:
         try:
-            self._desired = parse_desired(payload)
-        except (ValueError, UnicodeDecodeError) as exc:
-            self.rejected_messages += 1
+            desired = parse_desired(payload)
+        except ProtocolError as exc:
+            self.host.rejected.add("desired", exc.code)
             log.warning("ignored a malformed desired message: %s", exc)
             return
+        m = desired.model
+        self._desired = None if m is None else {"name": m.name, "version": m.version, "rollout": desired.rollout}
         self._wake.set()
 
     def _run(self) -> None:
@@ -311,7 +291,7 @@ class Updater:
         self._stop.wait(seconds)
 
     def _downloading(self, r: UpdateRecord) -> Event:
-        from edgeopt.agent.update.trust import UpdateRefused
+        from edgeopt.repo_client import UpdateRefused
 
         t = r.target
         try:
