@@ -10,6 +10,7 @@ import pytest
 
 from edgeopt.agent.update.machine import (
     BEHAVIOUR_STATES,
+    INCONCLUSIVE,
     MANIFEST_MISMATCH,
     REFUSALS_KEEP,
     TRANSITIONS,
@@ -50,6 +51,8 @@ TRANSPORT_REASONS = [
     (State.STAGED, "staged: no space left on device while writing /var/lib/edgeopt-agent/slots/b"),
     (State.STAGED, "staged: OSError: [Errno 5] Input/output error"),
     (None, "update record unreadable"),
+    # too few live windows to compare: proved nothing about the candidate
+    (State.SHADOW, f"shadow: {INCONCLUSIVE}: only 12 of 200 live windows within 120 s"),
 ]
 BEHAVIOUR_REASONS = [
     (State.STAGED, f"staged: {MANIFEST_MISMATCH}: the artifact's manifest says imu@2, not imu@3"),

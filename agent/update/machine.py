@@ -22,7 +22,8 @@ that memory and the time — decides which version to start now:
                             rollback): tried again after a capped exponential backoff while the
                             same desired stands, at once when a new rollout asks for it;
     refused for behaviour   (self-test, shadow, probation, or a manifest contradicting its signed
-                            name and version): not again within that rollout — a new rollout id
+                            name and version; a shadow run that got too few live windows in time
+                            proved nothing and counts as transport): not again within that rollout — a new rollout id
                             asking for it is the operator saying something was fixed.
 """
 
@@ -101,12 +102,17 @@ BEHAVIOUR_STATES = (State.SELF_TEST, State.SHADOW, State.PROBATION)
 # The STAGED reason word for an archive whose manifest names another model or version than its
 # signed target: the artifact was built wrong (the repository's bytes are what was signed).
 MANIFEST_MISMATCH = "manifest_mismatch"
+# The SHADOW reason word for a comparison that got too few live windows in time: it proved nothing
+# about the candidate (a quiet sensor, a slow board), so it is tried again like a transport fault.
+INCONCLUSIVE = "inconclusive"
 REFUSALS_KEEP = 32
 REASON_LIMIT = 200
 
 
 def fault_of(failed_in: State | None, reason: str | None) -> Fault:
     """The fault class of a refusal, from the state whose step failed and its reason text."""
+    if failed_in is State.SHADOW and (reason or "").startswith(f"shadow: {INCONCLUSIVE}"):
+        return Fault.TRANSPORT
     if failed_in in BEHAVIOUR_STATES:
         return Fault.BEHAVIOUR
     if failed_in is State.STAGED and (reason or "").startswith(f"staged: {MANIFEST_MISMATCH}"):

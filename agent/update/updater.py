@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgeopt.agent.update.machine import (
+    INCONCLUSIVE,
     MANIFEST_MISMATCH,
     Backoff,
     Event,
@@ -386,7 +387,7 @@ class Updater:
         try:
             while watch.compared < n and not self._stop.is_set():
                 if time.monotonic() > deadline:
-                    r.reason = f"shadow: only {watch.compared} of {n} live windows within {self.cfg.shadow_timeout_s:g} s"
+                    r.reason = f"shadow: {INCONCLUSIVE}: only {watch.compared} of {n} live windows within {self.cfg.shadow_timeout_s:g} s"
                     return Event.FAILED
                 try:
                     windows, current = batches.get(timeout=0.5)
