@@ -26,7 +26,7 @@ from pathlib import Path
 
 from edgeopt.errors import UserInputError
 from edgeopt.fsutil import atomic_write_bytes
-from edgeopt.repo_protocol import DEVICE_ID_RE
+from edgeopt.protocol import DEVICE_ID_RE
 
 SERVICE_USER = "edgeopt-fleet"
 PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for its $7$ (PBKDF2-SHA512) format
@@ -188,7 +188,7 @@ class BrokerSecurity:
 
     def add_device(self, device_id: str, replace: bool = False) -> str:
         """Give ``device_id`` a new random password (written to the password file); returns it."""
-        if not DEVICE_ID_RE.match(device_id) or device_id == SERVICE_USER:
+        if not DEVICE_ID_RE.fullmatch(device_id) or device_id == SERVICE_USER:
             raise UserInputError(f"device id {device_id!r}: use letters, digits, '.', '_', '-' (at most 64), "
                                  f"not '{SERVICE_USER}'")
         lines = (self.dir / "passwd").read_text().splitlines()

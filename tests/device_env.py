@@ -21,24 +21,31 @@ from dist_build import ROOT, build_dists, wheel_content_key
 BUILD = Path(os.environ.get("EDGEOPT_DEVICE_BUILD", ROOT / "build" / "device"))
 
 # Run by an installed Python: walks the installed edgeopt.agent (not a list) and imports every
-# module, then the sdk modules and third-party packages the agent reaches for at run time (signed
-# updates, MQTT, the ONNX and LiteRT runtimes); prints one JSON line about what it found.
+# module, then every edgeopt module those import anywhere (also inside functions: found in their
+# source) and the third-party packages the agent reaches for at run time (signed updates, MQTT, the
+# ONNX and LiteRT runtimes); prints one JSON line about what it found.
 IMPORT_EVERY_AGENT_MODULE = """
-import importlib, importlib.util, json, pkgutil, platform, sys
+import ast, importlib, importlib.util, json, pkgutil, platform, sys
 import edgeopt.agent
 agent = sorted(m.name for m in pkgutil.walk_packages(edgeopt.agent.__path__, "edgeopt.agent."))
+used = set()
 for name in agent:
-    importlib.import_module(name)
-for name in ("edgeopt.runtime.onnxruntime", "edgeopt.runtime.litert", "edgeopt.mqtt", "edgeopt.cli"):
+    module = importlib.import_module(name)
+    for node in ast.walk(ast.parse(open(module.__file__).read())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("edgeopt."):
+            used.add(node.module)
+        elif isinstance(node, ast.Import):
+            used.update(a.name for a in node.names if a.name.startswith("edgeopt."))
+sdk = sorted(m for m in used if not m.startswith("edgeopt.agent"))
+for name in sdk + ["edgeopt.runtime.onnxruntime", "edgeopt.runtime.litert"]:  # the runtimes' entry points
     importlib.import_module(name)
 import tuf.ngclient, securesystemslib.signer, paho.mqtt.client, onnxruntime
 import cryptography.hazmat.primitives.asymmetric.ed25519  # securesystemslib verifies Ed25519 with it
 litert = importlib.util.find_spec("ai_edge_litert") is not None
 if litert:
     import ai_edge_litert.interpreter
-print(json.dumps({"agent": agent, "file": edgeopt.agent.__file__, "machine": platform.machine(), "litert": litert,
-                  "edgeopt": sorted(m for m in sys.modules if m.startswith("edgeopt")),
-                  "loaded": sorted(m for m in sys.modules if "." not in m),
+print(json.dumps({"agent": agent, "sdk": sdk, "file": edgeopt.agent.__file__, "machine": platform.machine(),
+                  "litert": litert, "loaded": sorted(m for m in sys.modules if "." not in m),
                   "installed": {m: importlib.util.find_spec(m) is not None
                                 for m in ("onnx", "onnxslim", "onnx_ir", "sympy", "torch", "tvm", "coremltools",
                                           "amqtt", "psycopg")}}))

@@ -7,7 +7,15 @@ import stat
 
 import pytest
 
-from edgeopt.artifact import TamperedArtifact, pack_artifact, unpack_artifact
+from edgeopt.artifact import (
+    GOLDEN,
+    REPORT,
+    TamperedArtifact,
+    file_hashes,
+    pack_artifact,
+    report_failures,
+    unpack_artifact,
+)
 from edgeopt.errors import UserInputError
 from edgeopt.fleet.repository import Repository, parse_expiry
 
@@ -60,6 +68,54 @@ def test_publish_refuses_tampered_artifacts_and_bad_names(repo, tmp_path):
     for name, version in (("../evil", "1"), ("kws", "1/2"), ("a..b", "1"), ("", "1")):
         with pytest.raises(UserInputError, match="invalid model"):
             repo.publish(good, name, version)
+
+
+def test_publish_refuses_an_artifact_whose_manifest_names_another_model_or_version(repo, tmp_path):
+    art = fake_artifact(tmp_path / "a", "imu", "2")
+    for name, version in (("imu", "3"), ("kws", "2"), ("kws", "3"), (None, "3"), ("kws", None)):
+        with pytest.raises(UserInputError) as exc:
+            repo.publish(art, name, version)
+        asked = f"{name or 'imu'}@{version or '2'}"
+        assert f"the manifest says imu@2, not {asked}" in str(exc.value) and "\n" not in str(exc.value)
+    assert repo.list_models() == []
+    res = run_cli("fleet", "publish", art, "--repo", repo.root, "--name", "imu", "--version", "3")
+    assert res.code == 2 and res.err.strip().count("\n") == 0 and "Traceback" not in res.err, res.err
+    assert "the manifest says imu@2, not imu@3" in res.err and str(art) in res.err
+    assert repo.publish(art, "imu", "2")["target"] == "imu-2.tar"
+    assert repo.publish(fake_artifact(tmp_path / "b", "imu", "4"))["target"] == "imu-4.tar"  # the manifest's
+
+
+def _failed(art, report: dict):
+    (art / REPORT).write_text(json.dumps(report))
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["files"] = file_hashes(art, ["model.onnx", GOLDEN, REPORT])
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    return art
+
+
+def test_report_failures():
+    assert report_failures({}) == [] and report_failures({"status": "ok", "failures": []}) == []
+    assert report_failures({"status": "failed", "failures": ["fit: 3 MiB over"]}) == ["fit: 3 MiB over"]
+    assert report_failures({"status": "failed"}) == ["status: failed"]
+    assert report_failures({"fit": {"ok": False, "profile": "esp32"}}) == ["does not fit profile esp32"]
+    assert report_failures({"fit": {"ok": True}, "status": "ok"}) == []
+    assert report_failures([]) == ["report.json is not a JSON object"]
+
+
+def test_publish_refuses_a_failed_conversion_unless_allowed_and_signs_that_it_was(repo, tmp_path):
+    failure = "accuracy drop 4.20 (top1) exceeds --max-accuracy-drop 1.0"
+    art = _failed(fake_artifact(tmp_path / "a"), {"status": "failed", "failures": [failure]})
+    with pytest.raises(UserInputError, match="report.json: the conversion failed its checks .*--allow-failed"):
+        repo.publish(art)
+    res = run_cli("fleet", "publish", art, "--repo", repo.root)
+    assert res.code == 2 and failure in res.err and "--allow-failed" in res.err and repo.list_models() == []
+    res = run_cli("fleet", "publish", art, "--repo", repo.root, "--allow-failed", "--json")
+    assert res.code == 0, res.err
+    custom = repo.current()[2].signed.targets["kws-1.tar"].custom  # the signed targets metadata
+    assert custom["allow_failed"] is True and custom["failed_checks"] == [failure]
+    assert res.json()["failed_checks"] == [failure]
+    passed = repo.publish(fake_artifact(tmp_path / "b", "kws", "2"))
+    assert "allow_failed" not in passed and "failed_checks" not in passed
 
 
 def test_packing_is_deterministic_and_unpacking_verifies(tmp_path):

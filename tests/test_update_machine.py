@@ -126,20 +126,3 @@ def test_unreadable_record_rolls_back(tmp_path):
     store = RecordStore(tmp_path / "update.json")
     store.path.write_text("{not json")
     assert store.load().state is State.ROLLING_BACK
-
-
-def test_a_long_multi_line_reason_reaches_the_registry_in_one_line():
-    """A python-tuf hash-mismatch message (both hashes, 230+ characters) once made the registry drop
-    every state of the device that refused a tampered artifact (found by tests/device/)."""
-    from edgeopt.agent.update.updater import MAX_REASON_CHARS, reported_reason
-    from edgeopt.fleet.messages import parse_state
-
-    reason = ("hash_mismatch: imu-cnn-3.tar: Observed hash " + "3" * 64 + " does not match expected hash " + "7" * 64
-              + "\nsecond line")
-    shown = reported_reason(reason)
-    assert len(shown) <= MAX_REASON_CHARS and "\n" not in shown and shown.startswith("hash_mismatch: imu-cnn-3.tar")
-    state = {"schema": "edgeopt.state/1", "device_id": "b1", "online": True, "model": None, "labels": {},
-             "update": {"state": "ROLLED_BACK", "target": {"name": "imu-cnn", "version": "3"}, "rollout": "r",
-                        "reason": shown, "since": 1.0}}
-    assert parse_state("b1", json.dumps(state).encode()).update.reason == shown
-    assert reported_reason(None) is None and reported_reason("self-test: NaN") == "self-test: NaN"

@@ -29,9 +29,10 @@ def test_every_agent_module_imports_from_the_wheel_and_onnx_is_not_installed(ven
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["file"].startswith(str(venv.site_packages)), seen["file"]  # the wheel's copy, not the work tree
-    for module in ("edgeopt.agent.update.updater", "edgeopt.agent.update.trust", "edgeopt.agent.update.fetcher",
-                   "edgeopt.agent.sources.synthetic", "edgeopt.agent.sinks.mqtt"):
+    for module in ("edgeopt.agent.update.updater", "edgeopt.agent.update.selftest", "edgeopt.agent.sources.synthetic",
+                   "edgeopt.agent.sinks.mqtt"):
         assert module in seen["agent"], module
+    assert {"edgeopt.artifact", "edgeopt.runtime", "edgeopt.mqtt"} <= set(seen["sdk"]), seen["sdk"]
     assert not [m for m, there in seen["installed"].items() if there], seen["installed"]
     assert not {"onnx", "onnxslim", "sympy", "torch"} & set(seen["loaded"])
     assert seen["machine"] == "x86_64" and not seen["litert"]  # [litert] is a separate extra
