@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_build import ROOT, build_dists, wheel_content_key
+from dist_build import ROOT, Dists, build_dists, wheel_content_key
 
 BUILD = Path(os.environ.get("EDGEOPT_DEVICE_BUILD", ROOT / "build" / "device"))
 
@@ -58,7 +58,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def dists() -> tuple[Path, Path]:
+def dists() -> Dists:
     """The wheel (built from the sdist) and the sdist of the current sources."""
     return build_dists(BUILD / "dist")
 

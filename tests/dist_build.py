@@ -10,6 +10,7 @@ import hashlib
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,9 +39,16 @@ def clean_copy(dest: Path) -> Path:
     return dest
 
 
-def build_dists(out: Path) -> tuple[Path, Path]:
-    """``(wheel, sdist)`` built into ``out`` from a clean copy of the sources; the wheel is built from
-    the sdist, as pip does for an sdist."""
+@dataclass
+class Dists:
+    wheel: Path
+    sdist: Path
+    log: str  # what the build printed (setuptools' warnings among it)
+
+
+def build_dists(out: Path) -> Dists:
+    """The wheel and sdist built into ``out`` from a clean copy of the sources; the wheel is built
+    from the sdist, as pip does for an sdist."""
     import tempfile
 
     out.mkdir(parents=True, exist_ok=True)
@@ -54,8 +62,7 @@ def build_dists(out: Path) -> tuple[Path, Path]:
         raise AssertionError(f"python -m build failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     wheels, sdists = list(out.glob("*.whl")), list(out.glob("*.tar.gz"))
     assert len(wheels) == 1 and len(sdists) == 1, (wheels, sdists)
-    build_dists.log = proc.stdout + proc.stderr  # type: ignore[attr-defined]
-    return wheels[0], sdists[0]
+    return Dists(wheels[0], sdists[0], proc.stdout + proc.stderr)
 
 
 def source_files(root: Path = ROOT) -> dict[str, str]:

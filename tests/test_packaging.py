@@ -54,7 +54,7 @@ def resolve(reqs: dict[str, set[str]], extra: str) -> set[str]:
 
 
 def test_the_wheel_holds_every_module_and_data_file_and_nothing_else(dists):
-    wheel, _ = dists
+    wheel = dists.wheel
     expected, shipped = set(source_files().values()), wheel_files(wheel)
     assert "edgeopt/agent/update/updater.py" in expected  # the folder the hand-kept list forgot
     assert not expected - shipped, f"missing from the wheel: {sorted(expected - shipped)}"
@@ -93,7 +93,7 @@ def test_a_new_subpackage_needs_no_edit(tmp_path):
 
 
 def test_the_sdist_holds_the_sources_and_the_build_config(dists):
-    _, sdist = dists
+    sdist = dists.sdist
     with tarfile.open(sdist) as tf:
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
     expected = set(source_files())
@@ -102,18 +102,18 @@ def test_the_sdist_holds_the_sources_and_the_build_config(dists):
 
 
 def test_the_build_prints_no_setuptools_warning(dists):
-    log = build_dists.log  # type: ignore[attr-defined]
+    log = dists.log
     for warning in ("is deprecated", "Package would be ignored", "absent from the `packages` configuration"):
         assert warning not in log, warning
 
 
 def test_base_dependencies_are_what_every_part_imports(dists):
-    reqs = requirements(wheel_metadata(dists[0]))
+    reqs = requirements(wheel_metadata(dists.wheel))
     assert reqs[""] == {"numpy", "click", "rich"}
 
 
 def test_the_agent_extra_holds_signed_updates_and_no_converter(dists):
-    reqs = requirements(wheel_metadata(dists[0]))
+    reqs = requirements(wheel_metadata(dists.wheel))
     agent = resolve(reqs, "agent")
     # MQTT, python-tuf, cryptography to verify Ed25519 signatures fast, ONNX Runtime for the default format
     assert {"paho-mqtt", "tuf", "securesystemslib[crypto]", "onnxruntime"} <= agent, agent
@@ -122,7 +122,7 @@ def test_the_agent_extra_holds_signed_updates_and_no_converter(dists):
 
 
 def test_every_target_extra_includes_the_converter_and_all_includes_every_extra(dists):
-    reqs = requirements(wheel_metadata(dists[0]))
+    reqs = requirements(wheel_metadata(dists.wheel))
     convert = resolve(reqs, "convert")
     assert {"onnx", "onnxruntime", "onnxslim", "onnx-ir"} <= convert
     for extra in ("tflite", "coreml", "tvm", "train"):

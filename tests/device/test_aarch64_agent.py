@@ -26,7 +26,7 @@ def board(wheel_and_sdist):
     reason = aarch64_missing()
     if reason:
         pytest.skip(reason)
-    wheel = wheel_and_sdist[0]
+    wheel = wheel_and_sdist.wheel
     pip = wheel_venv(wheel, "agent").bin("pip")  # a pip that sees no dev packages
     return aarch64_board(wheel, pip)
 

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.device, pytest.mark.timeout(900)]
 
 @pytest.fixture(scope="module")
 def venv(wheel_and_sdist):
-    return wheel_venv(wheel_and_sdist[0], "agent")
+    return wheel_venv(wheel_and_sdist.wheel, "agent")
 
 
 def test_every_agent_module_imports_from_the_wheel_and_onnx_is_not_installed(venv, tmp_path):
