@@ -8,12 +8,13 @@ converter's toolchain on the agent's path."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
 from agent_harness import AgentProcess
 from brokers import Mosquitto
-from device_env import IMPORT_EVERY_AGENT_MODULE, clean_env, wheel_venv
+from device_env import IMPORT_EVERY_AGENT_MODULE, Venv, clean_env, installed_mib, wheel_venv
 from device_fleet import Fleet, checked, commit_then_refuse_tampered, convert, device_config
 
 pytestmark = [pytest.mark.device, pytest.mark.timeout(900)]
@@ -36,6 +37,14 @@ def test_every_agent_module_imports_from_the_wheel_and_onnx_is_not_installed(ven
     assert not [m for m, there in seen["installed"].items() if there], seen["installed"]
     assert not {"onnx", "onnxslim", "sympy", "torch"} & set(seen["loaded"])
     assert seen["machine"] == "x86_64" and not seen["litert"]  # [litert] is a separate extra
+
+
+def test_the_agent_install_stays_board_sized(venv, tmp_path):
+    """docs/agent.md states 195 MiB (site-packages less a bare venv's own pip and setuptools); onnx and
+    sympy, which the old base install pulled in, would add ~110 MiB."""
+    subprocess.run([str(venv.python), "-m", "venv", str(tmp_path / "bare")], check=True, env=clean_env())
+    size = installed_mib(venv.site_packages, Venv(tmp_path / "bare").site_packages)
+    assert 100 < size < 260, f"[agent] installs {size:.0f} MiB"
 
 
 def test_commands_that_need_a_missing_extra_say_which_in_one_line(venv, imu_model, tmp_path):
