@@ -221,6 +221,20 @@ def pack_artifact(root: Path, dest: Path) -> None:
                 tar.addfile(info)
 
 
+def _as_data_member(member, archive: Path):
+    """What tarfile's 'data' filter does, for Pythons without it: a relative name that stays inside
+    the destination, no setuid/setgid/sticky or group/other-write bits, owned by whoever unpacks it."""
+    import os
+    from pathlib import PurePosixPath
+
+    name = PurePosixPath(member.name)
+    if name.is_absolute() or ".." in name.parts or not name.parts:
+        raise TamperedArtifact(f"{archive}: member {member.name!r} is not a relative path inside the artifact")
+    member.mode &= 0o755
+    member.uid, member.gid, member.uname, member.gname = os.getuid(), os.getgid(), "", ""
+    return member
+
+
 def unpack_artifact(archive: Path, dest: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> Artifact:
     """Unpack a packed artifact into the new directory ``dest`` and verify every file's hash.
 
@@ -240,8 +254,13 @@ def unpack_artifact(archive: Path, dest: Path, max_bytes: int = MAX_UNPACKED_BYT
                 total += m.size
                 if total > max_bytes:
                     raise TamperedArtifact(f"{archive}: unpacks to more than {max_bytes} bytes")
-            dest.mkdir(parents=True)
-            tar.extractall(dest, members=members, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                dest.mkdir(parents=True)
+                tar.extractall(dest, members=members, filter="data")
+            else:  # Python < 3.11.4 (Debian bookworm, Raspberry Pi OS: 3.11.2) has no extraction filters
+                members = [_as_data_member(m, archive) for m in members]
+                dest.mkdir(parents=True)
+                tar.extractall(dest, members=members)
     except tarfile.TarError as exc:  # includes the 'data' filter's refusals (FilterError)
         raise TamperedArtifact(f"{archive}: not a valid or not a safe artifact archive ({exc})") from exc
     artifact = open_artifact(dest)

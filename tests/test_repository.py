@@ -147,6 +147,46 @@ def test_unpack_refuses_path_traversal_and_links(tmp_path):
         assert not (tmp_path.parent / "escape.txt").exists()
 
 
+@pytest.fixture
+def tarfile_of_python_3_11_2(monkeypatch):
+    """tarfile as Debian bookworm's Python 3.11.2 (Raspberry Pi OS) has it: no extraction filters
+    (they came in 3.11.4), so extractall() takes no ``filter`` argument and trusts the archive."""
+    import tarfile
+
+    original = tarfile.TarFile.extractall
+
+    def extractall(self, path=".", members=None, *, numeric_owner=False, **unexpected):
+        if unexpected:
+            raise TypeError(f"TarFile.extractall() got an unexpected keyword argument {next(iter(unexpected))!r}")
+        return original(self, path, members, numeric_owner=numeric_owner, filter="fully_trusted")
+
+    monkeypatch.delattr(tarfile, "data_filter")
+    monkeypatch.setattr(tarfile.TarFile, "extractall", extractall)
+
+
+def test_unpacking_on_a_python_without_tar_filters_works_and_stays_safe(tmp_path, tarfile_of_python_3_11_2):
+    """Found by the emulated board (tests/device/): every update failed at STAGED with a TypeError there."""
+    import io
+    import stat
+    import tarfile
+
+    art = fake_artifact(tmp_path / "a")
+    (art / "model.onnx").chmod(0o4777)
+    pack_artifact(art, tmp_path / "1.tar")
+    unpacked = unpack_artifact(tmp_path / "1.tar", tmp_path / "out")
+    assert unpacked.manifest["name"] == "kws"
+    assert stat.S_IMODE((tmp_path / "out" / "model.onnx").stat().st_mode) & 0o7022 == 0
+    for name in ("../../escape.txt", "/tmp/escape.txt"):
+        bad = tmp_path / "bad.tar"
+        with tarfile.open(bad, "w") as tar:
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"bad"))
+        with pytest.raises(TamperedArtifact, match="not a relative path"):
+            unpack_artifact(bad, tmp_path / "out-bad")
+        assert not (tmp_path.parent / "escape.txt").exists()
+
+
 def test_request_paths_cannot_escape_the_repository(repo):
     assert repo.file_for("metadata/timestamp.json") is not None
     for evil in ("metadata/../keys/root-1.pem", "keys/root-1.pem", "targets/../../etc/passwd", "/etc/passwd",

@@ -153,7 +153,7 @@ def runtime_for_format(fmt: str) -> type[Runtime]:
 
 
 # model format → the pip extra that installs its runtime
-EXTRA_FOR_FORMAT = {"onnx": "agent", "tflite": "tflite", "tvm": "tvm", "coreml": "coreml"}
+EXTRA_FOR_FORMAT = {"onnx": "agent", "tflite": "litert", "tvm": "tvm", "coreml": "coreml"}
 
 
 def runtime_class(manifest: dict[str, Any], override: str = "") -> type[Runtime]:
