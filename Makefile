@@ -9,8 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgeopt-installed
 DEMO := build/demo
 
-.PHONY: setup system-deps demo test bench lint clean
-.PHONY: setup demo test bench lint clean aarch64-env
+.PHONY: setup system-deps device-deps demo test test-device bench lint clean aarch64-env
 
 setup: $(STAMP) system-deps
 
@@ -26,7 +25,16 @@ system-deps:
 		else echo "note: the agent tests need:$$missing (apt-get install$$missing); they skip without"; fi; \
 	fi
 
-$(STAMP): pyproject.toml
+# The device tests also run the agent on an emulated aarch64 board (qemu-user): install it where
+# missing and possible; tools/aarch64_python_sysroot.sh downloads bookworm's arm64 python3.11 as root.
+device-deps:
+	@command -v qemu-aarch64-static >/dev/null 2>&1 || { \
+		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-user-static >/dev/null 2>&1 || \
+			{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-user-static; }; \
+		else echo "note: the aarch64 device test needs qemu-user-static (apt-get install qemu-user-static); it skips without"; fi; }
+
+$(STAMP): pyproject.toml setup.py
 	@test -n "$(PYTHON)" || { echo "error: Python >= 3.11 is required (none found on PATH)"; exit 2; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -56,6 +64,12 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The device path as a board gets it (docs/testing.md): the wheel + sdist built, the wheel installed with
+# only [agent] into a fresh virtualenv and as aarch64 [agent,litert] under qemu-user, each taking signed
+# updates from a real fleet service over Mosquitto. Environments are cached under build/device/.
+test-device: setup device-deps
+	$(BIN)/python -m pytest -m device tests/device
 
 bench: setup
 	$(BIN)/python benchmarks/cli_startup.py

@@ -101,9 +101,14 @@ def render_unit(exe: Path, config_path: Path) -> str:
 @click.option("--state-dir", type=click.Path(path_type=Path), help="The agent's state directory.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path),
               help="Take the state directory from this agent config.")
-def install_model_cmd(artifact: Path, state_dir: Path | None, config_path: Path | None) -> None:
+@click.option("--allow-failed", is_flag=True, help="Install even though its report.json says a check failed.")
+def install_model_cmd(artifact: Path, state_dir: Path | None, config_path: Path | None, allow_failed: bool) -> None:
     """Verify ARTIFACT (an `edgeopt convert` output), copy it into the inactive slot and make that slot
-    active (one atomic rename); a running agent switches to it within [model] poll_interval_s."""
+    active (one atomic rename); a running agent switches to it within [model] poll_interval_s.
+
+    An artifact whose report.json says the conversion failed a check is refused unless --allow-failed.
+    Run as root on a state directory another user owns (the agent's), the new files are given to
+    that user."""
     from edgeopt.agent.statedir import StateDir
     from edgeopt.errors import UserInputError
 
@@ -113,7 +118,7 @@ def install_model_cmd(artifact: Path, state_dir: Path | None, config_path: Path 
         from edgeopt.agent.config import load_config
 
         state_dir = load_config(config_path).state_dir
-    slot = StateDir(state_dir).install(artifact)
+    slot = StateDir(state_dir).install(artifact, allow_failed=allow_failed)
     click.echo(f"installed {artifact} into slot {slot} of {state_dir} (now active)")
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from edgeopt.errors import UserInputError, closest
+from edgeopt.protocol import DEVICE_ID_RE, LABEL_KEY_RE, LABEL_VALUE_RE, MAX_LABELS
 
 MIB = 1024 * 1024
 
@@ -138,6 +139,11 @@ class UpdateSection:
     max_download_bytes: int = key(1024 * MIB, "largest artifact accepted", check=at_least(1024))
     retry_interval_s: float = key(10.0, "pause before retrying a step the network interrupted", check=at_least(0))
     max_retries: int = key(30, "retries of one step before the update is rolled back", check=at_least(0))
+    refused_retry_s: float = key(60.0, "a version refused for a transport or integrity reason (download, hash, "
+                                       "archive, signature, not yet signed) is tried again after this pause "
+                                       "while the same desired stands, doubling with each refusal; a new "
+                                       "rollout id tries it at once", check=positive)
+    refused_retry_max_s: float = key(3600.0, "longest pause between such tries", check=positive)
     self_test_timeout_s: float = key(60.0, "self-test time limit (the child process is killed after it)",
                                      check=positive)
     latency_budget_ms: float = key(0.0, "batch-1 latency budget for the self-test and probation "
@@ -471,6 +477,17 @@ def parse_config(data: dict[str, Any], file: str = "agent.toml") -> AgentConfig:
         k, sep, v = item.partition("=")
         if not sep or not k:
             raise UserInputError(f"{file}: [agent] labels: {item!r} is not \"key=value\"")
+        if not LABEL_KEY_RE.fullmatch(k) or not LABEL_VALUE_RE.fullmatch(v):
+            raise UserInputError(f"{file}: [agent] labels: {item!r}: keys take letters, digits, '_', '.', '-'; "
+                                 f"values also ':', '/', '@', '+' (the fleet refuses other labels)")
+    if len(sections["agent"].labels) > MAX_LABELS:
+        raise UserInputError(f"{file}: [agent] labels: at most {MAX_LABELS} (the fleet refuses more)")
+    identity = sections["agent"]
+    if not DEVICE_ID_RE.fullmatch(identity.device_id or socket.gethostname()):
+        raise UserInputError(f"{file}: [agent] device_id {identity.device_id or socket.gethostname()!r}: use letters, "
+                             f"digits, '.', '_', '-' (at most 64; it is part of every MQTT topic)")
+    if identity.profile and not LABEL_KEY_RE.fullmatch(identity.profile):
+        raise UserInputError(f"{file}: [agent] profile {identity.profile!r}: use letters, digits, '.', '_', '-'")
     if mqtt.reconnect_max_s < mqtt.reconnect_min_s:
         raise UserInputError(f"{file}: [mqtt] reconnect_max_s must be >= reconnect_min_s")
     return AgentConfig(**sections, sources=sources, sinks=sinks)

@@ -14,37 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from edgeopt import registry
 from edgeopt.agent.statedir import StateDir
 from edgeopt.agent.windowing import Preprocessing, WindowBatch
 from edgeopt.artifact import open_artifact
 from edgeopt.errors import EdgeoptError, MissingDependency, UserInputError
-from edgeopt.runtime import Runtime
-
-# model format → the pip extra that installs its runtime
-EXTRA_FOR_FORMAT = {"onnx": "agent", "tflite": "tflite", "tvm": "tvm", "coreml": "coreml"}
+from edgeopt.runtime import EXTRA_FOR_FORMAT, Runtime, runtime_class
 
 
 class NoModel(EdgeoptError):
     """No slot is active yet: the agent waits for a model."""
-
-
-def runtime_class(manifest: dict[str, Any], override: str = "") -> type[Runtime]:
-    """The runtime ``override`` names, else the manifest's, else any registered one for its format."""
-    wanted = override or manifest["model"].get("runtime") or ""
-    fmt = manifest["model"]["format"]
-    names = registry.names(registry.RUNTIMES)
-    if wanted in names:
-        return registry.load(registry.RUNTIMES, wanted)
-    if override:
-        registry.load(registry.RUNTIMES, override)  # raises: unknown runtime, with the closest name
-    for name in names:
-        cls = registry.load(registry.RUNTIMES, name)
-        if fmt in cls.formats:
-            return cls
-    raise UserInputError(f"the model's runtime '{wanted or fmt}' (format {fmt}) is not installed; installed "
-                         f"runtimes: {', '.join(names) or 'none'}; install it with: pip install "
-                         f"'edgeopt[{EXTRA_FOR_FORMAT.get(fmt, 'all')}]'")
 
 
 @dataclass

@@ -11,6 +11,9 @@ sinks, MQTT state and telemetry, systemd notification, and the signals.
 - No model, or a model that cannot load (its runtime is not installed, a tampered file): the agent
   stays up, says so in its state and status file, and looks at the active slot again every
   ``[model] poll_interval_s`` seconds (and on SIGHUP).
+- A slot that cannot be read or fails its hashes (at start, or when swapping or rolling back to it)
+  is named in the state's ``slot_errors`` {slot: reason}; the agent falls back to the other slot when
+  that one passed its checks before, else runs no model — it never stops for it.
 """
 
 from __future__ import annotations
@@ -30,16 +33,32 @@ from edgeopt.agent.model import LoadedModel, NoModel, load_active_model
 from edgeopt.agent.outbox import Outbox
 from edgeopt.agent.pipeline import Pipeline
 from edgeopt.agent.sinks import Sink, make_sink
-from edgeopt.agent.statedir import StateDir
+from edgeopt.agent.statedir import SLOTS, StateDir
 from edgeopt.agent.systemd import Notifier
-from edgeopt.agent.telemetry import InferenceStats, Uptime, rss_bytes
-from edgeopt.artifact import TamperedArtifact, open_artifact
+from edgeopt.agent.telemetry import InferenceStats, RejectedMessages, Uptime, rss_bytes
+from edgeopt.agent.update.machine import reason_text
 from edgeopt.errors import EdgeoptError
 from edgeopt.fsutil import atomic_write_json
+from edgeopt.protocol import (
+    MAX_SOURCES,
+    ROLLOUT_ID_RE,
+    DeviceState,
+    Health,
+    ModelRef,
+    ProtocolError,
+    SourceStatus,
+    UpdateStatus,
+    clean_text,
+    encode_state,
+    encode_telemetry,
+    is_name,
+    matches,
+    offline_will,
+    parse_device_topic,
+)
 
 log = logging.getLogger("edgeopt.agent")
 
-STATE_SCHEMA = "edgeopt.state/1"
 EXIT_OK = 0
 EXIT_SOURCE_FAILED = 1
 
@@ -50,6 +69,8 @@ class Agent:
         self.notifier = Notifier(config.systemd.notify)
         self.uptime = Uptime()
         self.stats = InferenceStats()
+        self.rejected = RejectedMessages()  # network messages refused, by topic kind and reason (kept across reloads)
+        self._rejected_published = 0
         self.totals: Counter[str] = Counter()  # counters of pipelines already torn down
         self.pipeline: Pipeline | None = None
         self.model: LoadedModel | None = None
@@ -67,6 +88,7 @@ class Agent:
         self.sinks: list[Sink] = []
         self.updater = None
         self.fallback_note: str | None = None
+        self.slot_errors: dict[str, str] = {}  # slot → why it cannot be used (for the state message)
         self.updates_note: str | None = None  # why updates are off, for the state message
         self.batch_observers: list = []       # shared with every pipeline (see Pipeline.observers)
         self._swap: tuple | None = None
@@ -101,10 +123,10 @@ class Agent:
             from edgeopt.agent.sinks.mqtt import ResultPublisher
             from edgeopt.agent.transport import MqttTransport
 
-            will = json.dumps({"schema": STATE_SCHEMA, "device_id": cfg.device_id, "online": False}).encode()
             self.transport = MqttTransport(cfg.mqtt, cfg.mqtt.client_id or f"edgeopt-agent-{cfg.device_id}",
-                                           cfg.topic("state"), will)
+                                           cfg.topic("state"), offline_will(cfg.device_id))
             self.transport.on_connect_hooks.append(self.publish_state)
+            self.transport.on_unmatched = self._on_unmatched
             if any(s.type == "mqtt" for s in cfg.sinks):
                 self.outbox = Outbox(cfg.outbox_dir, cfg.outbox.max_bytes, cfg.outbox.segment_bytes,
                                      cfg.outbox.fsync_interval_s)
@@ -163,6 +185,8 @@ class Agent:
             return (slot, manifest.stat().st_mtime_ns)
         except FileNotFoundError:
             return (slot, None)
+        except OSError as exc:  # unreadable: looked at again when that changes
+            return (slot, "unreadable", exc.errno)
 
     def _look_for_model(self, force: bool = False) -> None:
         """(Re)load the model when the active slot changed (or ``force``); build its pipeline."""
@@ -186,17 +210,18 @@ class Agent:
             self.model = None
             self._set_status("no model", str(exc))
             return
-        except TamperedArtifact as exc:
-            if self._fall_back(key[0], exc):
-                self._look_for_model(force=True)
-                return
-            self.model = None
-            self._set_status("error", f"model in slot {key[0]} cannot run: {exc}")
-            return
         except EdgeoptError as exc:
+            slot = key[0] if key[0] in SLOTS else None
+            problem = self.state.slot_problem(slot) if slot else None
+            if problem is not None:  # unreadable or damaged, not merely unable to run here
+                self.set_slot_error(slot, problem)
+                if self._fall_back(slot, problem):
+                    self._look_for_model(force=True)
+                    return
             self.model = None
             self._set_status("error", f"model in slot {key[0]} cannot run: {exc}")
             return
+        self.set_slot_error(model.slot, None)
         self._start_pipeline(model)
 
     def _start_pipeline(self, model: LoadedModel) -> None:
@@ -208,20 +233,39 @@ class Agent:
                  model.runtime.name)
         self._set_status("running", None)
 
-    def _fall_back(self, broken: str, exc: Exception) -> bool:
-        """The active slot fails its hashes (disk corruption, tampering): switch to the other slot if it
-        holds a model that passed its checks before (a committed update, or an installed model)."""
+    def _fall_back(self, broken: str, problem: str) -> bool:
+        """The active slot cannot be read or fails its hashes (disk corruption, tampering, permissions):
+        switch to the other slot if it holds a model that passed its checks before (a committed
+        update, or an installed model) and still verifies."""
         other = "b" if broken == "a" else "a"
         if not self.state.is_good(other):
             return False
-        try:
-            open_artifact(self.state.slot_path(other)).verify()
-        except EdgeoptError:
+        if (other_problem := self.state.slot_problem(other)) is not None:
+            self.set_slot_error(other, other_problem)
             return False
-        log.error("slot %s failed verification (%s); falling back to slot %s", broken, exc, other)
-        self.state.activate(other)
-        self.fallback_note = f"slot {broken} failed verification ({exc}); fell back to slot {other}"
+        try:
+            self.state.activate(other)
+        except EdgeoptError as exc:
+            log.error("cannot fall back to slot %s: %s", other, exc)
+            return False
+        log.error("slot %s cannot be used (%s); falling back to slot %s", broken, problem, other)
+        self.fallback_note = reason_text(f"slot {broken} failed verification ({problem}",
+                                         tail=f"); fell back to slot {other}")
         return True
+
+    def set_slot_error(self, slot: str | None, problem: str | None) -> None:
+        """Record (or, with None, clear) why ``slot`` cannot be used; it goes out in the state."""
+        if slot not in SLOTS:
+            return
+        before = self.slot_errors.get(slot)
+        if problem is None:
+            self.slot_errors.pop(slot, None)
+        else:
+            self.slot_errors[slot] = reason_text(problem)
+        if self.slot_errors.get(slot) != before:
+            if problem is not None:
+                log.error("slot %s: %s", slot, problem)
+            self.publish_state()
 
     # -- the updater's view of the agent (agent.update.updater.Host) -------------------------------------
     def current_model(self) -> dict[str, Any] | None:
@@ -236,24 +280,30 @@ class Agent:
 
     def request_swap(self, slot: str | None, model: LoadedModel | None, timeout: float = 60.0) -> bool:
         """Ask the inference loop to activate ``slot`` and run ``model`` from its next batch on (None:
-        load whatever the slot holds; slot None: no model). Returns once done (False on timeout)."""
+        load whatever the slot holds; slot None: no model). Returns once done (False on timeout, or
+        when the slot could not be activated)."""
         done = threading.Event()
+        outcome: list[bool] = []
         with self._swap_lock:
-            self._swap = (slot, model, done)
+            self._swap = (slot, model, done, outcome)
         p = self.pipeline
         if p is not None:
             p.queue.interrupt()
-        return done.wait(timeout)
+        return done.wait(timeout) and outcome == [True]
 
     def _apply_swap(self) -> None:
         with self._swap_lock:
-            slot, model, done = self._swap
+            slot, model, done, outcome = self._swap
             self._swap = None
         try:
             if slot is None:
                 self.state.deactivate()
             else:
-                self.state.activate(slot)
+                try:
+                    self.state.activate(slot)
+                except EdgeoptError:
+                    self.set_slot_error(slot, self.state.slot_problem(slot))
+                    raise
             if model is None:
                 self._look_for_model(force=True)
             elif self.pipeline is not None and self.pipeline.can_swap_to(model):
@@ -265,7 +315,10 @@ class Agent:
             else:  # different windowing: the pipeline is rebuilt (its queue is flushed first)
                 self._teardown_pipeline()
                 self._start_pipeline(model)
+            if model is not None:
+                self.set_slot_error(slot, None)
             self._model_key = self._model_identity()
+            outcome.append(True)
         except EdgeoptError as exc:
             log.error("switching to slot %s failed: %s", slot, exc)
         finally:
@@ -296,25 +349,48 @@ class Agent:
             self.write_status()
 
     def _state_payload(self, online: bool = True) -> bytes:
-        return json.dumps(self.state_message(online), separators=(",", ":")).encode()
+        try:
+            return encode_state(self.device_state(online))
+        except ProtocolError as exc:  # a bug or a value the protocol refuses: still tell the fleet we are here
+            log.error("the state message breaks the protocol (%s); sending a minimal one", exc)
+            return encode_state(DeviceState(self.config.device_id, online, status="error",
+                                            error=f"state message refused by the protocol: {exc}"))
 
     def state_message(self, online: bool = True) -> dict[str, Any]:
-        """The retained state (``edgeopt.state/1``, parsed by fleet/messages.py)."""
+        """The retained state exactly as published (``edgeopt.protocol.encode_state``)."""
+        return json.loads(self._state_payload(online))
+
+    def device_state(self, online: bool = True) -> DeviceState:
         p = self.pipeline
         sources = p.source_stats() if p else getattr(self, "_source_history", {})
         u = self.updater
-        update = u.status() if u else {"state": "IDLE", "target": None, "rollout": None, "reason": self.updates_note,
-                                       "since": 0.0}
-        return {
-            "schema": STATE_SCHEMA, "device_id": self.config.device_id, "online": online,
-            "agent_version": __version__, "profile": self.config.agent.profile or None, "labels": self.config.labels,
-            "model": self.model.describe() if self.model else None,
-            "update": update, "health": u.health() if u else None,
-            "status": self.status if online else "stopped", "error": self.error, "config_error": self.config_error,
-            "fallback": self.fallback_note,
-            "sources": {n: {"type": s["type"], "status": s["status"], "error": s["error"]} for n, s in sources.items()},
-            "ts": time.time(),
-        }
+        update = _update_status(u.status()) if u else UpdateStatus("IDLE", reason=self.updates_note)
+        health = u.health() if u else None
+        model = self.model
+        error = self.error
+        ref = ModelRef(model.name, model.version) if model else None
+        if ref is not None and not (is_name(ref.name) and is_name(ref.version)):
+            error, ref = f"the model in slot {model.slot} names itself {clean_text(str(ref), 100)}, which the " \
+                         f"protocol refuses; reported without a model", None
+        return DeviceState(
+            self.config.device_id, online, agent_version=__version__, profile=self.config.agent.profile or None,
+            labels=self.config.labels, model=ref, update=update, health=None if health is None else Health(**health),
+            ts=time.time(), model_slot=model.slot if ref else None, model_runtime=model.runtime.name if ref else None,
+            status=self.status if online else "stopped", error=error, config_error=self.config_error,
+            fallback=self.fallback_note,
+            sources={n: SourceStatus(s["type"], s["status"], s["error"])
+                     for n, s in list(sources.items())[:MAX_SOURCES]},  # the protocol's bound
+            rejected_messages=self.rejected.snapshot(), slot_errors=dict(self.slot_errors) or None)
+
+    def _on_unmatched(self, topic: str) -> None:
+        """A message on a topic this agent did not subscribe to (a broker handing out another
+        device's retained message): refused and counted."""
+        try:
+            device, kind = parse_device_topic(self.config.mqtt.prefix, topic)
+        except ProtocolError:
+            self.rejected.add("other", "bad_topic")
+            return
+        self.rejected.add(kind, "wrong_device" if device != self.config.device_id else "unexpected")
 
     def publish_state(self) -> None:
         t = self.transport
@@ -346,6 +422,7 @@ class Agent:
             "first_inference": self.stats.first_inference, "last_inference": self.stats.last_inference,
             "sources": p.source_stats() if p else getattr(self, "_source_history", {}),
             "outbox": self.publisher.stats() if self.publisher else None,
+            "rejected_messages": self.rejected.snapshot(),
         }
         if self.transport is not None:
             out["mqtt"] = {"connected": self.transport.connected.is_set(), "connects": self.transport.connects,
@@ -368,7 +445,11 @@ class Agent:
                 self.write_status(snapshot)
                 t = self.transport
                 if t is not None and t.connected.is_set():
-                    t.publish(self.config.topic("telemetry"), json.dumps(snapshot, separators=(",", ":")).encode())
+                    t.publish(self.config.topic("telemetry"), encode_telemetry(self.config.device_id, snapshot))
+                    changes = self.rejected.changes
+                    if changes != self._rejected_published:  # new refusals reach the retained state too
+                        self._rejected_published = changes
+                        self.publish_state()
             except Exception:  # telemetry must never take the agent down
                 log.exception("telemetry failed")
 
@@ -450,3 +531,16 @@ class Agent:
         self._close_io(deadline)
         self.notifier.close()
         log.info("stopped after %d window(s) in %d batch(es)", self.stats.windows_out, self.stats.batches)
+
+
+def _update_status(u: dict[str, Any]) -> UpdateStatus:
+    """The updater's ``status()`` as the protocol's ``UpdateStatus``."""
+    t = u.get("target")
+    target = ModelRef(t["name"], t["version"]) if t else None
+    reason = u.get("reason")
+    if target is not None and not (is_name(target.name) and is_name(target.version)):
+        # a record written before names were matched whole (a version ending in a newline): report the
+        # update without its target rather than send a state the fleet drops
+        reason, target = f"target {clean_text(str(target), 80)} refused by the protocol; {reason or ''}", None
+    rollout = u.get("rollout") if matches(ROLLOUT_ID_RE, u.get("rollout")) else None
+    return UpdateStatus(u["state"], target, rollout, reason, u.get("since") or 0.0)

@@ -12,18 +12,31 @@ and renamed over the old one, then the directory is fsynced): after a crash it n
 old or the new slot, never anything else. A slot being filled is built under a temporary name and
 renamed into place complete. The signed-update state machine (DOWNLOADING → ... → COMMITTED) stages
 into ``inactive_slot()`` and calls ``activate``; ``install`` is the local, offline form of that.
+
+Files and folders get the umask's modes. Run as root on a state directory someone else owns (an
+operator's ``install-model`` beside an agent running as its own user), every new file is given to
+that owner before it appears, so the agent can read, replace and remove it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from edgeopt.artifact import open_artifact
-from edgeopt.errors import UserInputError
-from edgeopt.fsutil import atomic_write_bytes, environment_fault, fsync_dir, fsync_tree
+from edgeopt.artifact import open_artifact, refuse_failed
+from edgeopt.errors import EdgeoptError, UserInputError
+from edgeopt.fsutil import (
+    Owner,
+    atomic_write_bytes,
+    chown_tree,
+    copy_tree,
+    environment_fault,
+    fsync_dir,
+    fsync_tree,
+    make_temp_dir,
+)
 
 SLOTS = ("a", "b")
 ACTIVE = "active"
@@ -34,9 +47,24 @@ class StateDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    def ensure(self) -> None:
+    def owner(self) -> Owner | None:
+        """(uid, gid) for new files: the state directory's owner when this process runs as root and
+        someone else owns it; None otherwise (new files are ours, as usual)."""
+        if os.geteuid() != 0:
+            return None
         try:
-            (self.root / "slots").mkdir(parents=True, exist_ok=True)
+            st = self.root.stat()
+        except OSError:
+            return None
+        return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
+
+    def ensure(self) -> None:
+        slots = self.root / "slots"
+        try:
+            if not slots.is_dir():
+                slots.mkdir(parents=True, exist_ok=True)
+                if (owner := self.owner()) is not None:
+                    os.chown(slots, *owner)
         except OSError as exc:
             raise environment_fault(exc, self.root) from exc
 
@@ -65,23 +93,27 @@ class StateDir:
 
     def activate(self, slot: str) -> None:
         """Make ``slot`` the active one (one atomic rename)."""
-        if not (self.slot_path(slot) / "manifest.json").is_file():
+        manifest = self.slot_path(slot) / "manifest.json"
+        try:
+            present = manifest.is_file()
+        except OSError as exc:
+            raise environment_fault(exc, manifest) from exc
+        if not present:
             raise UserInputError(f"slot {slot} holds no artifact ({self.slot_path(slot)})")
-        atomic_write_bytes(self.root / ACTIVE, f"{slot}\n".encode())
+        atomic_write_bytes(self.root / ACTIVE, f"{slot}\n".encode(), owner=self.owner())
 
     def mark_good(self, slot: str) -> None:
         """Record that the model in ``slot`` passed its checks (installed by an operator, or committed
         after self-test and probation). The mark lives inside the slot, so restaging the slot drops it,
         and it names the manifest it vouches for."""
-        import hashlib
-
         path = self.slot_path(slot)
-        digest = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
-        atomic_write_bytes(path / GOOD, digest.encode())
+        try:
+            digest = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+        except OSError as exc:
+            raise environment_fault(exc, path / "manifest.json") from exc
+        atomic_write_bytes(path / GOOD, digest.encode(), owner=self.owner())
 
     def is_good(self, slot: str) -> bool:
-        import hashlib
-
         path = self.slot_path(slot)
         try:
             return (path / GOOD).read_text() == hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
@@ -96,6 +128,15 @@ class StateDir:
         except OSError as exc:
             raise environment_fault(exc, self.root / ACTIVE) from exc
 
+    def slot_problem(self, slot: str) -> str | None:
+        """Why the artifact in ``slot`` cannot be used — unreadable, damaged, failing its hashes — or
+        None when it reads and verifies."""
+        try:
+            open_artifact(self.slot_path(slot)).verify()
+        except EdgeoptError as exc:
+            return str(exc)
+        return None
+
     def stage(self, artifact_dir: str | Path, slot: str) -> Path:
         """Copy a verified artifact into ``slot`` (never the active one), complete or not at all."""
         if slot == self.active_slot():
@@ -104,23 +145,28 @@ class StateDir:
         source.verify()
         self.ensure()
         dest = self.slot_path(slot)
+        tmp = None
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{slot}.", suffix=".partial", dir=dest.parent))
-            os.rmdir(tmp)
-            shutil.copytree(source.root, tmp)
+            tmp = make_temp_dir(dest.parent, f".{slot}.", ".partial")
+            copy_tree(source.root, tmp)
+            if (owner := self.owner()) is not None:
+                chown_tree(tmp, owner)
             fsync_tree(tmp)
             if dest.exists():
                 shutil.rmtree(dest)
             os.replace(tmp, dest)
             fsync_dir(dest.parent)
         except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise environment_fault(exc, dest) from exc
         open_artifact(dest).verify()
         return dest
 
-    def install(self, artifact_dir: str | Path) -> str:
-        """Stage an artifact into the inactive slot and activate it; returns the slot."""
+    def install(self, artifact_dir: str | Path, allow_failed: bool = False) -> str:
+        """Stage an artifact into the inactive slot and activate it; returns the slot. An artifact
+        whose report says it failed its checks is refused unless ``allow_failed``."""
+        refuse_failed(open_artifact(artifact_dir), allow_failed)
         slot = self.inactive_slot()
         self.stage(artifact_dir, slot)
         self.activate(slot)

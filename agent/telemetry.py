@@ -10,6 +10,8 @@ from collections import Counter, deque
 
 import numpy as np
 
+from edgeopt.protocol import CODE_RE, MAX_REJECT_KINDS, MAX_REJECT_REASONS
+
 
 def rss_bytes() -> tuple[int | None, int | None]:
     """(current, peak) resident set size of this process, from /proc (Linux); None elsewhere."""
@@ -78,3 +80,30 @@ class Uptime:
 
     def seconds(self) -> float:
         return round(time.monotonic() - self.started, 3)
+
+
+class RejectedMessages:
+    """Network messages the agent refused, per topic kind ("desired", "repo", …) and per short reason
+    code ("bad_version", "too_large", "bad_json", "wrong_device", …), for telemetry and the state.
+    Bounded as the protocol requires: a kind or reason beyond the limits is counted under "other"."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, Counter[str]] = {}
+        self.changes = 0  # bumped on every refusal: the state is republished when it moved
+
+    def add(self, kind: str, code: str) -> None:
+        with self._lock:
+            kind = kind if CODE_RE.fullmatch(kind) else "other"
+            if kind not in self._counts and len(self._counts) >= MAX_REJECT_KINDS - 1:
+                kind = "other"
+            reasons = self._counts.setdefault(kind, Counter())
+            code = code if CODE_RE.fullmatch(code) else "other"
+            if code not in reasons and len(reasons) >= MAX_REJECT_REASONS - 1:
+                code = "other"
+            reasons[code] += 1
+            self.changes += 1
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {kind: dict(reasons) for kind, reasons in self._counts.items()}

@@ -69,6 +69,7 @@ class MqttTransport:
         self.on_connect_hooks: list[Callable[[], None]] = []
         self.on_ack: Callable[[int], None] = lambda mid: None
         self.on_disconnect_hooks: list[Callable[[], None]] = []
+        self.on_unmatched: Callable[[str], None] = lambda topic: None  # a message on a topic not subscribed to
         self._subscriptions: dict[str, Callable[[bytes], None]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -165,6 +166,8 @@ class MqttTransport:
                     break
         if handler is not None:
             handler(message.payload)
+        else:
+            self.on_unmatched(message.topic)
 
     # -- use ----------------------------------------------------------------------------------------
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> int:

@@ -211,10 +211,10 @@ def chunk_round_trip(workdir: Path, nodelay: bool, requests: int = 200, chunk: i
     """p50 / p90 ms of one 64 KiB repository request/response through a Mosquitto with or without
     ``set_tcp_nodelay`` (the clients always set TCP_NODELAY)."""
 
-    from edgeopt.agent.update.link import MqttRepoLink
     from edgeopt.fleet.repo_server import RepoServer
     from edgeopt.fleet.repository import Repository
     from edgeopt.mqtt import PahoTopics, connect, make_client
+    from edgeopt.repo_client import MqttRepoLink
 
     port = free_port()
     conf = workdir / f"rtt-{nodelay}.conf"
@@ -263,10 +263,10 @@ def controller_tick_cost(workdir: Path, devices: int = 10_000, changed: int = 10
     tick (what the controller does), plus the decision itself."""
     from edgeopt.fleet.controller import Controller, DesiredPublisher
     from edgeopt.fleet.db import open_database
-    from edgeopt.fleet.messages import Health, ModelRef, UpdateStatus
     from edgeopt.fleet.rollout import DeviceRecord, apply_command, decide, new_rollout
     from edgeopt.fleet.rollout_spec import RolloutSpec, parse_waves
     from edgeopt.fleet.store import FleetStore
+    from edgeopt.protocol import Health, ModelRef, UpdateStatus
 
     _, conn = open_database(f"sqlite:///{workdir / 'tick.db'}")
     store = FleetStore(conn)

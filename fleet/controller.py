@@ -17,9 +17,9 @@ import time
 from collections import Counter
 from typing import Any
 
-from edgeopt.fleet.messages import ModelRef, device_topic, encode_desired
 from edgeopt.fleet.rollout import Assignment, Decision, DeviceRecord, Phase, RolloutStatus, decide
 from edgeopt.fleet.store import FleetStore
+from edgeopt.protocol import ModelRef, ProtocolError, device_topic, encode_desired
 
 log = logging.getLogger("edgeopt.fleet.controller")
 
@@ -45,11 +45,20 @@ class DesiredPublisher:
             self.store.republish_all_desired()
         sent_total = 0
         while rows := self.store.unpublished_desired(self.batch):
-            infos = []
+            infos, refused = [], []
             for r in rows:
                 model = ModelRef(r["model_name"], r["model_version"]) if r["model_name"] else None
-                infos.append((r, self.publish(device_topic(self.prefix, r["device_id"], "desired"),
-                                              encode_desired(model, r["rollout_id"]), 1, True)))
+                try:
+                    payload = encode_desired(model, r["rollout_id"])
+                except ProtocolError as exc:  # a row from before names were matched whole: never sent
+                    log.error("desired for %s not sent: %s", r["device_id"], exc)
+                    refused.append((r["device_id"], r["revision"]))
+                    continue
+                infos.append((r, self.publish(device_topic(self.prefix, r["device_id"], "desired"), payload, 1,
+                                              True)))
+            self.store.mark_published(refused)
+            self.stats["refused"] += len(refused)
+            rows = [r for r, _ in infos]
             deadline = time.monotonic() + self.ack_timeout
             sent = []
             for r, info in infos:

@@ -64,6 +64,9 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         """CREATE TABLE service_status (
             name TEXT PRIMARY KEY, detail TEXT NOT NULL, updated_at {real} NOT NULL)""",
     ]),
+    (2, "devices: the messages each device refused, by topic kind and reason (JSON)", [
+        "ALTER TABLE devices ADD COLUMN rejected_messages TEXT",
+    ]),
 ]
 
 DIALECT_WORDS = {

@@ -1,7 +1,7 @@
 """The device registry: devices appear from their retained ``state`` messages and are kept up to
 date from ``state`` and ``telemetry``; the last will only marks a device offline.
 
-Messages are validated by ``fleet.messages``; a malformed one is counted and logged (at most once a
+Messages are validated by ``edgeopt.protocol``; a malformed one is counted and logged (at most once a
 second per kind) and dropped. Valid ones are queued and written in batches (one transaction every
 ``flush_interval`` seconds), so thousands of devices changing state at once cost a few
 transactions, not thousands. How a message changes a record is a pure function (``merge_*``);
@@ -16,17 +16,17 @@ import time
 from collections import Counter
 from dataclasses import replace
 
-from edgeopt.fleet.messages import (
+from edgeopt.fleet.rollout import DeviceRecord, rolled_back_from
+from edgeopt.fleet.store import FleetStore
+from edgeopt.protocol import (
     DeviceState,
-    MessageError,
     OfflineMark,
+    ProtocolError,
     Telemetry,
     parse_device_topic,
     parse_state,
     parse_telemetry,
 )
-from edgeopt.fleet.rollout import DeviceRecord, rolled_back_from
-from edgeopt.fleet.store import FleetStore
 
 log = logging.getLogger("edgeopt.fleet.registry")
 
@@ -53,13 +53,20 @@ def merge_state(prev: DeviceRecord | None, msg: DeviceState | OfflineMark, at: f
         msg.device_id, online=msg.online, labels=msg.labels, profile=msg.profile, agent_version=msg.agent_version,
         model=msg.model, update=u, update_changed_at=at if moved else prev.update_changed_at,  # type: ignore[union-attr]
         health=msg.health, telemetry=prev.telemetry if prev else None, failed_target=failed_target,
-        failed_reason=failed_reason, failed_at=failed_at, last_seen=at)
+        failed_reason=failed_reason, failed_at=failed_at, last_seen=at,
+        rejected_messages=_rejected(prev, msg.rejected_messages))
+
+
+def _rejected(prev: DeviceRecord | None, reported: dict[str, dict[str, int]] | None):
+    """The newest report of refused messages (state and telemetry both carry it; older agents neither)."""
+    return reported if reported is not None else (prev.rejected_messages if prev else None)
 
 
 def merge_telemetry(prev: DeviceRecord | None, msg: Telemetry, at: float) -> DeviceRecord:
     if prev is None:
-        return DeviceRecord(msg.device_id, online=True, telemetry=msg, last_seen=at)
-    return replace(prev, telemetry=msg, last_seen=at)
+        return DeviceRecord(msg.device_id, online=True, telemetry=msg, last_seen=at,
+                            rejected_messages=msg.rejected_messages)
+    return replace(prev, telemetry=msg, last_seen=at, rejected_messages=_rejected(prev, msg.rejected_messages))
 
 
 class Registry:
@@ -86,7 +93,7 @@ class Registry:
         try:
             device_id, kind = parse_device_topic(self.prefix, topic)
             msg = parse_state(device_id, payload) if kind == "state" else parse_telemetry(device_id, payload)
-        except MessageError as exc:
+        except ProtocolError as exc:
             self._malformed(topic, exc)
             return
         except Exception as exc:  # a parser bug must not take the service down either

@@ -1,6 +1,6 @@
 """Serves the signed repository to devices over MQTT: metadata files and artifact byte ranges.
 
-Every request is validated (``edgeopt.repo_protocol``); a malformed one is counted and logged and
+Every request is validated (``edgeopt.protocol``); a malformed one is counted and logged and
 never raises out of the handler. Requests ask for bounded chunks, so a device can resume a download
 at any offset after a disconnect or a restart.
 """
@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Any
 
 from edgeopt.fleet.repository import Repository
-from edgeopt.repo_protocol import (
+from edgeopt.protocol import (
     DEFAULT_CHUNK,
     MAX_CHUNK,
     ChunkResponse,

@@ -27,21 +27,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from edgeopt.artifact import open_artifact, pack_artifact
+from edgeopt.artifact import open_artifact, pack_artifact, refuse_failed
 from edgeopt.errors import UserInputError
 from edgeopt.fsutil import atomic_write_bytes, fsync_dir
+from edgeopt.protocol import REPO_PATH_RE, is_name, matches
 from edgeopt.signing import generate_key, load_signer
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 DEFAULT_EXPIRY = {"root": timedelta(days=365), "targets": timedelta(days=90), "snapshot": timedelta(days=7),
                   "timestamp": timedelta(days=1)}
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
-# what a device may ask the repository server for: one level under metadata/ or targets/
-REPO_PATH_RE = re.compile(r"^(metadata|targets)/[A-Za-z0-9][A-Za-z0-9_.+-]{0,200}$")
 
 
 def check_name(kind: str, value: str) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
+    if not is_name(value):
         raise UserInputError(f"invalid model {kind} {value!r}: use letters, digits, '.', '_', '+', '-' "
                              f"(at most 64, no '..', no '/')")
     return value
@@ -50,6 +48,15 @@ def check_name(kind: str, value: str) -> str:
 def target_name(name: str, version: str) -> str:
     """The TUF target path of a model version: ``NAME-VERSION.tar``."""
     return f"{check_name('name', name)}-{check_name('version', version)}.tar"
+
+
+def check_labelled(manifest: dict[str, Any], name: str | None, version: str | None, where: str | Path) -> None:
+    """The manifest must name the model and version it is published as (None: take the manifest's)."""
+    labelled = (str(manifest.get("name")), str(manifest.get("version")))
+    asked = (labelled[0] if name is None else name, labelled[1] if version is None else version)
+    if labelled != asked:
+        raise UserInputError(f"{where}: the manifest says {labelled[0]}@{labelled[1]}, not {asked[0]}@{asked[1]} "
+                             f"(convert it with --name {asked[0]} --version {asked[1]})")
 
 
 def parse_expiry(text: str) -> dict[str, timedelta]:
@@ -154,7 +161,7 @@ class Repository:
         Request paths come from the network: they must match ``REPO_PATH_RE`` (no '/', no '..' in
         the file name), and the result must still lie inside the repository.
         """
-        if not isinstance(repo_path, str) or not REPO_PATH_RE.match(repo_path) or ".." in repo_path:
+        if not matches(REPO_PATH_RE, repo_path) or ".." in repo_path:
             return None
         path = (self.root / repo_path).resolve()
         base = (self.root / repo_path.split("/", 1)[0]).resolve()
@@ -186,14 +193,25 @@ class Repository:
         atomic_write_bytes(self.root / "expiry.json",
                            json.dumps({r: int(d.total_seconds()) for r, d in expiry.items()}).encode())
 
-    def publish(self, artifact_dir: str | Path, name: str | None = None, version: str | None = None) -> dict[str, Any]:
-        """Pack and sign an artifact directory as ``NAME-VERSION.tar``; returns its listing entry."""
+    def publish(self, artifact_dir: str | Path, name: str | None = None, version: str | None = None,
+                allow_failed: bool = False) -> dict[str, Any]:
+        """Pack and sign an artifact directory as ``NAME-VERSION.tar``; returns its listing entry.
+
+        Refused: an artifact whose manifest names another name or version than the one asked for
+        (devices check that the manifest matches the signed target, and would refuse it), and one
+        whose report says it failed its checks, unless ``allow_failed`` — which is then signed into
+        the target's custom fields (``allow_failed``, ``failed_checks``) for devices and operators."""
         from tuf.api.metadata import TargetFile
 
+        for kind, asked in (("name", name), ("version", version)):
+            if asked is not None:
+                check_name(kind, asked)
         artifact = open_artifact(artifact_dir)
         artifact.verify()
-        name = check_name("name", artifact.manifest["name"] if name is None else name)
-        version = check_name("version", artifact.manifest["version"] if version is None else version)
+        check_labelled(artifact.manifest, name, version, artifact_dir)
+        failed = refuse_failed(artifact, allow_failed)
+        name = check_name("name", artifact.manifest["name"])
+        version = check_name("version", artifact.manifest["version"])
         path = target_name(name, version)
         with self._locked():
             _, _, targets = self.current()
@@ -211,6 +229,9 @@ class Repository:
                     "profile": artifact.manifest.get("target_profile"),
                     "quantize": artifact.manifest["model"].get("quantize"),
                 }
+                if failed:
+                    tf.unrecognized_fields["custom"].update(
+                        allow_failed=True, failed_checks=[f[:200] for f in failed[:10]])
                 Path(tmp).replace(self.targets_dir / f"{tf.hashes['sha256']}.{path}")
                 fsync_dir(self.targets_dir)
             finally:

@@ -10,7 +10,8 @@ Per device (``device_outcome``):
   SUCCESS  the device runs the target (model == target) and its update state is COMMITTED or IDLE,
            and no health gate is out of bounds;
   FAILURE  it rolled back from the target (ROLLING_BACK / ROLLED_BACK, IDLE naming the target with a
-           reason, or a recorded rollback of the target after it was told), a health gate (probation error rate, agreement, latency p95,
+           reason — under this rollout's id, or none — or a recorded rollback of the target after it
+           was told), a health gate (probation error rate, agreement, latency p95,
            NaN outputs — from its state or its telemetry) is out of bounds while it runs the target,
            or it made no progress towards the target within ``device_timeout_s``. A failure is final
            for the rollout; a success is re-checked every tick (health can degrade while baking);
@@ -35,8 +36,8 @@ from enum import StrEnum
 from typing import Any
 
 from edgeopt.errors import UserInputError
-from edgeopt.fleet.messages import Health, ModelRef, Telemetry, UpdateStatus
 from edgeopt.fleet.rollout_spec import Gates, RolloutSpec, plan_waves, selector_text
+from edgeopt.protocol import Health, ModelRef, Telemetry, UpdateStatus
 
 
 class Phase(StrEnum):
@@ -114,6 +115,7 @@ class DeviceRecord:
     failed_reason: str | None = None
     failed_at: float | None = None
     last_seen: float | None = None
+    rejected_messages: dict[str, dict[str, int]] | None = None  # what the device refused, as it last reported
 
 
 @dataclass(frozen=True)
@@ -169,8 +171,16 @@ def health_violation(health: Health | None, telemetry: Telemetry | None, gates: 
     return None
 
 
-def device_outcome(a: Assignment, rec: DeviceRecord | None, spec: RolloutSpec, now: float) -> tuple[Outcome, str | None]:
-    """The outcome of one told device (see the module docstring)."""
+def _may_concern(update: UpdateStatus | None, rollout_id: str | None) -> bool:
+    """Whether a device's update report may be about ``rollout_id``: it names that rollout or none."""
+    return update is None or update.rollout is None or rollout_id is None or update.rollout == rollout_id
+
+
+def device_outcome(a: Assignment, rec: DeviceRecord | None, spec: RolloutSpec, now: float,
+                   rollout_id: str | None = None) -> tuple[Outcome, str | None]:
+    """The outcome of one told device (see the module docstring). A rollback the device reports
+    under another rollout id is an earlier rollout's (a re-roll of a refused version, before the
+    device has reacted to its new desired), not this one's failure."""
     if a.outcome is Outcome.FAILURE:
         return a.outcome, a.reason
     assigned_at = a.assigned_at if a.assigned_at is not None else now
@@ -179,7 +189,7 @@ def device_outcome(a: Assignment, rec: DeviceRecord | None, spec: RolloutSpec, n
         u = rec.update
         if rec.failed_target == target and rec.failed_at is not None and rec.failed_at >= assigned_at:
             return Outcome.FAILURE, f"rolled back: {rec.failed_reason or 'no reason given'}"
-        if rolled_back_from(rec.model, u) == target:
+        if rolled_back_from(rec.model, u) == target and _may_concern(u, rollout_id):
             return Outcome.FAILURE, f"rolled back: {u.reason or 'no reason given'}"  # type: ignore[union-attr]
         on_target = rec.model == target
         if on_target or (u is not None and u.target == target and u.state in TRIAL_STATES):
@@ -326,7 +336,7 @@ def decide(status: RolloutStatus, assignments: dict[str, Assignment], devices: d
     for a in sorted(assignments.values(), key=lambda a: a.device_id):
         if a.assigned_at is None:
             continue
-        outcome, reason = device_outcome(a, devices.get(a.device_id), spec, now)
+        outcome, reason = device_outcome(a, devices.get(a.device_id), spec, now, status.rollout_id)
         if (outcome, reason) != (a.outcome, a.reason):
             d.update(a, outcome=outcome, reason=reason, outcome_at=now if outcome is not a.outcome else a.outcome_at)
             if outcome is Outcome.FAILURE:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeopt.errors import UserInputError
-from edgeopt.fleet.messages import LABEL_KEY_RE, LABEL_VALUE_RE, ModelRef
+from edgeopt.protocol import LABEL_KEY_RE, LABEL_VALUE_RE, ModelRef
 
 MAX_WAVES = 20
 
@@ -100,7 +100,7 @@ def parse_selector(terms: tuple[str, ...] | list[str]) -> dict[str, str]:
     selector: dict[str, str] = {}
     for term in (t.strip() for arg in terms for t in arg.split(",") if t.strip()):
         key, sep, value = term.partition("=")
-        if not sep or not LABEL_KEY_RE.match(key.strip()) or not LABEL_VALUE_RE.match(value.strip()):
+        if not sep or not LABEL_KEY_RE.fullmatch(key.strip()) or not LABEL_VALUE_RE.fullmatch(value.strip()):
             raise UserInputError(f"--selector {term!r}: expected LABEL=VALUE (letters, digits, '_', '.', '-')")
         selector[key.strip()] = value.strip()
     return selector

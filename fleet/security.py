@@ -28,7 +28,6 @@ every client id by the user name, so no device can take over another's session.
 from __future__ import annotations
 
 import base64
-import contextlib
 import getpass
 import grp
 import hashlib
@@ -37,15 +36,14 @@ import os
 import pwd
 import secrets
 import stat
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote
 
 from edgeopt.errors import EnvironmentFault, UserInputError
-from edgeopt.fsutil import environment_fault, fsync_dir
-from edgeopt.repo_protocol import DEVICE_ID_RE
+from edgeopt.fsutil import atomic_write_bytes, environment_fault
+from edgeopt.protocol import DEVICE_ID_RE
 
 SERVICE_USER = "edgeopt-fleet"
 PBKDF2_ITERATIONS = 101  # mosquitto_passwd's default for its $7$ (PBKDF2-SHA512) format
@@ -168,29 +166,11 @@ class Owners:
         return cls(name, operator, (entry.pw_uid, entry.pw_gid))
 
 
-def write_owned(path: Path, data: bytes, mode: int, owner: tuple[int, int]) -> None:
-    """Write ``path`` atomically with its final owner and mode already set on the new file, so the
-    broker never meets a half-written file or one it may not read."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchown(f.fileno(), *owner)
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise environment_fault(exc, path) from exc
-
-
 def rewrite_keeping_owner(path: Path, data: bytes) -> None:
-    """Replace ``path``, keeping the owner, group and mode it has."""
+    """Replace ``path``, keeping the owner, group and mode it has (set on the new file before it
+    replaces the old one, so the broker never meets a file it may not read)."""
     st = path.stat()
-    write_owned(path, data, stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid))
+    atomic_write_bytes(path, data, stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid))
 
 
 def blocked_ancestor(path: Path, uid: int, gids: set[int]) -> Path | None:
@@ -316,7 +296,7 @@ class BrokerSecurity:
             raise environment_fault(exc, d) from exc
         for name, data in files.items():
             mode, who = LAYOUT[name]
-            write_owned(d / name, data, mode, owners.ids(who))
+            atomic_write_bytes(d / name, data, mode, owners.ids(who))
         sec = cls(d)
         blocked = blocked_ancestor(d, owners.broker[0], user_gids(owners.broker_user, owners.broker[1]))
         if blocked is not None:
@@ -342,7 +322,7 @@ class BrokerSecurity:
 
     def add_device(self, device_id: str, replace: bool = False) -> str:
         """Give ``device_id`` a new random password (written to the password file); returns it."""
-        if not DEVICE_ID_RE.match(device_id) or device_id == SERVICE_USER:
+        if not DEVICE_ID_RE.fullmatch(device_id) or device_id == SERVICE_USER:
             raise UserInputError(f"device id {device_id!r}: use letters, digits, '.', '_', '-' (at most 64), "
                                  f"not '{SERVICE_USER}'")
         lines = self._read("passwd").splitlines()

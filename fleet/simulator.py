@@ -14,8 +14,8 @@ sha256 that python-tuf verified in the signed targets metadata:
     verify="full"    every device runs its own python-tuf client (``DeviceTrust``) with its own
                      pinned root and trusted-metadata directory (what a real agent does)
 
-``self_test="golden"`` unpacks the artifact and runs the agent's own self-test on it (golden vectors
-with the real runtime), so a broken model fails on the simulated devices as it would on real ones; the default only simulates
+``self_test="golden"`` unpacks the artifact and runs the golden-vector check a real agent runs
+(``edgeopt.golden_vectors``, with the real runtime), so a broken model fails on the simulated devices as it would on real ones; the default only simulates
 the outcome (``FailurePlan``). Network I/O runs on one thread (``ClientLoop``); the blocking parts
 of an update (metadata, download, hashing, self-test) run in a small worker pool.
 """
@@ -36,18 +36,22 @@ from typing import Any
 
 from edgeopt.errors import EdgeoptError, RemoteError, UserInputError
 from edgeopt.fleet.client_loop import ClientLoop
-from edgeopt.fleet.messages import (
+from edgeopt.golden_vectors import check_artifact
+from edgeopt.protocol import (
+    DEFAULT_CHUNK,
     Desired,
     Health,
-    MessageError,
     ModelRef,
+    ProtocolError,
     UpdateStatus,
     device_topic,
+    encode_telemetry,
     offline_will,
     parse_desired,
+    response_topic,
     state_message,
 )
-from edgeopt.repo_protocol import DEFAULT_CHUNK, response_topic
+from edgeopt.repo_client import DeviceTrust, MqttFetcher, MqttRepoLink, UpdateRefused, url_for
 
 log = logging.getLogger("edgeopt.fleet.sim")
 FAIL_MODES = ("self-test", "probation", "health", "silent")
@@ -125,10 +129,8 @@ class SimConfig:
 
 
 def golden_self_test(archive: bytes, workdir: Path) -> str | None:
-    """Unpack a packed artifact and run the device agent's own self-test on it (golden vectors
-    within the manifest's tolerances, no NaN/Inf, latency within its budget); the reason it fails,
-    or None."""
-    from edgeopt.agent.update.selftest import check_artifact
+    """Unpack a packed artifact and run a device's golden-vector check on it (golden vectors within
+    the manifest's tolerances, no NaN/Inf, latency within its budget); the reason it fails, or None."""
     from edgeopt.artifact import unpack_artifact
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -144,9 +146,6 @@ class SharedTrust:
     list yet, at most every ``min_refresh`` seconds)."""
 
     def __init__(self, sim: Simulator, root: Path, workdir: Path, min_refresh: float = 1.0):
-        from edgeopt.agent.update.fetcher import MqttFetcher
-        from edgeopt.agent.update.link import MqttRepoLink
-        from edgeopt.agent.update.trust import DeviceTrust
         from edgeopt.mqtt import PahoTopics, connect, make_client
 
         cfg = sim.config
@@ -161,8 +160,6 @@ class SharedTrust:
         self._lock = threading.Lock()
 
     def lookup(self, target: ModelRef):
-        from edgeopt.agent.update.trust import UpdateRefused
-
         with self._lock:
             if time.monotonic() - self._last >= self.min_refresh:
                 self.trust.refresh()
@@ -197,7 +194,6 @@ class _DeviceTopics:
 
 class SimDevice:
     def __init__(self, sim: Simulator, index: int):
-        from edgeopt.agent.update.link import MqttRepoLink
         from edgeopt.mqtt import make_client
 
         cfg = sim.config
@@ -215,6 +211,8 @@ class SimDevice:
         self.stats: Counter[str] = Counter()
         self.repo_handler = None
         self.state_topic = device_topic(cfg.prefix, self.device_id, "state")
+        self.desired_topic = device_topic(cfg.prefix, self.device_id, "desired")
+        self.response_topic = response_topic(cfg.prefix, self.device_id)
         self.client = make_client(self.device_id, cfg.broker,
                                   will=(self.state_topic, offline_will(self.device_id), 1, True))
         self.client.on_connect = self._on_connect
@@ -239,9 +237,7 @@ class SimDevice:
         if reason_code.is_failure:
             log.warning("%s: broker refused the connection: %s", self.device_id, reason_code)
             return
-        prefix = self.sim.config.prefix
-        client.subscribe([(device_topic(prefix, self.device_id, "desired"), 1),
-                          (response_topic(prefix, self.device_id), 1)])
+        client.subscribe([(self.desired_topic, 1), (self.response_topic, 1)])
         self.publish_state()
         self.connected.set()
 
@@ -262,16 +258,19 @@ class SimDevice:
     def _on_message(self, client, userdata, msg) -> None:
         self.stats["received"] += 1
         self.stats["received_bytes"] += len(msg.payload)
-        if msg.topic.endswith("/desired"):
+        if msg.topic == self.desired_topic:
             try:
                 desired = parse_desired(msg.payload)
-            except MessageError as exc:
-                self.stats["malformed_desired"] += 1
+            except ProtocolError as exc:
+                self.stats[f"rejected_desired_{exc.code}"] += 1
                 log.warning("%s: dropped malformed desired: %s", self.device_id, exc)
                 return
             self.on_desired(desired)
-        elif self.repo_handler is not None:
-            self.repo_handler(msg.topic, msg.payload)
+        elif msg.topic == self.response_topic:
+            if self.repo_handler is not None:
+                self.repo_handler(msg.topic, msg.payload)
+        else:  # another device's message (a broker handing out every retained desired): never act on it
+            self.stats["wrong_topic"] += 1
 
     def publish_state(self) -> None:
         if self.silenced:
@@ -284,14 +283,12 @@ class SimDevice:
     def publish_telemetry(self) -> None:
         if self.silenced or not self.connected.is_set():
             return
-        import json
-
         h = self.health or Health()
-        body = {"device_id": self.device_id, "model": self.model.to_json() if self.model else None,
+        body = {"model": self.model.to_json() if self.model else None,
                 "latency_ms": {"p50_ms": (h.latency_p95_ms or 0) / 2, "p95_ms": h.latency_p95_ms},
                 "error_rate": h.error_rate, "ts": time.time()}
         self.publish(device_topic(self.sim.config.prefix, self.device_id, "telemetry"),
-                     json.dumps(body, separators=(",", ":")).encode(), qos=0)
+                     encode_telemetry(self.device_id, body), qos=0)
 
     # -- updates -------------------------------------------------------------------------------
     def on_desired(self, desired: Desired) -> None:
@@ -378,8 +375,6 @@ class SimDevice:
         from tuf.api.exceptions import DownloadError, LengthOrHashMismatchError
         from tuf.api.metadata import TargetFile
 
-        from edgeopt.agent.update.fetcher import MqttFetcher, url_for
-
         cfg = self.sim.config
         if cfg.verify == "full":
             trust = self._device_trust()
@@ -407,9 +402,6 @@ class SimDevice:
         return data
 
     def _device_trust(self):
-        from edgeopt.agent.update.fetcher import MqttFetcher
-        from edgeopt.agent.update.trust import DeviceTrust
-
         if self._trust is None:
             cfg = self.sim.config
             home = self.sim.workdir / self.device_id

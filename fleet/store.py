@@ -18,7 +18,6 @@ from typing import Any
 
 from edgeopt.errors import UserInputError
 from edgeopt.fleet.db import Connection
-from edgeopt.fleet.messages import Health, ModelRef, Telemetry, UpdateStatus
 from edgeopt.fleet.rollout import (
     ACTIVE,
     Assignment,
@@ -30,11 +29,12 @@ from edgeopt.fleet.rollout import (
     WaveStatus,
 )
 from edgeopt.fleet.rollout_spec import RolloutSpec, matches
+from edgeopt.protocol import Health, ModelRef, Telemetry, UpdateStatus
 
 DEVICE_COLUMNS = ("device_id", "online", "agent_version", "profile", "labels", "model_name", "model_version",
                   "update_state", "update_target", "update_rollout", "update_reason", "update_since",
                   "update_changed_at", "health", "telemetry", "failed_target", "failed_reason",
-                  "failed_at", "first_seen", "last_seen", "updated_at")
+                  "failed_at", "first_seen", "last_seen", "updated_at", "rejected_messages")
 IN_CHUNK = 500  # ids per "IN (...)" query
 
 
@@ -77,7 +77,8 @@ def device_to_row(r: DeviceRecord, written_at: float) -> tuple:
             u.reason if u else None, u.since if u else None, r.update_changed_at,
             json.dumps(asdict(r.health)) if r.health else None,
             json.dumps(asdict(r.telemetry)) if r.telemetry else None,
-            _ref_text(r.failed_target), r.failed_reason, r.failed_at, r.last_seen, r.last_seen, written_at)
+            _ref_text(r.failed_target), r.failed_reason, r.failed_at, r.last_seen, r.last_seen, written_at,
+            None if r.rejected_messages is None else json.dumps(r.rejected_messages, sort_keys=True))
 
 
 def row_to_device(row: dict[str, Any]) -> DeviceRecord:
@@ -85,14 +86,15 @@ def row_to_device(row: dict[str, Any]) -> DeviceRecord:
     if row["telemetry"]:
         t = json.loads(row["telemetry"])
         telemetry = Telemetry(t["device_id"], ModelRef(**t["model"]) if t["model"] else None, t["latency_p95_ms"],
-                              t["error_rate"])
+                              t["error_rate"], t.get("rejected_messages"))
     return DeviceRecord(
         row["device_id"], bool(row["online"]), _labels(row["labels"]), row["profile"], row["agent_version"],
         _model(row["model_name"], row["model_version"]),
         _update(row["update_state"], row["update_target"], row["update_rollout"], row["update_reason"],
                 row["update_since"]),
         row["update_changed_at"], _health(row["health"]), telemetry, _ref(row["failed_target"]),
-        row["failed_reason"], row["failed_at"], row["last_seen"])
+        row["failed_reason"], row["failed_at"], row["last_seen"],
+        json.loads(row["rejected_messages"]) if row.get("rejected_messages") else None)
 
 
 def _chunks(ids: list[str]) -> Iterable[list[str]]:

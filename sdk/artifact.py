@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeopt.errors import UserInputError
+from edgeopt.errors import EnvironmentFault, UserInputError
 from edgeopt.fsutil import sha256_file
 from edgeopt.specs import TensorSpec
 
@@ -29,6 +29,39 @@ GOLDEN = "golden.npz"
 
 class TamperedArtifact(UserInputError):
     """A file of an artifact does not match the sha256 its manifest lists (or is missing)."""
+
+
+class UnreadableArtifact(EnvironmentFault):
+    """A file of an artifact exists but cannot be read here (permissions, I/O error)."""
+
+
+def _unreadable(exc: OSError, path: Path) -> UnreadableArtifact:
+    return UnreadableArtifact(f"cannot read {path}: {exc.strerror or exc}")
+
+
+def report_failures(report: Any) -> list[str]:
+    """The checks a conversion report says failed ([] when it passed). A report fails when its
+    ``status`` is "failed", when it lists ``failures``, or when its ``fit`` says the model does not fit."""
+    if not isinstance(report, dict):
+        return ["report.json is not a JSON object"]
+    failures = report.get("failures")
+    listed = [str(f) for f in failures] if isinstance(failures, list) else []
+    if report.get("status") == "failed" and not listed:
+        listed = ["status: failed"]
+    fit = report.get("fit")
+    if isinstance(fit, dict) and fit.get("ok") is False and not listed:
+        listed = [f"does not fit profile {fit.get('profile')}"]
+    return listed
+
+
+def refuse_failed(artifact: Artifact, allow_failed: bool) -> list[str]:
+    """Raise ``UserInputError`` when the artifact's report says it failed, unless ``allow_failed``;
+    returns the failed checks (for the record of an allowed one)."""
+    failures = artifact.failed_checks()
+    if failures and not allow_failed:
+        raise UserInputError(f"{artifact.root / REPORT}: the conversion failed its checks "
+                             f"({'; '.join(failures)[:300]}); pass --allow-failed to use it anyway")
+    return failures
 
 
 def tool_versions(*packages: str) -> dict[str, str]:
@@ -104,6 +137,19 @@ class Artifact:
     def report(self) -> dict[str, Any]:
         return json.loads((self.root / REPORT).read_text())
 
+    def failed_checks(self) -> list[str]:
+        """What report.json says failed ([] when it passed, or when the artifact has no report)."""
+        path = self.root / REPORT
+        try:
+            report = json.loads(path.read_text())
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise _unreadable(exc, path) from exc
+        except ValueError as exc:
+            raise UserInputError(f"{path}: malformed JSON ({exc})") from exc
+        return report_failures(report)
+
     def golden(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         return load_golden(self.root / GOLDEN)
 
@@ -116,20 +162,28 @@ class Artifact:
             path = (self.root / rel).resolve()
             if self.root.resolve() not in path.parents:
                 raise TamperedArtifact(f"{self.root / MANIFEST}: file entry {rel!r} points outside the artifact")
-            if not path.is_file():
-                raise TamperedArtifact(f"{self.root}: file {rel} listed in the manifest is missing")
-            if sha256_file(path) != expected:
+            try:
+                if not path.is_file():
+                    raise TamperedArtifact(f"{self.root}: file {rel} listed in the manifest is missing")
+                actual = sha256_file(path)
+            except OSError as exc:
+                raise _unreadable(exc, path) from exc
+            if actual != expected:
                 raise TamperedArtifact(f"{self.root}: {rel} does not match its sha256 in the manifest (modified?)")
 
 
 def open_artifact(root: str | Path) -> Artifact:
     root = Path(root)
     path = root / MANIFEST
-    if not path.is_file():
-        raise UserInputError(f"{root}: not an edgeopt artifact (no {MANIFEST})")
     try:
-        manifest = json.loads(path.read_text())
-    except ValueError as exc:
+        if not path.is_file():
+            raise UserInputError(f"{root}: not an edgeopt artifact (no {MANIFEST})")
+        text = path.read_bytes()
+    except OSError as exc:
+        raise _unreadable(exc, path) from exc
+    try:
+        manifest = json.loads(text)
+    except ValueError as exc:  # UnicodeDecodeError included
         raise UserInputError(f"{path}: malformed JSON ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("schema") != MANIFEST_SCHEMA:
         raise UserInputError(f"{path}: unknown manifest schema {manifest.get('schema') if isinstance(manifest, dict) else None!r}")
@@ -167,6 +221,20 @@ def pack_artifact(root: Path, dest: Path) -> None:
                 tar.addfile(info)
 
 
+def _as_data_member(member, archive: Path):
+    """What tarfile's 'data' filter does, for Pythons without it: a relative name that stays inside
+    the destination, no setuid/setgid/sticky or group/other-write bits, owned by whoever unpacks it."""
+    import os
+    from pathlib import PurePosixPath
+
+    name = PurePosixPath(member.name)
+    if name.is_absolute() or ".." in name.parts or not name.parts:
+        raise TamperedArtifact(f"{archive}: member {member.name!r} is not a relative path inside the artifact")
+    member.mode &= 0o755
+    member.uid, member.gid, member.uname, member.gname = os.getuid(), os.getgid(), "", ""
+    return member
+
+
 def unpack_artifact(archive: Path, dest: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> Artifact:
     """Unpack a packed artifact into the new directory ``dest`` and verify every file's hash.
 
@@ -186,8 +254,13 @@ def unpack_artifact(archive: Path, dest: Path, max_bytes: int = MAX_UNPACKED_BYT
                 total += m.size
                 if total > max_bytes:
                     raise TamperedArtifact(f"{archive}: unpacks to more than {max_bytes} bytes")
-            dest.mkdir(parents=True)
-            tar.extractall(dest, members=members, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                dest.mkdir(parents=True)
+                tar.extractall(dest, members=members, filter="data")
+            else:  # Python < 3.11.4 (Debian bookworm, Raspberry Pi OS: 3.11.2) has no extraction filters
+                members = [_as_data_member(m, archive) for m in members]
+                dest.mkdir(parents=True)
+                tar.extractall(dest, members=members)
     except tarfile.TarError as exc:  # includes the 'data' filter's refusals (FilterError)
         raise TamperedArtifact(f"{archive}: not a valid or not a safe artifact archive ({exc})") from exc
     artifact = open_artifact(dest)

@@ -64,6 +64,28 @@ class MissingDependency(EnvironmentFault):
         )
 
 
+# Optional third-party modules: import name → (distribution, the pip extra that installs it)
+OPTIONAL_MODULES = {
+    "onnx": ("onnx", "convert"), "onnxslim": ("onnxslim", "convert"), "onnx_ir": ("onnx-ir", "convert"),
+    "onnxruntime": ("onnxruntime", "convert"), "paho": ("paho-mqtt", "agent"), "tuf": ("tuf", "agent"),
+    "securesystemslib": ("securesystemslib", "agent"), "cryptography": ("cryptography", "agent"),
+    "ai_edge_litert": ("ai-edge-litert", "litert"), "flatbuffers": ("flatbuffers", "tflite"),
+    "litert_quantizer": ("litert-quantizer", "tflite"), "coremltools": ("coremltools", "coreml"),
+    "tvm": ("apache-tvm", "tvm"), "torch": ("torch", "train"), "torch_pruning": ("torch-pruning", "train"),
+    "amqtt": ("amqtt", "fleet"), "psycopg": ("psycopg", "fleet"), "serial": ("pyserial", "serial"),
+}
+
+
+def missing_dependency(exc: ModuleNotFoundError, purpose: str) -> MissingDependency | None:
+    """The MissingDependency a failed import of an optional module means (None for anything else,
+    e.g. a broken install of edgeopt itself)."""
+    top = (exc.name or "").split(".")[0]
+    if top not in OPTIONAL_MODULES:
+        return None
+    package, extra = OPTIONAL_MODULES[top]
+    return MissingDependency(package, extra, purpose)
+
+
 def closest(name: str, choices: list[str] | tuple[str, ...]) -> str:
     """A ' (did you mean X?)' suffix for an unknown name, or '' when nothing is close."""
     import difflib

@@ -2,6 +2,10 @@
 
 A crash at any point leaves either the old or the new content at a path, never a mix, and an output
 directory is built next to its destination and renamed into place only once it is complete.
+
+New files and directories honour the process umask (0666 / 0777 masked), unless a caller asks for a
+stricter mode (keys, passwords): ``tempfile.mkstemp`` / ``mkdtemp`` would force 0600 / 0700, and an
+artifact or model slot written by root beside an agent running as its own user must stay readable.
 """
 
 from __future__ import annotations
@@ -10,8 +14,8 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,26 +50,81 @@ def environment_fault(exc: OSError, path: Path) -> EnvironmentFault:
     return EnvironmentFault(f"cannot write {path}: {exc.strerror or exc}")
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` atomically and durably."""
+Owner = tuple[int, int]  # (uid, gid) for os.chown
+
+
+def _unique_name(parent: Path, prefix: str, suffix: str) -> Path:
+    return Path(parent) / f"{prefix}{secrets.token_hex(6)}{suffix}"
+
+
+def make_temp_dir(parent: Path, prefix: str, suffix: str) -> Path:
+    """A new empty directory with a unique name in ``parent``, created with the umask's mode."""
+    for _ in range(100):
+        path = _unique_name(parent, prefix, suffix)
+        try:
+            os.mkdir(path, 0o777)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unique temporary name", str(parent))
+
+
+def _open_temp_file(parent: Path, prefix: str, suffix: str) -> tuple[int, Path]:
+    for _ in range(100):
+        path = _unique_name(parent, prefix, suffix)
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unique temporary name", str(parent))
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None, owner: Owner | None = None) -> None:
+    """Write ``data`` to ``path`` atomically and durably. The file gets ``mode`` when given (e.g.
+    0o600 for a secret), else the umask's; ``owner`` (uid, gid) is set before it appears."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = _open_temp_file(path.parent, f".{path.name}.", ".tmp")
         with os.fdopen(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
+            if owner is not None:
+                os.fchown(f.fileno(), *owner)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise environment_fault(exc, path) from exc
 
 
-def atomic_write_json(path: Path, obj: Any, mode: int = 0o644) -> None:
+def atomic_write_json(path: Path, obj: Any, mode: int | None = None) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), mode)
+
+
+def copy_tree(source: Path, dest: Path) -> None:
+    """Copy the files and directories under ``source`` into the empty directory ``dest``. Contents
+    only: modes come from the umask, not from the source (a 0700 source must not make a 0700 copy)."""
+    source, dest = Path(source), Path(dest)
+    for dirpath, dirnames, filenames in os.walk(source):
+        rel = Path(dirpath).relative_to(source)
+        for name in sorted(dirnames):
+            os.mkdir(dest / rel / name, 0o777)
+        for name in sorted(filenames):
+            shutil.copyfile(Path(dirpath) / name, dest / rel / name, follow_symlinks=False)
+
+
+def chown_tree(root: Path, owner: Owner) -> None:
+    """Give ``root`` and everything under it to ``owner`` (uid, gid), links themselves not followed."""
+    os.chown(root, *owner, follow_symlinks=False)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            os.chown(os.path.join(dirpath, name), *owner, follow_symlinks=False)
 
 
 def fsync_tree(root: Path) -> None:
@@ -104,7 +163,7 @@ def staged_directory(dest: Path, force: bool = False) -> Iterator[Path]:
     check_output_dir(dest, force)
     parent = dest.resolve().parent
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent))
+        tmp = make_temp_dir(parent, f".{dest.name}.", ".partial")
     except OSError as exc:
         raise environment_fault(exc, dest) from exc
     try:
@@ -112,8 +171,7 @@ def staged_directory(dest: Path, force: bool = False) -> Iterator[Path]:
         fsync_tree(tmp)
         old = None
         if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=parent))
-            os.rmdir(old)
+            old = _unique_name(parent, f".{dest.name}.", ".old")
             os.replace(dest, old)
         os.replace(tmp, dest)
         fsync_dir(parent)

@@ -53,15 +53,18 @@ def base_config(tmp: Path, **sections: Any) -> dict[str, Any]:
 
 class AgentProcess:
     def __init__(self, tmp: Path, config: dict[str, Any], env: dict[str, str] | None = None, stdin=None,
-                 name: str = "agent.toml"):
+                 name: str = "agent.toml", command: list[str] | None = None, user: int | None = None):
+        """``command`` replaces the edgeopt-agent executable (e.g. another interpreter running it);
+        ``user`` runs it as that uid (and its group)."""
         self.tmp = tmp
         self.config_path = tmp / name
         self.config_path.write_text(to_toml(config))
         self.state_dir = Path(config["agent"]["state_dir"])
         self.status_path = Path(config.get("telemetry", {}).get("status_file") or self.state_dir / "status.json")
-        self.proc = subprocess.Popen([AGENT, "--config", str(self.config_path)], stdin=stdin or subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env={**os.environ, **(env or {})})
+        as_user = {} if user is None else {"user": user, "group": user, "extra_groups": []}
+        self.proc = subprocess.Popen([*(command or [AGENT]), "--config", str(self.config_path)],
+                                     stdin=stdin or subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env={**os.environ, **(env or {})}, **as_user)
         self.out = self.err = ""
 
     def status(self) -> dict[str, Any] | None:

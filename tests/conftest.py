@@ -110,3 +110,12 @@ def imu_model(tmp_path_factory) -> dict:
                   "--version", "3", "--preprocessing", made["preprocessing"], "--validation", made["validation"])
     assert res.code == 0, res.err
     return made
+
+
+@pytest.fixture(scope="session")
+def wheel_and_sdist():
+    """edgeopt's wheel (built from its sdist, which so proves it builds a working wheel) and sdist, built
+    once per session for the device tests (tests/device/, `make test-device`)."""
+    from device_env import dists
+
+    return dists()

@@ -95,7 +95,7 @@ class DesiredLog:
 
     def told(self, version: str) -> set[str]:
         """Devices that were ever told to run ``version``."""
-        from edgeopt.fleet.messages import parse_desired
+        from edgeopt.protocol import parse_desired
 
         with self._lock:
             return {dev for dev, payload in self.messages
@@ -115,10 +115,10 @@ class FleetRig:
         import time
 
         from edgeopt.fleet.db import open_database
-        from edgeopt.fleet.messages import ModelRef
         from edgeopt.fleet.repository import Repository
         from edgeopt.fleet.simulator import SimConfig, Simulator
         from edgeopt.fleet.store import FleetStore
+        from edgeopt.protocol import ModelRef
 
         from repo_helpers import fake_artifact
 
@@ -167,9 +167,9 @@ class FleetRig:
     def create(self, rollout_id: str = "r-1", version: str = "2", start: bool = True, **spec_options):
         import time
 
-        from edgeopt.fleet.messages import ModelRef
         from edgeopt.fleet.rollout import new_rollout
         from edgeopt.fleet.rollout_spec import RolloutSpec, parse_waves
+        from edgeopt.protocol import ModelRef
 
         options = {"waves": parse_waves("1%,10%,50%,100%"), "bake_s": 0.3, "device_timeout_s": 30.0,
                    "success_threshold": 1.0, "failure_pct": 0.05} | spec_options

@@ -7,13 +7,11 @@ import os
 import shutil
 from pathlib import Path
 
-from edgeopt.agent.update.fetcher import MqttFetcher
-from edgeopt.agent.update.link import MqttRepoLink
-from edgeopt.agent.update.trust import DeviceTrust
 from edgeopt.artifact import GOLDEN, MANIFEST_SCHEMA, REPORT, file_hashes
 from edgeopt.fleet.repo_server import RepoServer
 from edgeopt.fleet.repository import Repository
 from edgeopt.mqtt import PahoTopics, connect, make_client
+from edgeopt.repo_client import DeviceTrust, MqttFetcher, MqttRepoLink
 
 from brokers import Mosquitto
 

@@ -163,5 +163,30 @@ def test_a_model_that_cannot_run_is_a_clear_error_in_the_state(tmp_path, imu_mod
     agent = AgentProcess(tmp_path, cfg, env=env)
     st = agent.wait_status(lambda s: s["state"]["status"] == "error", what="error state")
     assert expected in st["state"]["error"] and "slot a" in st["state"]["error"]
+    # only a slot that cannot be read or fails its hashes is a slot error; a missing runtime is not
+    assert set(st["state"]["slot_errors"] or ()) == ({"a"} if how == "tampered" else set())
     assert agent.proc.poll() is None  # still up, waiting for a model that runs
     assert agent.stop() == 0
+
+
+def test_install_model_refuses_a_failed_conversion_unless_allowed(tmp_path, imu_model):
+    import shutil
+
+    from edgeopt.artifact import GOLDEN, REPORT, file_hashes
+
+    art = tmp_path / "failed"
+    shutil.copytree(imu_model["artifact"], art)
+    report = json.loads((art / REPORT).read_text())
+    report.update(status="failed", failures=["accuracy drop 4.20 (top1) exceeds --max-accuracy-drop 1.0"])
+    (art / REPORT).write_text(json.dumps(report))
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["files"] = file_hashes(art, [manifest["model"]["file"], GOLDEN, REPORT])
+    (art / "manifest.json").write_text(json.dumps(manifest))
+
+    res = run_cli("agent", "install-model", art, "--state-dir", tmp_path / "state")
+    assert res.code == 2 and len(res.err.strip().splitlines()) == 1, res.err
+    assert "report.json" in res.err and "accuracy drop 4.20" in res.err and "--allow-failed" in res.err
+    assert not (tmp_path / "state" / "active").exists() and not list((tmp_path / "state").rglob("manifest.json"))
+    res = run_cli("agent", "install-model", art, "--state-dir", tmp_path / "state", "--allow-failed")
+    assert res.code == 0, res.err
+    assert (tmp_path / "state" / "active").read_text().strip() == "a"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -129,3 +130,16 @@ def test_target_options_belong_to_their_target(monkeypatch):
     assert convert_cli._chosen_target_params("onnx", {"tune": None}) == {}
     with pytest.raises(UserInputError, match="--tune applies to target tvm, not onnx"):
         convert_cli._chosen_target_params("onnx", {"tune": 8})
+
+
+@pytest.mark.parametrize("command", [["inspect", "model.onnx"], ["convert", "model.onnx", "-o", "out"]])
+def test_a_command_whose_extra_is_missing_names_the_extra_in_one_line(command, tmp_path):
+    """What an install with only the `agent` extra sees (the real one: tests/device/): no traceback."""
+    (tmp_path / "model.onnx").write_bytes(b"")
+    code = ("import sys\nsys.modules['onnx'] = None  # what an install without onnx looks like\n"
+            f"from edgeopt.cli import main\nmain({command!r})")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                          env={k: v for k, v in os.environ.items() if k != "EDGEOPT_DEBUG"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (f"edgeopt: error: 'edgeopt {command[0]}' needs the Python package 'onnx', which is "
+                                   "not installed; install it with: pip install 'edgeopt[convert]'")

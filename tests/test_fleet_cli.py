@@ -8,10 +8,10 @@ import time
 import pytest
 
 from edgeopt.fleet.db import open_database
-from edgeopt.fleet.messages import ModelRef, UpdateStatus, state_message
 from edgeopt.fleet.registry import Registry
 from edgeopt.fleet.repository import Repository
 from edgeopt.fleet.store import FleetStore
+from edgeopt.protocol import ModelRef, UpdateStatus, state_message
 
 from conftest import run_cli
 from repo_helpers import fake_artifact

@@ -8,11 +8,11 @@ import pytest
 
 from edgeopt.fleet.controller import Controller, DesiredPublisher
 from edgeopt.fleet.db import open_database
-from edgeopt.fleet.messages import ModelRef, UpdateStatus, parse_desired, state_message
 from edgeopt.fleet.registry import Registry
 from edgeopt.fleet.rollout import Phase, apply_command, new_rollout
 from edgeopt.fleet.rollout_spec import RolloutSpec, parse_waves
 from edgeopt.fleet.store import FleetStore
+from edgeopt.protocol import ModelRef, UpdateStatus, parse_desired, state_message
 
 from fleet_helpers import sqlite_url
 
@@ -137,3 +137,20 @@ def test_an_operator_abort_between_read_and_write_wins(setup):
     assert store.load_rollout("r-1")[0].state is Phase.ABORTED
     rollback = [parse_desired(p).model for t, p, _, _ in broker.sent[len(told):]]
     assert rollback == [V1] * len(told)
+
+
+def test_a_desired_row_the_protocol_refuses_is_skipped_not_blocking_the_others(tmp_path):
+    """A row written before names were matched whole ('12\\n' passed the old rules) is never sent,
+    and the rows after it still are."""
+    from edgeopt.fleet.rollout import DesiredWrite
+
+    _, conn = open_database(sqlite_url(tmp_path))
+    store = FleetStore(conn)
+    store._write_desired([DesiredWrite("d0", ModelRef("kws", "12\n"), "r-1"),
+                          DesiredWrite("d1", V2, "r-1")], 1000.0)
+    broker = FakeBroker()
+    publisher = DesiredPublisher(store, broker.publish)
+    assert publisher.flush() == 1
+    assert [t for t, *_ in broker.sent] == ["edgeopt/devices/d1/desired"]
+    assert publisher.stats["refused"] == 1 and store.unpublished_desired() == []
+    conn.close()

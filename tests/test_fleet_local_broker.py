@@ -111,11 +111,11 @@ def test_service_on_iotcore_moves_chunks_above_its_default_payload_limit(tmp_pat
     """rumqttd's default payload cap (20 KiB) is below the chunk size: the service raises it, so a
     rollout of a 600 KB artifact in 256 KiB chunks goes through."""
     needs("iotcore")
-    from edgeopt.fleet.messages import ModelRef
     from edgeopt.fleet.rollout import Phase, apply_command, new_rollout
     from edgeopt.fleet.rollout_spec import RolloutSpec, parse_waves
     from edgeopt.fleet.service import FleetService, ServiceConfig
     from edgeopt.fleet.simulator import SimConfig, Simulator
+    from edgeopt.protocol import ModelRef
 
     repo = Repository.init(tmp_path / "repo")
     for v in ("1", "2"):

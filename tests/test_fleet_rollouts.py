@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from edgeopt.fleet.messages import ModelRef
 from edgeopt.fleet.rollout import Phase
 from edgeopt.fleet.rollout_spec import parse_waves
 from edgeopt.fleet.simulator import FailurePlan
+from edgeopt.protocol import ModelRef
 
 from fleet_helpers import FleetRig, db_url, sqlite_url, tuned_mosquitto  # noqa: F401  (db_url: fixture)
 
@@ -160,7 +160,9 @@ def test_controller_killed_mid_wave_continues_after_restart(tmp_path, broker, db
 def test_the_simulators_golden_self_test_is_the_agents_and_catches_a_broken_model(tmp_path):
     """``self_test="golden"``: the simulated device unpacks the signed archive and runs the agent's own
     self-test on it, so a model that publishes fine but computes garbage fails on the device."""
-    from fleet_demo import break_artifact
+    import shutil
+
+    from fleet_demo import perturb_weights
 
     from edgeopt.artifact import pack_artifact
     from edgeopt.fleet.simulator import golden_self_test
@@ -174,7 +176,8 @@ def test_the_simulators_golden_self_test_is_the_agents_and_catches_a_broken_mode
                   "-q", "--validation", tmp_path / "val.npz")
     assert res.code == 0, res.err
     verdicts = {}
-    for name, artifact in ("good", tmp_path / "good"), ("broken", break_artifact(tmp_path / "good", tmp_path / "broken")):
+    shutil.copytree(tmp_path / "good", tmp_path / "broken")
+    for name, artifact in ("good", tmp_path / "good"), ("broken", perturb_weights(tmp_path / "broken")):
         pack_artifact(artifact, tmp_path / f"{name}.tar")
         verdicts[name] = golden_self_test((tmp_path / f"{name}.tar").read_bytes(), tmp_path)
     assert verdicts["good"] is None

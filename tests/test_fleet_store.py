@@ -9,17 +9,17 @@ import pytest
 
 from edgeopt.errors import EnvironmentFault, RemoteError, UserInputError
 from edgeopt.fleet.db import MIGRATIONS, Database, open_database, redact
-from edgeopt.fleet.messages import (
+from edgeopt.fleet.registry import Registry
+from edgeopt.fleet.rollout import Outcome, Phase, apply_command, decide, new_rollout
+from edgeopt.fleet.rollout_spec import RolloutSpec, parse_waves
+from edgeopt.fleet.store import FleetStore
+from edgeopt.protocol import (
     Health,
     ModelRef,
     UpdateStatus,
     offline_will,
     state_message,
 )
-from edgeopt.fleet.registry import Registry
-from edgeopt.fleet.rollout import Outcome, Phase, apply_command, decide, new_rollout
-from edgeopt.fleet.rollout_spec import RolloutSpec, parse_waves
-from edgeopt.fleet.store import FleetStore
 
 from fleet_helpers import db_url  # noqa: F401  (fixture)
 
@@ -49,13 +49,14 @@ def state(device, model=V1, upd="IDLE", target=None, reason=None, labels=None, h
 
 def test_migrations_are_idempotent_and_only_new_ones_run(db_url):  # noqa: F811
     db, conn = open_database(db_url)
-    assert db.migrate(conn) == 1 and db.migrate(conn) == 1
-    extra = MIGRATIONS + [(2, "a test column", ["ALTER TABLE devices ADD COLUMN test_note TEXT"])]
-    assert db.migrate(conn, extra) == 2
-    assert db.migrate(conn, extra) == 2  # not applied twice (ALTER would fail)
+    latest = MIGRATIONS[-1][0]
+    assert db.migrate(conn) == latest and db.migrate(conn) == latest
+    extra = MIGRATIONS + [(latest + 1, "a test column", ["ALTER TABLE devices ADD COLUMN test_note TEXT"])]
+    assert db.migrate(conn, extra) == latest + 1
+    assert db.migrate(conn, extra) == latest + 1  # not applied twice (ALTER would fail)
     versions = [r["version"] for r in conn.query("SELECT version FROM schema_migrations ORDER BY version")]
-    assert versions == [1, 2]
-    with pytest.raises(EnvironmentFault, match="schema version 2 is newer than this edgeopt knows"):
+    assert versions == list(range(1, latest + 2))
+    with pytest.raises(EnvironmentFault, match=f"schema version {latest + 1} is newer than this edgeopt knows"):
         db.migrate(conn)
     conn.close()
 
@@ -109,6 +110,25 @@ def test_registry_remembers_a_rollback_even_when_idle_follows_in_the_same_batch(
     reg.flush()
     d = store.load_devices()["dev-1"]
     assert d.update_changed_at == 1002.0 and d.telemetry.latency_p95_ms == 4.5 and d.last_seen == 1003.0
+
+
+def test_registry_keeps_what_each_device_refused_from_state_and_telemetry(store):
+    reg = Registry(store, clock=Clock())
+    refused = {"desired": {"bad_version": 1}}
+    reg.on_message("edgeopt/devices/dev-1/state", state_message(
+        "dev-1", model=V1, update=UpdateStatus("IDLE"), rejected_messages=refused))
+    reg.on_message("edgeopt/devices/dev-2/state", state("dev-2"))  # an agent that does not report it
+    reg.flush()
+    devices = store.load_devices()
+    assert devices["dev-1"].rejected_messages == refused and devices["dev-2"].rejected_messages is None
+    later = {"desired": {"bad_version": 1}, "repo": {"bad_frame": 3}}
+    reg.on_message("edgeopt/devices/dev-1/telemetry", json.dumps({"rejected_messages": later}).encode())
+    reg.flush()
+    assert store.load_devices()["dev-1"].rejected_messages == later
+    reg.on_message("edgeopt/devices/dev-1/state", state("dev-1"))  # no field: the last report stays
+    reg.flush()
+    assert store.load_devices()["dev-1"].rejected_messages == later
+    assert reg.snapshot_stats().get("malformed_state", 0) == 0
 
 
 def test_malformed_messages_are_counted_and_never_stored(store):

@@ -29,7 +29,7 @@ def test_falls_back_to_tflite_runtime_when_ai_edge_litert_is_missing(monkeypatch
 def test_neither_interpreter_names_the_extra_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ai_edge_litert", None)
     monkeypatch.setitem(sys.modules, "tflite_runtime", None)
-    with pytest.raises(MissingDependency, match=r"pip install 'edgeopt\[tflite\]'"):
+    with pytest.raises(MissingDependency, match=r"pip install 'edgeopt\[litert\]'"):
         interpreter_module()
 
 

@@ -7,7 +7,15 @@ import stat
 
 import pytest
 
-from edgeopt.artifact import TamperedArtifact, pack_artifact, unpack_artifact
+from edgeopt.artifact import (
+    GOLDEN,
+    REPORT,
+    TamperedArtifact,
+    file_hashes,
+    pack_artifact,
+    report_failures,
+    unpack_artifact,
+)
 from edgeopt.errors import UserInputError
 from edgeopt.fleet.repository import Repository, parse_expiry
 
@@ -62,6 +70,54 @@ def test_publish_refuses_tampered_artifacts_and_bad_names(repo, tmp_path):
             repo.publish(good, name, version)
 
 
+def test_publish_refuses_an_artifact_whose_manifest_names_another_model_or_version(repo, tmp_path):
+    art = fake_artifact(tmp_path / "a", "imu", "2")
+    for name, version in (("imu", "3"), ("kws", "2"), ("kws", "3"), (None, "3"), ("kws", None)):
+        with pytest.raises(UserInputError) as exc:
+            repo.publish(art, name, version)
+        asked = f"{name or 'imu'}@{version or '2'}"
+        assert f"the manifest says imu@2, not {asked}" in str(exc.value) and "\n" not in str(exc.value)
+    assert repo.list_models() == []
+    res = run_cli("fleet", "publish", art, "--repo", repo.root, "--name", "imu", "--version", "3")
+    assert res.code == 2 and res.err.strip().count("\n") == 0 and "Traceback" not in res.err, res.err
+    assert "the manifest says imu@2, not imu@3" in res.err and str(art) in res.err
+    assert repo.publish(art, "imu", "2")["target"] == "imu-2.tar"
+    assert repo.publish(fake_artifact(tmp_path / "b", "imu", "4"))["target"] == "imu-4.tar"  # the manifest's
+
+
+def _failed(art, report: dict):
+    (art / REPORT).write_text(json.dumps(report))
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["files"] = file_hashes(art, ["model.onnx", GOLDEN, REPORT])
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    return art
+
+
+def test_report_failures():
+    assert report_failures({}) == [] and report_failures({"status": "ok", "failures": []}) == []
+    assert report_failures({"status": "failed", "failures": ["fit: 3 MiB over"]}) == ["fit: 3 MiB over"]
+    assert report_failures({"status": "failed"}) == ["status: failed"]
+    assert report_failures({"fit": {"ok": False, "profile": "esp32"}}) == ["does not fit profile esp32"]
+    assert report_failures({"fit": {"ok": True}, "status": "ok"}) == []
+    assert report_failures([]) == ["report.json is not a JSON object"]
+
+
+def test_publish_refuses_a_failed_conversion_unless_allowed_and_signs_that_it_was(repo, tmp_path):
+    failure = "accuracy drop 4.20 (top1) exceeds --max-accuracy-drop 1.0"
+    art = _failed(fake_artifact(tmp_path / "a"), {"status": "failed", "failures": [failure]})
+    with pytest.raises(UserInputError, match="report.json: the conversion failed its checks .*--allow-failed"):
+        repo.publish(art)
+    res = run_cli("fleet", "publish", art, "--repo", repo.root)
+    assert res.code == 2 and failure in res.err and "--allow-failed" in res.err and repo.list_models() == []
+    res = run_cli("fleet", "publish", art, "--repo", repo.root, "--allow-failed", "--json")
+    assert res.code == 0, res.err
+    custom = repo.current()[2].signed.targets["kws-1.tar"].custom  # the signed targets metadata
+    assert custom["allow_failed"] is True and custom["failed_checks"] == [failure]
+    assert res.json()["failed_checks"] == [failure]
+    passed = repo.publish(fake_artifact(tmp_path / "b", "kws", "2"))
+    assert "allow_failed" not in passed and "failed_checks" not in passed
+
+
 def test_packing_is_deterministic_and_unpacking_verifies(tmp_path):
     art = fake_artifact(tmp_path / "a")
     pack_artifact(art, tmp_path / "1.tar")
@@ -88,6 +144,46 @@ def test_unpack_refuses_path_traversal_and_links(tmp_path):
                 tar.addfile(info, io.BytesIO(b"bad"))
         with pytest.raises(TamperedArtifact):
             unpack_artifact(bad, tmp_path / f"out-{kind}")
+        assert not (tmp_path.parent / "escape.txt").exists()
+
+
+@pytest.fixture
+def tarfile_of_python_3_11_2(monkeypatch):
+    """tarfile as Debian bookworm's Python 3.11.2 (Raspberry Pi OS) has it: no extraction filters
+    (they came in 3.11.4), so extractall() takes no ``filter`` argument and trusts the archive."""
+    import tarfile
+
+    original = tarfile.TarFile.extractall
+
+    def extractall(self, path=".", members=None, *, numeric_owner=False, **unexpected):
+        if unexpected:
+            raise TypeError(f"TarFile.extractall() got an unexpected keyword argument {next(iter(unexpected))!r}")
+        return original(self, path, members, numeric_owner=numeric_owner, filter="fully_trusted")
+
+    monkeypatch.delattr(tarfile, "data_filter")
+    monkeypatch.setattr(tarfile.TarFile, "extractall", extractall)
+
+
+def test_unpacking_on_a_python_without_tar_filters_works_and_stays_safe(tmp_path, tarfile_of_python_3_11_2):
+    """Found by the emulated board (tests/device/): every update failed at STAGED with a TypeError there."""
+    import io
+    import stat
+    import tarfile
+
+    art = fake_artifact(tmp_path / "a")
+    (art / "model.onnx").chmod(0o4777)
+    pack_artifact(art, tmp_path / "1.tar")
+    unpacked = unpack_artifact(tmp_path / "1.tar", tmp_path / "out")
+    assert unpacked.manifest["name"] == "kws"
+    assert stat.S_IMODE((tmp_path / "out" / "model.onnx").stat().st_mode) & 0o7022 == 0
+    for name in ("../../escape.txt", "/tmp/escape.txt"):
+        bad = tmp_path / "bad.tar"
+        with tarfile.open(bad, "w") as tar:
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"bad"))
+        with pytest.raises(TamperedArtifact, match="not a relative path"):
+            unpack_artifact(bad, tmp_path / "out-bad")
         assert not (tmp_path.parent / "escape.txt").exists()
 
 

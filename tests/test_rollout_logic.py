@@ -9,7 +9,6 @@ import itertools
 import pytest
 
 from edgeopt.errors import UserInputError
-from edgeopt.fleet.messages import Health, ModelRef, Telemetry, UpdateStatus
 from edgeopt.fleet.rollout import (
     Assignment,
     DeviceRecord,
@@ -34,6 +33,7 @@ from edgeopt.fleet.rollout_spec import (
     plan_waves,
     wave_sizes,
 )
+from edgeopt.protocol import Health, ModelRef, Telemetry, UpdateStatus
 
 V1, V2 = ModelRef("kws", "1"), ModelRef("kws", "2")
 
@@ -108,7 +108,7 @@ def spec(**over) -> RolloutSpec:
 
 def rec(model=V1, state="IDLE", target=None, changed=None, **kw) -> DeviceRecord:
     return DeviceRecord("d1", online=kw.pop("online", True), model=model,
-                        update=UpdateStatus(state, target, None, kw.pop("reason", None), 0.0),
+                        update=UpdateStatus(state, target, kw.pop("rollout", None), kw.pop("reason", None), 0.0),
                         update_changed_at=changed, **kw)
 
 
@@ -137,6 +137,18 @@ def test_idle_naming_the_target_with_a_reason_is_a_rollback():
     assert device_outcome(TOLD, back, spec(), 130.0) == (Outcome.FAILURE, "rolled back: golden self-test failed")
     committed = rec(V2, "IDLE", V2, changed=120.0, reason="stale text")
     assert device_outcome(TOLD, committed, spec(), 130.0)[0] is Outcome.SUCCESS
+
+
+def test_a_rollback_reported_for_an_earlier_rollout_is_not_this_rollouts_failure():
+    """A re-roll of a refused version: until the device reacts to the new desired it still reports
+    the old rollout's rollback of that same version; that is not a failure of the new rollout."""
+    old = rec(V1, "IDLE", V2, changed=50.0, reason="self-test failed", rollout="r1")
+    assert device_outcome(TOLD, old, spec(), 130.0, rollout_id="r2")[0] is Outcome.PENDING
+    assert device_outcome(TOLD, old, spec(), 130.0, rollout_id="r1")[0] is Outcome.FAILURE
+    again = rec(V1, "ROLLED_BACK", V2, changed=120.0, reason="self-test failed", rollout="r2")
+    assert device_outcome(TOLD, again, spec(), 130.0, rollout_id="r2") == (Outcome.FAILURE, "rolled back: self-test failed")
+    unnamed = rec(V1, "IDLE", V2, changed=120.0, reason="self-test failed")  # a device that names no rollout
+    assert device_outcome(TOLD, unnamed, spec(), 130.0, rollout_id="r2")[0] is Outcome.FAILURE
 
 
 def test_recorded_rollback_counts_only_after_the_device_was_told():

@@ -76,8 +76,8 @@ def test_happy_path_commits_v2_and_no_window_is_lost_across_the_switch(rig, arti
 def test_state_topic_reports_each_transition(rig, artifacts, tmp_path):
     import threading
 
-    from edgeopt.fleet.messages import parse_state
     from edgeopt.mqtt import connect, make_client
+    from edgeopt.protocol import parse_state
 
     seen: list[str] = []
     lock = threading.Lock()
@@ -193,6 +193,66 @@ def test_a_version_not_in_signed_targets_is_refused_and_the_model_untouched(rig,
     slots = sorted(p.name for p in (tmp_path / "state" / "slots").iterdir() if not p.name.startswith("."))
     assert len(slots) == 1  # nothing was staged
     assert agent.stop() == 0
+
+
+@pytest.mark.parametrize("fixed_by", ["a new rollout", "the backoff"])
+def test_a_download_corrupted_in_transit_is_tried_again_once_the_file_is_fixed(rig, artifacts, tmp_path, fixed_by):
+    """The server's copy is damaged (the device sees bytes that do not match the signed hash), then
+    restored: the same signed target. A new rollout tries it at once (the backoff is an hour here);
+    with a short backoff the same desired tries it again by itself."""
+    backoff = 3600.0 if fixed_by == "a new rollout" else 0.5
+    # latency is not what this test is about: on a busy machine the probation's latency gate may bite
+    agent, _ = _running_v1(rig, tmp_path, refused_retry_s=backoff, refused_retry_max_s=backoff,
+                           probation_latency_factor=1000.0)
+    stored = rig.stored(rig.publish(artifacts["2"], "2"))
+    good = stored.read_bytes()
+    damaged = bytearray(good)
+    damaged[len(damaged) // 2] ^= 0xFF
+    stored.write_bytes(bytes(damaged))
+    rig.set_desired("dev1", "2", rollout="wave-1")
+    update = update_of(wait_outcome(agent, "2"))
+    assert update["state"] == "ROLLED_BACK" and update["reason"].startswith("hash_mismatch"), update
+    assert f"tried again in {backoff:.0f} s, or at once by a new rollout" in update["reason"], update
+    stored.write_bytes(good)
+    if fixed_by == "a new rollout":
+        rig.set_desired("dev1", "2", rollout="wave-2")
+    status = agent.wait_status(lambda s: update_of(s)["state"] == "COMMITTED" and model_version(s) == "2",
+                               timeout=60, what="v2 committed after the fix")
+    assert update_of(status)["rollout"] == ("wave-2" if fixed_by == "a new rollout" else "wave-1")
+    assert agent.stop() == 0
+    record = json.loads((tmp_path / "state" / "update.json").read_text())
+    assert record["refusals"] == {}  # committed: nothing refused any more
+
+
+def test_a_self_test_refusal_stays_refused_within_its_rollout(rig, artifacts, tmp_path):
+    agent, _ = _running_v1(rig, tmp_path, refused_retry_s=0.5)
+    rig.publish(artifacts["scrambled"], "3")
+    rig.set_desired("dev1", "3", rollout="wave-1")
+    update = update_of(wait_outcome(agent, "3"))
+    assert update["state"] == "ROLLED_BACK" and "tried again only by a new rollout" in update["reason"], update
+    record = json.loads((tmp_path / "state" / "update.json").read_text())
+    assert record["refusals"]["imu-cnn@3"]["fault"] == "behaviour"
+    rig.set_desired("dev1", "3", rollout="wave-2")  # the operator re-rolls it: it is tried once more
+    agent.wait_status(lambda s: update_of(s)["rollout"] == "wave-2" and update_of(s)["state"] == "ROLLED_BACK",
+                      what="the second try under wave-2 to end")
+    assert agent.stop() == 0
+    history = json.loads((tmp_path / "state" / "update.json").read_text())["history"]
+    assert [h["from"] for h in history if h["to"] == "ROLLING_BACK"] == ["SELF_TEST", "SELF_TEST"]  # no loop
+
+
+def test_rolling_back_to_a_damaged_previous_slot_runs_no_model_and_says_why(rig, artifacts, tmp_path):
+    agent, _ = _running_v1(rig, tmp_path, probation_windows=200, probation_s=3.0)
+    previous = tmp_path / "state" / "slots" / (tmp_path / "state" / "active").read_text().strip()
+    rig.publish(artifacts["nan_live"], "6")
+    rig.set_desired("dev1", "6")
+    model = previous / "model.onnx"  # v1 keeps running from memory; its slot on disk is damaged meanwhile
+    model.write_bytes(model.read_bytes()[:-1] + b"\0")
+    status = wait_outcome(agent, "6")
+    assert update_of(status)["state"] == "ROLLED_BACK" and "probation" in update_of(status)["reason"]
+    status = agent.wait_status(lambda s: s["state"]["model"] is None, what="no model after the rollback")
+    errors = status["state"]["slot_errors"]
+    assert list(errors) == [previous.name] and "model.onnx does not match its sha256" in errors[previous.name]
+    assert agent.proc.poll() is None and agent.stop() == 0
 
 
 def test_malformed_desired_messages_are_ignored(rig, tmp_path):

@@ -11,9 +11,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from edgeopt.agent.update.trust import UpdateRefused
 from edgeopt.artifact import unpack_artifact
 from edgeopt.fleet.repository import Repository, _write
+from edgeopt.repo_client import UpdateRefused
 from edgeopt.signing import load_signer
 
 from brokers import Mosquitto

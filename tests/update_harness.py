@@ -131,7 +131,12 @@ class Rig:
         self.agents: list[AgentProcess] = []
 
     def publish(self, artifact: Path, version: str) -> dict[str, Any]:
-        return self.repo.publish(artifact, "imu-cnn", version)
+        # the deliberately bad variants may carry a failed conversion report: they are meant to reach devices
+        return self.repo.publish(artifact, "imu-cnn", version, allow_failed=True)
+
+    def stored(self, entry: dict[str, Any]) -> Path:
+        """The repository's copy of a published artifact (what the server sends)."""
+        return self.repo.targets_dir / f"{entry['sha256']}.{entry['target']}"
 
     def set_desired(self, device: str, version: str | None, rollout: str | None = "r1") -> None:
         payload = b"" if version is None else json.dumps(

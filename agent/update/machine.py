@@ -10,6 +10,21 @@ written (temp file + fsync + rename + directory fsync) *before* the next step st
 any line leaves the last completed step on disk, and ``recover`` decides how to continue:
 re-run the interrupted step (every step is idempotent), except PROBATION, where an unexpected
 restart counts as the candidate's failure and the device rolls back.
+
+A version that ends ROLLED_BACK is remembered in the record (``refusals``, per NAME@VERSION: the
+rollout that asked for it, the fault class, attempts, when to try again), written in the same
+atomic save as the ROLLED_BACK state. ``wanted`` — a pure function of desired, the running model,
+that memory and the time — decides which version to start now:
+
+    refused for transport   (the bytes did not arrive intact or were not available: repository
+                            unreachable, download errors, hash / length mismatch, a damaged
+                            archive, not in the signed targets, metadata signature / expiry /
+                            rollback): tried again after a capped exponential backoff while the
+                            same desired stands, at once when a new rollout asks for it;
+    refused for behaviour   (self-test, shadow, probation, or a manifest contradicting its signed
+                            name and version; a shadow run that got too few live windows in time
+                            proved nothing and counts as transport): not again within that rollout — a new rollout id
+                            asking for it is the operator saying something was fixed.
 """
 
 from __future__ import annotations
@@ -75,6 +90,119 @@ def next_state(state: State, event: Event) -> State:
         raise InvalidTransition(f"no transition from {state} on {event}") from None
 
 
+# -- refused versions: when to try them again ---------------------------------------------------------
+class Fault(StrEnum):
+    """Whose fault a refusal was, which decides when the version is tried again."""
+
+    TRANSPORT = "transport"   # delivery, integrity or availability: the same bytes may arrive right later
+    BEHAVIOUR = "behaviour"   # the artifact itself: it would fail the same way again
+
+
+BEHAVIOUR_STATES = (State.SELF_TEST, State.SHADOW, State.PROBATION)
+# The STAGED reason word for an archive whose manifest names another model or version than its
+# signed target: the artifact was built wrong (the repository's bytes are what was signed).
+MANIFEST_MISMATCH = "manifest_mismatch"
+# The SHADOW reason word for a comparison that got too few live windows in time: it proved nothing
+# about the candidate (a quiet sensor, a slow board), so it is tried again like a transport fault.
+INCONCLUSIVE = "inconclusive"
+REFUSALS_KEEP = 32
+REASON_LIMIT = 200
+
+
+def fault_of(failed_in: State | None, reason: str | None) -> Fault:
+    """The fault class of a refusal, from the state whose step failed and its reason text."""
+    if failed_in is State.SHADOW and (reason or "").startswith(f"shadow: {INCONCLUSIVE}"):
+        return Fault.TRANSPORT
+    if failed_in in BEHAVIOUR_STATES:
+        return Fault.BEHAVIOUR
+    if failed_in is State.STAGED and (reason or "").startswith(f"staged: {MANIFEST_MISMATCH}"):
+        return Fault.BEHAVIOUR
+    return Fault.TRANSPORT
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Pauses before a version refused for a transport reason is tried again: first_s, doubling
+    with each refusal within the same rollout, at most max_s."""
+
+    first_s: float = 60.0
+    max_s: float = 3600.0
+
+    def delay(self, attempts: int) -> float:
+        return min(self.max_s, self.first_s * 2.0 ** min(max(0, attempts - 1), 62))
+
+
+def model_key(target: dict[str, Any]) -> str:
+    return f"{target.get('name')}@{target.get('version')}"
+
+
+def note_refusal(refusals: dict[str, dict[str, Any]], target: dict[str, Any], fault: Fault, now: float,
+                 backoff: Backoff) -> dict[str, dict[str, Any]]:
+    """``refusals`` with the refusal of ``target`` (its name, version, rollout) recorded; the oldest
+    entries beyond REFUSALS_KEEP are dropped."""
+    key, rollout = model_key(target), target.get("rollout")
+    before = refusals.get(key)
+    attempts = int(before.get("attempts", 0)) + 1 if before and before.get("rollout") == rollout else 1
+    entry = {"rollout": rollout, "fault": str(fault), "attempts": attempts, "refused_at": now,
+             "next_try_at": now + backoff.delay(attempts) if fault is Fault.TRANSPORT else None}
+    kept = [(k, v) for k, v in refusals.items() if k != key][-(REFUSALS_KEEP - 1):]
+    return {**dict(kept), key: entry}
+
+
+def forget_refusal(refusals: dict[str, dict[str, Any]], target: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in refusals.items() if k != model_key(target)}
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What to do about ``desired`` now: start ``target`` (None: nothing to start); ``retry_at``: a
+    refused version waits for its backoff until then (time.time() seconds)."""
+
+    target: dict[str, Any] | None
+    retry_at: float | None = None
+
+
+def wanted(desired: dict[str, Any] | None, current: dict[str, Any] | None, refusals: dict[str, dict[str, Any]],
+           now: float) -> Wanted:
+    """Which version to start now. Nothing when nothing is desired or the desired version already
+    runs; a version never refused, or refused under another rollout id, at once; one refused for
+    its behaviour under this rollout id, never; one refused for transport under this rollout id,
+    once its backoff has passed (or the clock went back past the refusal)."""
+    if desired is None:
+        return Wanted(None)
+    if current and (current.get("name"), current.get("version")) == (desired["name"], desired["version"]):
+        return Wanted(None)
+    memo = refusals.get(model_key(desired))
+    if memo is None or memo.get("rollout") != desired.get("rollout"):
+        return Wanted(dict(desired))
+    if memo.get("fault") != Fault.TRANSPORT:
+        return Wanted(None)
+    retry_at, refused_at = float(memo.get("next_try_at") or 0.0), float(memo.get("refused_at") or 0.0)
+    if now >= retry_at or now < refused_at:
+        return Wanted(dict(desired))
+    return Wanted(None, retry_at)
+
+
+def refusal_note(memo: dict[str, Any]) -> str:
+    """What the state's reason adds about a refusal: when the version will be tried again."""
+    if memo["fault"] == Fault.TRANSPORT:
+        wait = memo["next_try_at"] - memo["refused_at"]
+        return f" [refusal {memo['attempts']}; tried again in {wait:.0f} s, or at once by a new rollout]"
+    return " [refused for its behaviour; tried again only by a new rollout]"
+
+
+def reason_text(text: str | None, limit: int = REASON_LIMIT, tail: str = "") -> str | None:
+    """``text`` as one line of at most ``limit`` characters ending in ``tail`` (control characters
+    become spaces; a long text is cut, never the tail)."""
+    if text is None:
+        return None
+    line = "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in text)
+    room = max(0, limit - len(tail))
+    if len(line) > room:
+        line = line[:max(0, room - 3)] + "..."
+    return (line + tail)[:limit]
+
+
 @dataclass
 class UpdateRecord:
     """Everything the device must remember about the update in progress (persisted as JSON)."""
@@ -87,15 +215,31 @@ class UpdateRecord:
     entered_at: float = 0.0
     outcome: str | None = None                # COMMITTED or ROLLED_BACK once the update ended
     history: list[dict[str, Any]] = field(default_factory=list)
+    failed_in: str | None = None              # the state whose step failed (set on entering ROLLING_BACK)
+    refusals: dict[str, dict[str, Any]] = field(default_factory=dict)  # NAME@VERSION → see note_refusal
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> UpdateRecord:
-        return cls(State(obj["state"]), obj.get("target"), obj.get("previous"), obj.get("reason"),
-                   int(obj.get("attempts", 0)), float(obj.get("entered_at", 0.0)), obj.get("outcome"),
-                   list(obj.get("history", [])))
+        record = cls(State(obj["state"]), obj.get("target"), obj.get("previous"), obj.get("reason"),
+                     int(obj.get("attempts", 0)), float(obj.get("entered_at", 0.0)), obj.get("outcome"),
+                     list(obj.get("history", [])), obj.get("failed_in"), dict(obj.get("refusals") or {}))
+        if "refusals" not in obj:
+            record.refusals = _refusals_of_older_record(record)
+        return record
+
+
+def _refusals_of_older_record(record: UpdateRecord) -> dict[str, dict[str, Any]]:
+    """A record written before refusals were kept remembers only its last target: a rollback of it
+    becomes one refusal (due at once when it was a transport fault, as the old agent never retried)."""
+    if record.outcome != str(State.ROLLED_BACK) or not (record.target or {}).get("name"):
+        return {}
+    failed = [h.get("from") for h in record.history if h.get("to") == str(State.ROLLING_BACK)]
+    failed_in = State(failed[-1]) if failed and failed[-1] in State.__members__ else None
+    fault = fault_of(failed_in, record.reason)
+    return note_refusal({}, record.target, fault, record.entered_at, Backoff(0.0, 0.0))
 
 
 class RecordStore:
@@ -127,12 +271,12 @@ class UpdateMachine:
 
     def __init__(self, store: RecordStore, steps: dict[State, Step],
                  on_transition: Callable[[UpdateRecord], None] = lambda r: None, max_retries: int = 20,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, backoff: Backoff = Backoff()):
         missing = [s for s in State if s is not State.IDLE and s not in steps]
         if missing:
             raise ValueError(f"no step for state(s) {', '.join(missing)}")
         self.store, self.steps, self.on_transition = store, steps, on_transition
-        self.max_retries, self.clock = max_retries, clock
+        self.max_retries, self.clock, self.backoff = max_retries, clock, backoff
 
     def recover(self) -> UpdateRecord:
         """Called once at start-up: decide how an interrupted update continues."""
@@ -146,6 +290,7 @@ class UpdateMachine:
         if record.state is not State.IDLE:
             raise InvalidTransition(f"an update is already in progress ({record.state})")
         record.target, record.previous, record.reason, record.outcome = target, previous, None, None
+        record.failed_in = None
         self._move(record, next_state(record.state, Event.UPDATE))
         return record
 
@@ -170,18 +315,36 @@ class UpdateMachine:
         return record
 
     def _move(self, record: UpdateRecord, new: State, reason: str | None = None) -> None:
+        now = self.clock()
         if new is not record.state:
             record.attempts = 0
-        entry = {"from": str(record.state), "to": str(new), "at": self.clock()}
+        entry = {"from": str(record.state), "to": str(new), "at": now}
         if reason and new in (State.ROLLING_BACK,):
             entry["reason"] = reason
+        if new is State.ROLLING_BACK and record.state is not State.ROLLING_BACK:
+            record.failed_in = str(record.state)
         record.history = (record.history + [entry])[-HISTORY_KEEP:]
-        record.state, record.entered_at = new, self.clock()
+        record.state, record.entered_at = new, now
         if new in (State.COMMITTED, State.ROLLED_BACK):
             record.outcome = str(new)
         if reason is not None:
             record.reason = reason
+        if new is State.ROLLED_BACK:
+            self._remember_refusal(record, now)
+        elif new is State.COMMITTED and record.target:
+            record.refusals = forget_refusal(record.refusals, record.target)
         if new is State.IDLE:
             record.attempts = 0
         self.store.save(record)  # persisted before the next step acts
         self.on_transition(record)
+
+    def _remember_refusal(self, record: UpdateRecord, now: float) -> None:
+        """Entering ROLLED_BACK: remember the refused version (same save as the state) and say in the
+        reason when it will be tried again."""
+        if not (record.target or {}).get("name"):
+            return
+        failed_in = State(record.failed_in) if record.failed_in in State.__members__ else None
+        fault = fault_of(failed_in, record.reason)
+        record.refusals = note_refusal(record.refusals, record.target, fault, now, self.backoff)
+        note = refusal_note(record.refusals[model_key(record.target)])
+        record.reason = reason_text(record.reason or "refused", tail=note)

@@ -14,8 +14,9 @@ update state machine (agent/update/machine.py) with the steps below, while infer
                   NaN outputs, latency p95 and confidence on live windows
     COMMITTED     the candidate stays; downloads are cleaned up
     ROLLING_BACK  the previous slot is activated and its model swapped back in
-    ROLLED_BACK   the version is remembered as refused (a retained ``desired`` naming it again does
-                  not start it again) and the reason is reported
+    ROLLED_BACK   the version is remembered as refused, with its fault class (machine.py): a
+                  transport refusal is tried again after a backoff, a behaviour refusal only when a
+                  new rollout asks for it; a retained ``desired`` never loops. The reason says which.
 
 Every transition goes out on the retained ``state`` topic with the reason. A ``desired`` that is
 not in the signed targets is refused in DOWNLOADING, before anything is written to a slot.
@@ -24,7 +25,6 @@ not in the signed targets is refused in DOWNLOADING, before anything is written 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import queue
 import shutil
@@ -37,17 +37,29 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edgeopt.agent.update.machine import Event, RecordStore, State, UpdateMachine, UpdateRecord
+from edgeopt.agent.update.machine import (
+    INCONCLUSIVE,
+    MANIFEST_MISMATCH,
+    Backoff,
+    Event,
+    RecordStore,
+    State,
+    UpdateMachine,
+    UpdateRecord,
+    reason_text,
+    wanted,
+)
 from edgeopt.errors import EdgeoptError, RemoteError
+from edgeopt.protocol import ProtocolError, parse_desired
 
 log = logging.getLogger("edgeopt.agent.update")
-MAX_DESIRED_BYTES = 1024
 
 
 class Host(Protocol):
     """What the updater needs from the running agent."""
 
     state: Any  # agent.statedir.StateDir
+    rejected: Any  # agent.telemetry.RejectedMessages: refused network messages by topic kind and reason
 
     def current_model(self) -> dict[str, Any] | None: ...
 
@@ -57,27 +69,9 @@ class Host(Protocol):
 
     def request_swap(self, slot: str, model: Any, timeout: float = 60.0) -> bool: ...
 
+    def set_slot_error(self, slot: str, problem: str | None) -> None: ...
+
     def publish_state(self) -> None: ...
-
-
-def parse_desired(payload: bytes) -> dict[str, Any] | None:
-    """The retained ``desired`` message → {name, version, rollout} (None: cleared). Raises ValueError."""
-    from edgeopt.fleet.repository import NAME_RE
-
-    if not payload:
-        return None
-    if len(payload) > MAX_DESIRED_BYTES:
-        raise ValueError(f"desired message of {len(payload)} bytes exceeds {MAX_DESIRED_BYTES}")
-    obj = json.loads(payload)
-    if not isinstance(obj, dict):
-        raise ValueError("desired is not a JSON object")
-    name, version, rollout = obj.get("name"), obj.get("version"), obj.get("rollout")
-    for field, value in (("name", name), ("version", version)):
-        if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
-            raise ValueError(f"desired.{field} is malformed: {str(value)[:60]!r}")
-    if rollout is not None and (not isinstance(rollout, str) or not NAME_RE.match(rollout)):
-        raise ValueError(f"desired.rollout is malformed: {str(rollout)[:60]!r}")
-    return {"name": name, "version": version, "rollout": rollout}
 
 
 def top1_confidence(outputs: dict[str, np.ndarray]) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -172,9 +166,7 @@ class _TopicsOver:
 
 class Updater:
     def __init__(self, host: Host, config, transport, device_id: str):
-        from edgeopt.agent.update.fetcher import MqttFetcher
-        from edgeopt.agent.update.link import MqttRepoLink
-        from edgeopt.agent.update.trust import DeviceTrust
+        from edgeopt.repo_client import DeviceTrust, MqttFetcher, MqttRepoLink
 
         self.host, self.cfg, self.transport, self.device_id = host, config.update, transport, device_id
         self.model_cfg = config.model
@@ -189,7 +181,8 @@ class Updater:
                 raise EdgeoptError(f"updates need a pinned root: set [update] root (provisioned metadata/root.json) "
                                    f"or place it at {pinned}")
             shutil.copyfile(self.cfg.root, pinned)
-        link = MqttRepoLink(_TopicsOver(transport), device_id, self.prefix)
+        link = MqttRepoLink(_TopicsOver(transport), device_id, self.prefix,
+                            on_rejected=lambda exc: host.rejected.add("repo", exc.code))
         self.fetcher = MqttFetcher(link, chunk_size=self.cfg.chunk_bytes, timeout=self.cfg.request_timeout_s,
                                    retries=self.cfg.request_retries, max_total=self.cfg.max_download_bytes,
                                    partial_dir=self.root / "downloads" / "partial")
@@ -202,13 +195,13 @@ class Updater:
         steps.update({State.COMMITTED: self._committed, State.ROLLING_BACK: self._rolling_back,
                       State.ROLLED_BACK: self._rolled_back})
         self.machine = UpdateMachine(self.store, steps, on_transition=self._on_transition,
-                                     max_retries=self.cfg.max_retries)
+                                     max_retries=self.cfg.max_retries,
+                                     backoff=Backoff(self.cfg.refused_retry_s, self.cfg.refused_retry_max_s))
         self._desired: dict[str, Any] | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.watch: Watch | None = None
-        self.rejected_messages = 0
         self.record = self.store.load()
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -226,11 +219,13 @@ class Updater:
 
     def _on_desired(self, payload: bytes) -> None:
         try:
-            self._desired = parse_desired(payload)
-        except (ValueError, UnicodeDecodeError) as exc:
-            self.rejected_messages += 1
+            desired = parse_desired(payload)
+        except ProtocolError as exc:
+            self.host.rejected.add("desired", exc.code)
             log.warning("ignored a malformed desired message: %s", exc)
             return
+        m = desired.model
+        self._desired = None if m is None else {"name": m.name, "version": m.version, "rollout": desired.rollout}
         self._wake.set()
 
     def _run(self) -> None:
@@ -252,17 +247,9 @@ class Updater:
             self._wake.clear()
 
     def _wanted(self) -> dict[str, Any] | None:
-        desired = self._desired
-        if desired is None:
-            return None
-        current = self.host.current_model()
-        if current and (current["name"], current["version"]) == (desired["name"], desired["version"]):
-            return None
-        last = self.record.target or {}
-        if self.record.outcome == "ROLLED_BACK" and (last.get("name"), last.get("version")) == (
-                desired["name"], desired["version"]):
-            return None  # refused before: a retained desired must not loop; a new version is needed
-        return dict(desired)
+        """The desired version to start now (machine.wanted: refused versions wait for their backoff
+        or for a new rollout)."""
+        return wanted(self._desired, self.host.current_model(), self.record.refusals, time.time()).target
 
     # -- reporting ---------------------------------------------------------------------------------
     def _on_transition(self, record: UpdateRecord) -> None:
@@ -290,7 +277,7 @@ class Updater:
         t = r.target or {}
         state = r.outcome if r.state is State.IDLE and r.outcome else str(r.state)
         return {"state": state, "target": {"name": t["name"], "version": t["version"]} if t.get("name") else None,
-                "rollout": t.get("rollout"), "reason": r.reason, "since": r.entered_at}
+                "rollout": t.get("rollout"), "reason": reason_text(r.reason), "since": r.entered_at}
 
     def health(self) -> dict[str, Any] | None:
         w = self.watch
@@ -305,7 +292,7 @@ class Updater:
         self._stop.wait(seconds)
 
     def _downloading(self, r: UpdateRecord) -> Event:
-        from edgeopt.agent.update.trust import UpdateRefused
+        from edgeopt.repo_client import UpdateRefused
 
         t = r.target
         try:
@@ -344,8 +331,8 @@ class Updater:
             artifact = unpack_artifact(Path(t["path"]), work / "artifact")
             m = artifact.manifest
             if (str(m.get("name")), str(m.get("version"))) != (t["name"], t["version"]):
-                r.reason = (f"staged: the artifact's manifest says {m.get('name')}@{m.get('version')}, "
-                            f"not {t['name']}@{t['version']}")
+                r.reason = (f"staged: {MANIFEST_MISMATCH}: the artifact's manifest says "
+                            f"{m.get('name')}@{m.get('version')}, not {t['name']}@{t['version']}")
                 return Event.FAILED
             state.stage(artifact.root, slot)
         except EdgeoptError as exc:
@@ -353,6 +340,7 @@ class Updater:
             return Event.FAILED
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        self.host.set_slot_error(slot, None)  # whatever was wrong with the slot, it holds a new artifact now
         t["slot"] = slot
         if r.previous is not None:
             r.previous.setdefault("slot", state.active_slot())
@@ -399,7 +387,7 @@ class Updater:
         try:
             while watch.compared < n and not self._stop.is_set():
                 if time.monotonic() > deadline:
-                    r.reason = f"shadow: only {watch.compared} of {n} live windows within {self.cfg.shadow_timeout_s:g} s"
+                    r.reason = f"shadow: {INCONCLUSIVE}: only {watch.compared} of {n} live windows within {self.cfg.shadow_timeout_s:g} s"
                     return Event.FAILED
                 try:
                     windows, current = batches.get(timeout=0.5)
@@ -463,7 +451,7 @@ class Updater:
         self.host.add_batch_observer(observe)
         try:
             if not self.host.request_swap(r.target["slot"], candidate):
-                r.reason = "probation: the inference loop did not take the new model in time"
+                r.reason = "probation: the inference loop did not switch to the new model"
                 return Event.FAILED
             started = time.monotonic()
             while not self._stop.is_set():
@@ -515,12 +503,19 @@ class Updater:
         if prev_slot is None and state.active_slot() == (r.target or {}).get("slot"):
             self.host.request_swap(None, None)  # a first install failed: back to no model
         elif prev_slot and state.active_slot() != prev_slot:
-            try:
-                model = self._load_slot(prev_slot)
-            except EdgeoptError as exc:  # the previous model passed its checks once; say so loudly
-                log.error("rolling back: the previous model in slot %s does not load: %s", prev_slot, exc)
-                model = None
-            self.host.request_swap(prev_slot, model)
+            if (problem := state.slot_problem(prev_slot)) is not None:
+                # the previous model passed its checks once, but its slot is unreadable or damaged now:
+                # no model rather than the candidate that just failed its own
+                log.error("rolling back: slot %s cannot be used: %s", prev_slot, problem)
+                self.host.set_slot_error(prev_slot, problem)
+                self.host.request_swap(None, None)
+            else:
+                try:
+                    model = self._load_slot(prev_slot)
+                except EdgeoptError as exc:  # say so loudly; the agent retries loading it
+                    log.error("rolling back: the previous model in slot %s does not load: %s", prev_slot, exc)
+                    model = None
+                self.host.request_swap(prev_slot, model)
         self._clean_downloads(r)
         return Event.OK
 

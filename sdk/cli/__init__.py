@@ -69,7 +69,7 @@ def cli(debug: bool) -> None:
 def main(argv: list[str] | None = None, command: click.Command | None = None, prog_name: str = "edgeopt") -> None:
     """Run ``command`` (default: the ``edgeopt`` group) and turn errors into one-line messages and
     exit codes; other entry points (``edgeopt-agent``) pass their own command and name."""
-    from edgeopt.errors import EdgeoptError
+    from edgeopt.errors import EdgeoptError, missing_dependency
 
     command = command or cli
     args = sys.argv[1:] if argv is None else argv
@@ -96,8 +96,15 @@ def main(argv: list[str] | None = None, command: click.Command | None = None, pr
     except Exception as exc:
         if debug_enabled():
             raise
+        # an optional toolchain this install lacks (e.g. onnx where only the `agent` extra is installed)
+        command_name = " ".join([prog_name, *args[:1]]) if args and not args[0].startswith("-") else prog_name
+        missing = missing_dependency(exc, f"'{command_name}'") if isinstance(exc, ModuleNotFoundError) else None
+        if missing is not None:
+            click.echo(f"{prog_name}: error: {missing}", err=True)
+            sys.exit(missing.exit_code)
         first = (str(exc).strip().splitlines() or [""])[0]
         click.echo(f"{prog_name}: internal error: {type(exc).__name__}: {first} "
                    f"(a bug in edgeopt; rerun with --debug for the traceback)", err=True)
         code = EXIT_INTERNAL
     sys.exit(code or 0)
+

@@ -133,12 +133,18 @@ def fleet_cmd(ctx: click.Context, config_file: Path | None) -> None:
 @REPO_OPTION
 @click.option("--name", help="Model name (default: the manifest's).")
 @click.option("--version", "model_version", help="Model version (default: the manifest's).")
+@click.option("--allow-failed", is_flag=True,
+              help="Publish even though its report.json says a check failed (recorded in the signed target).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def publish_cmd(artifact: Path, repo: Path, name: str | None, model_version: str | None, as_json: bool) -> None:
-    """Verify ARTIFACT (an 'edgeopt convert' output directory), pack it and sign it into the repository."""
+def publish_cmd(artifact: Path, repo: Path, name: str | None, model_version: str | None, allow_failed: bool,
+                as_json: bool) -> None:
+    """Verify ARTIFACT (an 'edgeopt convert' output directory), pack it and sign it into the repository.
+
+    Refused when its manifest names another model or version than --name / --version, or when its
+    report.json says the conversion failed a check (unless --allow-failed)."""
     from edgeopt.fleet.repository import Repository
 
-    entry = Repository(repo).publish(artifact, name, model_version)
+    entry = Repository(repo).publish(artifact, name, model_version, allow_failed=allow_failed)
     click.echo(json.dumps(entry) if as_json else
                f"published {entry['name']}@{entry['version']} ({entry['length']} bytes, sha256 {entry['sha256'][:16]}…)")
 

@@ -55,16 +55,16 @@ def simulate_cmd(broker: str, count: int, fail_rate: float, fail_mode: str, fail
     import threading
 
     from edgeopt.errors import UserInputError
-    from edgeopt.fleet.messages import MessageError, ModelRef
     from edgeopt.fleet.rollout_spec import parse_selector
     from edgeopt.fleet.simulator import FailurePlan, SimConfig, Simulator
     from edgeopt.mqtt import redact_url
+    from edgeopt.protocol import ModelRef, ProtocolError
 
     if root is None and repo is not None:
         root = Path(repo) / "metadata" / "1.root.json"
     try:
         model = ModelRef.parse(initial_model) if initial_model else None
-    except MessageError as exc:
+    except ProtocolError as exc:
         raise UserInputError(f"--initial-model: {exc}") from None
     versions = frozenset(v.strip() for v in fail_versions.split(",") if v.strip()) or None
     config = SimConfig(broker=broker, devices=count, prefix=prefix, id_prefix=id_prefix, first_index=first_index,

@@ -38,7 +38,7 @@ def device_json(d) -> dict[str, Any]:
             "health": None if d.health is None else d.health.__dict__,
             "last_failure": None if d.failed_target is None else {"target": str(d.failed_target),
                                                                    "reason": d.failed_reason, "at": d.failed_at},
-            "last_seen": d.last_seen}
+            "rejected_messages": d.rejected_messages, "last_seen": d.last_seen}
 
 
 def print_devices(devices: list) -> None:

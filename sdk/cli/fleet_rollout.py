@@ -65,7 +65,6 @@ def create_cmd(model_text: str, selectors: tuple[str, ...], waves: str, bake: st
                online_only: bool, rollout_id: str | None, start_now: bool, repo: Path, db: str | None, as_json: bool) -> None:
     """Plan a rollout of NAME@VERSION over the devices the selector matches now."""
     from edgeopt.errors import UserInputError
-    from edgeopt.fleet.messages import ROLLOUT_ID_RE, MessageError, ModelRef
     from edgeopt.fleet.rollout import apply_command, new_rollout
     from edgeopt.fleet.rollout_spec import (
         Gates,
@@ -77,10 +76,11 @@ def create_cmd(model_text: str, selectors: tuple[str, ...], waves: str, bake: st
         parse_waves,
         selector_text,
     )
+    from edgeopt.protocol import ROLLOUT_ID_RE, ModelRef, ProtocolError
 
     try:
         model = ModelRef.parse(model_text)
-    except MessageError as exc:
+    except ProtocolError as exc:
         raise UserInputError(f"--model: {exc}") from None
     for flag, value in (("--max-error-rate", max_error_rate), ("--min-agreement", min_agreement)):
         if value is not None and not 0 <= value <= 1:
@@ -92,7 +92,7 @@ def create_cmd(model_text: str, selectors: tuple[str, ...], waves: str, bake: st
                        Gates(max_error_rate, min_agreement, max_latency_p95, max_nan_outputs))
     _check_published(repo, model)
     rollout_id = rollout_id or f"{model.name}-{model.version}-{secrets.token_hex(3)}".replace("+", ".")
-    if not ROLLOUT_ID_RE.match(rollout_id):
+    if not ROLLOUT_ID_RE.fullmatch(rollout_id):
         raise UserInputError(f"--id {rollout_id!r}: use letters, digits, '.', '_', '-' (at most 64)")
     store = open_store(db, repo)
     devices = [d.device_id for d in store.list_devices(spec.selector) if d.online or not online_only]

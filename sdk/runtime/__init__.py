@@ -152,6 +152,28 @@ def runtime_for_format(fmt: str) -> type[Runtime]:
     raise UserInputError(f"no runtime for format '{fmt}'; runtimes installed for: {', '.join(sorted(set(available)))}")
 
 
+# model format → the pip extra that installs its runtime
+EXTRA_FOR_FORMAT = {"onnx": "agent", "tflite": "litert", "tvm": "tvm", "coreml": "coreml"}
+
+
+def runtime_class(manifest: dict[str, Any], override: str = "") -> type[Runtime]:
+    """The runtime ``override`` names, else the manifest's, else any registered one for its format."""
+    wanted = override or manifest["model"].get("runtime") or ""
+    fmt = manifest["model"]["format"]
+    names = registry.names(registry.RUNTIMES)
+    if wanted in names:
+        return registry.load(registry.RUNTIMES, wanted)
+    if override:
+        registry.load(registry.RUNTIMES, override)  # raises: unknown runtime, with the closest name
+    for name in names:
+        cls = registry.load(registry.RUNTIMES, name)
+        if fmt in cls.formats:
+            return cls
+    raise UserInputError(f"the model's runtime '{wanted or fmt}' (format {fmt}) is not installed; installed "
+                         f"runtimes: {', '.join(names) or 'none'}; install it with: pip install "
+                         f"'edgeopt[{EXTRA_FOR_FORMAT.get(fmt, 'all')}]'")
+
+
 def resolve_model_file(path: str | Path) -> tuple[Path, str, dict[str, Any] | None]:
     """(model file, format, manifest or None) for an artifact directory or a bare model file."""
     path = Path(path)

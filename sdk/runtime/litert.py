@@ -28,7 +28,7 @@ def interpreter_module() -> Any:
         try:
             from tflite_runtime import interpreter  # type: ignore[no-redef]
         except ImportError:
-            raise MissingDependency("ai-edge-litert", "tflite", "running .tflite models") from None
+            raise MissingDependency("ai-edge-litert", "litert", "running .tflite models") from None
     return interpreter
 
 

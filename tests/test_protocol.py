@@ -1,5 +1,6 @@
-"""The fleet's network parser: every field of state / telemetry / desired messages is validated, and
-anything malformed raises MessageError (never another exception)."""
+"""The device↔fleet protocol (``edgeopt.protocol``): every field of state / telemetry / desired
+messages is validated, anything malformed raises ProtocolError (never another exception), and what
+the encoders produce the parsers accept. The hostile corpus is in test_protocol_hostile.py."""
 
 from __future__ import annotations
 
@@ -9,19 +10,37 @@ import random
 
 import pytest
 
+from edgeopt.agent.telemetry import RejectedMessages
 from edgeopt.agent.update.machine import State
-from edgeopt.fleet.messages import (
+from edgeopt.protocol import (
+    DEVICE_ID_RE,
+    LABEL_KEY_RE,
+    LABEL_VALUE_RE,
+    MAX_LABELS,
+    MAX_REJECT_KINDS,
+    MAX_REJECT_REASONS,
+    MAX_SOURCES,
     MAX_STATE_BYTES,
+    NAME_RE,
+    REPO_PATH_RE,
+    REQUEST_ID_RE,
+    ROLLOUT_ID_RE,
+    SHORT_CHARS,
     STATE_SCHEMA,
     UPDATE_STATES,
+    ChunkResponse,
     Desired,
     DeviceState,
     Health,
-    MessageError,
     ModelRef,
     OfflineMark,
+    ProtocolError,
+    SourceStatus,
     UpdateStatus,
+    clean_text,
     encode_desired,
+    encode_state,
+    encode_telemetry,
     offline_will,
     parse_desired,
     parse_device_topic,
@@ -29,6 +48,7 @@ from edgeopt.fleet.messages import (
     parse_telemetry,
     state_message,
 )
+from edgeopt.repo_client import MqttRepoLink
 
 
 def good_state(**over):
@@ -122,11 +142,11 @@ BAD_STATES = [
 
 @pytest.mark.parametrize("case,payload,needle", BAD_STATES, ids=[c[0] for c in BAD_STATES])
 def test_malformed_state_is_refused_naming_the_field(case, payload, needle):
-    with pytest.raises(MessageError, match=needle):
+    with pytest.raises(ProtocolError, match=needle):
         parse_state("dev-1", payload)
 
 
-def test_random_mutations_raise_only_message_error():
+def test_random_mutations_raise_only_protocol_error():
     rng = random.Random(7)
     base = enc(good_state())
     values = [None, True, -1, 1e308, "x" * 300, [], {}, {"name": 1}, "IDLE", float("nan")]
@@ -142,7 +162,7 @@ def test_random_mutations_raise_only_message_error():
             key = rng.choice(list(target) + ["extra"])
             target[key] = rng.choice(values)
             payload = json.dumps(body).encode()
-        with contextlib.suppress(MessageError):
+        with contextlib.suppress(ProtocolError):
             parse_state("dev-1", payload)
 
 
@@ -151,7 +171,7 @@ def test_device_topic():
     assert parse_device_topic("p/q", "p/q/devices/a.b_c/telemetry") == ("a.b_c", "telemetry")
     for bad in ("edgeopt/devices/dev-1/other", "edgeopt/devices/../state", "other/devices/dev-1/state",
                 "edgeopt/devices//state", "edgeopt/devices/dev-1/state/x"):
-        with pytest.raises(MessageError):
+        with pytest.raises(ProtocolError):
             parse_device_topic("edgeopt", bad)
 
 
@@ -174,7 +194,7 @@ def test_telemetry_agent_shape_and_flat_shape():
     (b"x" * 70_000, "exceeds"),
 ])
 def test_malformed_telemetry(payload, needle):
-    with pytest.raises(MessageError, match=needle):
+    with pytest.raises(ProtocolError, match=needle):
         parse_telemetry("dev-1", payload)
 
 
@@ -184,12 +204,152 @@ def test_desired_round_trip_and_clear():
     assert encode_desired(None, "r-1") == b"" and parse_desired(b"") == Desired(None, None)
     for bad in (b"[]", enc({"name": "kws"}), enc({"name": "kws", "version": "../1"}),
                 enc({"name": "kws", "version": "1", "rollout": 5})):
-        with pytest.raises(MessageError):
+        with pytest.raises(ProtocolError):
             parse_desired(bad)
 
 
 def test_model_ref_parse():
     assert ModelRef.parse("kws@2.1") == ModelRef("kws", "2.1") and str(ModelRef("a", "b")) == "a@b"
     for bad in ("kws", "kws@", "@1", "a/b@1", "kws@1@2", "..@1"):
-        with pytest.raises(MessageError):
+        with pytest.raises(ProtocolError):
             ModelRef.parse(bad)
+
+
+# -- encoders: what one side sends, the other accepts ---------------------------------------------------------
+def test_the_state_encoder_sanitizes_texts_so_the_fleet_never_drops_the_state():
+    echoed = "not_allowed: imu@12\n is not in the signed targets\x00\u202e" + "x" * 500
+    payload = state_message("dev-1", update=UpdateStatus("ROLLED_BACK", ModelRef("imu", "1"), None, echoed, 1.0),
+                            error="line one\nline two", slot_errors={"b": "unreadable:\tmanifest.json"},
+                            sources={"imu": SourceStatus("synthetic", "error", "eof\r\n")})
+    st = parse_state("dev-1", payload)
+    assert st.update.reason.startswith("not_allowed: imu@12\\n is not in") and len(st.update.reason) == 200
+    assert st.error == "line one\\nline two" and st.slot_errors == {"b": "unreadable:\\tmanifest.json"}
+    assert st.sources["imu"].error == "eof\\r\\n"
+
+
+@pytest.mark.parametrize("fields,field", [
+    ({"update": UpdateStatus("IDLE", ModelRef("imu", "12\n"))}, "update.target.version"),
+    ({"model": ModelRef("imu\u0430", "1")}, "model.name"),
+    ({"labels": {"site": "a b"}}, "labels"),
+    ({"profile": "pi 4"}, "profile"),
+    ({"update": UpdateStatus("EXPLODED")}, "update.state"),
+    ({"health": Health(float("nan"))}, "health.error_rate"),
+    ({"rejected_messages": {"desired": {"Bad Code": 1}}}, "rejected_messages"),
+    ({"slot_errors": {"c": "x"}}, "slot_errors"),
+    ({"model_slot": "c", "model": ModelRef("imu", "1")}, "model.slot"),
+])
+def test_the_state_encoder_refuses_identifiers_that_break_a_rule(fields, field):
+    with pytest.raises(ProtocolError) as exc:
+        state_message("dev-1", **fields)
+    assert exc.value.field == field
+
+
+def test_encoders_refuse_what_the_parsers_would_drop():
+    with pytest.raises(ProtocolError, match="version"):
+        encode_desired(ModelRef("imu", "12\n"), None)
+    with pytest.raises(ProtocolError, match="rollout"):
+        encode_desired(ModelRef("imu", "12"), "r 1")
+    with pytest.raises(ProtocolError, match="device_id"):
+        offline_will("dev\n1")
+    with pytest.raises(ProtocolError, match="too_large|exceeds"):
+        encode_telemetry("dev-1", {"blob": ["x" * 400] * 200})
+    with pytest.raises(ProtocolError, match="rejected_messages"):
+        encode_telemetry("dev-1", {"rejected_messages": {"desired": {"bad": -1}}})
+
+
+def test_telemetry_encoder_makes_free_form_values_strict():
+    snapshot = {"device": "spoofed", "error": "a\nb", "windows_per_s": float("nan"), "deep": [[[[[[[[[[1]]]]]]]]]],
+                "latency_ms": {"p95_ms": 2.5}, "rejected_messages": {"desired": {"bad_version": 1}}}
+    body = json.loads(encode_telemetry("dev-1", snapshot))
+    assert body["device"] == "dev-1" and body["error"] == "a\\nb" and body["windows_per_s"] is None
+    t = parse_telemetry("dev-1", encode_telemetry("dev-1", snapshot))
+    assert t.latency_p95_ms == 2.5 and t.rejected_messages == {"desired": {"bad_version": 1}}
+
+
+def test_the_largest_state_the_encoder_allows_fits_the_limit():
+    long = "\U0001f600" * 1000  # 4 bytes each in UTF-8, cut to each field's limit
+    state = DeviceState(
+        "d" * 64, agent_version=long, profile="p" * 63,
+        labels={f"{i:02d}" + "k" * 61: "v" * 128 for i in range(MAX_LABELS)},
+        model=ModelRef("m" * 64, "v" * 64), model_slot="a", model_runtime="r" * 64,
+        update=UpdateStatus("ROLLED_BACK", ModelRef("m" * 64, "v" * 64), "r" * 64, long, 1e10),
+        health=Health(1.0, 1e7, 1.0, 2**53), ts=1e10, status=long, error=long, config_error=long, fallback=long,
+        sources={f"{i:02d}{long}": SourceStatus("t" * 64, "s" * 64, long) for i in range(MAX_SOURCES)},
+        rejected_messages={f"kind{i}" + "k" * 27: {f"code{j}" + "c" * 27: 2**53 for j in range(MAX_REJECT_REASONS)}
+                           for i in range(MAX_REJECT_KINDS)},
+        slot_errors={"a": long, "b": long})
+    payload = encode_state(state)
+    assert len(payload) <= MAX_STATE_BYTES
+    assert parse_state("d" * 64, payload).sources.keys() == {clean_text(n, SHORT_CHARS) for n in state.sources}
+
+
+def test_whole_string_rules_also_hold_for_match():
+    for pattern in (NAME_RE, DEVICE_ID_RE, ROLLOUT_ID_RE, LABEL_KEY_RE, LABEL_VALUE_RE, REQUEST_ID_RE, REPO_PATH_RE):
+        assert pattern.match("metadata/x\n") is None and pattern.match("a\n") is None
+    assert DEVICE_ID_RE.match("a..b") is None and NAME_RE.match("1..2") is None
+    assert REPO_PATH_RE.match("targets/a..b.tar") is None
+
+
+def test_slot_errors_are_bounded():
+    ok = state_message("dev-1", slot_errors={"a": "hash mismatch", "b": "unreadable"})
+    assert parse_state("dev-1", ok).slot_errors == {"a": "hash mismatch", "b": "unreadable"}
+    assert parse_state("dev-1", state_message("dev-1")).slot_errors is None  # absent: none
+    for bad in ({"a": "x", "b": "y", "c": "z"}, {"a": "r" * 201}, {"a": None}, {"A": "x"}, ["a"]):
+        with pytest.raises(ProtocolError, match="slot_errors"):
+            parse_state("dev-1", enc(good_state(slot_errors=bad)))
+
+
+# -- the agent's side of rejected_messages ------------------------------------------------------------------
+def test_rejected_counts_stay_bounded():
+    counts = RejectedMessages()
+    for i in range(20):
+        for j in range(20):
+            counts.add(f"kind{i}", f"code{j}")
+    counts.add("Not A Kind", "not a code\n")
+    snap = counts.snapshot()
+    assert len(snap) == MAX_REJECT_KINDS and all(len(r) <= MAX_REJECT_REASONS for r in snap.values())
+    assert sum(sum(r.values()) for r in snap.values()) == 401
+    parse_state("dev-1", state_message("dev-1", rejected_messages=snap))  # what the agent sends passes
+
+
+class _Topics:
+    def __init__(self):
+        self.handlers = {}
+
+    def publish(self, topic, payload, qos=0, retain=False):
+        pass
+
+    def subscribe(self, topic, handler):
+        self.handlers[topic] = handler
+
+
+def test_the_repository_link_reports_refused_responses_by_reason():
+    topics, refused = _Topics(), []
+    MqttRepoLink(topics, "dev-1", max_chunk=64 * 1024, on_rejected=lambda exc: refused.append(exc.code))
+    deliver = topics.handlers["edgeopt/repo/resp/dev-1"]
+    for payload in (b"", b"\xff" * 300_000, b"\x00\x00\x00\x02{}", ChunkResponse("r\n", "metadata/1.root.json").encode(),
+                    ChunkResponse("r", "metadata/../x").encode()):
+        deliver("edgeopt/repo/resp/dev-1", payload)
+    assert refused == ["bad_frame", "too_large", "bad_id", "bad_id", "bad_path"]
+
+
+def test_the_agent_counts_messages_on_topics_it_did_not_subscribe_to():
+    from edgeopt.agent.config import parse_config
+    from edgeopt.agent.service import Agent
+
+    agent = Agent(parse_config({"agent": {"device_id": "dev-1"}, "source": [{"type": "synthetic"}]}))
+    agent._on_unmatched("edgeopt/devices/dev-2/desired")
+    agent._on_unmatched("edgeopt/devices/dev-1/results")
+    agent._on_unmatched("elsewhere/x")
+    assert agent.rejected.snapshot() == {"desired": {"wrong_device": 1}, "results": {"unexpected": 1},
+                                         "other": {"bad_topic": 1}}
+
+
+def test_agent_config_refuses_identity_the_fleet_would_drop():
+    from edgeopt.agent.config import parse_config
+    from edgeopt.errors import UserInputError
+
+    for agent in ({"device_id": "dev\n1"}, {"device_id": "dev-1", "labels": ["site=a b"]},
+                  {"device_id": "dev-1", "profile": "pi 4"}, {"device_id": "dev-1", "labels": ["s\u0456te=lab"]}):
+        with pytest.raises(UserInputError, match=r"\[agent\]"):
+            parse_config({"agent": agent, "source": [{"type": "synthetic"}]})

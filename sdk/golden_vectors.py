@@ -1,0 +1,106 @@
+"""The golden-vector check a device runs on a new artifact before it may serve: the agent's
+SELF_TEST (in a child process, see ``edgeopt.agent.update.selftest``) and the fleet simulator's
+``self_test="golden"`` both use it.
+
+Checks, in order: the artifact's hashes; the runtime loads it; every golden input, one at a time
+and as one batch where the model takes batches, gives finite outputs within the manifest's
+tolerance of the golden outputs (``expected:`` — the converted model's own — tightly, and the
+original model's ``output:`` within ``golden.atol``); batch-1 latency p50 within the budget.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeopt.artifact import load_expected, load_golden, open_artifact
+from edgeopt.errors import EdgeoptError, MissingDependency
+from edgeopt.runtime import EXTRA_FOR_FORMAT, Runtime, runtime_class
+
+SELFTEST_CALLS = 20
+
+
+@dataclass
+class SelfTestResult:
+    ok: bool
+    reason: str | None
+    details: dict[str, Any]
+
+
+def load_runtime(root: Path, runtime_name: str = "", threads: int = 1) -> Runtime:
+    """The artifact at ``root``, hashes verified, loaded with the runtime its manifest names."""
+    artifact = open_artifact(root)
+    artifact.verify()
+    cls = runtime_class(artifact.manifest, runtime_name)
+    try:
+        return cls(artifact.model_file, threads=threads)
+    except ImportError as exc:
+        raise MissingDependency(exc.name or str(exc), EXTRA_FOR_FORMAT.get(artifact.format, "all"),
+                                f"runtime '{cls.name}' (model format {artifact.format})") from exc
+
+
+def check_artifact(root: Path, runtime_name: str = "", threads: int = 1,
+                   budget_ms: float | None = None) -> SelfTestResult:
+    """Load the artifact at ``root`` and run ``check_golden`` on it."""
+    try:
+        runtime = load_runtime(Path(root), runtime_name, threads)
+    except EdgeoptError as exc:
+        return SelfTestResult(False, f"does not load: {exc}", {})
+    return check_golden(Path(root), runtime, budget_ms)
+
+
+def check_golden(root: Path, rt: Runtime, budget_ms: float | None = None) -> SelfTestResult:
+    """The golden vectors of the artifact at ``root`` through the loaded runtime ``rt``."""
+    details: dict[str, Any] = {}
+    manifest = open_artifact(root).manifest
+    golden_cfg = manifest.get("golden") or {}
+    inputs, originals = load_golden(root / golden_cfg.get("file", "golden.npz"))
+    expected = load_expected(root / golden_cfg.get("file", "golden.npz"))
+    feeds = [spec.name for spec in rt.inputs]
+    for name in feeds:
+        if name not in inputs:
+            return SelfTestResult(False, f"golden vectors have no input '{name}'", details)
+    x = {name: inputs[name] for name in feeds}
+    n = len(x[feeds[0]])
+    output_names = [spec.name for spec in rt.outputs]
+    try:
+        singles = [rt.run_float({k: v[i:i + 1] for k, v in x.items()}) for i in range(n)]
+        outs = {o: np.concatenate([s[o] for s in singles]) for o in output_names}
+        for o, v in outs.items():
+            if not np.isfinite(v).all():
+                return SelfTestResult(False, f"output '{o}' has NaN/Inf on golden inputs", details)
+        if rt.fixed_batch is None and n > 1:  # the same inputs as one batch must agree
+            batched = rt.run_float(x)
+            for o in output_names:
+                if not np.allclose(batched[o], outs[o], rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(outs[o]).max()))):
+                    return SelfTestResult(False, f"output '{o}' differs between batch 1 and batch {n}", details)
+    except EdgeoptError as exc:
+        return SelfTestResult(False, f"inference failed on golden inputs: {exc}", details)
+    for kind, reference, tol in (("expected", expected, golden_cfg.get("expected_atol")),
+                                 ("original", originals, golden_cfg.get("atol"))):
+        for o, ref in reference.items():
+            if o not in outs or tol is None:
+                continue
+            err = float(np.abs(outs[o].astype(np.float64) - ref).max())
+            details[f"{kind}_max_abs_err"] = max(err, details.get(f"{kind}_max_abs_err", 0.0))
+            if err > tol:
+                return SelfTestResult(False, f"golden vectors: output '{o}' is {err:.4g} from the {kind} outputs "
+                                             f"(tolerance {tol:.4g})", details)
+    fixed = rt.fixed_batch
+    one = {k: v[:1] if fixed in (None, 1) else np.resize(v, (fixed, *v.shape[1:])) for k, v in x.items()}
+    times = []
+    for _ in range(SELFTEST_CALLS):
+        t0 = time.perf_counter()
+        rt.run_float(one)
+        times.append((time.perf_counter() - t0) * 1000)
+    p50 = float(np.percentile(times, 50))
+    details["latency_p50_ms"] = round(p50, 4)
+    budget = budget_ms if budget_ms is not None else manifest.get("latency_budget_ms")
+    details["latency_budget_ms"] = budget
+    if budget is not None and p50 > float(budget):
+        return SelfTestResult(False, f"latency p50 {p50:.3f} ms exceeds the budget {float(budget):g} ms", details)
+    return SelfTestResult(True, None, details)
