@@ -1,5 +1,6 @@
 """The fleet demo (the end of `make demo`): publish the converted model as v1 and v2 and a deliberately
-broken v3, start the fleet service on its embedded broker, bring up simulated devices, roll v2 out
+broken v3, start the fleet service on its own local broker (the system Mosquitto when installed,
+else iotcore: docs/fleet.md), bring up simulated devices, roll v2 out
 in waves, then roll v3 out and watch it abort and roll back by itself.
 
     python examples/fleet_demo.py --v1 build/demo/imu-v1 --v2 build/demo/imu-v2 \\
@@ -237,7 +238,8 @@ def main() -> None:
     broker = f"mqtt://127.0.0.1:{port}"
     procs: list[subprocess.Popen] = []
     try:
-        print(f"$ edgeopt fleet serve --repo {repo} --listen 127.0.0.1:{port}   (embedded broker)", flush=True)
+        print(f"$ edgeopt fleet serve --repo {repo} --listen 127.0.0.1:{port}   (it starts a local broker)",
+              flush=True)
         procs.append(subprocess.Popen([EDGEOPT, "fleet", "serve", "--repo", repo, "--listen", f"127.0.0.1:{port}",
                                        "--tick", "0.5", "--log-level", "warning"]))
         time.sleep(2.0)

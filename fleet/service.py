@@ -1,5 +1,5 @@
 """``edgeopt fleet serve``: one long-running process with the repository server, the device registry
-and the rollout controller (and the embedded broker when no broker URL is given).
+and the rollout controller (and a local broker when no broker URL is given: fleet/broker.py).
 
 Everything it knows lives in the database (``fleet.db``) and the repository directory, so it is
 restart-safe: kill it at any moment, start it again, and rollouts continue where the last
@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeopt.fleet.db import open_database, redact
+from edgeopt.fleet.db import open_database
 from edgeopt.fleet.store import FleetStore
+from edgeopt.mqtt import redact_url
 
 log = logging.getLogger("edgeopt.fleet")
 
@@ -28,8 +29,9 @@ log = logging.getLogger("edgeopt.fleet")
 class ServiceConfig:
     repo: Path
     db: str
-    broker: str | None = None            # None: start the embedded broker on ``listen``
+    broker: str | None = None            # None: start a local broker on ``listen``
     listen: str = "127.0.0.1:1884"
+    local_broker: str = "auto"            # which one: auto | mosquitto | iotcore | amqtt
     prefix: str = "edgeopt"
     chunk_size: int = 64 * 1024
     tick: float = 1.0                     # seconds between controller decisions
@@ -41,7 +43,7 @@ class ServiceConfig:
 class FleetService:
     def __init__(self, config: ServiceConfig):
         self.config = config
-        self.embedded = None
+        self.local_broker = None
         self.clients: list = []
         self.connections: list = []
         self._stop = threading.Event()
@@ -49,7 +51,7 @@ class FleetService:
         self.broker_url: str | None = config.broker
 
     def start(self) -> FleetService:
-        from edgeopt.fleet.broker import EmbeddedBroker, parse_listen
+        from edgeopt.fleet.broker import HEADER_ROOM, MIB, start_local_broker
         from edgeopt.fleet.controller import Controller, DesiredPublisher
         from edgeopt.fleet.registry import Registry
         from edgeopt.fleet.repo_server import RepoServer
@@ -63,26 +65,31 @@ class FleetService:
         self.connections = [control_conn, db.connect(), db.connect()]
         self.store = FleetStore(control_conn)
         if self.broker_url is None:
-            self.embedded = EmbeddedBroker(*parse_listen(cfg.listen)).start()
-            self.broker_url = self.embedded.url
-        tag = f"{socket.gethostname()[:20]}-{os.getpid()}"
-        repo_client = make_client(f"edgeopt-fleet-repo-{tag}", self.broker_url)
-        fleet_client = make_client(f"edgeopt-fleet-{tag}", self.broker_url)
-        fleet_client.max_inflight_messages_set(1000)
-        fleet_client.max_queued_messages_set(0)
-        self.clients = [repo_client, fleet_client]
-        for c in self.clients:
-            connect(c)
+            self.local_broker = start_local_broker(cfg.listen, cfg.local_broker,
+                                                   max_payload=max(cfg.chunk_size, MIB) + HEADER_ROOM)
+            self.broker_url = self.local_broker.url
+        # One connection for the repository server, the registry and the desired messages: a broker
+        # that binds client ids to user names (the generated Mosquitto config does) allows one
+        # connection per account, and a second one would knock the first off.
+        client = make_client(f"edgeopt-fleet-{socket.gethostname()[:20]}-{os.getpid()}", self.broker_url)
+        client.max_inflight_messages_set(1000)
+        client.max_queued_messages_set(0)
+        self.clients = [client]
+        try:
+            connect(client)
+        except Exception:
+            self._stop_local_broker()
+            raise
 
-        self.repo_server = RepoServer(self.repository, PahoTopics(repo_client), cfg.prefix, cfg.chunk_size)
+        self.repo_server = RepoServer(self.repository, PahoTopics(client), cfg.prefix, cfg.chunk_size)
         self.repo_server.start()
         self.registry = Registry(FleetStore(self.connections[1]), cfg.prefix, cfg.flush_interval)
         self.registry.subscribe(lambda topic, qos, handler: subscribe(
-            fleet_client, topic, qos, lambda c, u, m: handler(m.topic, m.payload)))
+            client, topic, qos, lambda c, u, m: handler(m.topic, m.payload)))
         self.publisher = DesiredPublisher(FleetStore(self.connections[2]),
-                                          lambda t, p, q, r: fleet_client.publish(t, p, qos=q, retain=r), cfg.prefix)
+                                          lambda t, p, q, r: client.publish(t, p, qos=q, retain=r), cfg.prefix)
         self.controller = Controller(self.store, self.publisher)
-        resubscribe = fleet_client.on_connect
+        resubscribe = client.on_connect
 
         def on_connect(c, userdata, flags, reason_code, properties):
             if resubscribe is not None:
@@ -90,14 +97,21 @@ class FleetService:
             if not reason_code.is_failure:
                 self.publisher.request_republish()  # the broker may have lost retained messages
 
-        fleet_client.on_connect = on_connect
+        client.on_connect = on_connect
         self.publisher.request_republish()
         self.registry.start()
         self.started_at = time.time()
         self._spawn(self._control_loop, "edgeopt-controller")
         self._spawn(self._housekeeping_loop, "edgeopt-housekeeping")
-        log.info("fleet service: repository %s, database %s, broker %s", cfg.repo, db, redact(self.broker_url))
+        log.info("fleet service: repository %s, database %s, broker %s", cfg.repo, db, self.broker_text())
         return self
+
+    def broker_text(self) -> str:
+        """Which broker, for the ready line and logs (never with a password)."""
+        url = redact_url(self.broker_url or "")
+        if self.local_broker is None:
+            return url
+        return f"{url} ({self.local_broker.describe()}, started by the service)"
 
     def _spawn(self, target, name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -120,8 +134,10 @@ class FleetService:
                 log.exception("housekeeping failed")
 
     def status(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "broker": redact(self.broker_url or ""), "started_at": self.started_at,
-                "embedded_broker": self.embedded is not None, "registry": self.registry.snapshot_stats(),
+        local = self.local_broker
+        return {"pid": os.getpid(), "broker": self.broker_text(), "started_at": self.started_at,
+                "broker_kind": local.kind if local else "external", "broker_version": local.version if local else None,
+                "registry": self.registry.snapshot_stats(),
                 "repo_server": self.repo_server.snapshot_stats(), "controller": self.controller.snapshot_stats()}
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -139,7 +155,10 @@ class FleetService:
         for c in self.clients:
             c.disconnect()
             c.loop_stop()
-        if self.embedded is not None:
-            self.embedded.stop()
+        self._stop_local_broker()
         for conn in self.connections:
             conn.close()
+
+    def _stop_local_broker(self) -> None:
+        if self.local_broker is not None:
+            self.local_broker.stop()

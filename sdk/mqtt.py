@@ -1,8 +1,13 @@
 """Connecting to an MQTT broker with paho-mqtt (3.1.1, so Mosquitto, EMQX, HiveMQ, AWS IoT Core
 and the embedded broker all work): URL parsing, TLS, credentials, last will, a blocking connect.
 
-    mqtt://user:password@host:1883      plain
-    mqtts://host:8883?ca=/path/ca.pem&cert=/path/dev.pem&key=/path/dev.key   TLS (client cert optional)
+    mqtt://host:1883                                                plain, anonymous
+    mqtts://user@host:8883?ca=/path/ca.pem&password_file=/path/pw   TLS, the password read from a file
+    mqtts://host:8883?ca=/path/ca.pem&cert=/path/dev.pem&key=/path/dev.key   TLS with a client certificate
+    mqtt://user:password@host:1883                                  inline password (it then shows in
+                                                                    ``ps`` and shell history: prefer a file)
+
+URLs are shown to people only through ``redact_url`` (no password).
 """
 
 from __future__ import annotations
@@ -10,9 +15,29 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse, urlunparse
 
 from edgeopt.errors import MissingDependency, RemoteError, UserInputError
+
+URL_PARAMETERS = ("ca", "cert", "key", "password_file")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, for messages, logs and ready lines."""
+    try:
+        u = urlparse(url)
+        password = u.password
+    except ValueError:
+        return "<unparsable URL>"
+    if not password:
+        return url
+    host = u.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    try:
+        port = f":{u.port}" if u.port else ""
+    except ValueError:
+        port = ""
+    return urlunparse(u._replace(netloc=f"{u.username}:***@{host}{port}"))
 
 
 @dataclass(frozen=True)
@@ -25,20 +50,50 @@ class BrokerURL:
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
+    password_file: str | None = None
 
     @classmethod
     def parse(cls, url: str) -> BrokerURL:
-        u = urlparse(url)
-        if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not u.hostname:
-            raise UserInputError(f"broker URL {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
+        shown = redact_url(url)
+        try:
+            u = urlparse(url)
+            hostname = u.hostname
+        except ValueError:
+            raise UserInputError(f"broker URL {shown!r}: not a URL") from None
+        if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not hostname:
+            raise UserInputError(f"broker URL {shown!r}: expected mqtt://host[:port] or mqtts://host[:port]")
         tls = u.scheme in ("mqtts", "ssl")
         q = {k: v[-1] for k, v in parse_qs(u.query).items()}
+        for name in q:
+            if name not in URL_PARAMETERS:
+                raise UserInputError(f"broker URL {shown!r}: unknown parameter '{name}' "
+                                     f"(known: {', '.join(URL_PARAMETERS)})")
         try:
             port = u.port or (8883 if tls else 1883)
         except ValueError:
-            raise UserInputError(f"broker URL {url!r}: bad port") from None
-        return cls(u.hostname, port, tls, unquote(u.username) if u.username else None,
-                   unquote(u.password) if u.password else None, q.get("ca"), q.get("cert"), q.get("key"))
+            raise UserInputError(f"broker URL {shown!r}: bad port") from None
+        password = unquote(u.password) if u.password else None
+        if password and q.get("password_file"):
+            raise UserInputError(f"broker URL {shown!r}: give the password inline or as password_file, not both")
+        if q.get("password_file") and not u.username:
+            raise UserInputError(f"broker URL {shown!r}: password_file needs a user name (mqtts://USER@host...)")
+        return cls(hostname, port, tls, unquote(u.username) if u.username else None, password, q.get("ca"),
+                   q.get("cert"), q.get("key"), q.get("password_file"))
+
+    def secret(self) -> str | None:
+        """The password: inline, or ``password_file``'s text without surrounding white space (as the
+        agent reads its [mqtt] password_file); read now, so a rotated password is picked up by the
+        next client made."""
+        if self.password_file is None:
+            return self.password
+        try:
+            text = Path(self.password_file).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or "not readable text"
+            raise UserInputError(f"broker URL: password_file {self.password_file}: {why}") from None
+        if not text.strip():
+            raise UserInputError(f"broker URL: password_file {self.password_file} is empty")
+        return text.strip()
 
 
 def make_client(client_id: str, url: str | BrokerURL, *, will: tuple[str, bytes, int, bool] | None = None,
@@ -52,7 +107,7 @@ def make_client(client_id: str, url: str | BrokerURL, *, will: tuple[str, bytes,
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
                          protocol=mqtt.MQTTv311)
     if broker.username:
-        client.username_pw_set(broker.username, broker.password)
+        client.username_pw_set(broker.username, broker.secret())
     if broker.tls:
         for what, path in (("ca", broker.ca), ("cert", broker.cert), ("key", broker.key)):
             if path is not None and not Path(path).is_file():

@@ -6,6 +6,14 @@ subscriber that records what arrives.
 
 TLS, a password file or an ACL are extra config lines (``extra_conf``) plus files the test writes;
 the system broker on 1883 is never used.
+
+The configuration 'edgeopt fleet broker-config' generates is run exactly as written by
+``GeneratedMosquitto``: as root when the tests run as root (Mosquitto then drops to its ``user`` and
+must read what it needs as that user), else as the current user.
+
+    workdir = reachable_workdir(tmp_path)          # a directory the broker's user can enter
+    broker = GeneratedMosquitto(workdir / "broker", port).start()
+    broker.reload(command)                          # the reload command broker-config prints
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -151,3 +160,71 @@ class Subscriber:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+# -- the generated broker configuration ----------------------------------------------------------
+def reachable_workdir(tmp_path: Path) -> Path:
+    """pytest's temporary directories are 0700: as root, the generated config goes under a fresh
+    0755 directory in /tmp instead, so that the ``mosquitto`` user can reach it."""
+    if os.geteuid() != 0:
+        return tmp_path
+    d = Path(tempfile.mkdtemp(prefix="edgeopt-broker-test-", dir="/tmp"))
+    d.chmod(0o755)
+    (tmp_path / "reachable-workdir").write_text(str(d))  # for the clean-up
+    return d
+
+
+def remove_workdir(tmp_path: Path) -> None:
+    marker = tmp_path / "reachable-workdir"
+    if marker.exists():
+        shutil.rmtree(marker.read_text(), ignore_errors=True)
+
+
+def process_uid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for process {pid}")
+
+
+class GeneratedMosquitto:
+    def __init__(self, config_dir: Path, port: int):
+        require_mosquitto()
+        self.dir, self.port = Path(config_dir), port
+        self.log = self.dir.parent / f"mosquitto-{port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 10.0) -> GeneratedMosquitto:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.dir / "mosquitto.conf")],
+                                         stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout} s")
+
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / "run" / "mosquitto.pid"
+
+    def reload(self, command: str) -> None:
+        """Run the reload command as printed (a shell line), then wait until the broker logged it."""
+        before = self.log.read_text().count("Reloading config")
+        subprocess.run(command, shell=True, check=True)
+        deadline = time.monotonic() + 10
+        while self.log.read_text().count("Reloading config") == before:
+            assert time.monotonic() < deadline, f"mosquitto did not reload: {self.log.read_text()[-2000:]}"
+            time.sleep(0.05)
+        time.sleep(0.2)  # it logs before it re-reads the files
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+        self.proc = None

@@ -151,7 +151,7 @@ def test_service_on_the_embedded_broker_rolls_out_to_simulated_devices(tmp_path)
                                          flush_interval=0.1)).start()
     sim = None
     try:
-        assert service.embedded is not None and service.broker_url.startswith("mqtt://127.0.0.1:")
+        assert service.local_broker is not None and service.broker_url.startswith("mqtt://127.0.0.1:")
         sim = Simulator(SimConfig(broker=service.broker_url, devices=5, initial_model=ModelRef("kws", "1"),
                                   root=repo.metadata_dir / "1.root.json", verify="full")).start()
         store = service.store

@@ -16,7 +16,7 @@ from edgeopt.fleet.repository import Repository
 from edgeopt.fleet.security import SERVICE_USER, BrokerSecurity, password_line
 from edgeopt.mqtt import connect, make_client
 
-from brokers import Mosquitto, free_port
+from brokers import GeneratedMosquitto, free_port, reachable_workdir, remove_workdir
 from conftest import run_cli
 
 QUIET = 1.0  # how long a message that the ACL drops is given to (not) arrive
@@ -24,8 +24,10 @@ QUIET = 1.0  # how long a message that the ACL drops is given to (not) arrive
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
-    """broker-config + provision dev-a and dev-b (through the CLI), and Mosquitto running that config."""
-    tmp = tmp_path_factory.mktemp("secured")
+    """broker-config + provision dev-a and dev-b (through the CLI), and Mosquitto running that config
+    as generated (as root here when the tests run as root: it drops to its own user)."""
+    base = tmp_path_factory.mktemp("secured")
+    tmp = reachable_workdir(base)
     repo = Repository.init(tmp / "repo")
     port = free_port()
     res = run_cli("fleet", "broker-config", tmp / "broker", "--port", port, "--bind", "127.0.0.1", "--host", "localhost")
@@ -34,12 +36,10 @@ def secured(tmp_path_factory):
         res = run_cli("fleet", "provision", device, "--broker-config", tmp / "broker", "--repo", tmp / "repo",
                       "-o", tmp / "devices", "--json")
         assert res.code == 0, res.err
-    broker = Mosquitto(tmp / "mosquitto", port=port)
-    conf = (tmp / "broker" / "mosquitto.conf").read_text()
-    broker.conf.write_text(conf + f"log_dest file {broker.log}\nlog_type all\nuser root\n")
-    broker.start()
+    broker = GeneratedMosquitto(tmp / "broker", port).start()
     yield {"tmp": tmp, "port": port, "repo": repo, "broker": broker, "security": BrokerSecurity(tmp / "broker")}
     broker.stop()
+    remove_workdir(base)
 
 
 def device_url(secured, device: str, password: str | None = None) -> str:
@@ -167,12 +167,12 @@ def test_provisioned_bundle(secured):
     config = tomllib.loads((bundle / "agent.toml").read_text())
     assert config["agent"]["device_id"] == "dev-a"
     assert config["mqtt"] == {"host": "localhost", "port": secured["port"], "prefix": "edgeopt", "client_id": "dev-a",
-                              "username": "dev-a", "password_file": "/etc/edgeopt-agent/mqtt.password", "tls": True,
-                              "ca_file": "/etc/edgeopt-agent/ca.pem"}
+                              "username": "dev-a", "password_file": "/etc/edgeopt/mqtt.password", "tls": True,
+                              "ca_file": "/etc/edgeopt/ca.pem"}
     repo = secured["repo"]
     assert (bundle / "metadata" / "root.json").read_bytes() == (repo.metadata_dir / "1.root.json").read_bytes()
     assert stat.S_IMODE(os.stat(bundle / "mqtt.password").st_mode) == 0o600
-    assert stat.S_IMODE(os.stat(secured["tmp"] / "broker" / "passwd").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(secured["tmp"] / "broker" / "passwd").st_mode) == 0o640  # the broker's group reads it
     assert stat.S_IMODE(os.stat(secured["tmp"] / "broker" / "ca.key").st_mode) == 0o600
     assert secured["security"].users() == [SERVICE_USER, "dev-a", "dev-b"]
     res = run_cli("fleet", "provision", "dev-a", "--broker-config", secured["tmp"] / "broker", "--repo", repo.root,

@@ -183,10 +183,13 @@ def models_cmd(repo: Path, as_json: bool) -> None:
 @REPO_OPTION
 @DB_OPTION
 @click.option("--broker", envvar="EDGEOPT_BROKER",
-              help="Broker URL, e.g. mqtt://localhost:1883 or mqtts://user:pw@host:8883?ca=ca.pem (default: start "
-                   "the embedded broker on --listen).")
+              help="Broker URL, e.g. mqtt://localhost:1883 or mqtts://USER@host:8883?ca=ca.pem&password_file=PW "
+                   "(default: start a local broker on --listen).")
 @click.option("--listen", default="127.0.0.1:1884", show_default=True,
-              help="HOST:PORT of the embedded broker (only without --broker).")
+              help="HOST:PORT of the local broker (only without --broker; port 0: a free one).")
+@click.option("--local-broker", type=click.Choice(["auto", "mosquitto", "iotcore", "amqtt"]), default="auto",
+              show_default=True, help="Which local broker: auto = the system mosquitto if installed, else "
+                                      "iotcore, else amqtt (a last resort that loses messages).")
 @PREFIX_OPTION
 @click.option("--chunk-size", type=int, default=64 * 1024, show_default=True,
               help="Largest artifact chunk per message (keep under the broker's payload limit).")
@@ -195,8 +198,8 @@ def models_cmd(repo: Path, as_json: bool) -> None:
               help="Seconds between re-signing the timestamp (must be well under its expiry).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="Log level on stderr.")
-def serve_cmd(repo: Path, db: str | None, broker: str | None, listen: str, prefix: str, chunk_size: int, tick: float,
-              timestamp_refresh: float, log_level: str) -> None:
+def serve_cmd(repo: Path, db: str | None, broker: str | None, listen: str, local_broker: str, prefix: str,
+              chunk_size: int, tick: float, timestamp_refresh: float, log_level: str) -> None:
     """Run the fleet service until interrupted: the repository server (metadata and artifact chunks
     over MQTT), the device registry and the rollout controller. Restart-safe: everything it knows is
     in the database, and a rollout in progress continues after a restart."""
@@ -210,10 +213,11 @@ def serve_cmd(repo: Path, db: str | None, broker: str | None, listen: str, prefi
         raise UserInputError("--tick and --timestamp-refresh must be positive")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = FleetService(ServiceConfig(repo=repo, db=database_url(db, repo), broker=broker, listen=listen,
-                                         prefix=prefix, chunk_size=chunk_size, tick=tick,
+                                         local_broker=local_broker, prefix=prefix, chunk_size=chunk_size, tick=tick,
                                          timestamp_refresh=timestamp_refresh)).start()
     signal.signal(signal.SIGTERM, lambda *_: service._stop.set())
-    click.echo(f"fleet service ready: broker {service.broker_url}, database {service.db}, prefix {prefix}/", err=True)
+    click.echo(f"fleet service ready: broker {service.broker_text()}, database {service.db}, prefix {prefix}/",
+               err=True)
     try:
         service.wait()
     except KeyboardInterrupt:

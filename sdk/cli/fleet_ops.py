@@ -57,6 +57,7 @@ def simulate_cmd(broker: str, count: int, fail_rate: float, fail_mode: str, fail
     from edgeopt.errors import UserInputError
     from edgeopt.fleet.rollout_spec import parse_selector
     from edgeopt.fleet.simulator import FailurePlan, SimConfig, Simulator
+    from edgeopt.mqtt import redact_url
     from edgeopt.protocol import ModelRef, ProtocolError
 
     if root is None and repo is not None:
@@ -74,7 +75,8 @@ def simulate_cmd(broker: str, count: int, fail_rate: float, fail_mode: str, fail
     sim = Simulator(config).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    click.echo(f"{count} simulated device(s) connected to {broker} ({id_prefix}{first_index:05d}…)", err=True)
+    click.echo(f"{count} simulated device(s) connected to {redact_url(broker)} ({id_prefix}{first_index:05d}…)",
+               err=True)
     started = time.monotonic()
     try:
         while not stop.wait(5.0):
@@ -97,19 +99,26 @@ def simulate_cmd(broker: str, count: int, fail_rate: float, fail_mode: str, fail
                                                      "localhost and 127.0.0.1 are always added).")
 @click.option("--port", type=int, default=8883, show_default=True, help="TLS listener port.")
 @click.option("--bind", default="0.0.0.0", show_default=True, help="Address the listener binds.")
+@click.option("--broker-user", help="User Mosquitto runs as once started as root (default: mosquitto when run "
+                                    "as root, else you); it gets read access to passwd, acl and server.key.")
 @PREFIX_OPTION
-def broker_config_cmd(directory: Path, hosts: tuple[str, ...], port: int, bind: str, prefix: str) -> None:
+def broker_config_cmd(directory: Path, hosts: tuple[str, ...], port: int, bind: str, broker_user: str | None,
+                      prefix: str) -> None:
     """Generate a Mosquitto configuration in DIRECTORY: a CA and a server certificate (TLS only), a
     password file with the fleet service's account, and an ACL that keeps each device to its own
     topics. Add devices with 'edgeopt fleet provision'."""
     from edgeopt.fleet.security import BrokerSecurity
 
-    sec = BrokerSecurity.init(directory, list(hosts), port, bind, prefix)
-    click.echo(f"broker configuration in {sec.dir}:\n"
-               f"  run the broker:   mosquitto -c {sec.dir / 'mosquitto.conf'}\n"
-               f"  fleet service:    edgeopt fleet --config {sec.dir / 'fleet.toml'} serve --repo REPO\n"
-               f"  add a device:     edgeopt fleet provision DEVICE_ID --broker-config {sec.dir} --repo REPO\n"
-               f"  keep {sec.dir / 'ca.key'} offline once the server certificate is made")
+    sec = BrokerSecurity.init(directory, list(hosts), port, bind, prefix, broker_user=broker_user)
+    d = sec.dir.resolve()
+    click.echo(f"broker configuration in {d}:\n"
+               f"  run the broker:   mosquitto -c {d / 'mosquitto.conf'}   (as root it runs as its 'user')\n"
+               f"  fleet service:    edgeopt fleet --config {d / 'fleet.toml'} serve --repo REPO\n"
+               f"  add a device:     edgeopt fleet provision DEVICE_ID --broker-config {d} --repo REPO\n"
+               f"  then reload:      {sec.reload_command()}\n"
+               f"  keep {d / 'ca.key'} offline once the server certificate is made")
+    for warning in sec.warnings:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @click.command("provision")
@@ -121,20 +130,31 @@ def broker_config_cmd(directory: Path, hosts: tuple[str, ...], port: int, bind: 
               help="Where OUT/DEVICE_ID/ is written.")
 @click.option("--host", help="Broker host name the device connects to (default: the first --host of broker-config).")
 @click.option("--port", type=int, help="Broker port (default: the listener's).")
-@click.option("--install-dir", default="/etc/edgeopt-agent", show_default=True,
+@click.option("--install-dir", default="/etc/edgeopt", show_default=True,
               help="Where the bundle will live on the device (paths in agent.toml).")
+@click.option("--state-dir", default="/var/lib/edgeopt-agent", show_default=True,
+              help="The agent's state directory on the device.")
+@click.option("--sensor-socket", default="/run/edgeopt-agent/sensor.sock", show_default=True,
+              help="Unix socket of the default sensor source in agent.toml.")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="Label the device reports (repeatable; rollout selectors match them).")
+@click.option("--profile", default="", help="Hardware profile the device reports.")
 @click.option("--force", is_flag=True, help="Provision an existing device again, with a new password.")
 @PREFIX_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def provision_cmd(device_id: str, security_dir: Path, repo: Path, out: Path, host: str | None, port: int | None,
-                  install_dir: str, force: bool, prefix: str, as_json: bool) -> None:
+                  install_dir: str, state_dir: str, sensor_socket: str, labels: tuple[str, ...], profile: str,
+                  force: bool, prefix: str, as_json: bool) -> None:
     """Give DEVICE_ID its broker password (added to the broker's password file), the broker CA, the
-    repository's pinned root metadata and an agent config, in OUT/DEVICE_ID/."""
+    repository's pinned root metadata and a complete agent config, in OUT/DEVICE_ID/. Reload the
+    broker afterwards (the command is printed)."""
     from edgeopt.fleet.provision import provision
 
-    info = provision(device_id, security_dir, repo, out, host, port, prefix, install_dir, force)
+    info = provision(device_id, security_dir, repo, out, host, port, prefix, install_dir, force, state_dir,
+                     sensor_socket, labels, profile)
     if as_json:
         click.echo(json.dumps(info))
     else:
         click.echo(f"provisioned {device_id} in {info['directory']} (broker {info['broker']}, root "
-                   f"v{info['root_version']}); {info['reload']}")
+                   f"v{info['root_version']}); copy it to {info['install_dir']} on the device\n"
+                   f"reload the broker: {info['reload_command']}")
