@@ -16,6 +16,8 @@ from pathlib import Path
 
 import click
 
+from edgeopt.agent.transport import PASSWORD_CREDENTIAL
+
 UNIT_NAME = "edgeopt-agent.service"
 
 
@@ -71,7 +73,7 @@ def install_service_cmd(unit_dir: Path, config_path: Path, exec_path: Path | Non
         if exec_path or not found:
             raise UserInputError(f"{exe}: not an executable edgeopt-agent (pass --exec PATH)")
         exe = Path(found)
-    unit = render_unit(exe.resolve(), config_path)
+    unit = render_unit(exe.resolve(), config_path.absolute(), _password_file(config_path))
     unit_path = unit_dir / UNIT_NAME
     for path in (unit_path, config_path):
         if not path.parent.is_dir():
@@ -83,17 +85,38 @@ def install_service_cmd(unit_dir: Path, config_path: Path, exec_path: Path | Non
     if config_path.exists() and not force:
         click.echo(f"kept the existing {config_path}")
     else:
-        atomic_write_bytes(config_path, default_config_text(device_id, mqtt_host).encode(), mode=0o640)
+        # readable by the unit's throw-away user; it holds no secret (a password lives in [mqtt] password_file)
+        atomic_write_bytes(config_path, default_config_text(device_id, mqtt_host).encode(), mode=0o644)
         click.echo(f"wrote {config_path}")
     click.echo("next: systemctl daemon-reload && systemctl enable --now edgeopt-agent")
 
 
-def render_unit(exe: Path, config_path: Path) -> str:
-    """The shipped unit (hardware/systemd/edgeopt-agent.service) with ExecStart filled in."""
+def render_unit(exe: Path, config_path: Path, password_file: str | None = None) -> str:
+    """The shipped unit (hardware/systemd/edgeopt-agent.service) with ExecStart filled in, and the
+    broker password file handed to the unit's throw-away user as a credential: DynamicUser cannot
+    read the root-only file ('edgeopt fleet provision' writes it 0600); the agent reads the
+    credential ($CREDENTIALS_DIRECTORY/mqtt.password, agent/transport.py) in its place."""
     template = resources.files("edgeopt.hardware").joinpath("systemd", UNIT_NAME).read_text()
-    lines = [f"ExecStart={exe} --config {config_path}" if ln.startswith("ExecStart=") else ln
-             for ln in template.splitlines()]
+    lines = []
+    for line in template.splitlines():
+        if line.startswith("ExecStart="):
+            line = f"ExecStart={exe} --config {config_path}"
+        lines.append(line)
+        if line.startswith("Environment=") and password_file:
+            lines.append(f"LoadCredential={PASSWORD_CREDENTIAL}:{password_file}")
     return "\n".join(lines) + "\n"
+
+
+def _password_file(config_path: Path) -> str | None:
+    """[mqtt] password_file of an existing config (None: no config yet, or no password)."""
+    import tomllib
+
+    try:
+        mqtt = tomllib.loads(config_path.read_text()).get("mqtt", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    value = mqtt.get("password_file") if isinstance(mqtt, dict) else None
+    return value if isinstance(value, str) and value else None
 
 
 @click.command("install-model", short_help="Install an artifact into the inactive slot and activate it.")

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from edgeopt.agent.config import MqttSection
@@ -30,6 +31,20 @@ def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random)
     delay = min(cap_s, base_s * 2 ** min(attempt - 1, 30))
     return delay / 2 + rng.uniform(0, delay / 2)
 
+
+
+# The credential id the shipped unit loads the password file under (LoadCredential=, agent/cli.py).
+PASSWORD_CREDENTIAL = "mqtt.password"
+
+
+def password_path(password_file: str, environ: Mapping[str, str] = os.environ) -> Path:
+    """Where the broker password is read from: under systemd, the credential the unit loaded
+    ($CREDENTIALS_DIRECTORY/mqtt.password) — the unit's throw-away user cannot read the root-only
+    file itself; otherwise ``[mqtt] password_file``."""
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if directory and (Path(directory) / PASSWORD_CREDENTIAL).is_file():
+        return Path(directory) / PASSWORD_CREDENTIAL
+    return Path(password_file)
 
 class MqttTransport:
     def __init__(self, cfg: MqttSection, client_id: str, will_topic: str, will_payload: bytes,
@@ -50,7 +65,7 @@ class MqttTransport:
             password = None
             if cfg.password_file:
                 try:
-                    password = Path(cfg.password_file).read_text().strip()
+                    password = password_path(cfg.password_file).read_text().strip()
                 except OSError as exc:
                     raise UserInputError(f"[mqtt] password_file {cfg.password_file}: {exc.strerror}") from None
             self.client.username_pw_set(cfg.username, password)

@@ -33,9 +33,25 @@ def _s(text: str) -> str:
     return json.dumps(text)
 
 
+SOURCES = ("unix-stream", "synthetic")
+
+
+def _source_section(source: str, sensor_socket: str) -> str:
+    if source == "synthetic":
+        return ('# EDIT: the sensor data the model runs on. This is a generated accelerometer stream (ax, ay, az\n'
+                '# at the model\'s sample rate), for trying the fleet before a sensor is wired: replace it by your\n'
+                '# sensor\'s source. Kinds: unix-stream (path = "/run/edgeopt-agent/sensor.sock"), csv, npy, stdin,\n'
+                '# unix-dgram, serial (port = "/dev/ttyUSB0"), mqtt (topic = "...").\n'
+                '[[source]]\ntype = "synthetic"\nname = "sensor"\n')
+    return ('# EDIT: the sensor data the model runs on. This source listens on a Unix stream socket for lines\n'
+            '# "v0,v1,..." (one sample per line, channels in the model\'s order). Other kinds: csv, npy, stdin,\n'
+            '# unix-dgram, serial (port = "/dev/ttyUSB0"), mqtt (topic = "..."), synthetic (a demo stream).\n'
+            f'[[source]]\ntype = "unix-stream"\nname = "sensor"\npath = {_s(sensor_socket)}\n')
+
+
 def agent_toml(device_id: str, host: str, port: int, prefix: str, install_dir: str = INSTALL_DIR,
                state_dir: str = STATE_DIR, sensor_socket: str = SENSOR_SOCKET, labels: tuple[str, ...] = (),
-               profile: str = "") -> str:
+               profile: str = "", source: str = "unix-stream") -> str:
     """The provisioned agent config. What to edit is commented; every key is in docs/agent.md."""
     label_line = (f"labels = [{', '.join(_s(x) for x in labels)}]" if labels
                   else '# labels = ["site=lab", "ring=canary"]')
@@ -66,14 +82,7 @@ ca_file = {_s(install_dir + "/ca.pem")}
 # signed updates: the repository's root metadata, pinned (copied to state_dir/trust on first start)
 root = {_s(install_dir + "/metadata/root.json")}
 
-# EDIT: the sensor data the model runs on. This source listens on a Unix stream socket for lines
-# "v0,v1,..." (one sample per line, channels in the model's order). Other kinds: csv, npy, stdin,
-# unix-dgram, serial (port = "/dev/ttyUSB0"), mqtt (topic = "..."), synthetic (a demo stream).
-[[source]]
-type = "unix-stream"
-name = "sensor"
-path = {_s(sensor_socket)}
-
+{_source_section(source, sensor_socket)}
 # EDIT: where results go. "mqtt": {prefix}/devices/{device_id}/results on the broker (the ACL lets this
 # device write it), through the on-disk outbox. Or a file:
 #   type = "jsonl"
@@ -86,7 +95,7 @@ type = "mqtt"
 def provision(device_id: str, security_dir: Path, repo: Path, out: Path, host: str | None = None,
               port: int | None = None, prefix: str = "edgeopt", install_dir: str = INSTALL_DIR,
               force: bool = False, state_dir: str = STATE_DIR, sensor_socket: str = SENSOR_SOCKET,
-              labels: tuple[str, ...] = (), profile: str = "") -> dict[str, Any]:
+              labels: tuple[str, ...] = (), profile: str = "", source: str = "unix-stream") -> dict[str, Any]:
     from edgeopt.fleet.repository import Repository
     from edgeopt.mqtt import BrokerURL
 
@@ -105,7 +114,9 @@ def provision(device_id: str, security_dir: Path, repo: Path, out: Path, host: s
     dest = Path(out) / device_id
     if dest.exists() and not force:
         raise UserInputError(f"{dest} already exists; pass --force to provision {device_id} again (new password)")
-    config = agent_toml(device_id, host, port, prefix, install_dir, state_dir, sensor_socket, labels, profile)
+    if source not in SOURCES:
+        raise UserInputError(f"--source {source!r}: expected one of {', '.join(SOURCES)}")
+    config = agent_toml(device_id, host, port, prefix, install_dir, state_dir, sensor_socket, labels, profile, source)
     Path(out).mkdir(parents=True, exist_ok=True)
     with staged_directory(dest, force=force) as stage:
         (stage / "metadata").mkdir()

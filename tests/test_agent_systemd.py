@@ -150,3 +150,33 @@ def test_sighup_reloads_the_config_and_keeps_the_old_one_when_it_is_broken(tmp_p
     first = [r["id"] for r in results_from_jsonl(tmp_path / "first.jsonl") if r["source"] == "s"]
     second = [r["id"] for r in results_from_jsonl(tmp_path / "second.jsonl") if r["source"] == "s"]
     assert first == ["s:0", "s:1"] and second == ["s:0"]
+
+
+def test_a_provisioned_bundle_runs_under_the_units_throw_away_user(tmp_path):
+    """The unit's DynamicUser cannot read the bundle's root-only mqtt.password, nor a root-only config:
+    install-service hands the password file over as a systemd credential (LoadCredential=), the agent
+    reads it from $CREDENTIALS_DIRECTORY, and the config it writes is world-readable (no secret in it)."""
+    from edgeopt.agent.transport import password_path
+
+    config = tmp_path / "agent.toml"
+    config.write_text('[agent]\ndevice_id = "pi-7"\n\n[mqtt]\nhost = "broker"\nusername = "pi-7"\n'
+                      f'password_file = "{tmp_path / "mqtt.password"}"\n')
+    res = run_cli("agent", "install-service", "--unit-dir", tmp_path, "--config", config)
+    assert res.code == 0, res.err
+    unit = (tmp_path / "edgeopt-agent.service").read_text()
+    assert f"LoadCredential=mqtt.password:{tmp_path / 'mqtt.password'}" in unit
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    assert password_path(str(tmp_path / "mqtt.password"), {}) == tmp_path / "mqtt.password"
+    assert password_path(str(tmp_path / "mqtt.password"), {"CREDENTIALS_DIRECTORY": str(creds)}) == \
+        tmp_path / "mqtt.password"  # no such credential: the file itself
+    (creds / "mqtt.password").write_text("s3cret\n")
+    assert password_path(str(tmp_path / "mqtt.password"), {"CREDENTIALS_DIRECTORY": str(creds)}) == \
+        creds / "mqtt.password"
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    res = run_cli("agent", "install-service", "--unit-dir", plain, "--config", plain / "agent.toml")
+    assert res.code == 0, res.err
+    assert "LoadCredential" not in (plain / "edgeopt-agent.service").read_text()  # no password: none to load
+    assert (plain / "agent.toml").stat().st_mode & 0o044 == 0o044  # readable by the unit's user

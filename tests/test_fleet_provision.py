@@ -90,6 +90,9 @@ def test_provision_options_for_paths_labels_and_profile():
         "/srv/state", "/run/sensors/imu.sock", "/srv/edgeopt/metadata/root.json")
     assert cfg.labels == {"site": "lab", "ring": "a"} and cfg.agent.profile == "raspberry-pi-4"
     assert cfg.topic("results") == "site-eu/devices/dev-8/results"
+    trial = parse_config(__import__("tomllib").loads(agent_toml("dev-9", "localhost", 8883, "edgeopt",
+                                                                source="synthetic")))
+    assert [s.type for s in trial.sources] == ["synthetic"]  # to try the fleet before a sensor is wired
 
 
 def test_mosquitto_started_as_root_reads_devices_provisioned_after_it_started(workdir):

@@ -136,6 +136,9 @@ def broker_config_cmd(directory: Path, hosts: tuple[str, ...], port: int, bind: 
               help="The agent's state directory on the device.")
 @click.option("--sensor-socket", default="/run/edgeopt-agent/sensor.sock", show_default=True,
               help="Unix socket of the default sensor source in agent.toml.")
+@click.option("--source", type=click.Choice(["unix-stream", "synthetic"]), default="unix-stream", show_default=True,
+              help="The sensor source in agent.toml: a Unix socket for your sensor's lines, or 'synthetic' (a "
+                   "generated accelerometer stream, to try the fleet before a sensor is wired).")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
               help="Label the device reports (repeatable; rollout selectors match them).")
 @click.option("--profile", default="", help="Hardware profile the device reports.")
@@ -143,15 +146,15 @@ def broker_config_cmd(directory: Path, hosts: tuple[str, ...], port: int, bind: 
 @PREFIX_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def provision_cmd(device_id: str, security_dir: Path, repo: Path, out: Path, host: str | None, port: int | None,
-                  install_dir: str, state_dir: str, sensor_socket: str, labels: tuple[str, ...], profile: str,
-                  force: bool, prefix: str, as_json: bool) -> None:
+                  install_dir: str, state_dir: str, sensor_socket: str, source: str, labels: tuple[str, ...],
+                  profile: str, force: bool, prefix: str, as_json: bool) -> None:
     """Give DEVICE_ID its broker password (added to the broker's password file), the broker CA, the
     repository's pinned root metadata and a complete agent config, in OUT/DEVICE_ID/. Reload the
     broker afterwards (the command is printed)."""
     from edgeopt.fleet.provision import provision
 
     info = provision(device_id, security_dir, repo, out, host, port, prefix, install_dir, force, state_dir,
-                     sensor_socket, labels, profile)
+                     sensor_socket, labels, profile, source)
     if as_json:
         click.echo(json.dumps(info))
     else:
