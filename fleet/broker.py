@@ -384,4 +384,19 @@ def start_local_broker(listen: str = "127.0.0.1:1884", preference: str = "auto",
     broker.start()
     if broker.note:
         log.warning("%s", broker.note)
+    if not _loopback(host):
+        log.warning("the local %s broker listens on %s:%d without authentication or TLS: anyone who reaches it "
+                    "can publish to the fleet's topics; for devices on other hosts use 'edgeopt fleet "
+                    "broker-config' and --broker", broker.kind, host, broker.port)
     return broker
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import socket
 import subprocess
@@ -48,6 +49,16 @@ def test_amqtt_is_started_only_with_a_warning_that_says_why(caplog):
         broker = start_local_broker("127.0.0.1:0", "amqtt")
         broker.stop()
     assert "amqtt is the last-resort broker" in caplog.text and "drops clients" in caplog.text
+
+
+def test_a_local_broker_beyond_loopback_is_started_with_a_warning(caplog):
+    """The local broker has no authentication: listening on every interface is allowed, and said."""
+    kind = next(k for k, have in available().items() if have)
+    with caplog.at_level(logging.WARNING, logger="edgeopt.fleet"):
+        start_local_broker("127.0.0.1:0", kind).stop()
+        assert "without authentication" not in caplog.text
+        start_local_broker("0.0.0.0:0", kind).stop()
+    assert re.search(r"listens on 0\.0\.0\.0:\d+ without authentication or TLS", caplog.text)
 
 
 def test_serve_without_a_broker_starts_the_system_mosquitto_and_stops_it(tmp_path):
