@@ -68,9 +68,22 @@ def target_options(func):
             choices = click.Choice([str(c) for c in param.choices]) if param.choices else param.type
             text = (f"[{which}] {param.help}{_default(param)}" if alike else
                     " ".join(f"[{t}] {p.help}{_default(p)}." for t, p in owners))
-            opt = click.option(flag, pname, type=choices, default=None, help=text)
+            opt = click.option(flag, pname, type=choices, default=None, help=text,
+                               callback=_checked_by([p for _, p in owners]))
         func = opt(func)
     return func
+
+
+def _checked_by(params: list[Param]):
+    """A click callback running the declarations' own checks, so ``--batch 0`` is a usage error that
+    names the option (every target declaring it must accept the value; they agree in practice)."""
+    def callback(ctx: click.Context, option: click.Parameter, value):
+        for param in params:
+            if value is not None and param.check is not None and (problem := param.check(value)):
+                raise click.BadParameter(f"{problem}, got {value!r}", ctx=ctx, param=option)
+        return value
+
+    return callback
 
 
 def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[str, object]:
@@ -139,7 +152,8 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
               help="Sensor model: per-channel (x - mean) / std, one pair for all channels or one per channel.")
 @click.option("--name", help="Model name in the manifest (default: the file name).")
 @click.option("--version", "model_version", default="1", show_default=True, help="Model version in the manifest.")
-@click.option("--threads", type=int, default=1, show_default=True, help="Threads for validation and latency.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Threads for validation and latency.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
