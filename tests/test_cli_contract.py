@@ -89,3 +89,81 @@ def test_usage_errors_are_one_line_naming_the_option(args, line):
     res = run_cli(*args)
     assert res.code == 2, res.err
     assert _one_line(res.err) == line
+
+
+# -- interruption: SIGINT, SIGTERM and SIGHUP leave nothing behind ------------------------------------
+_PAUSED_AFTER_COMPILE = """
+import pathlib, sys, time
+from edgeopt.converters.targets.onnx import OnnxTarget
+
+compile_model = OnnxTarget._compile
+
+def compile_then_wait(self, model, quantize, ctx, out):
+    compile_model(self, model, quantize, ctx, out)   # staging dir and temp dir now hold files
+    pathlib.Path(sys.argv[1]).write_text("compiled")
+    time.sleep(600)                                  # a long step, to be interrupted
+
+OnnxTarget._compile = compile_then_wait
+from edgeopt.cli import main
+main(sys.argv[2:])
+"""
+
+
+def _wait_for(predicate, proc, what: str, timeout: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"edgeopt exited ({proc.returncode}) before {what}: {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _calibration(path):
+    import numpy as np
+
+    np.savez(path, x=np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32))
+    return path
+
+
+@pytest.mark.parametrize("signum,code", [(2, 130), (15, 143), (1, 129)], ids=["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_signal_mid_conversion_removes_the_staging_and_temporary_directories(tiny, tmp_path, signum, code):
+    """A real process, a real signal, while the artifact is being written: exit 128 + signal, one line,
+    nothing in the output's parent and nothing in the temporary directory."""
+    import signal
+
+    tmp, parent, ready = tmp_path / "tmp", tmp_path / "work", tmp_path / "ready"
+    tmp.mkdir(), parent.mkdir()
+    cal = _calibration(tmp_path / "cal.npz")
+    env = {k: v for k, v in os.environ.items() if k != "EDGEOPT_DEBUG"} | {"TMPDIR": str(tmp)}
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED_AFTER_COMPILE, ready, "convert", tiny, "-o",
+                             parent / "out", "--target", "onnx", "--quantize", "int8", "--calibration", cal, "-q"],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    _wait_for(ready.exists, proc, "the model was compiled")
+    assert any(tmp.iterdir()) and any(parent.iterdir())  # there is something to clean up
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert _one_line(err) == f"edgeopt: interrupted ({signal.Signals(signum).name})"
+    assert list(parent.iterdir()) == [] and list(tmp.iterdir()) == []
+
+
+def test_sigterm_during_a_real_tvm_compile_leaves_nothing(tiny, tmp_path):
+    """No test hook: SIGTERM (what `timeout`, CI and `docker stop` send) once the staging directory
+    appears, i.e. while TVM compiles (in C++ most of the time)."""
+    pytest.importorskip("tvm")
+    tmp, parent = tmp_path / "tmp", tmp_path / "work"
+    tmp.mkdir(), parent.mkdir()
+    exe = os.path.join(os.path.dirname(sys.executable), "edgeopt")
+    env = {k: v for k, v in os.environ.items() if k != "EDGEOPT_DEBUG"} | {"TMPDIR": str(tmp)}
+    proc = subprocess.Popen([exe, "convert", tiny, "-o", parent / "out", "--target", "tvm", "-q"],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    _wait_for(lambda: any(p.name.endswith(".partial") for p in parent.iterdir()), proc, "the staging directory")
+    proc.terminate()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "edgeopt: interrupted (SIGTERM)"
+    assert list(parent.iterdir()) == [] and list(tmp.iterdir()) == []

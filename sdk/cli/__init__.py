@@ -130,9 +130,36 @@ def main(argv: list[str] | None = None, command: click.Command | None = None, pr
     command = command or cli
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or debug_enabled()
-    with interrupt_signals() as received:
+    with interrupt_signals() as received, private_temp_dir():
         code = _run(command, args, prog_name, debug, received)
     sys.exit(code)
+
+
+@contextlib.contextmanager
+def private_temp_dir() -> Iterator[None]:
+    """Every temporary file of this run — edgeopt's own and its toolchains' (ONNX Runtime writes a
+    telemetry session file ``.ses`` into $TMPDIR at import; TVM, gcc and the quantizers their scratch
+    files) — goes under one ``edgeopt-*`` directory that is removed at exit, interrupted or not.
+    Children (a cross-linker, a self-test) inherit it through TMPDIR."""
+    import shutil
+    import tempfile
+
+    try:
+        path = tempfile.mkdtemp(prefix="edgeopt-")
+    except OSError:  # no writable temporary directory: whoever needs one will say so
+        yield
+        return
+    saved_env, saved_default = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = path, path
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved_default
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _run(command: click.Command, args: list[str], prog_name: str, debug: bool, received: list[int]) -> int:
