@@ -30,13 +30,14 @@ from edgeopt.artifact import (
     tool_versions,
 )
 from edgeopt.converters.fit import fit_check, peak_activation_elements
+from edgeopt.converters.output import check_output_location, replace_problem, space_needed
 from edgeopt.converters.passes import Pass, PassContext, ProgressFactory, get_pass, no_progress
 from edgeopt.converters.preprocessing import resolve_preprocessing
 from edgeopt.converters.targets import Target, get_target
 from edgeopt.converters.validate import accuracy, parity
 from edgeopt.data import Dataset, generate_inputs, load_dataset
 from edgeopt.errors import CheckFailed, UserInputError
-from edgeopt.fsutil import atomic_write_json, check_output_dir, sha256_file, staged_directory, tree_size
+from edgeopt.fsutil import atomic_write_json, sha256_file, staged_directory, tree_size
 from edgeopt.onnx_io import (
     count_macs,
     count_params,
@@ -83,6 +84,7 @@ class ConvertOptions:
     distill: Path | None = None           # distillation data (distill)
     epochs: int | None = None
     student: Path | None = None
+    other_inputs: tuple[Path, ...] = ()  # files the caller read for this conversion (a preprocessing JSON)
 
 
 @dataclass
@@ -178,7 +180,10 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
     unavailable = runtime_cls.unavailable_reason()  # e.g. Core ML prediction off macOS
     if unavailable is not None and opts.max_accuracy_drop is not None:
         raise UserInputError(f"--max-accuracy-drop needs the converted model to run on this machine: {unavailable}")
-    check_output_dir(opts.output, opts.force)
+    inputs = _input_files(opts)
+    source_bytes = model_bytes_on_disk(opts.model)
+    check_output_location(opts.output, opts.force, inputs,
+                          None if source_bytes is None else space_needed(source_bytes, quantize, len(compression)))
 
     _check_size_limit(target, opts.model)
     with steps("load"):
@@ -215,7 +220,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
         else:
             _describe_model(row, canonical)
 
-        with staged_directory(opts.output, opts.force) as stage:
+        with staged_directory(opts.output, opts.force, lambda dest: replace_problem(dest, inputs)) as stage:
             with steps("compile") as compile_row:
                 model_path = target.compile(model, quantize, ctx, stage)
                 compile_row["size_bytes"] = tree_size(model_path)
@@ -281,6 +286,12 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
     if failures:
         raise ConvertCheckFailed(result)
     return result
+
+
+def _input_files(opts: ConvertOptions) -> list[Path]:
+    """Every file this conversion reads: an output location holding one is never replaced."""
+    given = [opts.model, opts.calibration, opts.validation, opts.distill, opts.student, *opts.other_inputs]
+    return [Path(p) for p in given if p is not None]
 
 
 def _describe_model(row: dict[str, Any], model: onnx.ModelProto) -> None:

@@ -193,7 +193,7 @@ def convert_cmd(model: Path, output: Path, target, profile, quantize, calibratio
         name=name, version=model_version, force=force, threads=threads, seed=seed,
         prune_sparsity=prune_sparsity, prune_channels=prune_channels,
         prune_layers=dict(parse_layer_ratio(t) for t in prune_layers), distill=distill, epochs=epochs,
-        student=student, preprocessing=preprocessing,
+        student=student, preprocessing=preprocessing, other_inputs=(preprocessing_file,) if preprocessing_file else (),
         target_params=_chosen_target_params(target, target_settings),
         pass_params={
             "quantize-int8": {"calibration_method": calibration_method},
