@@ -33,6 +33,7 @@ from edgeopt.converters.fit import fit_check, peak_activation_elements
 from edgeopt.converters.output import check_output_location, replace_problem, space_needed
 from edgeopt.converters.passes import Pass, PassContext, ProgressFactory, get_pass, no_progress
 from edgeopt.converters.preprocessing import resolve_preprocessing
+from edgeopt.converters.settings import check_settings, check_target_params
 from edgeopt.converters.targets import Target, get_target
 from edgeopt.converters.validate import accuracy, parity
 from edgeopt.data import Dataset, generate_inputs, load_dataset
@@ -171,9 +172,13 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
     started = time.perf_counter()
     steps = _Steps()
     profile, target_name, quantize = resolve_recipe(opts)
+    check_target_params(target_name, opts.target_params)
     target: Target = get_target(target_name)(pass_params=opts.pass_params, profile=profile, **opts.target_params)
     target.check_quantize(quantize)
     compression = compression_passes(opts)
+    check_settings(target, quantize, opts.target_params, opts.pass_params,
+                   pipeline_passes={"canonicalize", *(p.name for p in compression)},
+                   calibration=opts.calibration is not None, validation=opts.validation is not None)
     for p in compression:
         p.preflight()
     runtime_cls = runtime_for_format(target.format)

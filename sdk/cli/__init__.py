@@ -72,6 +72,14 @@ def cli(debug: bool) -> None:
     """
 
 
+def debug_requested(ctx: click.Context | None = None) -> bool:
+    """Whether this run was started with --debug / EDGEOPT_DEBUG=1 (for a command that behaves
+    differently then, e.g. leaving the toolchains' native output on the terminal)."""
+    ctx = ctx or click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx is not None else None
+    return bool(isinstance(getattr(root, "obj", None), dict) and root.obj.get("debug")) or debug_enabled()
+
+
 def usage_message(exc: click.ClickException) -> str:
     """Click's usage error as one line that starts with the option at fault: ``--batch: must be >= 1``."""
     if isinstance(exc, click.BadParameter) and not isinstance(exc, click.MissingParameter):
@@ -130,6 +138,7 @@ def main(argv: list[str] | None = None, command: click.Command | None = None, pr
     command = command or cli
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or debug_enabled()
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # before any import of onnxruntime: see no_telemetry
     with interrupt_signals() as received, private_temp_dir():
         code = _run(command, args, prog_name, debug, received)
     sys.exit(code)
@@ -172,7 +181,7 @@ def _run(command: click.Command, args: list[str], prog_name: str, debug: bool, r
         return exit_code
 
     try:
-        return command.main(args=args, prog_name=prog_name, standalone_mode=False) or 0
+        return command.main(args=args, prog_name=prog_name, standalone_mode=False, obj={"debug": debug}) or 0
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
