@@ -33,7 +33,7 @@ from edgeopt.converters.fit import fit_check, peak_activation_elements
 from edgeopt.converters.output import check_output_location, replace_problem, space_needed
 from edgeopt.converters.passes import Pass, PassContext, ProgressFactory, get_pass, no_progress
 from edgeopt.converters.preprocessing import resolve_preprocessing
-from edgeopt.converters.settings import check_settings, check_target_params
+from edgeopt.converters.settings import check_settings, check_target_params, unread_calibration_note
 from edgeopt.converters.targets import Target, get_target
 from edgeopt.converters.validate import accuracy, parity
 from edgeopt.data import Dataset, generate_inputs, load_dataset
@@ -177,8 +177,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
     target.check_quantize(quantize)
     compression = compression_passes(opts)
     check_settings(target, quantize, opts.target_params, opts.pass_params,
-                   pipeline_passes={"canonicalize", *(p.name for p in compression)},
-                   calibration=opts.calibration is not None, validation=opts.validation is not None)
+                   pipeline_passes={"canonicalize", *(p.name for p in compression)})
     for p in compression:
         p.preflight()
     runtime_cls = runtime_for_format(target.format)
@@ -199,6 +198,8 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
 
     with tempfile.TemporaryDirectory(prefix="edgeopt-") as work:
         ctx = PassContext(workdir=Path(work), progress=progress)
+        if note := unread_calibration_note(target, quantize, opts.calibration is not None, opts.validation is not None):
+            ctx.notes.append(note)
         canon_params = {"batch_size": profile.default_batch if profile else None, **target.canonicalize_settings(),
                         **opts.pass_params.get("canonicalize", {})}
         canon_pass = get_pass("canonicalize")(input_shapes=opts.input_shapes or None,

@@ -56,13 +56,12 @@ def _where_calibration_applies() -> str:
 
 
 def unused_settings(target: Target, quantize: str, target_params: Mapping[str, Any],
-                    pass_params: Mapping[str, Mapping[str, Any]], pipeline_passes: Iterable[str],
-                    calibration: bool = False, validation: bool = False) -> list[str]:
+                    pass_params: Mapping[str, Mapping[str, Any]], pipeline_passes: Iterable[str]) -> list[str]:
     """One line per given setting that ``target`` would not use for ``quantize`` ([] when all are used).
 
     ``target_params`` / ``pass_params``: what was given (None values count as not given);
     ``pipeline_passes``: passes the pipeline runs itself whatever the target (canonicalize, compression),
-    whose parameters are used as given; ``calibration`` / ``validation``: whether those data were given.
+    whose parameters are used as given.
     """
     problems = []
     unused = target.unused_params(quantize)
@@ -81,11 +80,18 @@ def unused_settings(target: Target, quantize: str, target_params: Mapping[str, A
             option = pass_option(pass_name, param)
             problems.append(f"{_given(option, value)}: target '{target.name}' does not use it with --quantize "
                             f"{quantize}{_where_pass_param_applies(pass_name, param)}")
-    if calibration and validation and not target.calibrates(quantize):
-        problems.append(f"--calibration: target '{target.name}' does not calibrate with --quantize {quantize} and "
-                        f"--validation gives the validation data, so it would not be read: drop it (calibration "
-                        f"applies with {_where_calibration_applies()})")
     return problems
+
+
+def unread_calibration_note(target: Target, quantize: str, calibration: bool, validation: bool) -> str | None:
+    """The report's note when calibration data was given but nothing reads it: the target does not
+    calibrate for this mode and --validation supplies the validation data. A note, not a refusal:
+    scripts pass both data files whatever the mode, and the data changes nothing — but it must not
+    look as if it had been used."""
+    if not calibration or not validation or target.calibrates(quantize):
+        return None
+    return (f"--calibration was not read: target '{target.name}' does not calibrate with --quantize {quantize}, and "
+            f"the validation data came from --validation (calibration applies with {_where_calibration_applies()})")
 
 
 def check_target_params(target_name: str, given: Mapping[str, Any]) -> None:
@@ -99,14 +105,12 @@ def check_target_params(target_name: str, given: Mapping[str, Any]) -> None:
 
 
 def check_settings(target: Target, quantize: str, target_params: Mapping[str, Any],
-                   pass_params: Mapping[str, Mapping[str, Any]], pipeline_passes: Iterable[str],
-                   calibration: bool = False, validation: bool = False) -> None:
+                   pass_params: Mapping[str, Mapping[str, Any]], pipeline_passes: Iterable[str]) -> None:
     """Raise ``UserInputError`` (exit 2) naming the first setting the target would not use."""
-    problems = unused_settings(target, quantize, target_params, pass_params, pipeline_passes, calibration,
-                               validation)
+    problems = unused_settings(target, quantize, target_params, pass_params, pipeline_passes)
     if problems:
         raise UserInputError(problems[0])
 
 
-__all__ = ["PASS_OPTIONS", "check_settings", "check_target_params", "pass_option",
-           "target_option", "unused_settings"]
+__all__ = ["PASS_OPTIONS", "check_settings", "check_target_params", "pass_option", "target_option",
+           "unread_calibration_note", "unused_settings"]

@@ -45,7 +45,7 @@ def _value(param) -> list[str]:
 
 def _settings():
     """(option words, kind, key) for every option whose use depends on the target: each target's own
-    parameters (offered to every target, as a user may type them), the pass options, --calibration."""
+    parameters (offered to every target, as a user may type them) and the pass options."""
     found = {}
     for name in TARGETS:
         for param in get_target(name).params:
@@ -54,7 +54,6 @@ def _settings():
     for (pass_name, param), option in PASS_OPTIONS.items():
         words = [option] + ([values[param]] if param in values else [])
         found[option] = (words, "pass", (pass_name, param))
-    found["--calibration"] = (["--calibration", "DATA", "--validation", "DATA"], "calibration", None)
     return list(found.values())
 
 
@@ -62,9 +61,7 @@ def _declared_use(target_name: str, quantize: str, kind: str, key) -> bool:
     target = get_target(target_name)()
     if kind == "target":
         return any(p.name == key for p in target.params) and key not in target.unused_params(quantize)
-    if kind == "pass":
-        return key[1] in target.honoured_pass_params(quantize).get(key[0], ())
-    return target.calibrates(quantize)
+    return key[1] in target.honoured_pass_params(quantize).get(key[0], ())
 
 
 # what a mode needs besides --target and --quantize to be accepted at all
@@ -82,7 +79,6 @@ def test_every_target_flag_pair_is_used_or_refused_by_name(files):
             res = run_cli(*base)
             assert res.code == 2 and ACCEPTED in res.err, (target_name, quantize, res.err)
             for words, kind, key in _settings():
-                words = [str(files["data"]) if w == "DATA" else w for w in words]
                 res = run_cli(*base, *words)
                 line = res.err.strip()
                 assert res.code == 2 and len(line.splitlines()) == 1, (target_name, quantize, words, res.err)
@@ -112,6 +108,18 @@ def test_every_target_flag_pair_is_used_or_refused_by_name(files):
 def test_refusals_say_what_is_unused_and_where_it_applies(files, words, line):
     res = run_cli("convert", files["model"], "-o", NO_PARENT, *words)
     assert res.code == 2 and res.err.strip() == line
+
+
+def test_calibration_data_nothing_reads_is_noted_in_the_report(files, tmp_path):
+    """--calibration with --validation, for a mode that does not calibrate: the report says it was not read."""
+    res = run_cli("convert", files["model"], "-o", tmp_path / "out", "--target", "onnx", "--quantize", "fp16",
+                  "--calibration", files["data"], "--validation", files["data"], "-q", "--json")
+    assert res.code == 0, res.err
+    assert any(n.startswith("--calibration was not read: target 'onnx' does not calibrate with --quantize fp16")
+               for n in res.json()["notes"]), res.json()["notes"]
+    res = run_cli("convert", files["model"], "-o", tmp_path / "int8", "--target", "onnx", "--quantize", "int8",
+                  "--calibration", files["data"], "--validation", files["data"], "-q", "--json")
+    assert res.code == 0 and not any("--calibration" in n for n in res.json()["notes"])
 
 
 def test_options_are_named_as_the_command_line_spells_them():

@@ -113,9 +113,9 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
 @click.option("--calibration", type=click.Path(path_type=Path),
               help="Calibration data: .npz (an array per input name), .npy or sensor .csv.")
 @_CAL.click_option("--calibration-method", default=None, show_default=False,
-                   help=f"With --quantize int8: {_CAL.help} (default: {_CAL.default}; tflite: minmax only).")
+                   help=f"{_CAL.help}, with --quantize int8 (default: {_CAL.default}; tflite: minmax only).")
 @_BLOCK.click_option("--int4-block-size", type=int, default=None, show_default=False,
-                     help=f"With --quantize int4: {_BLOCK.help} (default: {_BLOCK.default}; tflite: 32 and up).")
+                     help=f"{_BLOCK.help}, with --quantize int4 (default: {_BLOCK.default}; tflite: 32 and up).")
 @click.option("--fp16-io", is_flag=True, help="With --quantize fp16 (target onnx): make inputs/outputs float16 too "
               "(default: " + _KEEP_IO.help + ").")
 @click.option("--validation", type=click.Path(path_type=Path),
