@@ -107,7 +107,7 @@ def resolve_recipe(opts: ConvertOptions) -> tuple[Profile | None, str, str]:
     target = opts.target or (profile.default_target if profile else None)
     if target is None:
         raise UserInputError("no --target given and no --profile to take a default from")
-    quantize = opts.quantize or (profile.default_quantize if profile else "none")
+    quantize = opts.quantize or (profile.default_quantize_for(target) if profile else "none")
     if profile is not None:
         fmt = get_target(target).format
         if fmt not in profile.formats:
