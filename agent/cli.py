@@ -80,14 +80,14 @@ def install_service_cmd(unit_dir: Path, config_path: Path, exec_path: Path | Non
         exe = Path(found)
     config_path = config_path.absolute()
     unit_path = unit_dir.absolute() / UNIT_NAME
-    password_file = _password_file(config_path)
+    write_config = force or not config_path.exists()
+    password_file = None if write_config else _password_file(config_path)  # the config the unit will run with
     if password_file is not None and not Path(password_file).is_absolute():
         raise UserInputError(f"{config_path}: [mqtt] password_file {password_file!r} is a relative path; the "
                              f"service starts in / and systemd loads credentials by absolute path: give one")
     unit = render_unit(exe.resolve(), config_path, password_file)
     if unit_path.exists() and not force:
         raise UserInputError(f"{unit_path} exists; pass --force to replace it")
-    write_config = force or not config_path.exists()
     if write_config:
         config_text = default_config_text(device_id, mqtt_host)
         parse_config(tomllib.loads(config_text), str(config_path))  # e.g. a --device-id MQTT topics cannot carry

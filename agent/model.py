@@ -93,7 +93,7 @@ def sensor_input(inputs: list[TensorSpec], manifest: dict[str, Any], where: str,
     spec = inputs[0]
     sample_shape = spec.sample_shape()
     if len(sample_shape) not in (1, 2):
-        no_pre = "" if (manifest.get("preprocessing") or {}).get("window") else \
+        no_pre = "" if any((manifest.get("preprocessing") or {}).values()) else \
             " and its manifest has no preprocessing (convert a sensor model with --preprocessing FILE.json)"
         raise UserInputError(f"{where}: the agent cannot window this model: one sample of input '{spec.name}' "
                              f"{spec.describe_shape()} is {list(sample_shape)}, not a sensor window ([C, T], [T, C] "

@@ -119,3 +119,14 @@ def test_a_replaying_agent_with_no_model_ends_too(tmp_path):
     agent = AgentProcess(tmp_path, cfg)
     assert agent.communicate(timeout=30) == 1, agent.err
     assert "has no active slot" in agent.err
+
+
+def test_install_service_force_names_the_credential_of_the_config_it_writes(tmp_path):
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[mqtt]\nhost = "b"\nusername = "u"\npassword_file = "{tmp_path / "pw"}"\n'
+                      '[[source]]\ntype = "stdin"\n')
+    assert run_cli("agent", "install-service", "--unit-dir", tmp_path, "--config", config).code == 0
+    assert "LoadCredential=" in (tmp_path / "edgeopt-agent.service").read_text()  # the config is kept
+    assert run_cli("agent", "install-service", "--unit-dir", tmp_path, "--config", config, "--force").code == 0
+    assert "LoadCredential=" not in (tmp_path / "edgeopt-agent.service").read_text()  # replaced: no password
+    assert "password_file" not in tomllib.loads(config.read_text()).get("mqtt", {})
