@@ -111,7 +111,7 @@ def resolve_recipe(opts: ConvertOptions) -> tuple[Profile | None, str, str]:
     target = opts.target or (profile.default_target if profile else None)
     if target is None:
         raise UserInputError("no --target given and no --profile to take a default from")
-    quantize = opts.quantize or (profile.default_quantize if profile else "none")
+    quantize = opts.quantize or (profile.default_quantize_for(target) if profile else "none")
     if profile is not None:
         fmt = get_target(target).format
         if fmt not in profile.formats:
@@ -306,7 +306,7 @@ def _measure_steps(measured: list[tuple[dict[str, Any], onnx.ModelProto]], data:
                    threads: int) -> None:
     """Size, params, MACs, accuracy, top-1 agreement with the canonical model and ONNX Runtime latency
     (batch 1, all steps measured interleaved) after each compression step, into its report row."""
-    from edgeopt.bench import measure
+    from edgeopt import bench
 
     runtimes = []
     for i, (row, model) in enumerate(measured):
@@ -321,7 +321,7 @@ def _measure_steps(measured: list[tuple[dict[str, Any], onnx.ModelProto]], data:
     sample = {k: v[:1] for k, v in data.inputs.items()}
     feeds = [{s.name: to_model_dtype(s, np.resize(sample[s.name], (rt.fixed_batch or 1,) + sample[s.name].shape[1:]))
               for s in rt.inputs} for rt in runtimes]
-    for (row, _), stats in zip(measured, measure(runtimes, feeds), strict=True):
+    for (row, _), stats in zip(measured, bench.measure(runtimes, feeds, bench.REPORT_SETTINGS), strict=True):
         row["latency_p50_ms"] = round(stats.p50_ms, 4)
 
 
@@ -456,13 +456,16 @@ def _unmeasured(source: _SourceRunner, outputs: list[TensorSpec], data: Dataset,
 
 def _latency(source: _SourceRunner, converted_rt: Runtime, data: Dataset,
              transposes: dict[str, list[int]] | None = None) -> dict[str, Any]:
-    from edgeopt.bench import measure
+    """The report's latency: ``edgeopt.bench.measure`` -- the code behind ``edgeopt bench``, with its
+    default settings -- on the converted model at batch 1 (or its fixed batch), interleaved with the
+    original for ``speedup_vs_source``."""
+    from edgeopt import bench
 
     batch = converted_rt.fixed_batch or 1  # the report's latency is per call at batch 1 when the model allows
     sample = {k: np.resize(v, (batch,) + v.shape[1:]) for k, v in data.inputs.items()}
     model_sample = _to_model_layout(sample, transposes or {})
     model_sample = {s.name: to_model_dtype(s, model_sample[s.name]) for s in converted_rt.inputs}
-    src, conv = measure([source.rt, converted_rt], [source.feeds(sample), model_sample])
+    src, conv = bench.measure([source.rt, converted_rt], [source.feeds(sample), model_sample], bench.REPORT_SETTINGS)
     out = conv.to_json()
     del out["calls"], out["mean_ms"]
     out["source_p50_ms"] = round(src.p50_ms, 4)

@@ -162,9 +162,10 @@ def print_profile(p: dict[str, Any]) -> None:
         ("accelerators", ", ".join(p["accelerators"]) or "-"),
         ("formats", ", ".join(p["formats"])),
         ("default recipe", f"--target {p['default_recipe']['target']} --quantize {p['default_recipe']['quantize']}"),
+        ("quantize by target", ", ".join(f"{t}: {q}" for t, q in p["default_recipe"]["quantize_by_target"].items())),
         ("latency budget", f"{p['latency_budget_ms']} ms" if p["latency_budget_ms"] else "-"),
         ("TVM target", str(p["tvm_target"]) if p["tvm_target"] else "-"),
         ("Core ML target", p["coreml_deployment_target"] or "-"),
     ]
     for k, v in rows:
-        con.print(f"  {k:<15} {v}")
+        con.print(f"  {k:<21} {v}")
