@@ -74,6 +74,7 @@ test-device: setup device-deps
 bench: setup
 	$(BIN)/python benchmarks/cli_startup.py
 	$(BIN)/python benchmarks/convert_onnx.py
+	$(BIN)/python benchmarks/latency_agreement.py
 	$(BIN)/python benchmarks/compress.py
 	$(BIN)/python benchmarks/fleet_scale.py
 	$(BIN)/python benchmarks/agent_throughput.py

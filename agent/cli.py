@@ -62,8 +62,13 @@ def run_cmd(config_path: Path, debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing unit file and config.")
 def install_service_cmd(unit_dir: Path, config_path: Path, exec_path: Path | None, device_id: str, mqtt_host: str,
                         force: bool) -> None:
-    """Write the systemd unit (Type=notify, watchdog, DynamicUser, hardening) and a default config."""
-    from edgeopt.agent.config import default_config_text
+    """Write the systemd unit (Type=notify, watchdog, DynamicUser, hardening) and a default config.
+
+    Missing folders (--unit-dir, the config's) are created, mode 0755; the unit names the executable
+    and the config by absolute path."""
+    import tomllib
+
+    from edgeopt.agent.config import default_config_text, parse_config
     from edgeopt.errors import UserInputError
     from edgeopt.fsutil import atomic_write_bytes
 
@@ -73,22 +78,47 @@ def install_service_cmd(unit_dir: Path, config_path: Path, exec_path: Path | Non
         if exec_path or not found:
             raise UserInputError(f"{exe}: not an executable edgeopt-agent (pass --exec PATH)")
         exe = Path(found)
-    unit = render_unit(exe.resolve(), config_path.absolute(), _password_file(config_path))
-    unit_path = unit_dir / UNIT_NAME
-    for path in (unit_path, config_path):
-        if not path.parent.is_dir():
-            raise UserInputError(f"directory {path.parent} does not exist")
+    config_path = config_path.absolute()
+    unit_path = unit_dir.absolute() / UNIT_NAME
+    write_config = force or not config_path.exists()
+    password_file = None if write_config else _password_file(config_path)  # the config the unit will run with
+    if password_file is not None and not Path(password_file).is_absolute():
+        raise UserInputError(f"{config_path}: [mqtt] password_file {password_file!r} is a relative path; the "
+                             f"service starts in / and systemd loads credentials by absolute path: give one")
+    unit = render_unit(exe.resolve(), config_path, password_file)
     if unit_path.exists() and not force:
         raise UserInputError(f"{unit_path} exists; pass --force to replace it")
-    atomic_write_bytes(unit_path, unit.encode())
+    if write_config:
+        config_text = default_config_text(device_id, mqtt_host)
+        parse_config(tomllib.loads(config_text), str(config_path))  # e.g. a --device-id MQTT topics cannot carry
+    for folder in (unit_path.parent, config_path.parent):
+        _make_folders(folder)
+    atomic_write_bytes(unit_path, unit.encode(), mode=0o644)
     click.echo(f"wrote {unit_path}")
-    if config_path.exists() and not force:
-        click.echo(f"kept the existing {config_path}")
-    else:
+    if write_config:
         # readable by the unit's throw-away user; it holds no secret (a password lives in [mqtt] password_file)
-        atomic_write_bytes(config_path, default_config_text(device_id, mqtt_host).encode(), mode=0o644)
+        atomic_write_bytes(config_path, config_text.encode(), mode=0o644)
         click.echo(f"wrote {config_path}")
+    else:
+        click.echo(f"kept the existing {config_path}")
     click.echo("next: systemctl daemon-reload && systemctl enable --now edgeopt-agent")
+
+
+def _make_folders(folder: Path) -> None:
+    """Create ``folder`` and any missing parents, each 0755 whatever the umask (systemd and the unit's
+    throw-away user must be able to enter them)."""
+    from edgeopt.fsutil import environment_fault
+
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    try:
+        for new in reversed(missing):
+            new.mkdir()
+            new.chmod(0o755)
+    except OSError as exc:
+        raise environment_fault(exc, new) from exc
 
 
 def render_unit(exe: Path, config_path: Path, password_file: str | None = None) -> str:
@@ -129,6 +159,9 @@ def install_model_cmd(artifact: Path, state_dir: Path | None, config_path: Path 
     """Verify ARTIFACT (an `edgeopt convert` output), copy it into the inactive slot and make that slot
     active (one atomic rename); a running agent switches to it within [model] poll_interval_s.
 
+    A model the agent cannot feed windows of sensor samples (an image model, one without
+    preprocessing it could infer, several inputs) is refused, naming why.
+
     An artifact whose report.json says the conversion failed a check is refused unless --allow-failed.
     Run as root on a state directory another user owns (the agent's), the new files are given to
     that user."""
@@ -139,10 +172,15 @@ def install_model_cmd(artifact: Path, state_dir: Path | None, config_path: Path 
         raise UserInputError("give exactly one of --state-dir or --config")
     if not artifact.exists():
         raise UserInputError(f"{artifact} does not exist (give the directory 'edgeopt convert -o DIR' wrote)")
+    window = hop = 0  # the config's [preprocessing] overrides, which the agent applies too
     if config_path is not None:
         from edgeopt.agent.config import load_config
 
-        state_dir = load_config(config_path).state_dir
+        config = load_config(config_path)
+        state_dir, window, hop = config.state_dir, config.preprocessing.window, config.preprocessing.hop
+    from edgeopt.agent.model import check_feedable
+
+    check_feedable(artifact, window, hop)
     slot = StateDir(state_dir).install(artifact, allow_failed=allow_failed)
     click.echo(f"installed {artifact} into slot {slot} of {state_dir} (now active)")
 

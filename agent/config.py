@@ -13,6 +13,7 @@ page is up to date).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import tomllib
@@ -510,7 +511,7 @@ def load_config(path: str | Path) -> AgentConfig:
 
 # -- documentation ----------------------------------------------------------------------------------
 def _default_text(f: dataclasses.Field) -> str:
-    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    value = default_value(f)
     if isinstance(value, bool):
         return "`true`" if value else "`false`"
     if isinstance(value, str):
@@ -551,23 +552,38 @@ def reference_markdown() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def toml_value(value: Any) -> str:
+    """``value`` (a string, bool, number or list of strings: the types of the keys above) as TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        # a JSON string is a TOML basic string, but for DEL, which TOML wants escaped
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def default_value(f: dataclasses.Field) -> Any:
+    """A key's default (a list key declares it through ``default_factory``)."""
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
 def default_config_text(device_id: str = "", mqtt_host: str = "") -> str:
     """The config ``edgeopt agent install-service`` writes: a Unix-socket sensor source, results to
-    MQTT when a broker is given (else a JSON Lines file), and every other key at its default, commented."""
+    MQTT when a broker is given (else a JSON Lines file), and every other key at its default, commented
+    (uncommented, each line is valid TOML giving that default)."""
     lines = ["# edgeopt-agent configuration (keys and defaults: docs/agent.md).", ""]
+    given = {(AgentSection, "device_id"): device_id, (MqttSection, "host"): mqtt_host}
     for cls in SECTIONS:
         lines.append(f"[{cls.section}]")
         for f in dataclasses.fields(cls):
-            value: Any = f.default
-            if cls is AgentSection and f.name == "device_id" and device_id:
-                lines.append(f'device_id = "{device_id}"')
-                continue
-            if cls is MqttSection and f.name == "host" and mqtt_host:
-                lines.append(f'host = "{mqtt_host}"')
-                continue
-            text = ("true" if value else "false") if isinstance(value, bool) else (
-                f'"{value}"' if isinstance(value, str) else repr(value))
-            lines.append(f"# {f.name} = {text}  # {f.metadata['doc']}")
+            if given.get((cls, f.name)):
+                lines.append(f"{f.name} = {toml_value(given[cls, f.name])}")
+            else:
+                lines.append(f"# {f.name} = {toml_value(default_value(f))}  # {f.metadata['doc']}")
         lines.append("")
     lines += ["[[source]]", 'type = "unix-stream"', 'name = "sensor"',
               'path = "/run/edgeopt-agent/sensor.sock"  # RuntimeDirectory= of the unit', ""]

@@ -19,6 +19,7 @@ from edgeopt.agent.windowing import Preprocessing, WindowBatch
 from edgeopt.artifact import open_artifact
 from edgeopt.errors import EdgeoptError, MissingDependency, UserInputError
 from edgeopt.runtime import EXTRA_FOR_FORMAT, Runtime, runtime_class
+from edgeopt.specs import TensorSpec
 
 
 class NoModel(EdgeoptError):
@@ -77,16 +78,41 @@ def load_model(path: Path, slot: str | None, runtime_override: str = "", threads
         module = exc.name or str(exc)
         raise MissingDependency(module, EXTRA_FOR_FORMAT.get(artifact.format, "all"),
                                 f"runtime '{cls.name}' (model format {artifact.format})") from exc
-    if len(runtime.inputs) != 1:
-        raise UserInputError(f"{path}: the agent feeds one-input sensor models; this one has "
-                             f"{len(runtime.inputs)} inputs")
-    spec = runtime.inputs[0]
-    sample_shape = spec.sample_shape()
-    if any(not isinstance(d, int) for d in sample_shape):
-        raise UserInputError(f"{path}: input '{spec.name}' {spec.describe_shape()} has dynamic dims")
-    pre = Preprocessing.from_manifest(manifest, sample_shape, window, hop, where=str(path / "manifest.json"))
+    spec, sample_shape, pre = sensor_input(runtime.inputs, manifest, str(path), window, hop)
     return LoadedModel(str(manifest.get("name", "")), str(manifest.get("version", "")), slot, path, runtime, pre,
-                       spec.name, tuple(int(d) for d in sample_shape), [o.name for o in runtime.outputs])
+                       spec.name, sample_shape, [o.name for o in runtime.outputs])
+
+
+def sensor_input(inputs: list[TensorSpec], manifest: dict[str, Any], where: str, window: int = 0,
+                 hop: int = 0) -> tuple[TensorSpec, tuple[int, ...], Preprocessing]:
+    """The one input the agent feeds, the shape of one sample of it, and how windows are cut for it
+    from the manifest's preprocessing; a ``UserInputError`` saying why when the agent cannot window
+    the model (``edgeopt agent install-model`` refuses such a model with the same words)."""
+    if len(inputs) != 1:
+        raise UserInputError(f"{where}: the agent feeds one-input sensor models; this one has {len(inputs)} inputs")
+    spec = inputs[0]
+    sample_shape = spec.sample_shape()
+    if len(sample_shape) not in (1, 2):
+        no_pre = "" if any((manifest.get("preprocessing") or {}).values()) else \
+            " and its manifest has no preprocessing (convert a sensor model with --preprocessing FILE.json)"
+        raise UserInputError(f"{where}: the agent cannot window this model: one sample of input '{spec.name}' "
+                             f"{spec.describe_shape()} is {list(sample_shape)}, not a sensor window ([C, T], [T, C] "
+                             f"or [T] samples of a stream){no_pre}")
+    if any(not isinstance(d, int) for d in sample_shape):
+        raise UserInputError(f"{where}: input '{spec.name}' {spec.describe_shape()} has dynamic dims")
+    pre = Preprocessing.from_manifest(manifest, sample_shape, window, hop, where=f"{where}/manifest.json")
+    return spec, tuple(int(d) for d in sample_shape), pre
+
+
+def check_feedable(artifact_dir: Path, window: int = 0, hop: int = 0) -> None:
+    """Refuse, before it is installed, an artifact whose model the agent cannot feed windows to (an
+    image classifier, several inputs, a window the config overrides to another length)."""
+    manifest = open_artifact(artifact_dir).manifest
+    try:
+        inputs = [TensorSpec.from_json(i) for i in manifest["inputs"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserInputError(f"{artifact_dir}/manifest.json: malformed 'inputs' ({exc})") from None
+    sensor_input(inputs, manifest, str(artifact_dir), window, hop)
 
 
 def load_active_model(state: StateDir, runtime_override: str = "", threads: int = 1, window: int = 0,

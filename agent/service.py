@@ -494,6 +494,9 @@ class Agent:
                 self._do_reload()
                 continue
             if self.pipeline is None:
+                if self._batch_run_cannot_start():
+                    code = EXIT_SOURCE_FAILED
+                    break
                 self._stop.wait(0.1)
                 self._look_for_model()
                 continue
@@ -507,6 +510,16 @@ class Agent:
                 break
         self._shutdown()
         return code
+
+    def _batch_run_cannot_start(self) -> bool:
+        """exit_when_sources_end (a replay that should end) with no model that can run, and no signed
+        update that could bring one: the sources would never start, so the run ends, saying why,
+        instead of waiting for ever."""
+        if not self.config.agent.exit_when_sources_end or self.updater is not None or \
+                self.status not in ("no model", "error"):
+            return False
+        log.error("exit_when_sources_end: %s, and no update can bring another model: exiting", self.error)
+        return True
 
     def _sources_done(self) -> bool:
         p = self.pipeline

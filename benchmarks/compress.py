@@ -27,13 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeopt.bench import measure
+from edgeopt.bench import BenchSettings, measure
 from edgeopt.converters.pipeline import ConvertOptions, convert
 from edgeopt.runtime import run_batched, to_model_dtype
 from edgeopt.runtime.litert import LiteRtRuntime, interpreter_module, quiet_native_stderr
 from edgeopt.runtime.onnxruntime import OnnxRuntime
 
 from common import ROOT, print_table, write_json
+
+SETTINGS = BenchSettings(rounds=7, min_round_time=0.2)  # latency: 7 interleaved rounds of >= 0.2 s
 
 PLOT = ROOT / "docs" / "compress_accuracy_vs_size.png"
 EPOCHS = 30
@@ -103,7 +105,7 @@ def recipes() -> None:
         for batch in (1, 32):
             runtimes = [OnnxRuntime(paths[r["variant"]], threads=1) for r in results]
             feeds = [{"image": split.x_val[:batch]}] * len(runtimes)
-            for r, stats in zip(results, measure(runtimes, feeds, rounds=7, min_round_s=0.2), strict=True):
+            for r, stats in zip(results, measure(runtimes, feeds, SETTINGS), strict=True):
                 r[f"latency_b{batch}"] = stats.to_json()
     base = results[0]
     rows = []
@@ -221,7 +223,7 @@ def tflite_sparse() -> None:
                 rt = LiteRtRuntime(path, threads=1, xnnpack=xnnpack)
                 runtimes.append(rt)
                 feeds.append({rt.inputs[0].name: to_model_dtype(rt.inputs[0], inputs[key][:1])})
-        stats = measure(runtimes, feeds, rounds=7, min_round_s=0.2)
+        stats = measure(runtimes, feeds, SETTINGS)
         rows = []
         n = len(files)
         logits_of = {}

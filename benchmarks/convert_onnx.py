@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeopt.bench import measure
+from edgeopt.bench import BenchSettings, measure
 from edgeopt.converters.pipeline import ConvertOptions, convert
 from edgeopt.runtime.onnxruntime import OnnxRuntime
 
 from common import print_table, write_json
+
+SETTINGS = BenchSettings(rounds=7, min_round_time=0.2)  # latency: 7 interleaved rounds of >= 0.2 s
 
 MODES = ["none", "int8", "int8-dynamic", "int4", "fp16"]
 MODELS = ["cnn", "mlp", "mlp-1m"]
@@ -48,7 +50,7 @@ def main() -> None:
             for batch in (1, 32):
                 runtimes = [OnnxRuntime(path, threads=1) for path, _, _ in variants.values()]
                 feeds = [{"image": val["image"][:batch]}] * len(runtimes)
-                for mode, stats in zip(variants, measure(runtimes, feeds, rounds=7, min_round_s=0.2), strict=True):
+                for mode, stats in zip(variants, measure(runtimes, feeds, SETTINGS), strict=True):
                     lat[(mode, batch)] = stats
             base_size = variants["none"][1]["artifact"]["size_bytes"]
             for mode, (_path, report, seconds) in variants.items():

@@ -25,7 +25,7 @@ from common import ROOT, print_table, write_json
 
 sys.path.insert(0, str(ROOT / "tests"))
 
-from edgeopt.bench import measure  # noqa: E402
+from edgeopt.bench import BenchSettings, measure  # noqa: E402
 from edgeopt.converters.pipeline import ConvertOptions, convert  # noqa: E402
 from edgeopt.converters.targets.tflite.flatbuffer import builtin_op_names  # noqa: E402
 from edgeopt.runtime.litert import LiteRtRuntime  # noqa: E402
@@ -33,6 +33,8 @@ from edgeopt.runtime.onnxruntime import OnnxRuntime  # noqa: E402
 
 import digits  # noqa: E402
 from tflite_models import cnn1d, export, lstm_classifier, mobilenet_style, resnet_style  # noqa: E402
+
+SETTINGS = BenchSettings(rounds=7, min_round_time=0.2)  # latency: 7 interleaved rounds of >= 0.2 s
 
 MODES = ["none", "int8", "int16x8", "fp16", "int8-dynamic", "int4"]
 ARCHITECTURES = {"mobilenet": (mobilenet_style, (3, 32, 32)), "resnet": (resnet_style, (3, 32, 32)),
@@ -132,7 +134,7 @@ def main() -> None:
                 runtimes.append(rt)
                 feeds.append({rt.inputs[0].name: _model_dtype(rt, np.transpose(x, other["perm"]) if other["perm"]
                                                               else x)})
-            stats = measure(runtimes, feeds, rounds=7, min_round_s=0.2)
+            stats = measure(runtimes, feeds, SETTINGS)
             ort_p50 = stats[0].p50_ms
             base = variants.get("none")
             base_size = base[1]["artifact"]["size_bytes"] if base else None

@@ -20,13 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from edgeopt import registry
-from edgeopt.bench import measure
+from edgeopt.bench import BenchSettings, measure
 from edgeopt.converters.pipeline import ConvertOptions, convert
 from edgeopt.converters.targets.tvm import tuning
 from edgeopt.runtime import runtime_for_format
 from edgeopt.runtime.onnxruntime import OnnxRuntime
 
 from common import ROOT, print_table, write_json
+
+SETTINGS = BenchSettings(rounds=7, min_round_time=0.2)  # latency: 7 interleaved rounds of >= 0.2 s
 
 sys.path.insert(0, str(ROOT / "tests"))
 import tvm_models  # noqa: E402
@@ -76,7 +78,7 @@ def main() -> None:
                 feed = {name: np.ascontiguousarray(np.transpose(x, transposes[name])) if name in transposes else x}
                 variants["litert"] = (runtime_for_format("tflite")(model, threads=1), feed, secs)
             stats = measure([rt for rt, _, _ in variants.values()], [feed for _, feed, _ in variants.values()],
-                            rounds=7, min_round_s=0.2)
+                            SETTINGS)
             base = stats[0].p50_ms
             for (label, (_, _, secs)), st in zip(variants.items(), stats, strict=True):
                 rows.append([kind, label, st.p50_ms, st.p95_ms, base / st.p50_ms, secs])

@@ -30,12 +30,13 @@ from edgeopt.artifact import (
     tool_versions,
 )
 from edgeopt.converters.fit import fit_check, peak_activation_elements
+from edgeopt.converters.gates import Thresholds, evaluate, hint
 from edgeopt.converters.output import check_output_location, replace_problem, space_needed
 from edgeopt.converters.passes import Pass, PassContext, ProgressFactory, get_pass, no_progress
 from edgeopt.converters.preprocessing import resolve_preprocessing
 from edgeopt.converters.settings import check_settings, check_target_params, unread_calibration_note
 from edgeopt.converters.targets import Target, get_target
-from edgeopt.converters.validate import accuracy, parity
+from edgeopt.converters.validate import accuracy, classifier_shaped, parity
 from edgeopt.data import Dataset, generate_inputs, load_dataset
 from edgeopt.errors import CheckFailed, UserInputError
 from edgeopt.fsutil import atomic_write_json, sha256_file, staged_directory, tree_size
@@ -46,6 +47,7 @@ from edgeopt.onnx_io import (
     iter_nodes,
     load_model,
     model_bytes_on_disk,
+    output_specs,
     save_model,
 )
 from edgeopt.profiles import Profile, load_profile
@@ -66,6 +68,8 @@ class ConvertOptions:
     calibration: Path | None = None
     validation: Path | None = None
     max_accuracy_drop: float | None = None
+    min_cosine: float | None = None           # parity gates that fail the conversion (exit 1) when missed
+    min_top1_agreement: float | None = None
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     input_values: dict[str, str] = field(default_factory=dict)
     name: str | None = None
@@ -110,7 +114,7 @@ def resolve_recipe(opts: ConvertOptions) -> tuple[Profile | None, str, str]:
     target = opts.target or (profile.default_target if profile else None)
     if target is None:
         raise UserInputError("no --target given and no --profile to take a default from")
-    quantize = opts.quantize or (profile.default_quantize if profile else "none")
+    quantize = opts.quantize or (profile.default_quantize_for(target) if profile else "none")
     if profile is not None:
         fmt = get_target(target).format
         if fmt not in profile.formats:
@@ -182,8 +186,8 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
         p.preflight()
     runtime_cls = runtime_for_format(target.format)
     unavailable = runtime_cls.unavailable_reason()  # e.g. Core ML prediction off macOS
-    if unavailable is not None and opts.max_accuracy_drop is not None:
-        raise UserInputError(f"--max-accuracy-drop needs the converted model to run on this machine: {unavailable}")
+    if unavailable is not None and (flag := _explicit_gate(opts)) is not None:
+        raise UserInputError(f"{flag} needs the converted model to run on this machine: {unavailable}")
     inputs = _input_files(opts)
     source_bytes = model_bytes_on_disk(opts.model)
     check_output_location(opts.output, opts.force, inputs,
@@ -210,8 +214,12 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
         target.check_supported(canonical)
         specs = input_specs(canonical)
         preprocessing = resolve_preprocessing(specs, opts.preprocessing)
-        ctx.calibration = load_dataset(opts.calibration, specs) if opts.calibration else None
-        validation, validation_source = _validation_set(opts, specs, ctx.calibration)
+        # Every data file is loaded and checked (values, shapes, labels against the outputs) before any work.
+        outputs = output_specs(canonical)
+        ctx.calibration = load_dataset(opts.calibration, specs, outputs=outputs) if opts.calibration else None
+        validation, validation_source = _validation_set(opts, specs, outputs, ctx.calibration)
+        ctx.distillation = load_dataset(opts.distill, specs, outputs=outputs) if opts.distill else None
+        _check_gate_flags(opts, validation, validation_source, outputs)
         frozen = ctx.details["canonicalize"]["frozen_inputs"]
 
         model, measured = canonical, [(row, canonical)]
@@ -257,12 +265,19 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
             recipe = [canon_pass.describe()] + [p.describe() for p in compression]
             recipe += [get_pass(p)(**opts.pass_params.get(p, {})).describe() for p in target.passes_for(quantize)]
             recipe.append({"pass": f"compile:{target.name}", "params": {"quantize": quantize, **target.config}})
-            failures = _failures(opts, fit, acc, par)
+            generated = validation.source == "generated"
+            gates = evaluate(par, acc, Thresholds(opts.max_accuracy_drop, opts.min_cosine, opts.min_top1_agreement),
+                             validation.task, generated_inputs=generated)
+            failures = _failures(fit, par) + gates.failures
+            missed = gates.failures or gates.warnings
             versions = tool_versions(*target.toolchain)
             report = {
                 "schema": REPORT_SCHEMA,
-                "status": "failed" if failures else "ok",
+                "status": "failed" if failures else "warning" if gates.warnings else "ok",
                 "failures": failures,
+                "warnings": gates.warnings,
+                "gates": gates.checks,
+                "hint": hint(quantize, target.quantize_modes, bool(compression), generated) if missed else None,
                 "source": {"path": str(opts.model), "sha256": sha256_file(opts.model),
                            "size_bytes": tree_size(opts.model), "params": count_params(source),
                            "macs": count_macs(canonical)},
@@ -274,7 +289,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
                 "accuracy": acc,
                 "latency": latency,
                 "fit": fit,
-                "validation": {"source": validation_source, "samples": len(validation)},
+                "validation": {"source": validation_source, "samples": len(validation), "labels": validation.task},
                 "steps": steps.rows,
                 "pass_details": {k: v for k, v in ctx.details.items() if k != "canonicalize"},
                 "notes": ctx.notes,
@@ -308,7 +323,7 @@ def _measure_steps(measured: list[tuple[dict[str, Any], onnx.ModelProto]], data:
                    threads: int) -> None:
     """Size, params, MACs, accuracy, top-1 agreement with the canonical model and ONNX Runtime latency
     (batch 1, all steps measured interleaved) after each compression step, into its report row."""
-    from edgeopt.bench import measure
+    from edgeopt import bench
 
     runtimes = []
     for i, (row, model) in enumerate(measured):
@@ -318,32 +333,50 @@ def _measure_steps(measured: list[tuple[dict[str, Any], onnx.ModelProto]], data:
         runtimes.append(OnnxRuntime(path, threads=threads))
     outputs = [run_batched(rt, data.inputs, VALIDATION_BATCH)[rt.outputs[0].name] for rt in runtimes]
     for (row, _), out in zip(measured, outputs, strict=True):
-        row["accuracy"] = accuracy(data.labels, outputs[0], out)["converted"]
+        row["accuracy"] = accuracy(data.labels, outputs[0], out, data.task)["converted"]
         row["top1_agreement"] = parity([outputs[0]], [out], ["output"])["top1_agreement"]
     sample = {k: v[:1] for k, v in data.inputs.items()}
     feeds = [{s.name: to_model_dtype(s, np.resize(sample[s.name], (rt.fixed_batch or 1,) + sample[s.name].shape[1:]))
               for s in rt.inputs} for rt in runtimes]
-    for (row, _), stats in zip(measured, measure(runtimes, feeds), strict=True):
+    for (row, _), stats in zip(measured, bench.measure(runtimes, feeds, bench.REPORT_SETTINGS), strict=True):
         row["latency_p50_ms"] = round(stats.p50_ms, 4)
 
 
-def _validation_set(opts: ConvertOptions, specs: list[TensorSpec], calibration: Dataset | None) -> tuple[Dataset, str]:
+def _validation_set(opts: ConvertOptions, specs: list[TensorSpec], outputs: list[TensorSpec],
+                    calibration: Dataset | None) -> tuple[Dataset, str]:
     if opts.validation is not None:
-        return load_dataset(opts.validation, specs), str(opts.validation)
+        return load_dataset(opts.validation, specs, outputs=outputs), str(opts.validation)
     if calibration is not None:
         return calibration, f"{opts.calibration} (the calibration data: no --validation given)"
     return (generate_inputs(specs, opts.generated_samples, opts.seed),
             f"{opts.generated_samples} generated random inputs (no --validation or --calibration given)")
 
 
-def _failures(opts: ConvertOptions, fit: dict, acc: dict, par: dict) -> list[str]:
+def _explicit_gate(opts: ConvertOptions) -> str | None:
+    """The first quality-gate flag the user set, or None."""
+    for flag, value in (("--max-accuracy-drop", opts.max_accuracy_drop), ("--min-cosine", opts.min_cosine),
+                        ("--min-top1-agreement", opts.min_top1_agreement)):
+        if value is not None:
+            return flag
+    return None
+
+
+def _check_gate_flags(opts: ConvertOptions, validation: Dataset, source: str, outputs: list[TensorSpec]) -> None:
+    """Refuse, before any work, a gate that could not be measured on this data or model."""
+    if opts.max_accuracy_drop is not None and validation.labels is None:
+        missing = ("give --validation DATA with a 'labels' array" if validation.source == "generated" else
+                   f"{source} has no 'labels' array")
+        raise UserInputError(f"--max-accuracy-drop needs labels in the validation data: {missing} (or gate on "
+                             f"parity with --min-cosine / --min-top1-agreement)")
+    if opts.min_top1_agreement is not None and not any(classifier_shaped(o.shape) for o in outputs):
+        shapes = ", ".join(f"'{o.name}' {o.describe_shape()}" for o in outputs)
+        raise UserInputError(f"--min-top1-agreement needs a classifier output shaped [N, C]; the model's outputs "
+                             f"are {shapes} (use --min-cosine)")
+
+
+def _failures(fit: dict, par: dict) -> list[str]:
+    """Failed checks besides the quality gates: the fit on the board, non-finite outputs."""
     failures = list(fit["problems"])
-    if opts.max_accuracy_drop is not None:
-        if acc["drop"] is None:
-            failures.append("--max-accuracy-drop needs labels in the validation data to measure accuracy")
-        elif acc["drop"] > opts.max_accuracy_drop:
-            failures.append(f"accuracy drop {acc['drop']:.2f} ({acc['metric']}) exceeds --max-accuracy-drop "
-                            f"{opts.max_accuracy_drop}")
     if par["finite"] is False:
         failures.append("the converted model produced NaN or Inf outputs")
     return failures
@@ -407,7 +440,7 @@ def _validate(source: _SourceRunner, converted_rt: Runtime, data: Dataset, golde
     ref_list = [ref[s] for s, _ in pairs]
     got_list = [got[c] for _, c in pairs]
     par = parity(ref_list, got_list, [c for _, c in pairs])
-    acc = accuracy(data.labels, ref_list[0], got_list[0])
+    acc = accuracy(data.labels, ref_list[0], got_list[0], data.task)
     k = min(golden_count, len(data))
     # Golden vectors are what a device feeds the converted model and compares its outputs with, in the
     # converted model's layout and keyed by its output names: the original model's outputs, and the
@@ -419,7 +452,8 @@ def _validate(source: _SourceRunner, converted_rt: Runtime, data: Dataset, golde
     return par, acc, golden
 
 
-PARITY_KEYS = ("max_abs_err", "mean_abs_err", "cosine", "top1_agreement", "finite")
+PARITY_KEYS = ("max_abs_err", "mean_abs_err", "cosine", "worst_sample_cosine", "top1_agreement", "finite",
+               "nonfinite_samples")
 LATENCY_KEYS = ("runtime", "batch", "threads", "p50_ms", "p95_ms", "p99_ms", "throughput_per_s", "source_p50_ms",
                 "speedup_vs_source")
 
@@ -439,13 +473,16 @@ def _unmeasured(source: _SourceRunner, outputs: list[TensorSpec], data: Dataset,
 
 def _latency(source: _SourceRunner, converted_rt: Runtime, data: Dataset,
              transposes: dict[str, list[int]] | None = None) -> dict[str, Any]:
-    from edgeopt.bench import measure
+    """The report's latency: ``edgeopt.bench.measure`` -- the code behind ``edgeopt bench``, with its
+    default settings -- on the converted model at batch 1 (or its fixed batch), interleaved with the
+    original for ``speedup_vs_source``."""
+    from edgeopt import bench
 
     batch = converted_rt.fixed_batch or 1  # the report's latency is per call at batch 1 when the model allows
     sample = {k: np.resize(v, (batch,) + v.shape[1:]) for k, v in data.inputs.items()}
     model_sample = _to_model_layout(sample, transposes or {})
     model_sample = {s.name: to_model_dtype(s, model_sample[s.name]) for s in converted_rt.inputs}
-    src, conv = measure([source.rt, converted_rt], [source.feeds(sample), model_sample])
+    src, conv = bench.measure([source.rt, converted_rt], [source.feeds(sample), model_sample], bench.REPORT_SETTINGS)
     out = conv.to_json()
     del out["calls"], out["mean_ms"]
     out["source_p50_ms"] = round(src.p50_ms, 4)
@@ -474,7 +511,7 @@ def _check_size_limit(target: Target, model: Path) -> None:
                              f"'{target.name}' writes {target.format} files of at most {limit / 2**30:.0f} GiB")
 
 
-def golden_tolerance(par: dict[str, Any], quantize: str) -> dict[str, float]:
+def golden_tolerance(par: dict[str, Any], quantize: str) -> dict[str, float | None]:
     """How close a device's outputs must be to the golden outputs.
 
     ``atol`` / ``cosine_min`` compare with the original model's outputs: the converted model already
@@ -482,16 +519,23 @@ def golden_tolerance(par: dict[str, Any], quantize: str) -> dict[str, float]:
     2x margin, and at least 1e-4 of the output scale. ``expected_atol`` compares with the converted
     model's own outputs on this host: only another CPU's kernels differ there (summation order for
     float; a rounding step or two of the output quantization for integer models).
+
+    Finite by construction: the errors come from the samples where both models gave finite outputs.
+    When an output had none (or the converted model could not run here) every tolerance is None, and
+    a device's self-test refuses an artifact without one.
     """
-    outputs = par["outputs"].values()
-    if not outputs:  # not measured: the converted model could not run here
+    outputs = list(par["outputs"].values())
+    if not outputs or any(o["max_abs_err"] is None for o in outputs):
         return {"atol": None, "cosine_min": None, "expected_atol": None}
     scale = max(max(o["output_scale"], 1.0) for o in outputs)
     atol = max(max(2.0 * o["max_abs_err"], 1e-4 * max(o["output_scale"], 1.0)) for o in outputs)
     cos_dist = max(1.0 - o["cosine"] for o in outputs)
     expected = (0.02 if quantize in ("int8", "int16x8", "int8-dynamic", "int4") else 1e-3) * scale
-    return {"atol": float(atol), "cosine_min": float(max(0.0, 1.0 - max(2.0 * cos_dist, 1e-4))),
-            "expected_atol": float(expected)}
+    tolerance = {"atol": float(atol), "cosine_min": float(max(0.0, 1.0 - max(2.0 * cos_dist, 1e-4))),
+                 "expected_atol": float(expected)}
+    if not all(np.isfinite(v) for v in tolerance.values()):  # e.g. outputs near float64's limit
+        return {"atol": None, "cosine_min": None, "expected_atol": None}
+    return tolerance
 
 
 def _manifest(opts: ConvertOptions, target: Target, io_specs: tuple[list[TensorSpec], list[TensorSpec]],

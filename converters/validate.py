@@ -1,4 +1,9 @@
-"""Compare a converted model with the original on the same inputs: parity and accuracy."""
+"""Compare a converted model with the original on the same inputs: parity and accuracy.
+
+Every number returned is finite or None, so reports stay strict JSON: errors and similarities are
+measured on the samples where both models gave finite outputs, and ``finite`` / ``nonfinite_samples``
+say how many did not.
+"""
 
 from __future__ import annotations
 
@@ -12,60 +17,104 @@ def _as_float(a: np.ndarray) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
+def classifier_shaped(shape: Sequence[Any]) -> bool:
+    """Class scores: [N, C] with C >= 2 (a dynamic C counts)."""
+    return len(shape) == 2 and (not isinstance(shape[1], int) or shape[1] >= 2)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of matching rows of a and b ([N, K] → [N]); two zero rows count as equal."""
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    denom = na * nb
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(denom > 0, np.einsum("ij,ij->i", a, b) / np.where(denom > 0, denom, 1.0), 0.0)
+    both_zero = (na == 0) & (nb == 0)
+    return np.clip(np.where(both_zero, 1.0, cos), -1.0, 1.0)
+
+
+def _output_parity(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
+    r2, g2 = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
+    ok = np.isfinite(r2).all(axis=1) & np.isfinite(g2).all(axis=1)
+    entry: dict[str, Any] = {"max_abs_err": None, "mean_abs_err": None, "cosine": None, "worst_sample_cosine": None,
+                             "output_scale": None, "finite": bool(np.isfinite(got).all()),
+                             "nonfinite_samples": int((~ok).sum()), "top1_agreement": None}
+    if not ok.any() or r2.shape[1] == 0:
+        return entry
+    r, g = r2[ok], g2[ok]
+    diff = np.abs(r - g)
+    entry.update(max_abs_err=float(diff.max()), mean_abs_err=float(diff.mean()),
+                 cosine=float(_cosine(r.reshape(1, -1), g.reshape(1, -1))[0]),
+                 worst_sample_cosine=float(_cosine(r, g).min()), output_scale=float(np.abs(r).max()))
+    if classifier_shaped(ref.shape):
+        entry["top1_agreement"] = float((r.argmax(1) == g.argmax(1)).mean())
+    return entry
+
+
 def parity(reference: Sequence[np.ndarray], converted: Sequence[np.ndarray], names: Sequence[str]) -> dict[str, Any]:
     """Error metrics per output and overall (worst case across outputs).
 
-    ``top1_agreement`` is reported for outputs shaped [N, C] with C >= 2 (classifier scores).
+    ``cosine`` is over the whole output (all samples at once), ``worst_sample_cosine`` the lowest of
+    one sample's; ``top1_agreement`` is reported for outputs shaped [N, C] with C >= 2 (classifier
+    scores).
     """
     per_output = {}
     for name, ref, got in zip(names, reference, converted, strict=True):
         r, g = _as_float(ref), _as_float(got)
         if r.shape != g.shape:
             raise ValueError(f"output '{name}': shape {list(g.shape)} differs from the original {list(r.shape)}")
-        diff = np.abs(r - g)
-        rf, gf = r.ravel(), g.ravel()
-        denom = np.linalg.norm(rf) * np.linalg.norm(gf)
-        cosine = float(rf @ gf / denom) if denom > 0 else (1.0 if np.allclose(rf, gf) else 0.0)
-        entry = {
-            "max_abs_err": float(diff.max()) if diff.size else 0.0,
-            "mean_abs_err": float(diff.mean()) if diff.size else 0.0,
-            "cosine": cosine,
-            "output_scale": float(np.abs(r).max()) if r.size else 0.0,
-            "finite": bool(np.isfinite(g).all()),
-            "top1_agreement": None,
-        }
-        if r.ndim == 2 and r.shape[1] >= 2:
-            entry["top1_agreement"] = float((r.argmax(1) == g.argmax(1)).mean())
-        per_output[name] = entry
-    top1 = [e["top1_agreement"] for e in per_output.values() if e["top1_agreement"] is not None]
+        per_output[name] = _output_parity(r, g)
+    entries = per_output.values()
+
+    def worst(key: str, pick) -> float | None:
+        values = [e[key] for e in entries if e[key] is not None]
+        return pick(values) if values else None
+
+    top1 = [e["top1_agreement"] for e in entries if e["top1_agreement"] is not None]
+    means = [e["mean_abs_err"] for e in entries if e["mean_abs_err"] is not None]
     return {
-        "max_abs_err": max(e["max_abs_err"] for e in per_output.values()),
-        "mean_abs_err": float(np.mean([e["mean_abs_err"] for e in per_output.values()])),
-        "cosine": min(e["cosine"] for e in per_output.values()),
+        "max_abs_err": worst("max_abs_err", max),
+        "mean_abs_err": float(np.mean(means)) if means else None,
+        "cosine": worst("cosine", min),
+        "worst_sample_cosine": worst("worst_sample_cosine", min),
         "top1_agreement": top1[0] if top1 else None,
-        "finite": all(e["finite"] for e in per_output.values()),
+        "finite": all(e["finite"] for e in entries),
+        "nonfinite_samples": max(e["nonfinite_samples"] for e in entries),
         "outputs": per_output,
     }
 
 
-def accuracy(labels: np.ndarray | None, reference: np.ndarray, converted: np.ndarray) -> dict[str, Any]:
-    """Top-1 accuracy (percent) of both models against labels, and the drop in points.
+NO_ACCURACY = {"metric": None, "original": None, "converted": None, "drop": None}
 
-    Classifier outputs [N, C] with integer labels give ``top1_percent``; a single regression output
-    with float labels gives ``mae`` (drop = increase in error). Anything else is not measured.
+
+def accuracy(labels: np.ndarray | None, reference: np.ndarray, converted: np.ndarray,
+             task: str | None = None) -> dict[str, Any]:
+    """Both models against the labels, and how much worse the converted one is.
+
+    ``task`` comes from the data check (``edgeopt.data.label_task``): "classification" gives top-1
+    accuracy in percent (drop in points), "regression" the mean absolute error (drop = increase in
+    MAE; RMSE alongside). Without ``task`` it is inferred the same way from the labels' dtype.
+    Samples where a model gave non-finite outputs count as wrong (classification) or are left out
+    of the errors (regression); a metric that cannot be computed is None, never NaN.
     """
-    empty = {"metric": None, "original": None, "converted": None, "drop": None}
     if labels is None:
-        return empty
+        return dict(NO_ACCURACY)
     labels = np.asarray(labels)
     ref, got = np.asarray(reference), np.asarray(converted)
-    if labels.dtype.kind in "iu" and ref.ndim == 2 and ref.shape[1] >= 2 and labels.shape == (len(ref),):
-        orig = float((ref.argmax(1) == labels).mean() * 100)
-        conv = float((got.argmax(1) == labels).mean() * 100)
+    if task is None:
+        task = ("classification" if labels.dtype.kind in "iub" and classifier_shaped(ref.shape) else
+                "regression" if labels.dtype.kind in "fiu" else None)
+    if task == "classification":
+        orig, conv = (float(((m.argmax(1) == labels) & np.isfinite(m).all(1)).mean() * 100) for m in (ref, got))
         return {"metric": "top1_percent", "original": orig, "converted": conv, "drop": orig - conv}
-    if labels.dtype.kind == "f" and ref.reshape(len(ref), -1).shape[1] == labels.reshape(len(labels), -1).shape[1]:
-        target = labels.reshape(len(labels), -1)
-        orig = float(np.abs(ref.reshape(len(ref), -1) - target).mean())
-        conv = float(np.abs(got.reshape(len(got), -1) - target).mean())
-        return {"metric": "mae", "original": orig, "converted": conv, "drop": conv - orig}
-    return empty
+    if task == "regression":
+        target = labels.reshape(len(labels), -1).astype(np.float64)
+        r, g = ref.reshape(len(ref), -1).astype(np.float64), got.reshape(len(got), -1).astype(np.float64)
+        if r.shape != target.shape:
+            return dict(NO_ACCURACY)
+        ok = np.isfinite(r).all(1) & np.isfinite(g).all(1)
+        if not ok.any():
+            return dict(NO_ACCURACY)
+        orig, conv = (float(np.abs(m[ok] - target[ok]).mean()) for m in (r, g))
+        rmse = {k: float(np.sqrt(((m[ok] - target[ok]) ** 2).mean())) for k, m in (("original", r), ("converted", g))}
+        return {"metric": "mae", "original": orig, "converted": conv, "drop": conv - orig, "rmse": rmse}
+    return dict(NO_ACCURACY)

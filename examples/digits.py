@@ -1,20 +1,30 @@
 """Train small real models on scikit-learn's bundled digits set (8x8 handwriting) and export ONNX.
 
-No download: the digits data ships inside scikit-learn. Used by ``make demo``, the tests and the
-benchmarks.
+No download: the digits data ships inside scikit-learn. Used by ``make demo``, the tests, the docs
+and the benchmarks. Training is seeded, so a trained model is kept in edgeopt's cache
+(``$XDG_CACHE_HOME/edgeopt/examples``, keyed by this file, the options and the torch and scikit-learn
+versions) and copied from there next time; ``--no-cache`` trains again.
 
-    python examples/digits.py --out build/demo            # CNN + calibration/validation data
+    python examples/digits.py --out build/demo            # CNN + calibration/validation/training data
     python examples/digits.py --out build/mlp --model mlp-1m
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from edgeopt.fsutil import cache_dir
 
 
 @dataclass
@@ -112,16 +122,50 @@ def export_onnx(model, path: Path, sample: np.ndarray, opset: int = 17) -> Path:
     return path
 
 
-def make(kind: str, out: Path, seed: int = 0, epochs: int | None = None) -> dict[str, Path]:
-    """Train ``kind`` and write ``{kind}.onnx``, ``calibration.npz`` and ``validation.npz`` into ``out``."""
+def make(kind: str, out: Path, seed: int = 0, epochs: int | None = None, cache: bool = True) -> dict:
+    """Train ``kind`` and write ``digits_{kind}.onnx`` and its data into ``out``: ``calibration.npz``
+    (200 training images), ``validation.npz`` (the held-out images and their labels) and ``train.npz``
+    (the training images and labels, for ``edgeopt convert --distill``)."""
+    epochs = epochs or (30 if kind == "cnn" else 20)
+    names = [f"digits_{kind}.onnx", "calibration.npz", "validation.npz", "train.npz"]
+    kept = _cached(kind, seed, epochs) if cache else None
     out.mkdir(parents=True, exist_ok=True)
-    split = load_split(seed)
-    model = train(MODELS[kind](), split, epochs=epochs or (30 if kind == "cnn" else 20), seed=seed)
-    model_path = export_onnx(model, out / f"digits_{kind}.onnx", split.x_val)
-    np.savez(out / "calibration.npz", image=split.x_cal)
-    np.savez(out / "validation.npz", image=split.x_val, labels=split.y_val)
-    return {"model": model_path, "calibration": out / "calibration.npz", "validation": out / "validation.npz",
-            "torch_accuracy": accuracy(model, split.x_val, split.y_val)}
+    if kept is not None and all((kept / n).is_file() for n in [*names, "accuracy.json"]):
+        for name in names:
+            shutil.copyfile(kept / name, out / name)
+        torch_accuracy = json.loads((kept / "accuracy.json").read_text())["torch_accuracy"]
+    else:
+        split = load_split(seed)
+        model = train(MODELS[kind](), split, epochs=epochs, seed=seed)
+        export_onnx(model, out / names[0], split.x_val)
+        np.savez(out / "calibration.npz", image=split.x_cal)
+        np.savez(out / "validation.npz", image=split.x_val, labels=split.y_val)
+        np.savez(out / "train.npz", image=split.x_train, labels=split.y_train)
+        torch_accuracy = accuracy(model, split.x_val, split.y_val)
+        if kept is not None:
+            _keep(kept, [out / n for n in names], torch_accuracy)
+    return {"model": out / names[0], "calibration": out / "calibration.npz", "validation": out / "validation.npz",
+            "train": out / "train.npz", "torch_accuracy": torch_accuracy}
+
+
+def _cached(kind: str, seed: int, epochs: int) -> Path:
+    """Where a model trained with these settings by this file is kept."""
+    key = hashlib.sha256(Path(__file__).read_bytes())
+    key.update(f"{kind}:{seed}:{epochs}:{metadata.version('torch')}:{metadata.version('scikit-learn')}".encode())
+    return cache_dir() / "examples" / f"digits-{kind}-{key.hexdigest()[:16]}"
+
+
+def _keep(dest: Path, files: list[Path], torch_accuracy: float) -> None:
+    """Copy the trained files into the cache, complete or not at all (a temporary sibling renamed)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    for f in files:
+        shutil.copyfile(f, tmp / f.name)
+    (tmp / "accuracy.json").write_text(json.dumps({"torch_accuracy": torch_accuracy}))
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another run kept it first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
@@ -129,10 +173,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model", choices=sorted(MODELS), default="cnn")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-cache", action="store_true", help="train again rather than copy a model kept from "
+                                                            "an earlier run with the same settings")
     args = ap.parse_args()
-    made = make(args.model, args.out, args.seed)
+    made = make(args.model, args.out, args.seed, cache=not args.no_cache)
     print(f"wrote {made['model']} (held-out accuracy in torch: {made['torch_accuracy']:.2%}), "
-          f"{made['calibration']}, {made['validation']}")
+          f"{made['calibration']}, {made['validation']}, {made['train']}")
 
 
 if __name__ == "__main__":

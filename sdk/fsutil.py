@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import secrets
 import shutil
@@ -103,8 +104,38 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None, owner: 
         raise environment_fault(exc, path) from exc
 
 
+def _first_nonfinite(obj: Any, where: str = "") -> str | None:
+    """The path (``a.b[2]``) of the first NaN / Infinity float in ``obj``, or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "the value"
+    if isinstance(obj, dict):
+        items = ((f"{where}.{k}" if where else str(k), v) for k, v in obj.items())
+    elif isinstance(obj, list | tuple):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(obj))
+    else:
+        return None
+    return next((found for key, value in items if (found := _first_nonfinite(value, key)) is not None), None)
+
+
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that refuses NaN and Infinity (which strict JSON parsers reject) by naming the
+    key that holds one: a ValueError, since writers build their values finite (a bug if not)."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError as exc:
+        where = _first_nonfinite(obj)
+        if where is None:
+            raise
+        raise ValueError(f"{where} is not a finite number, which strict JSON cannot hold") from exc
+
+
 def atomic_write_json(path: Path, obj: Any, mode: int | None = None) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), mode)
+    """Write ``obj`` as strict JSON (no NaN / Infinity), atomically."""
+    try:
+        text = strict_json(obj, indent=2, sort_keys=False)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    atomic_write_bytes(path, (text + "\n").encode(), mode)
 
 
 def copy_tree(source: Path, dest: Path) -> None:

@@ -10,6 +10,7 @@ original model's ``output:`` within ``golden.atol``); batch-1 latency p50 within
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,11 +54,62 @@ def check_artifact(root: Path, runtime_name: str = "", threads: int = 1,
     return check_golden(Path(root), runtime, budget_ms)
 
 
+TOLERANCE_KEYS = {"expected": "expected_atol", "original": "atol"}
+
+
+def _tolerance(golden_cfg: dict[str, Any], key: str) -> float | None:
+    """The manifest's tolerance ``key`` when it is a finite, non-negative number, else None."""
+    tol = golden_cfg.get(key)
+    if isinstance(tol, bool) or not isinstance(tol, int | float) or not math.isfinite(tol) or tol < 0:
+        return None
+    return float(tol)
+
+
+def _compare_golden(outs: dict[str, np.ndarray], golden_cfg: dict[str, Any],
+                    references: dict[str, dict[str, np.ndarray]], details: dict[str, Any]) -> str | None:
+    """Why the outputs ``outs`` are not within tolerance of the golden references, or None.
+
+    Fails closed: the original outputs must be there for every model output, and a reference set
+    that is there must come with a finite tolerance and finite values (a NaN tolerance or reference
+    would make every comparison false, so a broken model would pass). An artifact from before the
+    converted model's own outputs were stored has no ``expected:`` set, and is compared with the
+    original outputs only.
+    """
+    if not references["original"]:
+        return "golden vectors hold no outputs to compare with"
+    for kind, reference in references.items():
+        if not reference:
+            continue
+        key = TOLERANCE_KEYS[kind]
+        tol = _tolerance(golden_cfg, key)
+        if tol is None:
+            what = "missing" if golden_cfg.get(key) is None else f"not a finite number ({golden_cfg.get(key)!r})"
+            return (f"manifest golden.{key} is {what}: the golden vectors cannot be checked (convert where the "
+                    f"model runs, so its tolerance is measured)")
+        for o in outs:
+            if o not in reference:
+                return f"golden vectors have no {kind} outputs for output '{o}'"
+            ref = reference[o].astype(np.float64)
+            if ref.shape != outs[o].shape:
+                return (f"golden vectors: the {kind} outputs for '{o}' have shape {list(ref.shape)}, the model "
+                        f"gives {list(outs[o].shape)}")
+            if not np.isfinite(ref).all():
+                return f"golden vectors: the {kind} outputs for '{o}' hold NaN or Inf"
+            err = float(np.abs(outs[o].astype(np.float64) - ref).max())
+            if math.isfinite(err):  # details travel as strict JSON
+                details[f"{kind}_max_abs_err"] = max(err, details.get(f"{kind}_max_abs_err", 0.0))
+            if not err <= tol:  # written so that a NaN error fails too
+                return f"golden vectors: output '{o}' is {err:.4g} from the {kind} outputs (tolerance {tol:.4g})"
+    return None
+
+
 def check_golden(root: Path, rt: Runtime, budget_ms: float | None = None) -> SelfTestResult:
     """The golden vectors of the artifact at ``root`` through the loaded runtime ``rt``."""
     details: dict[str, Any] = {}
     manifest = open_artifact(root).manifest
     golden_cfg = manifest.get("golden") or {}
+    if not isinstance(golden_cfg, dict):
+        return SelfTestResult(False, "manifest 'golden' is not an object: the golden vectors cannot be checked", details)
     inputs, originals = load_golden(root / golden_cfg.get("file", "golden.npz"))
     expected = load_expected(root / golden_cfg.get("file", "golden.npz"))
     feeds = [spec.name for spec in rt.inputs]
@@ -65,6 +117,10 @@ def check_golden(root: Path, rt: Runtime, budget_ms: float | None = None) -> Sel
         if name not in inputs:
             return SelfTestResult(False, f"golden vectors have no input '{name}'", details)
     x = {name: inputs[name] for name in feeds}
+    for name, arr in x.items():
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            bad = int(np.argmin(np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)))
+            return SelfTestResult(False, f"golden vectors: input '{name}' sample {bad} holds NaN or Inf", details)
     n = len(x[feeds[0]])
     output_names = [spec.name for spec in rt.outputs]
     try:
@@ -80,16 +136,9 @@ def check_golden(root: Path, rt: Runtime, budget_ms: float | None = None) -> Sel
                     return SelfTestResult(False, f"output '{o}' differs between batch 1 and batch {n}", details)
     except EdgeoptError as exc:
         return SelfTestResult(False, f"inference failed on golden inputs: {exc}", details)
-    for kind, reference, tol in (("expected", expected, golden_cfg.get("expected_atol")),
-                                 ("original", originals, golden_cfg.get("atol"))):
-        for o, ref in reference.items():
-            if o not in outs or tol is None:
-                continue
-            err = float(np.abs(outs[o].astype(np.float64) - ref).max())
-            details[f"{kind}_max_abs_err"] = max(err, details.get(f"{kind}_max_abs_err", 0.0))
-            if err > tol:
-                return SelfTestResult(False, f"golden vectors: output '{o}' is {err:.4g} from the {kind} outputs "
-                                             f"(tolerance {tol:.4g})", details)
+    problem = _compare_golden(outs, golden_cfg, {"expected": expected, "original": originals}, details)
+    if problem is not None:
+        return SelfTestResult(False, problem, details)
     fixed = rt.fixed_batch
     one = {k: v[:1] if fixed in (None, 1) else np.resize(v, (fixed, *v.shape[1:])) for k, v in x.items()}
     times = []

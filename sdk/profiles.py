@@ -51,13 +51,20 @@ class Profile:
     accelerators: tuple[str, ...]
     formats: tuple[str, ...]
     default_target: str
-    default_quantize: str
+    default_quantize: str  # for a target without its own entry in quantize_by_target
     latency_budget_ms: float | None
     default_batch: int | None = None  # fixes a dynamic batch dim (e.g. 1 for TFLite Micro boards)
+    quantize_by_target: dict[str, str] = field(default_factory=dict)  # [default_recipe] tvm = { quantize = ... }
     tvm_target: dict[str, Any] | None = None
     coreml_deployment_target: str | None = None
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def default_quantize_for(self, target: str) -> str:
+        """What --quantize defaults to for ``target`` on this board: its own entry of the default
+        recipe, else the recipe's ``quantize`` (the right mode differs per target: TVM's int8, for
+        one, buys no speed and needs calibration data)."""
+        return self.quantize_by_target.get(target, self.default_quantize)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,7 +73,9 @@ class Profile:
             "storage_bytes": self.storage_bytes, "model_ram_budget_bytes": self.model_ram_budget_bytes,
             "model_storage_budget_bytes": self.model_storage_budget_bytes,
             "accelerators": list(self.accelerators), "formats": list(self.formats),
-            "default_recipe": {"target": self.default_target, "quantize": self.default_quantize,
+            "default_recipe": {"target": self.default_target,
+                               "quantize": self.default_quantize_for(self.default_target),
+                               "quantize_by_target": {f: self.default_quantize_for(f) for f in self.formats},
                                "batch": self.default_batch},
             "latency_budget_ms": self.latency_budget_ms, "tvm_target": self.tvm_target,
             "coreml_deployment_target": self.coreml_deployment_target,
@@ -96,6 +105,7 @@ def _parse(doc: dict[str, Any], source: str) -> Profile:
             default_target=str(recipe["target"]), default_quantize=str(recipe.get("quantize", "none")),
             latency_budget_ms=float(doc["latency_budget_ms"]) if "latency_budget_ms" in doc else None,
             default_batch=int(recipe["batch"]) if "batch" in recipe else None,
+            quantize_by_target=_quantize_by_target(recipe, tuple(doc["formats"]), source),
             tvm_target=doc.get("tvm", {}).get("target"),
             coreml_deployment_target=doc.get("coreml", {}).get("minimum_deployment_target"),
             source=source,
@@ -106,6 +116,28 @@ def _parse(doc: dict[str, Any], source: str) -> Profile:
         raise UserInputError(f"{source}: profile is missing field {exc.args[0]!r}") from None
     except (TypeError, ValueError) as exc:
         raise UserInputError(f"{source}: malformed profile ({exc})") from None
+
+
+_RECIPE_KEYS = ("target", "quantize", "batch")
+
+
+def _quantize_by_target(recipe: dict[str, Any], formats: tuple[str, ...], source: str) -> dict[str, str]:
+    """The per-target entries of [default_recipe]: ``tvm = { quantize = "none" }``."""
+    out = {}
+    for name, value in recipe.items():
+        if name in _RECIPE_KEYS:
+            continue
+        where = f"{source}: default_recipe.{name}"
+        if not isinstance(value, dict):
+            raise UserInputError(f"{where}: unknown key (expected {', '.join(_RECIPE_KEYS)}, or a table per "
+                                 f"target such as tvm = {{ quantize = \"none\" }})")
+        if name not in formats:
+            raise UserInputError(f"{where}: the profile's formats are {', '.join(formats)}; {name!r} is not one")
+        unknown = sorted(set(value) - {"quantize"})
+        if unknown or not isinstance(value.get("quantize"), str):
+            raise UserInputError(f"{where}: expected {{ quantize = \"MODE\" }}, got {value!r}")
+        out[name] = value["quantize"]
+    return out
 
 
 def _shipped() -> dict[str, Any]:

@@ -75,6 +75,19 @@ def private_cache_dir(tmp_path_factory):
         os.environ["XDG_CACHE_HOME"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def brief_report_latency():
+    """In this process, `edgeopt convert` measures its report's latency in a few milliseconds instead
+    of its ~1 s per model (the numbers are never asserted against a time); tests/test_bench.py checks
+    the real settings and that convert and `edgeopt bench` share them and their code."""
+    from edgeopt import bench
+
+    saved = bench.REPORT_SETTINGS
+    bench.REPORT_SETTINGS = bench.BenchSettings(warmup=1, rounds=2, min_round_time=0.005)
+    yield
+    bench.REPORT_SETTINGS = saved
+
+
 @pytest.fixture(scope="session")
 def digits_models(tmp_path_factory) -> dict[str, Path]:
     """digits CNN (~47k weights), MLP (~150k weights) and MLP-1M (~1.1M weights), trained and exported."""

@@ -16,7 +16,7 @@ from onnx import helper as h
 from onnx import numpy_helper
 
 from edgeopt import registry
-from edgeopt.bench import measure
+from edgeopt.bench import BenchSettings, measure
 from edgeopt.onnx_io import count_macs
 from edgeopt.runtime import open_runtime, resolve_model_file, run_batched, runtime_for_format
 from edgeopt.runtime.onnxruntime import OnnxRuntime
@@ -102,7 +102,7 @@ def test_structured_pruning_cuts_macs_and_onnx_runtime_latency(recipe, digits_mo
     # latency: both models measured interleaved in one run (batch 32, 1 thread): a ratio, not a time limit
     x = {"image": digits_split.x_val[:32]}
     original, pruned = measure([OnnxRuntime(digits_models["cnn"], threads=1), OnnxRuntime(pruned_path, threads=1)],
-                               [x, x], rounds=7)
+                               [x, x], BenchSettings(rounds=7, min_round_time=0.02))
     assert pruned.p50_ms < original.p50_ms
 
 

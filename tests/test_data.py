@@ -47,7 +47,11 @@ def test_npz_mismatches(tmp_path, arrays, message):
 def test_unreadable_and_unknown_formats(tmp_path):
     p = tmp_path / "d.npz"
     p.write_bytes(b"not a zip")
-    with pytest.raises(UserInputError, match="not a readable .npz"):
+    with pytest.raises(UserInputError, match="not an .npz file: numpy.savez writes a zip archive"):
+        load_dataset(p, IMG)
+    np.savez(p, image=np.ones((5, 1, 8, 8), np.float32))
+    p.write_bytes(p.read_bytes()[:100])  # a zip cut short
+    with pytest.raises(UserInputError, match="not a readable .npz file"):
         load_dataset(p, IMG)
     q = tmp_path / "d.parquet"
     q.write_bytes(b"x")

@@ -19,9 +19,10 @@ import pytest
 
 from brokers import remove_workdir, require_mosquitto
 from conftest import ROOT
+from doc_blocks import marked, marker_count
 
-DOCS = ("security.md", "fleet.md", "agent.md")
-STEP = re.compile(r"^<!-- walkthrough (\d+) -->\n```sh\n(.*?)^```$", re.S | re.M)
+DOCS = ("docs/security.md", "docs/fleet.md", "docs/agent.md")
+STEP = re.compile(r"walkthrough (\d+)")
 PORT = 8883  # broker-config's default listener, as the walkthrough leaves it
 
 # Not part of the walkthrough: what the test needs around it. Background processes the steps start
@@ -38,8 +39,8 @@ trap stop EXIT
 
 def walkthrough_steps() -> list[tuple[int, str, str]]:
     """(N, page, commands) for every marked block, ordered by N."""
-    steps = [(int(m.group(1)), page, m.group(2)) for page in DOCS
-             for m in STEP.finditer((ROOT / "docs" / page).read_text())]
+    steps = [(int(m.group(1)), page, block.text) for page in DOCS for m, block in marked(page, STEP)
+             if block.lang == "sh"]
     return sorted(steps)
 
 
@@ -48,8 +49,7 @@ def test_the_walkthrough_is_numbered_without_gaps_across_its_three_pages():
     assert [n for n, _, _ in steps] == list(range(1, len(steps) + 1)), [(n, page) for n, page, _ in steps]
     assert {page for _, page, _ in steps} == set(DOCS)
     for page in DOCS:  # a marker whose block does not parse would silently drop a step
-        text = (ROOT / "docs" / page).read_text()
-        assert text.count("<!-- walkthrough ") == sum(1 for _, p, _ in steps if p == page), page
+        assert marker_count(page, STEP) == sum(1 for _, p, _ in steps if p == page), page
 
 
 def _port_in_use(port: int) -> bool:

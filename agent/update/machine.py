@@ -37,7 +37,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from edgeopt.fsutil import atomic_write_bytes
+from edgeopt.fsutil import atomic_write_bytes, strict_json
 
 
 class State(StrEnum):
@@ -259,7 +259,7 @@ class RecordStore:
             return UpdateRecord(State.ROLLING_BACK, reason="update record unreadable")
 
     def save(self, record: UpdateRecord) -> None:
-        atomic_write_bytes(self.path, json.dumps(record.to_json(), indent=1).encode())
+        atomic_write_bytes(self.path, strict_json(record.to_json(), indent=1).encode())
 
 
 Step = Callable[[UpdateRecord], Event]

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edgeopt.fsutil import strict_json
 from edgeopt.golden_vectors import SelfTestResult, check_golden
 
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget-ms", type=float, default=None)
     args = ap.parse_args(argv)
     result = check_slot(args.slot, args.runtime, args.threads, args.budget_ms)
-    print(json.dumps({"ok": result.ok, "reason": result.reason, "details": result.details}), flush=True)
+    print(strict_json({"ok": result.ok, "reason": result.reason, "details": result.details}), flush=True)
 
 
 if __name__ == "__main__":

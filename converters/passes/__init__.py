@@ -44,6 +44,7 @@ class PassContext:
 
     workdir: Path
     calibration: Dataset | None = None
+    distillation: Dataset | None = None  # the --distill data, loaded and checked before any pass runs
     progress: ProgressFactory = no_progress
     reference: onnx.ModelProto | None = None  # the model before compression (the distillation teacher)
     notes: list[str] = field(default_factory=list)  # warnings that end up in the report

@@ -81,7 +81,8 @@ class Distill(Pass):
             listed = "; ".join(f"{op} (node {', '.join(repr(n) for n in nodes[:3])})"
                                for op, nodes in sorted(unsupported.items()))
             raise UserInputError(f"distill: the student uses ops the ONNX → torch importer does not support: {listed}")
-        data = load_dataset(self.config["data"], input_specs(teacher))
+        data = ctx.distillation if ctx.distillation is not None else load_dataset(
+            self.config["data"], input_specs(teacher), outputs=output_specs(teacher))
         if len(data) < MIN_SAMPLES:
             raise UserInputError(f"{data.source}: {len(data)} samples; distillation needs at least {MIN_SAMPLES}")
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -123,9 +124,10 @@ class Distill(Pass):
         targets = _teacher_outputs(teacher, data)
         probabilities = _ends_in_softmax(teacher)
         classifier = targets.ndim == 2 and targets.shape[1] >= 2
-        labels = data.labels if data.labels is not None and np.asarray(data.labels).dtype.kind in "iu" else None
-        if not classifier:
-            labels = None  # cross-entropy needs class scores; a regression student only follows the teacher
+        labels = data.labels if data.task == "classification" and classifier else None
+        if data.labels is not None and labels is None:  # cross-entropy needs class scores
+            ctx.notes.append(f"distill: the labels in {data.source} are regression targets; the student learns "
+                             f"from the teacher's outputs alone")
 
         module = torch_import.import_model(student)
         module.train()

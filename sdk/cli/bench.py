@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from edgeopt.bench import MIN_ROUND_TIME, ROUNDS, WARMUP
+
 
 def _batches(text: str) -> list[int]:
     try:
@@ -23,9 +25,9 @@ def _batches(text: str) -> list[int]:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--batch", "batch_text", default="1,8,32", show_default=True, help="Batch sizes to sweep.")
 @click.option("--threads", type=int, default=1, show_default=True, help="Inference threads (fixed for the sweep).")
-@click.option("--warmup", type=int, default=5, show_default=True, help="Warm-up calls per batch size.")
-@click.option("--rounds", type=int, default=5, show_default=True, help="Measurement rounds per batch size.")
-@click.option("--min-round-time", type=float, default=0.2, show_default=True, help="Seconds per round.")
+@WARMUP.click_option("--warmup", type=click.IntRange(min=0))
+@ROUNDS.click_option("--rounds", type=click.IntRange(min=1))
+@MIN_ROUND_TIME.click_option("--min-round-time", type=click.FloatRange(min=0, min_open=True))
 @click.option("--runtime-param", "runtime_params", multiple=True, metavar="NAME=VALUE",
               help="A parameter of the model's runtime, e.g. xnnpack=false for litert (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -34,28 +36,30 @@ def bench_cmd(path: Path, batch_text: str, threads: int, warmup: int, rounds: in
     """p50/p95/p99 latency and throughput of PATH (an artifact directory or a model file).
 
     Inputs are random with the model's shapes and dtypes; a model compiled for a fixed batch size
-    is measured only at that size.
+    is measured only at that size. Each batch size takes --rounds rounds of at least
+    --min-round-time seconds (no cap on calls). `edgeopt convert` measures its report's latency
+    with the same code and these defaults.
     """
-    from edgeopt.bench import batch_feeds, measure
+    from edgeopt.bench import BenchSettings, batch_feeds, measure
     from edgeopt.cli.render import print_bench
     from edgeopt.runtime import open_runtime
 
     batches = _batches(batch_text)
-    settings = {}
+    settings = BenchSettings(warmup=warmup, rounds=rounds, min_round_time=min_round_time)
+    runtime_settings = {}
     for item in runtime_params:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint="--runtime-param")
-        settings[name] = value
-    runtime = open_runtime(path, threads=threads, **settings)
+        runtime_settings[name] = value
+    runtime = open_runtime(path, threads=threads, **runtime_settings)
     rows = []
     for batch in batches:
         if runtime.fixed_batch is not None and batch != runtime.fixed_batch:
             rows.append({"batch": batch, "skipped": f"model has a fixed batch of {runtime.fixed_batch}"})
             continue
-        (stats,) = measure([runtime], [batch_feeds(runtime, batch)], warmup=warmup, rounds=rounds,
-                           min_round_s=min_round_time)
+        (stats,) = measure([runtime], [batch_feeds(runtime, batch)], settings)
         rows.append(stats.to_json())
     result = {"model": str(path), "runtime": runtime.name, "threads": threads, "runtime_params": runtime.config,
-              "results": rows}
+              "settings": {"warmup": warmup, "rounds": rounds, "min_round_time": min_round_time}, "results": rows}
     click.echo(json.dumps(result, indent=2)) if as_json else print_bench(result)

@@ -9,6 +9,7 @@ import click
 
 from edgeopt import logs, registry
 from edgeopt.cli import debug_requested
+from edgeopt.converters.gates import DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1_AGREEMENT
 from edgeopt.converters.passes.distill import Distill
 from edgeopt.converters.passes.prune_structured import PruneStructured
 from edgeopt.converters.passes.prune_unstructured import PruneUnstructured
@@ -122,7 +123,15 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
               help="Validation data (with optional 'labels'); default: the calibration data, else random inputs.")
 @click.option("--max-accuracy-drop", type=float,
               help="Exit 1 (artifact kept, report marked failed) when accuracy drops by more than this "
-                   "(percentage points of top-1, or MAE increase).")
+                   "(percentage points of top-1, or MAE increase); needs labels in the validation data.")
+@click.option("--min-cosine", type=click.FloatRange(-1.0, 1.0), metavar="C",
+              help="Exit 1 (artifact kept, report marked failed) when the cosine similarity of the converted "
+                   "model's outputs with the original's is below C (without it: a warning below "
+                   f"{DEFAULT_MIN_COSINE} when there are no class labels).")
+@click.option("--min-top1-agreement", type=click.FloatRange(0.0, 1.0), metavar="A",
+              help="Exit 1 (artifact kept, report marked failed) when the converted model picks the original's "
+                   "top class on less than this fraction of the validation samples (without it: a warning "
+                   f"below {DEFAULT_MIN_TOP1_AGREEMENT} when there are no class labels).")
 @_SPARSITY.click_option("--prune-sparsity", type=_RATIO, default=None, show_default=False,
                         help=f"Unstructured pruning: {_SPARSITY.help} (Conv/Gemm/MatMul weights).")
 @_CHANNELS.click_option("--prune-channels", type=_RATIO, default=None, show_default=False,
@@ -165,8 +174,8 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
               help="Append the toolchains' log lines (INFO and up, their native output included) to this file.")
 @target_options
 def convert_cmd(model: Path, output: Path, target, profile, quantize, calibration, calibration_method,
-                int4_block_size, fp16_io, validation, max_accuracy_drop, prune_sparsity, prune_channels,
-                prune_layers, distill, epochs, student, seed, input_shapes, input_values,
+                int4_block_size, fp16_io, validation, max_accuracy_drop, min_cosine, min_top1_agreement,
+                prune_sparsity, prune_channels, prune_layers, distill, epochs, student, seed, input_shapes, input_values,
                 preprocessing_file, hop, layout, channels, sample_rate, normalize, name, model_version,
                 threads, force, as_json, quiet, log_file, **target_settings) -> None:
     """Convert MODEL (ONNX) into an artifact directory: model, manifest.json, golden.npz, report.json.
@@ -193,7 +202,8 @@ def convert_cmd(model: Path, output: Path, target, profile, quantize, calibratio
 
     opts = ConvertOptions(
         model=model, output=output, target=target, profile=profile, quantize=quantize, calibration=calibration,
-        validation=validation, max_accuracy_drop=max_accuracy_drop,
+        validation=validation, max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine,
+        min_top1_agreement=min_top1_agreement,
         input_shapes=dict(parse_input_shape(s) for s in input_shapes),
         input_values=dict(parse_input_value(v) for v in input_values),
         name=name, version=model_version, force=force, threads=threads, seed=seed,

@@ -51,11 +51,14 @@ def print_convert_report(report: dict[str, Any]) -> None:
                   change)
     con.print(table)
     _print_compression_steps(con, report)
-    if lat["p50_ms"] is None or par["max_abs_err"] is None:  # the converted model could not run here
+    if lat["p50_ms"] is None:  # the converted model could not run here
         con.print(f"latency and parity: not measured ({lat['runtime']} cannot run on this host; see the notes)")
     else:
         con.print(f"latency: {lat['runtime']}, {lat['threads'] or 'auto'} thread(s), p95 {_ms(lat['p95_ms'])}, "
                   f"p99 {_ms(lat['p99_ms'])}, {lat['throughput_per_s']:,.0f} samples/s (measured on this host)")
+    if lat["p50_ms"] is not None and par["max_abs_err"] is None:
+        con.print("parity: not measured (no validation sample gave finite outputs from both models)")
+    elif par["max_abs_err"] is not None:
         top1 = f", top-1 agreement {par['top1_agreement']:.2%}" if par["top1_agreement"] is not None else ""
         con.print(escape(f"parity: max abs err {par['max_abs_err']:.3g}, mean abs err {par['mean_abs_err']:.3g}, "
                   f"cosine {par['cosine']:.6f}{top1}  ({report['validation']['samples']} samples: "
@@ -67,8 +70,12 @@ def print_convert_report(report: dict[str, Any]) -> None:
                   f"{format_size(fit['peak_memory_bytes'])} of {format_size(fit['ram_budget_bytes'])} RAM budget: {verdict}")
     for note in report.get("notes", []):
         con.print(f"note: {note}")
-    status = "[green]ok[/green]" if report["status"] == "ok" else "[red]FAILED[/red]: " + "; ".join(report["failures"])
+    status = {"ok": "[green]ok[/green]",
+              "warning": "[yellow]warning[/yellow]: " + escape("; ".join(report.get("warnings", [])))}.get(
+        report["status"], "[red]FAILED[/red]: " + escape("; ".join(report["failures"])))
     con.print(f"status: {status}  ({report['duration_s']:.1f} s)")
+    if report.get("hint"):
+        con.print(f"hint: {escape(report['hint'])}")
 
 
 def _print_compression_steps(con: Console, report: dict[str, Any]) -> None:
@@ -155,9 +162,10 @@ def print_profile(p: dict[str, Any]) -> None:
         ("accelerators", ", ".join(p["accelerators"]) or "-"),
         ("formats", ", ".join(p["formats"])),
         ("default recipe", f"--target {p['default_recipe']['target']} --quantize {p['default_recipe']['quantize']}"),
+        ("quantize by target", ", ".join(f"{t}: {q}" for t, q in p["default_recipe"]["quantize_by_target"].items())),
         ("latency budget", f"{p['latency_budget_ms']} ms" if p["latency_budget_ms"] else "-"),
         ("TVM target", str(p["tvm_target"]) if p["tvm_target"] else "-"),
         ("Core ML target", p["coreml_deployment_target"] or "-"),
     ]
     for k, v in rows:
-        con.print(f"  {k:<15} {v}")
+        con.print(f"  {k:<21} {v}")
