@@ -105,30 +105,44 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-@contextlib.contextmanager
-def interrupt_signals() -> Iterator[list[int]]:
-    """SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` in the main thread (yields the signals received).
+class InterruptSignals:
+    """While armed, SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` in the main thread.
 
-    Only the first one raises: a second Ctrl-C or a supervisor repeating its SIGTERM must not cut the
-    cleanup short. A command that handles signals itself (the agent, ``fleet serve``) installs its own
+    Only the first one raises, and only while the command runs: a second Ctrl-C or a supervisor
+    repeating its SIGTERM must not cut the cleanup short, nor a late one turn a finished run into a
+    traceback. A command that handles signals itself (the agent, ``fleet serve``) installs its own
     handlers over these. Outside the main thread (a library caller), nothing is installed."""
-    received: list[int] = []
 
-    def handler(signum, frame):
-        received.append(signum)
-        if len(received) == 1:
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.armed = False
+        self._previous: dict[int, object] = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.received.append(signum)
+        if self.armed and len(self.received) == 1:
             raise Interrupted(signum)
 
-    try:
-        previous = {s: signal.signal(s, handler) for s in INTERRUPTING}
-    except ValueError:  # not the main thread
-        yield received
-        return
-    try:
-        yield received
-    finally:
-        for s, old in previous.items():
+    def __enter__(self) -> InterruptSignals:
+        try:
+            self._previous = {s: signal.signal(s, self._handler) for s in INTERRUPTING}
+            self.armed = True
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.armed = False
+        for s, old in self._previous.items():
             signal.signal(s, old)
+
+    def exit_code(self, exc: BaseException | None = None) -> tuple[str, int] | None:
+        """('interrupted (SIGTERM)', 143) when the run was interrupted (also when a toolchain turned
+        the interruption into an error of its own on the way out), else None."""
+        signum = getattr(exc, "signum", None) or (self.received[0] if self.received else None)
+        if signum is None and isinstance(exc, KeyboardInterrupt | click.exceptions.Abort):
+            signum = signal.SIGINT
+        return None if signum is None else (f"interrupted ({signal.Signals(signum).name})", 128 + signum)
 
 
 def main(argv: list[str] | None = None, command: click.Command | None = None, prog_name: str = "edgeopt") -> None:
@@ -139,8 +153,8 @@ def main(argv: list[str] | None = None, command: click.Command | None = None, pr
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or debug_enabled()
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # before any import of onnxruntime: see no_telemetry
-    with interrupt_signals() as received, private_temp_dir():
-        code = _run(command, args, prog_name, debug, received)
+    with InterruptSignals() as signals, private_temp_dir():
+        code = _run(command, args, prog_name, debug, signals)
     sys.exit(code)
 
 
@@ -171,7 +185,7 @@ def private_temp_dir() -> Iterator[None]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _run(command: click.Command, args: list[str], prog_name: str, debug: bool, received: list[int]) -> int:
+def _run(command: click.Command, args: list[str], prog_name: str, debug: bool, signals: InterruptSignals) -> int:
     from edgeopt.errors import EdgeoptError, missing_dependency
 
     def fail(message: str, exit_code: int) -> int:
@@ -181,21 +195,23 @@ def _run(command: click.Command, args: list[str], prog_name: str, debug: bool, r
         return exit_code
 
     try:
-        return command.main(args=args, prog_name=prog_name, standalone_mode=False, obj={"debug": debug}) or 0
+        try:
+            return command.main(args=args, prog_name=prog_name, standalone_mode=False, obj={"debug": debug}) or 0
+        finally:
+            signals.armed = False  # from here on, a signal is noted, not raised
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
         return fail(f"error: {usage_message(exc)}", exc.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt) as exc:
-        signum = getattr(exc, "signum", received[0] if received else signal.SIGINT)
-        return fail(f"interrupted ({signal.Signals(signum).name})", 128 + signum)
+        return fail(*signals.exit_code(exc))
     except EdgeoptError as exc:
-        if received:  # a toolchain turned the interruption into its own error on the way out
-            return fail(f"interrupted ({signal.Signals(received[0]).name})", 128 + received[0])
+        if interrupted := signals.exit_code():
+            return fail(*interrupted)
         return fail(f"error: {exc}", exc.exit_code)
     except Exception as exc:
-        if received:
-            return fail(f"interrupted ({signal.Signals(received[0]).name})", 128 + received[0])
+        if interrupted := signals.exit_code():
+            return fail(*interrupted)
         # an optional toolchain this install lacks (e.g. onnx where only the `agent` extra is installed)
         command_name = " ".join([prog_name, *args[:1]]) if args and not args[0].startswith("-") else prog_name
         missing = missing_dependency(exc, f"'{command_name}'") if isinstance(exc, ModuleNotFoundError) else None
