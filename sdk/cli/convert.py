@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -217,6 +218,9 @@ def convert_cmd(model: Path, output: Path, target, profile, quantize, calibratio
             "quantize-fp16": {"keep_io_types": False if fp16_io else None},
         }),
     )
+    if log_file is not None and Path(os.path.realpath(output)) in Path(os.path.realpath(log_file)).parents:
+        raise UserInputError(f"--log-file {log_file} is inside the output location {output}, which the artifact "
+                             f"replaces: write the log elsewhere")
     try:
         with logs.session(quiet, log_file, capture_native=not debug_requested()):
             result = convert(opts, progress=make_progress(not quiet))
