@@ -311,3 +311,20 @@ def test_space_needed_follows_the_recipe():
                                 (("none", 0), ("int8", 0), ("int8", 2)))
     assert plain.output == quantized.output == 111 * MiB  # 1.1x + 1 MiB (float weights kept at most)
     assert (plain.temp, quantized.temp, pruned.temp) == (101 * MiB, 401 * MiB, 601 * MiB)
+
+
+def test_force_asks_again_right_before_the_swap(tmp_path):
+    """A file put into the old artifact while the conversion ran keeps it from being replaced."""
+    from edgeopt.converters.output import replace_problem
+    from edgeopt.errors import UserInputError
+    from edgeopt.fsutil import staged_directory
+
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "manifest.json").write_text('{"model": {"file": "model.onnx"}, "files": {"model.onnx": "x"}}')
+    (dest / "model.onnx").write_text("old")
+    refuse = pytest.raises(UserInputError, match="holds notes.txt besides an edgeopt artifact")
+    with refuse, staged_directory(dest, force=True, replace_problem=lambda d: replace_problem(d, [])) as stage:
+        (stage / "model.onnx").write_text("new")
+        (dest / "notes.txt").write_text("written meanwhile")
+    assert (dest / "model.onnx").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
