@@ -93,15 +93,20 @@ def test_usage_errors_are_one_line_naming_the_option(args, line):
 
 # -- interruption: SIGINT, SIGTERM and SIGHUP leave nothing behind ------------------------------------
 _PAUSED_AFTER_COMPILE = """
-import pathlib, sys, time
+import pathlib, subprocess, sys, time
 from edgeopt.converters.targets.onnx import OnnxTarget
 
 compile_model = OnnxTarget._compile
 
 def compile_then_wait(self, model, quantize, ctx, out):
     compile_model(self, model, quantize, ctx, out)   # staging dir and temp dir now hold files
+    # a toolchain's child and grandchild (a compiler driver and its linker), still running
+    child = subprocess.Popen(["sh", "-c", "sleep 600 & echo $! > " + sys.argv[1] + ".grandchild; wait"])
+    while not pathlib.Path(sys.argv[1] + ".grandchild").exists():
+        time.sleep(0.01)
+    pathlib.Path(sys.argv[1] + ".child").write_text(str(child.pid))
     pathlib.Path(sys.argv[1]).write_text("compiled")
-    time.sleep(600)                                  # a long step, to be interrupted
+    child.wait()                                     # a long step, to be interrupted
 
 OnnxTarget._compile = compile_then_wait
 from edgeopt.cli import main
@@ -149,6 +154,29 @@ def test_a_signal_mid_conversion_removes_the_staging_and_temporary_directories(t
     assert proc.returncode == code, err
     assert _one_line(err) == f"edgeopt: interrupted ({signal.Signals(signum).name})"
     assert list(parent.iterdir()) == [] and list(tmp.iterdir()) == []
+    # the signal was passed on: the child and the grandchild it started are gone too
+    for which in ("child", "grandchild"):
+        pid = int(tmp_path.joinpath(f"ready.{which}").read_text())
+        _wait_until_gone(pid, which)
+
+
+def _wait_until_gone(pid: int, what: str, timeout: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            pytest.fail(f"the {what} ({pid}) outlived the interrupted edgeopt")
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_sigterm_during_a_real_tvm_compile_leaves_nothing(tiny, tmp_path):
@@ -165,7 +193,7 @@ def test_sigterm_during_a_real_tvm_compile_leaves_nothing(tiny, tmp_path):
     proc.terminate()
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    assert err.strip().splitlines()[-1] == "edgeopt: interrupted (SIGTERM)"
+    assert err.strip().splitlines()[-1] == "edgeopt: interrupted (SIGTERM)", err
     assert list(parent.iterdir()) == [] and list(tmp.iterdir()) == []
 
 

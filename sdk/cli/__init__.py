@@ -121,6 +121,7 @@ class InterruptSignals:
     def _handler(self, signum, frame) -> None:
         self.received.append(signum)
         if self.armed and len(self.received) == 1:
+            stop_descendants()
             raise Interrupted(signum)
 
     def __enter__(self) -> InterruptSignals:
@@ -143,6 +144,52 @@ class InterruptSignals:
         if signum is None and isinstance(exc, KeyboardInterrupt | click.exceptions.Abort):
             signum = signal.SIGINT
         return None if signum is None else (f"interrupted ({signal.Signals(signum).name})", 128 + signum)
+
+
+def stop_descendants(grace_s: float = 5.0) -> None:
+    """Stop every process this one started, and theirs (a linker under TVM, a quantizer's worker):
+    SIGTERM, then SIGKILL for what is still running after ``grace_s``. A terminal's Ctrl-C reaches
+    the whole process group, but `timeout`, `docker stop` and systemd signal only this process, and
+    background children ignore SIGINT; a child outliving it would write into the temporary directory
+    after it was removed (and onto the terminal after the last line). Linux (/proc); elsewhere
+    nothing is done."""
+    import time
+
+    try:
+        stats = {int(e.name): _proc_stat(int(e.name)) for e in os.scandir("/proc") if e.name.isdigit()}
+    except OSError:
+        return
+    parents = {pid: int(fields[1]) for pid, fields in stats.items() if fields}
+    found, frontier = [], [os.getpid()]
+    while frontier:
+        children = [pid for pid, ppid in parents.items() if ppid in frontier]
+        found += children
+        frontier = children
+    for pid in found:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while found and time.monotonic() < deadline:
+        found = [pid for pid in found if _running(pid)]
+        time.sleep(0.01)
+    for pid in found:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name: [state, ppid, ...] (None: gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie writes nothing)."""
+    fields = _proc_stat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def main(argv: list[str] | None = None, command: click.Command | None = None, prog_name: str = "edgeopt") -> None:
