@@ -170,6 +170,8 @@ def install_model_cmd(artifact: Path, state_dir: Path | None, config_path: Path 
 
     if (state_dir is None) == (config_path is None):
         raise UserInputError("give exactly one of --state-dir or --config")
+    if not artifact.exists():
+        raise UserInputError(f"{artifact} does not exist (give the directory 'edgeopt convert -o DIR' wrote)")
     window = hop = 0  # the config's [preprocessing] overrides, which the agent applies too
     if config_path is not None:
         from edgeopt.agent.config import load_config

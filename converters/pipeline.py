@@ -31,13 +31,15 @@ from edgeopt.artifact import (
 )
 from edgeopt.converters.fit import fit_check, peak_activation_elements
 from edgeopt.converters.gates import Thresholds, evaluate, hint
+from edgeopt.converters.output import check_output_location, replace_problem, space_needed
 from edgeopt.converters.passes import Pass, PassContext, ProgressFactory, get_pass, no_progress
 from edgeopt.converters.preprocessing import resolve_preprocessing
+from edgeopt.converters.settings import check_settings, check_target_params, unread_calibration_note
 from edgeopt.converters.targets import Target, get_target
 from edgeopt.converters.validate import accuracy, classifier_shaped, parity
 from edgeopt.data import Dataset, generate_inputs, load_dataset
 from edgeopt.errors import CheckFailed, UserInputError
-from edgeopt.fsutil import atomic_write_json, check_output_dir, sha256_file, staged_directory, tree_size
+from edgeopt.fsutil import atomic_write_json, sha256_file, staged_directory, tree_size
 from edgeopt.onnx_io import (
     count_macs,
     count_params,
@@ -87,6 +89,7 @@ class ConvertOptions:
     distill: Path | None = None           # distillation data (distill)
     epochs: int | None = None
     student: Path | None = None
+    other_inputs: tuple[Path, ...] = ()  # files the caller read for this conversion (a preprocessing JSON)
 
 
 @dataclass
@@ -173,16 +176,22 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
     started = time.perf_counter()
     steps = _Steps()
     profile, target_name, quantize = resolve_recipe(opts)
+    check_target_params(target_name, opts.target_params)
     target: Target = get_target(target_name)(pass_params=opts.pass_params, profile=profile, **opts.target_params)
     target.check_quantize(quantize)
     compression = compression_passes(opts)
+    check_settings(target, quantize, opts.target_params, opts.pass_params,
+                   pipeline_passes={"canonicalize", *(p.name for p in compression)})
     for p in compression:
         p.preflight()
     runtime_cls = runtime_for_format(target.format)
     unavailable = runtime_cls.unavailable_reason()  # e.g. Core ML prediction off macOS
     if unavailable is not None and (flag := _explicit_gate(opts)) is not None:
         raise UserInputError(f"{flag} needs the converted model to run on this machine: {unavailable}")
-    check_output_dir(opts.output, opts.force)
+    inputs = _input_files(opts)
+    source_bytes = model_bytes_on_disk(opts.model)
+    check_output_location(opts.output, opts.force, inputs,
+                          None if source_bytes is None else space_needed(source_bytes, quantize, len(compression)))
 
     _check_size_limit(target, opts.model)
     with steps("load"):
@@ -193,6 +202,8 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
 
     with tempfile.TemporaryDirectory(prefix="edgeopt-") as work:
         ctx = PassContext(workdir=Path(work), progress=progress)
+        if note := unread_calibration_note(target, quantize, opts.calibration is not None, opts.validation is not None):
+            ctx.notes.append(note)
         canon_params = {"batch_size": profile.default_batch if profile else None, **target.canonicalize_settings(),
                         **opts.pass_params.get("canonicalize", {})}
         canon_pass = get_pass("canonicalize")(input_shapes=opts.input_shapes or None,
@@ -223,7 +234,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
         else:
             _describe_model(row, canonical)
 
-        with staged_directory(opts.output, opts.force) as stage:
+        with staged_directory(opts.output, opts.force, lambda dest: replace_problem(dest, inputs)) as stage:
             with steps("compile") as compile_row:
                 model_path = target.compile(model, quantize, ctx, stage)
                 compile_row["size_bytes"] = tree_size(model_path)
@@ -296,6 +307,12 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
     if failures:
         raise ConvertCheckFailed(result)
     return result
+
+
+def _input_files(opts: ConvertOptions) -> list[Path]:
+    """Every file this conversion reads: an output location holding one is never replaced."""
+    given = [opts.model, opts.calibration, opts.validation, opts.distill, opts.student, *opts.other_inputs]
+    return [Path(p) for p in given if p is not None]
 
 
 def _describe_model(row: dict[str, Any], model: onnx.ModelProto) -> None:

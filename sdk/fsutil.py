@@ -17,7 +17,7 @@ import math
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -182,13 +182,25 @@ def check_output_dir(dest: Path, force: bool) -> None:
         raise UserInputError(f"parent directory of the output location does not exist: {parent}")
 
 
+def check_writable_dir(directory: Path) -> None:
+    """Raise ``EnvironmentFault`` unless entries can be created in ``directory``. Tried for real (a
+    probe directory made and removed): permission bits say nothing for root, read-only mounts or ACLs."""
+    try:
+        os.rmdir(make_temp_dir(directory, ".edgeopt-probe-", ""))
+    except OSError as exc:
+        raise environment_fault(exc, directory) from exc
+
+
 @contextlib.contextmanager
-def staged_directory(dest: Path, force: bool = False) -> Iterator[Path]:
+def staged_directory(dest: Path, force: bool = False,
+                     replace_problem: Callable[[Path], str | None] | None = None) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``dest``; on success rename it to ``dest``.
 
     On any exception the temporary directory is removed and ``dest`` is untouched. With ``force``
     an existing ``dest`` is replaced: it is moved aside, the new directory renamed in, then the old
     one deleted, so ``dest`` is never missing a complete version for longer than two renames.
+    ``replace_problem(dest)`` says why an existing ``dest`` must not be replaced after all; it is
+    asked again right before the swap, since ``dest`` may have changed while the work ran.
     """
     dest = Path(dest)
     check_output_dir(dest, force)
@@ -201,6 +213,8 @@ def staged_directory(dest: Path, force: bool = False) -> Iterator[Path]:
         yield tmp
         fsync_tree(tmp)
         old = None
+        if dest.exists() and replace_problem is not None and (problem := replace_problem(dest)):
+            raise UserInputError(problem)
         if dest.exists():
             old = _unique_name(parent, f".{dest.name}.", ".old")
             os.replace(dest, old)

@@ -55,8 +55,19 @@ class Param:
                                   "help": self.help}
         if self.type is bool:
             kwargs = {"is_flag": True, "default": bool(self.default), "help": self.help}
+        elif self.check is not None:
+            kwargs["callback"] = self._click_check
         kwargs.update(overrides)
         return click.option(*flags, **kwargs)
+
+
+    def _click_check(self, ctx: Any, option: Any, value: Any) -> Any:
+        """Click callback: the declaration's check as a usage error naming the option (``--epochs: ...``)."""
+        import click
+
+        if value is not None and (problem := self.check(value)):  # type: ignore[misc]
+            raise click.BadParameter(f"{problem}, got {value!r}", ctx=ctx, param=option)
+        return value
 
 
 def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False):

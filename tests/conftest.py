@@ -39,7 +39,7 @@ class CliResult:
 def run_cli(*args: str | Path) -> CliResult:
     """Run ``edgeopt ARGS`` in-process through the real entry point (error handling included).
 
-    An internal error (a bug, exit 70) fails the test at once: rerun the command with --debug to
+    An internal error (a bug, exit 3) fails the test at once: rerun the command with --debug to
     see the traceback.
     """
     out, err = io.StringIO(), io.StringIO()

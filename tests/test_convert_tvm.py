@@ -137,6 +137,18 @@ def test_bench_runs_a_tvm_artifact(converted):
 
 
 @pytest.mark.slow
+def test_bench_of_the_aarch64_library_here_says_which_cpu_it_is_for(converted):
+    """It used to say "cannot open shared object file: No such file or directory" about a file that exists."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("written for an x86_64 host")
+    res = run_cli("bench", converted("cnn", "aarch64"), "--batch", "1")
+    assert res.code == 2
+    line = res.err.strip()
+    assert "a TVM library for aarch64; this machine is x86_64: run it on the board" in line and "qemu" in line
+    assert "No such file" not in line
+
+
+@pytest.mark.slow
 def test_real_export_with_dynamic_shapes_and_if_converts_once_shapes_are_fixed(tmp_path):
     path, name, shape = export("branchy", tmp_path / "branchy.onnx", dynamic_length=True)
     model = onnx.load(path)

@@ -126,8 +126,8 @@ minimum_deployment_target = "iOS16"
     (["--quantize", "fp16", "--compute-precision", "fp32"], ["--quantize fp16", "--compute-precision fp16"]),
     (["--quantize", "int8-dynamic"], ["does not offer --quantize int8-dynamic"]),
     (["--palettize", "5"], ["--palettize"]),
-    (["--sparse-min-zeros", "0"], ["sparse_min_zeros", "(0.0, 1.0]"]),
-    (["--minimum-deployment-target", "iOS 19"], ["minimum_deployment_target", "iOS18"]),
+    (["--sparse-min-zeros", "0"], ["--sparse-min-zeros", "(0.0, 1.0]"]),
+    (["--minimum-deployment-target", "iOS 19"], ["--minimum-deployment-target", "iOS18"]),
     (["--max-accuracy-drop", "1"], ["--max-accuracy-drop", "Core ML prediction needs macOS"]),
 ])
 def test_flag_combinations_that_cannot_work_are_refused(digits_cnn, tmp_path, monkeypatch, flags, needles):

@@ -19,7 +19,9 @@ from edgeopt import registry
 from edgeopt.data import Dataset
 from edgeopt.errors import EdgeoptError, UserInputError
 from edgeopt.fsutil import ENVIRONMENT_ERRNOS, environment_fault
+from edgeopt.logs import in_session, native_output
 from edgeopt.params import Configurable, Param
+from edgeopt.runtime.onnxruntime import quiet_onnxruntime
 
 
 class ConversionError(UserInputError):
@@ -64,7 +66,7 @@ class Pass(Configurable):
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         try:
-            with quiet_loggers():
+            with quiet_loggers(), native_output(self.name):
                 out = self._apply(model, ctx)
         except EdgeoptError:
             raise
@@ -88,7 +90,13 @@ class Pass(Configurable):
 
 @contextlib.contextmanager
 def quiet_loggers() -> Iterator[None]:
-    """ONNX Runtime's quantizers log every node at INFO on the root logger; keep the terminal readable."""
+    """ONNX Runtime's quantizers log every node at INFO on the root logger; keep the terminal readable
+    (the CLI routes them itself, to --log-file when asked: ``edgeopt.logs``). ONNX Runtime's telemetry
+    and native INFO/WARNING lines are switched off before any session exists."""
+    quiet_onnxruntime()
+    if in_session():
+        yield
+        return
     root = logging.getLogger()
     old = root.level
     root.setLevel(max(old, logging.WARNING))

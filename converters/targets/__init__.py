@@ -12,9 +12,10 @@ from typing import Any, ClassVar
 import onnx
 
 from edgeopt import registry
-from edgeopt.converters.passes import ConversionError, PassContext, quiet_loggers
+from edgeopt.converters.passes import ConversionError, PassContext, get_pass, quiet_loggers
 from edgeopt.errors import EdgeoptError, UnsupportedOpsError, UserInputError
 from edgeopt.fsutil import ENVIRONMENT_ERRNOS, environment_fault
+from edgeopt.logs import native_output
 from edgeopt.onnx_io import iter_nodes, op_key
 from edgeopt.params import Configurable, Param
 from edgeopt.profiles import Profile
@@ -50,6 +51,21 @@ class Target(Configurable):
     def passes_for(self, quantize: str) -> list[str]:
         """Names of the registered passes this target runs for a quantize mode (for the recipe)."""
         return []
+
+    # -- which settings it uses: one it would not use is refused by name before any work -----------
+    def honoured_pass_params(self, quantize: str) -> dict[str, frozenset[str]]:
+        """Pass name → the parameters of that pass this target reads from ``pass_params`` for
+        ``quantize``. By default: all of them, for the passes it runs (it builds them from ``pass_params``)."""
+        return {p: frozenset(param.name for param in get_pass(p).params) for p in self.passes_for(quantize)}
+
+    def calibrates(self, quantize: str) -> bool:
+        """Whether compiling for ``quantize`` reads the calibration data."""
+        return "quantize-int8" in self.passes_for(quantize)
+
+    def unused_params(self, quantize: str) -> dict[str, str]:
+        """This target's own parameters that would not change what it writes for ``quantize`` (with the
+        other settings it has): name → why, as "with X: it applies with Y". Checked for the ones given."""
+        return {}
 
     # -- hooks ---------------------------------------------------------------------------------
     def is_supported(self, node: onnx.NodeProto) -> bool:
@@ -100,7 +116,7 @@ class Target(Configurable):
         self.check_quantize(quantize)
         out = Path(out_dir) / self.model_file
         try:
-            with quiet_loggers():
+            with quiet_loggers(), native_output(self.name):
                 self._compile(model, quantize, ctx, out)
         except EdgeoptError:
             raise

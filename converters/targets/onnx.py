@@ -12,6 +12,7 @@ from edgeopt.converters.passes import ConversionError, PassContext, get_pass
 from edgeopt.converters.targets import Target
 from edgeopt.errors import UnsupportedOpsError
 from edgeopt.onnx_io import save_model
+from edgeopt.runtime.onnxruntime import quiet_onnxruntime
 
 # quantize mode → pass that implements it for ONNX Runtime
 QUANTIZE_PASSES = {"int8": "quantize-int8", "int8-dynamic": "quantize-int8-dynamic", "fp16": "quantize-fp16",
@@ -48,6 +49,7 @@ class OnnxTarget(Target):
         """Catch ops ONNX Runtime has no kernel for (e.g. an op/type pair) and name the node."""
         import onnxruntime as ort
 
+        quiet_onnxruntime()
         so = ort.SessionOptions()
         so.log_severity_level = 3
         try:

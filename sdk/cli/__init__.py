@@ -2,9 +2,11 @@
 
 Subcommands are imported only when they run (the table below holds their one-line help), so
 ``edgeopt --help`` starts fast. This is the only place where exceptions become one-line messages:
-``EdgeoptError`` → ``edgeopt: error: ...`` with its exit code (1 check failed, 2 bad input);
-anything else is a bug and shows a one-line hint (its traceback with ``--debug`` or EDGEOPT_DEBUG=1,
-which also makes unexpected errors propagate, as the test suite wants).
+``EdgeoptError`` → ``edgeopt: error: ...`` with its exit code (1 check failed, 2 bad input); click's
+usage errors → one line naming the option (exit 2); anything else is a bug (exit 3) with a one-line
+hint. ``--debug`` or EDGEOPT_DEBUG=1 prints the traceback first and changes nothing else. SIGTERM and
+SIGHUP interrupt like SIGINT (exit 128 + the signal), so every staging and temporary directory is
+removed on the way out.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 
 import click
+
+from edgeopt.cli.interrupts import InterruptSignals, private_temp_dir
 
 # name → (module:attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("edgeopt.agent.cli:agent_group", "Run the device agent, install it as a systemd service, install a model."),
 }
 
-EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in edgeopt, not the user's input
+EXIT_INTERNAL = 3  # a bug in edgeopt, not the user's input (0 ok, 1 a check failed, 2 bad input)
 
 
 def debug_enabled() -> bool:
@@ -60,51 +65,80 @@ def _version() -> str:
 def cli(debug: bool) -> None:
     """edgeopt: shrink, compile, validate and ship ONNX models to edge devices.
 
-    Exit codes: 0 ok, 1 a check failed (accuracy gate, fit, parity), 2 bad input or usage.
+    Exit codes: 0 ok, 1 a check failed (accuracy gate, fit, parity), 2 bad input or usage, 3 an internal
+    error (a bug); interrupted by SIGINT / SIGTERM / SIGHUP: 130 / 143 / 129, nothing left behind.
     """
-    if debug:
-        os.environ["EDGEOPT_DEBUG"] = "1"
+
+
+def debug_requested(ctx: click.Context | None = None) -> bool:
+    """Whether this run was started with --debug / EDGEOPT_DEBUG=1 (for a command that behaves
+    differently then, e.g. leaving the toolchains' native output on the terminal)."""
+    ctx = ctx or click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx is not None else None
+    return bool(isinstance(getattr(root, "obj", None), dict) and root.obj.get("debug")) or debug_enabled()
+
+
+def usage_message(exc: click.ClickException) -> str:
+    """Click's usage error as one line that starts with the option at fault: ``--batch: must be >= 1``."""
+    if isinstance(exc, click.BadParameter) and not isinstance(exc, click.MissingParameter):
+        hint = exc.param_hint
+        if hint is None and isinstance(exc.param, click.Option):
+            hint = max(exc.param.opts, key=len)  # the long form: --batch, not -b
+        elif hint is None and exc.param is not None:
+            hint = exc.param.human_readable_name
+        text = f"{hint if isinstance(hint, str) else ' / '.join(hint)}: {exc.message}" if hint else exc.message
+    else:
+        text = exc.format_message()
+    text = " ".join(text.split()).rstrip(".")
+    ctx = getattr(exc, "ctx", None)
+    return f"{text} (see '{ctx.command_path} --help')" if ctx is not None else text
 
 
 def main(argv: list[str] | None = None, command: click.Command | None = None, prog_name: str = "edgeopt") -> None:
     """Run ``command`` (default: the ``edgeopt`` group) and turn errors into one-line messages and
-    exit codes; other entry points (``edgeopt-agent``) pass their own command and name."""
-    from edgeopt.errors import EdgeoptError, missing_dependency
-
+    exit codes; other entry points (``edgeopt-agent``) pass their own command and name. ``--debug``
+    (or EDGEOPT_DEBUG=1) prints the traceback before that line; the exit code stays the same."""
     command = command or cli
     args = sys.argv[1:] if argv is None else argv
-    if "--debug" in args:
-        os.environ["EDGEOPT_DEBUG"] = "1"
+    debug = "--debug" in args or debug_enabled()
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # before any import of onnxruntime: see no_telemetry
+    with InterruptSignals() as signals, private_temp_dir():
+        code = _run(command, args, prog_name, debug, signals)
+    sys.exit(code)
+
+
+def _run(command: click.Command, args: list[str], prog_name: str, debug: bool, signals: InterruptSignals) -> int:
+    from edgeopt.errors import EdgeoptError, missing_dependency
+
+    def fail(message: str, exit_code: int) -> int:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"{prog_name}: {message}", err=True)
+        return exit_code
+
     try:
-        code = command.main(args=args, prog_name=prog_name, standalone_mode=False)
+        try:
+            return command.main(args=args, prog_name=prog_name, standalone_mode=False, obj={"debug": debug}) or 0
+        finally:
+            signals.armed = False  # from here on, a signal is noted, not raised
     except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    except click.ClickException as exc:  # usage errors: click prints them itself
-        exc.show()
-        code = exc.exit_code
-    except click.exceptions.Abort:
-        click.echo(f"{prog_name}: aborted", err=True)
-        code = 130
+        return exc.exit_code
+    except click.ClickException as exc:
+        return fail(f"error: {usage_message(exc)}", exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        return fail(*signals.exit_code(exc))
     except EdgeoptError as exc:
-        if debug_enabled():
-            raise
-        click.echo(f"{prog_name}: error: {exc}", err=True)
-        code = exc.exit_code
-    except KeyboardInterrupt:
-        click.echo(f"{prog_name}: interrupted", err=True)
-        code = 130
+        if interrupted := signals.exit_code():
+            return fail(*interrupted)
+        return fail(f"error: {exc}", exc.exit_code)
     except Exception as exc:
-        if debug_enabled():
-            raise
+        if interrupted := signals.exit_code():
+            return fail(*interrupted)
         # an optional toolchain this install lacks (e.g. onnx where only the `agent` extra is installed)
         command_name = " ".join([prog_name, *args[:1]]) if args and not args[0].startswith("-") else prog_name
         missing = missing_dependency(exc, f"'{command_name}'") if isinstance(exc, ModuleNotFoundError) else None
         if missing is not None:
-            click.echo(f"{prog_name}: error: {missing}", err=True)
-            sys.exit(missing.exit_code)
+            return fail(f"error: {missing}", missing.exit_code)
         first = (str(exc).strip().splitlines() or [""])[0]
-        click.echo(f"{prog_name}: internal error: {type(exc).__name__}: {first} "
-                   f"(a bug in edgeopt; rerun with --debug for the traceback)", err=True)
-        code = EXIT_INTERNAL
-    sys.exit(code or 0)
-
+        return fail(f"internal error: {type(exc).__name__}: {first} (a bug in edgeopt; "
+                    f"{'the traceback is above' if debug else 'rerun with --debug for the traceback'})", EXIT_INTERNAL)

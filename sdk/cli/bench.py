@@ -14,9 +14,10 @@ def _batches(text: str) -> list[int]:
     try:
         values = [int(b) for b in text.split(",") if b.strip()]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated positive integers, got {text!r}") from None
+        raise click.BadParameter(f"expected comma-separated positive integers, got {text!r}",
+                                 param_hint="--batch") from None
     if not values or any(b < 1 for b in values):
-        raise click.BadParameter(f"expected comma-separated positive integers, got {text!r}")
+        raise click.BadParameter(f"expected comma-separated positive integers, got {text!r}", param_hint="--batch")
     return values
 
 

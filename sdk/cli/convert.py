@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
 
-from edgeopt import registry
+from edgeopt import logs, registry
+from edgeopt.cli import debug_requested
 from edgeopt.converters.gates import DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1_AGREEMENT
 from edgeopt.converters.passes.distill import Distill
 from edgeopt.converters.passes.prune_structured import PruneStructured
@@ -69,9 +71,22 @@ def target_options(func):
             choices = click.Choice([str(c) for c in param.choices]) if param.choices else param.type
             text = (f"[{which}] {param.help}{_default(param)}" if alike else
                     " ".join(f"[{t}] {p.help}{_default(p)}." for t, p in owners))
-            opt = click.option(flag, pname, type=choices, default=None, help=text)
+            opt = click.option(flag, pname, type=choices, default=None, help=text,
+                               callback=_checked_by([p for _, p in owners]))
         func = opt(func)
     return func
+
+
+def _checked_by(params: list[Param]):
+    """A click callback running the declarations' own checks, so ``--batch 0`` is a usage error that
+    names the option (every target declaring it must accept the value; they agree in practice)."""
+    def callback(ctx: click.Context, option: click.Parameter, value):
+        for param in params:
+            if value is not None and param.check is not None and (problem := param.check(value)):
+                raise click.BadParameter(f"{problem}, got {value!r}", ctx=ctx, param=option)
+        return value
+
+    return callback
 
 
 def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[str, object]:
@@ -99,9 +114,11 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
               help="Quantization mode (default: the profile's, else none).")
 @click.option("--calibration", type=click.Path(path_type=Path),
               help="Calibration data: .npz (an array per input name), .npy or sensor .csv.")
-@_CAL.click_option("--calibration-method")
-@_BLOCK.click_option("--int4-block-size", type=int)
-@click.option("--fp16-io", is_flag=True, help="With --quantize fp16: make inputs/outputs float16 too "
+@_CAL.click_option("--calibration-method", default=None, show_default=False,
+                   help=f"{_CAL.help}, with --quantize int8 (default: {_CAL.default}; tflite: minmax only).")
+@_BLOCK.click_option("--int4-block-size", type=int, default=None, show_default=False,
+                     help=f"{_BLOCK.help}, with --quantize int4 (default: {_BLOCK.default}; tflite: 32 and up).")
+@click.option("--fp16-io", is_flag=True, help="With --quantize fp16 (target onnx): make inputs/outputs float16 too "
               "(default: " + _KEEP_IO.help + ").")
 @click.option("--validation", type=click.Path(path_type=Path),
               help="Validation data (with optional 'labels'); default: the calibration data, else random inputs.")
@@ -148,16 +165,20 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
               help="Sensor model: per-channel (x - mean) / std, one pair for all channels or one per channel.")
 @click.option("--name", help="Model name in the manifest (default: the file name).")
 @click.option("--version", "model_version", default="1", show_default=True, help="Model version in the manifest.")
-@click.option("--threads", type=int, default=1, show_default=True, help="Threads for validation and latency.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Threads for validation and latency.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars, and no log lines from the toolchains "
+              "(ONNX Runtime, TVM, LLVM, coremltools, absl) on the terminal.")
+@click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="Append the toolchains' log lines (INFO and up, their native output included) to this file.")
 @target_options
 def convert_cmd(model: Path, output: Path, target, profile, quantize, calibration, calibration_method,
                 int4_block_size, fp16_io, validation, max_accuracy_drop, min_cosine, min_top1_agreement,
                 prune_sparsity, prune_channels, prune_layers, distill, epochs, student, seed, input_shapes, input_values,
                 preprocessing_file, hop, layout, channels, sample_rate, normalize, name, model_version,
-                threads, force, as_json, quiet, **target_settings) -> None:
+                threads, force, as_json, quiet, log_file, **target_settings) -> None:
     """Convert MODEL (ONNX) into an artifact directory: model, manifest.json, golden.npz, report.json.
 
     \b
@@ -189,20 +210,30 @@ def convert_cmd(model: Path, output: Path, target, profile, quantize, calibratio
         name=name, version=model_version, force=force, threads=threads, seed=seed,
         prune_sparsity=prune_sparsity, prune_channels=prune_channels,
         prune_layers=dict(parse_layer_ratio(t) for t in prune_layers), distill=distill, epochs=epochs,
-        student=student, preprocessing=preprocessing,
+        student=student, preprocessing=preprocessing, other_inputs=(preprocessing_file,) if preprocessing_file else (),
         target_params=_chosen_target_params(target, target_settings),
-        pass_params={
+        pass_params=_given_pass_params({
             "quantize-int8": {"calibration_method": calibration_method},
             "quantize-int4": {"block_size": int4_block_size},
-            "quantize-fp16": {"keep_io_types": not fp16_io},
-        },
+            "quantize-fp16": {"keep_io_types": False if fp16_io else None},
+        }),
     )
+    if log_file is not None and Path(os.path.realpath(output)) in Path(os.path.realpath(log_file)).parents:
+        raise UserInputError(f"--log-file {log_file} is inside the output location {output}, which the artifact "
+                             f"replaces: write the log elsewhere")
     try:
-        result = convert(opts, progress=make_progress(not quiet))
+        with logs.session(quiet, log_file, capture_native=not debug_requested()):
+            result = convert(opts, progress=make_progress(not quiet))
     except ConvertCheckFailed as exc:
         _show(exc.result.report, as_json, print_convert_report)
         raise
     _show(result.report, as_json, print_convert_report)
+
+
+def _given_pass_params(params: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
+    """Only what the user set: a target refuses a setting it would not use, so defaults are left out."""
+    given = {name: {k: v for k, v in values.items() if v is not None} for name, values in params.items()}
+    return {name: values for name, values in given.items() if values}
 
 
 def _show(report: dict, as_json: bool, printer) -> None:

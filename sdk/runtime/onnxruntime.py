@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import ClassVar
 
 import numpy as np
@@ -18,6 +19,32 @@ _ORT_TYPES = {
 }
 
 
+_quieted = [False]
+
+
+def no_telemetry() -> None:
+    """ONNX Runtime 1.32 starts a telemetry client when imported: it writes a session file ``.ses`` into
+    $TMPDIR, stores a device id under $XDG_CACHE_HOME, and warns on every start where it cannot ("Failed
+    to persist telemetry device ID", e.g. the agent under systemd's ProtectHome). Only its environment
+    variable, set before the import, stops all three; a device has no business phoning home anyway."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+
+def quiet_onnxruntime() -> None:
+    """Before the first session: no telemetry, and only errors from ONNX Runtime's native logger (the
+    process-wide one, which per-session ``log_severity_level`` does not cover)."""
+    if _quieted[0]:
+        return
+    no_telemetry()
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    ort.disable_telemetry_events()
+    ort.set_default_logger_severity(3)
+    _quieted[0] = True
+
+
 class OnnxRuntime(Runtime):
     name: ClassVar[str] = "onnxruntime"
     formats: ClassVar[tuple[str, ...]] = ("onnx",)
@@ -28,6 +55,7 @@ class OnnxRuntime(Runtime):
     def _load(self) -> None:
         import onnxruntime as ort
 
+        quiet_onnxruntime()
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

@@ -7,6 +7,9 @@ each runtime re-applies its own setting before it runs when another one changed 
 
 from __future__ import annotations
 
+import platform
+import struct
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -16,6 +19,28 @@ from edgeopt.params import Param
 from edgeopt.runtime import Runtime
 
 _pool_threads: list[int | None] = [None]  # the thread count TVM's pool was last configured with
+
+# ELF e_machine → the name ``platform.machine()`` gives that CPU on Linux
+ELF_MACHINES = {3: "i686", 40: "armv7l", 62: "x86_64", 183: "aarch64", 243: "riscv64"}
+
+
+def elf_machine(path: Path) -> str | None:
+    """The CPU an ELF shared object is built for (None: not ELF, or a CPU this table does not name).
+    Read from the header, because dlopen of a library for another CPU says only "cannot open shared
+    object file: No such file or directory" about a file that exists."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+    except OSError:
+        return None
+    if len(header) < 20 or header[:4] != b"\x7fELF":
+        return None
+    (machine,) = struct.unpack("<H" if header[5] == 1 else ">H", header[18:20])
+    return ELF_MACHINES.get(machine, f"ELF machine {machine}")
+
+
+def host_machine() -> str:
+    return {"arm64": "aarch64", "amd64": "x86_64"}.get(platform.machine().lower(), platform.machine().lower())
 
 
 class TVMRuntime(Runtime):
@@ -31,6 +56,12 @@ class TVMRuntime(Runtime):
             raise MissingDependency("apache-tvm", "tvm", "running a TVM library") from exc
         from edgeopt.converters.targets.tvm.build import SIGNATURE_FUNCTION, parse_signature
 
+        built_for, here = elf_machine(self.model_path), host_machine()
+        if built_for is not None and built_for != here:
+            raise UserInputError(
+                f"{self.model_path}: a TVM library for {built_for}; this machine is {here}: run it on the board "
+                f"(the agent, or edgeopt bench there), or under qemu-user in an emulated {built_for} Python "
+                f"(docs/tvm.md, 'Running the aarch64 build under qemu-user')")
         try:
             library = tvm.runtime.load_module(str(self.model_path))
             self.vm = relax.VirtualMachine(library, tvm.cpu())

@@ -102,7 +102,8 @@ class CoreMLTarget(Target):
         if len(chosen) > 1:
             raise UserInputError(f"target 'coreml' compresses weights one way at a time; got {' and '.join(chosen)}")
         if quantize == "fp16" and cfg["compute_precision"] == "fp32":
-            raise UserInputError("--quantize fp16 stores weights in float16, which needs --compute-precision fp16")
+            raise UserInputError("--compute-precision fp32: target 'coreml' with --quantize fp16 stores weights in "
+                                 "float16, which needs --compute-precision fp16")
         where = f"{cfg['minimum_deployment_target']} (from {self.deployment_source})"
         if quantize == "int4" and self.spec_version < BLOCKWISE_INT4:
             raise UserInputError(
@@ -112,6 +113,18 @@ class CoreMLTarget(Target):
         if chosen and self.spec_version < COMPRESSED_WEIGHTS:
             raise UserInputError(f"{chosen[0]}: compressed Core ML weights run on {releases_for(COMPRESSED_WEIGHTS)} "
                                  f"and later; the deployment target is {where}")
+
+    def honoured_pass_params(self, quantize: str) -> dict[str, frozenset[str]]:
+        """Weights are compressed by coremltools, not ONNX Runtime's passes: only the int4 block size."""
+        return {"quantize-int4": frozenset({"block_size"})} if quantize == "int4" else {}
+
+    def unused_params(self, quantize: str) -> dict[str, str]:
+        compressed = [f"--quantize {quantize}"] if quantize in ("int8", "int4") else []
+        compressed += ["--palettize"] if self.config["palettize"] else []
+        if not compressed:
+            return {}
+        return {"sparse_min_zeros": f"with {compressed[0]}: weights are stored compressed then, never sparse; it "
+                                    f"applies without --quantize int8/int4 and --palettize"}
 
     def canonicalize_settings(self) -> dict[str, Any]:
         batch = self.config["batch_size"] or (self.profile.default_batch if self.profile else None) or 1
@@ -222,10 +235,13 @@ class CoreMLTarget(Target):
         return mlmodel, messages
 
     def _compression_scheme(self, quantize: str, weights: dict[tuple[str, str], Any]) -> Any:
-        block = int((self.pass_params.get("quantize-int4") or {}).get("block_size") or 32)
+        # each setting is read only where it applies (unused_params refuses it elsewhere)
+        block = int((self.pass_params.get("quantize-int4") or {}).get("block_size") or 32) if quantize == "int4" else 0
+        compressed = quantize in ("int8", "int4") or self.config["palettize"]
+        sparse_min_zeros = 1.0 if compressed else self.config["sparse_min_zeros"]
         candidates = list(weights.values()) if self.spec_version >= COMPRESSED_WEIGHTS else []
         return scheme_for(quantize, self.config["palettize"], block, self.config["compress_min_weights"],
-                          self.config["sparse_min_zeros"], candidates)
+                          sparse_min_zeros, candidates)
 
     def _save(self, mlmodel: Any, lowered: Any, model: onnx.ModelProto, out: Path) -> None:
         io_names = self._io_name_map(mlmodel.get_spec(), lowered)
@@ -237,10 +253,13 @@ class CoreMLTarget(Target):
         if scheme is None:
             return []
         notes = []
-        mostly_zeros = sum(w.size >= self.config["compress_min_weights"]
-                           and zero_fraction(w) >= self.config["sparse_min_zeros"] for w in weights.values())
         name = scheme.describe()["scheme"]
-        if scheme.kind != "sparse" and mostly_zeros:
+        # compressed weights are never stored sparse, so --sparse-min-zeros does not apply: "mostly zeros"
+        # here means at least the default fraction
+        mostly = self.param("sparse_min_zeros").default
+        mostly_zeros = scheme.kind != "sparse" and sum(
+            w.size >= self.config["compress_min_weights"] and zero_fraction(w) >= mostly for w in weights.values())
+        if mostly_zeros:
             notes.append(f"{mostly_zeros} weight tensor(s) are mostly zeros (pruned); {name} stores them densely "
                          "(sparse and quantized weights together are not offered)")
         if not checked:

@@ -23,9 +23,12 @@ from edgeopt.params import Param, in_range
 # Importing the op modules registers their lowerings in ``lowering.RULES``.
 from . import ops_conv, ops_dense, ops_elementwise, ops_reduce, ops_resize, ops_rnn, ops_shape  # noqa: F401
 from .lowering import GraphFacts, Lowering, LoweringError, Node, graph_facts, unsupported_reason
+from .quantize import INT4_BLOCK_SIZES
 
 FLATBUFFER_LIMIT = 2**31  # FlatBuffers address at most 2 GiB
 
+FULL_INTEGER = ("int8", "int16x8")  # calibrated: integer activations (and I/O unless float_io)
+CALIBRATION_METHODS = ("minmax",)  # what LiteRT's calibrator records
 ACTIVATION_BYTES = {"none": 4, "fp16": 4, "int8-dynamic": 4, "int4": 4, "int8": 1, "int16x8": 2}
 
 
@@ -66,6 +69,36 @@ class TFLiteTarget(Target):
               "saving is small next to the dense copy LiteRT makes at load. 1: never",
               check=in_range(0.0, 1.0, lo_open=True)),
     )
+
+    # -- settings --------------------------------------------------------------------------------
+    def honoured_pass_params(self, quantize: str) -> dict[str, frozenset[str]]:
+        """LiteRT's own quantizers, not ONNX Runtime's passes: of those passes' parameters only the int4
+        block size, and the calibration method its calibrator has (min/max, checked in check_quantize)."""
+        if quantize == "int4":
+            return {"quantize-int4": frozenset({"block_size"})}
+        if quantize in FULL_INTEGER:
+            return {"quantize-int8": frozenset({"calibration_method"})}
+        return {}
+
+    def calibrates(self, quantize: str) -> bool:
+        return quantize in FULL_INTEGER
+
+    def unused_params(self, quantize: str) -> dict[str, str]:
+        if quantize in FULL_INTEGER:
+            return {}
+        return {"float_io": f"with --quantize {quantize}: it applies with --quantize int8 or int16x8 (integer I/O)"}
+
+    def check_quantize(self, quantize: str) -> None:
+        super().check_quantize(quantize)
+        method = (self.pass_params.get("quantize-int8") or {}).get("calibration_method") if quantize in FULL_INTEGER else None
+        if method not in (None, *CALIBRATION_METHODS):
+            raise UserInputError(f"--calibration-method {method}: target 'tflite' calibrates with LiteRT's calibrator, "
+                                 f"which records min/max ranges only: use --calibration-method minmax, or --target "
+                                 f"onnx for {method}")
+        block = (self.pass_params.get("quantize-int4") or {}).get("block_size") if quantize == "int4" else None
+        if block is not None and block not in INT4_BLOCK_SIZES:
+            raise UserInputError(f"--int4-block-size {block}: LiteRT's block-wise int4 supports "
+                                 f"{', '.join(map(str, INT4_BLOCK_SIZES))}")
 
     # -- support ---------------------------------------------------------------------------------
     def is_supported(self, node: onnx.NodeProto) -> bool:
@@ -125,9 +158,12 @@ class TFLiteTarget(Target):
         if quantize != "none":
             from .quantize import quantize_model
 
+            settings = self.honoured_pass_params(quantize)
+            chosen = {k: v for name in settings for k, v in (self.pass_params.get(name) or {}).items()}
             data = quantize_model(data, quantize, ctx, io_transposes=self.io_transposes,
-                                  float_io=bool(self.config["float_io"]), origins=self.op_origins,
-                                  block_size=(self.pass_params.get("quantize-int4") or {}).get("block_size"))
+                                  float_io=bool(quantize in FULL_INTEGER and self.config["float_io"]),
+                                  origins=self.op_origins, block_size=chosen.get("block_size"),
+                                  calibration_method=chosen.get("calibration_method") or CALIBRATION_METHODS[0])
         if len(data) >= FLATBUFFER_LIMIT:
             raise UserInputError(f"the converted model is {len(data) / 2**30:.1f} GiB; a .tflite FlatBuffer holds "
                                  f"at most 2 GiB")

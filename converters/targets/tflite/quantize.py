@@ -30,10 +30,12 @@ FLOAT16_MIN_NORMAL = 2.0**-14
 
 def quantize_model(data: bytes, mode: str, ctx: PassContext, *, io_transposes: dict[str, list[int]],
                    float_io: bool = False, block_size: int | None = None,
-                   origins: dict[str, list[tuple[str, str]]] | None = None) -> bytes:
+                   origins: dict[str, list[tuple[str, str]]] | None = None, calibration_method: str = "minmax") -> bytes:
     """Quantized .tflite bytes of the float model ``data``; ``origins`` maps a TFLite operator name to
     the (ONNX op, node name) pairs it was lowered from, for error messages."""
     if mode in ("int8", "int16x8"):
+        if calibration_method != "minmax":  # the target refuses it before any work; this is the backstop
+            raise UserInputError(f"LiteRT's calibrator records min/max ranges, not {calibration_method}")
         return full_integer(data, mode, ctx, io_transposes, float_io, origins or {})
     if mode == "int8-dynamic":
         from litert_quantizer import recipe
@@ -93,7 +95,8 @@ def full_integer(data: bytes, mode: str, ctx: PassContext, io_transposes: dict[s
     except (RuntimeError, ValueError) as exc:
         raise _explain_quantize_failure(exc, mode, origins) from exc
     quantized = quantize_pad_values(bytes(quantized))
-    ctx.details["quantize-tflite"] = {"mode": mode, "calibration_samples": len(batches) * int(inputs[0]["shape"][0]),
+    ctx.details["quantize-tflite"] = {"mode": mode, "calibration_method": "minmax",
+                                      "calibration_samples": len(batches) * int(inputs[0]["shape"][0]),
                                       "calibration_source": ctx.calibration.source, "io": np.dtype(io_type).name}
     return quantized
 

@@ -89,6 +89,28 @@ class TVMTarget(Target):
     def passes_for(self, quantize: str) -> list[str]:
         return [QUANTIZE_PASSES[quantize]] if quantize in QUANTIZE_PASSES else []
 
+    def honoured_pass_params(self, quantize: str) -> dict[str, frozenset[str]]:
+        from edgeopt.converters.passes.unroll_rnn import UnrollRnn
+
+        return {**super().honoured_pass_params(quantize), UnrollRnn.name: frozenset(p.name for p in UnrollRnn.params)}
+
+    def check_quantize(self, quantize: str) -> None:
+        super().check_quantize(quantize)
+        machine = build_machine(self.profile)
+        if self.config["tune"] and not machine.is_host:
+            raise UserInputError(f"--tune measures candidate kernels on this machine ({build_machine(None).arch}); "
+                                 f"it cannot tune for {machine.describe()}: drop --tune for this profile")
+
+    def unused_params(self, quantize: str) -> dict[str, str]:
+        unused = {}
+        if not self.config["tune"]:
+            unused["tune_cores"] = "without --tune: it needs --tune N (it sets the threads tuned kernels are planned for)"
+        machine = build_machine(self.profile)
+        if machine.is_host:
+            unused["cross_compiler"] = (f"for this machine ({machine.describe()}): it links libraries for another "
+                                        f"CPU, with a --profile for that board")
+        return unused
+
     def runnable_model(self, model_path: Path) -> Path:
         return self._stand_in or model_path
 
@@ -97,11 +119,6 @@ class TVMTarget(Target):
 
         machine = build_machine(self.profile)
         cross = None if machine.is_host else find_cross_compiler(machine, self.config["cross_compiler"])
-        if self.config["tune_cores"] and not self.config["tune"]:
-            raise UserInputError("--tune-cores sets the threads tuned kernels are planned for: it needs --tune N")
-        if self.config["tune"] and not machine.is_host:
-            raise UserInputError(f"--tune measures candidate kernels on this machine ({build_machine(None).arch}); "
-                                 f"it cannot tune for {machine.describe()}: drop --tune for this profile")
         float_model = model
         if any(n.op_type in DEFAULT_ACTIVATIONS for n in model.graph.node):
             float_model = get_pass("unroll-rnn")(**self.pass_params.get("unroll-rnn", {})).apply(model, ctx)
