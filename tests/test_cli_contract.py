@@ -68,27 +68,7 @@ def test_the_exit_code_for_an_internal_error_is_3():
     assert EXIT_INTERNAL == 3
 
 
-@pytest.mark.parametrize("args,line", [
-    (["convert"], "edgeopt: error: Missing argument 'MODEL' (see 'edgeopt convert --help')"),
-    (["convert", "m.onnx", "-o", "o", "--quantize", "int9"],
-     "edgeopt: error: --quantize: 'int9' is not one of 'none', 'fp16', 'int8', 'int8-dynamic', 'int16x8', 'int4' "
-     "(see 'edgeopt convert --help')"),
-    (["convert", "m.onnx", "-o", "o", "--target", "tvm", "--batch", "0"],
-     "edgeopt: error: --batch: must be >= 1, got 0 (see 'edgeopt convert --help')"),
-    (["convert", "m.onnx", "-o", "o", "--target", "onnx", "--threads", "0"],
-     "edgeopt: error: --threads: 0 is not in the range x>=1 (see 'edgeopt convert --help')"),
-    (["bench", "m.onnx", "--batch", "0"],
-     "edgeopt: error: --batch: expected comma-separated positive integers, got '0' (see 'edgeopt bench --help')"),
-    (["convert", "m.onnx", "-o", "o", "--frce"],
-     "edgeopt: error: No such option '--frce'. Did you mean '--force'? (see 'edgeopt convert --help')"),
-    (["convert", "m.onnx", "-o", "o", "--distill", "d.npz", "--epochs", "0"],
-     "edgeopt: error: --epochs: must be >= 1, got 0 (see 'edgeopt convert --help')"),
-    (["nonsense"], "edgeopt: error: No such command 'nonsense' (see 'edgeopt --help')"),
-])
-def test_usage_errors_are_one_line_naming_the_option(args, line):
-    res = run_cli(*args)
-    assert res.code == 2, res.err
-    assert _one_line(res.err) == line
+# Usage errors (one line naming the option) are rows of the bad-input table in tests/test_bad_input.py.
 
 
 # -- interruption: SIGINT, SIGTERM and SIGHUP leave nothing behind ------------------------------------
@@ -197,30 +177,6 @@ def test_sigterm_during_a_real_tvm_compile_leaves_nothing(tiny, tmp_path):
     assert list(parent.iterdir()) == [] and list(tmp.iterdir()) == []
 
 
-# -- bad input: one table of (command, exit code, the line printed, what is left on disk) -----------------
-def _tree(root) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else b"<dir>") for p in sorted(root.rglob("*"))}
-
-
-def _victim(tmp, tiny, *names) -> None:
-    """victim/ holding copies of the model, calibration data and a note, as a user's folder would."""
-    import shutil
-
-    (tmp / "victim").mkdir()
-    for name in names:
-        if name == "model.onnx":
-            shutil.copyfile(tiny, tmp / "victim" / name)
-        elif name.endswith(".npz"):
-            _calibration(tmp / "victim" / name)
-        else:
-            (tmp / "victim" / name).write_text("my notes")
-
-
-def _artifact_and_a_note(tmp, tiny) -> None:
-    assert run_cli("convert", tiny, "-o", tmp / "victim", "--target", "onnx", "-q").code == 0
-    (tmp / "victim" / "notes.txt").write_text("my notes")
-
-
 def _unwritable(tmp) -> str:
     """An output location whose parent cannot be written, for root too (this machine runs tests as root)."""
     if os.geteuid() != 0:
@@ -229,67 +185,9 @@ def _unwritable(tmp) -> str:
     return "/sys/edgeopt-test-out"  # sysfs: mkdir is refused (EPERM) even for root
 
 
-def _aarch64_library(tmp) -> None:
-    """The first 64 bytes of an aarch64 shared object (what `--profile raspberry-pi-4 --target tvm` writes)."""
-    import struct
-
-    header = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8) + struct.pack("<HHI", 3, 183, 1) + bytes(44)
-    (tmp / "model.so").write_bytes(header + bytes(1024))
-
-
-ARTIFACT = ["victim/golden.npz", "victim/manifest.json", "victim/model.onnx", "victim/report.json"]
-# id, setup(tmp, tiny), argv (TINY = the model, a str with {tmp} = a path), exit code, the one line holds, left on disk
-BAD_INPUT = [
-    ("force-over-the-folder-holding-the-model", lambda t, m: _victim(t, m, "model.onnx", "cal.npz", "notes.txt"),
-     ["convert", "{tmp}/victim/model.onnx", "-o", "{tmp}/victim", "--force", "--target", "onnx"], 2,
-     ["output location", "victim/model.onnx, an input of this conversion", "write the artifact to another directory"],
-     ["victim", "victim/cal.npz", "victim/model.onnx", "victim/notes.txt"]),
-    ("force-over-the-folder-holding-the-data", lambda t, m: _victim(t, m, "cal.npz"),
-     ["convert", "TINY", "-o", "{tmp}/victim", "--force", "--target", "onnx", "--quantize", "int8",
-      "--calibration", "{tmp}/victim/cal.npz"], 2,
-     ["victim/cal.npz, an input of this conversion"], ["victim", "victim/cal.npz"]),
-    ("force-over-an-unrelated-folder", lambda t, m: _victim(t, m, "notes.txt"),
-     ["convert", "TINY", "-o", "{tmp}/victim", "--force", "--target", "onnx"], 2,
-     ["is not empty and is not an edgeopt artifact (no manifest.json)", "choose another -o or empty it"],
-     ["victim", "victim/notes.txt"]),
-    ("force-over-an-artifact-and-a-note", _artifact_and_a_note,
-     ["convert", "TINY", "-o", "{tmp}/victim", "--force", "--target", "onnx"], 2,
-     ["holds notes.txt besides an edgeopt artifact", "move it away"], ["victim", *sorted(ARTIFACT + ["victim/notes.txt"])]),
-    ("log-file-inside-the-output-location", lambda t, m: _victim(t, m),
-     ["convert", "TINY", "-o", "{tmp}/victim", "--force", "--target", "onnx", "--log-file", "{tmp}/victim/c.log"], 2,
-     ["--log-file", "inside the output location", "write the log elsewhere"], ["victim"]),
-    ("unwritable-output-found-before-pruning-and-distillation", lambda t, m: _calibration(t / "train.npz"),
-     ["convert", "TINY", "-o", "UNWRITABLE", "--target", "onnx", "--prune-channels", "0.5", "--distill",
-      "{tmp}/train.npz"], 2, ["output location", "cannot write"], ["train.npz"]),
-    ("calibration-method-tflite-cannot-apply", lambda t, m: _calibration(t / "cal.npz"),
-     ["convert", "TINY", "-o", "{tmp}/out", "--target", "tflite", "--quantize", "int8", "--calibration",
-      "{tmp}/cal.npz", "--calibration-method", "entropy"], 2,
-     ["--calibration-method entropy", "target 'tflite'", "min/max"], ["cal.npz"]),
-    ("install-model-of-a-path-that-does-not-exist", lambda t, m: None,
-     ["agent", "install-model", "{tmp}/nonexist", "--state-dir", "{tmp}/state"], 2,
-     ["nonexist", "does not exist"], []),
-    ("bench-an-aarch64-library-here", lambda t, m: _aarch64_library(t),
-     ["bench", "{tmp}/model.so"], 2, ["model.so", "aarch64", "this machine is x86_64", "on the board", "qemu"],
-     ["model.so"]),
-]
-
-
-@pytest.mark.parametrize("case", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
-def test_bad_input(case, tiny, tmp_path):
-    name, setup, argv, code, needles, left = case
-    if name.startswith("bench-an-aarch64") and os.uname().machine != "x86_64":
-        pytest.skip("the message names this machine's CPU; written for x86_64")
-    setup(tmp_path, tiny)
-    before = _tree(tmp_path)
-    args = [str(tiny) if a == "TINY" else _unwritable(tmp_path) if a == "UNWRITABLE" else a.format(tmp=tmp_path)
-            for a in argv]
-    res = run_cli(*args)
-    assert res.code == code, res.err
-    line = _one_line(res.err)
-    assert line.startswith("edgeopt: error: ") and "Traceback" not in res.err
-    for needle in needles:
-        assert needle in line, (needle, line)
-    assert _tree(tmp_path) == before and sorted(_tree(tmp_path)) == left
+# The refusals (--force over the user's files, an unwritable output, a setting the target would not
+# honour, install-model of a missing path, an aarch64 library benched here) are rows of the bad-input
+# table in tests/test_bad_input.py.
 
 
 # -- output folders: what --force may replace, and what is checked before any work ------------------------

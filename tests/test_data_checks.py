@@ -4,16 +4,12 @@ gives one line naming the file, the input and the first bad sample, exit 2, noth
 
 from __future__ import annotations
 
-import tempfile
-
 import numpy as np
 import pytest
 
 from edgeopt.data import label_task, load_dataset
 from edgeopt.errors import UserInputError
 from edgeopt.specs import TensorSpec
-
-from conftest import run_cli
 
 IMG = [TensorSpec("image", ("batch", 1, 8, 8), "float32")]
 LOGITS = TensorSpec("logits", ("batch", 10), "float32")
@@ -24,99 +20,8 @@ def _images(n: int = 32) -> np.ndarray:
     return np.random.default_rng(0).random((n, 1, 8, 8), dtype=np.float32)
 
 
-def _poked(value: float, sample: int, n: int = 32) -> np.ndarray:
-    x = _images(n)
-    x[sample, 0, 3, 4] = value
-    return x
-
-
-def _write(path, kind: str) -> None:
-    """One bad data file per case of the table below."""
-    labels = np.arange(32) % 10
-    writers = {
-        "nan": lambda: np.savez(path, image=_poked(np.nan, 17)),
-        "inf": lambda: np.savez(path, image=_poked(np.inf, 5)),
-        "-inf": lambda: np.savez(path, image=_poked(-np.inf, 0)),
-        "too-big": lambda: np.savez(path, image=_images().astype(np.float64) + _big(9)),
-        "empty": lambda: np.savez(path, image=np.zeros((0, 1, 8, 8), np.float32)),
-        "label-range": lambda: np.savez(path, image=_images(), labels=np.where(np.arange(32) == 3, 10, labels)),
-        "label-negative": lambda: np.savez(path, image=_images(), labels=np.where(np.arange(32) == 6, -1, labels)),
-        "label-float": lambda: np.savez(path, image=_images(), labels=labels.astype(np.float32)),
-        "label-scalar": lambda: np.savez(path, image=_images(), labels=np.int64(3)),
-        "label-text": lambda: np.savez(path, image=_images(), labels=np.array(["cat"] * 32)),
-        "label-nan": lambda: np.savez(path, image=_images(), labels=np.where(np.arange(32) == 4, np.nan, 1.0)),
-        "text": lambda: path.write_text("image,label\n0.1,3\n"),
-        "npy-as-npz": lambda: path.write_bytes(_npy_bytes()),
-        "pickled": lambda: np.savez(path, image=np.array([object()] * 32, dtype=object)),
-    }
-    writers[kind]()
-
-
-def _big(sample: int) -> np.ndarray:
-    x = np.zeros((32, 1, 8, 8))
-    x[sample, 0, 0, 0] = 1e300  # finite as float64, Inf as the model's float32
-    return x
-
-
-def _npy_bytes() -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, _images())
-    return buf.getvalue()
-
-
-# (data flag, file kind, the one line printed after "edgeopt: error: ")
-BAD_DATA = [
-    ("--calibration", "nan", "cal.npz: input 'image' sample 17 holds NaN"),
-    ("--calibration", "inf", "cal.npz: input 'image' sample 5 holds Inf"),
-    ("--validation", "-inf", "cal.npz: input 'image' sample 0 holds -Inf"),
-    ("--validation", "too-big", "cal.npz: input 'image' sample 9 holds 1e+300, beyond the range of float32"),
-    ("--calibration", "empty", "cal.npz: input 'image' has no samples"),
-    ("--validation", "label-range", "cal.npz: 'labels' sample 3 is 10, outside the classes 0..9 of output"),
-    ("--validation", "label-negative", "cal.npz: 'labels' sample 6 is -1, outside the classes 0..9"),
-    ("--validation", "label-float", "cal.npz: 'labels' are float32 but output 'logits' [N, 10] is a classifier's"),
-    ("--validation", "label-scalar", "cal.npz: 'labels' is a single value"),
-    ("--validation", "label-text", "cal.npz: 'labels' has dtype <U3"),
-    ("--validation", "label-nan", "cal.npz: 'labels' sample 4 holds NaN"),
-    ("--validation", "text", "cal.npz: not an .npz file: numpy.savez writes a zip archive"),
-    ("--calibration", "npy-as-npz", "cal.npz: is an .npy array, not an .npz archive"),
-    ("--calibration", "pickled", "cal.npz: array 'image' holds Python objects (pickled)"),
-    ("--distill", "nan", "cal.npz: input 'image' sample 17 holds NaN"),
-    ("--distill", "label-range", "cal.npz: 'labels' sample 3 is 10, outside the classes 0..9"),
-]
-
-
-@pytest.fixture
-def private_tmp(tmp_path, monkeypatch):
-    """The converter's temporary directories go here, so a test can see that none is left."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    return tmp
-
-
-@pytest.mark.parametrize("flag,kind,line", BAD_DATA, ids=[f"{f[2:]}-{k}" for f, k, _ in BAD_DATA])
-def test_bad_data_is_refused_before_any_work(digits_models, tmp_path, private_tmp, monkeypatch, flag, kind, line):
-    """Exit 2, one line naming file, input and first bad sample; no output folder, no staging
-    sibling, no temporary directory; and no pass ran (pruning would come before the distill step)."""
-    from edgeopt.converters.passes.prune_structured import PruneStructured
-
-    def no_work(*args, **kwargs):
-        raise AssertionError("a pass ran before the data was checked")
-
-    monkeypatch.setattr(PruneStructured, "_apply", no_work)
-    data = tmp_path / "cal.npz"
-    _write(data, kind)
-    out = tmp_path / "out"
-    extra = {"--calibration": ["--quantize", "int8"], "--distill": ["--prune-channels", "0.5"]}.get(flag, [])
-    res = run_cli("convert", digits_models["cnn"], "-o", out, "--target", "onnx", "-q", flag, data, *extra)
-    assert res.code == 2, (res.code, res.err)
-    lines = res.err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in res.err, res.err
-    assert lines[0].startswith("edgeopt: error: ") and line in lines[0], lines[0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.npz", "tmp"]  # no out/, no .out.*.partial
-    assert list(private_tmp.iterdir()) == []
+# The bad data files refused through the CLI (NaN, Inf, empty, labels out of range, a text file named
+# .npz ...) are rows of the bad-input table in tests/test_bad_input.py.
 
 
 def test_float64_data_is_cast_and_whole_number_csv_labels_are_classes(tmp_path):
