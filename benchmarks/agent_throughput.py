@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ROOT, print_table, write_json
+from common import ROOT, add_out_option, print_table, write_json
 
 sys.path.insert(0, str(ROOT / "tests"))
 AGENT = str(Path(sys.executable).parent / "edgeopt-agent")
@@ -148,6 +148,7 @@ def main() -> None:
     ap.add_argument("--format", choices=["tflite", "onnx"], default=None)
     ap.add_argument("--samples", type=int, default=400_000, help="stream length (50 Hz samples)")
     ap.add_argument("--rounds", type=int, default=3)
+    add_out_option(ap)
     args = ap.parse_args()
     fmt = args.format or default_format()
 

@@ -26,7 +26,7 @@ from edgeopt.converters.targets.tvm import tuning
 from edgeopt.runtime import runtime_for_format
 from edgeopt.runtime.onnxruntime import OnnxRuntime
 
-from common import ROOT, print_table, write_json
+from common import ROOT, add_out_option, print_table, write_json
 
 SETTINGS = BenchSettings(rounds=7, min_round_time=0.2)  # latency: 7 interleaved rounds of >= 0.2 s
 
@@ -56,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tune", type=int, default=64)
     parser.add_argument("--models", default="cnn,mobilenet,lstm")
+    add_out_option(parser)
     args = parser.parse_args()
     has_litert = "tflite" in registry.names(registry.TARGETS)
     rows, results = [], []

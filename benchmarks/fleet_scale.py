@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, print_table, write_json
+from common import ROOT, add_out_option, print_table, write_json
 
 EDGEOPT = str(Path(sys.executable).parent / "edgeopt")
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -312,6 +312,7 @@ def main() -> None:
     ap.add_argument("--runs", default="1000:65536,1000:262144,10000:65536,10000:262144", help="DEVICES:CHUNK_BYTES,...")
     ap.add_argument("--model-bytes", type=int, default=1_000_000)
     ap.add_argument("--sim-processes", type=int, default=2)
+    add_out_option(ap)
     args = ap.parse_args()
     hard = raise_fd_limit()
     with tempfile.TemporaryDirectory(prefix="edgeopt-fleet-rtt-") as tmp:

@@ -22,7 +22,7 @@ import numpy as np
 
 from edgeopt.converters.pipeline import ConvertCheckFailed, ConvertOptions, convert
 
-from common import print_table, write_json
+from common import add_out_option, print_table, write_json
 
 MODES = {"onnx": ["none", "fp16", "int8", "int8-dynamic", "int4"],
          "tflite": ["none", "fp16", "int8", "int8-dynamic", "int16x8", "int4"]}
@@ -78,6 +78,7 @@ def _run(model: Path, out: Path, target: str, mode: str, calibration: Path | Non
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, help="directory for the trained models (reused when present)")
+    add_out_option(ap)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
