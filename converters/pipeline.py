@@ -204,8 +204,9 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
         ctx = PassContext(workdir=Path(work), progress=progress)
         if note := unread_calibration_note(target, quantize, opts.calibration is not None, opts.validation is not None):
             ctx.notes.append(note)
-        canon_params = {"batch_size": profile.default_batch if profile else None, **target.canonicalize_settings(),
-                        **opts.pass_params.get("canonicalize", {})}
+        canon_params = {"batch_size": profile.default_batch if profile else None,
+                        "min_opset": _min_opset(target, quantize, compression, source),
+                        **target.canonicalize_settings(), **opts.pass_params.get("canonicalize", {})}
         canon_pass = get_pass("canonicalize")(input_shapes=opts.input_shapes or None,
                                               input_values=opts.input_values or None, **canon_params)
         with steps("canonicalize") as row:
@@ -254,6 +255,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
                 latency = {**dict.fromkeys(LATENCY_KEYS), "runtime": runtime_cls.name}
                 ctx.notes.append(f"{unavailable}: the converted model was not run, so parity, accuracy and latency "
                                  f"are not measured and the golden vectors carry no tolerance")
+            shape_problems = _output_shape_problems(golden[1], io_specs[1])
             save_golden(stage / GOLDEN, *golden)
             compile_row.update(params=count_params(model), macs=count_macs(model), accuracy=acc["converted"],
                                top1_agreement=par["top1_agreement"], latency_p50_ms=latency["p50_ms"])
@@ -268,7 +270,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
             generated = validation.source == "generated"
             gates = evaluate(par, acc, Thresholds(opts.max_accuracy_drop, opts.min_cosine, opts.min_top1_agreement),
                              validation.task, generated_inputs=generated)
-            failures = _failures(fit, par) + gates.failures
+            failures = shape_problems + _failures(fit, par) + gates.failures
             missed = gates.failures or gates.warnings
             versions = tool_versions(*target.toolchain)
             report = {
@@ -307,6 +309,12 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
     if failures:
         raise ConvertCheckFailed(result)
     return result
+
+
+def _min_opset(target: Target, quantize: str, compression: list[Pass], source: onnx.ModelProto) -> int | None:
+    """The ONNX opset the whole recipe can work at: canonicalize upgrades an older model to it."""
+    needs = [p.min_opset for p in compression] + [target.min_opset(quantize, source)]
+    return max((n for n in needs if n), default=None)
 
 
 def _input_files(opts: ConvertOptions) -> list[Path]:
@@ -380,6 +388,23 @@ def _failures(fit: dict, par: dict) -> list[str]:
     if par["finite"] is False:
         failures.append("the converted model produced NaN or Inf outputs")
     return failures
+
+
+def _output_shape_problems(reference: dict[str, np.ndarray], outputs: list[TensorSpec]) -> list[str]:
+    """Outputs whose declared shape (the compiled model's, in the manifest) contradicts what the original
+    model computes for the same inputs: the rank, or a fixed dim after the leading one (samples are
+    stacked along that). Matters most where the converted model cannot run here (Core ML off macOS)."""
+    problems = []
+    for spec in outputs:
+        got = reference.get(spec.name)
+        declared = list(spec.shape)
+        if got is None or not declared:
+            continue
+        if len(declared) != got.ndim or any(isinstance(d, int) and d > 0 and d != g
+                                            for d, g in zip(declared[1:], got.shape[1:], strict=True)):
+            problems.append(f"output '{spec.name}': the converted model declares shape {spec.describe_shape()}, "
+                            f"the original computes {list(got.shape[1:])} per sample")
+    return problems
 
 
 def _nodes_without_schema(model: onnx.ModelProto) -> onnx.ModelProto:

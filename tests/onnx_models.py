@@ -75,3 +75,66 @@ def chain(sizes: list[int]) -> onnx.ModelProto:
     graph = h.make_graph(nodes, "chain", [h.make_tensor_value_info("x", T.FLOAT, [1, sizes[0]])],
                          [h.make_tensor_value_info("y", T.FLOAT, [1, sizes[-1]])], initializer=inits)
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+def misdeclared_output() -> onnx.ModelProto:
+    """The shape of a CRNN head (ddddocr's common.onnx): x [1, 3, 5] → [T=5, 1, 3] → MatMul → Reshape
+    to [T, 1, -1] computed from Shape/Gather/Concat — but the graph declares the output [1, 'seqlen'].
+    onnxslim trusts the declaration and folds the Reshape target to [1, 20]: output (1, 20), not (5, 1, 4)."""
+    rng = np.random.default_rng(0)
+    nodes = [h.make_node("Transpose", ["x"], ["t"], perm=[2, 0, 1]),
+             h.make_node("Shape", ["t"], ["s"]),
+             h.make_node("Gather", ["s", "i0"], ["d0"], axis=0),
+             h.make_node("Gather", ["s", "i1"], ["d1"], axis=0),
+             h.make_node("Reshape", ["t", "flat"], ["f"]),
+             h.make_node("MatMul", ["f", "w"], ["m"], name="head"),
+             h.make_node("Unsqueeze", ["d0", "ax"], ["u0"]),
+             h.make_node("Unsqueeze", ["d1", "ax"], ["u1"]),
+             h.make_node("Concat", ["u0", "u1", "rest"], ["shape"], axis=0),
+             h.make_node("Reshape", ["m", "shape"], ["y"], name="out_reshape")]
+    inits = [numpy_helper.from_array(rng.standard_normal((3, 4)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(0, np.int64), "i0"),
+             numpy_helper.from_array(np.array(1, np.int64), "i1"),
+             numpy_helper.from_array(np.array([-1, 3], np.int64), "flat"),
+             numpy_helper.from_array(np.array([0], np.int64), "ax"),
+             numpy_helper.from_array(np.array([-1], np.int64), "rest")]
+    graph = h.make_graph(nodes, "crnn_head", [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 5])],
+                         [h.make_tensor_value_info("y", T.FLOAT, [1, "seqlen"])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)], ir_version=8)
+
+
+def conv_classifier(opset: int = 11) -> onnx.ModelProto:
+    """x [N, 3, 8, 8] → Conv 3→8 → Relu → GlobalAveragePool → Flatten → Gemm → y [N, 4], at an old opset."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3, "cw"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32) * 0.1, "cb"),
+             numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float32), "gw"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "gb")]
+    nodes = [h.make_node("Conv", ["x", "cw", "cb"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             h.make_node("Relu", ["c"], ["r"], name="relu"),
+             h.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+             h.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             h.make_node("Gemm", ["f", "gw", "gb"], ["y"], transB=1, name="fc")]
+    graph = h.make_graph(nodes, "conv_classifier", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 8, 8])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["N", 4])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", opset)], ir_version=7)
+
+
+def lstm_sequence(opset: int = 12, steps: int = 6, features: int = 3, hidden: int = 5) -> onnx.ModelProto:
+    """x [T, 1, F] (time-major, as exported by CRNNs) → LSTM → Y [T, 1, 1, H], at an old opset."""
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, features)).astype(np.float32) * 0.5, "W"),
+             numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32) * 0.5, "R"),
+             numpy_helper.from_array(rng.standard_normal((1, 8 * hidden)).astype(np.float32) * 0.1, "B")]
+    nodes = [h.make_node("LSTM", ["x", "W", "R", "B"], ["y"], hidden_size=hidden, name="lstm")]
+    graph = h.make_graph(nodes, "lstm_seq", [h.make_tensor_value_info("x", T.FLOAT, [steps, 1, features])],
+                         [h.make_tensor_value_info("y", T.FLOAT, [steps, 1, 1, hidden])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", opset)], ir_version=7)
+
+
+def unupgradable() -> onnx.ModelProto:
+    """An opset-11 graph onnx.version_converter cannot take to 13: an op with no ONNX schema."""
+    graph = h.make_graph([h.make_node("Relu", ["x"], ["a"]), h.make_node("NoSuchOp", ["a"], ["y"], name="odd")],
+                         "odd", [h.make_tensor_value_info("x", T.FLOAT, [1, 4])],
+                         [h.make_tensor_value_info("y", T.FLOAT, [1, 4])])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 11)], ir_version=7)

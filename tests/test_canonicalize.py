@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -11,7 +13,16 @@ from edgeopt.errors import UserInputError
 from edgeopt.onnx_io import input_specs
 
 from conftest import run_cli
-from onnx_models import dynamic_dims, if_on_sample_rate, save, with_dropout_and_training_bn
+from onnx_models import (
+    conv_classifier,
+    dynamic_dims,
+    if_on_sample_rate,
+    lstm_sequence,
+    misdeclared_output,
+    save,
+    unupgradable,
+    with_dropout_and_training_bn,
+)
 
 
 def _apply(model, tmp_path, **kw):
@@ -138,3 +149,155 @@ def test_batch_size_fixes_only_a_dynamic_leading_dim(tmp_path):
         _apply(dynamic_dims(), tmp_path, batch_size=4)  # 'time' is still dynamic
     assert load_profile("arduino-nano-33-ble-sense").default_batch == 1
     assert load_profile("raspberry-pi-4").default_batch is None
+
+
+# -- simplification, checked (issue 15) ------------------------------------------------------------------
+
+def _ort(model, feeds):
+    return ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
+
+
+def test_a_misdeclared_output_shape_is_corrected_before_simplification(tmp_path):
+    import onnxslim
+
+    source = misdeclared_output()
+    x = np.random.default_rng(0).standard_normal((1, 3, 5)).astype(np.float32)
+    assert _ort(onnxslim.slim(source), {"x": x}).shape == (1, 20)  # the bug this guards against
+    ctx = PassContext(workdir=tmp_path)
+    model = Canonicalize().apply(source, ctx)
+    np.testing.assert_allclose(_ort(model, {"x": x}), _ort(source, {"x": x}), rtol=1e-6)
+    assert _ort(model, {"x": x}).shape == (5, 1, 4)
+    assert ctx.details["canonicalize"]["simplified"] is True
+    assert ctx.notes == ["canonicalize: output 'y' is declared [1, 'seqlen'] but the model computes [5, 1, 4] "
+                         "(the declaration is corrected)"]
+    assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == [5, 1, 4]
+
+
+def test_convert_of_a_misdeclared_output_matches_the_original_on_every_runnable_target(tmp_path):
+    model = save(misdeclared_output(), tmp_path / "crnn_head.onnx")
+    for target in ("onnx", "tflite"):
+        res = run_cli("convert", model, "-o", tmp_path / target, "--target", target, "--json", "-q")
+        assert res.code == 0, res.err
+        report = res.json()
+        assert report["parity"]["max_abs_err"] < 1e-5
+        manifest = json.loads((tmp_path / target / "manifest.json").read_text())
+        shape = manifest["outputs"][0]["shape"]
+        assert sorted(shape) == [1, 4, 5], shape  # tflite may store it in another layout, never [1, 20]
+    # Core ML does not run here: the shape is checked against the original's outputs all the same
+    res = run_cli("convert", model, "-o", tmp_path / "coreml", "--target", "coreml", "--json", "-q")
+    assert res.code == 0, res.err
+    assert json.loads((tmp_path / "coreml" / "manifest.json").read_text())["outputs"][0]["shape"] == [5, 1, 4]
+
+
+def test_an_output_shape_the_original_does_not_compute_fails_the_artifact():
+    from edgeopt.converters.pipeline import _output_shape_problems
+    from edgeopt.specs import TensorSpec
+
+    golden = {"y": np.zeros((40, 1, 4), np.float32)}  # 8 samples of [5, 1, 4], stacked along axis 0
+    assert _output_shape_problems(golden, [TensorSpec("y", (5, 1, 4), "float32")]) == []
+    assert _output_shape_problems(golden, [TensorSpec("y", (1, 20), "float32")]) == [
+        "output 'y': the converted model declares shape [1, 20], the original computes [1, 4] per sample"]
+
+
+def _scaled_output(model, factor):
+    """The same graph with its output multiplied by ``factor`` (a simplifier that gets values wrong)."""
+    out = onnx.ModelProto.FromString(model.SerializeToString())
+    name = out.graph.output[0].name
+    for node in out.graph.node:
+        node.output[:] = [f"{name}_pre" if o == name else o for o in node.output]
+    out.graph.initializer.append(onnx.numpy_helper.from_array(np.array(factor, np.float32), "factor"))
+    out.graph.node.append(onnx.helper.make_node("Mul", [f"{name}_pre", "factor"], [name]))
+    return out
+
+
+def _reshaped_output(model):
+    """The same graph with its output flattened (a simplifier that gets a shape wrong)."""
+    out = onnx.ModelProto.FromString(model.SerializeToString())
+    name = out.graph.output[0].name
+    for node in out.graph.node:
+        node.output[:] = [f"{name}_pre" if o == name else o for o in node.output]
+    out.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1, -1], np.int64), "flat_shape"))
+    out.graph.node.append(onnx.helper.make_node("Reshape", [f"{name}_pre", "flat_shape"], [name]))
+    del out.graph.output[0].type.tensor_type.shape.dim[:]
+    return out
+
+
+@pytest.mark.parametrize("wrong,problem", [
+    (lambda m: _scaled_output(m, 1.5), "different values for output 'y'"),
+    (_reshaped_output, "output 'y' shaped [1, 48] instead of [2, 3, 8]"),
+])
+def test_a_simplification_that_changes_an_output_is_dropped(tmp_path, monkeypatch, wrong, problem):
+    import onnxslim
+
+    real = onnxslim.slim
+    monkeypatch.setattr(onnxslim, "slim", lambda m: wrong(real(m)))  # the seam: onnxslim's result
+    source = dynamic_dims()
+    ctx = PassContext(workdir=tmp_path)
+    model = Canonicalize(input_shapes={"x": (2, 3, 8)}).apply(source, ctx)
+    assert ctx.details["canonicalize"]["simplified"] is False
+    assert ctx.notes == [f"canonicalize: simplification (onnxslim) gave {problem}; the unsimplified graph is kept "
+                         f"(--no-simplify skips the attempt)"]
+    x = np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32)
+    np.testing.assert_array_equal(_ort(model, {"x": x}), np.maximum(x, 0))
+
+
+def test_no_simplify_skips_onnxslim(tmp_path, monkeypatch):
+    import onnxslim
+
+    def refuse(_model):
+        raise AssertionError("onnxslim must not run with --no-simplify")
+
+    model = save(misdeclared_output(), tmp_path / "m.onnx")
+    monkeypatch.setattr(onnxslim, "slim", refuse)
+    res = run_cli("convert", model, "-o", tmp_path / "out", "--target", "onnx", "--no-simplify", "--json", "-q")
+    assert res.code == 0, res.err
+    report = res.json()
+    assert report["recipe"][0] == {"pass": "canonicalize", "params": {"keep_dynamic_batch": True, "simplify": False}}
+    assert report["steps"][1]["simplified"] is False
+    assert report["notes"] == ["canonicalize: output 'y' is declared [1, 'seqlen'] but the model computes [5, 1, 4] "
+                               "(the declaration is corrected)"]  # checked with or without simplification
+    assert report["parity"]["max_abs_err"] == 0.0
+
+
+# -- old opsets (issue 15) ------------------------------------------------------------------------------
+
+def test_an_old_opset_is_upgraded_only_when_the_recipe_needs_it(tmp_path):
+    model = save(conv_classifier(opset=11), tmp_path / "cls11.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((32, 3, 8, 8)).astype(np.float32))
+    res = run_cli("convert", model, "-o", tmp_path / "f32", "--target", "onnx", "--json", "-q")
+    assert res.code == 0, res.err
+    assert "opset" not in res.json()["steps"][1]
+    assert onnx.load(tmp_path / "f32" / "model.onnx").opset_import[0].version == 11
+    res = run_cli("convert", model, "-o", tmp_path / "i8", "--target", "onnx", "--quantize", "int8",
+                  "--calibration", tmp_path / "cal.npz", "--json", "-q")
+    assert res.code == 0, res.err  # before: "Unrecognized attribute: axis for operator DequantizeLinear"
+    report = res.json()
+    assert report["steps"][1]["opset"] == {"from": 11, "to": 13}
+    assert report["parity"]["cosine"] > 0.99
+    ops = {n.op_type for n in onnx.load(tmp_path / "i8" / "model.onnx").graph.node}
+    assert "DequantizeLinear" in ops
+
+
+def test_an_opset_12_lstm_is_upgraded_and_unrolled(tmp_path):
+    from edgeopt.converters.passes.unroll_rnn import UnrollRnn
+    from edgeopt.converters.targets import get_target
+
+    source = lstm_sequence(opset=12)
+    assert get_target("tvm")().min_opset("none", source) == 13
+    assert get_target("tvm")().min_opset("none", conv_classifier()) is None
+    ctx = PassContext(workdir=tmp_path)
+    canonical = Canonicalize(min_opset=13).apply(source, ctx)
+    assert ctx.details["canonicalize"]["opset"] == {"from": 12, "to": 13}
+    unrolled = UnrollRnn().apply(canonical, ctx)
+    assert "LSTM" not in {n.op_type for n in unrolled.graph.node}
+    x = np.random.default_rng(0).standard_normal((6, 1, 3)).astype(np.float32)
+    np.testing.assert_allclose(_ort(unrolled, {"x": x}), _ort(source, {"x": x}), rtol=1e-5, atol=1e-6)
+
+
+def test_an_impossible_opset_upgrade_is_one_clear_error(tmp_path):
+    from edgeopt.converters.passes import ConversionError
+
+    with pytest.raises(ConversionError, match=r"the model has ONNX opset 11; this recipe needs opset 13, and "
+                                              r"onnx.version_converter cannot upgrade it: "):
+        Canonicalize(min_opset=13).apply(unupgradable(), PassContext(workdir=tmp_path))

@@ -57,6 +57,7 @@ class Pass(Configurable):
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     params: ClassVar[tuple[Param, ...]] = ()
+    min_opset: ClassVar[int | None] = None  # the oldest ONNX opset it handles; canonicalize upgrades to it
 
     def _apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         raise NotImplementedError

@@ -4,8 +4,13 @@
 2. fix dynamic input dims from ``input_shapes``; a dynamic leading (batch) dim may stay dynamic,
    any other dynamic dim left is an error naming the input;
 3. drop training-only behaviour (Dropout, BatchNormalization in training mode);
-4. constant folding, dead-code elimination and simplification with onnxslim;
-5. ONNX shape inference, so every later step sees concrete shapes.
+4. upgrade to the opset the later passes and the target need (onnx.version_converter);
+5. constant folding, dead-code elimination and simplification with onnxslim -- checked: the
+   unsimplified and the simplified graph are both run on one generated sample with ONNX Runtime,
+   and a simplification that changes any output's shape or values is dropped (the report says so).
+   Output shapes the model declares wrongly (a real export bug: a CRNN declaring [1, seqlen] for a
+   [T, 1, C] output) are corrected from that run first, as onnxslim would otherwise trust them;
+6. ONNX shape inference, so every later step sees concrete shapes.
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgeopt.converters.passes import Pass, PassContext
+from edgeopt.converters.passes import ConversionError, Pass, PassContext
 from edgeopt.errors import UserInputError, closest
-from edgeopt.onnx_io import input_specs
+from edgeopt.onnx_io import input_specs, opset_version, save_model
 from edgeopt.params import Param
 
 
@@ -60,7 +65,10 @@ class Canonicalize(Pass):
               check=lambda v: None if v >= 1 else "must be >= 1"),
         Param("keep_dynamic_batch", bool, True,
               "leave a dynamic leading (batch) dim dynamic instead of requiring --input-shape for it"),
-        Param("simplify", bool, True, "run onnxslim (constant folding, dead code, fusions)"),
+        Param("simplify", bool, True, "run onnxslim (constant folding, dead code, fusions), kept only when "
+              "every output's shape and values on a sample are unchanged"),
+        Param("min_opset", int, None, "upgrade the model to at least this ONNX opset (set from what the later "
+              "passes and the target need)", check=lambda v: None if v >= 7 else "must be >= 7"),
     )
 
     def _apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
@@ -70,10 +78,10 @@ class Canonicalize(Pass):
         fixed = self._fix_shapes(model, self._with_batch(model, self.config["input_shapes"] or {}))
         removed = self._drop_training_nodes(model)
         self._check_dynamic(model)
-        if self.config["simplify"]:
-            import onnxslim
-
-            model = onnxslim.slim(model)
+        model, upgraded = self._upgrade_opset(model, self.config["min_opset"])
+        if upgraded:
+            details["opset"] = upgraded
+        model, details["simplified"] = self._simplify(model, ctx, self.config["simplify"])
         model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
         details.update(nodes_after=len(model.graph.node), frozen_inputs=frozen, fixed_shapes=fixed,
                        training_nodes_removed=removed)
@@ -157,6 +165,53 @@ class Canonicalize(Pass):
                     f"input '{spec.name}' has dynamic dim(s) {dyn} in shape {spec.describe_shape()}; "
                     f"fix them with --input-shape {spec.name}:{example}")
 
+    # -- 4. opset -------------------------------------------------------------------------------
+    @staticmethod
+    def _upgrade_opset(model: onnx.ModelProto, wanted: int | None) -> tuple[onnx.ModelProto, dict[str, int] | None]:
+        have = opset_version(model)
+        if wanted is None or have is None or have >= wanted:
+            return model, None
+        from onnx import version_converter
+
+        try:
+            upgraded = version_converter.convert_version(model, wanted)
+            onnx.checker.check_model(upgraded) if upgraded.ByteSize() < 2**31 else None
+        except Exception as exc:  # the converter raises RuntimeError/ValidationError with the adapter's text
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConversionError(f"the model has ONNX opset {have}; this recipe needs opset {wanted}, and "
+                                  f"onnx.version_converter cannot upgrade it: {first}") from exc
+        return upgraded, {"from": have, "to": wanted}
+
+    # -- 5. output shapes and simplification, checked ----------------------------------------------------------------
+    def _simplify(self, model: onnx.ModelProto, ctx: PassContext, simplify: bool) -> tuple[onnx.ModelProto, bool]:
+        """Declared output shapes checked against one run, then onnxslim's graph when it computes what
+        the unsimplified graph computes (else the latter). Returns (model, simplified)."""
+        import onnxslim
+
+        feeds = _probe_feeds(model)
+        try:
+            reference = _run(model, feeds, ctx.workdir / "canonical-unsimplified.onnx")
+        except Exception as exc:  # noqa: BLE001 -- any ORT failure: the check cannot be made
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            ctx.notes.append(f"canonicalize: output shapes{' and simplification' if simplify else ''} not checked "
+                             f"(ONNX Runtime cannot run the model: {first[:200]})")
+            return (onnxslim.slim(model), True) if simplify else (model, False)
+        if corrected := _correct_declared_outputs(model, reference):
+            ctx.notes.append(f"canonicalize: {corrected}")
+        if not simplify:
+            return model, False
+        simplified = onnxslim.slim(model)
+        try:
+            got = _run(simplified, feeds, ctx.workdir / "canonical-simplified.onnx")
+            problem = _difference(reference, got)
+        except Exception as exc:  # noqa: BLE001 -- the simplified graph does not even run
+            problem = f"a graph ONNX Runtime cannot run ({(str(exc).strip().splitlines() or ['?'])[0][:200]})"
+        if problem is None:
+            return simplified, True
+        ctx.notes.append(f"canonicalize: simplification (onnxslim) gave {problem}; the unsimplified graph is "
+                         f"kept (--no-simplify skips the attempt)")
+        return model, False
+
     # -- 3. training-only nodes ----------------------------------------------------------------
     @staticmethod
     def _drop_training_nodes(model: onnx.ModelProto) -> int:
@@ -194,6 +249,91 @@ class Canonicalize(Pass):
         del graph.node[:]
         graph.node.extend(keep)
         return removed
+
+
+def _probe_feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """One generated input per model input; a dynamic leading dim is 2, so that a batch dim baked into
+    the graph by a rewrite shows up as a different output shape."""
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for spec in input_specs(model):
+        shape = tuple(d if isinstance(d, int) and d > 0 else 2 for d in spec.shape)
+        dt = np.dtype(spec.dtype)
+        if dt.kind == "f":
+            feeds[spec.name] = rng.standard_normal(shape).astype(dt)
+        elif dt.kind == "b":
+            feeds[spec.name] = rng.integers(0, 2, shape).astype(dt)
+        else:
+            feeds[spec.name] = rng.integers(0, 8, shape).astype(dt)
+    return feeds
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], path) -> dict[str, np.ndarray]:
+    """The model's outputs on ``feeds`` with ONNX Runtime, no graph optimisation (so ORT's own
+    rewrites cannot hide a difference)."""
+    import onnxruntime as ort
+
+    from edgeopt.runtime.onnxruntime import quiet_onnxruntime
+
+    quiet_onnxruntime()
+    save_model(model, path)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def _correct_declared_outputs(model: onnx.ModelProto, actual: dict[str, np.ndarray]) -> str | None:
+    """Replace, in place, each declared output shape that contradicts what the model computes (rank or a
+    fixed dim): exactly when every input is static, else by rank with unknown dims."""
+    static = all(isinstance(d, int) and d > 0 for s in input_specs(model) for d in s.shape)
+    corrected = []
+    for out in model.graph.output:
+        tt = out.type.tensor_type
+        if not tt.HasField("shape") or out.name not in actual:
+            continue
+        got = actual[out.name].shape
+        dims = list(tt.shape.dim)
+        # dim_value <= 0 is how some exporters write a dynamic dim (-1): not a claim to check
+        if len(dims) == len(got) and all(d.dim_value <= 0 or d.dim_value == g for d, g in zip(dims, got, strict=True)):
+            continue
+        declared = [d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in dims]
+        tt.ClearField("shape")
+        for i, g in enumerate(got):
+            dim = tt.shape.dim.add()
+            if static:
+                dim.dim_value = int(g)
+            else:
+                dim.dim_param = f"{out.name}_dim{i}"
+        corrected.append(f"output '{out.name}' is declared {declared} but the model computes {list(got)}")
+    if not corrected:
+        return None
+    del model.graph.value_info[:]  # intermediate shapes inferred from the wrong declaration go too
+    return "; ".join(corrected) + " (the declaration is corrected)"
+
+
+def _difference(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> str | None:
+    """What differs between two runs' outputs, or None: names, shapes, then values (floats within
+    1e-3 of the output's scale, where summation order and folded constants differ; others exact)."""
+    if list(reference) != list(got):
+        return f"outputs {list(got)} instead of {list(reference)}"
+    for name, ref in reference.items():
+        out = got[name]
+        if ref.shape != out.shape:
+            return f"output '{name}' shaped {list(out.shape)} instead of {list(ref.shape)}"
+        if ref.dtype != out.dtype:
+            return f"output '{name}' of type {out.dtype} instead of {ref.dtype}"
+        if ref.dtype.kind in "fc":
+            finite = np.isfinite(ref)
+            scale = float(np.max(np.abs(ref[finite]), initial=1.0))
+            if not (np.array_equal(finite, np.isfinite(out))
+                    and np.allclose(out[finite], ref[finite], rtol=0.0, atol=1e-3 * scale)):
+                return f"different values for output '{name}'"
+        elif not np.array_equal(ref, out):
+            return f"different values for output '{name}'"
+    return None
 
 
 def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:

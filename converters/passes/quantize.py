@@ -44,6 +44,7 @@ class _CalibrationReader:
 class QuantizeInt8Static(Pass):
     name: ClassVar[str] = "quantize-int8"
     summary: ClassVar[str] = "static INT8 post-training quantization (QDQ, per-channel weights)"
+    min_opset: ClassVar[int | None] = 13  # per-channel DequantizeLinear (its 'axis') is opset 13
     params: ClassVar[tuple[Param, ...]] = (
         Param("calibration_method", str, "minmax", "how activation ranges are chosen from the calibration set",
               choices=CALIBRATION_METHODS),
@@ -91,6 +92,7 @@ class QuantizeInt8Static(Pass):
 class QuantizeInt8Dynamic(Pass):
     name: ClassVar[str] = "quantize-int8-dynamic"
     summary: ClassVar[str] = "INT8 weights; activations quantized at run time (no calibration data)"
+    min_opset: ClassVar[int | None] = 13
     params: ClassVar[tuple[Param, ...]] = (
         Param("per_channel", bool, True, "one scale per output channel of each weight"),
     )

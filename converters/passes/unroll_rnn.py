@@ -75,6 +75,7 @@ class _Graph:
 class UnrollRnn(Pass):
     name: ClassVar[str] = "unroll-rnn"
     summary: ClassVar[str] = "rewrite LSTM/GRU as elementary ops unrolled over the fixed sequence length"
+    min_opset: ClassVar[int | None] = 13  # Split/Unsqueeze with tensor inputs
     params: ClassVar[tuple[Param, ...]] = (
         Param("max_steps", int, 512, "refuse to unroll a sequence longer than this (the graph grows per step)",
               check=lambda v: None if v >= 1 else "must be >= 1"),

@@ -52,6 +52,11 @@ class Target(Configurable):
         """Names of the registered passes this target runs for a quantize mode (for the recipe)."""
         return []
 
+    def min_opset(self, quantize: str, model: onnx.ModelProto) -> int | None:
+        """The oldest ONNX opset this target handles ``model`` at, for ``quantize``; canonicalize upgrades
+        an older model to it. By default: what the passes it runs need."""
+        return max((m for p in self.passes_for(quantize) if (m := get_pass(p).min_opset)), default=None)
+
     # -- which settings it uses: one it would not use is refused by name before any work -----------
     def honoured_pass_params(self, quantize: str) -> dict[str, frozenset[str]]:
         """Pass name → the parameters of that pass this target reads from ``pass_params`` for

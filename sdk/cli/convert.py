@@ -152,6 +152,9 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
               help="Fix an input's dynamic dims (repeatable).")
 @click.option("--input-value", "input_values", multiple=True, metavar="NAME=VALUE",
               help="Freeze an input to a constant so control flow on it folds away (repeatable).")
+@click.option("--no-simplify", is_flag=True,
+              help="Skip graph simplification (onnxslim). Without it, a simplification that changes any output's "
+                   "shape or values on a sample is dropped by itself, and the report says so.")
 @click.option("--preprocessing", "preprocessing_file", type=click.Path(path_type=Path),
               help="JSON file with the manifest's preprocessing for a sensor model (window, hop, layout, "
                    "channels, sample_rate_hz, normalization); the flags below override its keys.")
@@ -177,7 +180,7 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
 def convert_cmd(model: Path, output: Path, target, profile, quantize, calibration, calibration_method,
                 int4_block_size, fp16_io, validation, max_accuracy_drop, min_cosine, min_top1_agreement,
                 prune_sparsity, prune_channels, prune_layers, distill, epochs, student, seed, input_shapes, input_values,
-                preprocessing_file, hop, layout, channels, sample_rate, normalize, name, model_version,
+                no_simplify, preprocessing_file, hop, layout, channels, sample_rate, normalize, name, model_version,
                 threads, force, as_json, quiet, log_file, **target_settings) -> None:
     """Convert MODEL (ONNX) into an artifact directory: model, manifest.json, golden.npz, report.json.
 
@@ -216,6 +219,7 @@ def convert_cmd(model: Path, output: Path, target, profile, quantize, calibratio
             "quantize-int8": {"calibration_method": calibration_method},
             "quantize-int4": {"block_size": int4_block_size},
             "quantize-fp16": {"keep_io_types": False if fp16_io else None},
+            "canonicalize": {"simplify": False if no_simplify else None},
         }),
     )
     if log_file is not None and Path(os.path.realpath(output)) in Path(os.path.realpath(log_file)).parents:

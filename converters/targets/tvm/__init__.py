@@ -89,6 +89,14 @@ class TVMTarget(Target):
     def passes_for(self, quantize: str) -> list[str]:
         return [QUANTIZE_PASSES[quantize]] if quantize in QUANTIZE_PASSES else []
 
+    def min_opset(self, quantize: str, model: onnx.ModelProto) -> int | None:
+        from edgeopt.converters.passes.unroll_rnn import UnrollRnn
+
+        needed = super().min_opset(quantize, model)
+        if any(n.op_type in DEFAULT_ACTIVATIONS for n in model.graph.node):  # unrolled first (``_compile``)
+            needed = max(needed or 0, UnrollRnn.min_opset or 0)
+        return needed
+
     def honoured_pass_params(self, quantize: str) -> dict[str, frozenset[str]]:
         from edgeopt.converters.passes.unroll_rnn import UnrollRnn
 
