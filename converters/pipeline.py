@@ -29,6 +29,7 @@ from edgeopt.artifact import (
     save_golden,
     tool_versions,
 )
+from edgeopt.batching import run_samples
 from edgeopt.converters.fit import fit_check, peak_activation_elements
 from edgeopt.converters.gates import Thresholds, evaluate, hint
 from edgeopt.converters.output import check_output_location, replace_problem, space_needed
@@ -422,19 +423,20 @@ class _SourceRunner:
         self.constants = {s.name: np.full(tuple(int(d) for d in s.shape), frozen[s.name], dtype=s.dtype)
                           for s in source_specs if s.name in frozen}
 
-        batched = [s for s in source_specs if s.name not in frozen and s.shape]
-        # An original exported with a fixed batch (often 1) is run that many samples per call.
-        self.fixed_batch = int(batched[0].shape[0]) if batched and not batched[0].batch_dim_dynamic else None
+        # the inputs data feeds; an original exported with a fixed batch (often 1) is run that many
+        # samples per call
+        self.inputs = [s for s in rt.inputs if s.name not in frozen]
+        self.outputs = rt.outputs
 
     def feeds(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {**inputs, **self.constants}
 
     def run_float(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One call of the original, outputs as it gives them (what ``run_batched`` calls)."""
+        """One call of the original, outputs as it gives them."""
         return self.rt.run(self.feeds(inputs))
 
     def run_all(self, inputs: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
-        return run_batched(self, inputs, batch)  # type: ignore[arg-type]  # duck-typed: fixed_batch, run_float
+        return run_samples(self.run_float, self.inputs, self.outputs, inputs, batch)
 
 
 def _pair_outputs(source: list[TensorSpec], converted: list[TensorSpec]) -> list[tuple[str, str]]:

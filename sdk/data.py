@@ -111,17 +111,25 @@ def _check_array(path: Path, spec: TensorSpec, arr: np.ndarray) -> np.ndarray:
         raise UserInputError(f"{where} has dtype {arr.dtype}, the model expects {expected_dtype}")
     sample = spec.sample_shape()
     want = "[N, " + ", ".join("?" if not isinstance(d, int) else str(d) for d in sample) + "]"
-    if arr.ndim != len(spec.shape) or any(
+    if arr.ndim != len(sample) + 1 or any(
         isinstance(d, int) and d > 0 and a != d for a, d in zip(arr.shape[1:], sample, strict=False)
     ):
         raise UserInputError(f"{where} has shape {list(arr.shape)}, the model expects {want} "
-                             f"(samples along the first axis)")
+                             f"(samples along the first axis{_batch_note(spec)})")
     if len(arr) == 0:
         raise UserInputError(f"{where} has no samples")
     if arr.size == 0:
         raise UserInputError(f"{where} has shape {list(arr.shape)}: its samples hold no values")
     check_finite(where, arr)
     return _fit_dtype(where, arr, expected_dtype)
+
+
+def _batch_note(spec: TensorSpec) -> str:
+    if spec.batch_axis == 0:
+        return ""
+    if spec.batch_axis is None:
+        return f"; each sample is a whole {spec.describe_shape()} tensor"
+    return f"; the model stacks them along its axis {spec.batch_axis}, {spec.describe_shape()}"
 
 
 def _check_labels(path: Path, labels: np.ndarray, n: int) -> np.ndarray:
@@ -372,7 +380,7 @@ def generate_inputs(specs: Sequence[TensorSpec], n: int, seed: int = 0) -> Datas
     rng = np.random.default_rng(seed)
     inputs = {}
     for spec in specs:
-        shape = (n,) + tuple(int(d) for d in spec.concrete_shape(1)[1:])
+        shape = (n,) + tuple(int(d) for d in spec.sample_shape())
         dt = np.dtype(spec.dtype)
         if dt.kind == "f":
             inputs[spec.name] = rng.standard_normal(shape).astype(dt)

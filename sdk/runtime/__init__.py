@@ -66,10 +66,18 @@ class Runtime(Configurable):
     # -- public ------------------------------------------------------------------------------
     @property
     def fixed_batch(self) -> int | None:
-        """The batch size the model is compiled for, or None when its batch dim is dynamic."""
-        if self.inputs and self.inputs[0].shape and not self.inputs[0].batch_dim_dynamic:
-            return int(self.inputs[0].shape[0])  # type: ignore[arg-type]
-        return None
+        """Samples per call the model is compiled for (1 when an input has no batch axis), or None
+        when its batch axis is dynamic."""
+        if any(s.batch_axis is None for s in self.inputs):
+            return 1
+        return next((s.batch_size for s in self.inputs if s.batch_size is not None), None)
+
+    def set_batch_axes(self, axes: Mapping[str, int | None]) -> None:
+        """Where samples stack in each input and output (from the manifest; axis 0 unless told)."""
+        from edgeopt.batching import with_axes
+
+        self.inputs = with_axes(self.inputs, axes)
+        self.outputs = with_axes(self.outputs, axes)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         checked = self.check_feeds(feeds)
@@ -202,17 +210,9 @@ def open_runtime(path: str | Path, **settings: Any) -> Runtime:
 
 
 def run_batched(runtime: Runtime, inputs: Mapping[str, np.ndarray], batch_size: int = 32) -> dict[str, np.ndarray]:
-    """Run float ``inputs`` (N samples along axis 0) in batches and return float outputs (see
-    ``Runtime.run_float``); a model with a fixed batch gets exactly that many samples per call
-    (the last call is padded and the padding dropped)."""
-    n = len(next(iter(inputs.values())))
-    step = runtime.fixed_batch or batch_size
-    chunks: dict[str, list[np.ndarray]] = {}
-    for start in range(0, n, step):
-        feeds = {k: v[start:start + step] for k, v in inputs.items()}
-        real = len(next(iter(feeds.values())))
-        if runtime.fixed_batch and real < step:
-            feeds = {k: np.concatenate([v, np.repeat(v[-1:], step - real, axis=0)]) for k, v in feeds.items()}
-        for k, v in runtime.run_float(feeds).items():
-            chunks.setdefault(k, []).append(v[:real])
-    return {k: np.concatenate(v) for k, v in chunks.items()}
+    """Run float ``inputs`` (N samples along axis 0, ``edgeopt.batching``) in batches and return float
+    outputs, samples along axis 0 (see ``Runtime.run_float``); a model with a fixed batch gets exactly
+    that many samples per call (the last call is padded and the padding dropped)."""
+    from edgeopt.batching import run_samples
+
+    return run_samples(runtime.run_float, runtime.inputs, runtime.outputs, inputs, batch_size)
