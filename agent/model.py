@@ -3,12 +3,19 @@ names, and run on batches of windows.
 
 Only the runtime the manifest names is imported (through its entry point), so an ONNX model never
 pulls in LiteRT or TVM and the reverse.
+
+A stateful model (the manifest's ``state`` pairs: an LSTM's h/c, silero-vad's state) is run as one
+stream per source: each window's state inputs get the state outputs of the same source's previous
+window. The state starts as zeros, and goes back to zeros when the source's window numbers jump (a
+gap: windows dropped for NaN samples, or a source that restarted) or a new model is loaded. One call
+takes at most one window per source, stacked along the batch axes, so batching across sources keeps
+each source's state; a source's later windows wait for the next call of the same batch.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +24,9 @@ import numpy as np
 from edgeopt.agent.statedir import StateDir
 from edgeopt.agent.windowing import Preprocessing, WindowBatch
 from edgeopt.artifact import open_artifact
+from edgeopt.batching import split, stack
 from edgeopt.errors import EdgeoptError, MissingDependency, UserInputError
-from edgeopt.runtime import EXTRA_FOR_FORMAT, Runtime, runtime_class
+from edgeopt.runtime import EXTRA_FOR_FORMAT, Runtime, manifest_batch_axes, runtime_class
 from edgeopt.specs import TensorSpec
 
 
@@ -36,7 +44,11 @@ class LoadedModel:
     pre: Preprocessing
     input_name: str
     sample_shape: tuple[int, ...]
-    output_names: list[str]
+    output_names: list[str]  # what results carry: every output but the state ones
+    state_pairs: list[tuple[str, str]] = field(default_factory=list)  # (state input, state output)
+    # per source: (the seq of its last window, its state after that window: one sample per state input)
+    streams: dict[str, tuple[int, dict[str, np.ndarray]]] = field(default_factory=dict)
+    state_resets: int = 0  # a source's state set back to zeros after a gap in its window numbers
 
     @property
     def fixed_batch(self) -> int | None:
@@ -48,6 +60,8 @@ class LoadedModel:
     def infer(self, batch: WindowBatch) -> tuple[dict[str, np.ndarray], float]:
         """Float outputs for the windows of ``batch`` (one inference call, or one per fixed-size batch)
         and the seconds spent inside the runtime; ``edgeopt.agent.results`` turns them into records."""
+        if self.state_pairs:
+            return self._infer_streams(batch)
         n = len(batch)
         data = batch.data.reshape((n, *self.sample_shape))
         step = self.fixed_batch or n
@@ -66,6 +80,51 @@ class LoadedModel:
         merged = {name: v[0] if len(v) == 1 else np.concatenate(v) for name, v in outputs.items()}
         return merged, spent
 
+    def _infer_streams(self, batch: WindowBatch) -> tuple[dict[str, np.ndarray], float]:
+        """``infer`` for a stateful model: rounds of at most one window per source (see the module
+        docstring), each source's state carried from its previous window."""
+        rows = [(block.source, int(block.seq[i]), block.data[i]) for block in batch.blocks for i in range(len(block))]
+        specs = {s.name: s for s in self.runtime.inputs}
+        width = self.fixed_batch or len(rows)
+        results: list[dict[str, np.ndarray] | None] = [None] * len(rows)
+        pending = list(range(len(rows)))
+        spent = 0.0
+        while pending:
+            call, seen, later = [], set(), []
+            for i in pending:
+                if rows[i][0] in seen or len(call) == width:
+                    later.append(i)
+                else:
+                    call.append(i)
+                    seen.add(rows[i][0])
+            pending = later
+            samples = {self.input_name: np.stack([rows[i][2].reshape(self.sample_shape) for i in call])}
+            states = [self._state_for(rows[i][0], rows[i][1], specs) for i in call]
+            for name, _ in self.state_pairs:
+                samples[name] = np.stack([st[name] for st in states])
+            real = len(call)
+            if self.fixed_batch and real < self.fixed_batch:  # padded with the last window, dropped below
+                samples = {k: np.concatenate([v, np.repeat(v[-1:], self.fixed_batch - real, axis=0)])
+                           for k, v in samples.items()}
+            t0 = time.perf_counter()
+            out = split(self.runtime.outputs, self.runtime.run_float(stack(self.runtime.inputs, samples)))
+            spent += time.perf_counter() - t0
+            for j, i in enumerate(call):
+                results[i] = {name: v[j] for name, v in out.items()}
+                self.streams[rows[i][0]] = (rows[i][1], {n: out[o][j] for n, o in self.state_pairs})
+        merged = {name: np.stack([r[name] for r in results]) for name in self.output_names}  # type: ignore[index]
+        return merged, spent
+
+    def _state_for(self, source: str, seq: int, specs: dict[str, TensorSpec]) -> dict[str, np.ndarray]:
+        """The state a source's window ``seq`` starts from: its previous window's, or zeros after a gap."""
+        last = self.streams.get(source)
+        if last is not None and last[0] + 1 == seq:
+            return last[1]
+        if last is not None:
+            self.state_resets += 1
+        return {name: np.zeros([int(d) for d in specs[name].sample_shape()], np.float32) for name, _ in self.state_pairs}
+
+
 def load_model(path: Path, slot: str | None, runtime_override: str = "", threads: int = 1, window: int = 0,
                hop: int = 0) -> LoadedModel:
     artifact = open_artifact(path)
@@ -78,9 +137,26 @@ def load_model(path: Path, slot: str | None, runtime_override: str = "", threads
         module = exc.name or str(exc)
         raise MissingDependency(module, EXTRA_FOR_FORMAT.get(artifact.format, "all"),
                                 f"runtime '{cls.name}' (model format {artifact.format})") from exc
-    spec, sample_shape, pre = sensor_input(runtime.inputs, manifest, str(path), window, hop)
+    runtime.set_batch_axes(manifest_batch_axes(manifest, Path(path)))
+    pairs = state_pairs(manifest, str(path))
+    state_inputs, state_outputs = {i for i, _ in pairs}, {o for _, o in pairs}
+    spec, sample_shape, pre = sensor_input([s for s in runtime.inputs if s.name not in state_inputs], manifest,
+                                           str(path), window, hop)
     return LoadedModel(str(manifest.get("name", "")), str(manifest.get("version", "")), slot, path, runtime, pre,
-                       spec.name, sample_shape, [o.name for o in runtime.outputs])
+                       spec.name, sample_shape, [o.name for o in runtime.outputs if o.name not in state_outputs],
+                       pairs)
+
+
+def state_pairs(manifest: dict[str, Any], where: str) -> list[tuple[str, str]]:
+    """The manifest's recurrent state pairs, checked against its inputs and outputs."""
+    pairs = manifest.get("state") or []
+    inputs = {i.get("name") for i in manifest.get("inputs") or [] if isinstance(i, dict)}
+    outputs = {o.get("name") for o in manifest.get("outputs") or [] if isinstance(o, dict)}
+    if not isinstance(pairs, list) or not all(isinstance(p, dict) and p.get("input") in inputs
+                                              and p.get("output") in outputs for p in pairs):
+        raise UserInputError(f"{where}/manifest.json: malformed 'state' (a list of {{\"input\": NAME, "
+                             f"\"output\": NAME}} naming the model's inputs and outputs)")
+    return [(p["input"], p["output"]) for p in pairs]
 
 
 def sensor_input(inputs: list[TensorSpec], manifest: dict[str, Any], where: str, window: int = 0,
@@ -112,7 +188,8 @@ def check_feedable(artifact_dir: Path, window: int = 0, hop: int = 0) -> None:
         inputs = [TensorSpec.from_json(i) for i in manifest["inputs"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise UserInputError(f"{artifact_dir}/manifest.json: malformed 'inputs' ({exc})") from None
-    sensor_input(inputs, manifest, str(artifact_dir), window, hop)
+    state_inputs = {i for i, _ in state_pairs(manifest, str(artifact_dir))}
+    sensor_input([s for s in inputs if s.name not in state_inputs], manifest, str(artifact_dir), window, hop)
 
 
 def load_active_model(state: StateDir, runtime_override: str = "", threads: int = 1, window: int = 0,

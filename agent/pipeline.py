@@ -171,6 +171,7 @@ class Pipeline:
         c["queue_overflow"] = self.queue.dropped
         c["inference_errors"] = self.inference_errors
         c["sink_errors"] = self.writer.sink_errors
+        c["state_resets"] = self.model.state_resets
         for s in self.sources:
             st = s.stats()
             c["samples_in"] += st["samples"]

@@ -414,6 +414,7 @@ class Agent:
                         "sink_errors": c["sink_errors"],
                         "stopped_mid_window": c["stopped_mid_window"],
                         "outbox_overflow": self.outbox.dropped if self.outbox else 0},
+            "state_resets": c["state_resets"],  # a stateful model's source state set back to zeros (a gap)
             "windows_per_s": self.stats.rate(mark), "batches": self.stats.batches,
             "batch_size_histogram": self.stats.histogram(),
             "latency_ms": self.stats.latency(),

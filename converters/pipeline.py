@@ -29,17 +29,18 @@ from edgeopt.artifact import (
     save_golden,
     tool_versions,
 )
-from edgeopt.batching import run_samples
+from edgeopt.batching import run_samples, stack, with_axes
 from edgeopt.converters.fit import fit_check, peak_activation_elements
 from edgeopt.converters.gates import Thresholds, evaluate, hint
 from edgeopt.converters.output import check_output_location, replace_problem, space_needed
 from edgeopt.converters.passes import Pass, PassContext, ProgressFactory, get_pass, no_progress
 from edgeopt.converters.preprocessing import resolve_preprocessing
 from edgeopt.converters.settings import check_settings, check_target_params, unread_calibration_note
+from edgeopt.converters.streaming import input_axes, output_axes, run_sequence, state_pairs
 from edgeopt.converters.targets import Target, get_target
 from edgeopt.converters.validate import accuracy, classifier_shaped, parity
 from edgeopt.data import Dataset, generate_inputs, load_dataset
-from edgeopt.errors import CheckFailed, UserInputError
+from edgeopt.errors import CheckFailed, UserInputError, closest
 from edgeopt.fsutil import atomic_write_json, sha256_file, staged_directory, tree_size
 from edgeopt.onnx_io import (
     count_macs,
@@ -73,6 +74,8 @@ class ConvertOptions:
     min_top1_agreement: float | None = None
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     input_values: dict[str, str] = field(default_factory=dict)
+    batch_axes: dict[str, int | None] = field(default_factory=dict)  # --batch-axis, by input or output name
+    state: dict[str, str] = field(default_factory=dict)  # --state: state input → the output of its next value
     name: str | None = None
     version: str = "1"
     force: bool = False
@@ -198,6 +201,8 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
     with steps("load"):
         source = load_model(opts.model)
     source_specs = input_specs(source)
+    axes = _given_axes(opts.batch_axes, source)
+    axes.update(input_axes(source_specs, {k: v for k, v in axes.items() if k in {s.name for s in source_specs}}))
     # Ops no schema knows (custom domains, typos) are reported before canonicalisation touches the graph.
     target.check_supported(_nodes_without_schema(source))
 
@@ -208,21 +213,38 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
         canon_params = {"batch_size": profile.default_batch if profile else None,
                         "min_opset": _min_opset(target, quantize, compression, source),
                         **target.canonicalize_settings(), **opts.pass_params.get("canonicalize", {})}
+        moved = {k: v for k, v in axes.items() if v != 0 and k in {s.name for s in source_specs}}
         canon_pass = get_pass("canonicalize")(input_shapes=opts.input_shapes or None,
-                                              input_values=opts.input_values or None, **canon_params)
+                                              input_values=opts.input_values or None,
+                                              batch_axes=moved or None, **canon_params)
         with steps("canonicalize") as row:
             canonical = canon_pass.apply(source, ctx)
             row.update(ctx.details["canonicalize"])
         target.check_supported(canonical)
-        specs = input_specs(canonical)
-        preprocessing = resolve_preprocessing(specs, opts.preprocessing)
-        # Every data file is loaded and checked (values, shapes, labels against the outputs) before any work.
+        specs = with_axes(input_specs(canonical), axes)
         outputs = output_specs(canonical)
-        ctx.calibration = load_dataset(opts.calibration, specs, outputs=outputs) if opts.calibration else None
-        validation, validation_source = _validation_set(opts, specs, outputs, ctx.calibration)
-        ctx.distillation = load_dataset(opts.distill, specs, outputs=outputs) if opts.distill else None
+        pairs = state_pairs(specs, outputs, opts.state)
+        axes.update(output_axes(outputs, output_specs(source), specs, {k: v for k, v in axes.items()
+                                                                       if k in {o.name for o in outputs}}, pairs))
+        outputs = with_axes(outputs, axes)
+        data_specs = [s for s in specs if s.name not in dict(pairs)]  # a state is carried, never read from data
+        preprocessing = resolve_preprocessing(data_specs, opts.preprocessing)
+        # Every data file is loaded and checked (values, shapes, labels against the outputs) before any work.
+        state_names = [i for i, _ in pairs]
+        ctx.calibration = (load_dataset(opts.calibration, data_specs, outputs=outputs, state=state_names)
+                           if opts.calibration else None)
+        validation, validation_source = _validation_set(opts, data_specs, outputs, ctx.calibration, state_names)
+        ctx.distillation = (load_dataset(opts.distill, data_specs, outputs=outputs, state=state_names)
+                            if opts.distill else None)
         _check_gate_flags(opts, validation, validation_source, outputs)
         frozen = ctx.details["canonicalize"]["frozen_inputs"]
+        source_runner = _SourceRunner(OnnxRuntime(opts.model, threads=opts.threads), frozen, source_specs, axes)
+        if pairs:  # every sample gets the state the original model carries to it (see streaming.py)
+            validation = source_runner.with_state(validation, pairs)
+            ctx.calibration = ctx.calibration and source_runner.with_state(ctx.calibration, pairs)
+        for data in (validation, ctx.calibration, ctx.distillation):
+            if data is not None:
+                data.axes = {k: v for k, v in axes.items() if k in data.inputs and v != 0}
 
         model, measured = canonical, [(row, canonical)]
         ctx.reference = canonical
@@ -232,7 +254,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
             measured.append((row, model))
         if compression:
             target.check_supported(model)
-            _measure_steps(measured, validation, ctx.workdir, opts.threads)
+            _measure_steps(measured, validation, ctx.workdir, opts.threads, axes)
         else:
             _describe_model(row, canonical)
 
@@ -240,19 +262,21 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
             with steps("compile") as compile_row:
                 model_path = target.compile(model, quantize, ctx, stage)
                 compile_row["size_bytes"] = tree_size(model_path)
-            source_runner = _SourceRunner(OnnxRuntime(opts.model, threads=opts.threads), frozen, source_specs)
+            layout = _Layout(target.io_transposes, axes)
             if unavailable is None:
                 converted_rt = runtime_cls(target.runnable_model(model_path), threads=opts.threads)
+                converted_rt.set_batch_axes(layout.model_axes(source_runner.outputs, converted_rt.outputs))
                 io_specs = (converted_rt.inputs, converted_rt.outputs)
                 with steps("validate"):
                     par, acc, golden = _validate(source_runner, converted_rt, validation, opts.golden_count,
-                                                 target.io_transposes)
+                                                 layout, pairs)
                 with steps("latency"):
-                    latency = _latency(source_runner, converted_rt, validation, target.io_transposes)
+                    latency = _latency(source_runner, converted_rt, validation, layout)
             else:
                 io_specs = target.io_specs(model_path)
-                par, acc, golden = _unmeasured(source_runner, io_specs[1], validation, opts.golden_count,
-                                               target.io_transposes)
+                model_axes = layout.model_axes(source_runner.outputs, io_specs[1])
+                io_specs = (with_axes(io_specs[0], model_axes), with_axes(io_specs[1], model_axes))
+                par, acc, golden = _unmeasured(source_runner, io_specs[1], validation, opts.golden_count, layout)
                 latency = {**dict.fromkeys(LATENCY_KEYS), "runtime": runtime_cls.name}
                 ctx.notes.append(f"{unavailable}: the converted model was not run, so parity, accuracy and latency "
                                  f"are not measured and the golden vectors carry no tolerance")
@@ -300,8 +324,10 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
                 "duration_s": round(time.perf_counter() - started, 3),
             }
             atomic_write_json(stage / REPORT, report)
+            converted_pairs = dict(_pair_outputs(source_runner.outputs, io_specs[1]))
             manifest = _manifest(opts, target, io_specs, profile, quantize, par, recipe, versions,
-                                 _preprocessing_for_model(preprocessing, specs, target.io_transposes),
+                                 _preprocessing_for_model(preprocessing, data_specs, target.io_transposes),
+                                 [(i, converted_pairs[o]) for i, o in pairs],
                                  source_sha=report["source"]["sha256"], stage=stage,
                                  golden_count=len(next(iter(golden[0].values()))))
             atomic_write_json(stage / MANIFEST, manifest)
@@ -318,6 +344,16 @@ def _min_opset(target: Target, quantize: str, compression: list[Pass], source: o
     return max((n for n in needs if n), default=None)
 
 
+def _given_axes(given: dict[str, int | None], source: onnx.ModelProto) -> dict[str, int | None]:
+    """--batch-axis, checked against the original model's input and output names."""
+    names = [s.name for s in input_specs(source)] + [s.name for s in output_specs(source)]
+    for name in given:
+        if name not in names:
+            raise UserInputError(f"--batch-axis: the model has no input or output '{name}'{closest(name, names)}; "
+                                 f"it has {', '.join(names)}")
+    return dict(given)
+
+
 def _input_files(opts: ConvertOptions) -> list[Path]:
     """Every file this conversion reads: an output location holding one is never replaced."""
     given = [opts.model, opts.calibration, opts.validation, opts.distill, opts.student, *opts.other_inputs]
@@ -329,7 +365,7 @@ def _describe_model(row: dict[str, Any], model: onnx.ModelProto) -> None:
 
 
 def _measure_steps(measured: list[tuple[dict[str, Any], onnx.ModelProto]], data: Dataset, workdir: Path,
-                   threads: int) -> None:
+                   threads: int, axes: dict[str, int | None]) -> None:
     """Size, params, MACs, accuracy, top-1 agreement with the canonical model and ONNX Runtime latency
     (batch 1, all steps measured interleaved) after each compression step, into its report row."""
     from edgeopt import bench
@@ -340,21 +376,20 @@ def _measure_steps(measured: list[tuple[dict[str, Any], onnx.ModelProto]], data:
         path = workdir / f"step-{i}-{row['step']}.onnx"
         save_model(model, path)
         runtimes.append(OnnxRuntime(path, threads=threads))
+        runtimes[-1].set_batch_axes(axes)
     outputs = [run_batched(rt, data.inputs, VALIDATION_BATCH)[rt.outputs[0].name] for rt in runtimes]
     for (row, _), out in zip(measured, outputs, strict=True):
         row["accuracy"] = accuracy(data.labels, outputs[0], out, data.task)["converted"]
         row["top1_agreement"] = parity([outputs[0]], [out], ["output"])["top1_agreement"]
-    sample = {k: v[:1] for k, v in data.inputs.items()}
-    feeds = [{s.name: to_model_dtype(s, np.resize(sample[s.name], (rt.fixed_batch or 1,) + sample[s.name].shape[1:]))
-              for s in rt.inputs} for rt in runtimes]
+    feeds = [_one_call(rt.inputs, data.inputs, rt.fixed_batch or 1) for rt in runtimes]
     for (row, _), stats in zip(measured, bench.measure(runtimes, feeds, bench.REPORT_SETTINGS), strict=True):
         row["latency_p50_ms"] = round(stats.p50_ms, 4)
 
 
 def _validation_set(opts: ConvertOptions, specs: list[TensorSpec], outputs: list[TensorSpec],
-                    calibration: Dataset | None) -> tuple[Dataset, str]:
+                    calibration: Dataset | None, state: list[str]) -> tuple[Dataset, str]:
     if opts.validation is not None:
-        return load_dataset(opts.validation, specs, outputs=outputs), str(opts.validation)
+        return load_dataset(opts.validation, specs, outputs=outputs, state=state), str(opts.validation)
     if calibration is not None:
         return calibration, f"{opts.calibration} (the calibration data: no --validation given)"
     return (generate_inputs(specs, opts.generated_samples, opts.seed),
@@ -393,18 +428,19 @@ def _failures(fit: dict, par: dict) -> list[str]:
 
 def _output_shape_problems(reference: dict[str, np.ndarray], outputs: list[TensorSpec]) -> list[str]:
     """Outputs whose declared shape (the compiled model's, in the manifest) contradicts what the original
-    model computes for the same inputs: the rank, or a fixed dim after the leading one (samples are
-    stacked along that). Matters most where the converted model cannot run here (Core ML off macOS)."""
+    model computes for the same inputs (samples along axis 0): the rank or a fixed dim of one sample.
+    Matters most where the converted model cannot run here (Core ML off macOS)."""
     problems = []
     for spec in outputs:
         got = reference.get(spec.name)
-        declared = list(spec.shape)
-        if got is None or not declared:
+        declared = spec.sample_shape()
+        if got is None:
             continue
-        if len(declared) != got.ndim or any(isinstance(d, int) and d > 0 and d != g
-                                            for d, g in zip(declared[1:], got.shape[1:], strict=True)):
-            problems.append(f"output '{spec.name}': the converted model declares shape {spec.describe_shape()}, "
-                            f"the original computes {list(got.shape[1:])} per sample")
+        if len(declared) != got.ndim - 1 or any(isinstance(d, int) and d > 0 and d != g
+                                                for d, g in zip(declared, got.shape[1:], strict=True)):
+            per_sample = "[" + ", ".join("?" if not isinstance(d, int) else str(d) for d in declared) + "]"
+            problems.append(f"output '{spec.name}': the converted model declares {per_sample} per sample, the "
+                            f"original computes {list(got.shape[1:])}")
     return problems
 
 
@@ -418,7 +454,9 @@ def _nodes_without_schema(model: onnx.ModelProto) -> onnx.ModelProto:
 class _SourceRunner:
     """Runs the original model, adding back the inputs that were frozen into the converted one."""
 
-    def __init__(self, rt: OnnxRuntime, frozen: dict[str, Any], source_specs: list[TensorSpec]):
+    def __init__(self, rt: OnnxRuntime, frozen: dict[str, Any], source_specs: list[TensorSpec],
+                 axes: dict[str, int | None]):
+        rt.set_batch_axes(axes)
         self.rt = rt
         self.constants = {s.name: np.full(tuple(int(d) for d in s.shape), frozen[s.name], dtype=s.dtype)
                           for s in source_specs if s.name in frozen}
@@ -438,6 +476,11 @@ class _SourceRunner:
     def run_all(self, inputs: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
         return run_samples(self.run_float, self.inputs, self.outputs, inputs, batch)
 
+    def with_state(self, data: Dataset, pairs: list[tuple[str, str]]) -> Dataset:
+        """``data`` (one stream of steps) with each state input the original carries to each step."""
+        _, fed = run_sequence(lambda f: self.run_all(f, 1), self.inputs, data.inputs, pairs)
+        return Dataset({**data.inputs, **fed}, data.labels, data.source, data.task)
+
 
 def _pair_outputs(source: list[TensorSpec], converted: list[TensorSpec]) -> list[tuple[str, str]]:
     """(source name, converted name) pairs: by name when the names survived conversion, else by order."""
@@ -448,34 +491,82 @@ def _pair_outputs(source: list[TensorSpec], converted: list[TensorSpec]) -> list
     return [(s.name, c.name) for s, c in zip(source, converted, strict=True)]
 
 
-def _to_model_layout(arrays: dict[str, np.ndarray], transposes: dict[str, list[int]]) -> dict[str, np.ndarray]:
-    """Source-layout arrays → the converted model's layout (e.g. NCHW → NHWC for TFLite)."""
-    return {k: np.transpose(v, transposes[k]) if k in transposes else v for k, v in arrays.items()}
+class _Layout:
+    """Source layout ↔ the converted model's, for data held as samples along axis 0.
+
+    ``transposes`` (a target's ``io_transposes``): name → axes with model tensor =
+    ``numpy.transpose(source tensor, axes)`` (NCHW → NHWC for TFLite); ``axes``: each source tensor's
+    batch axis, which the transpose moves too."""
+
+    def __init__(self, transposes: dict[str, list[int]] | None, axes: dict[str, int | None]):
+        self.transposes = transposes or {}
+        self.axes = axes
+
+    def _move(self, name: str, arr: np.ndarray, perm: list[int], axis: int | None) -> np.ndarray:
+        if axis is None:  # whole tensors per sample: transpose each
+            return np.transpose(arr, [0, *(p + 1 for p in perm)])
+        tensor_like = np.moveaxis(arr, 0, axis)
+        return np.moveaxis(np.transpose(tensor_like, perm), perm.index(axis), 0)
+
+    def to_model(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: self._move(k, v, self.transposes[k], self.axes.get(k, 0)) if k in self.transposes else v
+                for k, v in arrays.items()}
+
+    def to_source(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {}
+        for k, v in arrays.items():
+            if k not in self.transposes:
+                out[k] = v
+                continue
+            perm, axis = self.transposes[k], self.axes.get(k, 0)
+            inverse = [int(i) for i in np.argsort(perm)]
+            out[k] = self._move(k, v, inverse, None if axis is None else perm.index(axis))
+        return out
+
+    def model_axes(self, source_outputs: list[TensorSpec], outputs: list[TensorSpec]) -> dict[str, int | None]:
+        """The converted model's batch axes, by its input and output names."""
+        def moved(name: str, axis: int | None) -> int | None:
+            return axis if axis is None or name not in self.transposes else self.transposes[name].index(axis)
+
+        result = {k: moved(k, v) for k, v in self.axes.items()}
+        for s, c in _pair_outputs(source_outputs, outputs):
+            result[c] = moved(s, self.axes.get(s, 0))
+        return result
 
 
-def _to_source_layout(arrays: dict[str, np.ndarray], transposes: dict[str, list[int]]) -> dict[str, np.ndarray]:
-    return {k: np.transpose(v, np.argsort(transposes[k])) if k in transposes else v for k, v in arrays.items()}
+def _one_call(inputs: list[TensorSpec], data: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """One call's feeds for ``inputs`` (model dtypes): the first sample repeated ``batch`` times."""
+    samples = {s.name: np.resize(data[s.name], (batch, *data[s.name].shape[1:])) for s in inputs}
+    return {s.name: to_model_dtype(s, v) for s, v in zip(inputs, stack(inputs, samples).values(), strict=True)}
 
 
-def _validate(source: _SourceRunner, converted_rt: Runtime, data: Dataset, golden_count: int,
-              transposes: dict[str, list[int]] | None = None):
-    transposes = transposes or {}
+def _validate(source: _SourceRunner, converted_rt: Runtime, data: Dataset, golden_count: int, layout: _Layout,
+              pairs: list[tuple[str, str]] | None = None):
     ref = source.run_all(data.inputs, VALIDATION_BATCH)
-    got = _to_source_layout(run_batched(converted_rt, _to_model_layout(data.inputs, transposes), VALIDATION_BATCH),
-                            transposes)
-    pairs = _pair_outputs(source.rt.outputs, converted_rt.outputs)
-    ref_list = [ref[s] for s, _ in pairs]
-    got_list = [got[c] for _, c in pairs]
-    par = parity(ref_list, got_list, [c for _, c in pairs])
-    acc = accuracy(data.labels, ref_list[0], got_list[0], data.task)
+    converted_inputs = layout.to_model(data.inputs)
+    got = layout.to_source(run_batched(converted_rt, converted_inputs, VALIDATION_BATCH))
+    outputs = _pair_outputs(source.rt.outputs, converted_rt.outputs)
     k = min(golden_count, len(data))
+    # Golden vectors (below) feed each sample with the state the original carried to it; parity is
+    # measured as a device runs the model: one stream, each model carrying its own state.
+    expected = {c: got[c][:k] for _, c in outputs}
+    if pairs:
+        state_inputs = [i for i, _ in pairs]
+        stream = {n: a for n, a in converted_inputs.items() if n not in state_inputs}
+        converted_pairs = [(i, dict(outputs)[o]) for i, o in pairs]
+        got = layout.to_source(run_sequence(lambda f: run_batched(converted_rt, f, 1), converted_rt.inputs, stream,
+                                            converted_pairs)[0])
+    ref_list = [ref[s] for s, _ in outputs]
+    got_list = [got[c] for _, c in outputs]
+    par = parity(ref_list, got_list, [c for _, c in outputs])
+    acc = accuracy(data.labels, ref_list[0], got_list[0], data.task)
     # Golden vectors are what a device feeds the converted model and compares its outputs with, in the
     # converted model's layout and keyed by its output names: the original model's outputs, and the
     # converted model's own outputs for the same inputs ("expected"), which let a device check the
     # artifact tightly whatever the compression changed.
-    golden = (_to_model_layout({n: a[:k] for n, a in data.inputs.items()}, transposes),
-              _to_model_layout({c: ref[s][:k] for s, c in pairs}, transposes),
-              _to_model_layout({c: got[c][:k] for _, c in pairs}, transposes))
+    golden = (layout.to_model({n: a[:k] for n, a in data.inputs.items()}),
+              layout.to_model({c: ref[s][:k] for s, c in outputs}),
+              layout.to_model(expected))
     return par, acc, golden
 
 
@@ -486,7 +577,7 @@ LATENCY_KEYS = ("runtime", "batch", "threads", "p50_ms", "p95_ms", "p99_ms", "th
 
 
 def _unmeasured(source: _SourceRunner, outputs: list[TensorSpec], data: Dataset, golden_count: int,
-                transposes: dict[str, list[int]]):
+                layout: _Layout):
     """Parity and accuracy left null, and golden vectors from the original model alone (no
     ``expected`` outputs), for a converted model that cannot run on this machine."""
     k = min(golden_count, len(data))
@@ -495,21 +586,20 @@ def _unmeasured(source: _SourceRunner, outputs: list[TensorSpec], data: Dataset,
     pairs = _pair_outputs(source.rt.outputs, outputs)
     par = {**dict.fromkeys(PARITY_KEYS), "outputs": {}}
     acc = {"metric": None, "original": None, "converted": None, "drop": None}
-    return par, acc, (_to_model_layout(inputs, transposes), _to_model_layout({c: ref[s] for s, c in pairs}, transposes))
+    return par, acc, (layout.to_model(inputs), layout.to_model({c: ref[s] for s, c in pairs}))
 
 
-def _latency(source: _SourceRunner, converted_rt: Runtime, data: Dataset,
-             transposes: dict[str, list[int]] | None = None) -> dict[str, Any]:
+def _latency(source: _SourceRunner, converted_rt: Runtime, data: Dataset, layout: _Layout) -> dict[str, Any]:
     """The report's latency: ``edgeopt.bench.measure`` -- the code behind ``edgeopt bench``, with its
     default settings -- on the converted model at batch 1 (or its fixed batch), interleaved with the
     original for ``speedup_vs_source``."""
     from edgeopt import bench
 
     batch = converted_rt.fixed_batch or 1  # the report's latency is per call at batch 1 when the model allows
-    sample = {k: np.resize(v, (batch,) + v.shape[1:]) for k, v in data.inputs.items()}
-    model_sample = _to_model_layout(sample, transposes or {})
-    model_sample = {s.name: to_model_dtype(s, model_sample[s.name]) for s in converted_rt.inputs}
-    src, conv = bench.measure([source.rt, converted_rt], [source.feeds(sample), model_sample], bench.REPORT_SETTINGS)
+    samples = {k: np.resize(v, (batch, *v.shape[1:])) for k, v in data.inputs.items()}
+    model_feeds = _one_call(converted_rt.inputs, layout.to_model(samples), batch)
+    source_feeds = source.feeds(_one_call(source.inputs, samples, source.rt.fixed_batch or batch))
+    src, conv = bench.measure([source.rt, converted_rt], [source_feeds, model_feeds], bench.REPORT_SETTINGS)
     out = conv.to_json()
     del out["calls"], out["mean_ms"]
     out["source_p50_ms"] = round(src.p50_ms, 4)
@@ -567,7 +657,7 @@ def golden_tolerance(par: dict[str, Any], quantize: str) -> dict[str, float | No
 
 def _manifest(opts: ConvertOptions, target: Target, io_specs: tuple[list[TensorSpec], list[TensorSpec]],
               profile: Profile | None, quantize: str, par: dict[str, Any], recipe: list, versions: dict[str, str],
-              preprocessing: dict[str, Any], *, source_sha: str, stage: Path,
+              preprocessing: dict[str, Any], state: list[tuple[str, str]], *, source_sha: str, stage: Path,
               golden_count: int) -> dict[str, Any]:
     return {
         "schema": MANIFEST_SCHEMA,
@@ -577,6 +667,7 @@ def _manifest(opts: ConvertOptions, target: Target, io_specs: tuple[list[TensorS
                   "quantize": quantize, "io_transposes": target.io_transposes},
         "inputs": [s.to_json() for s in io_specs[0]],
         "outputs": [s.to_json() for s in io_specs[1]],
+        "state": [{"input": i, "output": o} for i, o in state],
         "preprocessing": preprocessing,
         "golden": {"file": GOLDEN, "count": golden_count, **golden_tolerance(par, quantize)},
         "target_profile": profile.name if profile else None,

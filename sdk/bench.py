@@ -75,9 +75,10 @@ def stats_from(times_ns: Sequence[int], runtime: str, batch: int, threads: int |
 
 
 def batch_feeds(runtime: Runtime, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs of the given batch size for ``runtime``'s inputs."""
-    data = generate_inputs(runtime.inputs, batch, seed)
-    return data.inputs
+    """Random inputs of the given batch size for ``runtime``'s inputs, stacked along their batch axes."""
+    from edgeopt.batching import stack
+
+    return stack(runtime.inputs, generate_inputs(runtime.inputs, batch, seed).inputs)
 
 
 def measure(runtimes: Sequence[Runtime], feeds: Sequence[Mapping[str, np.ndarray]],

@@ -15,7 +15,7 @@ file, the input or ``labels`` and the first bad sample.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,18 +34,24 @@ class Dataset:
     labels: np.ndarray | None
     source: str  # a path, or "generated"
     task: str | None = None  # what the labels are: "classification", "regression" (see label_task)
+    # the model's batch axis per input, where it is not axis 0 (``edgeopt.batching``); None: no batch axis
+    axes: dict[str, int | None] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
 
     def take(self, n: int) -> Dataset:
         return Dataset({k: v[:n] for k, v in self.inputs.items()},
-                       None if self.labels is None else self.labels[:n], self.source, self.task)
+                       None if self.labels is None else self.labels[:n], self.source, self.task, dict(self.axes))
 
     def samples(self) -> Iterator[dict[str, np.ndarray]]:
-        """One feed dict per sample, each with a batch dim of 1."""
+        """One feed dict per sample: a batch of one along each input's batch axis."""
         for i in range(len(self)):
-            yield {k: v[i:i + 1] for k, v in self.inputs.items()}
+            yield {k: _one(v, i, self.axes.get(k, 0)) for k, v in self.inputs.items()}
+
+
+def _one(arr: np.ndarray, i: int, axis: int | None) -> np.ndarray:
+    return arr[i] if axis is None else np.moveaxis(arr[i:i + 1], 0, axis)
 
 
 def _dtype_kind_ok(expected: np.dtype, got: np.dtype) -> bool:
@@ -183,15 +189,17 @@ def label_task(source: str, labels: np.ndarray, output: TensorSpec) -> str:
 
 
 def load_dataset(path: str | Path, specs: Sequence[TensorSpec], window_hop: int | None = None,
-                 outputs: Sequence[TensorSpec] | None = None) -> Dataset:
+                 outputs: Sequence[TensorSpec] | None = None, state: Sequence[str] = ()) -> Dataset:
     """Load ``path`` and check it against the model inputs ``specs``; given the model's ``outputs``,
-    its labels are checked against the first one (``label_task``) and the dataset's ``task`` set."""
+    its labels are checked against the first one (``label_task``) and the dataset's ``task`` set.
+    ``state`` names the model's recurrent state inputs, which the data must not hold (they are
+    carried from one sample to the next)."""
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"data file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        data = _load_npz(path, specs)
+        data = _load_npz(path, specs, state)
     elif suffix == ".npy":
         data = _load_npy(path, specs)
     elif suffix == ".csv":
@@ -229,7 +237,7 @@ def _not_the_format(path: Path, want: str, found: str) -> UserInputError:
                           f"this one does not")
 
 
-def _load_npz(path: Path, specs: Sequence[TensorSpec]) -> Dataset:
+def _load_npz(path: Path, specs: Sequence[TensorSpec], state: Sequence[str] = ()) -> Dataset:
     if (kind := _file_kind(path)) != "npz":
         raise _not_the_format(path, "npz", kind)
     arrays = {}
@@ -249,6 +257,10 @@ def _load_npz(path: Path, specs: Sequence[TensorSpec]) -> Dataset:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserInputError(f"{path}: not a readable .npz file ({first})") from exc
     names = [s.name for s in specs]
+    if held := [k for k in arrays if k in state]:
+        raise UserInputError(f"{path}: array {held[0]!r} is the model's recurrent state, which each sample takes "
+                             f"from the one before (zeros at the start): leave it out; samples are steps of one "
+                             f"stream")
     unknown = [k for k in arrays if k not in names and k not in LABEL_KEYS]
     missing = [n for n in names if n not in arrays]
     if unknown or missing:

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from edgeopt.artifact import load_expected, load_golden, open_artifact
-from edgeopt.errors import EdgeoptError, MissingDependency
-from edgeopt.runtime import EXTRA_FOR_FORMAT, Runtime, runtime_class
+from edgeopt.batching import run_samples, stack
+from edgeopt.errors import EdgeoptError, MissingDependency, UserInputError
+from edgeopt.runtime import EXTRA_FOR_FORMAT, Runtime, manifest_batch_axes, runtime_class
 
 SELFTEST_CALLS = 20
 
@@ -110,6 +111,10 @@ def check_golden(root: Path, rt: Runtime, budget_ms: float | None = None) -> Sel
     golden_cfg = manifest.get("golden") or {}
     if not isinstance(golden_cfg, dict):
         return SelfTestResult(False, "manifest 'golden' is not an object: the golden vectors cannot be checked", details)
+    try:  # golden vectors hold samples along axis 0; each call stacks them along the manifest's batch axes
+        rt.set_batch_axes(manifest_batch_axes(manifest, Path(root)))
+    except UserInputError as exc:
+        return SelfTestResult(False, str(exc), details)
     inputs, originals = load_golden(root / golden_cfg.get("file", "golden.npz"))
     expected = load_expected(root / golden_cfg.get("file", "golden.npz"))
     feeds = [spec.name for spec in rt.inputs]
@@ -124,13 +129,12 @@ def check_golden(root: Path, rt: Runtime, budget_ms: float | None = None) -> Sel
     n = len(x[feeds[0]])
     output_names = [spec.name for spec in rt.outputs]
     try:
-        singles = [rt.run_float({k: v[i:i + 1] for k, v in x.items()}) for i in range(n)]
-        outs = {o: np.concatenate([s[o] for s in singles]) for o in output_names}
+        outs = run_samples(rt.run_float, rt.inputs, rt.outputs, x, 1)  # one sample per call
         for o, v in outs.items():
             if not np.isfinite(v).all():
                 return SelfTestResult(False, f"output '{o}' has NaN/Inf on golden inputs", details)
         if rt.fixed_batch is None and n > 1:  # the same inputs as one batch must agree
-            batched = rt.run_float(x)
+            batched = run_samples(rt.run_float, rt.inputs, rt.outputs, x, n)
             for o in output_names:
                 if not np.allclose(batched[o], outs[o], rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(outs[o]).max()))):
                     return SelfTestResult(False, f"output '{o}' differs between batch 1 and batch {n}", details)
@@ -140,7 +144,8 @@ def check_golden(root: Path, rt: Runtime, budget_ms: float | None = None) -> Sel
     if problem is not None:
         return SelfTestResult(False, problem, details)
     fixed = rt.fixed_batch
-    one = {k: v[:1] if fixed in (None, 1) else np.resize(v, (fixed, *v.shape[1:])) for k, v in x.items()}
+    one = stack(rt.inputs, {k: v[:1] if fixed in (None, 1) else np.resize(v, (fixed, *v.shape[1:]))
+                            for k, v in x.items()})
     times = []
     for _ in range(SELFTEST_CALLS):
         t0 = time.perf_counter()

@@ -138,3 +138,58 @@ def unupgradable() -> onnx.ModelProto:
                          "odd", [h.make_tensor_value_info("x", T.FLOAT, [1, 4])],
                          [h.make_tensor_value_info("y", T.FLOAT, [1, 4])])
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 11)], ir_version=7)
+
+
+def _rnn_weights(rng, gates: int, features: int, hidden: int, tag: str) -> list[onnx.TensorProto]:
+    return [numpy_helper.from_array(rng.standard_normal((1, gates * hidden, features)).astype(np.float32) * 0.4, f"W{tag}"),
+            numpy_helper.from_array(rng.standard_normal((1, gates * hidden, hidden)).astype(np.float32) * 0.4, f"R{tag}"),
+            numpy_helper.from_array(rng.standard_normal((1, 2 * gates * hidden)).astype(np.float32) * 0.1, f"B{tag}")]
+
+
+def lstm_stateful(batch: int | str = "N", steps: int = 4, features: int = 3, hidden: int = 6,
+                  classes: int = 3) -> onnx.ModelProto:
+    """A streaming LSTM step: x [N, T, F], h and c [1, N, H] (batch on axis 1) → y [N, classes] from
+    the last hidden state, hn and cn [1, N, H] (the state to feed the next step)."""
+    rng = np.random.default_rng(5)
+    inits = [*_rnn_weights(rng, 4, features, hidden, ""),
+             numpy_helper.from_array(rng.standard_normal((hidden, classes)).astype(np.float32), "Wd"),
+             numpy_helper.from_array(np.array([0], dtype=np.int64), "axis0")]
+    nodes = [h.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+             h.make_node("LSTM", ["xt", "W", "R", "B", "", "h", "c"], ["", "hn", "cn"], hidden_size=hidden,
+                         name="lstm"),
+             h.make_node("Squeeze", ["hn", "axis0"], ["last"]),
+             h.make_node("MatMul", ["last", "Wd"], ["y"], name="dense")]
+    graph = h.make_graph(nodes, "lstm_stateful",
+                         [h.make_tensor_value_info("x", T.FLOAT, [batch, steps, features]),
+                          h.make_tensor_value_info("h", T.FLOAT, [1, batch, hidden]),
+                          h.make_tensor_value_info("c", T.FLOAT, [1, batch, hidden])],
+                         [h.make_tensor_value_info("y", T.FLOAT, [batch, classes]),
+                          h.make_tensor_value_info("hn", T.FLOAT, [1, batch, hidden]),
+                          h.make_tensor_value_info("cn", T.FLOAT, [1, batch, hidden])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)], ir_version=8)
+
+
+def gru_stateful(batch: int | str = 1, steps: int = 4, features: int = 3, hidden: int = 5) -> onnx.ModelProto:
+    """Two stacked GRU layers with one state [2, N, H] (silero-vad's shape): x [N, T, F], state →
+    y [N, H] (the top layer's last hidden state, through a sigmoid), stateN [2, N, H]. Fixed batch 1
+    by default, as such models are usually exported."""
+    rng = np.random.default_rng(6)
+    inits = [*_rnn_weights(rng, 3, features, hidden, "1"), *_rnn_weights(rng, 3, hidden, hidden, "2"),
+             numpy_helper.from_array(np.array([0], dtype=np.int64), "axis0"),
+             numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1")]
+    nodes = [h.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+             h.make_node("Split", ["state"], ["s1", "s2"], axis=0),
+             h.make_node("GRU", ["xt", "W1", "R1", "B1", "", "s1"], ["y1", "h1"], hidden_size=hidden,
+                         linear_before_reset=1, name="gru1"),
+             h.make_node("Squeeze", ["y1", "axis1"], ["y1s"]),
+             h.make_node("GRU", ["y1s", "W2", "R2", "B2", "", "s2"], ["", "h2"], hidden_size=hidden,
+                         linear_before_reset=1, name="gru2"),
+             h.make_node("Concat", ["h1", "h2"], ["stateN"], axis=0),
+             h.make_node("Squeeze", ["h2", "axis0"], ["last"]),
+             h.make_node("Sigmoid", ["last"], ["y"])]
+    graph = h.make_graph(nodes, "gru_stateful",
+                         [h.make_tensor_value_info("x", T.FLOAT, [batch, steps, features]),
+                          h.make_tensor_value_info("state", T.FLOAT, [2, batch, hidden])],
+                         [h.make_tensor_value_info("y", T.FLOAT, [batch, hidden]),
+                          h.make_tensor_value_info("stateN", T.FLOAT, [2, batch, hidden])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)], ir_version=8)

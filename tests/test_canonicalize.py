@@ -193,10 +193,11 @@ def test_an_output_shape_the_original_does_not_compute_fails_the_artifact():
     from edgeopt.converters.pipeline import _output_shape_problems
     from edgeopt.specs import TensorSpec
 
-    golden = {"y": np.zeros((40, 1, 4), np.float32)}  # 8 samples of [5, 1, 4], stacked along axis 0
-    assert _output_shape_problems(golden, [TensorSpec("y", (5, 1, 4), "float32")]) == []
-    assert _output_shape_problems(golden, [TensorSpec("y", (1, 20), "float32")]) == [
-        "output 'y': the converted model declares shape [1, 20], the original computes [1, 4] per sample"]
+    golden = {"y": np.zeros((8, 5, 1, 4), np.float32)}  # 8 samples of [5, 1, 4] (no batch axis)
+    assert _output_shape_problems(golden, [TensorSpec("y", (5, 1, 4), "float32", batch_axis=None)]) == []
+    assert _output_shape_problems({"y": np.zeros((8, 4))}, [TensorSpec("y", ("N", 4), "float32")]) == []
+    assert _output_shape_problems(golden, [TensorSpec("y", (1, 20), "float32", batch_axis=None)]) == [
+        "output 'y': the converted model declares [1, 20] per sample, the original computes [5, 1, 4]"]
 
 
 def _scaled_output(model, factor):

@@ -101,7 +101,7 @@ def test_float_io_and_keep_io_layout(digits_models, tmp_path):
     out = _convert(digits_models, tmp_path / "fio", "cnn", "int8", "--float-io", "--keep-io-layout")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["io_transposes"] == {}
-    assert manifest["inputs"][0] == {"name": "image", "shape": [1, 1, 8, 8], "dtype": "float32"}
+    assert manifest["inputs"][0] == {"name": "image", "shape": [1, 1, 8, 8], "dtype": "float32", "batch_axis": 0}
     assert manifest["outputs"][0]["dtype"] == "float32"
     ops = builtin_op_names(out / "model.tflite")
     assert ops[0] == "QUANTIZE" and ops[-1] == "DEQUANTIZE"  # integer inside, float at the edges

@@ -1,8 +1,8 @@
 """Front-end canonicalisation every target needs.
 
 1. freeze inputs given ``input_values`` into constants (so ``If`` on, say, a sample rate folds away);
-2. fix dynamic input dims from ``input_shapes``; a dynamic leading (batch) dim may stay dynamic,
-   any other dynamic dim left is an error naming the input;
+2. fix dynamic input dims from ``input_shapes``; a dynamic batch dim (the leading one unless
+   ``batch_axes`` says otherwise) may stay dynamic, any other dynamic dim left is an error naming the input;
 3. drop training-only behaviour (Dropout, BatchNormalization in training mode);
 4. upgrade to the opset the later passes and the target need (onnx.version_converter);
 5. constant folding, dead-code elimination and simplification with onnxslim -- checked: the
@@ -61,10 +61,12 @@ class Canonicalize(Pass):
     params: ClassVar[tuple[Param, ...]] = (
         Param("input_shapes", _mapping, None, "fixed shapes per input name, e.g. {'image': (1, 1, 8, 8)}"),
         Param("input_values", _mapping, None, "inputs to freeze into constants, e.g. {'sample_rate': '16000'}"),
-        Param("batch_size", int, None, "fix a dynamic leading (batch) dim of every input to this size",
+        Param("batch_size", int, None, "fix a dynamic batch dim of every input to this size",
               check=lambda v: None if v >= 1 else "must be >= 1"),
         Param("keep_dynamic_batch", bool, True,
-              "leave a dynamic leading (batch) dim dynamic instead of requiring --input-shape for it"),
+              "leave a dynamic batch dim dynamic instead of requiring --input-shape for it"),
+        Param("batch_axes", _mapping, None, "the batch axis per input name (None: no batch axis); "
+              "default: the leading dim"),
         Param("simplify", bool, True, "run onnxslim (constant folding, dead code, fusions), kept only when "
               "every output's shape and values on a sample are unchanged"),
         Param("min_opset", int, None, "upgrade the model to at least this ONNX opset (set from what the later "
@@ -116,15 +118,21 @@ class Canonicalize(Pass):
         return frozen
 
     # -- 2. shapes ---------------------------------------------------------------------------
+    def _batch_axis(self, name: str) -> int | None:
+        axes = self.config["batch_axes"] or {}
+        return axes.get(name, 0)
+
     def _with_batch(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-        """Explicit shapes, plus ``batch_size`` for every other input whose only dynamic dim is the first."""
+        """Explicit shapes, plus ``batch_size`` for every other input whose only dynamic dim is its batch axis."""
         batch = self.config["batch_size"]
         if batch is None:
             return shapes
         shapes = dict(shapes)
         for spec in input_specs(model):
-            if spec.name not in shapes and spec.dynamic_dims() == [0]:
-                shapes[spec.name] = (batch, *[int(d) for d in spec.shape[1:]])  # type: ignore[arg-type]
+            axis = self._batch_axis(spec.name)
+            if spec.name not in shapes and axis is not None and spec.dynamic_dims() == [axis]:
+                shapes[spec.name] = tuple(batch if i == axis else int(d)  # type: ignore[arg-type]
+                                          for i, d in enumerate(spec.shape))
         return shapes
 
     @staticmethod
@@ -157,8 +165,9 @@ class Canonicalize(Pass):
     def _check_dynamic(self, model: onnx.ModelProto) -> None:
         for spec in input_specs(model):
             dyn = spec.dynamic_dims()
-            if self.config["keep_dynamic_batch"] and dyn[:1] == [0]:
-                dyn = dyn[1:]
+            axis = self._batch_axis(spec.name)
+            if self.config["keep_dynamic_batch"] and axis in dyn:
+                dyn.remove(axis)
             if dyn:
                 example = ",".join(str(d) if isinstance(d, int) else "N" for d in spec.shape)
                 raise UserInputError(
@@ -188,7 +197,7 @@ class Canonicalize(Pass):
         the unsimplified graph computes (else the latter). Returns (model, simplified)."""
         import onnxslim
 
-        feeds = _probe_feeds(model)
+        feeds = _probe_feeds(model, self._probe_batch(model))
         try:
             reference = _run(model, feeds, ctx.workdir / "canonical-unsimplified.onnx")
         except Exception as exc:  # noqa: BLE001 -- any ORT failure: the check cannot be made
@@ -211,6 +220,15 @@ class Canonicalize(Pass):
         ctx.notes.append(f"canonicalize: simplification (onnxslim) gave {problem}; the unsimplified graph is "
                          f"kept (--no-simplify skips the attempt)")
         return model, False
+
+    def _probe_batch(self, model: onnx.ModelProto) -> int:
+        """The batch size of the probe run: an input's fixed batch dim when one has it (the others'
+        dynamic batch must match it: a fixed [1, 512] input with an RNN state [2, N, 128]), else 2."""
+        for spec in input_specs(model):
+            axis = self._batch_axis(spec.name)
+            if axis is not None and axis < len(spec.shape) and isinstance(spec.shape[axis], int) and spec.shape[axis] > 0:
+                return spec.shape[axis]
+        return 2
 
     # -- 3. training-only nodes ----------------------------------------------------------------
     @staticmethod
@@ -251,13 +269,13 @@ class Canonicalize(Pass):
         return removed
 
 
-def _probe_feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """One generated input per model input; a dynamic leading dim is 2, so that a batch dim baked into
-    the graph by a rewrite shows up as a different output shape."""
+def _probe_feeds(model: onnx.ModelProto, batch: int = 2) -> dict[str, np.ndarray]:
+    """One generated input per model input; a dynamic (batch) dim is ``batch``: 2 where the model
+    allows, so that a batch dim baked into the graph by a rewrite shows up as a different output shape."""
     rng = np.random.default_rng(0)
     feeds = {}
     for spec in input_specs(model):
-        shape = tuple(d if isinstance(d, int) and d > 0 else 2 for d in spec.shape)
+        shape = tuple(d if isinstance(d, int) and d > 0 else batch for d in spec.shape)
         dt = np.dtype(spec.dtype)
         if dt.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape).astype(dt)
@@ -278,7 +296,7 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], path) -> dict[str
     quiet_onnxruntime()
     save_model(model, path)
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # a failure is reported (as a note) from the exception, not ORT's log
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]

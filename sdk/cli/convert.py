@@ -152,6 +152,12 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
               help="Fix an input's dynamic dims (repeatable).")
 @click.option("--input-value", "input_values", multiple=True, metavar="NAME=VALUE",
               help="Freeze an input to a constant so control flow on it folds away (repeatable).")
+@click.option("--batch-axis", "batch_axes", multiple=True, metavar="NAME:AXIS|NAME:none",
+              help="The axis samples stack along in input or output NAME (default: where the model's dynamic batch "
+                   "dim is; none: one whole tensor per sample, one sample per call) (repeatable).")
+@click.option("--state", "state", multiple=True, metavar="INPUT=OUTPUT",
+              help="A recurrent state: INPUT is fed OUTPUT's value from the previous step, zeros first "
+                   "(default: pairs found by name and shape, e.g. h/hn, state/stateN) (repeatable).")
 @click.option("--no-simplify", is_flag=True,
               help="Skip graph simplification (onnxslim). Without it, a simplification that changes any output's "
                    "shape or values on a sample is dropped by itself, and the report says so.")
@@ -180,7 +186,7 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
 def convert_cmd(model: Path, output: Path, target, profile, quantize, calibration, calibration_method,
                 int4_block_size, fp16_io, validation, max_accuracy_drop, min_cosine, min_top1_agreement,
                 prune_sparsity, prune_channels, prune_layers, distill, epochs, student, seed, input_shapes, input_values,
-                no_simplify, preprocessing_file, hop, layout, channels, sample_rate, normalize, name, model_version,
+                batch_axes, state, no_simplify, preprocessing_file, hop, layout, channels, sample_rate, normalize, name, model_version,
                 threads, force, as_json, quiet, log_file, **target_settings) -> None:
     """Convert MODEL (ONNX) into an artifact directory: model, manifest.json, golden.npz, report.json.
 
@@ -197,6 +203,7 @@ def convert_cmd(model: Path, output: Path, target, profile, quantize, calibratio
     from edgeopt.converters.passes.canonicalize import parse_input_shape, parse_input_value
     from edgeopt.converters.pipeline import ConvertCheckFailed, ConvertOptions, convert
     from edgeopt.converters.preprocessing import load_preprocessing_file, parse_normalize
+    from edgeopt.converters.streaming import parse_batch_axis, parse_state
 
     preprocessing = load_preprocessing_file(preprocessing_file) if preprocessing_file else {}
     preprocessing.update({k: v for k, v in {
@@ -210,6 +217,7 @@ def convert_cmd(model: Path, output: Path, target, profile, quantize, calibratio
         min_top1_agreement=min_top1_agreement,
         input_shapes=dict(parse_input_shape(s) for s in input_shapes),
         input_values=dict(parse_input_value(v) for v in input_values),
+        batch_axes=dict(parse_batch_axis(a) for a in batch_axes), state=dict(parse_state(p) for p in state),
         name=name, version=model_version, force=force, threads=threads, seed=seed,
         prune_sparsity=prune_sparsity, prune_channels=prune_channels,
         prune_layers=dict(parse_layer_ratio(t) for t in prune_layers), distill=distill, epochs=epochs,

@@ -204,9 +204,22 @@ def resolve_model_file(path: str | Path) -> tuple[Path, str, dict[str, Any] | No
 
 
 def open_runtime(path: str | Path, **settings: Any) -> Runtime:
-    """Load an artifact directory or a model file with the runtime its format needs."""
-    model_file, fmt, _ = resolve_model_file(path)
-    return runtime_for_format(fmt)(model_file, **settings)
+    """Load an artifact directory or a model file with the runtime its format needs; an artifact's
+    runtime stacks samples along the batch axes its manifest gives."""
+    model_file, fmt, manifest = resolve_model_file(path)
+    runtime = runtime_for_format(fmt)(model_file, **settings)
+    if manifest is not None:
+        runtime.set_batch_axes(manifest_batch_axes(manifest, Path(path)))
+    return runtime
+
+
+def manifest_batch_axes(manifest: dict[str, Any], where: Path) -> dict[str, int | None]:
+    """Each input's and output's batch axis, by name, from an artifact's manifest."""
+    try:
+        return {spec.name: spec.batch_axis for key in ("inputs", "outputs")
+                for spec in map(TensorSpec.from_json, manifest.get(key) or [])}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserInputError(f"{where}/manifest.json: malformed 'inputs' or 'outputs' ({exc})") from None
 
 
 def run_batched(runtime: Runtime, inputs: Mapping[str, np.ndarray], batch_size: int = 32) -> dict[str, np.ndarray]:

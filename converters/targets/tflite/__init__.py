@@ -35,8 +35,8 @@ ACTIVATION_BYTES = {"none": 4, "fp16": 4, "int8-dynamic": 4, "int4": 4, "int8": 
 def _has_dynamic_batch(model: onnx.ModelProto) -> bool:
     inits = {i.name for i in model.graph.initializer}
     for vi in model.graph.input:
-        dims = vi.type.tensor_type.shape.dim
-        if vi.name not in inits and dims and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
+        dims = vi.type.tensor_type.shape.dim  # after the front end, any dynamic dim is a batch axis
+        if vi.name not in inits and any(not (d.HasField("dim_value") and d.dim_value > 0) for d in dims):
             return True
     return False
 

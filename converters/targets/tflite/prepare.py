@@ -11,30 +11,34 @@ from edgeopt.onnx_io import input_specs
 
 
 def fix_batch(model: onnx.ModelProto, ctx: PassContext | None, batch: int = 1) -> onnx.ModelProto:
-    """A .tflite has static shapes: a dynamic leading (batch) dim becomes ``batch`` (the front end
-    has already rejected any other dynamic dim)."""
+    """A .tflite has static shapes: a dynamic batch dim (the leading one, or wherever the input's batch
+    axis is: an RNN state [layers, N, hidden]) becomes ``batch``. The front end has already rejected
+    every dynamic dim that is not a batch axis, so every dynamic dim left is one."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    fixed = []
+    fixed, example = [], ""
     inits = {i.name for i in model.graph.initializer}
     for vi in model.graph.input:
         if vi.name in inits:
             continue
         dims = vi.type.tensor_type.shape.dim
-        if dims and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
-            dims[0].ClearField("dim_param")
-            dims[0].dim_value = batch
-            fixed.append(vi.name)
+        dynamic = [i for i, d in enumerate(dims) if not (d.HasField("dim_value") and d.dim_value > 0)]
+        if not dynamic:
+            continue
+        fixed.append(vi.name)
+        example = example or f"{vi.name}:" + ",".join("N" if i in dynamic else str(d.dim_value)
+                                                      for i, d in enumerate(dims))
+        for i in dynamic:
+            dims[i].ClearField("dim_param")
+            dims[i].dim_value = batch
     if fixed:
         del model.graph.value_info[:]
         for out in model.graph.output:  # shape inference fills them in again
             for d in out.type.tensor_type.shape.dim:
                 if not d.HasField("dim_value"):
                     d.ClearField("dim_param")
-        example = input_specs(model)[0]
         if ctx is not None:
             ctx.notes.append(f"tflite: the dynamic batch dim of {', '.join(repr(n) for n in fixed)} is fixed to {batch} "
-                         f"(a .tflite has static shapes; for another batch size convert with "
-                             f"--input-shape {example.name}:N,{','.join(str(d) for d in example.shape[1:])})")
+                             f"(a .tflite has static shapes; for another batch size convert with --input-shape {example})")
     return model
 
 

@@ -59,14 +59,23 @@ def calibration_batches(ctx: PassContext, mode: str, inputs: list[dict[str, Any]
     if len(data) < MIN_CALIBRATION_SAMPLES:
         raise UserInputError(f"calibration set {data.source} has {len(data)} samples; {mode} calibration needs at "
                              f"least {MIN_CALIBRATION_SAMPLES} for stable activation ranges")
-    batch = int(inputs[0]["shape"][0])
+    # Samples stack along each input's batch axis (data.axes, source layout; axis 0 unless given),
+    # then the tensor takes the model's layout.
+    axes = {d["name"]: data.axes.get(d["name"], 0) for d in inputs}
+    batch = 1
+    if all(a is not None for a in axes.values()):
+        first = inputs[0]["name"]
+        axis = axes[first] if first not in io_transposes else io_transposes[first].index(axes[first])
+        batch = int(inputs[0]["shape"][axis])
     batches = []
     for start in range(0, len(data) - batch + 1, batch):
         sample = []
         for detail in inputs:
-            arr = data.inputs[detail["name"]][start:start + batch].astype(np.float32)
-            if detail["name"] in io_transposes:
-                arr = np.transpose(arr, io_transposes[detail["name"]])
+            name = detail["name"]
+            arr = data.inputs[name][start:start + batch].astype(np.float32)
+            arr = arr[0] if axes[name] is None else np.moveaxis(arr, 0, axes[name])
+            if name in io_transposes:
+                arr = np.transpose(arr, io_transposes[name])
             sample.append(np.ascontiguousarray(arr))
         batches.append(sample)
     return batches

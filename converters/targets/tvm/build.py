@@ -23,15 +23,14 @@ SIGNATURE_FUNCTION = "edgeopt_signature"
 
 
 def fix_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
-    """Set every dynamic leading input dim to ``batch`` and re-simplify so shapes become static."""
+    """Set every dynamic input dim to ``batch`` and re-simplify so shapes become static. The front end
+    has already rejected every dynamic dim that is not an input's batch axis (the leading dim, or
+    axis 1 of an RNN state [layers, N, hidden])."""
     import onnxslim
 
     shapes = []
     for spec in input_specs(model):
-        dims = [batch if i == 0 and not (isinstance(d, int) and d > 0) else d for i, d in enumerate(spec.shape)]
-        if any(not (isinstance(d, int) and d > 0) for d in dims):
-            raise ConversionError(f"input '{spec.name}' has dynamic dims {spec.describe_shape()} beyond the batch; "
-                                  f"TVM needs static shapes: fix them with --input-shape")
+        dims = [d if isinstance(d, int) and d > 0 else batch for d in spec.shape]
         shapes.append(f"{spec.name}:{','.join(map(str, dims))}")
     model = onnxslim.slim(model, input_shapes=shapes)
     return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
