@@ -1,0 +1,95 @@
+"""Real third-party ONNX models, as users bring them: files shipped inside public PyPI wheels, fetched
+with ``pip download --no-deps`` into a cache at test set-up (never by edgeopt at run time) and
+extracted from the wheel. Used by tests/test_real_models.py.
+
+Each entry: the wheel (pinned), the member, the flags a user gives ``edgeopt convert`` for it, the
+targets it converts on, and the class of trouble it stands for (issue 15).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CACHE = Path(os.environ.get("EDGEOPT_TEST_MODEL_CACHE", Path.home() / ".cache" / "edgeopt-test-models"))
+
+
+@dataclass(frozen=True)
+class RealModel:
+    key: str
+    wheel: str  # "name==version"
+    member: str  # the .onnx file's path inside the wheel
+    flags: tuple[str, ...]
+    targets: tuple[str, ...]
+    kind: str  # what it stands for
+    state: tuple[tuple[str, str], ...] = ()  # the state pairs convert must find
+    calibration: dict[str, tuple[tuple[int, ...], float, float]] = field(default_factory=dict)  # uniform ranges
+
+    @property
+    def dist(self) -> str:
+        return self.wheel.split("==")[0]
+
+
+VAD = ("--input-shape", "input:1,512", "--input-value", "sr=16000")
+SILERO = "silero-vad==6.2.3"
+
+CORPUS = [
+    RealModel("silero_vad", SILERO, "silero_vad/data/silero_vad.onnx", VAD, ("onnx", "tflite"),
+              "stateful, state [2, ?, 128] with an unnamed batch dim, If on the sample rate",
+              (("state", "stateN"),)),
+    RealModel("silero_vad_16k_op15", SILERO, "silero_vad/data/silero_vad_16k_op15.onnx", VAD,
+              ("onnx", "tflite", "tvm"), "stateful, state [2, 'batch', 128] (batch on axis 1), opset 15",
+              (("state", "stateN"),)),
+    RealModel("silero_vad_half", SILERO, "silero_vad/data/silero_vad_half.onnx", ("--input-shape", "input:1,512"),
+              ("onnx", "tflite"), "stateful, float16 weights", (("state", "stateN"),)),
+    RealModel("silero_vad_op18_ifless", SILERO, "silero_vad/data/silero_vad_op18_ifless.onnx", VAD,
+              ("onnx", "tflite"), "stateful, opset 18", (("state", "stateN"),)),
+    RealModel("silero_vad_openvino_16k", SILERO, "silero_vad/data/silero_vad_openvino_16k.onnx", (),
+              ("onnx", "tflite"), "stateful, fixed shapes: input [1, 576], state [2, 1, 128]",
+              (("state", "stateN"),)),
+    RealModel("silero_vad_16k_sequence", SILERO, "silero_vad/data/silero_vad_16k_sequence.onnx",
+              ("--input-shape", "input:1,576"), ("onnx", "tflite"),
+              "stateful LSTM h/c [1, 1, 128], sequence on axis 0", (("h", "hn"), ("c", "cn"))),
+    RealModel("faster_whisper_silero_v6", "faster-whisper==1.2.1", "faster_whisper/assets/silero_vad_v6.onnx",
+              ("--input-shape", "input:1,576"), ("onnx", "tflite"), "stateful LSTM h/c, opset 18",
+              (("h", "hn"), ("c", "cn"))),
+    RealModel("rapidocr_cls", "rapidocr-onnxruntime==1.4.4",
+              "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+              ("--input-shape", "x:1,3,48,192"), ("onnx", "tflite"), "CNN classifier, opset 11, dynamic H and W",
+              calibration={"x": ((3, 48, 192), -1.0, 1.0)}),
+]
+
+
+class Unavailable(Exception):
+    """The wheel could not be fetched (no registry here): the test is skipped, saying so."""
+
+
+def fetch(model: RealModel) -> Path:
+    """The model's .onnx file, from the cache or fetched into it."""
+    target = CACHE / "extracted" / model.dist / model.member
+    if target.is_file():
+        return target
+    wheels = CACHE / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    name, version = model.wheel.split("==")
+    norm = name.replace("-", "_").lower()
+    found = [w for w in wheels.glob("*.whl") if w.name.lower().startswith(f"{norm}-{version}-")]
+    if not found:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                               "--disable-pip-version-check", "-q", "-d", str(wheels), model.wheel],
+                              capture_output=True, text=True, timeout=600)
+        found = [w for w in wheels.glob("*.whl") if w.name.lower().startswith(f"{norm}-{version}-")]
+        if proc.returncode != 0 or not found:
+            last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise Unavailable(f"pip download {model.wheel} failed: {last}")
+    with zipfile.ZipFile(found[0]) as zf:
+        data = zf.read(model.member)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    partial.write_bytes(data)
+    partial.replace(target)
+    return target
