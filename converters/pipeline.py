@@ -272,6 +272,8 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
                                                  layout, pairs)
                 with steps("latency"):
                     latency = _latency(source_runner, converted_rt, validation, layout)
+                if slower := _slower_note(quantize, latency):
+                    ctx.notes.append(slower)
             else:
                 io_specs = target.io_specs(model_path)
                 model_axes = layout.model_axes(source_runner.outputs, io_specs[1])
@@ -290,7 +292,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
             fit = fit_check(model_bytes, peak, profile)
 
             recipe = [canon_pass.describe()] + [p.describe() for p in compression]
-            recipe += [get_pass(p)(**opts.pass_params.get(p, {})).describe() for p in target.passes_for(quantize)]
+            recipe += [get_pass(p)(**target.pass_settings(p)).describe() for p in target.passes_for(quantize)]
             recipe.append({"pass": f"compile:{target.name}", "params": {"quantize": quantize, **target.config}})
             generated = validation.source == "generated"
             gates = evaluate(par, acc, Thresholds(opts.max_accuracy_drop, opts.min_cosine, opts.min_top1_agreement),
@@ -342,6 +344,17 @@ def _min_opset(target: Target, quantize: str, compression: list[Pass], source: o
     """The ONNX opset the whole recipe can work at: canonicalize upgrades an older model to it."""
     needs = [p.min_opset for p in compression] + [target.min_opset(quantize, source)]
     return max((n for n in needs if n), default=None)
+
+
+def _slower_note(quantize: str, latency: dict[str, Any]) -> str | None:
+    """A note when a quantized model runs slower than the float original did (the point of quantizing
+    for speed is lost; size may still be worth it)."""
+    speedup = latency.get("speedup_vs_source")
+    if quantize == "none" or speedup is None or speedup >= 1.0:
+        return None
+    return (f"--quantize {quantize} runs slower than the float original on this host: p50 {latency['p50_ms']:.3g} ms "
+            f"on {latency['runtime']} vs {latency['source_p50_ms']:.3g} ms on onnxruntime ({speedup:.2f}x); the "
+            f"model is smaller, not faster — compare `edgeopt bench` on the board")
 
 
 def _given_axes(given: dict[str, int | None], source: onnx.ModelProto) -> dict[str, int | None]:

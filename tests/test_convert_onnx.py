@@ -171,6 +171,23 @@ def test_int8_dynamic_runs_and_is_smaller(digits_models, tmp_path):
     assert json.loads((out / "report.json").read_text())["accuracy"]["drop"] <= 1.0
 
 
+def test_int8_activations_follow_the_board(digits_models, cnn_int8, tmp_path):
+    """uint8 activations for an x86-64 board (ONNX Runtime's fast x86 kernels multiply u8 by s8), int8
+    elsewhere; the recipe records which, and the graph holds it."""
+    import onnx
+
+    out, _ = _convert(digits_models, tmp_path, "cnn", "int8", "--profile", "x86-64-gateway")
+    for art, want, elem in ((out, "uint8", onnx.TensorProto.UINT8), (cnn_int8[0], "int8", onnx.TensorProto.INT8)):
+        report = json.loads((art / "report.json").read_text())
+        step = next(r for r in report["recipe"] if r["pass"] == "quantize-int8")
+        assert step["params"]["activation_type"] == want
+        model = onnx.load(art / "model.onnx")
+        zero_points = {i.name: i.data_type for i in model.graph.initializer}
+        activations = [zero_points[n.input[2]] for n in model.graph.node
+                       if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in zero_points]
+        assert activations and set(activations) == {elem}
+
+
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
 def test_calibration_methods_are_selectable(digits_models, tmp_path, method):
     out, _ = _convert(digits_models, tmp_path, "cnn", "int8", "--calibration-method", method)
@@ -260,3 +277,15 @@ def test_force_replaces_an_existing_artifact(digits_models, tmp_path):
                    "--version", "2").code == 0
     assert json.loads((out / "manifest.json").read_text())["version"] == "2" != json.loads(first)["version"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no temp or old directories left
+
+
+def test_a_quantized_model_slower_than_float_gets_a_note():
+    from edgeopt.converters.pipeline import _slower_note
+
+    latency = {"runtime": "onnxruntime", "p50_ms": 1.88, "source_p50_ms": 1.19, "speedup_vs_source": 0.633}
+    assert _slower_note("int8", latency) == (
+        "--quantize int8 runs slower than the float original on this host: p50 1.88 ms on onnxruntime vs "
+        "1.19 ms on onnxruntime (0.63x); the model is smaller, not faster — compare `edgeopt bench` on the board")
+    assert _slower_note("none", latency) is None  # a float conversion is not about speed
+    assert _slower_note("int8", {**latency, "speedup_vs_source": 2.8}) is None
+    assert _slower_note("int8", {**latency, "speedup_vs_source": None}) is None  # not measured here

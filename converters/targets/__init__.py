@@ -52,6 +52,11 @@ class Target(Configurable):
         """Names of the registered passes this target runs for a quantize mode (for the recipe)."""
         return []
 
+    def pass_settings(self, name: str) -> dict:
+        """The settings this target runs pass ``name`` with: what was given, plus what the target
+        chooses for the board (the recipe in the report records exactly these)."""
+        return dict(self.pass_params.get(name, {}))
+
     def min_opset(self, quantize: str, model: onnx.ModelProto) -> int | None:
         """The oldest ONNX opset this target handles ``model`` at, for ``quantize``; canonicalize upgrades
         an older model to it. By default: what the passes it runs need."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import re
 from pathlib import Path
 from typing import ClassVar
@@ -38,9 +39,21 @@ class OnnxTarget(Target):
     def passes_for(self, quantize: str) -> list[str]:
         return [QUANTIZE_PASSES[quantize]] if quantize in QUANTIZE_PASSES else []
 
+    def pass_settings(self, name: str) -> dict:
+        """Static INT8 for an x86-64 board (the profile's, else this host's) quantizes activations to
+        uint8: ONNX Runtime's x86 kernels multiply u8 activations by s8 weights (VPMADDUBSW, VNNI's
+        VPDPBUSD), and run s8 activations far slower — measured on AVX-512 VNNI, a YOLOX detector runs
+        2.39x faster than float with u8 activations and 0.72x with s8 (docs/benchmarks.md,
+        benchmarks/int8_speed.py). Elsewhere (ARM's SDOT) s8 stays."""
+        settings = super().pass_settings(name)
+        if name == "quantize-int8" and "activation_type" not in settings:
+            arch = self.profile.arch if self.profile else platform.machine().lower()
+            settings["activation_type"] = "uint8" if arch in ("x86_64", "amd64") else "int8"
+        return settings
+
     def _compile(self, model: onnx.ModelProto, quantize: str, ctx: PassContext, out: Path) -> None:
         for pass_name in self.passes_for(quantize):
-            model = get_pass(pass_name)(**self.pass_params.get(pass_name, {})).apply(model, ctx)
+            model = get_pass(pass_name)(**self.pass_settings(pass_name)).apply(model, ctx)
         save_model(model, out)
         self._check_loads(out)
 

@@ -132,7 +132,7 @@ class TVMTarget(Target):
             float_model = get_pass("unroll-rnn")(**self.pass_params.get("unroll-rnn", {})).apply(model, ctx)
         model = float_model
         for pass_name in self.passes_for(quantize):
-            model = get_pass(pass_name)(**self.pass_params.get(pass_name, {})).apply(model, ctx)
+            model = get_pass(pass_name)(**self.pass_settings(pass_name)).apply(model, ctx)
 
         def relax_module(onnx_model: onnx.ModelProto):
             static = build.fix_batch(onnx_model, self.config["batch"])
