@@ -228,25 +228,37 @@ def count_macs(model: onnx.ModelProto) -> int | None:
     elementwise) are not counted, as is usual for MAC figures. ``None`` when a shape is unknown (or the
     model is too big for in-memory shape inference).
     """
+    per_node = node_macs(model)
+    return None if per_node is None or None in per_node.values() else sum(per_node.values())  # type: ignore[arg-type]
+
+
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def node_macs(model: onnx.ModelProto) -> dict[str, int | None] | None:
+    """MACs of each Conv / ConvTranspose / Gemm / MatMul node at batch 1, by node name (None where a
+    shape is unknown); None when the model is too big for in-memory shape inference."""
     if model.ByteSize() >= PROTOBUF_LIMIT:
         return None
     shapes = static_shapes(model)
-    total = 0
-    for node in iter_nodes(model.graph):
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
+    macs: dict[str, int | None] = {}
+    for i, node in enumerate(iter_nodes(model.graph)):
+        if node.op_type not in MAC_OPS or node.domain not in ("", "ai.onnx"):
             continue
-        ins = [shapes.get(name) for name in node.input[:2]]
+        name = node.name or f"#{i}"
+        ins = [shapes.get(n) for n in node.input[:2]]
         out = shapes.get(node.output[0])
         if out is None or any(s is None for s in ins):
-            return None
+            macs[name] = None
+            continue
         x, w = ins
         if node.op_type == "Conv":  # each output element sums C_in/group x kernel products
-            total += int(np.prod(out)) * int(np.prod(w[1:]))
+            macs[name] = int(np.prod(out)) * int(np.prod(w[1:]))
         elif node.op_type == "ConvTranspose":  # each input element scatters into C_out/group x kernel outputs
-            total += int(np.prod(x)) * int(np.prod(w[1:]))
+            macs[name] = int(np.prod(x)) * int(np.prod(w[1:]))
         elif node.op_type == "Gemm":
             trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
-            total += int(np.prod(out)) * int(x[0] if trans_a else x[-1])
+            macs[name] = int(np.prod(out)) * int(x[0] if trans_a else x[-1])
         else:  # MatMul: every output element is a dot product over A's last dim
-            total += int(np.prod(out)) * int(x[-1])
-    return total
+            macs[name] = int(np.prod(out)) * int(x[-1])
+    return macs

@@ -111,32 +111,64 @@ def print_bench(result: dict[str, Any]) -> None:
 
 def print_inspect(info: dict[str, Any]) -> None:
     con = _console()
-    con.print(f"[bold]{info['path']}[/bold]  {format_size(info['size_bytes'])}, {info['params']:,} parameters, "
-              f"{info['nodes']} nodes, opset {info['opset']}, producer {info['producer'] or '-'}")
+    facts = [format_size(info["size_bytes"])]
+    if info.get("params") is not None:
+        facts.append(f"{info['params']:,} parameters")
+    if info.get("macs") is not None:
+        facts.append(f"{info['macs']:,} MACs at batch 1")
+    if info.get("nodes") is not None:
+        facts.append(f"{info['nodes']} nodes")
+    if info.get("opset") is not None:
+        upgraded = info.get("source_opset")
+        facts.append(f"opset {info['opset']}" + (f" (from {upgraded})" if upgraded and upgraded != info["opset"] else ""))
+    if "producer" in info:
+        facts.append(f"producer {info['producer'] or '-'}")
+    con.print(f"[bold]{escape(info['path'])}[/bold]  {escape(', '.join(facts))}")
+    if art := info.get("artifact"):
+        con.print(escape(f"artifact {art['name']} {art['version']}: {art['format']}, quantize {art['quantize']}, "
+                         f"status {art['status'] or '-'}, profile {art['target_profile'] or '-'}"))
     io = Table(title="inputs / outputs", title_justify="left")
-    for col in ("", "name", "shape", "dtype"):
+    for col in ("", "name", "shape", "dtype", "batch axis"):
         io.add_column(col)
     for kind in ("inputs", "outputs"):
         for t in info[kind]:
-            io.add_row(kind[:-1], t["name"], str(t["shape"]), t["dtype"])
+            axis = t.get("batch_axis", 0)
+            io.add_row(kind[:-1], escape(str(t["name"])), escape(str(t["shape"])), escape(str(t["dtype"])),
+                       "none" if axis is None else str(axis))
     con.print(io)
-    ops = Table(title="operators", title_justify="left")
-    ops.add_column("op", no_wrap=True)
-    ops.add_column("count", justify="right")
-    for op, n in info["ops"].items():
-        ops.add_row(op, str(n))
-    con.print(ops)
-    tg = Table(title="targets", title_justify="left")
-    tg.add_column("target", no_wrap=True)
-    tg.add_column("supports every op")
-    for name, t in info["targets"].items():
-        if t["supported"]:
-            tg.add_row(name, "[green]yes[/green]")
-        else:
-            detail = "; ".join(f"{op} ({', '.join(nodes[:3])}{'…' if len(nodes) > 3 else ''})"
-                               for op, nodes in t["unsupported"].items())
-            tg.add_row(name, f"[red]no[/red]: {detail}")
-    con.print(tg)
+    if info.get("state"):
+        con.print(escape("recurrent state: " + ", ".join(f"{p['input']} ← {p['output']}" for p in info["state"])))
+    if info.get("ops"):
+        ops = Table(title="operators", title_justify="left")
+        ops.add_column("op", no_wrap=True)
+        ops.add_column("count", justify="right")
+        for op, n in info["ops"].items():
+            ops.add_row(escape(op), str(n))
+        con.print(ops)
+    if info.get("layers"):
+        lt = Table(title="layers with weights (names for --prune-layer)", title_justify="left")
+        for col, just in (("node", "left"), ("op", "left"), ("params", "right"), ("MACs", "right")):
+            lt.add_column(col, justify=just, no_wrap=col == "node")
+        for row in info["layers"]:
+            lt.add_row(escape(row["name"]), row["op"], f"{row['params']:,}", "-" if row["macs"] is None else f"{row['macs']:,}")
+        con.print(lt)
+    if info.get("targets"):
+        tg = Table(title="targets", title_justify="left")
+        tg.add_column("target", no_wrap=True)
+        tg.add_column("supports every op")
+        for name, t in info["targets"].items():
+            if t["supported"]:
+                cell = "[green]yes[/green]"
+            else:
+                cell = "[red]no[/red]: " + escape(t.get("error") or "; ".join(
+                    f"{op} ({', '.join(nodes[:3])}{'…' if len(nodes) > 3 else ''})"
+                    for op, nodes in t["unsupported"].items()))
+            if t.get("board"):
+                cell += f" [yellow]({escape(t['board'])})[/yellow]"
+            tg.add_row(name, cell)
+        con.print(tg)
+    for note in info.get("notes") or []:
+        con.print(f"note: {escape(note)}")
 
 
 def print_profiles(profiles: list[dict[str, Any]]) -> None:
