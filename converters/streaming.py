@@ -67,6 +67,9 @@ def input_axes(inputs: Sequence[TensorSpec], given: Mapping[str, int | None]) ->
     symbols = {s.shape[0] for s in inputs if s.shape and isinstance(s.shape[0], str)}
     first = inputs[0] if inputs else None
     lead = first.shape[0] if first is not None and first.shape and not _dynamic(first.shape[0]) else None
+    # the exporter left the batch dim unnamed: the first input's leading dim is dynamic without a symbol
+    unnamed_batch = first is not None and bool(first.shape) and _dynamic(first.shape[0]) \
+        and not isinstance(first.shape[0], str)
     axes: Axes = {}
     for spec in inputs:
         if spec.name in given:
@@ -81,7 +84,8 @@ def input_axes(inputs: Sequence[TensorSpec], given: Mapping[str, int | None]) ->
             axes[spec.name] = named[0]
         elif _dynamic(spec.shape[0]):
             axes[spec.name] = 0
-        elif len(dyn := [i for i, d in enumerate(spec.shape) if _dynamic(d)]) == 1:  # [2, ?, 128]: unnamed
+        elif unnamed_batch and len(dyn := [i for i, d in enumerate(spec.shape) if _dynamic(d)]) == 1 \
+                and not isinstance(spec.shape[dyn[0]], str):  # [2, ?, 128] beside an input [?, 512]
             axes[spec.name] = dyn[0]
         elif lead is not None:  # a fixed-shape model: the first input's leading size, wherever it is
             axes[spec.name] = next((i for i, d in enumerate(spec.shape) if d == lead), None)

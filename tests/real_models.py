@@ -57,6 +57,9 @@ CORPUS = [
     RealModel("faster_whisper_silero_v6", "faster-whisper==1.2.1", "faster_whisper/assets/silero_vad_v6.onnx",
               ("--input-shape", "input:1,576"), ("onnx", "tflite"), "stateful LSTM h/c, opset 18",
               (("h", "hn"), ("c", "cn"))),
+    RealModel("ddddocr_crnn", "ddddocr==1.6.1", "ddddocr/common.onnx", ("--input-shape", "input1:1,1,64,256"),
+              ("tflite",), "CRNN (conv → LSTM → dense), a named dynamic width, output declared [1, 'seqlen'] "
+              "though it computes [T, 1, C], opset 12"),
     RealModel("rapidocr_cls", "rapidocr-onnxruntime==1.4.4",
               "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
               ("--input-shape", "x:1,3,48,192"), ("onnx", "tflite"), "CNN classifier, opset 11, dynamic H and W",

@@ -46,6 +46,9 @@ def test_an_unnamed_dynamic_dim_is_the_batch():
     # silero_vad.onnx declares input [?, ?] and state [2, ?, 128] without symbols
     inputs = [_spec("input", [None, None]), _spec("state", [2, None, 128]), TensorSpec("sr", (), "int64")]
     assert input_axes(inputs, {}) == {"input": 0, "state": 1, "sr": None}
+    # a named dynamic dim that is not the batch (a CRNN's image width) is not taken for one
+    crnn = [_spec("image", [1, 1, 64, "image_width"])]
+    assert input_axes(crnn, {}) == {"image": 0}
 
 
 def test_fixed_shape_model_batch_is_the_first_inputs_leading_size():
