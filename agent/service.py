@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -96,23 +97,39 @@ class Agent:
 
     # -- signals ----------------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_stop_signal)
-        signal.signal(signal.SIGINT, self._on_stop_signal)
-        signal.signal(signal.SIGHUP, self._on_reload_signal)
+        # Python runs a signal handler in the main thread between two bytecodes, also while that
+        # thread holds a lock: the window queue's (inside get_batch) or an Event's (inside
+        # Event.wait). Those locks are not re-entrant, so a handler that takes one (queue.close(),
+        # Event.set()) waits for its own thread for ever and SIGTERM never stops the agent (seen
+        # under load). The handler only writes the signal number to a pipe; the "signals" thread
+        # acts on it, taking the locks like any other thread.
+        read_fd, self._signal_fd = os.pipe()  # not inherited by children
+        os.set_blocking(self._signal_fd, False)  # a handler must never block
+        threading.Thread(target=self._signal_loop, args=(read_fd,), name="signals", daemon=True).start()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
 
-    def _on_stop_signal(self, signum, frame) -> None:
-        self.request_stop()
+    def _on_signal(self, signum, frame) -> None:
+        with contextlib.suppress(OSError):  # the pipe full (thousands of signals unread): this one is moot
+            os.write(self._signal_fd, bytes([signum]))
 
-    def _on_reload_signal(self, signum, frame) -> None:
-        self._reload.set()
-        if self.pipeline is not None:
-            # wake the loop without closing the queue: a rejected config keeps this pipeline running
-            self.pipeline.queue.interrupt()
+    def _signal_loop(self, read_fd: int) -> None:
+        while True:
+            for signum in os.read(read_fd, 64):
+                if signum == signal.SIGHUP:
+                    self._reload.set()
+                    p = self.pipeline
+                    if p is not None:
+                        # wake the loop without closing the queue: a rejected config keeps this pipeline running
+                        p.queue.interrupt()
+                else:
+                    self.request_stop()
 
     def request_stop(self) -> None:
         self._stop.set()
-        if self.pipeline is not None:
-            self.pipeline.queue.close()  # a waiting batch returns at once, sources stop
+        p = self.pipeline  # called from the signals thread too: the main thread may tear it down meanwhile
+        if p is not None:
+            p.queue.close()  # a waiting batch returns at once, sources stop
 
     # -- set-up -----------------------------------------------------------------------------------------
     def _open_io(self) -> None:
