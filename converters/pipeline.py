@@ -58,6 +58,14 @@ from edgeopt.runtime.onnxruntime import OnnxRuntime
 from edgeopt.specs import TensorSpec
 
 VALIDATION_BATCH = 32
+VALIDATION_CALL_ELEMENTS = 2**20  # input elements per validation call: a 416x416 image gets 2 per call
+
+
+def validation_batch(data: dict[str, np.ndarray]) -> int:
+    """Samples per validation call: up to VALIDATION_BATCH, fewer for big inputs, so that validating a
+    detector does not hold 32 images' activations in two runtimes at once (peak memory, issue 15)."""
+    per_sample = sum(int(np.prod(v.shape[1:])) for v in data.values()) or 1
+    return max(1, min(VALIDATION_BATCH, VALIDATION_CALL_ELEMENTS // per_sample))
 
 
 @dataclass
@@ -390,7 +398,7 @@ def _measure_steps(measured: list[tuple[dict[str, Any], onnx.ModelProto]], data:
         save_model(model, path)
         runtimes.append(OnnxRuntime(path, threads=threads))
         runtimes[-1].set_batch_axes(axes)
-    outputs = [run_batched(rt, data.inputs, VALIDATION_BATCH)[rt.outputs[0].name] for rt in runtimes]
+    outputs = [run_batched(rt, data.inputs, validation_batch(data.inputs))[rt.outputs[0].name] for rt in runtimes]
     for (row, _), out in zip(measured, outputs, strict=True):
         row["accuracy"] = accuracy(data.labels, outputs[0], out, data.task)["converted"]
         row["top1_agreement"] = parity([outputs[0]], [out], ["output"])["top1_agreement"]
@@ -555,9 +563,10 @@ def _one_call(inputs: list[TensorSpec], data: dict[str, np.ndarray], batch: int)
 
 def _validate(source: _SourceRunner, converted_rt: Runtime, data: Dataset, golden_count: int, layout: _Layout,
               pairs: list[tuple[str, str]] | None = None):
-    ref = source.run_all(data.inputs, VALIDATION_BATCH)
+    batch = validation_batch(data.inputs)
+    ref = source.run_all(data.inputs, batch)
     converted_inputs = layout.to_model(data.inputs)
-    got = layout.to_source(run_batched(converted_rt, converted_inputs, VALIDATION_BATCH))
+    got = layout.to_source(run_batched(converted_rt, converted_inputs, batch))
     outputs = _pair_outputs(source.rt.outputs, converted_rt.outputs)
     k = min(golden_count, len(data))
     # Golden vectors (below) feed each sample with the state the original carried to it; parity is
@@ -595,7 +604,7 @@ def _unmeasured(source: _SourceRunner, outputs: list[TensorSpec], data: Dataset,
     ``expected`` outputs), for a converted model that cannot run on this machine."""
     k = min(golden_count, len(data))
     inputs = {n: a[:k] for n, a in data.inputs.items()}
-    ref = source.run_all(inputs, VALIDATION_BATCH)
+    ref = source.run_all(inputs, validation_batch(inputs))
     pairs = _pair_outputs(source.rt.outputs, outputs)
     par = {**dict.fromkeys(PARITY_KEYS), "outputs": {}}
     acc = {"metric": None, "original": None, "converted": None, "drop": None}
