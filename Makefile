@@ -84,6 +84,7 @@ bench: setup
 	$(BIN)/python benchmarks/convert_coreml.py
 	$(BIN)/python benchmarks/convert_tvm.py
 	$(BIN)/python benchmarks/int8_speed.py
+	$(BIN)/python benchmarks/real_models.py
 
 # Optional: an emulated aarch64 Python + TVM runtime (qemu-user) for running aarch64 TVM builds here.
 aarch64-env: setup
