@@ -93,6 +93,7 @@ class ConvertOptions:
     threads: int = 1
     golden_count: int = 8
     generated_samples: int = 64
+    validation_samples: int | None = None  # --validation-samples: validate on at most this many samples
     seed: int = 0  # random validation inputs, and the distillation split / shuffling
     # compression, run in this order between canonicalisation and the target
     prune_sparsity: float | None = None   # unstructured magnitude pruning (prune-unstructured)
@@ -409,12 +410,20 @@ def _measure_steps(measured: list[tuple[dict[str, Any], onnx.ModelProto]], data:
 
 def _validation_set(opts: ConvertOptions, specs: list[TensorSpec], outputs: list[TensorSpec],
                     calibration: Dataset | None, state: list[str]) -> tuple[Dataset, str]:
+    """The validation samples and where they come from; ``--validation-samples N`` keeps the first N
+    (in order: a stateful model's stream stays one stream), or generates N."""
+    n = opts.validation_samples
     if opts.validation is not None:
-        return load_dataset(opts.validation, specs, outputs=outputs, state=state), str(opts.validation)
-    if calibration is not None:
-        return calibration, f"{opts.calibration} (the calibration data: no --validation given)"
-    return (generate_inputs(specs, opts.generated_samples, opts.seed),
-            f"{opts.generated_samples} generated random inputs (no --validation or --calibration given)")
+        data, source = load_dataset(opts.validation, specs, outputs=outputs, state=state), str(opts.validation)
+    elif calibration is not None:
+        data, source = calibration, f"{opts.calibration} (the calibration data: no --validation given)"
+    else:
+        count = n or opts.generated_samples
+        return (generate_inputs(specs, count, opts.seed),
+                f"{count} generated random inputs (no --validation or --calibration given)")
+    if n is not None and n < len(data):
+        return data.take(n), f"{source}, the first {n} of {len(data)} samples (--validation-samples)"
+    return data, source
 
 
 def _explicit_gate(opts: ConvertOptions) -> str | None:

@@ -289,3 +289,17 @@ def test_a_quantized_model_slower_than_float_gets_a_note():
     assert _slower_note("none", latency) is None  # a float conversion is not about speed
     assert _slower_note("int8", {**latency, "speedup_vs_source": 2.8}) is None
     assert _slower_note("int8", {**latency, "speedup_vs_source": None}) is None  # not measured here
+
+
+def test_validation_samples_caps_the_validation_set(digits_models, tmp_path):
+    out, _ = _convert(digits_models, tmp_path, "cnn", "none", "--validation-samples", "10", "--json")
+    report = json.loads((out / "report.json").read_text())
+    assert report["validation"]["samples"] == 10
+    assert report["validation"]["source"].endswith("samples (--validation-samples)")
+    assert ", the first 10 of " in report["validation"]["source"]
+    generated = run_cli("convert", digits_models["cnn"], "-o", tmp_path / "gen", "--target", "onnx",
+                        "--validation-samples", "5", "-q", "--json")
+    assert generated.code == 0, generated.err
+    assert generated.json()["validation"]["samples"] == 5
+    bad = run_cli("convert", digits_models["cnn"], "-o", tmp_path / "bad", "--validation-samples", "0")
+    assert bad.code == 2 and "--validation-samples" in bad.err

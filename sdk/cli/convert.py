@@ -122,6 +122,9 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
               "(default: " + _KEEP_IO.help + ").")
 @click.option("--validation", type=click.Path(path_type=Path),
               help="Validation data (with optional 'labels'); default: the calibration data, else random inputs.")
+@click.option("--validation-samples", type=click.IntRange(min=1), metavar="N",
+              help="Validate on the first N samples of the validation data (default: all), or on N generated "
+                   "inputs when no data is given (default: 64): less time and memory, a coarser check.")
 @click.option("--max-accuracy-drop", type=float,
               help="Exit 1 (artifact kept, report marked failed) when accuracy drops by more than this "
                    "(percentage points of top-1, or MAE increase); needs labels in the validation data.")
@@ -184,7 +187,7 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
               help="Append the toolchains' log lines (INFO and up, their native output included) to this file.")
 @target_options
 def convert_cmd(model: Path, output: Path, target, profile, quantize, calibration, calibration_method,
-                int4_block_size, fp16_io, validation, max_accuracy_drop, min_cosine, min_top1_agreement,
+                int4_block_size, fp16_io, validation, validation_samples, max_accuracy_drop, min_cosine, min_top1_agreement,
                 prune_sparsity, prune_channels, prune_layers, distill, epochs, student, seed, input_shapes, input_values,
                 batch_axes, state, no_simplify, preprocessing_file, hop, layout, channels, sample_rate, normalize, name, model_version,
                 threads, force, as_json, quiet, log_file, **target_settings) -> None:
@@ -213,7 +216,7 @@ def convert_cmd(model: Path, output: Path, target, profile, quantize, calibratio
 
     opts = ConvertOptions(
         model=model, output=output, target=target, profile=profile, quantize=quantize, calibration=calibration,
-        validation=validation, max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine,
+        validation=validation, validation_samples=validation_samples, max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine,
         min_top1_agreement=min_top1_agreement,
         input_shapes=dict(parse_input_shape(s) for s in input_shapes),
         input_values=dict(parse_input_value(v) for v in input_values),
