@@ -27,6 +27,7 @@ from edgeopt.onnx_io import (
     iter_nodes,
     load_model,
     node_macs,
+    nodes_without_schema,
     op_histogram,
     opset_version,
     output_specs,
@@ -51,15 +52,16 @@ def inspect_model(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = 
                   input_values: dict[str, str] | None = None, batch_axes: dict[str, int | None] | None = None,
                   profile: Profile | None = None) -> dict[str, Any]:
     from edgeopt.converters.passes import PassContext, get_pass
-    from edgeopt.converters.streaming import input_axes, output_axes, state_pairs
+    from edgeopt.converters.streaming import check_batch_axis_names, input_axes, output_axes, state_pairs
 
     source = load_model(path)
     source_inputs = input_specs(source)
+    check_batch_axis_names(batch_axes or {}, source_inputs, output_specs(source))
     notes: list[str] = []
     axes = input_axes(source_inputs, {k: v for k, v in (batch_axes or {}).items()
                                        if k in {s.name for s in source_inputs}})
     model, canonical = source, False
-    if not _unknown_ops(source):
+    if not nodes_without_schema(source):
         with tempfile.TemporaryDirectory(prefix="edgeopt-inspect-") as tmp:
             ctx = PassContext(workdir=Path(tmp))
             moved = {k: v for k, v in axes.items() if v != 0}
@@ -82,12 +84,13 @@ def inspect_model(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = 
                                                   if k in {o.name for o in outputs}}, pairs))
     except UserInputError as exc:
         notes.append(str(exc))
+    ops = op_histogram(model)
     return {
         "path": str(path),
         "size_bytes": tree_size(path),
         "params": count_params(model),
         "macs": count_macs(model),
-        "nodes": sum(op_histogram(model).values()),
+        "nodes": sum(ops.values()),
         "opset": opset_version(model),
         "source_opset": opset_version(source),
         "canonicalized": canonical,
@@ -95,7 +98,7 @@ def inspect_model(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = 
         "inputs": [s.to_json() for s in inputs],
         "outputs": [s.to_json() for s in outputs],
         "state": [{"input": i, "output": o} for i, o in pairs],
-        "ops": op_histogram(model),
+        "ops": ops,
         "layers": layers(model),
         "targets": _targets(model, profile),
         "profile": profile.name if profile else None,
@@ -133,8 +136,9 @@ def inspect_artifact(path: Path, profile: Profile | None = None) -> dict[str, An
     }
     if artifact.format == "onnx":
         model = load_model(artifact.model_file)
-        info.update(params=count_params(model), macs=count_macs(model), nodes=sum(op_histogram(model).values()),
-                    opset=opset_version(model), ops=op_histogram(model), layers=layers(model))
+        ops = op_histogram(model)
+        info.update(params=count_params(model), macs=count_macs(model), nodes=sum(ops.values()),
+                    opset=opset_version(model), ops=ops, layers=layers(model))
     else:
         artifact_report = report.get("artifact") or {}
         info.update(params=artifact_report.get("params"), macs=artifact_report.get("macs"), nodes=None,
@@ -157,12 +161,6 @@ def layers(model: onnx.ModelProto) -> list[dict[str, Any]]:
         if name in macs or any(len(inits[x]) >= 2 for x in node.input if x in inits):
             rows.append({"name": name, "op": node.op_type, "params": params, "macs": macs.get(name)})
     return rows
-
-
-def _unknown_ops(model: onnx.ModelProto) -> bool:
-    return any(not onnx.defs.has(n.op_type, n.domain) for n in iter_nodes(model.graph)
-               if n.domain in ("", "ai.onnx", "ai.onnx.ml")) or any(
-        n.domain not in ("", "ai.onnx", "ai.onnx.ml") for n in iter_nodes(model.graph))
 
 
 def _targets(model: onnx.ModelProto, profile: Profile | None) -> dict[str, dict[str, Any]]:

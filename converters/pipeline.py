@@ -36,19 +36,25 @@ from edgeopt.converters.output import check_output_location, replace_problem, sp
 from edgeopt.converters.passes import Pass, PassContext, ProgressFactory, get_pass, no_progress
 from edgeopt.converters.preprocessing import resolve_preprocessing
 from edgeopt.converters.settings import check_settings, check_target_params, unread_calibration_note
-from edgeopt.converters.streaming import input_axes, output_axes, run_sequence, state_pairs
+from edgeopt.converters.streaming import (
+    check_batch_axis_names,
+    input_axes,
+    output_axes,
+    run_sequence,
+    state_pairs,
+)
 from edgeopt.converters.targets import Target, get_target
 from edgeopt.converters.validate import accuracy, classifier_shaped, parity
 from edgeopt.data import Dataset, generate_inputs, load_dataset
-from edgeopt.errors import CheckFailed, UserInputError, closest
+from edgeopt.errors import CheckFailed, UserInputError
 from edgeopt.fsutil import atomic_write_json, sha256_file, staged_directory, tree_size
 from edgeopt.onnx_io import (
     count_macs,
     count_params,
     input_specs,
-    iter_nodes,
     load_model,
     model_bytes_on_disk,
+    nodes_without_schema,
     output_specs,
     save_model,
 )
@@ -210,7 +216,8 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
     with steps("load"):
         source = load_model(opts.model)
     source_specs = input_specs(source)
-    axes = _given_axes(opts.batch_axes, source)
+    check_batch_axis_names(opts.batch_axes, source_specs, output_specs(source))
+    axes = dict(opts.batch_axes)
     axes.update(input_axes(source_specs, {k: v for k, v in axes.items() if k in {s.name for s in source_specs}}))
     # Ops no schema knows (custom domains, typos) are reported before canonicalisation touches the graph.
     target.check_supported(_nodes_without_schema(source))
@@ -366,16 +373,6 @@ def _slower_note(quantize: str, latency: dict[str, Any]) -> str | None:
             f"model is smaller, not faster — compare `edgeopt bench` on the board")
 
 
-def _given_axes(given: dict[str, int | None], source: onnx.ModelProto) -> dict[str, int | None]:
-    """--batch-axis, checked against the original model's input and output names."""
-    names = [s.name for s in input_specs(source)] + [s.name for s in output_specs(source)]
-    for name in given:
-        if name not in names:
-            raise UserInputError(f"--batch-axis: the model has no input or output '{name}'{closest(name, names)}; "
-                                 f"it has {', '.join(names)}")
-    return dict(given)
-
-
 def _input_files(opts: ConvertOptions) -> list[Path]:
     """Every file this conversion reads: an output location holding one is never replaced."""
     given = [opts.model, opts.calibration, opts.validation, opts.distill, opts.student, *opts.other_inputs]
@@ -475,10 +472,8 @@ def _output_shape_problems(reference: dict[str, np.ndarray], outputs: list[Tenso
 
 
 def _nodes_without_schema(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A model holding only the nodes whose op has no ONNX schema (custom domains, misspelled ops)."""
-    unknown = [n for n in iter_nodes(model.graph)
-               if n.domain not in ("", "ai.onnx", "ai.onnx.ml") or not onnx.defs.has(n.op_type, n.domain)]
-    return onnx.helper.make_model(onnx.helper.make_graph(unknown, "unknown_ops", [], []))
+    """A model holding only the nodes whose op has no ONNX schema, for ``Target.check_supported``."""
+    return onnx.helper.make_model(onnx.helper.make_graph(nodes_without_schema(model), "unknown_ops", [], []))
 
 
 class _SourceRunner:
@@ -532,14 +527,15 @@ class _Layout:
         self.transposes = transposes or {}
         self.axes = axes
 
-    def _move(self, name: str, arr: np.ndarray, perm: list[int], axis: int | None) -> np.ndarray:
+    @staticmethod
+    def _move(arr: np.ndarray, perm: list[int], axis: int | None) -> np.ndarray:
         if axis is None:  # whole tensors per sample: transpose each
             return np.transpose(arr, [0, *(p + 1 for p in perm)])
         tensor_like = np.moveaxis(arr, 0, axis)
         return np.moveaxis(np.transpose(tensor_like, perm), perm.index(axis), 0)
 
     def to_model(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: self._move(k, v, self.transposes[k], self.axes.get(k, 0)) if k in self.transposes else v
+        return {k: self._move(v, self.transposes[k], self.axes.get(k, 0)) if k in self.transposes else v
                 for k, v in arrays.items()}
 
     def to_source(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -550,7 +546,7 @@ class _Layout:
                 continue
             perm, axis = self.transposes[k], self.axes.get(k, 0)
             inverse = [int(i) for i in np.argsort(perm)]
-            out[k] = self._move(k, v, inverse, None if axis is None else perm.index(axis))
+            out[k] = self._move(v, inverse, None if axis is None else perm.index(axis))
         return out
 
     def model_axes(self, source_outputs: list[TensorSpec], outputs: list[TensorSpec]) -> dict[str, int | None]:
@@ -575,18 +571,22 @@ def _validate(source: _SourceRunner, converted_rt: Runtime, data: Dataset, golde
     batch = validation_batch(data.inputs)
     ref = source.run_all(data.inputs, batch)
     converted_inputs = layout.to_model(data.inputs)
-    got = layout.to_source(run_batched(converted_rt, converted_inputs, batch))
     outputs = _pair_outputs(source.rt.outputs, converted_rt.outputs)
     k = min(golden_count, len(data))
-    # Golden vectors (below) feed each sample with the state the original carried to it; parity is
-    # measured as a device runs the model: one stream, each model carrying its own state.
-    expected = {c: got[c][:k] for _, c in outputs}
     if pairs:
+        # Golden vectors (below) feed each sample with the state the original carried to it, so their
+        # expected outputs are the first k samples run one by one; parity is measured as a device runs
+        # the model: one stream, each model carrying its own state.
+        expected = layout.to_source(run_batched(converted_rt, {n: a[:k] for n, a in converted_inputs.items()},
+                                                batch))
         state_inputs = [i for i, _ in pairs]
         stream = {n: a for n, a in converted_inputs.items() if n not in state_inputs}
         converted_pairs = [(i, dict(outputs)[o]) for i, o in pairs]
         got = layout.to_source(run_sequence(lambda f: run_batched(converted_rt, f, 1), converted_rt.inputs, stream,
                                             converted_pairs)[0])
+    else:
+        got = layout.to_source(run_batched(converted_rt, converted_inputs, batch))
+        expected = {c: got[c][:k] for _, c in outputs}
     ref_list = [ref[s] for s, _ in outputs]
     got_list = [got[c] for _, c in outputs]
     par = parity(ref_list, got_list, [c for _, c in outputs])

@@ -46,11 +46,19 @@ def parse_batch_axis(text: str) -> tuple[str, int | None]:
 
 def parse_state(text: str) -> tuple[str, str]:
     """'h=hn' → ('h', 'hn')."""
-    name, sep, out = text.partition("=")
-    if not sep or not name or not out:
-        raise UserInputError(f"--state {text!r}: expected INPUT=OUTPUT (a state input and the output that "
-                             f"holds its next value)")
-    return name, out
+    from edgeopt.converters.passes.canonicalize import split_assignment
+
+    return split_assignment(text, "--state", "INPUT=OUTPUT (a state input and the output that holds its next value)")
+
+
+def check_batch_axis_names(given: Mapping[str, int | None], inputs: Sequence[TensorSpec],
+                           outputs: Sequence[TensorSpec]) -> None:
+    """--batch-axis names an input or an output of the original model."""
+    names = [s.name for s in inputs] + [s.name for s in outputs]
+    for name in given:
+        if name not in names:
+            raise UserInputError(f"--batch-axis: the model has no input or output '{name}'{closest(name, names)}; "
+                                 f"it has {', '.join(names)}")
 
 
 def _dynamic(d) -> bool:

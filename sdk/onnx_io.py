@@ -118,6 +118,12 @@ def iter_nodes(graph: onnx.GraphProto):
                     yield from iter_nodes(g)
 
 
+def nodes_without_schema(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The nodes whose op no ONNX schema knows (custom domains, misspelled ops), subgraphs included."""
+    return [n for n in iter_nodes(model.graph)
+            if n.domain not in ("", "ai.onnx", "ai.onnx.ml") or not onnx.defs.has(n.op_type, n.domain)]
+
+
 def op_key(node: onnx.NodeProto) -> str:
     """'Conv' for the default domain, 'com.microsoft:MatMulNBits' otherwise."""
     domain = node.domain if node.domain not in ("", "ai.onnx") else ""

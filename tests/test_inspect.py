@@ -46,6 +46,8 @@ def test_inspect_says_where_convert_would_stop_and_reads_state_and_axes(tmp_path
     info = run_cli("inspect", lstm, "--json").json()
     assert info["state"] == [{"input": "h", "output": "hn"}, {"input": "c", "output": "cn"}]
     assert {t["name"]: t["batch_axis"] for t in info["inputs"]} == {"x": 0, "h": 1, "c": 1}
+    res = run_cli("inspect", lstm, "--batch-axis", "hh:1")  # refused as convert refuses it
+    assert res.code == 2 and "--batch-axis: the model has no input or output 'hh'" in res.err
 
 
 def test_inspect_takes_an_artifact_and_a_profile(tmp_path):

@@ -41,12 +41,17 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     return name, shape
 
 
-def parse_input_value(text: str) -> tuple[str, str]:
-    """'sample_rate=16000' → ('sample_rate', '16000')."""
+def split_assignment(text: str, option: str, form: str) -> tuple[str, str]:
+    """'a=b' → ('a', 'b'), both non-empty, else a one-line error: "OPTION 'TEXT': expected FORM"."""
     name, sep, value = text.partition("=")
     if not sep or not name or not value:
-        raise UserInputError(f"--input-value {text!r}: expected NAME=VALUE")
+        raise UserInputError(f"{option} {text!r}: expected {form}")
     return name, value
+
+
+def parse_input_value(text: str) -> tuple[str, str]:
+    """'sample_rate=16000' → ('sample_rate', '16000')."""
+    return split_assignment(text, "--input-value", "NAME=VALUE")
 
 
 def _mapping(v: Any) -> dict:
