@@ -15,6 +15,7 @@ messages) keep going to the terminal meanwhile.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -91,6 +92,21 @@ def _terminal_stream(fd: int, current):
         return None
     current.flush()
     return open(os.dup(fd), "w", buffering=1, encoding=current.encoding, errors=current.errors)
+
+
+@contextlib.contextmanager
+def python_prints(name: str) -> Iterator[None]:
+    """Catch what Python code prints to ``sys.stdout`` during the block (ONNX Runtime's entropy and
+    percentile calibrators print their progress there, which would corrupt ``--json`` output) and log
+    it afterwards at INFO as ``edgeopt.toolchain.<name>``."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        logger = logging.getLogger(f"edgeopt.toolchain.{name}")
+        for line, repeats in _runs(line.rstrip() for line in buffer.getvalue().splitlines() if line.strip()):
+            logger.info(line if repeats == 1 else f"{line} (x{repeats})")
 
 
 @contextlib.contextmanager

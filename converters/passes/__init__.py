@@ -19,7 +19,7 @@ from edgeopt import registry
 from edgeopt.data import Dataset
 from edgeopt.errors import EdgeoptError, UserInputError
 from edgeopt.fsutil import ENVIRONMENT_ERRNOS, environment_fault
-from edgeopt.logs import in_session, native_output
+from edgeopt.logs import in_session, native_output, python_prints
 from edgeopt.params import Configurable, Param
 from edgeopt.runtime.onnxruntime import quiet_onnxruntime
 
@@ -67,7 +67,7 @@ class Pass(Configurable):
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         try:
-            with quiet_loggers(), native_output(self.name):
+            with quiet_loggers(), native_output(self.name), python_prints(self.name):
                 out = self._apply(model, ctx)
         except EdgeoptError:
             raise

@@ -15,7 +15,7 @@ from edgeopt import registry
 from edgeopt.converters.passes import ConversionError, PassContext, get_pass, quiet_loggers
 from edgeopt.errors import EdgeoptError, UnsupportedOpsError, UserInputError
 from edgeopt.fsutil import ENVIRONMENT_ERRNOS, environment_fault
-from edgeopt.logs import native_output
+from edgeopt.logs import native_output, python_prints
 from edgeopt.onnx_io import iter_nodes, op_key
 from edgeopt.params import Configurable, Param
 from edgeopt.profiles import Profile
@@ -126,7 +126,7 @@ class Target(Configurable):
         self.check_quantize(quantize)
         out = Path(out_dir) / self.model_file
         try:
-            with quiet_loggers(), native_output(self.name):
+            with quiet_loggers(), native_output(self.name), python_prints(self.name):
                 self._compile(model, quantize, ctx, out)
         except EdgeoptError:
             raise
