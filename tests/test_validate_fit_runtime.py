@@ -25,6 +25,28 @@ def test_parity_metrics():
     assert parity([ref], [ref * np.nan], ["y"])["finite"] is False
 
 
+@pytest.mark.parametrize("shape", [(37, 10), (9, 3, 20, 20)])
+def test_parity_is_the_same_in_chunks_as_at_once(monkeypatch, shape):
+    """Parity accumulates over chunks of samples (bounded memory); the numbers equal one pass over all
+    samples, with non-finite samples left out the same way."""
+    import edgeopt.converters.validate as validate
+
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal(shape).astype(np.float32)
+    got = ref + rng.normal(0, 0.05, shape).astype(np.float32)
+    got[4] = np.nan
+    whole = parity([ref], [got], ["y"])
+    monkeypatch.setattr(validate, "PARITY_CHUNK_ELEMENTS", 25)  # a few samples per chunk
+    chunked = parity([ref], [got], ["y"])
+    r, g = (a.reshape(len(a), -1).astype(np.float64)[np.arange(len(a)) != 4] for a in (ref, got))
+    assert whole["nonfinite_samples"] == chunked["nonfinite_samples"] == 1 and not chunked["finite"]
+    assert chunked["max_abs_err"] == pytest.approx(np.abs(r - g).max())
+    assert chunked["mean_abs_err"] == pytest.approx(np.abs(r - g).mean())
+    assert chunked["cosine"] == pytest.approx(float(r.ravel() @ g.ravel() / np.linalg.norm(r) / np.linalg.norm(g)))
+    for key in ("max_abs_err", "mean_abs_err", "cosine", "worst_sample_cosine", "top1_agreement"):
+        assert chunked[key] == pytest.approx(whole[key]), key
+
+
 def test_accuracy_top1_and_mae():
     logits = np.eye(4)
     labels = np.array([0, 1, 2, 0])
