@@ -22,6 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgeopt.converters.passes import ConversionError, Pass, PassContext
+from edgeopt.converters.passes.fusions import fold_affine_into_conv, fold_conv_affine, fuse_hardswish
 from edgeopt.errors import UserInputError, closest
 from edgeopt.onnx_io import input_specs, opset_version, save_model
 from edgeopt.params import Param
@@ -62,7 +63,8 @@ def _mapping(v: Any) -> dict:
 
 class Canonicalize(Pass):
     name: ClassVar[str] = "canonicalize"
-    summary: ClassVar[str] = "fix shapes, freeze inputs, drop training-only nodes, fold constants, infer shapes"
+    summary: ClassVar[str] = ("fix shapes, freeze inputs, drop training-only nodes, fold constants, fuse conv affines and "
+                                "hard-swish, infer shapes")
     params: ClassVar[tuple[Param, ...]] = (
         Param("input_shapes", _mapping, None, "fixed shapes per input name, e.g. {'image': (1, 1, 8, 8)}"),
         Param("input_values", _mapping, None, "inputs to freeze into constants, e.g. {'sample_rate': '16000'}"),
@@ -72,7 +74,8 @@ class Canonicalize(Pass):
               "leave a dynamic batch dim dynamic instead of requiring --input-shape for it"),
         Param("batch_axes", _mapping, None, "the batch axis per input name (None: no batch axis); "
               "default: the leading dim"),
-        Param("simplify", bool, True, "run onnxslim (constant folding, dead code, fusions), kept only when "
+        Param("simplify", bool, True, "run onnxslim (constant folding, dead code, fusions), then fold "
+              "per-channel Mul/Add into Convs and spelled-out hard-swish into one op; each kept only when "
               "every output's shape and values on a sample are unchanged"),
         Param("min_opset", int, None, "upgrade the model to at least this ONNX opset (set from what the later "
               "passes and the target need)", check=lambda v: None if v >= 7 else "must be >= 7"),
@@ -88,7 +91,7 @@ class Canonicalize(Pass):
         model, upgraded = self._upgrade_opset(model, self.config["min_opset"])
         if upgraded:
             details["opset"] = upgraded
-        model, details["simplified"] = self._simplify(model, ctx, self.config["simplify"])
+        model, details["simplified"], details["fusions"] = self._simplify(model, ctx, self.config["simplify"])
         model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
         details.update(nodes_after=len(model.graph.node), frozen_inputs=frozen, fixed_shapes=fixed,
                        training_nodes_removed=removed)
@@ -197,9 +200,11 @@ class Canonicalize(Pass):
         return upgraded, {"from": have, "to": wanted}
 
     # -- 5. output shapes and simplification, checked ----------------------------------------------------------------
-    def _simplify(self, model: onnx.ModelProto, ctx: PassContext, simplify: bool) -> tuple[onnx.ModelProto, bool]:
+    def _simplify(self, model: onnx.ModelProto, ctx: PassContext,
+                  simplify: bool) -> tuple[onnx.ModelProto, bool, dict[str, int]]:
         """Declared output shapes checked against one run, then onnxslim's graph when it computes what
-        the unsimplified graph computes (else the latter). Returns (model, simplified)."""
+        the unsimplified graph computes (else the latter), then the fusions of fusions.py on it when
+        they too compute the same. Returns (model, simplified, fusions made by kind)."""
         import onnxslim
 
         feeds = _probe_feeds(model, self._probe_batch(model))
@@ -209,22 +214,26 @@ class Canonicalize(Pass):
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             ctx.notes.append(f"canonicalize: output shapes{' and simplification' if simplify else ''} not checked "
                              f"(ONNX Runtime cannot run the model: {first[:200]})")
-            return (onnxslim.slim(model), True) if simplify else (model, False)
+            return (onnxslim.slim(model), True, {}) if simplify else (model, False, {})
         if corrected := _correct_declared_outputs(model, reference):
             ctx.notes.append(f"canonicalize: {corrected}")
         if not simplify:
-            return model, False
+            return model, False, {}
         simplified = onnxslim.slim(model)
-        try:
-            got = _run(simplified, feeds, ctx.workdir / "canonical-simplified.onnx")
-            problem = _difference(reference, got)
-        except Exception as exc:  # noqa: BLE001 -- the simplified graph does not even run
-            problem = f"a graph ONNX Runtime cannot run ({(str(exc).strip().splitlines() or ['?'])[0][:200]})"
-        if problem is None:
-            return simplified, True
-        ctx.notes.append(f"canonicalize: simplification (onnxslim) gave {problem}; the unsimplified graph is "
-                         f"kept (--no-simplify skips the attempt)")
-        return model, False
+        if problem := _check(simplified, reference, feeds, ctx.workdir / "canonical-simplified.onnx"):
+            ctx.notes.append(f"canonicalize: simplification (onnxslim) gave {problem}; the unsimplified graph is "
+                             f"kept (--no-simplify skips the attempt)")
+            return model, False, {}
+        fused = onnx.ModelProto.FromString(simplified.SerializeToString())
+        counts = {"conv_affine": fold_conv_affine(fused), "hardswish": fuse_hardswish(fused),
+                  "affine_into_conv": fold_affine_into_conv(fused)}
+        counts = {k: v for k, v in counts.items() if v}
+        if not counts:
+            return simplified, True, {}
+        if problem := _check(fused, reference, feeds, ctx.workdir / "canonical-fused.onnx"):
+            ctx.notes.append(f"canonicalize: fusing {counts} gave {problem}; the graph is kept unfused")
+            return simplified, True, {}
+        return fused, True, counts
 
     def _probe_batch(self, model: onnx.ModelProto) -> int:
         """The batch size of the probe run: an input's fixed batch dim when one has it (the others'
@@ -306,6 +315,14 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], path) -> dict[str
     session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def _check(model: onnx.ModelProto, reference: dict[str, np.ndarray], feeds: dict[str, np.ndarray], path) -> str | None:
+    """What differs between ``model``'s outputs on ``feeds`` and ``reference``, or None."""
+    try:
+        return _difference(reference, _run(model, feeds, path))
+    except Exception as exc:  # noqa: BLE001 -- the rewritten graph does not even run
+        return f"a graph ONNX Runtime cannot run ({(str(exc).strip().splitlines() or ['?'])[0][:200]})"
 
 
 def _correct_declared_outputs(model: onnx.ModelProto, actual: dict[str, np.ndarray]) -> str | None:

@@ -162,8 +162,9 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
               help="A recurrent state: INPUT is fed OUTPUT's value from the previous step, zeros first "
                    "(default: pairs found by name and shape, e.g. h/hn, state/stateN) (repeatable).")
 @click.option("--no-simplify", is_flag=True,
-              help="Skip graph simplification (onnxslim). Without it, a simplification that changes any output's "
-                   "shape or values on a sample is dropped by itself, and the report says so.")
+              help="Skip graph simplification (onnxslim) and fusions (conv affines, hard-swish). Without it, a "
+                   "rewrite that changes any output's shape or values on a sample is dropped by itself, and the "
+                   "report says so.")
 @click.option("--preprocessing", "preprocessing_file", type=click.Path(path_type=Path),
               help="JSON file with the manifest's preprocessing for a sensor model (window, hop, layout, "
                    "channels, sample_rate_hz, normalization); the flags below override its keys.")
