@@ -1,14 +1,17 @@
 """Does INT8 pay? Float vs INT8 on real CNNs from PyPI wheels (tests/real_models.py fetches them into
 its cache), on ONNX Runtime and on LiteRT, as `edgeopt convert` builds them with its defaults: four
 artifacts per model, all measured interleaved in one run (`edgeopt.bench.measure`, 1 thread, batch
-1), with INT8's cosine to float on the calibration inputs. ONNX Runtime INT8 is also built with
+1), with INT8's cosine to float on held-out validation inputs. ONNX Runtime INT8 is also built with
 int8 (s8) activations, the setting before x86 boards got uint8, to show why that default changed.
+Then a per-op profile (ONNX Runtime's own, 1 thread): milliseconds per op type, float vs INT8, the
+evidence for what quantization should leave alone.
 
-    python benchmarks/int8_speed.py                    # table, and build/benchmarks/int8_speed.json
+    python benchmarks/int8_speed.py                    # tables, and build/benchmarks/int8_speed.json
     python benchmarks/int8_speed.py --out DIR --rounds 7
 
-Calibration data is uniform noise in the models' input range (no image set is downloaded), so the
-cosine says how well INT8 tracks float on that, not on photos.
+Data: the OCR models get rendered text lines (tests/text_images.py: 48 images to calibrate, 16 other
+ones to validate); the YOLOX-style detector uniform noise in its input range. No image set is
+downloaded, so the cosine says how well INT8 tracks float on those inputs, not on photos.
 """
 
 from __future__ import annotations
@@ -30,19 +33,53 @@ from real_models import (
     RealModel,  # noqa: E402
     fetch,  # noqa: E402
 )
+from text_images import text_images  # noqa: E402
 
 EXE = Path(sys.executable).parent / "edgeopt"
 
 MODELS = [
     (RealModel("ddddocr_det", "ddddocr==1.6.1", "ddddocr/common_det.onnx", (), ("onnx", "tflite"),
-               "YOLOX-style detector, 416x416, opset 11"), {"images": ((3, 416, 416), 0.0, 1.0)}),
+               "YOLOX-style detector, 416x416, opset 11"), {"images": ((3, 416, 416), "uniform", 0.0, 1.0)}),
     (RealModel("rapidocr_det", "rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
                ("--input-shape", "x:1,3,320,320"), ("onnx", "tflite"), "PP-OCRv4 text detector (DB), 320x320"),
-     {"x": ((3, 320, 320), -1.0, 1.0)}),
+     {"x": ((3, 320, 320), "text")}),
     (RealModel("rapidocr_cls", "rapidocr-onnxruntime==1.4.4",
                "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", ("--input-shape", "x:1,3,48,192"),
-               ("onnx", "tflite"), "text-direction classifier, 0.6 MB (tiny)"), {"x": ((3, 48, 192), -1.0, 1.0)}),
+               ("onnx", "tflite"), "text-direction classifier, 0.6 MB (tiny)"), {"x": ((3, 48, 192), "text")}),
 ]
+CALIBRATION, VALIDATION = 48, 16
+
+
+def make_data(inputs: dict, n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    data = {}
+    for name, (shape, kind, *bounds) in inputs.items():
+        data[name] = (text_images(n, shape[1], shape[2], seed) if kind == "text"
+                      else rng.uniform(*bounds, (n, *shape)).astype(np.float32))
+    return data
+
+
+def op_profile(path: Path, feeds: dict[str, np.ndarray], runs: int = 50) -> dict[str, float]:
+    """Milliseconds per call spent in each op type (ONNX Runtime's profiler, 1 thread, all graph
+    optimisations on, as the runtime runs the artifact)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.enable_profiling = True
+    so.profile_file_prefix = str(path.parent / "ort-profile")
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, feeds)
+    trace = Path(session.end_profiling())
+    totals: dict[str, float] = {}
+    for event in json.loads(trace.read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            totals[op] = totals.get(op, 0.0) + event["dur"] / 1000 / runs
+    trace.unlink()
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 VARIANTS = [  # label, convert options
     ("onnx fp32", ["--target", "onnx"]),
     ("onnx int8", ["--target", "onnx", "--quantize", "int8"]),
@@ -51,15 +88,17 @@ VARIANTS = [  # label, convert options
 ]
 
 
-def convert(model: Path, out: Path, flags: tuple[str, ...], options: list[str], calibration: Path) -> dict:
+def convert(model: Path, out: Path, flags: tuple[str, ...], options: list[str], calibration: Path,
+            validation: Path) -> dict:
     proc = subprocess.run([str(EXE), "convert", str(model), "-o", str(out), *flags, *options, "--calibration",
-                           str(calibration), "--threads", "1", "-q", "--json"], capture_output=True, text=True)
+                           str(calibration), "--validation", str(validation), "--threads", "1", "-q", "--json"],
+                          capture_output=True, text=True)
     if proc.returncode not in (0, 1):  # 1: a quality gate; the report still says what it measured
         raise SystemExit(f"edgeopt convert {model.name} {' '.join(options)} failed: {proc.stderr.strip()}")
     return json.loads(proc.stdout)
 
 
-def s8_activations(src: Path, out: Path, calibration: Path, flags: tuple[str, ...]) -> Path:
+def s8_activations(src: Path, out: Path, calibration: Path, validation: Path, flags: tuple[str, ...]) -> Path:
     """The ONNX INT8 artifact with int8 activations (the quantize-int8 pass's activation_type)."""
     from edgeopt.converters.pipeline import ConvertOptions
     from edgeopt.converters.pipeline import convert as run_convert
@@ -69,7 +108,7 @@ def s8_activations(src: Path, out: Path, calibration: Path, flags: tuple[str, ..
         name, dims = flags[flags.index("--input-shape") + 1].split(":")
         shapes[name] = tuple(int(d) for d in dims.split(","))
     run_convert(ConvertOptions(model=src, output=out, target="onnx", quantize="int8", calibration=calibration,
-                               input_shapes=shapes, pass_params={"quantize-int8": {"activation_type": "int8"}}))
+                               validation=validation, input_shapes=shapes, pass_params={"quantize-int8": {"activation_type": "int8"}}))
     return out
 
 
@@ -81,20 +120,19 @@ def main() -> None:
     from edgeopt import bench
     from edgeopt.runtime import open_runtime
 
-    rows, results = [], []
+    rows, results, profile_rows = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for model, ranges in MODELS:
+        for model, inputs in MODELS:
             src = fetch(model)
-            rng = np.random.default_rng(0)
-            cal = tmp / f"{model.key}-cal.npz"
-            np.savez(cal, **{n: rng.uniform(lo, hi, (32, *shape)).astype(np.float32)
-                             for n, (shape, lo, hi) in ranges.items()})
+            cal, val = tmp / f"{model.key}-cal.npz", tmp / f"{model.key}-val.npz"
+            np.savez(cal, **make_data(inputs, CALIBRATION, 0))
+            np.savez(val, **make_data(inputs, VALIDATION, 1))
             built = {}
             for label, options in VARIANTS:
                 out = tmp / f"{model.key}-{label.replace(' ', '-')}"
-                built[label] = (out, convert(src, out, model.flags, options, cal))
-            s8 = s8_activations(src, tmp / f"{model.key}-onnx-int8-s8", cal, model.flags)
+                built[label] = (out, convert(src, out, model.flags, options, cal, val))
+            s8 = s8_activations(src, tmp / f"{model.key}-onnx-int8-s8", cal, val, model.flags)
             built["onnx int8 (s8 act.)"] = (s8, json.loads((s8 / "report.json").read_text()))
             labels = list(built)
             runtimes = [open_runtime(built[k][0], threads=1) for k in labels]
@@ -102,19 +140,33 @@ def main() -> None:
             settings = bench.BenchSettings(warmup=5, rounds=args.rounds, min_round_time=0.2)
             stats = dict(zip(labels, bench.measure(runtimes, feeds, settings), strict=True))
             p50 = {k: stats[k].p50_ms for k in labels}
+            one = {k: v[:1] for k, v in np.load(val).items()}
+            ops = {k: op_profile(built[k][0] / "model.onnx", one) for k in ("onnx fp32", "onnx int8")}
+            heaviest = sorted({*ops["onnx fp32"], *ops["onnx int8"]},
+                              key=lambda op: -max(ops["onnx fp32"].get(op, 0.0), ops["onnx int8"].get(op, 0.0)))
+            for op in heaviest[:10]:
+                profile_rows.append([model.key, op, ops["onnx fp32"].get(op, ""), ops["onnx int8"].get(op, "")])
             entry = {"model": model.key, "wheel": model.wheel, "kind": model.kind, "p50_ms": p50,
+                     "ort_op_ms": ops,
+                     # the float artifact against the original model (fusions, onnxslim), from its report
+                     "onnx_fp32_vs_original": built["onnx fp32"][1]["latency"]["speedup_vs_source"],
+                     "fusions": next(s for s in built["onnx fp32"][1]["steps"] if s["step"] == "canonicalize").get("fusions"),
                      "onnx_int8_speedup": p50["onnx fp32"] / p50["onnx int8"],
                      "onnx_int8_s8_speedup": p50["onnx fp32"] / p50["onnx int8 (s8 act.)"],
                      "tflite_int8_speedup": p50["tflite fp32"] / p50["tflite int8"],
                      "cosine": {k: built[k][1]["parity"]["cosine"] for k in labels}}
             results.append(entry)
-            rows.append([model.key, p50["onnx fp32"], p50["onnx int8"], entry["onnx_int8_speedup"],
+            rows.append([model.key, entry["onnx_fp32_vs_original"], p50["onnx fp32"], p50["onnx int8"], entry["onnx_int8_speedup"],
                          entry["onnx_int8_s8_speedup"], entry["cosine"]["onnx int8"], p50["tflite fp32"],
                          p50["tflite int8"], entry["tflite_int8_speedup"], entry["cosine"]["tflite int8"]])
     print_table("float vs INT8, p50 ms, 1 thread, batch 1 (interleaved)",
-                ["model", "ORT fp32", "ORT int8", "× (u8 act.)", "× (s8 act.)", "cos", "LiteRT fp32",
+                ["model", "fp32 × orig.", "ORT fp32", "ORT int8", "× (u8 act.)", "× (s8 act.)", "cos", "LiteRT fp32",
                  "LiteRT int8", "×", "cos"], rows)
-    write_json("int8_speed", {"settings": {"threads": 1, "batch": 1, "rounds": args.rounds}, "results": results})
+    print_table("ONNX Runtime per-op profile, ms per call by op type (1 thread, batch 1)",
+                ["model", "op type", "fp32", "int8"], profile_rows)
+    write_json("int8_speed", {"settings": {"threads": 1, "batch": 1, "rounds": args.rounds,
+                                           "calibration_samples": CALIBRATION, "validation_samples": VALIDATION},
+                              "results": results})
 
 
 if __name__ == "__main__":
