@@ -9,9 +9,10 @@ evidence for what quantization should leave alone.
     python benchmarks/int8_speed.py                    # tables, and build/benchmarks/int8_speed.json
     python benchmarks/int8_speed.py --out DIR --rounds 7
 
-Data: the OCR models get rendered text lines (tests/text_images.py: 48 images to calibrate, 16 other
-ones to validate); the YOLOX-style detector uniform noise in its input range. No image set is
-downloaded, so the cosine says how well INT8 tracks float on those inputs, not on photos.
+Data: `make_inputs` of tests/real_models.py, 48 samples to calibrate and 16 others to validate:
+rendered text lines (tests/text_images.py) for the OCR models and YOLOv8n, uniform noise in its
+input range for the YOLOX-style detector. No image set is downloaded, so the cosine says how well
+INT8 tracks float on those inputs, not on photos.
 """
 
 from __future__ import annotations
@@ -29,34 +30,19 @@ from common import ROOT, add_out_option, print_table, write_json
 
 sys.path.insert(0, str(ROOT / "tests"))  # the corpus and its fetcher live with the tests that use them
 
-from real_models import (
-    RealModel,  # noqa: E402
-    fetch,  # noqa: E402
-)
-from text_images import text_images  # noqa: E402
+from real_models import CORPUS, fetch, make_inputs  # noqa: E402
 
 EXE = Path(sys.executable).parent / "edgeopt"
 
-MODELS = [
-    (RealModel("ddddocr_det", "ddddocr==1.6.1", "ddddocr/common_det.onnx", (), ("onnx", "tflite"),
-               "YOLOX-style detector, 416x416, opset 11"), {"images": ((3, 416, 416), "uniform", 0.0, 1.0)}),
-    (RealModel("rapidocr_det", "rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-               ("--input-shape", "x:1,3,320,320"), ("onnx", "tflite"), "PP-OCRv4 text detector (DB), 320x320"),
-     {"x": ((3, 320, 320), "text")}),
-    (RealModel("rapidocr_cls", "rapidocr-onnxruntime==1.4.4",
-               "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", ("--input-shape", "x:1,3,48,192"),
-               ("onnx", "tflite"), "text-direction classifier, 0.6 MB (tiny)"), {"x": ((3, 48, 192), "text")}),
+# the corpus's CNNs, with their INT8 data (make_inputs: rendered text for the OCR models and YOLOv8n)
+MODELS = [m for m in CORPUS if m.key in ("ddddocr_det", "rapidocr_det", "rapidocr_cls", "nudenet_yolov8n")]
+VARIANTS = [  # label, convert options
+    ("onnx fp32", ["--target", "onnx"]),
+    ("onnx int8", ["--target", "onnx", "--quantize", "int8"]),
+    ("tflite fp32", ["--target", "tflite"]),
+    ("tflite int8", ["--target", "tflite", "--quantize", "int8"]),
 ]
 CALIBRATION, VALIDATION = 48, 16
-
-
-def make_data(inputs: dict, n: int, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    data = {}
-    for name, (shape, kind, *bounds) in inputs.items():
-        data[name] = (text_images(n, shape[1], shape[2], seed) if kind == "text"
-                      else rng.uniform(*bounds, (n, *shape)).astype(np.float32))
-    return data
 
 
 def op_profile(path: Path, feeds: dict[str, np.ndarray], runs: int = 50) -> dict[str, float]:
@@ -88,7 +74,7 @@ VARIANTS = [  # label, convert options
 ]
 
 
-def convert(model: Path, out: Path, flags: tuple[str, ...], options: list[str], calibration: Path,
+def convert(model: Path, out: Path, flags: list[str], options: list[str], calibration: Path,
             validation: Path) -> dict:
     proc = subprocess.run([str(EXE), "convert", str(model), "-o", str(out), *flags, *options, "--calibration",
                            str(calibration), "--validation", str(validation), "--threads", "1", "-q", "--json"],
@@ -98,7 +84,7 @@ def convert(model: Path, out: Path, flags: tuple[str, ...], options: list[str], 
     return json.loads(proc.stdout)
 
 
-def s8_activations(src: Path, out: Path, calibration: Path, validation: Path, flags: tuple[str, ...]) -> Path:
+def s8_activations(src: Path, out: Path, calibration: Path, validation: Path, flags: list[str]) -> Path:
     """The ONNX INT8 artifact with int8 activations (the quantize-int8 pass's activation_type)."""
     from edgeopt.converters.pipeline import ConvertOptions
     from edgeopt.converters.pipeline import convert as run_convert
@@ -123,16 +109,17 @@ def main() -> None:
     rows, results, profile_rows = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for model, inputs in MODELS:
+        for model in MODELS:
             src = fetch(model)
+            flags = model.full_flags
             cal, val = tmp / f"{model.key}-cal.npz", tmp / f"{model.key}-val.npz"
-            np.savez(cal, **make_data(inputs, CALIBRATION, 0))
-            np.savez(val, **make_data(inputs, VALIDATION, 1))
+            np.savez(cal, **make_inputs(model, CALIBRATION, 0))
+            np.savez(val, **make_inputs(model, VALIDATION, 1))
             built = {}
             for label, options in VARIANTS:
                 out = tmp / f"{model.key}-{label.replace(' ', '-')}"
-                built[label] = (out, convert(src, out, model.flags, options, cal, val))
-            s8 = s8_activations(src, tmp / f"{model.key}-onnx-int8-s8", cal, val, model.flags)
+                built[label] = (out, convert(src, out, flags, options, cal, val))
+            s8 = s8_activations(src, tmp / f"{model.key}-onnx-int8-s8", cal, val, flags)
             built["onnx int8 (s8 act.)"] = (s8, json.loads((s8 / "report.json").read_text()))
             labels = list(built)
             runtimes = [open_runtime(built[k][0], threads=1) for k in labels]

@@ -15,6 +15,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 CACHE = Path(os.environ.get("EDGEOPT_TEST_MODEL_CACHE", Path.home() / ".cache" / "edgeopt-test-models"))
 
 
@@ -27,11 +29,27 @@ class RealModel:
     targets: tuple[str, ...]
     kind: str  # what it stands for
     state: tuple[tuple[str, str], ...] = ()  # the state pairs convert must find
-    calibration: dict[str, tuple[tuple[int, ...], float, float]] = field(default_factory=dict)  # uniform ranges
+    # INT8 data per input: (sample shape, "uniform" | "text", low, high) -- see make_inputs
+    calibration: dict[str, tuple[tuple[int, ...], str, float, float]] = field(default_factory=dict)
+    # where the test quantizes it (default: every target; fewer for big models, to keep `make test` in
+    # its budget: benchmarks/int8_speed.py measures every CNN on both runtimes)
+    int8_targets: tuple[str, ...] | None = None
 
     @property
     def dist(self) -> str:
         return self.wheel.split("==")[0]
+
+    @property
+    def full_flags(self) -> list[str]:
+        """The flags without the tests' ``--validation-samples`` economy (benchmarks validate on all)."""
+        out, flags = [], list(self.flags)
+        while flags:
+            flag = flags.pop(0)
+            if flag == "--validation-samples":
+                flags.pop(0)
+            else:
+                out.append(flag)
+        return out
 
 
 VAD = ("--input-shape", "input:1,512", "--input-value", "sr=16000")
@@ -62,9 +80,45 @@ CORPUS = [
               "though it computes [T, 1, C], opset 12"),
     RealModel("rapidocr_cls", "rapidocr-onnxruntime==1.4.4",
               "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
-              ("--input-shape", "x:1,3,48,192"), ("onnx", "tflite"), "CNN classifier, opset 11, dynamic H and W",
-              calibration={"x": ((3, 48, 192), -1.0, 1.0)}),
+              ("--input-shape", "x:1,3,48,192"), ("onnx", "tflite"),
+              "CNN classifier (MobileNetV3-style, spelled-out hard-swish), opset 11, dynamic H and W",
+              calibration={"x": ((3, 48, 192), "text", -1.0, 1.0)}),
+    # Detectors and a recognizer: bigger inputs, so validation runs on 4 generated samples (a coarser
+    # check that keeps the test affordable; benchmarks/real_models.py and int8_speed.py run them fully).
+    RealModel("rapidocr_det", "rapidocr-onnxruntime==1.4.4",
+              "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+              ("--input-shape", "x:1,3,320,320", "--validation-samples", "4"), ("onnx", "tflite"),
+              "PP-OCRv4 text detector (DB: conv affines, hard-swish, ConvTranspose, Resize), opset 12",
+              calibration={"x": ((3, 320, 320), "text", -1.0, 1.0)}, int8_targets=("tflite",)),
+    RealModel("rapidocr_rec", "rapidocr-onnxruntime==1.4.4",
+              "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+              ("--input-shape", "x:1,3,48,320", "--validation-samples", "4"), ("onnx", "tflite"),
+              "PP-OCRv4 recognizer (SVTR: convs then attention blocks), opset 12"),
+    RealModel("ddddocr_det", "ddddocr==1.6.1", "ddddocr/common_det.onnx", ("--validation-samples", "4"),
+              ("onnx", "tflite"), "YOLOX-style detector (SiLU, SpaceToDepth focus), fixed 416x416, opset 11",
+              calibration={"images": ((3, 416, 416), "uniform", 0.0, 1.0)}, int8_targets=()),
+    RealModel("nudenet_yolov8n", "nudenet==3.4.2", "nudenet/320n.onnx",
+              ("--input-shape", "images:1,3,320,320", "--validation-samples", "4"), ("onnx", "tflite"),
+              "YOLOv8n detector (SiLU, Split, DFL head), opset 17, dynamic H and W",
+              calibration={"images": ((3, 320, 320), "text", 0.0, 1.0)}, int8_targets=("onnx",)),
 ]
+
+
+def make_inputs(model: RealModel, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """``n`` samples per input for INT8 calibration or validation: uniform noise in [low, high], or
+    rendered text lines (tests/text_images.py) scaled to [low, high] -- what OCR models and detectors
+    see, where noise gives a detector's output of ~0 everywhere and a cosine that means nothing."""
+    from text_images import text_images
+
+    rng = np.random.default_rng(seed)
+    data = {}
+    for name, (shape, kind, low, high) in model.calibration.items():
+        if kind == "text":
+            unit = (text_images(n, shape[1], shape[2], seed) + 1.0) / 2.0
+            data[name] = (low + unit * (high - low)).astype(np.float32)
+        else:
+            data[name] = rng.uniform(low, high, (n, *shape)).astype(np.float32)
+    return data
 
 
 class Unavailable(Exception):
