@@ -85,6 +85,8 @@ CORPUS = [
               calibration={"x": ((3, 48, 192), "text", -1.0, 1.0)}),
     # Detectors and a recognizer: bigger inputs, so validation runs on 4 generated samples (a coarser
     # check that keeps the test affordable; benchmarks/real_models.py and int8_speed.py run them fully).
+    # TVM converts all four too (parity within 6e-5, self-test passing), but its builds add 3 minutes to
+    # the test (23-89 s each on 2 cores): left out of their targets for `make test`'s budget.
     RealModel("rapidocr_det", "rapidocr-onnxruntime==1.4.4",
               "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
               ("--input-shape", "x:1,3,320,320", "--validation-samples", "4"), ("onnx", "tflite"),
