@@ -33,7 +33,7 @@ def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random)
 
 
 
-# The credential id the shipped unit loads the password file under (LoadCredential=, agent/cli.py).
+# The credential id the shipped unit loads the password file under (LoadCredential=, sdk/cli/agent.py).
 PASSWORD_CREDENTIAL = "mqtt.password"
 
 

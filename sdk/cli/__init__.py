@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profiles": ("edgeopt.cli.profiles:profiles_cmd", "List and show hardware profiles."),
     "keys": ("edgeopt.cli.keys:keys_cmd", "Create and rotate the signing keys of a fleet repository."),
     "fleet": ("edgeopt.cli.fleet:fleet_cmd", "Publish models, run the fleet service, roll models out in waves."),
-    "agent": ("edgeopt.agent.cli:agent_group", "Run the device agent, install it as a systemd service, install a model."),
+    "agent": ("edgeopt.cli.agent:agent_group", "Run the device agent, install it as a systemd service, install a model."),
 }
 
 EXIT_INTERNAL = 3  # a bug in edgeopt, not the user's input (0 ok, 1 a check failed, 2 bad input)
