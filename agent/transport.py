@@ -21,6 +21,7 @@ from pathlib import Path
 
 from edgeopt.agent.config import MqttSection
 from edgeopt.errors import MissingDependency, UserInputError
+from edgeopt.mqtt import set_nodelay
 
 log = logging.getLogger("edgeopt.agent.mqtt")
 
@@ -72,7 +73,6 @@ class MqttTransport:
         if cfg.tls:
             self.client.tls_set(ca_certs=cfg.ca_file or None, certfile=cfg.cert_file or None,
                                 keyfile=cfg.key_file or None)
-        from edgeopt.mqtt import set_nodelay
 
         # request/response traffic (update chunks) must not wait for Nagle + delayed ACK (~40 ms each)
         self.client.on_socket_open = lambda c, userdata, sock: set_nodelay(sock)
