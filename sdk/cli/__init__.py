@@ -19,6 +19,7 @@ import traceback
 import click
 
 from edgeopt.cli.interrupts import InterruptSignals, private_temp_dir
+from edgeopt.errors import EdgeoptError, missing_dependency
 
 # name → (module:attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -51,12 +52,6 @@ class LazyGroup(click.Group):
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):
             formatter.write_dl([(name, COMMANDS[name][1]) for name in self.list_commands(ctx)])
-
-
-def _version() -> str:
-    from edgeopt import __version__
-
-    return __version__
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -108,8 +103,6 @@ def main(argv: list[str] | None = None, command: click.Command | None = None, pr
 
 
 def _run(command: click.Command, args: list[str], prog_name: str, debug: bool, signals: InterruptSignals) -> int:
-    from edgeopt.errors import EdgeoptError, missing_dependency
-
     def fail(message: str, exit_code: int) -> int:
         if debug:
             traceback.print_exc()
