@@ -123,3 +123,62 @@ def test_the_check_resolves_relative_imports(tmp_path):
 def test_the_shared_modules_exist_where_both_sides_find_them():
     for rel in SHARED:
         assert (ROOT / rel).is_file(), rel
+
+
+# -- project imports at module top -------------------------------------------------------------------
+# The project's own modules are imported at module top; only heavy third-party packages are imported
+# inside the functions that need them. The exceptions, per file, with the reason (the counts are
+# exact, so that an import moved to the top lowers its file's number here and none creeps back):
+LAZY_PROJECT_IMPORTS = {
+    # CLI start-up: a command imports the subsystem it drives when it runs, where that subsystem pulls
+    # in numpy (edgeopt.artifact), onnx or python-tuf, so that `edgeopt GROUP --help` and the group's
+    # other commands do not load it (tests/test_cli.py checks that --help loads none of them).
+    "sdk/cli/agent.py": 3,  # the agent service, state dir and model loading (numpy, the runtimes)
+    "sdk/cli/fleet.py": 4,  # the signed repository (numpy), the fleet service
+    "sdk/cli/fleet_ops.py": 2,  # the device simulator (numpy, python-tuf), provisioning (the repository)
+    "sdk/cli/fleet_rollout.py": 1,  # the repository, to check that a rollout's model is published
+    "sdk/cli/inspect.py": 3,  # the converter (onnx): `edgeopt inspect --help` works without the convert extra
+    "sdk/cli/keys.py": 2,  # the repository
+    # python-tuf and cryptography (~0.1 s) load only when the agent's updates are on
+    "agent/update/updater.py": 2,
+}
+
+
+def lazy_project_imports(path: Path) -> list[int]:
+    """Lines of the imports of edgeopt modules (absolute or relative) inside functions."""
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if in_function and isinstance(child, ast.Import | ast.ImportFrom):
+                names = [child.module or ""] if isinstance(child, ast.ImportFrom) else [a.name for a in child.names]
+                relative = isinstance(child, ast.ImportFrom) and child.level > 0
+                if relative or any(n == "edgeopt" or n.startswith("edgeopt.") for n in names):
+                    found.append(child.lineno)
+            visit(child, in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda))
+
+    visit(ast.parse(path.read_text(), str(path)), False)
+    return found
+
+
+def test_project_modules_are_imported_at_module_top():
+    counts, lines = {}, []
+    for folder in PACKAGES:
+        for path in source_files(folder):
+            rel = path.relative_to(ROOT).as_posix()
+            if found := lazy_project_imports(path):
+                counts[rel] = len(found)
+                if len(found) != LAZY_PROJECT_IMPORTS.get(rel):
+                    lines += [f"{rel}:{line}" for line in found]
+    assert counts == LAZY_PROJECT_IMPORTS, (
+        "imports of edgeopt modules inside functions (move them to the module's top, or say in "
+        f"LAZY_PROJECT_IMPORTS why one must stay): {lines}")
+
+
+def test_the_count_sees_lazy_project_imports(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import edgeopt.errors\nfrom edgeopt import bench\nimport numpy\n\n"
+                     "def f():\n    import json\n    from edgeopt.fleet import rollout\n    from .sparse import x\n"
+                     "    class C:\n        def g(self):\n            import edgeopt.agent\n"
+                     "    return lambda: __import__('json')\n")
+    assert lazy_project_imports(probe) == [7, 8, 11]
