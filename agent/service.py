@@ -34,10 +34,13 @@ from edgeopt.agent.model import LoadedModel, NoModel, load_active_model
 from edgeopt.agent.outbox import Outbox
 from edgeopt.agent.pipeline import Pipeline
 from edgeopt.agent.sinks import Sink, make_sink
+from edgeopt.agent.sinks.mqtt import ResultPublisher
 from edgeopt.agent.statedir import SLOTS, StateDir
 from edgeopt.agent.systemd import Notifier
 from edgeopt.agent.telemetry import InferenceStats, RejectedMessages, Uptime, rss_bytes
+from edgeopt.agent.transport import MqttTransport
 from edgeopt.agent.update.machine import reason_text
+from edgeopt.agent.update.updater import Updater
 from edgeopt.errors import EdgeoptError
 from edgeopt.fsutil import atomic_write_json
 from edgeopt.protocol import (
@@ -137,9 +140,6 @@ class Agent:
         self.state = StateDir(cfg.state_dir)
         self.state.ensure()
         if cfg.mqtt.host:
-            from edgeopt.agent.sinks.mqtt import ResultPublisher
-            from edgeopt.agent.transport import MqttTransport
-
             self.transport = MqttTransport(cfg.mqtt, cfg.mqtt.client_id or f"edgeopt-agent-{cfg.device_id}",
                                            cfg.topic("state"), offline_will(cfg.device_id))
             self.transport.on_connect_hooks.append(self.publish_state)
@@ -159,7 +159,6 @@ class Agent:
         if not self.config.update.enabled:
             self.updates_note = "updates disabled in [update]"
             return
-        from edgeopt.agent.update.updater import Updater
 
         try:
             self.updater = Updater(self, self.config, self.transport, self.config.device_id)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from edgeopt.agent.config import MqttSection
 from edgeopt.errors import MissingDependency, UserInputError
+from edgeopt.mqtt import set_nodelay
 
 log = logging.getLogger("edgeopt.agent.mqtt")
 
@@ -33,7 +34,7 @@ def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random)
 
 
 
-# The credential id the shipped unit loads the password file under (LoadCredential=, agent/cli.py).
+# The credential id the shipped unit loads the password file under (LoadCredential=, sdk/cli/agent.py).
 PASSWORD_CREDENTIAL = "mqtt.password"
 
 
@@ -72,7 +73,6 @@ class MqttTransport:
         if cfg.tls:
             self.client.tls_set(ca_certs=cfg.ca_file or None, certfile=cfg.cert_file or None,
                                 keyfile=cfg.key_file or None)
-        from edgeopt.mqtt import set_nodelay
 
         # request/response traffic (update chunks) must not wait for Nagle + delayed ACK (~40 ms each)
         self.client.on_socket_open = lambda c, userdata, sock: set_nodelay(sock)

@@ -17,7 +17,10 @@ import numpy as np
 import onnx
 
 from edgeopt import registry
+from edgeopt.artifact import open_artifact
 from edgeopt.batching import with_axes
+from edgeopt.converters.passes import PassContext, get_pass
+from edgeopt.converters.streaming import check_batch_axis_names, input_axes, output_axes, state_pairs
 from edgeopt.errors import EdgeoptError, UserInputError
 from edgeopt.fsutil import tree_size
 from edgeopt.onnx_io import (
@@ -51,9 +54,6 @@ def inspect_path(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = N
 def inspect_model(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = None,
                   input_values: dict[str, str] | None = None, batch_axes: dict[str, int | None] | None = None,
                   profile: Profile | None = None) -> dict[str, Any]:
-    from edgeopt.converters.passes import PassContext, get_pass
-    from edgeopt.converters.streaming import check_batch_axis_names, input_axes, output_axes, state_pairs
-
     source = load_model(path)
     source_inputs = input_specs(source)
     check_batch_axis_names(batch_axes or {}, source_inputs, output_specs(source))
@@ -109,8 +109,6 @@ def inspect_model(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = 
 def inspect_artifact(path: Path, profile: Profile | None = None) -> dict[str, Any]:
     """The artifact's manifest facts and its report's verdict; its ONNX model's ops and layers when the
     format is ONNX."""
-    from edgeopt.artifact import open_artifact
-
     artifact = open_artifact(path)
     manifest = artifact.manifest
     report_path = path / "report.json"

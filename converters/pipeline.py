@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgeopt import __version__
+from edgeopt import __version__, bench
 from edgeopt.artifact import (
     GOLDEN,
     MANIFEST,
@@ -387,8 +387,6 @@ def _measure_steps(measured: list[tuple[dict[str, Any], onnx.ModelProto]], data:
                    threads: int, axes: dict[str, int | None]) -> None:
     """Size, params, MACs, accuracy, top-1 agreement with the canonical model and ONNX Runtime latency
     (batch 1, all steps measured interleaved) after each compression step, into its report row."""
-    from edgeopt import bench
-
     runtimes = []
     for i, (row, model) in enumerate(measured):
         _describe_model(row, model)
@@ -635,8 +633,6 @@ def _latency(source: _SourceRunner, converted_rt: Runtime, data: Dataset, layout
     """The report's latency: ``edgeopt.bench.measure`` -- the code behind ``edgeopt bench``, with its
     default settings -- on the converted model at batch 1 (or its fixed batch), interleaved with the
     original for ``speedup_vs_source``."""
-    from edgeopt import bench
-
     batch = converted_rt.fixed_batch or 1  # the report's latency is per call at batch 1 when the model allows
     samples = {k: np.resize(v, (batch, *v.shape[1:])) for k, v in data.inputs.items()}
     model_feeds = _one_call(converted_rt.inputs, layout.to_model(samples), batch)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from edgeopt.batching import samples_per_call
+from edgeopt.converters.passes.canonicalize import split_assignment
 from edgeopt.errors import UserInputError, closest
 from edgeopt.specs import TensorSpec
 
@@ -46,8 +47,6 @@ def parse_batch_axis(text: str) -> tuple[str, int | None]:
 
 def parse_state(text: str) -> tuple[str, str]:
     """'h=hn' → ('h', 'hn')."""
-    from edgeopt.converters.passes.canonicalize import split_assignment
-
     return split_assignment(text, "--state", "INPUT=OUTPUT (a state input and the output that holds its next value)")
 
 

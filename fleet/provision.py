@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from edgeopt.errors import UserInputError
+from edgeopt.fleet.repository import Repository
 from edgeopt.fleet.security import BrokerSecurity
 from edgeopt.fsutil import atomic_write_bytes, staged_directory
+from edgeopt.mqtt import BrokerURL
 
 INSTALL_DIR = "/etc/edgeopt"
 STATE_DIR = "/var/lib/edgeopt-agent"
@@ -96,9 +98,6 @@ def provision(device_id: str, security_dir: Path, repo: Path, out: Path, host: s
               port: int | None = None, prefix: str = "edgeopt", install_dir: str = INSTALL_DIR,
               force: bool = False, state_dir: str = STATE_DIR, sensor_socket: str = SENSOR_SOCKET,
               labels: tuple[str, ...] = (), profile: str = "", source: str = "unix-stream") -> dict[str, Any]:
-    from edgeopt.fleet.repository import Repository
-    from edgeopt.mqtt import BrokerURL
-
     for what, path in (("--install-dir", install_dir), ("--state-dir", state_dir), ("--sensor-socket", sensor_socket)):
         if not path.startswith("/"):
             raise UserInputError(f"{what} {path!r}: must be an absolute path on the device")

@@ -18,9 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeopt.fleet.broker import HEADER_ROOM, MIB, start_local_broker
+from edgeopt.fleet.controller import Controller, DesiredPublisher
 from edgeopt.fleet.db import open_database
+from edgeopt.fleet.registry import Registry
+from edgeopt.fleet.repo_server import RepoServer
+from edgeopt.fleet.repository import Repository
 from edgeopt.fleet.store import FleetStore
-from edgeopt.mqtt import redact_url
+from edgeopt.mqtt import PahoTopics, connect, make_client, redact_url, subscribe
 
 log = logging.getLogger("edgeopt.fleet")
 
@@ -51,13 +56,6 @@ class FleetService:
         self.broker_url: str | None = config.broker
 
     def start(self) -> FleetService:
-        from edgeopt.fleet.broker import HEADER_ROOM, MIB, start_local_broker
-        from edgeopt.fleet.controller import Controller, DesiredPublisher
-        from edgeopt.fleet.registry import Registry
-        from edgeopt.fleet.repo_server import RepoServer
-        from edgeopt.fleet.repository import Repository
-        from edgeopt.mqtt import PahoTopics, connect, make_client, subscribe
-
         cfg = self.config
         self.repository = Repository(cfg.repo)
         db, control_conn = open_database(cfg.db)  # fails early, before anything is started

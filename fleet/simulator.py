@@ -34,9 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeopt.artifact import unpack_artifact
 from edgeopt.errors import EdgeoptError, RemoteError, UserInputError
 from edgeopt.fleet.client_loop import ClientLoop
 from edgeopt.golden_vectors import check_artifact
+from edgeopt.mqtt import PahoTopics, connect, make_client
 from edgeopt.protocol import (
     DEFAULT_CHUNK,
     Desired,
@@ -131,8 +133,6 @@ class SimConfig:
 def golden_self_test(archive: bytes, workdir: Path) -> str | None:
     """Unpack a packed artifact and run a device's golden-vector check on it (golden vectors within
     the manifest's tolerances, no NaN/Inf, latency within its budget); the reason it fails, or None."""
-    from edgeopt.artifact import unpack_artifact
-
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tar = Path(tmp) / "artifact.tar"
         tar.write_bytes(archive)
@@ -146,8 +146,6 @@ class SharedTrust:
     list yet, at most every ``min_refresh`` seconds)."""
 
     def __init__(self, sim: Simulator, root: Path, workdir: Path, min_refresh: float = 1.0):
-        from edgeopt.mqtt import PahoTopics, connect, make_client
-
         cfg = sim.config
         (workdir / "metadata").mkdir(parents=True, exist_ok=True)
         (workdir / "metadata" / "root.json").write_bytes(Path(root).read_bytes())
@@ -194,8 +192,6 @@ class _DeviceTopics:
 
 class SimDevice:
     def __init__(self, sim: Simulator, index: int):
-        from edgeopt.mqtt import make_client
-
         cfg = sim.config
         self.sim, self.index = sim, index
         self.device_id = f"{cfg.id_prefix}{index:05d}"

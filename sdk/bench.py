@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from edgeopt.batching import stack
 from edgeopt.data import generate_inputs
 from edgeopt.params import Param
 from edgeopt.runtime import Runtime
@@ -76,8 +77,6 @@ def stats_from(times_ns: Sequence[int], runtime: str, batch: int, threads: int |
 
 def batch_feeds(runtime: Runtime, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs of the given batch size for ``runtime``'s inputs, stacked along their batch axes."""
-    from edgeopt.batching import stack
-
     return stack(runtime.inputs, generate_inputs(runtime.inputs, batch, seed).inputs)
 
 

@@ -22,7 +22,7 @@ from conftest import run_cli
 pytestmark = pytest.mark.slow
 
 NOBODY = 65534
-AGENT_MAIN = "from edgeopt.agent.cli import main; main()"
+AGENT_MAIN = "from edgeopt.cli.agent import main; main()"
 
 
 def _works_as_nobody(python: str) -> bool:

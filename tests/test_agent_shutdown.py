@@ -29,7 +29,7 @@ RUN_AGENT = """
 import os, signal, sys, threading
 
 from edgeopt.agent import batcher, service
-from edgeopt.agent.cli import main
+from edgeopt.cli.agent import main
 
 SIG, WHERE = signal.Signals[sys.argv.pop(1)], sys.argv.pop(1)
 raised = []

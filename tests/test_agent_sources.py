@@ -149,7 +149,7 @@ def test_agent_imports_only_the_runtime_it_uses(tmp_path, state, imu_model):
     cfg = jsonl_config(tmp_path, [{"type": "csv", "name": "f", "path": str(imu_model["stream"]), "replay": "fast"}],
                        agent={"exit_when_sources_end": True})
     (tmp_path / "agent.toml").write_text(to_toml(cfg))
-    code = ("import sys\nfrom edgeopt.agent.cli import main\n"
+    code = ("import sys\nfrom edgeopt.cli.agent import main\n"
             f"try:\n    main(['--config', {str(tmp_path / 'agent.toml')!r}])\nexcept SystemExit as e:\n"
             "    assert not e.code, e.code\n"
             "print(json.dumps(sorted(m for m in sys.modules if '.' not in m)))")

@@ -264,4 +264,4 @@ def test_the_agent_extra_pulls_in_no_heavy_toolchain():
     deps = " ".join(project["dependencies"] + project["optional-dependencies"]["agent"]).lower()
     for heavy in ("torch", "tvm", "coremltools", "tensorflow", "ai-edge-litert"):
         assert heavy not in deps, heavy
-    assert project["scripts"]["edgeopt-agent"] == "edgeopt.agent.cli:main"
+    assert project["scripts"]["edgeopt-agent"] == "edgeopt.cli.agent:main"

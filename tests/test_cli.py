@@ -27,6 +27,18 @@ def test_help_imports_no_heavy_toolchain():
     assert out.strip().splitlines()[-1] == "HEAVY="
 
 
+@pytest.mark.parametrize("command", ["agent", "fleet", "keys", "inspect", "profiles"])
+def test_command_help_imports_no_heavy_package(command):
+    """These commands import what pulls numpy, onnx or python-tuf only when they run (the lazy imports
+    tests/test_layering.py allows in sdk/cli/), so their --help stays as light as `edgeopt --help`."""
+    code = ("import sys\nfrom edgeopt.cli import main\n"
+            f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit:\n    pass\n"
+            f"print('HEAVY=' + ','.join(m for m in {HEAVY + ('tuf', 'cryptography')!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "Usage:" in out
+    assert out.strip().splitlines()[-1] == "HEAVY="
+
+
 def test_console_script_help_and_version():
     res = run_cli_subprocess("--help")
     assert res.code == 0

@@ -4,7 +4,7 @@
 # [agent,litert] dependencies as aarch64 wheels in a target directory (tests/device/, docs/testing.md).
 #
 #   tools/make_aarch64_agent_env.sh WHEEL [DIR]     # default DIR: build/device/aarch64
-#   PYTHONPATH=DIR/site DIR/sysroot/usr/bin/python3.11-qemu -m edgeopt.agent.cli --config agent.toml
+#   PYTHONPATH=DIR/site DIR/sysroot/usr/bin/python3.11-qemu -c 'from edgeopt.cli.agent import main; main()' --config agent.toml
 #
 # PIP (default .venv/bin/pip) downloads the wheels; EXTRAS (default agent,litert) picks the extras.
 # Needs Debian/Ubuntu as root the first time (qemu-user-static, arm64 .debs). About 300 MB.

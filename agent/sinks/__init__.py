@@ -12,21 +12,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from edgeopt.agent.config import JsonlSink, SinkBase
-from edgeopt.agent.results import EncodedResults
+from edgeopt.agent.sinks.base import Sink
+from edgeopt.agent.sinks.mqtt import MqttResultsSink
 from edgeopt.fsutil import environment_fault
-
-
-class Sink:
-    kind = ""
-
-    def write(self, results: EncodedResults) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-    def stats(self) -> dict[str, Any]:
-        return {}
 
 
 class StdoutResultsSink(Sink):
@@ -96,7 +84,5 @@ def make_sink(cfg: SinkBase, **context: Any) -> Sink:
     if cfg.type == "jsonl":
         return JsonlResultsSink(cfg)  # type: ignore[arg-type]
     if cfg.type == "mqtt":
-        from edgeopt.agent.sinks.mqtt import MqttResultsSink
-
         return MqttResultsSink(context["topic"], context["outbox"], context["publisher"])
     raise ValueError(f"unknown sink type {cfg.type!r}")

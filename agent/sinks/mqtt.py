@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from edgeopt.agent.outbox import Outbox
-from edgeopt.agent.sinks import Sink
+from edgeopt.agent.sinks.base import Sink
 
 log = logging.getLogger("edgeopt.agent.results")
 

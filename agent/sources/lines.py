@@ -14,7 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
-from edgeopt.agent.sources import Source, parse_lines
+from edgeopt.agent.sources.base import Source, parse_lines
 from edgeopt.errors import MissingDependency, UserInputError
 
 POLL_S = 0.2

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeopt.agent.config import CsvSource, NpySource
-from edgeopt.agent.sources import Source
+from edgeopt.agent.sources.base import Source
 from edgeopt.errors import UserInputError
 
 TIMESTAMP_COLUMNS = ("t", "time", "timestamp")

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from edgeopt.agent.config import SyntheticSource
-from edgeopt.agent.sources import Source
+from edgeopt.agent.sources.base import Source
 from edgeopt.errors import UserInputError
 
 ACTIVITIES = ("still", "walk", "run", "shake")

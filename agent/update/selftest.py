@@ -17,15 +17,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edgeopt.agent.model import load_model
+from edgeopt.errors import EdgeoptError
 from edgeopt.fsutil import strict_json
 from edgeopt.golden_vectors import SelfTestResult, check_golden
 
 
 def check_slot(slot: Path, runtime_name: str = "", threads: int = 1, budget_ms: float | None = None) -> SelfTestResult:
     """The agent's own loading (one input, its windowing) first, then the golden vectors."""
-    from edgeopt.agent.model import load_model
-    from edgeopt.errors import EdgeoptError
-
     try:
         model = load_model(slot, None, runtime_name, threads)
     except EdgeoptError as exc:

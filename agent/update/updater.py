@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edgeopt.agent.model import load_model
 from edgeopt.agent.update.machine import (
     INCONCLUSIVE,
     MANIFEST_MISMATCH,
@@ -49,7 +50,10 @@ from edgeopt.agent.update.machine import (
     reason_text,
     wanted,
 )
+from edgeopt.agent.update.selftest import run_in_child
+from edgeopt.artifact import unpack_artifact
 from edgeopt.errors import EdgeoptError, RemoteError
+from edgeopt.fsutil import sha256_file
 from edgeopt.protocol import ProtocolError, parse_desired
 
 log = logging.getLogger("edgeopt.agent.update")
@@ -166,6 +170,7 @@ class _TopicsOver:
 
 class Updater:
     def __init__(self, host: Host, config, transport, device_id: str):
+        # lazy (as below): python-tuf and cryptography load only when updates are on
         from edgeopt.repo_client import DeviceTrust, MqttFetcher, MqttRepoLink
 
         self.host, self.cfg, self.transport, self.device_id = host, config.update, transport, device_id
@@ -311,8 +316,6 @@ class Updater:
         return Event.OK
 
     def _verifying(self, r: UpdateRecord) -> Event:
-        from edgeopt.fsutil import sha256_file
-
         path = Path(r.target["path"])
         if not path.is_file() or path.stat().st_size != r.target["length"] or sha256_file(path) != r.target["sha256"]:
             r.reason = "hash_mismatch: the downloaded file does not match its signed length and sha256"
@@ -320,8 +323,6 @@ class Updater:
         return Event.OK
 
     def _staged(self, r: UpdateRecord) -> Event:
-        from edgeopt.artifact import unpack_artifact
-
         t = r.target
         state = self.host.state
         slot = state.inactive_slot()
@@ -347,8 +348,6 @@ class Updater:
         return Event.OK
 
     def _self_test(self, r: UpdateRecord) -> Event:
-        from edgeopt.agent.update.selftest import run_in_child
-
         budget = self.cfg.latency_budget_ms or None
         res = run_in_child(self.host.state.slot_path(r.target["slot"]), self.model_cfg.runtime, self.model_cfg.threads,
                            budget, self.cfg.self_test_timeout_s)
@@ -359,8 +358,6 @@ class Updater:
         return Event.OK
 
     def _load_slot(self, slot: str):
-        from edgeopt.agent.model import load_model
-
         m = self.model_cfg
         return load_model(self.host.state.slot_path(slot), slot, m.runtime, m.threads)
 

@@ -26,6 +26,7 @@ from edgeopt.converters.passes.fusions import fold_affine_into_conv, fold_conv_a
 from edgeopt.errors import UserInputError, closest
 from edgeopt.onnx_io import input_specs, opset_version, save_model
 from edgeopt.params import Param
+from edgeopt.runtime.onnxruntime import quiet_onnxruntime
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -304,8 +305,6 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], path) -> dict[str
     """The model's outputs on ``feeds`` with ONNX Runtime, no graph optimisation (so ORT's own
     rewrites cannot hide a difference)."""
     import onnxruntime as ort
-
-    from edgeopt.runtime.onnxruntime import quiet_onnxruntime
 
     quiet_onnxruntime()
     save_model(model, path)

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
+from edgeopt.converters import torch_import
 from edgeopt.converters.passes import Pass, PassContext, get_pass
 from edgeopt.data import Dataset, load_dataset
 from edgeopt.errors import MissingDependency, UserInputError
@@ -69,7 +70,6 @@ class Distill(Pass):
     def _apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         self.preflight()
         torch = _import_torch()
-        from edgeopt.converters import torch_import
 
         teacher = ctx.reference if ctx.reference is not None else model
         student = self._student(model, ctx)

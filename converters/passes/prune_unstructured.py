@@ -20,7 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from edgeopt.converters.passes import Pass, PassContext
-from edgeopt.errors import UserInputError
+from edgeopt.errors import UserInputError, closest
 from edgeopt.params import Param, in_range
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -97,8 +97,6 @@ class PruneUnstructured(Pass):
         return model
 
     def _layer_overrides(self, layers: list[tuple[onnx.NodeProto, str]]) -> dict[str, float]:
-        from edgeopt.errors import closest
-
         given = self.config["layer_sparsity"] or {}
         names = [n.name for n, _ in layers]
         out = {}

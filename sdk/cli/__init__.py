@@ -19,6 +19,7 @@ import traceback
 import click
 
 from edgeopt.cli.interrupts import InterruptSignals, private_temp_dir
+from edgeopt.errors import EdgeoptError, missing_dependency
 
 # name → (module:attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -28,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profiles": ("edgeopt.cli.profiles:profiles_cmd", "List and show hardware profiles."),
     "keys": ("edgeopt.cli.keys:keys_cmd", "Create and rotate the signing keys of a fleet repository."),
     "fleet": ("edgeopt.cli.fleet:fleet_cmd", "Publish models, run the fleet service, roll models out in waves."),
-    "agent": ("edgeopt.agent.cli:agent_group", "Run the device agent, install it as a systemd service, install a model."),
+    "agent": ("edgeopt.cli.agent:agent_group", "Run the device agent, install it as a systemd service, install a model."),
 }
 
 EXIT_INTERNAL = 3  # a bug in edgeopt, not the user's input (0 ok, 1 a check failed, 2 bad input)
@@ -51,12 +52,6 @@ class LazyGroup(click.Group):
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):
             formatter.write_dl([(name, COMMANDS[name][1]) for name in self.list_commands(ctx)])
-
-
-def _version() -> str:
-    from edgeopt import __version__
-
-    return __version__
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -108,8 +103,6 @@ def main(argv: list[str] | None = None, command: click.Command | None = None, pr
 
 
 def _run(command: click.Command, args: list[str], prog_name: str, debug: bool, signals: InterruptSignals) -> int:
-    from edgeopt.errors import EdgeoptError, missing_dependency
-
     def fail(message: str, exit_code: int) -> int:
         if debug:
             traceback.print_exc()

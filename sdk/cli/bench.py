@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
-from edgeopt.bench import MIN_ROUND_TIME, ROUNDS, WARMUP
+from edgeopt.bench import MIN_ROUND_TIME, ROUNDS, WARMUP, BenchSettings, batch_feeds, measure
+from edgeopt.cli.render import print_bench
+from edgeopt.runtime import open_runtime
 
 
 def _batches(text: str) -> list[int]:
@@ -40,10 +42,6 @@ def bench_cmd(path: Path, batch_text: str, threads: int, warmup: int, rounds: in
     --min-round-time seconds (no cap on calls). `edgeopt convert` measures its report's latency
     with the same code and these defaults.
     """
-    from edgeopt.bench import BenchSettings, batch_feeds, measure
-    from edgeopt.cli.render import print_bench
-    from edgeopt.runtime import open_runtime
-
     batches = _batches(batch_text)
     settings = BenchSettings(warmup=warmup, rounds=rounds, min_round_time=min_round_time)
     runtime_settings = {}

@@ -10,11 +10,17 @@ import click
 
 from edgeopt import logs, registry
 from edgeopt.cli import debug_requested
+from edgeopt.cli.progress import make_progress
+from edgeopt.cli.render import print_convert_report
 from edgeopt.converters.gates import DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1_AGREEMENT
+from edgeopt.converters.passes.canonicalize import parse_input_shape, parse_input_value
 from edgeopt.converters.passes.distill import Distill
 from edgeopt.converters.passes.prune_structured import PruneStructured
 from edgeopt.converters.passes.prune_unstructured import PruneUnstructured
 from edgeopt.converters.passes.quantize import QuantizeFp16, QuantizeInt4, QuantizeInt8Static
+from edgeopt.converters.pipeline import ConvertCheckFailed, ConvertOptions, convert
+from edgeopt.converters.preprocessing import load_preprocessing_file, parse_normalize
+from edgeopt.converters.streaming import parse_batch_axis, parse_state
 from edgeopt.converters.targets import QUANTIZE_MODES
 from edgeopt.errors import UserInputError
 from edgeopt.params import Param
@@ -202,13 +208,6 @@ def convert_cmd(model: Path, output: Path, target, profile, quantize, calibratio
       edgeopt convert model.onnx -o out --target onnx --prune-channels 0.5 --distill train.npz \\
           --epochs 30 --quantize int8 --calibration cal.npz --validation val.npz
     """
-    from edgeopt.cli.progress import make_progress
-    from edgeopt.cli.render import print_convert_report
-    from edgeopt.converters.passes.canonicalize import parse_input_shape, parse_input_value
-    from edgeopt.converters.pipeline import ConvertCheckFailed, ConvertOptions, convert
-    from edgeopt.converters.preprocessing import load_preprocessing_file, parse_normalize
-    from edgeopt.converters.streaming import parse_batch_axis, parse_state
-
     preprocessing = load_preprocessing_file(preprocessing_file) if preprocessing_file else {}
     preprocessing.update({k: v for k, v in {
         "hop": hop, "layout": layout, "sample_rate_hz": sample_rate,

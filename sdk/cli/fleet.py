@@ -13,41 +13,24 @@ from pathlib import Path
 
 import click
 
-REPO_OPTION = click.option("--repo", type=click.Path(path_type=Path), required=True, envvar="EDGEOPT_REPO",
-                           help="Repository directory (from 'edgeopt keys init'); or $EDGEOPT_REPO.")
-OPTIONAL_REPO = click.option("--repo", type=click.Path(path_type=Path), envvar="EDGEOPT_REPO",
-                             help="Repository directory; or $EDGEOPT_REPO (the default database lives in it).")
-DB_OPTION = click.option("--db", envvar="EDGEOPT_FLEET_DB", metavar="URL",
-                         help="Fleet database: sqlite:///PATH or postgresql://USER@HOST/DB; or $EDGEOPT_FLEET_DB "
-                              "(default: sqlite:///REPO/fleet.db).")
-PREFIX_OPTION = click.option("--prefix", default="edgeopt", show_default=True, help="MQTT topic prefix.")
-
-
-def database_url(db: str | None, repo: Path | None) -> str:
-    from edgeopt.errors import UserInputError
-
-    if db:
-        return db
-    if repo is None:
-        raise UserInputError("no fleet database: pass --db URL, or --repo REPO for the default sqlite:///REPO/fleet.db")
-    if not Path(repo).is_dir():
-        raise UserInputError(f"repository directory {repo} does not exist (run 'edgeopt keys init {repo}')")
-    return f"sqlite:///{Path(repo).resolve() / 'fleet.db'}"
-
-
-def open_store(db: str | None, repo: Path | None):
-    from edgeopt.fleet.db import open_database
-    from edgeopt.fleet.store import FleetStore
-
-    _, conn = open_database(database_url(db, repo))
-    return FleetStore(conn)
+from edgeopt.cli.fleet_ops import broker_config_cmd, provision_cmd, simulate_cmd
+from edgeopt.cli.fleet_options import (
+    DB_OPTION,
+    OPTIONAL_REPO,
+    PREFIX_OPTION,
+    REPO_OPTION,
+    database_url,
+    open_store,
+)
+from edgeopt.cli.fleet_render import device_json, print_devices
+from edgeopt.cli.fleet_rollout import rollout_cmd
+from edgeopt.errors import UserInputError
+from edgeopt.fleet.rollout_spec import parse_selector, selector_text
 
 
 def _load_config(ctx: click.Context, path: Path) -> None:
     """Turn a TOML config file into click's default_map for the fleet subcommands."""
     import tomllib
-
-    from edgeopt.errors import UserInputError
 
     try:
         data = tomllib.loads(Path(path).read_text())
@@ -142,7 +125,7 @@ def publish_cmd(artifact: Path, repo: Path, name: str | None, model_version: str
 
     Refused when its manifest names another model or version than --name / --version, or when its
     report.json says the conversion failed a check (unless --allow-failed)."""
-    from edgeopt.fleet.repository import Repository
+    from edgeopt.fleet.repository import Repository  # lazy: numpy, for the commands that open the repository
 
     entry = Repository(repo).publish(artifact, name, model_version, allow_failed=allow_failed)
     click.echo(json.dumps(entry) if as_json else
@@ -154,8 +137,7 @@ def publish_cmd(artifact: Path, repo: Path, name: str | None, model_version: str
 @REPO_OPTION
 def revoke_cmd(model: str, repo: Path) -> None:
     """Remove MODEL (NAME@VERSION) from the signed targets: devices will refuse it from now on."""
-    from edgeopt.errors import UserInputError
-    from edgeopt.fleet.repository import Repository
+    from edgeopt.fleet.repository import Repository  # lazy: numpy, for the commands that open the repository
 
     name, sep, version = model.partition("@")
     if not sep:
@@ -169,7 +151,7 @@ def revoke_cmd(model: str, repo: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def models_cmd(repo: Path, as_json: bool) -> None:
     """The models in the signed targets."""
-    from edgeopt.fleet.repository import Repository
+    from edgeopt.fleet.repository import Repository  # lazy: numpy, for the commands that open the repository
 
     models = Repository(repo).list_models()
     if as_json:
@@ -206,8 +188,7 @@ def serve_cmd(repo: Path, db: str | None, broker: str | None, listen: str, local
     import logging
     import signal
 
-    from edgeopt.errors import UserInputError
-    from edgeopt.fleet.service import FleetService, ServiceConfig
+    from edgeopt.fleet.service import FleetService, ServiceConfig  # lazy: numpy, and the whole service
 
     if tick <= 0 or timestamp_refresh <= 0:
         raise UserInputError("--tick and --timestamp-refresh must be positive")
@@ -235,9 +216,6 @@ def serve_cmd(repo: Path, db: str | None, broker: str | None, listen: str, local
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def devices_cmd(repo: Path | None, db: str | None, selectors: tuple[str, ...], as_json: bool) -> None:
     """The devices the registry knows: labels, profile, model, update state, online, last seen."""
-    from edgeopt.cli.fleet_render import device_json, print_devices
-    from edgeopt.fleet.rollout_spec import parse_selector, selector_text
-
     selector = parse_selector(selectors)
     store = open_store(db, repo)
     devices = store.list_devices(selector)
@@ -251,12 +229,7 @@ def devices_cmd(repo: Path | None, db: str | None, selectors: tuple[str, ...], a
     print_devices(devices)
 
 
-def _register_subcommands() -> None:
-    from edgeopt.cli.fleet_ops import broker_config_cmd, provision_cmd, simulate_cmd
-    from edgeopt.cli.fleet_rollout import rollout_cmd
-
-    for cmd in (rollout_cmd, simulate_cmd, provision_cmd, broker_config_cmd):
-        fleet_cmd.add_command(cmd)
-
-
-_register_subcommands()
+fleet_cmd.add_command(rollout_cmd)
+fleet_cmd.add_command(simulate_cmd)
+fleet_cmd.add_command(provision_cmd)
+fleet_cmd.add_command(broker_config_cmd)

@@ -8,7 +8,12 @@ from pathlib import Path
 
 import click
 
-from edgeopt.cli.fleet import PREFIX_OPTION, REPO_OPTION
+from edgeopt.cli.fleet_options import PREFIX_OPTION, REPO_OPTION
+from edgeopt.errors import UserInputError
+from edgeopt.fleet.rollout_spec import parse_selector
+from edgeopt.fleet.security import BrokerSecurity
+from edgeopt.mqtt import redact_url
+from edgeopt.protocol import ModelRef, ProtocolError
 
 
 @click.command("simulate")
@@ -54,11 +59,7 @@ def simulate_cmd(broker: str, count: int, fail_rate: float, fail_mode: str, fail
     import signal
     import threading
 
-    from edgeopt.errors import UserInputError
-    from edgeopt.fleet.rollout_spec import parse_selector
-    from edgeopt.fleet.simulator import FailurePlan, SimConfig, Simulator
-    from edgeopt.mqtt import redact_url
-    from edgeopt.protocol import ModelRef, ProtocolError
+    from edgeopt.fleet.simulator import FailurePlan, SimConfig, Simulator  # lazy: numpy, python-tuf
 
     if root is None and repo is not None:
         root = Path(repo) / "metadata" / "1.root.json"
@@ -107,8 +108,6 @@ def broker_config_cmd(directory: Path, hosts: tuple[str, ...], port: int, bind: 
     """Generate a Mosquitto configuration in DIRECTORY: a CA and a server certificate (TLS only), a
     password file with the fleet service's account, and an ACL that keeps each device to its own
     topics. Add devices with 'edgeopt fleet provision'."""
-    from edgeopt.fleet.security import BrokerSecurity
-
     sec = BrokerSecurity.init(directory, list(hosts), port, bind, prefix, broker_user=broker_user)
     d = sec.dir.resolve()
     click.echo(f"broker configuration in {d}:\n"
@@ -151,7 +150,7 @@ def provision_cmd(device_id: str, security_dir: Path, repo: Path, out: Path, hos
     """Give DEVICE_ID its broker password (added to the broker's password file), the broker CA, the
     repository's pinned root metadata and a complete agent config, in OUT/DEVICE_ID/. Reload the
     broker afterwards (the command is printed)."""
-    from edgeopt.fleet.provision import provision
+    from edgeopt.fleet.provision import provision  # lazy: numpy (the repository)
 
     info = provision(device_id, security_dir, repo, out, host, port, prefix, install_dir, force, state_dir,
                      sensor_socket, labels, profile, source)

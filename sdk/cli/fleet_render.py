@@ -10,6 +10,9 @@ from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
 
+from edgeopt.fleet.rollout import Outcome, progress
+from edgeopt.fleet.rollout_spec import selector_text
+
 
 def ago(t: float | None, now: float | None = None) -> str:
     if t is None:
@@ -59,9 +62,6 @@ def print_devices(devices: list) -> None:
 
 
 def rollout_json(status, assignments, events: list | None = None) -> dict[str, Any]:
-    from edgeopt.fleet.rollout import Outcome, progress
-    from edgeopt.fleet.rollout_spec import selector_text
-
     failures = sorted((a for a in assignments.values() if a.outcome is Outcome.FAILURE), key=lambda a: a.outcome_at or 0)
     return {"rollout_id": status.rollout_id, "target": str(status.spec.target), "state": str(status.state),
             "selector": selector_text(status.spec.selector), "current_wave": status.current_wave + 1,

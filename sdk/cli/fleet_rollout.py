@@ -13,7 +13,21 @@ from pathlib import Path
 
 import click
 
-from edgeopt.cli.fleet import DB_OPTION, OPTIONAL_REPO, REPO_OPTION, open_store
+from edgeopt.cli.fleet_options import DB_OPTION, OPTIONAL_REPO, REPO_OPTION, open_store
+from edgeopt.cli.fleet_render import print_rollouts, rollout_json, rollout_renderable
+from edgeopt.errors import CheckFailed, RemoteError, UserInputError
+from edgeopt.fleet.rollout import apply_command, new_rollout
+from edgeopt.fleet.rollout_spec import (
+    Gates,
+    RolloutSpec,
+    parse_duration,
+    parse_failure_threshold,
+    parse_percent,
+    parse_selector,
+    parse_waves,
+    selector_text,
+)
+from edgeopt.protocol import ROLLOUT_ID_RE, ModelRef, ProtocolError
 
 
 @click.group("rollout")
@@ -22,8 +36,7 @@ def rollout_cmd() -> None:
 
 
 def _check_published(repo: Path, model) -> None:
-    from edgeopt.errors import UserInputError
-    from edgeopt.fleet.repository import Repository
+    from edgeopt.fleet.repository import Repository  # lazy: numpy (edgeopt.artifact), for one check
 
     published = [f"{m['name']}@{m['version']}" for m in Repository(repo).list_models()]
     if str(model) not in published:
@@ -64,20 +77,6 @@ def create_cmd(model_text: str, selectors: tuple[str, ...], waves: str, bake: st
                min_agreement: float | None, max_latency_p95: float | None, max_nan_outputs: int | None,
                online_only: bool, rollout_id: str | None, start_now: bool, repo: Path, db: str | None, as_json: bool) -> None:
     """Plan a rollout of NAME@VERSION over the devices the selector matches now."""
-    from edgeopt.errors import UserInputError
-    from edgeopt.fleet.rollout import apply_command, new_rollout
-    from edgeopt.fleet.rollout_spec import (
-        Gates,
-        RolloutSpec,
-        parse_duration,
-        parse_failure_threshold,
-        parse_percent,
-        parse_selector,
-        parse_waves,
-        selector_text,
-    )
-    from edgeopt.protocol import ROLLOUT_ID_RE, ModelRef, ProtocolError
-
     try:
         model = ModelRef.parse(model_text)
     except ProtocolError as exc:
@@ -115,9 +114,6 @@ def create_cmd(model_text: str, selectors: tuple[str, ...], waves: str, bake: st
 
 
 def _command(rollout_id: str, command: str, repo: Path | None, db: str | None, reason: str | None = None) -> None:
-    from edgeopt.errors import RemoteError
-    from edgeopt.fleet.rollout import apply_command
-
     store = open_store(db, repo)
     for _ in range(20):  # the controller may move the rollout between our read and our write
         status, assignments = store.load_rollout(rollout_id)
@@ -170,9 +166,6 @@ def status_cmd(rollout_id: str | None, repo: Path | None, db: str | None, watch:
     """One rollout's waves, progress, failures and why it ended; without ROLLOUT_ID, every rollout."""
     from rich.console import Console
     from rich.live import Live
-
-    from edgeopt.cli.fleet_render import print_rollouts, rollout_json, rollout_renderable
-    from edgeopt.errors import CheckFailed, UserInputError
 
     store = open_store(db, repo)
     if rollout_id is None:

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import click
 
+from edgeopt.cli.render import print_inspect
+from edgeopt.errors import UserInputError
+from edgeopt.profiles import load_profile
+
 
 @click.command("inspect")
 @click.argument("model", type=click.Path(path_type=Path))
@@ -27,12 +31,10 @@ def inspect_cmd(model: Path, input_shapes: tuple[str, ...], input_values: tuple[
     axes, recurrent state pairs, ops, every layer with weights (the names --prune-layer takes) with its
     parameters and MACs, and which targets support every op (with the nodes they do not).
     """
-    from edgeopt.cli.render import print_inspect
+    # lazy: onnx (the `convert` extra), so that `edgeopt inspect --help` works without it
     from edgeopt.converters.inspect import inspect_path
     from edgeopt.converters.passes.canonicalize import parse_input_shape, parse_input_value
     from edgeopt.converters.streaming import parse_batch_axis
-    from edgeopt.errors import UserInputError
-    from edgeopt.profiles import load_profile
 
     if not model.exists():
         raise UserInputError(f"not found: {model}")

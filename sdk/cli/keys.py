@@ -23,7 +23,7 @@ def keys_cmd() -> None:
 def init_cmd(repo: Path, root_keys: int, root_threshold: int, expiry: str) -> None:
     """Create REPO: Ed25519 keys (mode 0600) for root, targets, snapshot and timestamp, and the
     first signed metadata. Move the root keys offline afterwards; devices pin metadata/1.root.json."""
-    from edgeopt.fleet.repository import Repository, parse_expiry
+    from edgeopt.fleet.repository import Repository, parse_expiry  # lazy (as below): numpy, not for --help
 
     r = Repository.init(repo, root_keys=root_keys, root_threshold=root_threshold, expiry=parse_expiry(expiry))
     click.echo(f"created repository {r.root}: {root_keys} root key(s), threshold {root_threshold}; "

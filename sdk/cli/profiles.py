@@ -6,6 +6,9 @@ import json
 
 import click
 
+from edgeopt.cli.render import print_profile, print_profiles
+from edgeopt.profiles import load_profile, profile_names
+
 
 @click.group("profiles", invoke_without_command=True)
 @click.pass_context
@@ -19,9 +22,6 @@ def profiles_cmd(ctx: click.Context) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_cmd(as_json: bool = False) -> None:
     """All shipped profiles."""
-    from edgeopt.cli.render import print_profiles
-    from edgeopt.profiles import load_profile, profile_names
-
     profiles = [load_profile(n).to_json() for n in profile_names()]
     click.echo(json.dumps(profiles, indent=2)) if as_json else print_profiles(profiles)
 
@@ -31,8 +31,5 @@ def list_cmd(as_json: bool = False) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def show_cmd(name: str, as_json: bool) -> None:
     """One profile by NAME (or a profile .toml path)."""
-    from edgeopt.cli.render import print_profile
-    from edgeopt.profiles import load_profile
-
     profile = load_profile(name).to_json()
     click.echo(json.dumps(profile, indent=2)) if as_json else print_profile(profile)

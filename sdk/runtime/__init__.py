@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgeopt import registry
+from edgeopt.batching import run_samples, with_axes
 from edgeopt.errors import EdgeoptError, UserInputError
 from edgeopt.params import Configurable, Param
 from edgeopt.specs import TensorSpec
@@ -74,8 +75,6 @@ class Runtime(Configurable):
 
     def set_batch_axes(self, axes: Mapping[str, int | None]) -> None:
         """Where samples stack in each input and output (from the manifest; axis 0 unless told)."""
-        from edgeopt.batching import with_axes
-
         self.inputs = with_axes(self.inputs, axes)
         self.outputs = with_axes(self.outputs, axes)
 
@@ -226,6 +225,4 @@ def run_batched(runtime: Runtime, inputs: Mapping[str, np.ndarray], batch_size: 
     """Run float ``inputs`` (N samples along axis 0, ``edgeopt.batching``) in batches and return float
     outputs, samples along axis 0 (see ``Runtime.run_float``); a model with a fixed batch gets exactly
     that many samples per call (the last call is padded and the padding dropped)."""
-    from edgeopt.batching import run_samples
-
     return run_samples(runtime.run_float, runtime.inputs, runtime.outputs, inputs, batch_size)

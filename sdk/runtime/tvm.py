@@ -1,12 +1,14 @@
 """TVM runtime backend: runs a library compiled by ``edgeopt convert --target tvm`` in TVM's Relax VM.
 
-The library carries its own I/O signature (the ``edgeopt_signature`` function, JSON), so a bare
+The library carries its own I/O signature (``SIGNATURE_FUNCTION``, returning JSON
+``{"inputs": [TensorSpec...], "outputs": [...]}``, which the TVM target compiles in), so a bare
 ``model.so`` is enough. ``threads`` sets the size of TVM's CPU thread pool, which is process-wide:
 each runtime re-applies its own setting before it runs when another one changed it.
 """
 
 from __future__ import annotations
 
+import json
 import platform
 import struct
 from pathlib import Path
@@ -17,6 +19,9 @@ import numpy as np
 from edgeopt.errors import MissingDependency, UserInputError
 from edgeopt.params import Param
 from edgeopt.runtime import Runtime
+from edgeopt.specs import TensorSpec
+
+SIGNATURE_FUNCTION = "edgeopt_signature"  # the Relax function in the library that returns its I/O signature
 
 _pool_threads: list[int | None] = [None]  # the thread count TVM's pool was last configured with
 
@@ -39,6 +44,12 @@ def elf_machine(path: Path) -> str | None:
     return ELF_MACHINES.get(machine, f"ELF machine {machine}")
 
 
+def parse_signature(text: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The inputs and outputs in the JSON that ``SIGNATURE_FUNCTION`` returns."""
+    sig = json.loads(text)
+    return ([TensorSpec.from_json(s) for s in sig["inputs"]], [TensorSpec.from_json(s) for s in sig["outputs"]])
+
+
 def host_machine() -> str:
     return {"arm64": "aarch64", "amd64": "x86_64"}.get(platform.machine().lower(), platform.machine().lower())
 
@@ -54,7 +65,6 @@ class TVMRuntime(Runtime):
             from tvm import relax
         except ImportError as exc:
             raise MissingDependency("apache-tvm", "tvm", "running a TVM library") from exc
-        from edgeopt.converters.targets.tvm.build import SIGNATURE_FUNCTION, parse_signature
 
         built_for, here = elf_machine(self.model_path), host_machine()
         if built_for is not None and built_for != here:

@@ -27,6 +27,7 @@ from edgeopt.converters.targets.coreml.rules import (
     identifier,
 )
 from edgeopt.onnx_io import input_specs, op_key, opset_version
+from edgeopt.runtime.coreml import import_coremltools
 
 
 class NodeLoweringError(Exception):
@@ -90,8 +91,6 @@ def _fold(node: onnx.NodeProto, values: list[np.ndarray], model: onnx.ModelProto
 
 def lower(model: onnx.ModelProto, spec_version: int) -> LoweredProgram:
     """Build the MIL program for ``model`` (static shapes) at the opset of ``spec_version``."""
-    from edgeopt.runtime.coreml import import_coremltools
-
     ct = import_coremltools()
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import Function, Program, types

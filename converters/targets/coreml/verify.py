@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgeopt.converters.passes import ConversionError
+from edgeopt.runtime.coreml import feature_specs, import_coremltools
 from edgeopt.specs import TensorSpec
 
 FP16_REL = 2.0**-10  # float16 keeps 11 significant bits: half a unit in the last place, with margin
@@ -32,8 +33,6 @@ class PackageVerificationError(ConversionError):
 
 def load_saved_program(path: Path) -> tuple[Any, Any]:
     """(model spec, MIL program) rebuilt from the files of a saved .mlpackage."""
-    from edgeopt.runtime.coreml import import_coremltools
-
     ct = import_coremltools()
     from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
 
@@ -49,8 +48,6 @@ def load_saved_program(path: Path) -> tuple[Any, Any]:
 
 def verify_package(path: Path, *, spec_version: int, inputs: list[TensorSpec], outputs: list[TensorSpec],
                    reference_weights: dict[tuple[str, str], np.ndarray] | None) -> dict[str, Any]:
-    from edgeopt.runtime.coreml import feature_specs
-
     spec, program = load_saved_program(path)
     if spec.WhichOneof("Type") != "mlProgram":
         raise PackageVerificationError(f"{path}: not an ML Program ({spec.WhichOneof('Type')})")

@@ -19,11 +19,14 @@ from edgeopt.converters.targets import Target
 from edgeopt.errors import MissingDependency, UnsupportedOpsError, UserInputError
 from edgeopt.onnx_io import iter_nodes, op_key
 from edgeopt.params import Param, in_range
+from edgeopt.runtime.litert import LiteRtRuntime
 
 # Importing the op modules registers their lowerings in ``lowering.RULES``.
 from . import ops_conv, ops_dense, ops_elementwise, ops_reduce, ops_resize, ops_rnn, ops_shape  # noqa: F401
 from .lowering import GraphFacts, Lowering, LoweringError, Node, graph_facts, unsupported_reason
-from .quantize import INT4_BLOCK_SIZES
+from .prepare import static_model
+from .quantize import INT4_BLOCK_SIZES, quantize_model
+from .sparse import store_sparse, summary
 
 FLATBUFFER_LIMIT = 2**31  # FlatBuffers address at most 2 GiB
 
@@ -111,8 +114,6 @@ class TFLiteTarget(Target):
         if found and _has_dynamic_batch(model):
             # Shape arithmetic on a dynamic batch dim (an RNN's zero initial state, a Reshape to
             # [batch, -1]) folds away once the batch is fixed, as compiling does: judge that graph.
-            from .prepare import static_model
-
             try:
                 return self._unsupported(static_model(model, None))
             except Exception:  # a graph onnxslim cannot fold: report what the raw graph has
@@ -137,8 +138,6 @@ class TFLiteTarget(Target):
     def lower(self, model: onnx.ModelProto, ctx: PassContext, quantize: str = "none") -> bytes:
         """The float .tflite bytes of a canonical ONNX model (sets ``io_transposes``); ``quantize`` lets
         the lowering pick integer-friendly forms for a model headed for full-integer quantization."""
-        from .prepare import static_model
-
         require_litert("the tflite target")
         model = static_model(model, ctx)
         self.check_supported(model)
@@ -156,8 +155,6 @@ class TFLiteTarget(Target):
     def _compile(self, model: onnx.ModelProto, quantize: str, ctx: PassContext, out: Path) -> None:
         data = self.lower(model, ctx, quantize)
         if quantize != "none":
-            from .quantize import quantize_model
-
             settings = self.honoured_pass_params(quantize)
             chosen = {k: v for name in settings for k, v in (self.pass_params.get(name) or {}).items()}
             data = quantize_model(data, quantize, ctx, io_transposes=self.io_transposes,
@@ -172,8 +169,6 @@ class TFLiteTarget(Target):
     def _write_sparse_or_dense(self, data: bytes, ctx: PassContext, out: Path) -> None:
         """Write the model with its mostly-zero weights stored sparse, and check that LiteRT loads it;
         should LiteRT refuse it, write the dense model instead and say why in the report."""
-        from .sparse import store_sparse, summary
-
         min_zeros = float(self.config["sparse_min_zeros"])
         sparse, records = store_sparse(data, min_zeros, origins=getattr(self, "weight_origins", None))
         out.write_bytes(sparse)
@@ -202,8 +197,6 @@ class TFLiteTarget(Target):
 
 def check_loads(path: Path) -> None:
     """Load the written model as a device would (XNNPACK on) so a refused graph fails here."""
-    from edgeopt.runtime.litert import LiteRtRuntime
-
     try:
         LiteRtRuntime(path, threads=1)
     except UserInputError as exc:

@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from edgeopt.converters.targets.tflite import layout
+from edgeopt.converters.targets.tflite.flatbuffer import schema
 from edgeopt.converters.targets.tflite.lowering import GraphFacts, Lowering, LoweringError, Node, lowers
 
 FLOAT_LOWEST = float(np.finfo(np.float32).min)
@@ -47,8 +48,6 @@ def tf_padding(pads, in_sizes, out_sizes, kernel_eff, strides) -> str | None:
 
 
 def padding_enum(name: str) -> int:
-    from edgeopt.converters.targets.tflite.flatbuffer import schema
-
     return getattr(schema().Padding, name)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgeopt.converters.targets.tflite.flatbuffer import schema
 from edgeopt.converters.targets.tflite.lowering import GraphFacts, Lowering, Node, lowers
 
 # -- unary ------------------------------------------------------------------------------------------
@@ -131,8 +132,6 @@ def lower_hard_sigmoid(ctx: Lowering, node: Node) -> None:
 
 
 def _relu6() -> int:
-    from edgeopt.converters.targets.tflite.flatbuffer import schema
-
     return schema().ActivationFunctionType.RELU6
 
 

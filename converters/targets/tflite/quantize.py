@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 
 from edgeopt.converters.passes import ConversionError, PassContext
+from edgeopt.converters.targets.tflite.flatbuffer import FILE_IDENTIFIER, buffer_span, read_model, schema
 from edgeopt.errors import UnsupportedOpsError, UserInputError
+from edgeopt.runtime.litert import quiet_native_stderr
 
 MIN_CALIBRATION_SAMPLES = 16
 MAX_CALIBRATION_SAMPLES = 512
@@ -85,8 +87,6 @@ def full_integer(data: bytes, mode: str, ctx: PassContext, io_transposes: dict[s
                  origins: dict[str, list[tuple[str, str]]]) -> bytes:
     from ai_edge_litert import _pywrap_tensorflow_lite_calibration_wrapper as calibration
 
-    from edgeopt.runtime.litert import quiet_native_stderr
-
     inputs = _input_details(data)
     batches = calibration_batches(ctx, mode, inputs, io_transposes)
     activations, bias = (np.int8, np.int32) if mode == "int8" else (np.int16, np.int64)
@@ -116,8 +116,6 @@ def quantize_pad_values(data: bytes) -> bytes:
     of the value, quantized with the scale and zero point of the tensor it pads (a max-pool's -inf
     padding becomes the type's minimum)."""
     import flatbuffers
-
-    from edgeopt.converters.targets.tflite.flatbuffer import FILE_IDENTIFIER, read_model, schema
 
     s = schema()
     model = read_model(data)
@@ -170,8 +168,6 @@ def _explain_quantize_failure(exc: Exception, mode: str, origins: dict[str, list
 
 
 def _input_details(data: bytes) -> list[dict[str, Any]]:
-    from edgeopt.converters.targets.tflite.flatbuffer import read_model
-
     model = read_model(data)
     sub = model.subgraphs[0]
     return [{"name": sub.tensors[i].name.decode() if isinstance(sub.tensors[i].name, bytes) else sub.tensors[i].name,
@@ -191,8 +187,6 @@ def _litert_quantize(data: bytes, recipe: Any) -> bytes:
 def int4_recipe(data: bytes, block_size: int) -> Any:
     from litert_quantizer import qtyping
     from litert_quantizer.recipe_manager import RecipeManager
-
-    from edgeopt.converters.targets.tflite.flatbuffer import read_model, schema
 
     if block_size not in INT4_BLOCK_SIZES:
         raise UserInputError(f"--int4-block-size {block_size}: LiteRT's block-wise int4 supports "
@@ -226,8 +220,6 @@ def fix_zero_block_scales(data: bytes) -> bytes:
     networks have such blocks (inputs that are always zero, decayed neurons). Their weights are below
     float16's resolution, so: the smallest normal float16 scale, and weights 0 (what quantizing them
     at that scale gives). Patched in place; no tool does it."""
-    from edgeopt.converters.targets.tflite.flatbuffer import buffer_span, read_model, schema
-
     s = schema()
     model = read_model(data)
     out = bytearray(data)

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from .flatbuffer import pack_model, read_model, schema
+
 # Consumer operator → index of its weight input.
 WEIGHT_INPUT = {"CONV_2D": 1, "DEPTHWISE_CONV_2D": 1, "FULLY_CONNECTED": 1, "TRANSPOSE_CONV": 1}
 # TensorType names LiteRT's DENSIFY kernel (and XNNPACK's densification) handle.
@@ -138,8 +140,6 @@ def decode(encoding: SparseEncoding) -> np.ndarray:
 # -- writing into a model -----------------------------------------------------------------------------
 def sparsity_parameters(encoding: SparseEncoding) -> Any:
     """The schema's ``SparsityParametersT`` of an encoding."""
-    from .flatbuffer import schema
-
     s = schema()
     params = s.SparsityParametersT()
     params.traversalOrder = list(range(len(encoding.shape)))
@@ -215,8 +215,6 @@ def weight_tensors(model: Any) -> dict[int, list[_Use]]:
     """Constant tensors of subgraph 0 that some CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED /
     TRANSPOSE_CONV reads as its weights (directly, or through the DEQUANTIZE an fp16 model puts in
     front), with every use of each."""
-    from .flatbuffer import schema
-
     s = schema()
     op_names = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
     type_names = {v: k for k, v in vars(s.TensorType).items() if not k.startswith("_")}
@@ -284,8 +282,6 @@ def store_sparse(data: bytes, min_zeros: float, origins: dict[str, str] | None =
     and that is smaller sparse than dense, stored sparse behind a DENSIFY; and one record per weight
     tensor. ``origins`` maps a tensor name to the ONNX node it was lowered from; ``refused`` defaults
     to ``REFUSED``."""
-    from .flatbuffer import pack_model, read_model, schema
-
     s = schema()
     refused = REFUSED if refused is None else refused
     type_names = {v: k for k, v in vars(s.TensorType).items() if not k.startswith("_")}
@@ -353,8 +349,6 @@ def _dense_reason(record: WeightRecord, uses: list[_Use], min_zeros: float,
 
 def _store(model: Any, t: int, encoding: SparseEncoding) -> Any:
     """Make tensor ``t`` the output of a DENSIFY reading a new sparse constant; return the DENSIFY."""
-    from .flatbuffer import schema
-
     s = schema()
     sub = model.subgraphs[0]
     dense = sub.tensors[t]
@@ -380,15 +374,12 @@ def _empty_buffer(model: Any) -> int:
     first = model.buffers[0]
     if first.data is None or len(first.data) == 0:
         return 0  # buffer 0 is the empty buffer by convention
-    from .flatbuffer import schema
 
     model.buffers.append(schema().BufferT())
     return len(model.buffers) - 1
 
 
 def _operator_code(model: Any, builtin: str) -> int:
-    from .flatbuffer import schema
-
     s = schema()
     value = getattr(s.BuiltinOperator, builtin)
     for i, code in enumerate(model.operatorCodes):

@@ -15,9 +15,11 @@ from typing import ClassVar
 import onnx
 
 from edgeopt.converters.passes import ConversionError, PassContext, get_pass
-from edgeopt.converters.passes.unroll_rnn import DEFAULT_ACTIVATIONS, rnn_node_supported
+from edgeopt.converters.passes.unroll_rnn import DEFAULT_ACTIVATIONS, UnrollRnn, rnn_node_supported
 from edgeopt.converters.targets import Target
+from edgeopt.converters.targets.tvm import build
 from edgeopt.converters.targets.tvm.machine import build_machine, find_cross_compiler
+from edgeopt.converters.targets.tvm.tuning import cost_model, tune
 from edgeopt.errors import EnvironmentFault, MissingDependency, UserInputError
 from edgeopt.fsutil import atomic_write_json, cache_dir
 from edgeopt.params import Param
@@ -90,16 +92,12 @@ class TVMTarget(Target):
         return [QUANTIZE_PASSES[quantize]] if quantize in QUANTIZE_PASSES else []
 
     def min_opset(self, quantize: str, model: onnx.ModelProto) -> int | None:
-        from edgeopt.converters.passes.unroll_rnn import UnrollRnn
-
         needed = super().min_opset(quantize, model)
         if any(n.op_type in DEFAULT_ACTIVATIONS for n in model.graph.node):  # unrolled first (``_compile``)
             needed = max(needed or 0, UnrollRnn.min_opset or 0)
         return needed
 
     def honoured_pass_params(self, quantize: str) -> dict[str, frozenset[str]]:
-        from edgeopt.converters.passes.unroll_rnn import UnrollRnn
-
         return {**super().honoured_pass_params(quantize), UnrollRnn.name: frozenset(p.name for p in UnrollRnn.params)}
 
     def check_quantize(self, quantize: str) -> None:
@@ -123,8 +121,6 @@ class TVMTarget(Target):
         return self._stand_in or model_path
 
     def _compile(self, model: onnx.ModelProto, quantize: str, ctx: PassContext, out: Path) -> None:
-        from edgeopt.converters.targets.tvm import build
-
         machine = build_machine(self.profile)
         cross = None if machine.is_host else find_cross_compiler(machine, self.config["cross_compiler"])
         float_model = model
@@ -156,8 +152,6 @@ class TVMTarget(Target):
                                                          cross_compiler=cross)
         database = None
         if self.config["tune"]:
-            from edgeopt.converters.targets.tvm.tuning import cost_model, tune
-
             database, kernels = tune(mod, machine.tvm_target(num_cores=self._cores()), self.config["tune"],
                                      ctx.workdir / "tuning", ctx.progress)
             ctx.details["compile:tvm"].update(tuning_trials=self.config["tune"], tuning_cost_model=cost_model(),

@@ -4,7 +4,8 @@ The model arrives canonicalised (shapes inferred, constants folded). TVM needs s
 dynamic batch dim is fixed first and onnxslim runs again to fold what that makes constant (the
 ``Shape``/``If`` subgraphs of real exports). The I/O signature (names, shapes, dtypes) is compiled
 into the library as a Relax function ``edgeopt_signature`` returning JSON, so the runtime needs
-nothing beside the ``.so``.
+nothing beside the ``.so``; the runtime (``edgeopt.runtime.tvm``) owns that contract: the function's
+name and how the JSON is read.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ import onnx
 
 from edgeopt.converters.passes import ConversionError
 from edgeopt.onnx_io import input_specs, output_specs
-from edgeopt.specs import TensorSpec
-
-SIGNATURE_FUNCTION = "edgeopt_signature"
+from edgeopt.runtime.tvm import SIGNATURE_FUNCTION
 
 
 def fix_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
@@ -80,8 +79,3 @@ def compile_library(mod, target, out: Path, *, cross_compiler: str | None, datab
         executable.export_library(str(out), fcompile=cc.cross_compiler(cross_compiler))
     else:
         executable.export_library(str(out))
-
-
-def parse_signature(text: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    sig = json.loads(text)
-    return ([TensorSpec.from_json(s) for s in sig["inputs"]], [TensorSpec.from_json(s) for s in sig["outputs"]])

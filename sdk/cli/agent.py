@@ -1,8 +1,8 @@
 """``edgeopt-agent --config agent.toml`` and the ``edgeopt agent`` group (run, install-service,
 install-model).
 
-Only click, the config and the run loop are imported up front; the runtime for the model, and
-paho-mqtt when a broker is configured, are imported when they are needed.
+Only click, the config and the CLI's error handling are imported up front; the agent itself (numpy,
+the runtime for the model, and paho-mqtt when a broker is configured) when a command needs it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ from pathlib import Path
 
 import click
 
+from edgeopt.agent.config import default_config_text, load_config, parse_config
 from edgeopt.agent.transport import PASSWORD_CREDENTIAL
+from edgeopt.cli import main as cli_main
+from edgeopt.errors import UserInputError
+from edgeopt.fsutil import atomic_write_bytes, environment_fault
 
 UNIT_NAME = "edgeopt-agent.service"
 
@@ -38,7 +42,7 @@ def run_cmd(config_path: Path, debug: bool) -> None:
 
     SIGTERM flushes the partial batch and exits 0; SIGHUP reloads the configuration.
     """
-    from edgeopt.agent.config import load_config
+    # lazy (as below): numpy and the agent's machinery, not needed by --help or install-service
     from edgeopt.agent.service import Agent
 
     config = load_config(config_path)
@@ -67,10 +71,6 @@ def install_service_cmd(unit_dir: Path, config_path: Path, exec_path: Path | Non
     Missing folders (--unit-dir, the config's) are created, mode 0755; the unit names the executable
     and the config by absolute path."""
     import tomllib
-
-    from edgeopt.agent.config import default_config_text, parse_config
-    from edgeopt.errors import UserInputError
-    from edgeopt.fsutil import atomic_write_bytes
 
     exe = exec_path or Path(sys.executable).parent / "edgeopt-agent"
     if not exe.is_file() or not os.access(exe, os.X_OK):
@@ -107,8 +107,6 @@ def install_service_cmd(unit_dir: Path, config_path: Path, exec_path: Path | Non
 def _make_folders(folder: Path) -> None:
     """Create ``folder`` and any missing parents, each 0755 whatever the umask (systemd and the unit's
     throw-away user must be able to enter them)."""
-    from edgeopt.fsutil import environment_fault
-
     missing = []
     while not folder.exists():
         missing.append(folder)
@@ -165,8 +163,7 @@ def install_model_cmd(artifact: Path, state_dir: Path | None, config_path: Path 
     An artifact whose report.json says the conversion failed a check is refused unless --allow-failed.
     Run as root on a state directory another user owns (the agent's), the new files are given to
     that user."""
-    from edgeopt.agent.statedir import StateDir
-    from edgeopt.errors import UserInputError
+    from edgeopt.agent.statedir import StateDir  # lazy: numpy (edgeopt.artifact)
 
     if (state_dir is None) == (config_path is None):
         raise UserInputError("give exactly one of --state-dir or --config")
@@ -174,11 +171,9 @@ def install_model_cmd(artifact: Path, state_dir: Path | None, config_path: Path 
         raise UserInputError(f"{artifact} does not exist (give the directory 'edgeopt convert -o DIR' wrote)")
     window = hop = 0  # the config's [preprocessing] overrides, which the agent applies too
     if config_path is not None:
-        from edgeopt.agent.config import load_config
-
         config = load_config(config_path)
         state_dir, window, hop = config.state_dir, config.preprocessing.window, config.preprocessing.hop
-    from edgeopt.agent.model import check_feedable
+    from edgeopt.agent.model import check_feedable  # lazy: numpy and the runtimes
 
     check_feedable(artifact, window, hop)
     slot = StateDir(state_dir).install(artifact, allow_failed=allow_failed)
@@ -197,6 +192,4 @@ agent_group.add_command(install_model_cmd)
 
 def main(argv: list[str] | None = None) -> None:
     """The ``edgeopt-agent`` console script (same as ``edgeopt agent run``)."""
-    from edgeopt.cli import main as cli_main
-
     cli_main(argv, command=run_cmd, prog_name="edgeopt-agent")
