@@ -35,6 +35,7 @@ class _Graph:
         for node in self.graph.node:
             for name in node.input:
                 self.consumers[name].append(node)
+        self.producer = {o: n for n in self.graph.node for o in n.output}
         self.outputs = {o.name for o in self.graph.output}
         self.names: set[str] = {*self.inits, *(o for n in self.graph.node for o in n.output),
                                 *(i.name for i in self.graph.input)}
@@ -137,7 +138,7 @@ def fold_affine_into_conv(model: onnx.ModelProto) -> int:
     Conv taking it as its data input; with padding only the scale folds (a padded border of b would
     not be zero). Returns how many Mul/Add nodes were removed. Mutates ``model``."""
     g = _Graph(model)
-    producer = {o: n for n in g.graph.node for o in n.output}
+    producer = g.producer
     removed: set[int] = set()
     for last in list(g.graph.node):
         if last.op_type not in ("Mul", "Add") or id(last) in removed or last.output[0] in g.outputs:
@@ -310,7 +311,7 @@ def _relu6_scaled(g: _Graph, name: str, x: str) -> tuple[list[onnx.NodeProto], b
     """``name`` = clip(x+3, 0, 6) [optionally then /6]: (its nodes, whether the /6 is included)."""
     nodes: list[onnx.NodeProto] = []
     scaled = False
-    producer = {o: n for n in g.graph.node for o in n.output}
+    producer = g.producer
     node = producer.get(name)
     if node is not None and (src := _sixth_of(g, node)) is not None:
         if g.only_consumer(src) is not node:
