@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from edgeopt.onnx_io import weightless
 from edgeopt.profiles import Profile
 
 
@@ -38,7 +39,7 @@ def _tensor_elems(model: onnx.ModelProto) -> dict[str, int]:
 
 def peak_activation_elements(model: onnx.ModelProto) -> int:
     """Largest number of activation elements alive at once, at batch 1 (weights excluded)."""
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    model = onnx.shape_inference.infer_shapes(weightless(model), strict_mode=False)
     sizes = _tensor_elems(model)
     weights = {i.name for i in model.graph.initializer}
     last_use: dict[str, int] = {}

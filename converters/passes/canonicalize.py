@@ -24,7 +24,7 @@ from onnx import helper, numpy_helper
 from edgeopt.converters.passes import ConversionError, Pass, PassContext
 from edgeopt.converters.passes.fusions import fold_affine_into_conv, fold_conv_affine, fuse_hardswish
 from edgeopt.errors import UserInputError, closest
-from edgeopt.onnx_io import input_specs, opset_version, save_model
+from edgeopt.onnx_io import input_specs, opset_version, save_model, weightless
 from edgeopt.params import Param
 from edgeopt.runtime.onnxruntime import quiet_onnxruntime
 
@@ -377,7 +377,7 @@ def _difference(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) ->
 
 def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     """Value name → shape, for the values whose shape inference finds fully static."""
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    inferred = onnx.shape_inference.infer_shapes(weightless(model), strict_mode=False)
     shapes = {}
     for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         dims = vi.type.tensor_type.shape.dim
