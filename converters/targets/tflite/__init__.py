@@ -142,7 +142,8 @@ class TFLiteTarget(Target):
         model = static_model(model, ctx)
         self.check_supported(model)
         lowering = Lowering(model, keep_io_layout=self.config["keep_io_layout"],
-                            full_integer=quantize in ("int8", "int16x8"))
+                            full_integer=quantize in ("int8", "int16x8"),
+                            dynamic_recurrent_weights=quantize in ("none", "fp16"))
         try:
             data = lowering.run()
         except LoweringError as exc:

@@ -174,12 +174,16 @@ LAYOUT_TRANSPARENT = {"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "
 class Lowering:
     """Lowers one canonical ONNX graph (static shapes, float32) into a ``ModelBuilder``."""
 
-    def __init__(self, model: onnx.ModelProto, keep_io_layout: bool = False, full_integer: bool = False):
+    def __init__(self, model: onnx.ModelProto, keep_io_layout: bool = False, full_integer: bool = False,
+                 dynamic_recurrent_weights: bool = False):
         self.model = model
         self.facts = graph_facts(model)
         self.keep_io_layout = keep_io_layout
         # the float model will be quantized to full integer: prefer lowerings with integer kernels
         self.full_integer = full_integer
+        # recurrent weights as an operator's output, not a constant (ops_rnn._recurrent_weights): for
+        # modes that keep weights float (none, fp16), where XNNPACK would pack a copy per time step
+        self.dynamic_recurrent_weights = dynamic_recurrent_weights
         self.b = ModelBuilder()
         self.values: dict[str, Value] = {}
         self._views: dict[tuple[str, Perm | None], int] = {}

@@ -8,10 +8,11 @@ import numpy as np
 from edgeopt.converters.targets.tflite.lowering import Lowering, Node, lowers
 
 
-def fully_connected(ctx: Lowering, x: int, weights: np.ndarray, bias: np.ndarray | None, out: int | None,
+def fully_connected(ctx: Lowering, x: int, weights: np.ndarray | int, bias: np.ndarray | None, out: int | None,
                     hint: str, keep_num_dims: bool = False) -> int:
-    """FULLY_CONNECTED of tensor ``x`` (..., K) with constant ``weights`` (N, K) [+ bias (N,)]."""
-    n = weights.shape[0]
+    """FULLY_CONNECTED of tensor ``x`` (..., K) with constant ``weights`` (N, K) [+ bias (N,)], or a
+    weights tensor already made (an index)."""
+    n = ctx.b.shape(weights)[0] if isinstance(weights, int) else weights.shape[0]
     in_shape = ctx.b.shape(x)
     if out is None:
         shape = (*in_shape[:-1], n) if keep_num_dims else (int(np.prod(in_shape[:-1])), n)
@@ -19,7 +20,8 @@ def fully_connected(ctx: Lowering, x: int, weights: np.ndarray, bias: np.ndarray
     # no bias: the optional input is left out (-1) rather than a tensor of zeros, which a quantized
     # model would carry once per operator with its own scale
     bias_t = -1 if bias is None else ctx.const_tensor(np.asarray(bias, np.float32), hint + "/bias")
-    ctx.op("FULLY_CONNECTED", [x, ctx.const_tensor(weights.astype(np.float32), hint + "/weights"), bias_t], [out],
+    w = weights if isinstance(weights, int) else ctx.const_tensor(weights.astype(np.float32), hint + "/weights")
+    ctx.op("FULLY_CONNECTED", [x, w, bias_t], [out],
            "FullyConnectedOptions", fusedActivationFunction=0, weightsFormat=0, keepNumDims=keep_num_dims,
            asymmetricQuantizeInputs=False)
     return out

@@ -4,7 +4,8 @@ Why unrolled rather than UNIDIRECTIONAL_SEQUENCE_LSTM: TFLite's sequence LSTM ke
 variable tensors that persist across invocations, has no final cell-state output and no GRU
 counterpart, and its full-integer quantization needs extra calibrated intermediates. The unrolled
 graph (one FULLY_CONNECTED for the input projection of all time steps, then per step a
-FULLY_CONNECTED on the previous state, SPLIT, LOGISTIC / TANH, MUL, ADD) is stateless, exact to float
+FULLY_CONNECTED on the previous state -- its weights read through one RESHAPE in float modes, see
+``_recurrent_weights`` --, SPLIT, LOGISTIC / TANH, MUL, ADD) is stateless, exact to float
 rounding, supports initial states, peepholes, reverse and bidirectional directions, and quantizes
 like any other graph. Every operator in it is a builtin that TFLite Micro also has.
 """
@@ -151,14 +152,33 @@ def lower_lstm(ctx: Lowering, node: Node) -> None:
                                        for k in range(3)]  # i, o, f
         order = range(seq.steps) if direction == "forward" else range(seq.steps - 1, -1, -1)
         hs = [0] * seq.steps
+        r_d = _recurrent_weights(ctx, r[d], hint + "/r")
         for t in order:
-            h, c = _lstm_step(ctx, seq.per_step[t], h, c, r[d], peep, hidden, f"{hint}/t{t}")
+            h, c = _lstm_step(ctx, seq.per_step[t], h, c, r_d, peep, hidden, f"{hint}/t{t}")
             hs[t] = h
         results.append((hs, [h, c]))
     _emit_outputs(ctx, node, results)
 
 
-def _lstm_step(ctx: Lowering, x_t: int, h: int | None, c: int | None, r: np.ndarray, peep, hidden: int,
+def _recurrent_weights(ctx: Lowering, r: np.ndarray, hint: str) -> int:
+    """The recurrent weights every step's FULLY_CONNECTED reads: one constant tensor, passed through a
+    RESHAPE to its own shape when ``ctx.dynamic_recurrent_weights``.
+
+    XNNPACK packs the weights of each FULLY_CONNECTED it delegates separately, so one constant read by
+    T steps is held T + 1 times: the ddddocr CRNN (bidirectional LSTM, H=512, 32 steps) took 398 MiB
+    in LiteRT for a 52 MiB model. As the output of an operator the weights are not constant to
+    XNNPACK, which then runs those products without a packed copy each: 140 MiB, and 73 -> 59 ms per
+    call on AVX-512 (1 thread). Not for integer modes, which quantize weights only when constant."""
+    weights = ctx.const_tensor(r, hint)
+    if not ctx.dynamic_recurrent_weights:
+        return weights
+    out = ctx.tmp(hint + "/value", r.shape, "float32")
+    ctx.op("RESHAPE", [weights, ctx.const_tensor(np.array(r.shape, np.int32), hint + "/shape")], [out],
+           "ReshapeOptions", newShape=list(r.shape))
+    return out
+
+
+def _lstm_step(ctx: Lowering, x_t: int, h: int | None, c: int | None, r: int, peep, hidden: int,
                hint: str) -> tuple[int, int]:
     gates = x_t if h is None else ctx.binary("ADD", x_t, fully_connected(ctx, h, r, None, None, hint + "/h_proj"),
                                              hint + "/gates")
@@ -201,28 +221,30 @@ def lower_gru(ctx: Lowering, node: Node) -> None:
         rbh = rb[2 * hidden:]
         order = range(seq.steps) if direction == "forward" else range(seq.steps - 1, -1, -1)
         hs = [0] * seq.steps
+        r_zr, r_h = (_recurrent_weights(ctx, part, f"{hint}/{tag}")
+                     for part, tag in ((r[d, :2 * hidden], "r_zr"), (r[d, 2 * hidden:], "r_h")))
         for t in order:
-            h = _gru_step(ctx, seq.per_step[t], h, r[d], rbh, before_reset, hidden, f"{hint}/t{t}")
+            h = _gru_step(ctx, seq.per_step[t], h, r_zr, r_h, rbh, before_reset, hidden, f"{hint}/t{t}")
             hs[t] = h
         results.append((hs, [h]))
     _emit_outputs(ctx, node, results)
 
 
-def _gru_step(ctx: Lowering, x_t: int, h: int | None, r: np.ndarray, rbh: np.ndarray, before_reset: bool,
+def _gru_step(ctx: Lowering, x_t: int, h: int | None, r_zr: int, r_h: int, rbh: np.ndarray, before_reset: bool,
               hidden: int, hint: str) -> int:
     x_zr, x_h = _split(ctx, x_t, [2 * hidden, hidden], hint + "/x")
     zr_in = x_zr if h is None else ctx.binary(
-        "ADD", x_zr, fully_connected(ctx, h, r[:2 * hidden], None, None, hint + "/h_zr"), hint + "/zr_in")
+        "ADD", x_zr, fully_connected(ctx, h, r_zr, None, None, hint + "/h_zr"), hint + "/zr_in")
     z, reset = _split(ctx, ctx.unary("LOGISTIC", zr_in, hint + "/zr"), [hidden, hidden], hint + "/gate")
     if before_reset:
         recurrent = ctx.const_tensor(rbh[None], hint + "/rbh") if h is None else \
-            fully_connected(ctx, h, r[2 * hidden:], rbh, None, hint + "/h_h")
+            fully_connected(ctx, h, r_h, rbh, None, hint + "/h_h")
         candidate_in = ctx.binary("ADD", x_h, ctx.binary("MUL", reset, recurrent, hint + "/r_hh"), hint + "/hc_in")
     elif h is None:
         candidate_in = x_h
     else:
         reset_h = ctx.binary("MUL", reset, h, hint + "/r_h")
-        candidate_in = ctx.binary("ADD", x_h, fully_connected(ctx, reset_h, r[2 * hidden:], None, None,
+        candidate_in = ctx.binary("ADD", x_h, fully_connected(ctx, reset_h, r_h, None, None,
                                                               hint + "/rh_h"), hint + "/hc_in")
     candidate = ctx.unary("TANH", candidate_in, hint + "/h_cand")
     if h is None:  # h' = (1 - z) h~
