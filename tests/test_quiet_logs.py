@@ -38,6 +38,19 @@ def test_int4_under_q_prints_no_onnx_runtime_info_and_log_file_gets_it(tiny, tmp
     assert "INFO onnxruntime.quantization.matmul_nbits_quantizer: start to quantize" in log.read_text()
 
 
+def test_tflite_fp16_on_a_model_of_many_tensors_draws_no_progress_bar_under_q(tmp_path):
+    """litert-quantizer draws a tqdm bar on stderr from 100 tensors on, whatever it is asked."""
+    pytest.importorskip("litert_quantizer")
+    from onnx import numpy_helper
+
+    model = chain([8] * 121)  # 120 MatMuls: 240 tensors to transform
+    for init in model.graph.initializer:  # outputs stay finite through 120 layers
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 0.35, init.name))
+    path = save(model, tmp_path / "deep.onnx")
+    res = _edgeopt("convert", path, "-o", tmp_path / "out", "--target", "tflite", "--quantize", "fp16", "-q")
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+
+
 def test_tvm_native_and_python_warnings_stay_off_the_terminal_under_q(tiny, tmp_path):
     """Two real sources of TVM noise: LLVM's C++ warning for a CPU feature it does not know (written to
     fd 2 once per kernel) and the Relax ONNX front end's Python warning for a dotted input name."""

@@ -13,6 +13,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import re
 from typing import Any
 
@@ -180,8 +183,18 @@ def _litert_quantize(data: bytes, recipe: Any) -> bytes:
 
     qt = quantizer.Quantizer(bytearray(data))
     qt.load_quantization_recipe(recipe)
-    with np.errstate(divide="ignore", invalid="ignore"):  # zero int4 block scales: see fix_zero_block_scales
-        return bytes(qt.quantize(enable_progress_bar=False, enable_progress_report=False).quantized_model)
+    # litert-quantizer 0.11 does not hand enable_progress_bar on to its transformation step, which draws
+    # a tqdm bar on sys.stderr for models of 100 tensors or more (past -q and into the terminal): what
+    # it writes there goes to the log instead.
+    stderr = io.StringIO()
+    try:
+        with np.errstate(divide="ignore", invalid="ignore"), contextlib.redirect_stderr(stderr):
+            # (zero int4 block scales divide by zero: see fix_zero_block_scales)
+            return bytes(qt.quantize(enable_progress_bar=False, enable_progress_report=False).quantized_model)
+    finally:
+        for line in re.split(r"[\r\n]+", stderr.getvalue()):
+            if line.strip():
+                logging.getLogger("edgeopt.toolchain.tflite").debug(line.strip())
 
 
 def int4_recipe(data: bytes, block_size: int) -> Any:
