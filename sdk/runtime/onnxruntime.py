@@ -50,6 +50,8 @@ class OnnxRuntime(Runtime):
     formats: ClassVar[tuple[str, ...]] = ("onnx",)
     params: ClassVar[tuple[Param, ...]] = Runtime.params + (
         Param("optimization", str, "all", "graph optimization level", choices=("disable", "basic", "extended", "all")),
+        Param("memory_arena", bool, True, "keep freed activation memory for the next run (ONNX Runtime's CPU "
+              "arena); off, a run's activations are returned when it ends"),
     )
 
     def _load(self) -> None:
@@ -60,6 +62,7 @@ class OnnxRuntime(Runtime):
         so.log_severity_level = 3
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.inter_op_num_threads = 1
+        so.enable_cpu_mem_arena = self.config["memory_arena"]
         if self.config["threads"]:
             so.intra_op_num_threads = self.config["threads"]
         so.graph_optimization_level = {
