@@ -35,43 +35,96 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 PARITY_CHUNK_ELEMENTS = 1 << 20  # float64 temporaries per step: a few MB, whatever the output's size
 
 
-def _output_parity(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
+class _OutputParity:
     """Parity of one output, accumulated over chunks of samples: the float64 copies and differences
     of a whole detector output (64 samples of a 320x320 map) held ~12x its size at once (issue 15)."""
-    r2, g2 = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
-    width = r2.shape[1]
-    entry: dict[str, Any] = {"max_abs_err": None, "mean_abs_err": None, "cosine": None, "worst_sample_cosine": None,
-                             "output_scale": None, "finite": True, "nonfinite_samples": 0, "top1_agreement": None}
-    max_err = err_sum = dot = ref_sq = got_sq = scale = 0.0
-    worst, agree, used = 1.0, 0, 0
-    step = max(1, PARITY_CHUNK_ELEMENTS // max(width, 1))
-    for start in range(0, len(r2), step):
-        r, g = _as_float(r2[start:start + step]), _as_float(g2[start:start + step])
-        finite_g = np.isfinite(g)
-        entry["finite"] = entry["finite"] and bool(finite_g.all())
-        ok = np.isfinite(r).all(axis=1) & finite_g.all(axis=1)
-        entry["nonfinite_samples"] += int((~ok).sum())
-        if not ok.any() or width == 0:
-            continue
-        r, g = r[ok], g[ok]
-        diff = np.abs(r - g)
-        max_err, err_sum = max(max_err, float(diff.max())), err_sum + float(diff.sum())
-        dot += float(np.einsum("ij,ij->", r, g))
-        ref_sq, got_sq = ref_sq + float(np.einsum("ij,ij->", r, r)), got_sq + float(np.einsum("ij,ij->", g, g))
-        worst = min(worst, float(_cosine(r, g).min()))
-        scale = max(scale, float(np.abs(r).max()))
-        if classifier_shaped(ref.shape):
-            agree += int((r.argmax(1) == g.argmax(1)).sum())
-        used += len(r)
-    if not used:
+
+    def __init__(self, classifier: bool):
+        self.classifier = classifier
+        self.finite, self.nonfinite = True, 0
+        self.max_err = self.err_sum = self.dot = self.ref_sq = self.got_sq = self.scale = 0.0
+        self.worst, self.agree, self.used, self.width = 1.0, 0, 0, 0
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        """Samples along axis 0 of both, as many as given (chunked again to bound the temporaries)."""
+        r2, g2 = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
+        self.width = width = r2.shape[1]
+        step = max(1, PARITY_CHUNK_ELEMENTS // max(width, 1))
+        for start in range(0, len(r2), step):
+            r, g = _as_float(r2[start:start + step]), _as_float(g2[start:start + step])
+            finite_g = np.isfinite(g)
+            self.finite = self.finite and bool(finite_g.all())
+            ok = np.isfinite(r).all(axis=1) & finite_g.all(axis=1)
+            self.nonfinite += int((~ok).sum())
+            if not ok.any() or width == 0:
+                continue
+            r, g = r[ok], g[ok]
+            diff = np.abs(r - g)
+            self.max_err, self.err_sum = max(self.max_err, float(diff.max())), self.err_sum + float(diff.sum())
+            self.dot += float(np.einsum("ij,ij->", r, g))
+            self.ref_sq += float(np.einsum("ij,ij->", r, r))
+            self.got_sq += float(np.einsum("ij,ij->", g, g))
+            self.worst = min(self.worst, float(_cosine(r, g).min()))
+            self.scale = max(self.scale, float(np.abs(r).max()))
+            if self.classifier:
+                self.agree += int((r.argmax(1) == g.argmax(1)).sum())
+            self.used += len(r)
+
+    def result(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"max_abs_err": None, "mean_abs_err": None, "cosine": None,
+                                 "worst_sample_cosine": None, "output_scale": None, "finite": self.finite,
+                                 "nonfinite_samples": self.nonfinite, "top1_agreement": None}
+        if not self.used:
+            return entry
+        norms = np.sqrt(self.ref_sq) * np.sqrt(self.got_sq)
+        cosine = (1.0 if self.ref_sq == 0 and self.got_sq == 0 else
+                  float(np.clip(self.dot / norms, -1.0, 1.0)) if norms > 0 else 0.0)
+        entry.update(max_abs_err=self.max_err, mean_abs_err=self.err_sum / (self.used * self.width), cosine=cosine,
+                     worst_sample_cosine=self.worst, output_scale=self.scale)
+        if self.classifier:
+            entry["top1_agreement"] = self.agree / self.used
         return entry
-    norms = np.sqrt(ref_sq) * np.sqrt(got_sq)
-    cosine = 1.0 if ref_sq == 0 and got_sq == 0 else (float(np.clip(dot / norms, -1.0, 1.0)) if norms > 0 else 0.0)
-    entry.update(max_abs_err=max_err, mean_abs_err=err_sum / (used * width), cosine=cosine,
-                 worst_sample_cosine=worst, output_scale=scale)
-    if classifier_shaped(ref.shape):
-        entry["top1_agreement"] = agree / used
-    return entry
+
+
+class Parity:
+    """``parity`` fed a batch at a time: ``add`` each batch's outputs of both models (samples along
+    axis 0, one array per output, in ``names`` order), then ``result``. Nothing but the running sums
+    is kept, so validating holds one batch of outputs, not the whole validation set's."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+        self._outputs: dict[str, _OutputParity] = {}
+
+    def add(self, reference: Sequence[np.ndarray], converted: Sequence[np.ndarray]) -> None:
+        for name, ref, got in zip(self.names, reference, converted, strict=True):
+            r, g = np.asarray(ref), np.asarray(got)
+            if r.shape != g.shape:
+                raise ValueError(f"output '{name}': shape {list(g.shape)} differs from the original {list(r.shape)}")
+            if name not in self._outputs:
+                self._outputs[name] = _OutputParity(classifier_shaped(r.shape))
+            self._outputs[name].add(r, g)
+
+    def result(self) -> dict[str, Any]:
+        per_output = {name: self._outputs[name].result() if name in self._outputs else _OutputParity(False).result()
+                      for name in self.names}
+        entries = per_output.values()
+
+        def worst(key: str, pick) -> float | None:
+            values = [e[key] for e in entries if e[key] is not None]
+            return pick(values) if values else None
+
+        top1 = [e["top1_agreement"] for e in entries if e["top1_agreement"] is not None]
+        means = [e["mean_abs_err"] for e in entries if e["mean_abs_err"] is not None]
+        return {
+            "max_abs_err": worst("max_abs_err", max),
+            "mean_abs_err": float(np.mean(means)) if means else None,
+            "cosine": worst("cosine", min),
+            "worst_sample_cosine": worst("worst_sample_cosine", min),
+            "top1_agreement": top1[0] if top1 else None,
+            "finite": all(e["finite"] for e in entries),
+            "nonfinite_samples": max((e["nonfinite_samples"] for e in entries), default=0),
+            "outputs": per_output,
+        }
 
 
 def parity(reference: Sequence[np.ndarray], converted: Sequence[np.ndarray], names: Sequence[str]) -> dict[str, Any]:
@@ -81,30 +134,9 @@ def parity(reference: Sequence[np.ndarray], converted: Sequence[np.ndarray], nam
     one sample's; ``top1_agreement`` is reported for outputs shaped [N, C] with C >= 2 (classifier
     scores).
     """
-    per_output = {}
-    for name, ref, got in zip(names, reference, converted, strict=True):
-        r, g = np.asarray(ref), np.asarray(got)
-        if r.shape != g.shape:
-            raise ValueError(f"output '{name}': shape {list(g.shape)} differs from the original {list(r.shape)}")
-        per_output[name] = _output_parity(r, g)
-    entries = per_output.values()
-
-    def worst(key: str, pick) -> float | None:
-        values = [e[key] for e in entries if e[key] is not None]
-        return pick(values) if values else None
-
-    top1 = [e["top1_agreement"] for e in entries if e["top1_agreement"] is not None]
-    means = [e["mean_abs_err"] for e in entries if e["mean_abs_err"] is not None]
-    return {
-        "max_abs_err": worst("max_abs_err", max),
-        "mean_abs_err": float(np.mean(means)) if means else None,
-        "cosine": worst("cosine", min),
-        "worst_sample_cosine": worst("worst_sample_cosine", min),
-        "top1_agreement": top1[0] if top1 else None,
-        "finite": all(e["finite"] for e in entries),
-        "nonfinite_samples": max(e["nonfinite_samples"] for e in entries),
-        "outputs": per_output,
-    }
+    acc = Parity(names)
+    acc.add(reference, converted)
+    return acc.result()
 
 
 NO_ACCURACY = {"metric": None, "original": None, "converted": None, "drop": None}

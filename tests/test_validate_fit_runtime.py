@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from edgeopt.converters.fit import fit_check, peak_activation_elements
-from edgeopt.converters.validate import accuracy, parity
+from edgeopt.converters.validate import Parity, accuracy, parity
 from edgeopt.errors import UserInputError
 from edgeopt.profiles import load_profile, parse_size
 from edgeopt.runtime import from_model_dtype, run_batched, to_model_dtype
@@ -45,6 +45,26 @@ def test_parity_is_the_same_in_chunks_as_at_once(monkeypatch, shape):
     assert chunked["cosine"] == pytest.approx(float(r.ravel() @ g.ravel() / np.linalg.norm(r) / np.linalg.norm(g)))
     for key in ("max_abs_err", "mean_abs_err", "cosine", "worst_sample_cosine", "top1_agreement"):
         assert chunked[key] == pytest.approx(whole[key]), key
+
+
+def test_parity_fed_batch_by_batch_is_parity_at_once():
+    """``Parity`` takes a validation run's outputs a batch at a time (two outputs, uneven batches)."""
+    rng = np.random.default_rng(4)
+    refs = [rng.standard_normal((23, 5)).astype(np.float32), rng.standard_normal((23, 2, 7)).astype(np.float32)]
+    gots = [r + rng.normal(0, 0.1, r.shape).astype(np.float32) for r in refs]
+    gots[1][7] = np.inf
+    whole = parity(refs, gots, ["scores", "boxes"])
+    acc = Parity(["scores", "boxes"])
+    for start, stop in ((0, 3), (3, 4), (4, 23)):
+        acc.add([r[start:stop] for r in refs], [g[start:stop] for g in gots])
+    batched = acc.result()
+    assert batched["outputs"].keys() == whole["outputs"].keys() and batched["nonfinite_samples"] == 1
+    for key in ("max_abs_err", "mean_abs_err", "cosine", "worst_sample_cosine", "top1_agreement", "finite"):
+        assert batched[key] == pytest.approx(whole[key]), key
+        for name in ("scores", "boxes"):
+            assert batched["outputs"][name][key] == pytest.approx(whole["outputs"][name][key]), (name, key)
+    with pytest.raises(ValueError, match="output 'boxes': shape"):
+        acc.add([refs[0][:1], refs[1][:1]], [gots[0][:1], gots[1][:1, :1]])
 
 
 def test_accuracy_top1_and_mae():
