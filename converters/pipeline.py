@@ -44,7 +44,7 @@ from edgeopt.converters.streaming import (
     state_pairs,
 )
 from edgeopt.converters.targets import Target, get_target
-from edgeopt.converters.validate import accuracy, classifier_shaped, parity
+from edgeopt.converters.validate import Parity, accuracy, classifier_shaped, parity
 from edgeopt.data import Dataset, generate_inputs, load_dataset
 from edgeopt.errors import CheckFailed, UserInputError
 from edgeopt.fsutil import atomic_write_json, sha256_file, staged_directory, tree_size
@@ -569,10 +569,10 @@ def _one_call(inputs: list[TensorSpec], data: dict[str, np.ndarray], batch: int)
 def _validate(source: _SourceRunner, converted_rt: Runtime, data: Dataset, golden_count: int, layout: _Layout,
               pairs: list[tuple[str, str]] | None = None):
     batch = validation_batch(data.inputs)
-    ref = source.run_all(data.inputs, batch)
     outputs = _pair_outputs(source.rt.outputs, converted_rt.outputs)
     k = min(golden_count, len(data))
     if pairs:
+        ref = source.run_all(data.inputs, batch)
         converted_inputs = layout.to_model(data.inputs)
         # Golden vectors (below) feed each sample with the state the original carried to it, so their
         # expected outputs are the first k samples run one by one; parity is measured as a device runs
@@ -584,32 +584,48 @@ def _validate(source: _SourceRunner, converted_rt: Runtime, data: Dataset, golde
         converted_pairs = [(i, dict(outputs)[o]) for i, o in pairs]
         got = layout.to_source(run_sequence(lambda f: run_batched(converted_rt, f, 1), converted_rt.inputs, stream,
                                             converted_pairs)[0])
+        par = parity([ref[s] for s, _ in outputs], [got[c] for _, c in outputs], [c for _, c in outputs])
+        first = ref[outputs[0][0]], got[outputs[0][1]]
+        golden_ref = {s: ref[s][:k] for s, _ in outputs}
     else:
-        got = _run_converted(converted_rt, layout, data.inputs, batch)
-        expected = {c: got[c][:k] for _, c in outputs}
-    ref_list = [ref[s] for s, _ in outputs]
-    got_list = [got[c] for _, c in outputs]
-    par = parity(ref_list, got_list, [c for _, c in outputs])
-    acc = accuracy(data.labels, ref_list[0], got_list[0], data.task)
+        par, first, golden_ref, expected = _stream_parity(source, converted_rt, data, k, layout, outputs, batch)
+    acc = accuracy(data.labels, *first, data.task)
     # Golden vectors are what a device feeds the converted model and compares its outputs with, in the
     # converted model's layout and keyed by its output names: the original model's outputs, and the
     # converted model's own outputs for the same inputs ("expected"), which let a device check the
     # artifact tightly whatever the compression changed.
     golden = (layout.to_model({n: a[:k] for n, a in data.inputs.items()}),
-              layout.to_model({c: ref[s][:k] for s, c in outputs}),
+              layout.to_model({c: golden_ref[s] for s, c in outputs}),
               layout.to_model(expected))
     return par, acc, golden
 
 
-def _run_converted(runtime: Runtime, layout: _Layout, inputs: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
-    """The converted model's outputs (source layout) on ``inputs``, a call's worth of samples moved to
-    the model's layout at a time: a whole transposed copy of the validation inputs cost 78 MB on a
-    320x320 detector's 64 samples (issue 15)."""
-    n = len(next(iter(inputs.values())))
-    parts = [layout.to_source(run_batched(runtime, layout.to_model({k: v[i:i + batch] for k, v in inputs.items()}),
-                                          batch))
-             for i in range(0, n, batch)]
-    return {k: parts[0][k] if len(parts) == 1 else np.concatenate([p[k] for p in parts]) for k in parts[0]}
+def _stream_parity(source: _SourceRunner, converted_rt: Runtime, data: Dataset, k: int, layout: _Layout,
+                   outputs: list[tuple[str, str]], batch: int):
+    """Both models on the validation samples one call's worth at a time, parity accumulated as they
+    go: only a call's outputs are alive (plus the first output of each model when there are labels to
+    score, and the first ``k`` samples' outputs for the golden vectors). Holding every output of both
+    models cost two detector maps per sample (issue 15)."""
+    acc = Parity([c for _, c in outputs])
+    firsts: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    golden_ref: dict[str, list[np.ndarray]] = {s: [] for s, _ in outputs}
+    expected: dict[str, list[np.ndarray]] = {c: [] for _, c in outputs}
+    n = len(data)
+    for start in range(0, n, batch):
+        part = {name: arr[start:start + batch] for name, arr in data.inputs.items()}
+        ref = source.run_all(part, batch)
+        got = layout.to_source(run_batched(converted_rt, layout.to_model(part), batch))
+        acc.add([ref[s] for s, _ in outputs], [got[c] for _, c in outputs])
+        if data.labels is not None:
+            firsts[0].append(ref[outputs[0][0]])
+            firsts[1].append(got[outputs[0][1]])
+        if start == 0 or start < k:  # (k = 0: empty arrays of the right shape)
+            for s, c in outputs:
+                golden_ref[s].append(ref[s][:k - start])
+                expected[c].append(got[c][:k - start])
+    first = tuple(np.concatenate(parts) if parts else None for parts in firsts)
+    return (acc.result(), first, {s: np.concatenate(v) for s, v in golden_ref.items()},
+            {c: np.concatenate(v) for c, v in expected.items()})
 
 
 PARITY_KEYS = ("max_abs_err", "mean_abs_err", "cosine", "worst_sample_cosine", "top1_agreement", "finite",
