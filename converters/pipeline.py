@@ -48,6 +48,7 @@ from edgeopt.converters.validate import Parity, accuracy, classifier_shaped, par
 from edgeopt.data import Dataset, generate_inputs, load_dataset
 from edgeopt.errors import CheckFailed, UserInputError
 from edgeopt.fsutil import atomic_write_json, sha256_file, staged_directory, tree_size
+from edgeopt.memory import release_free_memory
 from edgeopt.onnx_io import (
     count_macs,
     count_params,
@@ -64,7 +65,13 @@ from edgeopt.runtime.onnxruntime import OnnxRuntime
 from edgeopt.specs import TensorSpec
 
 VALIDATION_BATCH = 32
-VALIDATION_CALL_ELEMENTS = 2**20  # input elements per validation call: a 416x416 image gets 2 per call
+# Generated validation inputs (no data given) stop at this many input elements, at least
+# GENERATED_MIN_SAMPLES samples: random images say little about a model beyond its numerics, and 64 of
+# a 416x416 detector's held 133 MB for the whole conversion (8 do: 16 MB). --validation-samples N sets N.
+GENERATED_ELEMENTS = 2**22
+GENERATED_MIN_SAMPLES = 8
+VALIDATION_CALL_ELEMENTS = 2**18  # input elements per validation call: one 224x224 image, five 48x320 text lines
+# (each call's activations are alive in both runtimes at once: 3 images of 320x320 held 80 MB more)
 
 
 def validation_batch(data: dict[str, np.ndarray]) -> int:
@@ -98,7 +105,7 @@ class ConvertOptions:
     preprocessing: dict[str, Any] = field(default_factory=dict)  # window/hop/layout/... (see preprocessing.py)
     threads: int = 1
     golden_count: int = 8
-    generated_samples: int = 64
+    generated_samples: int = 64  # at most; fewer for big inputs (GENERATED_ELEMENTS)
     validation_samples: int | None = None  # --validation-samples: validate on at most this many samples
     seed: int = 0  # random validation inputs, and the distillation split / shuffling
     # compression, run in this order between canonicalisation and the target
@@ -188,6 +195,7 @@ class _Steps:
         yield row
         row["seconds"] = round(time.perf_counter() - t0, 3)
         self.rows.append(row)
+        release_free_memory()  # what the step freed, before the next one allocates (edgeopt.memory)
 
 
 def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> ConvertResult:
@@ -415,7 +423,8 @@ def _validation_set(opts: ConvertOptions, specs: list[TensorSpec], outputs: list
     elif calibration is not None:
         data, source = calibration, f"{opts.calibration} (the calibration data: no --validation given)"
     else:
-        count = n or opts.generated_samples
+        per_sample = sum(int(np.prod([int(d) for d in s.sample_shape()])) for s in specs) or 1
+        count = n or max(GENERATED_MIN_SAMPLES, min(opts.generated_samples, GENERATED_ELEMENTS // per_sample))
         return (generate_inputs(specs, count, opts.seed),
                 f"{count} generated random inputs (no --validation or --calibration given)")
     if n is not None and n < len(data):
