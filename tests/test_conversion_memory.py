@@ -7,6 +7,7 @@ so earlier tests' allocations do not count. Bounds are in MiB, never in seconds.
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeopt.converters.pipeline import ConvertOptions, _validation_set
 from edgeopt.data import generate_inputs
+from edgeopt.memory import release_free_memory
 from edgeopt.onnx_io import SKELETON_KEEP_ELEMENTS, count_macs, static_shapes, weightless
 from edgeopt.specs import TensorSpec
 
@@ -105,3 +108,18 @@ def test_generated_inputs_are_the_seeded_normal_draw():
     assert data.inputs["x"].dtype == np.float32
     expected = np.random.default_rng(5).standard_normal((300, 3, 40, 40)).astype(np.float32)
     assert np.array_equal(data.inputs["x"], expected)
+
+
+@pytest.mark.parametrize("sample, given, expected", [((3, 320, 320), None, 13), ((3, 416, 416), None, 8),
+                                                     ((64,), None, 64), ((3, 416, 416), 20, 20)])
+def test_generated_validation_inputs_shrink_for_big_inputs(tmp_path, sample, given, expected):
+    """Without data, 64 random samples at most, fewer for big inputs (2^22 elements, at least 8);
+    --validation-samples N still gives exactly N."""
+    opts = ConvertOptions(model=tmp_path / "m.onnx", output=tmp_path / "out", validation_samples=given)
+    data, source = _validation_set(opts, [TensorSpec("x", (None, *sample), "float32")], [], None, [])
+    assert len(data) == expected and source.startswith(f"{expected} generated random inputs")
+
+
+def test_release_free_memory_returns_heap_pages():
+    """glibc keeps freed heap memory; malloc_trim gives it back (no-op where the C library lacks it)."""
+    assert release_free_memory() == (platform.libc_ver()[0] == "glibc")
