@@ -73,6 +73,7 @@ OPTIONAL_MODULES = {
     "litert_quantizer": ("litert-quantizer", "tflite"), "coremltools": ("coremltools", "coreml"),
     "tvm": ("apache-tvm", "tvm"), "torch": ("torch", "train"), "torch_pruning": ("torch-pruning", "train"),
     "amqtt": ("amqtt", "fleet"), "psycopg": ("psycopg", "fleet"), "serial": ("pyserial", "serial"),
+    "matplotlib": ("matplotlib", "plot"),
 }
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -24,7 +25,7 @@ from edgeopt.params import Param, in_range
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
-class _CalibrationReader:
+class CalibrationReader:
     """Feeds calibration samples to ORT one at a time, ticking a progress bar."""
 
     def __init__(self, samples: list[dict[str, np.ndarray]], tick):
@@ -56,10 +57,11 @@ class QuantizeInt8Static(Pass):
               check=lambda v: None if v >= 1 else "must be >= 1"),
         Param("min_calibration_samples", int, 16, "refuse calibration sets smaller than this",
               check=lambda v: None if v >= 1 else "must be >= 1"),
+        Param("keep_float", str, None, "comma-separated node names left in float (`edgeopt analyze` ranks "
+              "the candidates)"),
     )
 
     def _apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         if ctx.calibration is None:
@@ -73,20 +75,37 @@ class QuantizeInt8Static(Pass):
         src, pre, out = (ctx.workdir / f"int8-{s}.onnx" for s in ("src", "pre", "out"))
         onnx.save_model(model, str(src))
         quant_pre_process(str(src), str(pre))
+        keep = [n.strip() for n in (self.config["keep_float"] or "").split(",") if n.strip()]
+        if unknown := sorted(set(keep) - {n.name for n in onnx.load(str(pre), load_external_data=False).graph.node}):
+            raise UserInputError(f"--keep-float: no node named {', '.join(map(repr, unknown))} in the model "
+                                 f"(`edgeopt inspect` lists the node names)")
+        with ctx.progress("calibrating", len(data)) as tick:
+            self.quantize(pre, out, CalibrationReader(list(data.samples()), tick), nodes_to_exclude=keep)
+        ctx.details[self.name] = {"calibration_samples": len(data), "calibration_source": data.source,
+                                  "kept_float": keep}
+        return onnx.load(str(out))
+
+    def quantize(self, pre: Path, out: Path, reader: Any | None, *, nodes_to_quantize: list[str] | None = None,
+                 nodes_to_exclude: list[str] | None = None, calibration_cache: Path | None = None) -> None:
+        """ONNX Runtime's ``quantize_static`` of the pre-processed model ``pre`` into ``out`` with this
+        pass's settings. Given ``calibration_cache``, the activation ranges are written there by the
+        first call (``reader`` given) and read back by later ones (``reader`` None): one calibration for
+        many quantizations of the same model (``edgeopt.converters.analyze``)."""
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
         method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                   "percentile": CalibrationMethod.Percentile}[self.config["calibration_method"]]
         extra: dict[str, Any] = {"CalibMovingAverage": False}
         if method == CalibrationMethod.Percentile:
             extra["CalibPercentile"] = self.config["percentile"]
-        with ctx.progress("calibrating", len(data)) as tick:
-            quantize_static(
-                str(pre), str(out), _CalibrationReader(list(data.samples()), tick),
-                quant_format=QuantFormat.QDQ, per_channel=self.config["per_channel"],
-                activation_type=QuantType.QInt8 if self.config["activation_type"] == "int8" else QuantType.QUInt8,
-                weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra,
-            )
-        ctx.details[self.name] = {"calibration_samples": len(data), "calibration_source": data.source}
-        return onnx.load(str(out))
+        quantize_static(
+            str(pre), str(out), reader,
+            quant_format=QuantFormat.QDQ, per_channel=self.config["per_channel"],
+            activation_type=QuantType.QInt8 if self.config["activation_type"] == "int8" else QuantType.QUInt8,
+            weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra,
+            nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=nodes_to_exclude,
+            calibration_cache_path=None if calibration_cache is None else str(calibration_cache),
+        )
 
 
 class QuantizeInt8Dynamic(Pass):

@@ -25,6 +25,7 @@ from edgeopt.errors import EdgeoptError, missing_dependency
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("edgeopt.cli.convert:convert_cmd", "Compress, compile and validate an ONNX model into an artifact."),
     "inspect": ("edgeopt.cli.inspect:inspect_cmd", "Ops, parameters, size and target support of an ONNX model."),
+    "analyze": ("edgeopt.cli.analyze:analyze_cmd", "Rank a model's nodes by what INT8 quantization of each costs."),
     "bench": ("edgeopt.cli.bench:bench_cmd", "Latency and throughput of an artifact or model over a batch sweep."),
     "profiles": ("edgeopt.cli.profiles:profiles_cmd", "List and show hardware profiles."),
     "keys": ("edgeopt.cli.keys:keys_cmd", "Create and rotate the signing keys of a fleet repository."),

@@ -122,6 +122,9 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
               help="Calibration data: .npz (an array per input name), .npy or sensor .csv.")
 @_CAL.click_option("--calibration-method", default=None, show_default=False,
                    help=f"{_CAL.help}, with --quantize int8 (default: {_CAL.default}; tflite: minmax only).")
+@click.option("--keep-float", metavar="NODE[,NODE]", multiple=True,
+              help="With --quantize int8 (targets onnx, tvm): leave these nodes in float (repeatable; "
+                   "`edgeopt analyze` ranks the nodes by how much their quantization costs).")
 @_BLOCK.click_option("--int4-block-size", type=int, default=None, show_default=False,
                      help=f"{_BLOCK.help}, with --quantize int4 (default: {_BLOCK.default}; tflite: 32 and up).")
 @click.option("--fp16-io", is_flag=True, help="With --quantize fp16 (target onnx): make inputs/outputs float16 too "
@@ -193,7 +196,7 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
 @click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False),
               help="Append the toolchains' log lines (INFO and up, their native output included) to this file.")
 @target_options
-def convert_cmd(model: Path, output: Path, target, profile, quantize, calibration, calibration_method,
+def convert_cmd(model: Path, output: Path, target, profile, quantize, calibration, calibration_method, keep_float,
                 int4_block_size, fp16_io, validation, validation_samples, max_accuracy_drop, min_cosine, min_top1_agreement,
                 prune_sparsity, prune_channels, prune_layers, distill, epochs, student, seed, input_shapes, input_values,
                 batch_axes, state, no_simplify, preprocessing_file, hop, layout, channels, sample_rate, normalize, name, model_version,
@@ -227,7 +230,8 @@ def convert_cmd(model: Path, output: Path, target, profile, quantize, calibratio
         student=student, preprocessing=preprocessing, other_inputs=(preprocessing_file,) if preprocessing_file else (),
         target_params=_chosen_target_params(target, target_settings),
         pass_params=_given_pass_params({
-            "quantize-int8": {"calibration_method": calibration_method},
+            "quantize-int8": {"calibration_method": calibration_method,
+                              "keep_float": ",".join(keep_float) if keep_float else None},
             "quantize-int4": {"block_size": int4_block_size},
             "quantize-fp16": {"keep_io_types": False if fp16_io else None},
             "canonicalize": {"simplify": False if no_simplify else None},

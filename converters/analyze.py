@@ -1,0 +1,124 @@
+"""Per-layer INT8 sensitivity for ``edgeopt analyze``: which nodes cost the most when quantized.
+
+For the ONNX Runtime QDQ quantization that ``--target onnx`` (and ``tvm``) ship: the model is
+canonicalised as ``edgeopt convert`` does, activation ranges are calibrated **once** (ONNX Runtime's
+calibration cache), then
+
+- the whole model is quantized (the all-INT8 baseline), and
+- every quantizable node is quantized **alone** (``nodes_to_quantize``, the ranges read back from the
+  cache) and the model run on the validation inputs: its *sensitivity* is what that costs end to
+  end, ``1 - cosine`` of the outputs against the float model's (the worst output), with the top-1
+  agreement where the first output is classifier-shaped.
+
+The ranking is what ``--keep-float`` (convert) needs: the nodes worth leaving in float, most costly
+first. One quantization and one ONNX Runtime session per node: a few tenths of a second each on a
+small CNN, minutes on a detector with hundreds of nodes (``--top`` narrows the candidates to the
+nodes with weights first).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from edgeopt.converters.passes import PassContext, ProgressFactory, get_pass, no_progress
+from edgeopt.converters.passes.quantize import CalibrationReader, QuantizeInt8Static
+from edgeopt.converters.targets.onnx import OnnxTarget
+from edgeopt.converters.validate import Parity
+from edgeopt.data import load_dataset
+from edgeopt.errors import UserInputError
+from edgeopt.onnx_io import input_specs, load_model, output_specs, save_model
+from edgeopt.profiles import Profile
+from edgeopt.runtime import run_batched
+from edgeopt.runtime.onnxruntime import OnnxRuntime
+
+WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+VALIDATION_BATCH = 8
+
+
+@dataclass
+class AnalyzeOptions:
+    model: Path
+    calibration: Path
+    validation: Path | None = None  # default: the calibration data
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    input_values: dict[str, str] = field(default_factory=dict)
+    profile: Profile | None = None  # the board decides u8/s8 activations, as for convert
+    validation_samples: int = 64
+    weights_only: bool = False  # only nodes with weights (Conv, ConvTranspose, MatMul, Gemm)
+
+
+def analyze(opts: AnalyzeOptions, progress: ProgressFactory = no_progress) -> dict[str, Any]:
+    """``{"model", "quantize", "validation", "float_vs_int8", "layers": [...]}``, layers most sensitive first."""
+    source = load_model(opts.model)
+    with tempfile.TemporaryDirectory(prefix="edgeopt-analyze-") as tmp:
+        work = Path(tmp)
+        ctx = PassContext(workdir=work)
+        canonical = get_pass("canonicalize")(input_shapes=opts.input_shapes or None,
+                                             input_values=opts.input_values or None,
+                                             min_opset=QuantizeInt8Static.min_opset).apply(source, ctx)
+        specs, outputs = input_specs(canonical), output_specs(canonical)
+        calibration = load_dataset(opts.calibration, specs, outputs=outputs)
+        validation = (load_dataset(opts.validation, specs, outputs=outputs) if opts.validation else calibration)
+        validation = validation.take(opts.validation_samples)
+        settings = OnnxTarget(profile=opts.profile).pass_settings("quantize-int8")
+        quantizer = QuantizeInt8Static(**settings)
+        data = calibration.take(quantizer.config["max_calibration_samples"])
+        if len(data) < quantizer.config["min_calibration_samples"]:
+            raise UserInputError(f"calibration set {data.source} has {len(data)} samples; int8 calibration needs at "
+                                 f"least {quantizer.config['min_calibration_samples']}")
+
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        src, pre, cache = work / "float.onnx", work / "pre.onnx", work / "ranges.json"
+        save_model(canonical, src)
+        quant_pre_process(str(src), str(pre))
+        float_rt = OnnxRuntime(pre, threads=1)
+        reference = run_batched(float_rt, validation.inputs, VALIDATION_BATCH)
+        names = [o.name for o in float_rt.outputs]
+
+        def score(path: Path) -> dict[str, Any]:
+            got = run_batched(OnnxRuntime(path, threads=1, memory_arena=False), validation.inputs, VALIDATION_BATCH)
+            acc = Parity(names)
+            acc.add([reference[n] for n in names], [got[n] for n in names])
+            par = acc.result()
+            return {"cosine": par["cosine"], "max_abs_err": par["max_abs_err"],
+                    "top1_agreement": par["top1_agreement"]}
+
+        whole = work / "int8.onnx"
+        with progress("calibrating", len(data)) as tick:
+            quantizer.quantize(pre, whole, CalibrationReader(list(data.samples()), tick), calibration_cache=cache)
+        baseline = score(whole)
+        quantized = onnx.load(str(whole), load_external_data=False)
+        candidates = _candidates(onnx.load(str(pre), load_external_data=False), quantized, opts.weights_only)
+        layers = []
+        with progress("quantizing one node at a time", len(candidates)) as tick:
+            for i, node in enumerate(candidates):
+                alone = work / f"node-{i}.onnx"
+                quantizer.quantize(pre, alone, None, nodes_to_quantize=[node.name], calibration_cache=cache)
+                facts = score(alone)
+                alone.unlink()
+                cos = facts["cosine"]
+                layers.append({"node": node.name, "op": node.op_type,
+                               "sensitivity": None if cos is None else max(0.0, 1.0 - cos), **facts})
+                tick(1)
+    layers.sort(key=lambda r: -1.0 if r["sensitivity"] is None else r["sensitivity"], reverse=True)
+    return {"model": str(opts.model), "quantize": "int8", "activation_type": settings.get("activation_type"),
+            "validation": {"source": validation.source, "samples": len(validation)},
+            "calibration": {"source": data.source, "samples": len(data)},
+            "float_vs_int8": baseline, "layers": layers}
+
+
+def _candidates(pre: onnx.ModelProto, quantized: onnx.ModelProto, weights_only: bool) -> list[onnx.NodeProto]:
+    """The nodes of the float model that the all-INT8 model runs on quantized inputs (a
+    DequantizeLinear feeds them), in graph order."""
+    producers = {o: n for n in quantized.graph.node for o in n.output}
+    fed = {n.name for n in quantized.graph.node
+           if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+           and any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input)}
+    return [n for n in pre.graph.node if n.name and n.name in fed and (not weights_only or n.op_type in WEIGHT_OPS)]
+

@@ -1,0 +1,78 @@
+"""`edgeopt analyze` (issue 17 point 1, ONNX Runtime QDQ) and `convert --keep-float`: the ranking
+is real — keeping its top node in float recovers what the all-INT8 model lost — on the trained
+digits CNN, with ONNX Runtime's real quantizer and runtime."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def analysis(digits_models, tmp_path_factory):
+    png = tmp_path_factory.mktemp("analyze") / "sensitivity.png"
+    res = run_cli("analyze", digits_models["cnn"], "--calibration", digits_models["calibration"],
+                  "--validation", digits_models["validation"], "--validation-samples", "48", "--json",
+                  "--plot", png)
+    assert res.code == 0, res.err
+    return json.loads(res.out), png
+
+
+def test_every_quantized_node_is_ranked_most_sensitive_first(analysis, digits_models):
+    result, _ = analysis
+    layers = result["layers"]
+    sensitivities = [row["sensitivity"] for row in layers]
+    assert sensitivities == sorted(sensitivities, reverse=True)
+    names = {n.name for n in onnx.load(str(digits_models["cnn"])).graph.node}
+    ops = {row["op"] for row in layers}
+    assert {"Conv", "Gemm"} <= ops and all(row["node"] in names for row in layers)
+    assert all(row.keys() >= {"node", "op", "sensitivity", "cosine", "max_abs_err", "top1_agreement"}
+               for row in layers)
+    assert result["validation"]["samples"] == 48 and result["calibration"]["samples"] > 0
+    base = result["float_vs_int8"]["cosine"]
+    # each node alone costs at most about what all of them together cost
+    assert 0.9 < base < 1.0 and layers[0]["cosine"] >= base - 1e-4
+    assert layers[0]["sensitivity"] > 10 * layers[-1]["sensitivity"]
+
+
+def test_keeping_the_top_node_float_recovers_the_int8_loss(analysis, digits_models, tmp_path):
+    """The most sensitive node, kept in float by --keep-float, lifts the cosine of the INT8 model more
+    than keeping the least sensitive one does."""
+    result, _ = analysis
+    first, last = result["layers"][0]["node"], result["layers"][-1]["node"]
+    cosines = {}
+    for node in (first, last):
+        res = run_cli("convert", digits_models["cnn"], "-o", tmp_path / node.strip("/").replace("/", "_"),
+                      "--target", "onnx", "--quantize", "int8", "--calibration", digits_models["calibration"],
+                      "--validation", digits_models["validation"], "--keep-float", node, "--json", "-q")
+        assert res.code == 0, res.err
+        report = json.loads(res.out)
+        assert report["pass_details"]["quantize-int8"]["kept_float"] == [node]
+        cosines[node] = report["parity"]["cosine"]
+    assert cosines[first] > cosines[last]
+    assert cosines[first] > result["float_vs_int8"]["cosine"]
+
+
+def test_the_chart_is_a_png(analysis):
+    _, png = analysis
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_keep_float_node_and_a_target_that_cannot_keep_one_are_refused(digits_models, tmp_path):
+    common = ("--quantize", "int8", "--calibration", digits_models["calibration"], "-q")
+    res = run_cli("convert", digits_models["cnn"], "-o", tmp_path / "a", "--target", "onnx", *common,
+                  "--keep-float", "no/such/node")
+    assert res.code == 2 and "--keep-float: no node named 'no/such/node'" in res.err
+    assert not (tmp_path / "a").exists()
+    res = run_cli("convert", digits_models["cnn"], "-o", tmp_path / "b", "--target", "tflite", *common,
+                  "--keep-float", "/0/Conv")
+    assert res.code == 2 and "'keep_float': target 'tflite' does not use it" in res.err
+
+
+def test_analyze_needs_calibration_data(digits_models, tmp_path):
+    res = run_cli("analyze", digits_models["cnn"], "--calibration", tmp_path / "missing.npz")
+    assert res.code == 2 and f"not found: {tmp_path / 'missing.npz'}" in res.err
