@@ -12,8 +12,9 @@ calibration cache), then
 
 The ranking is what ``--keep-float`` (convert) needs: the nodes worth leaving in float, most costly
 first. One quantization and one ONNX Runtime session per node: a few tenths of a second each on a
-small CNN, minutes on a detector with hundreds of nodes (``--top`` narrows the candidates to the
-nodes with weights first).
+small CNN, minutes on a detector with hundreds of nodes (``--weights-only`` keeps to the nodes with
+weights). The pieces are in ``passes/mixed_precision.py``, which the ``quantize-int8`` pass uses to
+keep nodes float when ``--min-cosine`` asks for it.
 """
 
 from __future__ import annotations
@@ -26,18 +27,13 @@ from typing import Any
 import onnx
 
 from edgeopt.converters.passes import PassContext, ProgressFactory, get_pass, no_progress
+from edgeopt.converters.passes.mixed_precision import Scorer, quantized_nodes, sensitivities
 from edgeopt.converters.passes.quantize import CalibrationReader, QuantizeInt8Static
 from edgeopt.converters.targets.onnx import OnnxTarget
-from edgeopt.converters.validate import Parity
 from edgeopt.data import load_dataset
 from edgeopt.errors import UserInputError
 from edgeopt.onnx_io import input_specs, load_model, output_specs, save_model
 from edgeopt.profiles import Profile
-from edgeopt.runtime import run_batched
-from edgeopt.runtime.onnxruntime import OnnxRuntime
-
-WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-VALIDATION_BATCH = 8
 
 
 @dataclass
@@ -57,10 +53,9 @@ def analyze(opts: AnalyzeOptions, progress: ProgressFactory = no_progress) -> di
     source = load_model(opts.model)
     with tempfile.TemporaryDirectory(prefix="edgeopt-analyze-") as tmp:
         work = Path(tmp)
-        ctx = PassContext(workdir=work)
         canonical = get_pass("canonicalize")(input_shapes=opts.input_shapes or None,
                                              input_values=opts.input_values or None,
-                                             min_opset=QuantizeInt8Static.min_opset).apply(source, ctx)
+                                             min_opset=QuantizeInt8Static.min_opset).apply(source, PassContext(work))
         specs, outputs = input_specs(canonical), output_specs(canonical)
         calibration = load_dataset(opts.calibration, specs, outputs=outputs)
         validation = (load_dataset(opts.validation, specs, outputs=outputs) if opts.validation else calibration)
@@ -74,51 +69,20 @@ def analyze(opts: AnalyzeOptions, progress: ProgressFactory = no_progress) -> di
 
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        src, pre, cache = work / "float.onnx", work / "pre.onnx", work / "ranges.json"
+        src, pre, cache, whole = work / "float.onnx", work / "pre.onnx", work / "ranges.json", work / "int8.onnx"
         save_model(canonical, src)
         quant_pre_process(str(src), str(pre))
-        float_rt = OnnxRuntime(pre, threads=1)
-        reference = run_batched(float_rt, validation.inputs, VALIDATION_BATCH)
-        names = [o.name for o in float_rt.outputs]
-
-        def score(path: Path) -> dict[str, Any]:
-            got = run_batched(OnnxRuntime(path, threads=1, memory_arena=False), validation.inputs, VALIDATION_BATCH)
-            acc = Parity(names)
-            acc.add([reference[n] for n in names], [got[n] for n in names])
-            par = acc.result()
-            return {"cosine": par["cosine"], "max_abs_err": par["max_abs_err"],
-                    "top1_agreement": par["top1_agreement"]}
-
-        whole = work / "int8.onnx"
         with progress("calibrating", len(data)) as tick:
             quantizer.quantize(pre, whole, CalibrationReader(list(data.samples()), tick), calibration_cache=cache)
+        score = Scorer(pre, validation.inputs)
         baseline = score(whole)
-        quantized = onnx.load(str(whole), load_external_data=False)
-        candidates = _candidates(onnx.load(str(pre), load_external_data=False), quantized, opts.weights_only)
-        layers = []
-        with progress("quantizing one node at a time", len(candidates)) as tick:
-            for i, node in enumerate(candidates):
-                alone = work / f"node-{i}.onnx"
-                quantizer.quantize(pre, alone, None, nodes_to_quantize=[node.name], calibration_cache=cache)
-                facts = score(alone)
-                alone.unlink()
-                cos = facts["cosine"]
-                layers.append({"node": node.name, "op": node.op_type,
-                               "sensitivity": None if cos is None else max(0.0, 1.0 - cos), **facts})
-                tick(1)
-    layers.sort(key=lambda r: -1.0 if r["sensitivity"] is None else r["sensitivity"], reverse=True)
+        nodes = quantized_nodes(onnx.load(str(pre), load_external_data=False),
+                                onnx.load(str(whole), load_external_data=False), opts.weights_only)
+        with progress("quantizing one node at a time", len(nodes)) as tick:
+            layers = sensitivities(lambda out, **which: quantizer.quantize(pre, out, None, calibration_cache=cache,
+                                                                           **which),
+                                   score, nodes, work, tick)
     return {"model": str(opts.model), "quantize": "int8", "activation_type": settings.get("activation_type"),
             "validation": {"source": validation.source, "samples": len(validation)},
             "calibration": {"source": data.source, "samples": len(data)},
             "float_vs_int8": baseline, "layers": layers}
-
-
-def _candidates(pre: onnx.ModelProto, quantized: onnx.ModelProto, weights_only: bool) -> list[onnx.NodeProto]:
-    """The nodes of the float model that the all-INT8 model runs on quantized inputs (a
-    DequantizeLinear feeds them), in graph order."""
-    producers = {o: n for n in quantized.graph.node for o in n.output}
-    fed = {n.name for n in quantized.graph.node
-           if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
-           and any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input)}
-    return [n for n in pre.graph.node if n.name and n.name in fed and (not weights_only or n.op_type in WEIGHT_OPS)]
-

@@ -204,7 +204,8 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
     steps = _Steps()
     profile, target_name, quantize = resolve_recipe(opts)
     check_target_params(target_name, opts.target_params)
-    target: Target = get_target(target_name)(pass_params=opts.pass_params, profile=profile, **opts.target_params)
+    target: Target = get_target(target_name)(pass_params=_with_cosine_budget(opts, quantize), profile=profile,
+                                             **opts.target_params)
     target.check_quantize(quantize)
     compression = compression_passes(opts)
     check_settings(target, quantize, opts.target_params, opts.pass_params,
@@ -260,6 +261,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
         validation, validation_source = _validation_set(opts, data_specs, outputs, ctx.calibration, state_names)
         ctx.distillation = (load_dataset(opts.distill, data_specs, outputs=outputs, state=state_names)
                             if opts.distill else None)
+        ctx.validation = validation
         _check_gate_flags(opts, validation, validation_source, outputs)
         frozen = ctx.details["canonicalize"]["frozen_inputs"]
         # no arena kept between runs: 48 MB less at the peak on a 320x320 detector, the same latency
@@ -364,6 +366,16 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
     if failures:
         raise ConvertCheckFailed(result)
     return result
+
+
+def _with_cosine_budget(opts: ConvertOptions, quantize: str) -> dict[str, dict[str, Any]]:
+    """The pass settings the target runs with: the user's, plus ``--min-cosine`` for ONNX Runtime's
+    INT8 pass, which keeps the fewest most sensitive nodes float when the all-INT8 model misses it
+    (targets that quantize with their own toolchain do not read it)."""
+    if quantize != "int8" or opts.min_cosine is None:
+        return opts.pass_params
+    return {**opts.pass_params, "quantize-int8": {**opts.pass_params.get("quantize-int8", {}),
+                                                  "min_cosine": opts.min_cosine}}
 
 
 def _min_opset(target: Target, quantize: str, compression: list[Pass], source: onnx.ModelProto) -> int | None:

@@ -76,3 +76,24 @@ def test_unknown_keep_float_node_and_a_target_that_cannot_keep_one_are_refused(d
 def test_analyze_needs_calibration_data(digits_models, tmp_path):
     res = run_cli("analyze", digits_models["cnn"], "--calibration", tmp_path / "missing.npz")
     assert res.code == 2 and f"not found: {tmp_path / 'missing.npz'}" in res.err
+
+
+def test_min_cosine_keeps_the_fewest_sensitive_nodes_float(digits_models, tmp_path):
+    """--min-cosine above what all-INT8 reaches: the pass ranks the nodes, bisects over the ranking,
+    and ships the mixed model; the report says which nodes, and the gate holds on the validation set."""
+    common = ("--target", "onnx", "--quantize", "int8", "--calibration", digits_models["calibration"],
+              "--validation", digits_models["validation"], "--json", "-q")
+    res = run_cli("convert", digits_models["cnn"], "-o", tmp_path / "mixed", *common, "--min-cosine", "0.9999")
+    assert res.code == 0, res.err
+    report = json.loads(res.out)
+    mixed = report["pass_details"]["quantize-int8"]["mixed_precision"]
+    assert mixed["cosine_all_int8"] < 0.9999 <= mixed["cosine"] and report["parity"]["cosine"] >= 0.9999
+    assert 1 <= len(mixed["kept_float"]) < mixed["candidates"]
+    assert report["pass_details"]["quantize-int8"]["kept_float"] == mixed["kept_float"]
+    assert mixed["quantizations"] <= 2 + mixed["candidates"].bit_length()  # bisection, not a sweep
+    assert report["status"] == "ok"
+    # a budget the all-INT8 model meets keeps nothing float
+    res = run_cli("convert", digits_models["cnn"], "-o", tmp_path / "plain", *common, "--min-cosine", "0.9")
+    assert res.code == 0, res.err
+    plain = json.loads(res.out)["pass_details"]["quantize-int8"]["mixed_precision"]
+    assert plain["kept_float"] == [] and plain["cosine"] == plain["cosine_all_int8"] >= 0.9

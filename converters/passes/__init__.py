@@ -45,6 +45,7 @@ class PassContext:
     workdir: Path
     calibration: Dataset | None = None
     distillation: Dataset | None = None  # the --distill data, loaded and checked before any pass runs
+    validation: Dataset | None = None  # the validation inputs (quantize-int8's min_cosine search compares on them)
     progress: ProgressFactory = no_progress
     reference: onnx.ModelProto | None = None  # the model before compression (the distillation teacher)
     notes: list[str] = field(default_factory=list)  # warnings that end up in the report

@@ -18,11 +18,19 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgeopt.converters.passes import ConversionError, Pass, PassContext
+from edgeopt.converters.passes.mixed_precision import (
+    Scorer,
+    fewest_float_nodes,
+    quantized_nodes,
+    sensitivities,
+)
+from edgeopt.data import Dataset
 from edgeopt.errors import UserInputError
 from edgeopt.onnx_io import input_specs, iter_nodes, toposort
 from edgeopt.params import Param, in_range
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+MIXED_PRECISION_SAMPLES = 64  # validation samples the min_cosine search compares on
 
 
 class CalibrationReader:
@@ -59,6 +67,9 @@ class QuantizeInt8Static(Pass):
               check=lambda v: None if v >= 1 else "must be >= 1"),
         Param("keep_float", str, None, "comma-separated node names left in float (`edgeopt analyze` ranks "
               "the candidates)"),
+        Param("min_cosine", float, None, "when the INT8 model's cosine vs float on the validation inputs is "
+              "below this, keep its most sensitive nodes in float, as few as meet it (set by --min-cosine)",
+              check=in_range(-1.0, 1.0)),
     )
 
     def _apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
@@ -79,11 +90,51 @@ class QuantizeInt8Static(Pass):
         if unknown := sorted(set(keep) - {n.name for n in onnx.load(str(pre), load_external_data=False).graph.node}):
             raise UserInputError(f"--keep-float: no node named {', '.join(map(repr, unknown))} in the model "
                                  f"(`edgeopt inspect` lists the node names)")
+        cache = ctx.workdir / "int8-ranges.json"
+        cache.unlink(missing_ok=True)
         with ctx.progress("calibrating", len(data)) as tick:
-            self.quantize(pre, out, CalibrationReader(list(data.samples()), tick), nodes_to_exclude=keep)
-        ctx.details[self.name] = {"calibration_samples": len(data), "calibration_source": data.source,
-                                  "kept_float": keep}
+            self.quantize(pre, out, CalibrationReader(list(data.samples()), tick), nodes_to_exclude=keep,
+                          calibration_cache=cache)
+        details: dict[str, Any] = {"calibration_samples": len(data), "calibration_source": data.source,
+                                   "kept_float": keep}
+        if self.config["min_cosine"] is not None:
+            details["mixed_precision"] = self._mixed_precision(
+                pre, out, cache, keep, data if ctx.validation is None else ctx.validation, ctx)
+            details["kept_float"] = keep + details["mixed_precision"]["kept_float"]
+        ctx.details[self.name] = details
         return onnx.load(str(out))
+
+    def _mixed_precision(self, pre: Path, out: Path, cache: Path, keep: list[str], validation: Dataset,
+                         ctx: PassContext) -> dict[str, Any]:
+        """When the INT8 model at ``out`` misses ``min_cosine`` against the float model on the validation
+        inputs: rank the nodes by sensitivity, keep the fewest most sensitive ones float that meet it
+        (``mixed_precision.fewest_float_nodes``) and leave that model at ``out``."""
+        wanted = self.config["min_cosine"]
+        score = Scorer(pre, validation.take(MIXED_PRECISION_SAMPLES).inputs)
+        all_int8 = score(out)
+        found: dict[str, Any] = {"min_cosine": wanted, "cosine_all_int8": all_int8["cosine"], "kept_float": [],
+                                 "cosine": all_int8["cosine"], "size_bytes_all_int8": out.stat().st_size}
+        if all_int8["cosine"] is not None and all_int8["cosine"] >= wanted:
+            return found
+
+        def quantize(path: Path, nodes_to_quantize=None, nodes_to_exclude=()) -> None:
+            self.quantize(pre, path, None, nodes_to_quantize=nodes_to_quantize,
+                          nodes_to_exclude=[*keep, *nodes_to_exclude], calibration_cache=cache)
+
+        float_model = onnx.load(str(pre), load_external_data=False)
+        nodes = [n for n in quantized_nodes(float_model, onnx.load(str(out), load_external_data=False))
+                 if n.name not in keep]
+        with ctx.progress("ranking nodes for mixed precision", len(nodes)) as tick:
+            ranking = [row["node"] for row in sensitivities(quantize, score, nodes, ctx.workdir, tick)]
+        with ctx.progress("keeping the fewest nodes float", None) as tick:
+            search = fewest_float_nodes(quantize, score, ranking, wanted, out, tick)
+        if search is None:
+            quantize(out)  # the all-INT8 model again; the quality gate reports the miss
+            ctx.notes.append(f"quantize-int8: even with all {len(ranking)} quantized nodes in float the cosine "
+                             f"stays below {wanted}; the all-INT8 model is kept")
+            return {**found, "candidates": len(ranking)}
+        found.update(search, candidates=len(ranking))
+        return found
 
     def quantize(self, pre: Path, out: Path, reader: Any | None, *, nodes_to_quantize: list[str] | None = None,
                  nodes_to_exclude: list[str] | None = None, calibration_cache: Path | None = None) -> None:
