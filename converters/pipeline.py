@@ -106,6 +106,7 @@ class ConvertOptions:
     threads: int = 1
     golden_count: int = 8
     generated_samples: int = 64  # at most; fewer for big inputs (GENERATED_ELEMENTS)
+    mixed_precision: bool = True  # --no-mixed-precision: --min-cosine only checks, never keeps nodes float
     validation_samples: int | None = None  # --validation-samples: validate on at most this many samples
     seed: int = 0  # random validation inputs, and the distillation split / shuffling
     # compression, run in this order between canonicalisation and the target
@@ -207,6 +208,10 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
     target: Target = get_target(target_name)(pass_params=_with_cosine_budget(opts, quantize), profile=profile,
                                              **opts.target_params)
     target.check_quantize(quantize)
+    if not opts.mixed_precision and (opts.min_cosine is None or "quantize-int8" not in target.passes_for(quantize)):
+        raise UserInputError(f"--no-mixed-precision applies with --min-cosine and --quantize int8 on targets onnx "
+                             f"and tvm, not --quantize {quantize} on target '{target.name}'"
+                             + ("" if opts.min_cosine is not None else " without --min-cosine"))
     compression = compression_passes(opts)
     check_settings(target, quantize, opts.target_params, opts.pass_params,
                    pipeline_passes={"canonicalize", *(p.name for p in compression)})
@@ -372,7 +377,7 @@ def _with_cosine_budget(opts: ConvertOptions, quantize: str) -> dict[str, dict[s
     """The pass settings the target runs with: the user's, plus ``--min-cosine`` for ONNX Runtime's
     INT8 pass, which keeps the fewest most sensitive nodes float when the all-INT8 model misses it
     (targets that quantize with their own toolchain do not read it)."""
-    if quantize != "int8" or opts.min_cosine is None:
+    if quantize != "int8" or opts.min_cosine is None or not opts.mixed_precision:
         return opts.pass_params
     return {**opts.pass_params, "quantize-int8": {**opts.pass_params.get("quantize-int8", {}),
                                                   "min_cosine": opts.min_cosine}}

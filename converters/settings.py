@@ -19,6 +19,7 @@ PASS_OPTIONS: dict[tuple[str, str], str] = {
     ("quantize-int8", "calibration_method"): "--calibration-method",
     ("quantize-int4", "block_size"): "--int4-block-size",
     ("quantize-fp16", "keep_io_types"): "--fp16-io",
+    ("quantize-int8", "keep_float"): "--keep-float",
 }
 
 

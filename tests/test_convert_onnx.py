@@ -7,6 +7,7 @@ model.onnx), not read back from the report alone.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -14,6 +15,8 @@ import onnxruntime as ort
 import pytest
 
 from edgeopt.artifact import open_artifact
+from edgeopt.converters.targets.onnx import OnnxTarget
+from edgeopt.profiles import load_profile
 
 from conftest import run_cli
 from onnx_models import chain, save
@@ -169,6 +172,18 @@ def test_int8_dynamic_runs_and_is_smaller(digits_models, tmp_path):
     assert "MatMulInteger" in ops or "DynamicQuantizeLinear" in ops
     assert (out / "model.onnx").stat().st_size < 0.35 * digits_models["mlp"].stat().st_size
     assert json.loads((out / "report.json").read_text())["accuracy"]["drop"] <= 1.0
+
+
+@pytest.mark.parametrize("arch, features, activation, reduce_range", [
+    ("x86_64", ("sse4.2",), "uint8", True), ("x86_64", ("avx2", "avx512_vnni"), "uint8", False),
+    ("x86_64", ("avx2", "avx_vnni"), "uint8", False), ("aarch64", ("neon", "dotprod"), "int8", None)])
+def test_int8_weights_are_7_bit_on_x86_without_vnni(arch, features, activation, reduce_range):
+    """x86's u8 x s8 multiply without VNNI (VPMADDUBSW) saturates 16-bit pair sums: 7-bit weights there."""
+    board = replace(load_profile("x86-64-gateway"), arch=arch, cpu_features=features)
+    settings = OnnxTarget(profile=board).pass_settings("quantize-int8")
+    assert settings["activation_type"] == activation and settings.get("reduce_range") == reduce_range
+    given = OnnxTarget(pass_params={"quantize-int8": {"reduce_range": False}}, profile=board)
+    assert given.pass_settings("quantize-int8").get("reduce_range") in (False, None)  # what was given wins
 
 
 def test_int8_activations_follow_the_board(digits_models, cnn_int8, tmp_path):

@@ -140,7 +140,7 @@ def test_min_cosine_makes_it_a_failure_and_keeps_the_artifact(digits_models, unl
     out = tmp_path / "out"
     res = run_cli("convert", digits_models["cnn"], "-o", out, "--target", "onnx", "--quantize", "int8", "-q",
                   "--calibration", unlabelled / "zeros.npz", "--validation", unlabelled / "val.npz",
-                  "--min-cosine", "0.99", "--min-top1-agreement", "0.95")
+                  "--min-cosine", "0.99", "--min-top1-agreement", "0.95", "--no-mixed-precision")
     assert res.code == 1, res.err
     assert "--min-cosine 0.99" in res.err and "(artifact kept, report marked failed)" in res.err
     report = _strict(out / "report.json")

@@ -61,6 +61,8 @@ class QuantizeInt8Static(Pass):
               check=in_range(90.0, 100.0)),
         Param("per_channel", bool, True, "one scale per output channel of each weight"),
         Param("activation_type", str, "int8", "integer type of activations", choices=("int8", "uint8")),
+        Param("reduce_range", bool, False, "7-bit weights, so that x86's u8 x s8 multiply (VPMADDUBSW, on CPUs "
+              "without VNNI) cannot saturate its 16-bit sums"),
         Param("max_calibration_samples", int, 512, "use at most this many calibration samples",
               check=lambda v: None if v >= 1 else "must be >= 1"),
         Param("min_calibration_samples", int, 16, "refuse calibration sets smaller than this",
@@ -153,8 +155,8 @@ class QuantizeInt8Static(Pass):
             str(pre), str(out), reader,
             quant_format=QuantFormat.QDQ, per_channel=self.config["per_channel"],
             activation_type=QuantType.QInt8 if self.config["activation_type"] == "int8" else QuantType.QUInt8,
-            weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra,
-            nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=nodes_to_exclude,
+            weight_type=QuantType.QInt8, reduce_range=self.config["reduce_range"], calibrate_method=method,
+            extra_options=extra, nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=nodes_to_exclude,
             calibration_cache_path=None if calibration_cache is None else str(calibration_cache),
         )
 

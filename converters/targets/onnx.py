@@ -19,6 +19,16 @@ from edgeopt.runtime.onnxruntime import quiet_onnxruntime
 QUANTIZE_PASSES = {"int8": "quantize-int8", "int8-dynamic": "quantize-int8-dynamic", "fp16": "quantize-fp16",
                    "int4": "quantize-int4"}
 ORT_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "avx512vnni", "avxvnni"})  # /proc/cpuinfo spellings
+
+
+def host_cpu_flags() -> set[str]:
+    """This machine's CPU flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
 
 
 class OnnxTarget(Target):
@@ -44,11 +54,18 @@ class OnnxTarget(Target):
         uint8: ONNX Runtime's x86 kernels multiply u8 activations by s8 weights (VPMADDUBSW, VNNI's
         VPDPBUSD), and run s8 activations far slower — measured on AVX-512 VNNI, a YOLOX detector runs
         2.39x faster than float with u8 activations and 0.72x with s8 (docs/benchmarks.md,
-        benchmarks/int8_speed.py). Elsewhere (ARM's SDOT) s8 stays."""
+        benchmarks/int8_speed.py). Elsewhere (ARM's SDOT) s8 stays.
+
+        Without VNNI, VPMADDUBSW adds pairs of u8 x s8 products into 16 bits, which saturate: on an AVX2
+        EPYC the PP-LCNet classifier's INT8 cosine was 0.922 (0.993 with 7-bit weights). So there the
+        weights get ``reduce_range`` (ONNX Runtime's advice for such CPUs)."""
         settings = super().pass_settings(name)
         if name == "quantize-int8" and "activation_type" not in settings:
             arch = self.profile.arch if self.profile else platform.machine().lower()
             settings["activation_type"] = "uint8" if arch in ("x86_64", "amd64") else "int8"
+        if name == "quantize-int8" and settings.get("activation_type") == "uint8" and "reduce_range" not in settings:
+            features = set(self.profile.cpu_features) if self.profile else host_cpu_flags()
+            settings["reduce_range"] = not features & VNNI_FLAGS
         return settings
 
     def _compile(self, model: onnx.ModelProto, quantize: str, ctx: PassContext, out: Path) -> None:

@@ -125,6 +125,9 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
 @click.option("--keep-float", metavar="NODE[,NODE]", multiple=True,
               help="With --quantize int8 (targets onnx, tvm): leave these nodes in float (repeatable; "
                    "`edgeopt analyze` ranks the nodes by how much their quantization costs).")
+@click.option("--no-mixed-precision", is_flag=True,
+              help="With --min-cosine and --quantize int8 (targets onnx, tvm): only check the cosine; by default "
+                   "the fewest most sensitive nodes are kept float to meet it.")
 @_BLOCK.click_option("--int4-block-size", type=int, default=None, show_default=False,
                      help=f"{_BLOCK.help}, with --quantize int4 (default: {_BLOCK.default}; tflite: 32 and up).")
 @click.option("--fp16-io", is_flag=True, help="With --quantize fp16 (target onnx): make inputs/outputs float16 too "
@@ -197,7 +200,7 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
               help="Append the toolchains' log lines (INFO and up, their native output included) to this file.")
 @target_options
 def convert_cmd(model: Path, output: Path, target, profile, quantize, calibration, calibration_method, keep_float,
-                int4_block_size, fp16_io, validation, validation_samples, max_accuracy_drop, min_cosine, min_top1_agreement,
+                no_mixed_precision, int4_block_size, fp16_io, validation, validation_samples, max_accuracy_drop, min_cosine, min_top1_agreement,
                 prune_sparsity, prune_channels, prune_layers, distill, epochs, student, seed, input_shapes, input_values,
                 batch_axes, state, no_simplify, preprocessing_file, hop, layout, channels, sample_rate, normalize, name, model_version,
                 threads, force, as_json, quiet, log_file, **target_settings) -> None:
@@ -219,7 +222,8 @@ def convert_cmd(model: Path, output: Path, target, profile, quantize, calibratio
 
     opts = ConvertOptions(
         model=model, output=output, target=target, profile=profile, quantize=quantize, calibration=calibration,
-        validation=validation, validation_samples=validation_samples, max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine,
+        validation=validation, validation_samples=validation_samples, mixed_precision=not no_mixed_precision,
+        max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine,
         min_top1_agreement=min_top1_agreement,
         input_shapes=dict(parse_input_shape(s) for s in input_shapes),
         input_values=dict(parse_input_value(v) for v in input_values),

@@ -157,7 +157,8 @@ class TFLiteTarget(Target):
         data = self.lower(model, ctx, quantize)
         if quantize != "none":
             settings = self.honoured_pass_params(quantize)
-            chosen = {k: v for name in settings for k, v in (self.pass_params.get(name) or {}).items()}
+            given = {name: self.pass_params.get(name) or {} for name in settings}
+            chosen = {k: given[name][k] for name, keys in settings.items() for k in keys if k in given[name]}
             data = quantize_model(data, quantize, ctx, io_transposes=self.io_transposes,
                                   float_io=bool(quantize in FULL_INTEGER and self.config["float_io"]),
                                   origins=self.op_origins, block_size=chosen.get("block_size"),

@@ -168,7 +168,7 @@ def _recurrent_weights(ctx: Lowering, r: np.ndarray, hint: str) -> int:
     T steps is held T + 1 times: the ddddocr CRNN (bidirectional LSTM, H=512, 32 steps) took 398 MiB
     in LiteRT for a 52 MiB model. As the output of an operator the weights are not constant to
     XNNPACK, which then runs those products without a packed copy each: 140 MiB, and 73 -> 59 ms per
-    call on AVX-512 (1 thread). Not for integer modes, which quantize weights only when constant."""
+    call on an AVX2 EPYC (1 thread). Not for integer modes, which quantize weights only when constant."""
     weights = ctx.const_tensor(r, hint)
     if not ctx.dynamic_recurrent_weights:
         return weights
