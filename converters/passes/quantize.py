@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -92,8 +93,9 @@ class QuantizeInt8Static(Pass):
         if unknown := sorted(set(keep) - {n.name for n in onnx.load(str(pre), load_external_data=False).graph.node}):
             raise UserInputError(f"--keep-float: no node named {', '.join(map(repr, unknown))} in the model "
                                  f"(`edgeopt inspect` lists the node names)")
-        cache = ctx.workdir / "int8-ranges.json"
-        cache.unlink(missing_ok=True)
+        cache = None if self.config["min_cosine"] is None else ctx.workdir / "int8-ranges.json"
+        if cache is not None:
+            cache.unlink(missing_ok=True)
         with ctx.progress("calibrating", len(data)) as tick:
             self.quantize(pre, out, CalibrationReader(list(data.samples()), tick), nodes_to_exclude=keep,
                           calibration_cache=cache)
@@ -146,6 +148,15 @@ class QuantizeInt8Static(Pass):
         many quantizations of the same model (``edgeopt.converters.analyze``)."""
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+        cached: dict[str, Any] = {}
+        if calibration_cache is not None:
+            if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+                import onnxruntime
+
+                raise UserInputError(f"ranking nodes for mixed precision calibrates once and needs ONNX Runtime's "
+                                     f"calibration cache (quantize_static's calibration_cache_path), which "
+                                     f"onnxruntime {onnxruntime.__version__} lacks: pip install -U onnxruntime")
+            cached["calibration_cache_path"] = str(calibration_cache)
         method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                   "percentile": CalibrationMethod.Percentile}[self.config["calibration_method"]]
         extra: dict[str, Any] = {"CalibMovingAverage": False}
@@ -156,8 +167,7 @@ class QuantizeInt8Static(Pass):
             quant_format=QuantFormat.QDQ, per_channel=self.config["per_channel"],
             activation_type=QuantType.QInt8 if self.config["activation_type"] == "int8" else QuantType.QUInt8,
             weight_type=QuantType.QInt8, reduce_range=self.config["reduce_range"], calibrate_method=method,
-            extra_options=extra, nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=nodes_to_exclude,
-            calibration_cache_path=None if calibration_cache is None else str(calibration_cache),
+            extra_options=extra, nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=nodes_to_exclude, **cached,
         )
 
 
