@@ -9,6 +9,8 @@ import json
 import onnx
 import pytest
 
+from edgeopt.converters.passes.mixed_precision import fewest_float_nodes
+
 from conftest import run_cli
 
 
@@ -113,3 +115,26 @@ def test_no_mixed_precision_only_checks_and_is_refused_where_it_means_nothing(an
     for extra in (("--target", "onnx"), ("--target", "tflite", "--min-cosine", "0.9")):
         res = run_cli("convert", digits_models["cnn"], "-o", tmp_path / "b", *extra, *common, "--no-mixed-precision")
         assert res.code == 2 and res.err.startswith("edgeopt: error: --no-mixed-precision applies with --min-cosine")
+
+
+@pytest.mark.parametrize("answer", [1, 2, 3, 10, 37, 64])
+def test_the_search_gallops_from_the_top_then_bisects(tmp_path, answer):
+    """Pure logic, a fake quantizer: the prefix length that first meets the budget is found in
+    O(log k) quantizations, and a longer prefix that misses again (not monotonic, as on the PP-OCRv4
+    detector) does not hide a short one that meets it."""
+    ranking = [f"n{i}" for i in range(64)]
+    excluded: list[int] = []
+
+    def quantize(path, nodes_to_quantize=None, nodes_to_exclude=()):
+        excluded.append(len(nodes_to_exclude))
+
+    def score(path):
+        k = excluded[-1]
+        meets = k >= answer and not (answer < 20 and 2 * answer <= k < 3 * answer)  # a dip after the answer
+        return {"cosine": 0.995 if meets else 0.985}
+
+    found = fewest_float_nodes(quantize, score, ranking, 0.99, tmp_path / "out.onnx")
+    assert found["kept_float"] == ranking[:answer] and found["cosine"] == 0.995
+    assert excluded[-1] == answer  # the chosen model is the one left at out
+    assert found["quantizations"] <= 2 * answer.bit_length() + 2
+    assert fewest_float_nodes(quantize, lambda p: {"cosine": 0.5}, ranking, 0.99, tmp_path / "o.onnx") is None

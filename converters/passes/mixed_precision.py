@@ -77,9 +77,9 @@ def sensitivities(quantize: Quantize, score: Scorer, nodes: Sequence[onnx.NodePr
 
 def fewest_float_nodes(quantize: Quantize, score: Scorer, ranking: Sequence[str], min_cosine: float, out: Path,
                        tick: Callable[..., None] = lambda *a, **k: None) -> dict[str, Any] | None:
-    """The shortest prefix of ``ranking`` (most sensitive first) that, kept in float, lifts the cosine
-    to ``min_cosine``, by bisection (the all-INT8 model is known to miss it); the model is left at
-    ``out``. None when even every ranked node in float misses it."""
+    """A short prefix of ``ranking`` (most sensitive first) that, kept in float, lifts the cosine to
+    ``min_cosine`` (the all-INT8 model is known to miss it); the model is left at ``out``. None when
+    even every ranked node in float misses it."""
     tried: dict[int, float | None] = {}
     calls: list[int] = []
 
@@ -90,8 +90,14 @@ def fewest_float_nodes(quantize: Quantize, score: Scorer, ranking: Sequence[str]
         tick(1)
         return tried[k] is not None and tried[k] >= min_cosine
 
-    lo, hi = 0, len(ranking)
-    if not passes(hi):
+    # Galloping from the top of the ranking (1, 2, 4, ... nodes), then bisection between the last
+    # prefix that missed and the first that met the budget: O(log k) quantizations for an answer of k
+    # nodes, and it finds a short prefix first where the cosine is not monotonic in the prefix length
+    # (the PP-OCRv4 detector: the top 10 meet 0.99, the top 20 do not).
+    lo, hi = 0, 1
+    while hi < len(ranking) and not passes(hi):
+        lo, hi = hi, min(2 * hi, len(ranking))
+    if hi >= len(ranking) and not passes(len(ranking)):
         return None
     while hi - lo > 1:
         mid = (lo + hi) // 2
