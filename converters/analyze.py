@@ -74,7 +74,7 @@ def analyze(opts: AnalyzeOptions, progress: ProgressFactory = no_progress) -> di
         quant_pre_process(str(src), str(pre))
         with progress("calibrating", len(data)) as tick:
             quantizer.quantize(pre, whole, CalibrationReader(list(data.samples()), tick), calibration_cache=cache)
-        score = Scorer(pre, validation.inputs)
+        score = Scorer.onnx(pre, validation.inputs)
         baseline = score(whole)
         nodes = quantized_nodes(onnx.load(str(pre), load_external_data=False),
                                 onnx.load(str(whole), load_external_data=False), opts.weights_only)

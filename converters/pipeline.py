@@ -34,6 +34,7 @@ from edgeopt.converters.fit import fit_check, peak_activation_elements
 from edgeopt.converters.gates import Thresholds, evaluate, hint
 from edgeopt.converters.output import check_output_location, replace_problem, space_needed
 from edgeopt.converters.passes import Pass, PassContext, ProgressFactory, get_pass, no_progress
+from edgeopt.converters.passes.mixed_precision import report_summary
 from edgeopt.converters.preprocessing import resolve_preprocessing
 from edgeopt.converters.settings import check_settings, check_target_params, unread_calibration_note
 from edgeopt.converters.streaming import (
@@ -205,13 +206,14 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
     steps = _Steps()
     profile, target_name, quantize = resolve_recipe(opts)
     check_target_params(target_name, opts.target_params)
-    target: Target = get_target(target_name)(pass_params=_with_cosine_budget(opts, quantize), profile=profile,
+    target: Target = get_target(target_name)(pass_params=_with_budget(opts, quantize), profile=profile,
                                              **opts.target_params)
     target.check_quantize(quantize)
-    if not opts.mixed_precision and (opts.min_cosine is None or "quantize-int8" not in target.passes_for(quantize)):
-        raise UserInputError(f"--no-mixed-precision applies with --min-cosine and --quantize int8 on targets onnx "
-                             f"and tvm, not --quantize {quantize} on target '{target.name}'"
-                             + ("" if opts.min_cosine is not None else " without --min-cosine"))
+    budgeted = opts.min_cosine is not None or opts.max_accuracy_drop is not None
+    if not opts.mixed_precision and (not budgeted or not _searches(target, quantize)):
+        raise UserInputError(f"--no-mixed-precision applies with --min-cosine or --max-accuracy-drop and --quantize "
+                             f"int8 on targets onnx, tvm and tflite, not --quantize {quantize} on target "
+                             f"'{target.name}'" + ("" if budgeted else " without either"))
     compression = compression_passes(opts)
     check_settings(target, quantize, opts.target_params, opts.pass_params,
                    pipeline_passes={"canonicalize", *(p.name for p in compression)})
@@ -354,6 +356,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
                 "validation": {"source": validation_source, "samples": len(validation), "labels": validation.task},
                 "steps": steps.rows,
                 "pass_details": {k: v for k, v in ctx.details.items() if k != "canonicalize"},
+                "mixed_precision": report_summary(ctx.details, model_bytes, target.format),
                 "notes": ctx.notes,
                 "tool_versions": versions,
                 "duration_s": round(time.perf_counter() - started, 3),
@@ -373,14 +376,20 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
     return result
 
 
-def _with_cosine_budget(opts: ConvertOptions, quantize: str) -> dict[str, dict[str, Any]]:
-    """The pass settings the target runs with: the user's, plus ``--min-cosine`` for ONNX Runtime's
-    INT8 pass, which keeps the fewest most sensitive nodes float when the all-INT8 model misses it
-    (targets that quantize with their own toolchain do not read it)."""
-    if quantize != "int8" or opts.min_cosine is None or not opts.mixed_precision:
+def _with_budget(opts: ConvertOptions, quantize: str) -> dict[str, dict[str, Any]]:
+    """The pass settings the target runs with: the user's, plus ``--min-cosine`` and
+    ``--max-accuracy-drop`` for the INT8 quantizer, which keeps the fewest most sensitive nodes float
+    when the all-INT8 model misses them (``_searches``: the targets that can)."""
+    budget = {k: v for k, v in (("min_cosine", opts.min_cosine), ("max_accuracy_drop", opts.max_accuracy_drop))
+              if v is not None}
+    if quantize != "int8" or not budget or not opts.mixed_precision:
         return opts.pass_params
-    return {**opts.pass_params, "quantize-int8": {**opts.pass_params.get("quantize-int8", {}),
-                                                  "min_cosine": opts.min_cosine}}
+    return {**opts.pass_params, "quantize-int8": {**opts.pass_params.get("quantize-int8", {}), **budget}}
+
+
+def _searches(target: Target, quantize: str) -> bool:
+    """Whether ``target`` keeps nodes float to meet an accuracy budget with ``quantize``."""
+    return "min_cosine" in target.honoured_pass_params(quantize).get("quantize-int8", ())
 
 
 def _min_opset(target: Target, quantize: str, compression: list[Pass], source: onnx.ModelProto) -> int | None:

@@ -9,7 +9,7 @@ import json
 import onnx
 import pytest
 
-from edgeopt.converters.passes.mixed_precision import fewest_float_nodes
+from edgeopt.converters.passes.mixed_precision import Budget, fewest_float_nodes
 
 from conftest import run_cli
 
@@ -70,9 +70,9 @@ def test_unknown_keep_float_node_and_a_target_that_cannot_keep_one_are_refused(d
                   "--keep-float", "no/such/node")
     assert res.code == 2 and "--keep-float: no node named 'no/such/node'" in res.err
     assert not (tmp_path / "a").exists()
-    res = run_cli("convert", digits_models["cnn"], "-o", tmp_path / "b", "--target", "tflite", *common,
+    res = run_cli("convert", digits_models["cnn"], "-o", tmp_path / "b", "--target", "coreml", *common,
                   "--keep-float", "/0/Conv")
-    assert res.code == 2 and "--keep-float /0/Conv: target 'tflite' does not use it" in res.err
+    assert res.code == 2 and "--keep-float /0/Conv: target 'coreml' does not use it" in res.err
 
 
 def test_analyze_needs_calibration_data(digits_models, tmp_path):
@@ -112,7 +112,7 @@ def test_no_mixed_precision_only_checks_and_is_refused_where_it_means_nothing(an
     assert res.code == 1  # the gate, unassisted
     assert "mixed_precision" not in json.loads((tmp_path / "a" / "report.json").read_text())["pass_details"][
         "quantize-int8"]
-    for extra in (("--target", "onnx"), ("--target", "tflite", "--min-cosine", "0.9")):
+    for extra in (("--target", "onnx"), ("--target", "coreml", "--min-cosine", "0.9")):
         res = run_cli("convert", digits_models["cnn"], "-o", tmp_path / "b", *extra, *common, "--no-mixed-precision")
         assert res.code == 2 and res.err.startswith("edgeopt: error: --no-mixed-precision applies with --min-cosine")
 
@@ -133,8 +133,9 @@ def test_the_search_gallops_from_the_top_then_bisects(tmp_path, answer):
         meets = k >= answer and not (answer < 20 and 2 * answer <= k < 3 * answer)  # a dip after the answer
         return {"cosine": 0.995 if meets else 0.985}
 
-    found = fewest_float_nodes(quantize, score, ranking, 0.99, tmp_path / "out.onnx")
+    found = fewest_float_nodes(quantize, score, ranking, Budget(min_cosine=0.99), tmp_path / "out.onnx")
     assert found["kept_float"] == ranking[:answer] and found["cosine"] == 0.995
     assert excluded[-1] == answer  # the chosen model is the one left at out
     assert found["quantizations"] <= 2 * answer.bit_length() + 2
-    assert fewest_float_nodes(quantize, lambda p: {"cosine": 0.5}, ranking, 0.99, tmp_path / "o.onnx") is None
+    assert fewest_float_nodes(quantize, lambda p: {"cosine": 0.5}, ranking, Budget(min_cosine=0.99),
+                              tmp_path / "o.onnx") is None

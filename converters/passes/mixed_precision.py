@@ -1,22 +1,24 @@
-"""Per-node INT8 sensitivity and the search for the fewest float nodes that meet a cosine budget.
+"""Per-node INT8 sensitivity and the search for the fewest float nodes that meet an accuracy budget.
 
-Shared by ``edgeopt analyze`` (the ranking) and the ``quantize-int8`` pass (``min_cosine``: when the
-all-INT8 model misses it, the most sensitive nodes stay float, as few as bisection over the ranking
-finds -- O(log n) quantizations). Every quantization reads the activation ranges from one calibration
-(ONNX Runtime's calibration cache), so a node's cost is one ``quantize_static`` rewrite and one
-session run on the validation inputs.
+Shared by ``edgeopt analyze`` (the ranking), the ``quantize-int8`` pass (``min_cosine`` /
+``max_accuracy_drop``: when the all-INT8 model misses the budget, the most sensitive nodes stay float,
+as few as galloping and bisection over the ranking find -- O(log k) quantizations) and the tflite
+target, which runs the same search with LiteRT's quantizer. Every quantization reads the activation
+ranges from one calibration, so a node's cost is one quantizer rewrite and one run on the validation
+inputs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
-from edgeopt.converters.validate import Parity
+from edgeopt.converters.validate import Parity, accuracy
 from edgeopt.runtime import run_batched
 from edgeopt.runtime.onnxruntime import OnnxRuntime
 
@@ -28,21 +30,65 @@ BATCH = 8
 Quantize = Callable[..., None]
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What a mixed-precision model must reach against the float model: a cosine (no labels needed)
+    and/or a drop of the labelled metric (top-1 points, or the MAE increase for regression labels)."""
+
+    min_cosine: float | None = None
+    max_accuracy_drop: float | None = None
+
+    def __bool__(self) -> bool:
+        return self.min_cosine is not None or self.max_accuracy_drop is not None
+
+    def met(self, facts: Mapping[str, Any]) -> bool:
+        if self.min_cosine is not None and (facts.get("cosine") is None or facts["cosine"] < self.min_cosine):
+            return False
+        drop = facts.get("accuracy_drop")
+        return self.max_accuracy_drop is None or (drop is not None and drop <= self.max_accuracy_drop)
+
+    def to_json(self) -> dict[str, float]:
+        return {k: v for k, v in (("min_cosine", self.min_cosine), ("max_accuracy_drop", self.max_accuracy_drop))
+                if v is not None}
+
+    def __str__(self) -> str:
+        parts = [f"cosine >= {self.min_cosine}"] if self.min_cosine is not None else []
+        if self.max_accuracy_drop is not None:
+            parts.append(f"accuracy drop <= {self.max_accuracy_drop}")
+        return ", ".join(parts)
+
+
+# run(model) -> the model's float outputs by name, samples along axis 0
+Run = Callable[[Any], dict[str, np.ndarray]]
+
+
 class Scorer:
-    """Outputs of a quantized model against the float model's, on fixed inputs."""
+    """Outputs of a quantized model against the float model's on fixed inputs, and against the labels
+    when there are any (the accuracy drop the gate measures)."""
 
-    def __init__(self, float_model: Path, inputs: Mapping[str, np.ndarray]):
-        self.inputs = dict(inputs)
-        rt = OnnxRuntime(float_model, threads=1, memory_arena=False)
-        self.names = [o.name for o in rt.outputs]
-        self.reference = run_batched(rt, self.inputs, BATCH)
+    def __init__(self, run: Run, float_model: Any, labels: np.ndarray | None = None, task: str | None = None):
+        self.run, self.labels, self.task = run, labels, task
+        self.reference = run(float_model)
+        self.names = list(self.reference)
 
-    def __call__(self, model: Path) -> dict[str, Any]:
-        got = run_batched(OnnxRuntime(model, threads=1, memory_arena=False), self.inputs, BATCH)
+    @classmethod
+    def onnx(cls, float_model: Path, inputs: Mapping[str, np.ndarray], labels: np.ndarray | None = None,
+             task: str | None = None) -> Scorer:
+        """Both models run by ONNX Runtime, one thread, without its memory arena."""
+        feeds = dict(inputs)
+        return cls(lambda m: run_batched(OnnxRuntime(m, threads=1, memory_arena=False), feeds, BATCH),
+                   float_model, labels, task)
+
+    def __call__(self, model: Any) -> dict[str, Any]:
+        got = self.run(model)
         acc = Parity(self.names)
         acc.add([self.reference[n] for n in self.names], [got[n] for n in self.names])
         par = acc.result()
-        return {"cosine": par["cosine"], "max_abs_err": par["max_abs_err"], "top1_agreement": par["top1_agreement"]}
+        facts = {"cosine": par["cosine"], "max_abs_err": par["max_abs_err"], "top1_agreement": par["top1_agreement"]}
+        if self.labels is not None:
+            first = self.names[0]
+            facts["accuracy_drop"] = accuracy(self.labels, self.reference[first], got[first], self.task)["drop"]
+        return facts
 
 
 def quantized_nodes(float_model: onnx.ModelProto, quantized: onnx.ModelProto,
@@ -75,20 +121,20 @@ def sensitivities(quantize: Quantize, score: Scorer, nodes: Sequence[onnx.NodePr
     return rows
 
 
-def fewest_float_nodes(quantize: Quantize, score: Scorer, ranking: Sequence[str], min_cosine: float, out: Path,
+def fewest_float_nodes(quantize: Quantize, score: Scorer, ranking: Sequence[str], budget: Budget, out: Path,
                        tick: Callable[..., None] = lambda *a, **k: None) -> dict[str, Any] | None:
-    """A short prefix of ``ranking`` (most sensitive first) that, kept in float, lifts the cosine to
-    ``min_cosine`` (the all-INT8 model is known to miss it); the model is left at ``out``. None when
-    even every ranked node in float misses it."""
-    tried: dict[int, float | None] = {}
+    """A short prefix of ``ranking`` (most sensitive first) that, kept in float, meets ``budget`` (the
+    all-INT8 model is known to miss it); the model is left at ``out``. None when even every ranked node
+    in float misses it."""
+    tried: dict[int, dict[str, Any]] = {}
     calls: list[int] = []
 
     def passes(k: int) -> bool:
         quantize(out, nodes_to_exclude=list(ranking[:k]))
-        tried[k] = score(out)["cosine"]
+        tried[k] = score(out)
         calls.append(k)
         tick(1)
-        return tried[k] is not None and tried[k] >= min_cosine
+        return budget.met(tried[k])
 
     # Galloping from the top of the ranking (1, 2, 4, ... nodes), then bisection between the last
     # prefix that missed and the first that met the budget: O(log k) quantizations for an answer of k
@@ -107,5 +153,29 @@ def fewest_float_nodes(quantize: Quantize, score: Scorer, ranking: Sequence[str]
             lo = mid
     if calls[-1] != hi:  # leave the chosen model at `out`
         passes(hi)
-    return {"kept_float": list(ranking[:hi]), "cosine": tried[hi], "quantizations": len(calls),
-            "tried": {str(k): v for k, v in sorted(tried.items())}}
+    found = {"kept_float": list(ranking[:hi]), "cosine": tried[hi]["cosine"], "quantizations": len(calls),
+             "tried": {str(k): v["cosine"] for k, v in sorted(tried.items())}}
+    if "accuracy_drop" in tried[hi]:
+        found["accuracy_drop"] = tried[hi]["accuracy_drop"]
+        found["tried_accuracy_drop"] = {str(k): v["accuracy_drop"] for k, v in sorted(tried.items())}
+    return found
+
+
+def report_summary(details: dict[str, Any], model_bytes: int, fmt: str) -> dict[str, Any] | None:
+    """The report's summary of an INT8 model with nodes left float (by --keep-float or the budget
+    search): which, at what precision, what the budget asked and reached, and the size it costs."""
+    found = (details.get("quantize-int8") or {}).get("mixed_precision") or \
+        (details.get("quantize-tflite") or {}).get("mixed_precision")
+    kept = (details.get("quantize-int8") or {}).get("kept_float") or (found or {}).get("kept_float")
+    if not kept:
+        return None
+    found = found or {}
+    summary = {"kept": [{"node": n, "precision": "float32"} for n in kept],
+               "budget": {k: found[k] for k in ("min_cosine", "max_accuracy_drop") if k in found}}
+    for key in ("cosine_all_int8", "cosine", "accuracy_drop_all_int8", "accuracy_drop", "quantizations"):
+        if key in found:
+            summary[key] = found[key]
+    if "size_bytes_all_int8" in found and fmt in ("onnx", "tflite"):  # the same format as the artifact
+        summary.update(size_bytes=model_bytes, size_bytes_all_int8=found["size_bytes_all_int8"],
+                       size_increase=round(model_bytes / found["size_bytes_all_int8"], 4))
+    return summary

@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper
 
 from edgeopt.converters.passes import ConversionError, Pass, PassContext
 from edgeopt.converters.passes.mixed_precision import (
+    Budget,
     Scorer,
     fewest_float_nodes,
     quantized_nodes,
@@ -32,6 +33,7 @@ from edgeopt.params import Param, in_range
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 MIXED_PRECISION_SAMPLES = 64  # validation samples the min_cosine search compares on
+ACCURACY_SAMPLES = 2048  # and the max_accuracy_drop search: enough that one sample is not the whole budget
 
 
 class CalibrationReader:
@@ -73,6 +75,9 @@ class QuantizeInt8Static(Pass):
         Param("min_cosine", float, None, "when the INT8 model's cosine vs float on the validation inputs is "
               "below this, keep its most sensitive nodes in float, as few as meet it (set by --min-cosine)",
               check=in_range(-1.0, 1.0)),
+        Param("max_accuracy_drop", float, None, "when the INT8 model loses more than this on the labelled "
+              "validation set (top-1 points, or MAE for regression labels), keep its most sensitive nodes in "
+              "float, as few as meet it (set by --max-accuracy-drop)", check=lambda v: None if v >= 0 else "must be >= 0"),
     )
 
     def _apply(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
@@ -93,7 +98,8 @@ class QuantizeInt8Static(Pass):
         if unknown := sorted(set(keep) - {n.name for n in onnx.load(str(pre), load_external_data=False).graph.node}):
             raise UserInputError(f"--keep-float: no node named {', '.join(map(repr, unknown))} in the model "
                                  f"(`edgeopt inspect` lists the node names)")
-        cache = None if self.config["min_cosine"] is None else ctx.workdir / "int8-ranges.json"
+        budget = self.budget(ctx)
+        cache = ctx.workdir / "int8-ranges.json" if budget else None
         if cache is not None:
             cache.unlink(missing_ok=True)
         with ctx.progress("calibrating", len(data)) as tick:
@@ -101,24 +107,32 @@ class QuantizeInt8Static(Pass):
                           calibration_cache=cache)
         details: dict[str, Any] = {"calibration_samples": len(data), "calibration_source": data.source,
                                    "kept_float": keep}
-        if self.config["min_cosine"] is not None:
+        if budget:
             details["mixed_precision"] = self._mixed_precision(
-                pre, out, cache, keep, data if ctx.validation is None else ctx.validation, ctx)
+                pre, out, cache, keep, data if ctx.validation is None else ctx.validation, budget, ctx)
             details["kept_float"] = keep + details["mixed_precision"]["kept_float"]
         ctx.details[self.name] = details
         return onnx.load(str(out))
 
+    def budget(self, ctx: PassContext) -> Budget:
+        """The accuracy budget the pass keeps nodes float for; an accuracy drop only with labels."""
+        labelled = ctx.validation is not None and ctx.validation.labels is not None
+        return Budget(self.config["min_cosine"], self.config["max_accuracy_drop"] if labelled else None)
+
     def _mixed_precision(self, pre: Path, out: Path, cache: Path, keep: list[str], validation: Dataset,
-                         ctx: PassContext) -> dict[str, Any]:
-        """When the INT8 model at ``out`` misses ``min_cosine`` against the float model on the validation
+                         budget: Budget, ctx: PassContext) -> dict[str, Any]:
+        """When the INT8 model at ``out`` misses ``budget`` against the float model on the validation
         inputs: rank the nodes by sensitivity, keep the fewest most sensitive ones float that meet it
         (``mixed_precision.fewest_float_nodes``) and leave that model at ``out``."""
-        wanted = self.config["min_cosine"]
-        score = Scorer(pre, validation.take(MIXED_PRECISION_SAMPLES).inputs)
+        data = validation.take(ACCURACY_SAMPLES if budget.max_accuracy_drop is not None else MIXED_PRECISION_SAMPLES)
+        score = Scorer.onnx(pre, data.inputs, data.labels if budget.max_accuracy_drop is not None else None, data.task)
         all_int8 = score(out)
-        found: dict[str, Any] = {"min_cosine": wanted, "cosine_all_int8": all_int8["cosine"], "kept_float": [],
-                                 "cosine": all_int8["cosine"], "size_bytes_all_int8": out.stat().st_size}
-        if all_int8["cosine"] is not None and all_int8["cosine"] >= wanted:
+        found: dict[str, Any] = {**budget.to_json(), "cosine_all_int8": all_int8["cosine"], "kept_float": [],
+                                 "cosine": all_int8["cosine"], "size_bytes_all_int8": out.stat().st_size,
+                                 "samples": len(data)}
+        if "accuracy_drop" in all_int8:
+            found["accuracy_drop_all_int8"] = found["accuracy_drop"] = all_int8["accuracy_drop"]
+        if budget.met(all_int8):
             return found
 
         def quantize(path: Path, nodes_to_quantize=None, nodes_to_exclude=()) -> None:
@@ -131,11 +145,11 @@ class QuantizeInt8Static(Pass):
         with ctx.progress("ranking nodes for mixed precision", len(nodes)) as tick:
             ranking = [row["node"] for row in sensitivities(quantize, score, nodes, ctx.workdir, tick)]
         with ctx.progress("keeping the fewest nodes float", None) as tick:
-            search = fewest_float_nodes(quantize, score, ranking, wanted, out, tick)
+            search = fewest_float_nodes(quantize, score, ranking, budget, out, tick)
         if search is None:
             quantize(out)  # the all-INT8 model again; the quality gate reports the miss
-            ctx.notes.append(f"quantize-int8: even with all {len(ranking)} quantized nodes in float the cosine "
-                             f"stays below {wanted}; the all-INT8 model is kept")
+            ctx.notes.append(f"quantize-int8: even with all {len(ranking)} quantized nodes in float the budget "
+                             f"({budget}) is missed; the all-INT8 model is kept")
             return {**found, "candidates": len(ranking)}
         found.update(search, candidates=len(ranking))
         return found

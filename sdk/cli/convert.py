@@ -123,11 +123,11 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
 @_CAL.click_option("--calibration-method", default=None, show_default=False,
                    help=f"{_CAL.help}, with --quantize int8 (default: {_CAL.default}; tflite: minmax only).")
 @click.option("--keep-float", metavar="NODE[,NODE]", multiple=True,
-              help="With --quantize int8 (targets onnx, tvm): leave these nodes in float (repeatable; "
+              help="With --quantize int8 (targets onnx, tvm, tflite): leave these nodes in float (repeatable; "
                    "`edgeopt analyze` ranks the nodes by how much their quantization costs).")
 @click.option("--no-mixed-precision", is_flag=True,
-              help="With --min-cosine and --quantize int8 (targets onnx, tvm): only check the cosine; by default "
-                   "the fewest most sensitive nodes are kept float to meet it.")
+              help="With --min-cosine or --max-accuracy-drop and --quantize int8 (targets onnx, tvm, tflite): only "
+                   "check; by default the fewest most sensitive nodes are kept float to meet the budget.")
 @_BLOCK.click_option("--int4-block-size", type=int, default=None, show_default=False,
                      help=f"{_BLOCK.help}, with --quantize int4 (default: {_BLOCK.default}; tflite: 32 and up).")
 @click.option("--fp16-io", is_flag=True, help="With --quantize fp16 (target onnx): make inputs/outputs float16 too "

@@ -63,6 +63,8 @@ def print_convert_report(report: dict[str, Any]) -> None:
         con.print(escape(f"parity: max abs err {par['max_abs_err']:.3g}, mean abs err {par['mean_abs_err']:.3g}, "
                   f"cosine {par['cosine']:.6f}{top1}  ({report['validation']['samples']} samples: "
                   f"{report['validation']['source']})"))
+    if mixed := report.get("mixed_precision"):
+        con.print(escape(_mixed_line(mixed)))
     if fit["profile"]:
         verdict = "fits" if fit["ok"] else "DOES NOT FIT"
         con.print(f"fit on {fit['profile']}: model {format_size(fit['model_bytes'])} of "
@@ -76,6 +78,27 @@ def print_convert_report(report: dict[str, Any]) -> None:
     con.print(f"status: {status}  ({report['duration_s']:.1f} s)")
     if report.get("hint"):
         con.print(f"hint: {escape(report['hint'])}")
+
+
+def _mixed_line(mixed: dict[str, Any]) -> str:
+    nodes = [k["node"] for k in mixed["kept"]]
+    shown = ", ".join(nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
+    line = f"mixed precision: {len(nodes)} node(s) kept float ({shown})"
+    budget = mixed.get("budget") or {}
+    if budget:
+        asked = [f"cosine >= {budget['min_cosine']}"] if "min_cosine" in budget else []
+        asked += [f"accuracy drop <= {budget['max_accuracy_drop']}"] if "max_accuracy_drop" in budget else []
+        line += f" for {' and '.join(asked)}"
+    changes = []
+    if mixed.get("accuracy_drop_all_int8") is not None and mixed.get("accuracy_drop") is not None:
+        changes.append(f"accuracy drop {mixed['accuracy_drop_all_int8']:.2f} -> {mixed['accuracy_drop']:.2f} pts")
+    if mixed.get("cosine_all_int8") is not None and mixed.get("cosine") is not None:
+        changes.append(f"cosine {mixed['cosine_all_int8']:.4f} -> {mixed['cosine']:.4f}")
+    if changes:
+        line += f": {', '.join(changes)} (all-INT8 -> mixed)"
+    if "size_increase" in mixed:
+        line += f", {mixed['size_increase']:.2f}x the all-INT8 size"
+    return line
 
 
 def _print_compression_steps(con: Console, report: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from typing import ClassVar
 import onnx
 
 from edgeopt.converters.passes import ConversionError, PassContext
+from edgeopt.converters.passes.mixed_precision import Budget
 from edgeopt.converters.targets import Target
 from edgeopt.errors import MissingDependency, UnsupportedOpsError, UserInputError
 from edgeopt.onnx_io import iter_nodes, op_key
@@ -24,12 +25,14 @@ from edgeopt.runtime.litert import LiteRtRuntime
 # Importing the op modules registers their lowerings in ``lowering.RULES``.
 from . import ops_conv, ops_dense, ops_elementwise, ops_reduce, ops_resize, ops_rnn, ops_shape  # noqa: F401
 from .lowering import GraphFacts, Lowering, LoweringError, Node, graph_facts, unsupported_reason
+from .mixed import mixed_int8
 from .prepare import static_model
 from .quantize import INT4_BLOCK_SIZES, quantize_model
 from .sparse import store_sparse, summary
 
 FLATBUFFER_LIMIT = 2**31  # FlatBuffers address at most 2 GiB
 
+MIXED_PRECISION_PARAMS = ("keep_float", "min_cosine", "max_accuracy_drop")  # quantize-int8's, read by mixed.py
 FULL_INTEGER = ("int8", "int16x8")  # calibrated: integer activations (and I/O unless float_io)
 CALIBRATION_METHODS = ("minmax",)  # what LiteRT's calibrator records
 ACTIVATION_BYTES = {"none": 4, "fp16": 4, "int8-dynamic": 4, "int4": 4, "int8": 1, "int16x8": 2}
@@ -76,9 +79,12 @@ class TFLiteTarget(Target):
     # -- settings --------------------------------------------------------------------------------
     def honoured_pass_params(self, quantize: str) -> dict[str, frozenset[str]]:
         """LiteRT's own quantizers, not ONNX Runtime's passes: of those passes' parameters only the int4
-        block size, and the calibration method its calibrator has (min/max, checked in check_quantize)."""
+        block size, the calibration method its calibrator has (min/max, checked in check_quantize), and
+        for int8 the nodes left float and the accuracy budget that chooses them (``mixed.py``)."""
         if quantize == "int4":
             return {"quantize-int4": frozenset({"block_size"})}
+        if quantize == "int8":
+            return {"quantize-int8": frozenset({"calibration_method", *MIXED_PRECISION_PARAMS})}
         if quantize in FULL_INTEGER:
             return {"quantize-int8": frozenset({"calibration_method"})}
         return {}
@@ -150,6 +156,7 @@ class TFLiteTarget(Target):
             raise UnsupportedOpsError(self.name, {f"{exc.node.op}[{exc.reason}]": [exc.node.name]}) from exc
         self.io_transposes = dict(lowering.io_perms)
         self.op_origins = lowering.b.origins()
+        self.node_scopes = lowering.b.node_scopes()
         self.weight_origins = lowering.b.constant_origins()
         return data
 
@@ -159,10 +166,23 @@ class TFLiteTarget(Target):
             settings = self.honoured_pass_params(quantize)
             given = {name: self.pass_params.get(name) or {} for name in settings}
             chosen = {k: given[name][k] for name, keys in settings.items() for k in keys if k in given[name]}
-            data = quantize_model(data, quantize, ctx, io_transposes=self.io_transposes,
-                                  float_io=bool(quantize in FULL_INTEGER and self.config["float_io"]),
-                                  origins=self.op_origins, block_size=chosen.get("block_size"),
-                                  calibration_method=chosen.get("calibration_method") or CALIBRATION_METHODS[0])
+            keep = [n.strip() for n in (chosen.get("keep_float") or "").split(",") if n.strip()]
+            labelled = ctx.validation is not None and ctx.validation.labels is not None
+            budget = Budget(chosen.get("min_cosine"), chosen.get("max_accuracy_drop") if labelled else None)
+            if (keep or budget) and self.config["float_io"]:
+                raise UserInputError("--target-param float_io=true with --keep-float, --min-cosine or "
+                                     "--max-accuracy-drop on target 'tflite': LiteRT's quantizer, which leaves layers "
+                                     "float, writes integer I/O; drop one of them")
+            float_data = data
+            if not keep:
+                data = quantize_model(data, quantize, ctx, io_transposes=self.io_transposes,
+                                      float_io=bool(quantize in FULL_INTEGER and self.config["float_io"]),
+                                      origins=self.op_origins, block_size=chosen.get("block_size"),
+                                      calibration_method=chosen.get("calibration_method") or CALIBRATION_METHODS[0])
+            if keep or budget:
+                data, mixed = mixed_int8(float_data, None if keep else data, ctx, keep=keep, budget=budget,
+                                         node_scopes=self.node_scopes, io_transposes=self.io_transposes)
+                ctx.details.setdefault("quantize-tflite", {"mode": quantize})["mixed_precision"] = mixed
         if len(data) >= FLATBUFFER_LIMIT:
             raise UserInputError(f"the converted model is {len(data) / 2**30:.1f} GiB; a .tflite FlatBuffer holds "
                                  f"at most 2 GiB")

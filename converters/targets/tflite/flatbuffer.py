@@ -150,6 +150,17 @@ class ModelBuilder:
                 out[op.builtin].append(origin)
         return out
 
+    def node_scopes(self) -> dict[str, list[tuple[str, str]]]:
+        """ONNX node name → (builtin, scope) of each operator it was lowered to; the scope is how LiteRT's
+        quantizer names an operator in its recipes (its output tensor names, each followed by ';')."""
+        out: dict[str, list[tuple[str, str]]] = {}
+        for op in self.operators:
+            origin = op.extra.get("origin")
+            if origin is not None:
+                scope = "".join(f"{self.tensors[i].name};" for i in op.outputs if i >= 0)
+                out.setdefault(origin[1], []).append((op.builtin, scope))
+        return out
+
     def constant_origins(self) -> dict[str, str]:
         """Constant tensor name → the ONNX node whose lowering made it (weights keep their names through
         quantization, so the report can name the layer a weight belongs to)."""

@@ -45,11 +45,11 @@ def quantize_model(data: bytes, mode: str, ctx: PassContext, *, io_transposes: d
     if mode == "int8-dynamic":
         from litert_quantizer import recipe
 
-        return _litert_quantize(data, recipe.dynamic_wi8_afp32())
+        return litert_quantize(data, recipe.dynamic_wi8_afp32())
     if mode == "int4":
-        return fix_zero_block_scales(_litert_quantize(data, int4_recipe(data, block_size or DEFAULT_INT4_BLOCK)))
+        return fix_zero_block_scales(litert_quantize(data, int4_recipe(data, block_size or DEFAULT_INT4_BLOCK)))
     if mode == "fp16":
-        return _litert_quantize(data, fp16_recipe())
+        return litert_quantize(data, fp16_recipe())
     raise UserInputError(f"target 'tflite' has no quantize mode '{mode}'")
 
 
@@ -90,7 +90,7 @@ def full_integer(data: bytes, mode: str, ctx: PassContext, io_transposes: dict[s
                  origins: dict[str, list[tuple[str, str]]]) -> bytes:
     from ai_edge_litert import _pywrap_tensorflow_lite_calibration_wrapper as calibration
 
-    inputs = _input_details(data)
+    inputs = input_details(data)
     batches = calibration_batches(ctx, mode, inputs, io_transposes)
     activations, bias = (np.int8, np.int32) if mode == "int8" else (np.int16, np.int64)
     io_type = np.float32 if float_io else activations
@@ -170,7 +170,7 @@ def _explain_quantize_failure(exc: Exception, mode: str, origins: dict[str, list
     return ConversionError(f"LiteRT's quantizer failed ({mode}): {first}")
 
 
-def _input_details(data: bytes) -> list[dict[str, Any]]:
+def input_details(data: bytes) -> list[dict[str, Any]]:
     model = read_model(data)
     sub = model.subgraphs[0]
     return [{"name": sub.tensors[i].name.decode() if isinstance(sub.tensors[i].name, bytes) else sub.tensors[i].name,
@@ -178,19 +178,25 @@ def _input_details(data: bytes) -> list[dict[str, Any]]:
 
 
 # -- litert-quantizer recipes ------------------------------------------------------------------------------
-def _litert_quantize(data: bytes, recipe: Any) -> bytes:
+def litert_quantize(data: bytes, recipe: Any, calibration: dict[str, Any] | None = None) -> bytes:
     from litert_quantizer import quantizer
 
     qt = quantizer.Quantizer(bytearray(data))
     qt.load_quantization_recipe(recipe)
-    # litert-quantizer 0.11 does not hand enable_progress_bar on to its transformation step, which draws
-    # a tqdm bar on sys.stderr for models of 100 tensors or more (past -q and into the terminal): what
-    # it writes there goes to the log instead.
+    with quiet_litert_quantizer(), np.errstate(divide="ignore", invalid="ignore"):
+        # (zero int4 block scales divide by zero: see fix_zero_block_scales)
+        return bytes(qt.quantize(calibration, enable_progress_bar=False, enable_progress_report=False).quantized_model)
+
+
+@contextlib.contextmanager
+def quiet_litert_quantizer():
+    """litert-quantizer 0.11 does not hand enable_progress_bar on to its transformation step, and its
+    calibration always draws one: tqdm bars on sys.stderr (past -q and into the terminal). What it
+    writes there goes to the log instead."""
     stderr = io.StringIO()
     try:
-        with np.errstate(divide="ignore", invalid="ignore"), contextlib.redirect_stderr(stderr):
-            # (zero int4 block scales divide by zero: see fix_zero_block_scales)
-            return bytes(qt.quantize(enable_progress_bar=False, enable_progress_report=False).quantized_model)
+        with contextlib.redirect_stderr(stderr):
+            yield
     finally:
         for line in re.split(r"[\r\n]+", stderr.getvalue()):
             if line.strip():

@@ -1,0 +1,112 @@
+"""Issue 17, automatic mixed precision, on the model the issue names: the digits MLP with one hidden
+unit's incoming weights and bias scaled x1000 and its outgoing weights /1000 -- the same float function
+(ReLU is positively homogeneous), a ruined activation range. Plain INT8 loses most of its accuracy;
+`analyze` must rank the layers around that activation first, and `convert --max-accuracy-drop 1.0`
+must meet the budget on onnx and tflite keeping at most two layers float. Accuracy and the kept layers
+are recomputed from the written files with the real runtimes, on the held-out digits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from edgeopt.converters.targets.tflite.flatbuffer import read_model, schema
+from edgeopt.runtime import run_batched
+from edgeopt.runtime.litert import LiteRtRuntime
+from edgeopt.runtime.onnxruntime import OnnxRuntime
+
+from conftest import run_cli
+
+RUINED = ("/1/Gemm", "/3/Gemm")  # the layers either side of the ruined activation
+
+
+@pytest.fixture(scope="module")
+def outlier(digits_models, tmp_path_factory) -> dict[str, Path]:
+    model = onnx.load(str(digits_models["mlp"]))
+    weights = {i.name: numpy_helper.to_array(i).copy() for i in model.graph.initializer}
+    assert [n.name for n in model.graph.node if n.op_type == "Gemm"] == ["/1/Gemm", "/3/Gemm", "/5/Gemm"]
+    val = np.load(digits_models["validation"])
+    hidden = np.maximum(val["image"].reshape(len(val["image"]), -1) @ weights["1.weight"].T + weights["1.bias"], 0)
+    unit = int(np.argmax(hidden.mean(0)))  # a unit that is active on real digits
+    weights["1.weight"][unit] *= 1000
+    weights["1.bias"][unit] *= 1000
+    weights["3.weight"][:, unit] /= 1000
+    for init in model.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(weights[init.name], init.name))
+    path = tmp_path_factory.mktemp("outlier") / "outlier_mlp.onnx"
+    onnx.save(model, str(path))
+    return {"model": path, "calibration": digits_models["calibration"], "validation": digits_models["validation"],
+            "float": digits_models["mlp"]}
+
+
+def _accuracy(path: Path, validation: Path) -> float:
+    data = np.load(validation)
+    runtime = LiteRtRuntime(path, threads=1) if path.suffix == ".tflite" else OnnxRuntime(path, threads=1)
+    (name,) = [s.name for s in runtime.inputs]
+    out = run_batched(runtime, {name: data["image"].astype(np.float32)})
+    return float((next(iter(out.values())).argmax(1) == data["labels"]).mean() * 100)
+
+
+def test_the_outlier_is_the_same_float_function(outlier):
+    assert abs(_accuracy(outlier["model"], outlier["validation"]) - _accuracy(outlier["float"], outlier["validation"])) < 0.5
+
+
+def test_analyze_ranks_the_ruined_layers_first(outlier):
+    res = run_cli("analyze", outlier["model"], "--calibration", outlier["calibration"], "--validation",
+                  outlier["validation"], "--json")
+    assert res.code == 0, res.err
+    layers = json.loads(res.out)["layers"]
+    assert {row["node"] for row in layers[:2]} == set(RUINED)
+    assert layers[0]["sensitivity"] > 100 * layers[-1]["sensitivity"]
+
+
+@pytest.mark.parametrize("target", ["onnx", "tflite"])
+def test_max_accuracy_drop_keeps_at_most_two_layers_float(outlier, target, tmp_path):
+    out = tmp_path / target
+    res = run_cli("convert", outlier["model"], "-o", out, "--target", target, "--quantize", "int8",
+                  "--calibration", outlier["calibration"], "--validation", outlier["validation"],
+                  "--max-accuracy-drop", "1.0", "--json", "-q")
+    assert res.code == 0, res.err
+    report = json.loads(res.out)
+    details = report["pass_details"]["quantize-int8" if target == "onnx" else "quantize-tflite"]["mixed_precision"]
+    assert details["accuracy_drop_all_int8"] >= 5.0  # plain INT8 is ruined ...
+    assert 1 <= len(details["kept_float"]) <= 2 and set(details["kept_float"]) <= set(RUINED)
+    assert details["accuracy_drop"] <= 1.0 and report["status"] == "ok"
+    assert details["quantizations"] <= 2 + details["candidates"].bit_length()
+    # ... and the shipped file, run here on the held-out digits, meets the budget
+    model = out / ("model.onnx" if target == "onnx" else "model.tflite")
+    assert _accuracy(outlier["float"], outlier["validation"]) - _accuracy(model, outlier["validation"]) <= 1.0
+    assert _float_layers(model) == len(details["kept_float"])
+
+
+def _float_layers(model: Path) -> int:
+    """Weight layers that compute in float in the written model."""
+    if model.suffix == ".onnx":
+        graph = onnx.load(str(model)).graph
+        dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        return sum(1 for n in graph.node if n.op_type == "Gemm" and n.input[0] not in dequantized)
+    s = schema()
+    m = read_model(model.read_bytes())
+    sub = m.subgraphs[0]
+    fc = [op for op in sub.operators
+          if max(m.operatorCodes[op.opcodeIndex].builtinCode, m.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)
+          == s.BuiltinOperator.FULLY_CONNECTED]
+    return sum(1 for op in fc if sub.tensors[op.inputs[1]].type == s.TensorType.FLOAT32)
+
+
+def test_keep_float_by_hand_on_tflite(outlier, tmp_path):
+    common = ("--target", "tflite", "--quantize", "int8", "--calibration", outlier["calibration"],
+              "--validation", outlier["validation"], "--json", "-q")
+    res = run_cli("convert", outlier["model"], "-o", tmp_path / "a", *common, "--keep-float", ",".join(RUINED))
+    assert res.code == 0, res.err
+    report = json.loads(res.out)
+    assert report["pass_details"]["quantize-tflite"]["mixed_precision"]["kept_float"] == list(RUINED)
+    assert _float_layers(tmp_path / "a" / "model.tflite") == 2 and report["accuracy"]["drop"] <= 1.0
+    res = run_cli("convert", outlier["model"], "-o", tmp_path / "b", *common, "--keep-float", "no/such/node")
+    assert res.code == 2 and "--keep-float: no node named 'no/such/node'" in res.err
+    assert not (tmp_path / "b").exists()
