@@ -66,14 +66,6 @@ def op_profile(path: Path, feeds: dict[str, np.ndarray], runs: int = 50) -> dict
             totals[op] = totals.get(op, 0.0) + event["dur"] / 1000 / runs
     trace.unlink()
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
-VARIANTS = [  # label, convert options
-    ("onnx fp32", ["--target", "onnx"]),
-    ("onnx int8", ["--target", "onnx", "--quantize", "int8"]),
-    ("tflite fp32", ["--target", "tflite"]),
-    ("tflite int8", ["--target", "tflite", "--quantize", "int8"]),
-]
-
-
 def convert(model: Path, out: Path, flags: list[str], options: list[str], calibration: Path,
             validation: Path) -> dict:
     proc = subprocess.run([str(EXE), "convert", str(model), "-o", str(out), *flags, *options, "--calibration",

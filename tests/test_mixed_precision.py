@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 from edgeopt.converters.targets.tflite.flatbuffer import read_model, schema
 from edgeopt.runtime import run_batched
@@ -21,25 +20,13 @@ from edgeopt.runtime.litert import LiteRtRuntime
 from edgeopt.runtime.onnxruntime import OnnxRuntime
 
 from conftest import run_cli
-
-RUINED = ("/1/Gemm", "/3/Gemm")  # the layers either side of the ruined activation
+from outlier_mlp import RUINED, make_outlier_mlp
 
 
 @pytest.fixture(scope="module")
 def outlier(digits_models, tmp_path_factory) -> dict[str, Path]:
-    model = onnx.load(str(digits_models["mlp"]))
-    weights = {i.name: numpy_helper.to_array(i).copy() for i in model.graph.initializer}
-    assert [n.name for n in model.graph.node if n.op_type == "Gemm"] == ["/1/Gemm", "/3/Gemm", "/5/Gemm"]
-    val = np.load(digits_models["validation"])
-    hidden = np.maximum(val["image"].reshape(len(val["image"]), -1) @ weights["1.weight"].T + weights["1.bias"], 0)
-    unit = int(np.argmax(hidden.mean(0)))  # a unit that is active on real digits
-    weights["1.weight"][unit] *= 1000
-    weights["1.bias"][unit] *= 1000
-    weights["3.weight"][:, unit] /= 1000
-    for init in model.graph.initializer:
-        init.CopyFrom(numpy_helper.from_array(weights[init.name], init.name))
-    path = tmp_path_factory.mktemp("outlier") / "outlier_mlp.onnx"
-    onnx.save(model, str(path))
+    path = make_outlier_mlp(digits_models["mlp"], digits_models["validation"],
+                            tmp_path_factory.mktemp("outlier") / "outlier_mlp.onnx")
     return {"model": path, "calibration": digits_models["calibration"], "validation": digits_models["validation"],
             "float": digits_models["mlp"]}
 

@@ -10,11 +10,11 @@ import json
 
 import numpy as np
 import pytest
-from real_models import CORPUS, Unavailable, fetch, make_inputs
 
 from edgeopt.golden_vectors import check_artifact
 
 from conftest import run_cli
+from real_models import CORPUS, Unavailable, fetch, make_inputs
 
 CASES = [(m, t) for m in CORPUS for t in m.targets]
 
