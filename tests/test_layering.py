@@ -139,6 +139,7 @@ LAZY_PROJECT_IMPORTS = {
     "sdk/cli/fleet_rollout.py": 1,  # the repository, to check that a rollout's model is published
     "sdk/cli/inspect.py": 3,  # the converter (onnx): `edgeopt inspect --help` works without the convert extra
     "sdk/cli/analyze.py": 2,  # the converter (onnx, onnxruntime), as for inspect
+    "sdk/cli/optimize.py": 2,  # the converter, as for inspect
     "sdk/cli/keys.py": 2,  # the repository
     # python-tuf and cryptography (~0.1 s) load only when the agent's updates are on
     "agent/update/updater.py": 2,

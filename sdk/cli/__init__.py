@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("edgeopt.cli.convert:convert_cmd", "Compress, compile and validate an ONNX model into an artifact."),
     "inspect": ("edgeopt.cli.inspect:inspect_cmd", "Ops, parameters, size and target support of an ONNX model."),
     "analyze": ("edgeopt.cli.analyze:analyze_cmd", "Rank a model's nodes by what INT8 quantization of each costs."),
+    "optimize": ("edgeopt.cli.optimize:optimize_cmd", "Convert with every recipe a board takes; the Pareto front and the best."),
     "bench": ("edgeopt.cli.bench:bench_cmd", "Latency and throughput of an artifact or model over a batch sweep."),
     "profiles": ("edgeopt.cli.profiles:profiles_cmd", "List and show hardware profiles."),
     "keys": ("edgeopt.cli.keys:keys_cmd", "Create and rotate the signing keys of a fleet repository."),
