@@ -8,8 +8,8 @@ the model is quantized by litert-quantizer from **one** calibration (its calibra
 reused by every recipe), and:
 
 - the all-INT8 model from the classic path is scored first; a model that meets the budget is kept;
-- otherwise every candidate (each ONNX node lowered to a weight-carrying operator) is quantized alone
-  and scored: its sensitivity, as ``edgeopt analyze`` ranks ONNX Runtime's nodes;
+- otherwise every candidate (each ONNX node, through the operators it was lowered to) is quantized
+  alone and scored: its sensitivity, as ``edgeopt analyze`` ranks ONNX Runtime's nodes;
 - ``mixed_precision.fewest_float_nodes`` gallops and bisects over that ranking.
 
 Scores compare LiteRT outputs with the float .tflite's on the validation inputs (in the model's layout),
@@ -137,16 +137,19 @@ def mixed_int8(float_data: bytes, all_int8: bytes | None, ctx: PassContext, *, k
     quantize(out)
     if score is None:  # --keep-float alone: nothing to search
         return out.read_bytes(), details
-    candidates = [Candidate(node, next(b for b, _ in ops if b in WEIGHT_OPS)) for node, ops in node_scopes.items()
-                  if node not in keep and any(b in WEIGHT_OPS for b, _ in ops)]
+    # every node the lowering made operators for, the weight-carrying operator named where there is one:
+    # weights alone are not enough where the error builds up in the adds, activations and pools between
+    # them (the PP-LCNet classifier: all 54 weight layers float still miss cosine 0.997)
+    candidates = [Candidate(node, next((b for b, _ in ops if b in WEIGHT_OPS), ops[0][0]))
+                  for node, ops in node_scopes.items() if node not in keep and ops]
     with ctx.progress("ranking layers for mixed precision", len(candidates)) as tick:
         ranking = [row["node"] for row in sensitivities(quantize, score, candidates, work, tick)]
     with ctx.progress("keeping the fewest layers float", None) as tick:
         search = fewest_float_nodes(quantize, score, ranking, budget, out, tick)
     details["candidates"] = len(ranking)
     if search is None:
-        ctx.notes.append(f"tflite: even with all {len(ranking)} weight layers in float the budget ({budget}) is "
-                         f"missed; the all-INT8 model is kept")
+        ctx.notes.append(f"tflite: even with all {len(ranking)} nodes in float the budget ({budget}) is missed; "
+                         f"the all-INT8 model is kept")
         return all_int8 if all_int8 is not None else out.read_bytes(), details
     details.update(search, kept_float=list(keep) + search["kept_float"], quantizer="litert-quantizer")
     return out.read_bytes(), details
