@@ -11,3 +11,17 @@ try:
     __version__ = version("edgeopt")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
+
+
+# The Python API (docs/python.md): edgeopt.convert, edgeopt.analyze, edgeopt.optimize. The converter sits
+# above this core package (tests/test_layering.py), so the names resolve on first use, never at import:
+# `import edgeopt` stays light for the device agent, which has no converter installed.
+API = ("convert", "analyze", "optimize", "Analysis", "Optimization", "ConvertResult", "ConvertCheckFailed")
+
+
+def __getattr__(name: str):
+    if name in API:
+        import importlib
+
+        return getattr(importlib.import_module("edgeopt.converters.api"), name)
+    raise AttributeError(f"module 'edgeopt' has no attribute {name!r}")

@@ -13,9 +13,9 @@ from rich.table import Table
 
 from edgeopt import logs
 from edgeopt.cli import debug_requested
-from edgeopt.cli.progress import make_progress
 from edgeopt.errors import MissingDependency, UserInputError
 from edgeopt.profiles import load_profile
+from edgeopt.progress import make_progress
 
 
 @click.command("analyze")

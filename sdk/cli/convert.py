@@ -10,7 +10,6 @@ import click
 
 from edgeopt import logs, registry
 from edgeopt.cli import debug_requested
-from edgeopt.cli.progress import make_progress
 from edgeopt.cli.render import print_convert_report
 from edgeopt.converters.gates import DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1_AGREEMENT
 from edgeopt.converters.passes.canonicalize import parse_input_shape, parse_input_value
@@ -24,6 +23,7 @@ from edgeopt.converters.streaming import parse_batch_axis, parse_state
 from edgeopt.converters.targets import QUANTIZE_MODES
 from edgeopt.errors import UserInputError
 from edgeopt.params import Param
+from edgeopt.progress import make_progress
 
 _CAL = QuantizeInt8Static.param("calibration_method")
 _BLOCK = QuantizeInt4.param("block_size")

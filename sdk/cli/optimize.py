@@ -13,9 +13,9 @@ from rich.table import Table
 
 from edgeopt import logs
 from edgeopt.cli import debug_requested
-from edgeopt.cli.progress import make_progress
 from edgeopt.errors import CheckFailed, UserInputError
 from edgeopt.profiles import format_size
+from edgeopt.progress import make_progress
 
 
 def _floats(text: str) -> tuple[float, ...]:
