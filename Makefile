@@ -78,6 +78,7 @@ bench: setup
 	$(BIN)/python benchmarks/compress.py
 	$(BIN)/python benchmarks/fleet_scale.py
 	$(BIN)/python benchmarks/agent_throughput.py
+	$(BIN)/python benchmarks/mixed_precision.py
 	$(BIN)/python benchmarks/update.py
 	$(BIN)/python benchmarks/convert_tflite.py
 	$(BIN)/python benchmarks/onnx_node_cases_tflite.py
