@@ -97,3 +97,16 @@ def test_keep_float_by_hand_on_tflite(outlier, tmp_path):
     res = run_cli("convert", outlier["model"], "-o", tmp_path / "b", *common, "--keep-float", "no/such/node")
     assert res.code == 2 and "--keep-float: no node named 'no/such/node'" in res.err
     assert not (tmp_path / "b").exists()
+
+
+def test_float_io_keeps_the_budget_a_check_on_tflite(outlier, tmp_path):
+    """LiteRT's quantizer, which leaves layers float, writes integer I/O: with float_io=true the budget is
+    only checked (the all-INT8 model fails it), and --keep-float is refused."""
+    common = ("--target", "tflite", "--quantize", "int8", "--calibration", outlier["calibration"], "--validation",
+              outlier["validation"], "--float-io", "--json", "-q")
+    res = run_cli("convert", outlier["model"], "-o", tmp_path / "a", *common, "--max-accuracy-drop", "1.0")
+    assert res.code == 1
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["mixed_precision"] is None and any("only checked" in n for n in report["notes"])
+    res = run_cli("convert", outlier["model"], "-o", tmp_path / "b", *common, "--keep-float", RUINED[0])
+    assert res.code == 2 and "--keep-float with --float-io" in res.err

@@ -169,10 +169,13 @@ class TFLiteTarget(Target):
             keep = [n.strip() for n in (chosen.get("keep_float") or "").split(",") if n.strip()]
             labelled = ctx.validation is not None and ctx.validation.labels is not None
             budget = Budget(chosen.get("min_cosine"), chosen.get("max_accuracy_drop") if labelled else None)
-            if (keep or budget) and self.config["float_io"]:
-                raise UserInputError("--target-param float_io=true with --keep-float, --min-cosine or "
-                                     "--max-accuracy-drop on target 'tflite': LiteRT's quantizer, which leaves layers "
-                                     "float, writes integer I/O; drop one of them")
+            if keep and self.config["float_io"]:
+                raise UserInputError("--keep-float with --float-io on target 'tflite': LiteRT's "
+                                     "quantizer, which leaves layers float, writes integer I/O; drop one of them")
+            if budget and self.config["float_io"]:  # the budget stays a check, as before mixed precision
+                ctx.notes.append("tflite: --float-io: no layers are kept float for the accuracy budget (LiteRT's "
+                                 "quantizer, which would, writes integer I/O); the budget is only checked")
+                budget = Budget()
             float_data = data
             if not keep:
                 data = quantize_model(data, quantize, ctx, io_transposes=self.io_transposes,
