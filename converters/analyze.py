@@ -86,3 +86,30 @@ def analyze(opts: AnalyzeOptions, progress: ProgressFactory = no_progress) -> di
             "validation": {"source": validation.source, "samples": len(validation)},
             "calibration": {"source": data.source, "samples": len(data)},
             "float_vs_int8": baseline, "layers": layers}
+
+
+WEIGHTS_ONLY_ABOVE = 200  # nodes: past this, the report's analysis ranks only the nodes with weights
+REPORT_LAYERS = 10
+
+
+def gate_analysis(details: dict[str, Any], *, model: Path, calibration: Path, validation: Path | None,
+                  input_shapes: dict[str, tuple[int, ...]], input_values: dict[str, str], profile: Profile | None,
+                  source_nodes: int, progress: ProgressFactory = no_progress) -> dict[str, Any]:
+    """What a convert report carries when INT8 misses a quality gate: the most sensitive nodes and the
+    ``--keep-float`` that would keep them float. The mixed-precision search's own ranking where it ran
+    (it ranked with the target's quantizer), else ``edgeopt analyze``'s (ONNX Runtime QDQ)."""
+    for name, quantizer in (("quantize-int8", "onnxruntime"), ("quantize-tflite", "litert-quantizer")):
+        ranking = ((details.get(name) or {}).get("mixed_precision") or {}).get("ranking")
+        if ranking:
+            return _gate_result(ranking, f"the mixed-precision search, {quantizer}")
+    weights_only = source_nodes > WEIGHTS_ONLY_ABOVE
+    result = analyze(AnalyzeOptions(model=model, calibration=calibration, validation=validation,
+                                    input_shapes=input_shapes, input_values=input_values, profile=profile,
+                                    weights_only=weights_only), progress)
+    what = "edgeopt analyze, ONNX Runtime QDQ" + (", nodes with weights only" if weights_only else "")
+    return {**_gate_result(result["layers"], what), "float_vs_int8": result["float_vs_int8"]}
+
+
+def _gate_result(layers: list[dict[str, Any]], source: str) -> dict[str, Any]:
+    top = layers[:REPORT_LAYERS]
+    return {"source": source, "layers": top, "keep_float": ",".join(r["node"] for r in top[:3])}

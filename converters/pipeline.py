@@ -30,6 +30,7 @@ from edgeopt.artifact import (
     tool_versions,
 )
 from edgeopt.batching import run_samples, stack, with_axes
+from edgeopt.converters.analyze import gate_analysis
 from edgeopt.converters.fit import fit_check, peak_activation_elements
 from edgeopt.converters.gates import Thresholds, evaluate, hint
 from edgeopt.converters.output import check_output_location, replace_problem, space_needed
@@ -47,7 +48,7 @@ from edgeopt.converters.streaming import (
 from edgeopt.converters.targets import Target, get_target
 from edgeopt.converters.validate import Parity, accuracy, classifier_shaped, parity
 from edgeopt.data import Dataset, generate_inputs, load_dataset
-from edgeopt.errors import CheckFailed, UserInputError
+from edgeopt.errors import CheckFailed, EdgeoptError, UserInputError
 from edgeopt.fsutil import atomic_write_json, sha256_file, staged_directory, tree_size
 from edgeopt.memory import release_free_memory
 from edgeopt.onnx_io import (
@@ -334,6 +335,10 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
                              validation.task, generated_inputs=generated)
             failures = shape_problems + _failures(fit, par) + gates.failures
             missed = gates.failures or gates.warnings
+            analysis = None
+            if missed and quantize == "int8" and opts.calibration is not None:
+                with steps("analyze"):
+                    analysis = _analysis(ctx, opts, profile, len(source.graph.node), progress)
             versions = tool_versions(*target.toolchain)
             report = {
                 "schema": REPORT_SCHEMA,
@@ -357,6 +362,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
                 "steps": steps.rows,
                 "pass_details": {k: v for k, v in ctx.details.items() if k != "canonicalize"},
                 "mixed_precision": report_summary(ctx.details, model_bytes, target.format),
+                "analysis": analysis,
                 "notes": ctx.notes,
                 "tool_versions": versions,
                 "duration_s": round(time.perf_counter() - started, 3),
@@ -385,6 +391,19 @@ def _with_budget(opts: ConvertOptions, quantize: str) -> dict[str, dict[str, Any
     if quantize != "int8" or not budget or not opts.mixed_precision:
         return opts.pass_params
     return {**opts.pass_params, "quantize-int8": {**opts.pass_params.get("quantize-int8", {}), **budget}}
+
+
+def _analysis(ctx: PassContext, opts: ConvertOptions, profile: Profile | None, source_nodes: int,
+              progress: ProgressFactory) -> dict[str, Any] | None:
+    """The most sensitive nodes, for a report whose INT8 model missed a quality gate; a note instead
+    when they cannot be ranked (the report is still written)."""
+    try:
+        return gate_analysis(ctx.details, model=opts.model, calibration=opts.calibration, validation=opts.validation,
+                             input_shapes=opts.input_shapes, input_values=opts.input_values, profile=profile,
+                             source_nodes=source_nodes, progress=progress)
+    except EdgeoptError as exc:
+        ctx.notes.append(f"the INT8 layers could not be ranked for this report: {str(exc).splitlines()[0]}")
+        return None
 
 
 def _searches(target: Target, quantize: str) -> bool:

@@ -110,3 +110,16 @@ def test_float_io_keeps_the_budget_a_check_on_tflite(outlier, tmp_path):
     assert report["mixed_precision"] is None and any("only checked" in n for n in report["notes"])
     res = run_cli("convert", outlier["model"], "-o", tmp_path / "b", *common, "--keep-float", RUINED[0])
     assert res.code == 2 and "--keep-float with --float-io" in res.err
+
+
+@pytest.mark.parametrize("target", ["onnx", "tflite"])
+def test_a_missed_gate_carries_the_analysis(outlier, target, tmp_path):
+    """Issue 17: the same analysis appears in a convert report whenever a quality gate fails -- here the
+    default accuracy gate, no budget given, so `edgeopt analyze`'s ranking; its top nodes are the ruined pair."""
+    res = run_cli("convert", outlier["model"], "-o", tmp_path / "a", "--target", target, "--quantize", "int8",
+                  "--calibration", outlier["calibration"], "--validation", outlier["validation"])
+    assert res.code == 0, res.err
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["status"] == "warning" and report["analysis"]["source"].startswith("edgeopt analyze")
+    assert {r["node"] for r in report["analysis"]["layers"][:2]} == set(RUINED)
+    assert "most sensitive to INT8" in res.out and "--keep-float" in res.out

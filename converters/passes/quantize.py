@@ -33,6 +33,7 @@ from edgeopt.params import Param, in_range
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 MIXED_PRECISION_SAMPLES = 64  # validation samples the min_cosine search compares on
+RANKING_KEPT = 20  # the most sensitive nodes the report lists
 ACCURACY_SAMPLES = 2048  # and the max_accuracy_drop search: enough that one sample is not the whole budget
 
 
@@ -143,7 +144,9 @@ class QuantizeInt8Static(Pass):
         nodes = [n for n in quantized_nodes(float_model, onnx.load(str(out), load_external_data=False))
                  if n.name not in keep]
         with ctx.progress("ranking nodes for mixed precision", len(nodes)) as tick:
-            ranking = [row["node"] for row in sensitivities(quantize, score, nodes, ctx.workdir, tick)]
+            rows = sensitivities(quantize, score, nodes, ctx.workdir, tick)
+        found["ranking"] = rows[:RANKING_KEPT]  # the report's analysis when the gate still fails
+        ranking = [row["node"] for row in rows]
         with ctx.progress("keeping the fewest nodes float", None) as tick:
             search = fewest_float_nodes(quantize, score, ranking, budget, out, tick)
         if search is None:

@@ -78,6 +78,13 @@ def print_convert_report(report: dict[str, Any]) -> None:
     con.print(f"status: {status}  ({report['duration_s']:.1f} s)")
     if report.get("hint"):
         con.print(f"hint: {escape(report['hint'])}")
+    if analysis := report.get("analysis"):
+        top = ", ".join(f"{r['node']} ({r['sensitivity']:.1e})" for r in analysis["layers"][:3]
+                        if r.get("sensitivity") is not None)
+        searched = analysis["source"].startswith("the mixed-precision search")
+        con.print(escape(f"most sensitive to INT8 ({analysis['source']}): {top}; try --keep-float "
+                         f"{analysis['keep_float']}" + ("" if searched else ", or let --min-cosine / "
+                                                        "--max-accuracy-drop choose the layers")))
 
 
 def _mixed_line(mixed: dict[str, Any]) -> str:

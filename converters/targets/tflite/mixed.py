@@ -42,6 +42,7 @@ from edgeopt.runtime.litert import LiteRtRuntime, interpreter_module
 WEIGHT_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL"})
 COSINE_SAMPLES = 64  # validation samples a cosine budget compares on (as the quantize-int8 pass)
 ACCURACY_SAMPLES = 2048
+RANKING_KEPT = 20
 
 
 class Candidate(NamedTuple):  # what mixed_precision.sensitivities reads of a node
@@ -143,7 +144,9 @@ def mixed_int8(float_data: bytes, all_int8: bytes | None, ctx: PassContext, *, k
     candidates = [Candidate(node, next((b for b, _ in ops if b in WEIGHT_OPS), ops[0][0]))
                   for node, ops in node_scopes.items() if node not in keep and ops]
     with ctx.progress("ranking layers for mixed precision", len(candidates)) as tick:
-        ranking = [row["node"] for row in sensitivities(quantize, score, candidates, work, tick)]
+        rows = sensitivities(quantize, score, candidates, work, tick)
+    details["ranking"] = rows[:RANKING_KEPT]  # the report's analysis when the gate still fails
+    ranking = [row["node"] for row in rows]
     with ctx.progress("keeping the fewest layers float", None) as tick:
         search = fewest_float_nodes(quantize, score, ranking, budget, out, tick)
     details["candidates"] = len(ranking)
