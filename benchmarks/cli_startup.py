@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import print_table, write_json
+from common import cli, print_table, write_json
 
 RUNS = 15
 
@@ -20,6 +20,7 @@ def timed(cmd: list[str]) -> float:
 
 
 def main() -> None:
+    cli(__doc__)
     exe = str(Path(sys.executable).parent / "edgeopt")
     cases = {"python -c pass": [sys.executable, "-c", "pass"], "edgeopt --help": [exe, "--help"],
              "edgeopt profiles list": [exe, "profiles", "list"], "edgeopt convert --help": [exe, "convert", "--help"]}

@@ -57,6 +57,13 @@ def add_out_option(parser: argparse.ArgumentParser) -> None:
                              f"writes the recorded {RECORDED.relative_to(ROOT)}/)")
 
 
+def cli(doc: str | None) -> argparse.Namespace:
+    """The command line of a script with no options of its own: ``--help`` and ``--out``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_out_option(parser)
+    return parser.parse_args()
+
+
 def results_dir() -> Path:
     """The --out directory of this run: a run never overwrites the tracked, recorded results."""
     parser = argparse.ArgumentParser(add_help=False)

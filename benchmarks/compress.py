@@ -9,14 +9,15 @@ interleaved), held-out accuracy, and what densifying costs once: interpreter cre
 ``allocate_tensors`` and the first invoke, median of fresh loads, XNNPACK on and off — for the
 digits CNN and for the 1.1 M-weight digits MLP pruned the same way (where it is big enough to see).
 
-    python benchmarks/compress.py                 # both; writes benchmarks/results/compress.json and
-                                                  # docs/compress_accuracy_vs_size.png
-    python benchmarks/compress.py tflite-sparse   # only the .tflite rows:
-                                                  # benchmarks/results/compress_tflite_sparse.json
+    python benchmarks/compress.py                 # both; writes compress.json and
+                                                  # compress_accuracy_vs_size.png to --out (default
+                                                  # build/benchmarks/; docs/ holds the recorded plot)
+    python benchmarks/compress.py tflite-sparse   # only the .tflite rows: compress_tflite_sparse.json
 """
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import statistics
@@ -33,11 +34,11 @@ from edgeopt.runtime import run_batched, to_model_dtype
 from edgeopt.runtime.litert import LiteRtRuntime, interpreter_module, quiet_native_stderr
 from edgeopt.runtime.onnxruntime import OnnxRuntime
 
-from common import ROOT, print_table, write_json
+from common import add_out_option, print_table, results_dir, write_json
 
 SETTINGS = BenchSettings(rounds=7, min_round_time=0.2)  # latency: 7 interleaved rounds of >= 0.2 s
 
-PLOT = ROOT / "docs" / "compress_accuracy_vs_size.png"
+PLOT = "compress_accuracy_vs_size.png"  # in --out; docs/ holds the recorded copy
 EPOCHS = 30
 # (label, recipe family for the plot, options)
 VARIANTS = [
@@ -60,12 +61,11 @@ VARIANTS = [
 
 
 def main() -> None:
-    if sys.argv[1:] == ["tflite-sparse"]:
-        tflite_sparse()
-        return
-    if sys.argv[1:]:
-        raise SystemExit("usage: python benchmarks/compress.py [tflite-sparse]")
-    recipes()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", nargs="?", choices=["tflite-sparse"], help="only the .tflite rows")
+    add_out_option(ap)
+    if ap.parse_args().part is None:
+        recipes()
     tflite_sparse()
 
 
@@ -122,7 +122,8 @@ def recipes() -> None:
                 ["variant", "params", "MACs", "MACs ÷", "bytes", "gzip bytes", "p50 b1 ms", "speedup b1",
                  "p50 b32 ms", "speedup b32", "top-1 %", "Δ pts", "convert CPU s"], rows)
     write_json("compress", {"epochs": EPOCHS, "results": results})
-    plot(results, PLOT)
+    out = results_dir()
+    plot(results, out / PLOT)
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -164,7 +165,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {path}")
 
 
 # -- TFLite sparse weight storage ------------------------------------------------------------------------------

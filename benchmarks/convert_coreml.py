@@ -22,7 +22,7 @@ import numpy as np
 from edgeopt.converters.pipeline import ConvertOptions, convert
 from edgeopt.fsutil import tree_size
 
-from common import ROOT, print_table, write_json
+from common import ROOT, cli, print_table, write_json
 
 sys.path.insert(0, str(ROOT / "tests"))  # the test suite's model builders and MIL reference evaluator
 
@@ -64,6 +64,7 @@ def _accuracy(package: Path, validation: Path, limit: int = 200) -> float:
 
 
 def main() -> None:
+    cli(__doc__)
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -17,7 +17,7 @@ from edgeopt.bench import BenchSettings, measure
 from edgeopt.converters.pipeline import ConvertOptions, convert
 from edgeopt.runtime.onnxruntime import OnnxRuntime
 
-from common import print_table, write_json
+from common import cli, print_table, write_json
 
 SETTINGS = BenchSettings(rounds=7, min_round_time=0.2)  # latency: 7 interleaved rounds of >= 0.2 s
 
@@ -26,6 +26,7 @@ MODELS = ["cnn", "mlp", "mlp-1m"]
 
 
 def main() -> None:
+    cli(__doc__)
     import digits  # examples/, put on the path by common
 
     rows, results = [], []

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ROOT, print_table, write_json
+from common import ROOT, cli, print_table, write_json
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -97,6 +97,7 @@ def _onnx2tf(python: str, model: Path, workdir: Path, validation: Path, input_na
 
 
 def main() -> None:
+    cli(__doc__)
     onnx2tf_python = os.environ.get("ONNX2TF_PYTHON")
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,7 +4,7 @@ their default settings; each artifact is converted and benched several times, al
 ratios (bench / convert) of p50 latency and throughput are printed per run and as the median.
 
     python benchmarks/latency_agreement.py                       # prints the table only
-    python benchmarks/latency_agreement.py --out agreement.json  # and writes the JSON there
+    python benchmarks/latency_agreement.py --out DIR   # and writes DIR/latency_agreement.json
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import machine, print_table
+from common import add_out_option, print_table, write_json
 
 EXE = Path(sys.executable).parent / "edgeopt"
 # (label, digits model, convert options)
@@ -40,7 +40,7 @@ def edgeopt(*args: str | Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3, help="conversions (each followed by a bench) per artifact")
-    ap.add_argument("--out", type=Path, help="write the results as JSON to this file")
+    add_out_option(ap)
     args = ap.parse_args()
     import digits  # examples/, put on the path by common
 
@@ -68,9 +68,7 @@ def main() -> None:
                  "throughput ratio"], rows)
     worst = max(abs(r["median_ratio"][k] - 1) for r in results for k in FIELDS)
     print(f"largest deviation of a median ratio from 1: {worst:.1%}")
-    if args.out:
-        args.out.write_text(json.dumps({"machine": machine(), "results": results}, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_json("latency_agreement", {"results": results})
 
 
 if __name__ == "__main__":

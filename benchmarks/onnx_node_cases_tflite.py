@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, print_table, write_json
+from common import ROOT, cli, print_table, write_json
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -20,6 +20,7 @@ from tflite_harness import claimed_node_cases, run_node_case  # noqa: E402
 
 
 def main() -> None:
+    cli(__doc__)
     with tempfile.TemporaryDirectory() as tmp:
         results = [run_node_case(case, Path(tmp) / str(i)) for i, case in enumerate(claimed_node_cases())]
     by_op: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)

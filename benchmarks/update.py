@@ -18,7 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
-from common import ROOT, print_table, write_json
+from common import ROOT, cli, print_table, write_json
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -60,6 +60,7 @@ def run_update(rig, agent, version: str, state_dir: Path) -> tuple[float, dict]:
 
 
 def main() -> None:
+    cli(__doc__)
     import imu
     from update_harness import Rig, convert, nan_on_golden, seq_gaps
 
