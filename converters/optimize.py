@@ -114,6 +114,9 @@ def _convert_one(opts: OptimizeOptions, c: Candidate, out: Path) -> dict[str, An
         return {"report": exc.result.report}
     except EdgeoptError as exc:
         return {"error": str(exc).splitlines()[0]}
+    except Exception as exc:  # a bug on one candidate's path must not lose the others' hours of work
+        first = (str(exc).splitlines() or [""])[0]
+        return {"error": f"internal error (a bug in edgeopt): {type(exc).__name__}: {first}"}
 
 
 def _key(opts: OptimizeOptions, c: Candidate) -> str:
