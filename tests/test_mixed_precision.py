@@ -123,3 +123,15 @@ def test_a_missed_gate_carries_the_analysis(outlier, target, tmp_path):
     assert report["status"] == "warning" and report["analysis"]["source"].startswith("edgeopt analyze")
     assert {r["node"] for r in report["analysis"]["layers"][:2]} == set(RUINED)
     assert "most sensitive to INT8" in res.out and "--keep-float" in res.out
+
+
+def test_keep_float_with_a_budget_no_prefix_meets_ships_only_the_named_nodes_float(outlier, tmp_path):
+    """A budget nothing meets (LiteRT's integer I/O alone costs more), with --keep-float: the search
+    fails and the model shipped keeps exactly the named node float, not the search's last try."""
+    res = run_cli("convert", outlier["model"], "-o", tmp_path / "a", "--target", "tflite", "--quantize", "int8",
+                  "--calibration", outlier["calibration"], "--validation", outlier["validation"], "--keep-float",
+                  RUINED[0], "--min-cosine", "0.99999999", "-q")
+    assert res.code == 1
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert any("only the --keep-float nodes float" in n for n in report["notes"])
+    assert _float_layers(tmp_path / "a" / "model.tflite") == 1

@@ -151,9 +151,13 @@ def mixed_int8(float_data: bytes, all_int8: bytes | None, ctx: PassContext, *, k
         search = fewest_float_nodes(quantize, score, ranking, budget, out, tick)
     details["candidates"] = len(ranking)
     if search is None:
+        kept = "the all-INT8 model" if all_int8 is not None else "the model with only the --keep-float nodes float"
         ctx.notes.append(f"tflite: even with all {len(ranking)} nodes in float the budget ({budget}) is missed; "
-                         f"the all-INT8 model is kept")
-        return all_int8 if all_int8 is not None else out.read_bytes(), details
+                         f"{kept} is kept")
+        if all_int8 is not None:
+            return all_int8, details
+        quantize(out)  # the search left its last try at `out`
+        return out.read_bytes(), details
     details.update(search, kept_float=list(keep) + search["kept_float"], quantizer="litert-quantizer")
     return out.read_bytes(), details
 
