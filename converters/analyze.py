@@ -27,7 +27,7 @@ from typing import Any
 import onnx
 
 from edgeopt.converters.passes import PassContext, ProgressFactory, get_pass, no_progress
-from edgeopt.converters.passes.mixed_precision import Scorer, quantized_nodes, sensitivities
+from edgeopt.converters.passes.mixed_precision import Scorer, quantized_nodes, searched, sensitivities
 from edgeopt.converters.passes.quantize import CalibrationReader, QuantizeInt8Static
 from edgeopt.converters.targets.onnx import OnnxTarget
 from edgeopt.data import load_dataset
@@ -98,10 +98,8 @@ def gate_analysis(details: dict[str, Any], *, model: Path, calibration: Path, va
     """What a convert report carries when INT8 misses a quality gate: the most sensitive nodes and the
     ``--keep-float`` that would keep them float. The mixed-precision search's own ranking where it ran
     (it ranked with the target's quantizer), else ``edgeopt analyze``'s (ONNX Runtime QDQ)."""
-    for name, quantizer in (("quantize-int8", "onnxruntime"), ("quantize-tflite", "litert-quantizer")):
-        ranking = ((details.get(name) or {}).get("mixed_precision") or {}).get("ranking")
-        if ranking:
-            return _gate_result(ranking, f"the mixed-precision search, {quantizer}")
+    if (search := searched(details)) and search[0].get("ranking"):
+        return _gate_result(search[0]["ranking"], f"the mixed-precision search, {search[1]}")
     weights_only = source_nodes > WEIGHTS_ONLY_ABOVE
     result = analyze(AnalyzeOptions(model=model, calibration=calibration, validation=validation,
                                     input_shapes=input_shapes, input_values=input_values, profile=profile,

@@ -35,7 +35,7 @@ from edgeopt.converters.fit import fit_check, peak_activation_elements
 from edgeopt.converters.gates import Thresholds, evaluate, hint
 from edgeopt.converters.output import check_output_location, replace_problem, space_needed
 from edgeopt.converters.passes import Pass, PassContext, ProgressFactory, get_pass, no_progress
-from edgeopt.converters.passes.mixed_precision import report_summary
+from edgeopt.converters.passes.mixed_precision import Budget, report_summary
 from edgeopt.converters.preprocessing import resolve_preprocessing
 from edgeopt.converters.settings import check_settings, check_target_params, unread_calibration_note
 from edgeopt.converters.streaming import (
@@ -210,7 +210,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
     target: Target = get_target(target_name)(pass_params=_with_budget(opts, quantize), profile=profile,
                                              **opts.target_params)
     target.check_quantize(quantize)
-    budgeted = opts.min_cosine is not None or opts.max_accuracy_drop is not None
+    budgeted = bool(Budget(opts.min_cosine, opts.max_accuracy_drop))
     if not opts.mixed_precision and (not budgeted or not _searches(target, quantize)):
         raise UserInputError(f"--no-mixed-precision applies with --min-cosine or --max-accuracy-drop and --quantize "
                              f"int8 on targets onnx, tvm and tflite, not --quantize {quantize} on target "
@@ -386,11 +386,10 @@ def _with_budget(opts: ConvertOptions, quantize: str) -> dict[str, dict[str, Any
     """The pass settings the target runs with: the user's, plus ``--min-cosine`` and
     ``--max-accuracy-drop`` for the INT8 quantizer, which keeps the fewest most sensitive nodes float
     when the all-INT8 model misses them (``_searches``: the targets that can)."""
-    budget = {k: v for k, v in (("min_cosine", opts.min_cosine), ("max_accuracy_drop", opts.max_accuracy_drop))
-              if v is not None}
+    budget = Budget(opts.min_cosine, opts.max_accuracy_drop)
     if quantize != "int8" or not budget or not opts.mixed_precision:
         return opts.pass_params
-    return {**opts.pass_params, "quantize-int8": {**opts.pass_params.get("quantize-int8", {}), **budget}}
+    return {**opts.pass_params, "quantize-int8": {**opts.pass_params.get("quantize-int8", {}), **budget.to_json()}}
 
 
 def _analysis(ctx: PassContext, opts: ConvertOptions, profile: Profile | None, source_nodes: int,

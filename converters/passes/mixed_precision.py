@@ -19,11 +19,14 @@ import numpy as np
 import onnx
 
 from edgeopt.converters.validate import Parity, accuracy
+from edgeopt.data import Dataset
 from edgeopt.runtime import run_batched
 from edgeopt.runtime.onnxruntime import OnnxRuntime
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 BATCH = 8
+COSINE_SAMPLES = 64  # validation samples a cosine budget compares on
+ACCURACY_SAMPLES = 2048  # and an accuracy budget: enough that one sample is not the whole budget
 
 # quantize(out_path, nodes_to_quantize=None, nodes_to_exclude=None): writes a QDQ model of the same
 # pre-processed float model, ranges from the same calibration
@@ -37,6 +40,18 @@ class Budget:
 
     min_cosine: float | None = None
     max_accuracy_drop: float | None = None
+
+    @classmethod
+    def given(cls, min_cosine: float | None, max_accuracy_drop: float | None, validation: Dataset | None) -> Budget:
+        """The budget a search can hold: an accuracy drop only where the validation data has labels."""
+        labelled = validation is not None and validation.labels is not None
+        return cls(min_cosine, max_accuracy_drop if labelled else None)
+
+    def scoring_data(self, validation: Dataset) -> tuple[Dataset, np.ndarray | None]:
+        """The validation samples the search scores on, and the labels when the accuracy counts."""
+        labelled = self.max_accuracy_drop is not None and validation.labels is not None
+        data = validation.take(ACCURACY_SAMPLES if labelled else COSINE_SAMPLES)
+        return data, data.labels if labelled else None
 
     def __bool__(self) -> bool:
         return self.min_cosine is not None or self.max_accuracy_drop is not None
@@ -161,15 +176,25 @@ def fewest_float_nodes(quantize: Quantize, score: Scorer, ranking: Sequence[str]
     return found
 
 
+# where the pass details keep a mixed-precision search's record: ONNX Runtime's pass, the tflite target
+SEARCHES = (("quantize-int8", "onnxruntime"), ("quantize-tflite", "litert-quantizer"))
+
+
+def searched(details: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
+    """The mixed-precision record in a conversion's pass details, and the quantizer that made it."""
+    for name, quantizer in SEARCHES:
+        if found := (details.get(name) or {}).get("mixed_precision"):
+            return found, quantizer
+    return None
+
+
 def report_summary(details: dict[str, Any], model_bytes: int, fmt: str) -> dict[str, Any] | None:
     """The report's summary of an INT8 model with nodes left float (by --keep-float or the budget
     search): which, at what precision, what the budget asked and reached, and the size it costs."""
-    found = (details.get("quantize-int8") or {}).get("mixed_precision") or \
-        (details.get("quantize-tflite") or {}).get("mixed_precision")
-    kept = (details.get("quantize-int8") or {}).get("kept_float") or (found or {}).get("kept_float")
+    found = (searched(details) or ({}, ""))[0]
+    kept = (details.get("quantize-int8") or {}).get("kept_float") or found.get("kept_float")
     if not kept:
         return None
-    found = found or {}
     summary = {"kept": [{"node": n, "precision": "float32"} for n in kept],
                "budget": {k: found[k] for k in ("min_cosine", "max_accuracy_drop") if k in found}}
     for key in ("cosine_all_int8", "cosine", "accuracy_drop_all_int8", "accuracy_drop", "quantizations"):

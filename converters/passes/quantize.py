@@ -32,9 +32,7 @@ from edgeopt.onnx_io import input_specs, iter_nodes, toposort
 from edgeopt.params import Param, in_range
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-MIXED_PRECISION_SAMPLES = 64  # validation samples the min_cosine search compares on
 RANKING_KEPT = 20  # the most sensitive nodes the report lists
-ACCURACY_SAMPLES = 2048  # and the max_accuracy_drop search: enough that one sample is not the whole budget
 
 
 class CalibrationReader:
@@ -117,16 +115,15 @@ class QuantizeInt8Static(Pass):
 
     def budget(self, ctx: PassContext) -> Budget:
         """The accuracy budget the pass keeps nodes float for; an accuracy drop only with labels."""
-        labelled = ctx.validation is not None and ctx.validation.labels is not None
-        return Budget(self.config["min_cosine"], self.config["max_accuracy_drop"] if labelled else None)
+        return Budget.given(self.config["min_cosine"], self.config["max_accuracy_drop"], ctx.validation)
 
     def _mixed_precision(self, pre: Path, out: Path, cache: Path, keep: list[str], validation: Dataset,
                          budget: Budget, ctx: PassContext) -> dict[str, Any]:
         """When the INT8 model at ``out`` misses ``budget`` against the float model on the validation
         inputs: rank the nodes by sensitivity, keep the fewest most sensitive ones float that meet it
         (``mixed_precision.fewest_float_nodes``) and leave that model at ``out``."""
-        data = validation.take(ACCURACY_SAMPLES if budget.max_accuracy_drop is not None else MIXED_PRECISION_SAMPLES)
-        score = Scorer.onnx(pre, data.inputs, data.labels if budget.max_accuracy_drop is not None else None, data.task)
+        data, labels = budget.scoring_data(validation)
+        score = Scorer.onnx(pre, data.inputs, labels, data.task)
         all_int8 = score(out)
         found: dict[str, Any] = {**budget.to_json(), "cosine_all_int8": all_int8["cosine"], "kept_float": [],
                                  "cosine": all_int8["cosine"], "size_bytes_all_int8": out.stat().st_size,

@@ -167,8 +167,7 @@ class TFLiteTarget(Target):
             given = {name: self.pass_params.get(name) or {} for name in settings}
             chosen = {k: given[name][k] for name, keys in settings.items() for k in keys if k in given[name]}
             keep = [n.strip() for n in (chosen.get("keep_float") or "").split(",") if n.strip()]
-            labelled = ctx.validation is not None and ctx.validation.labels is not None
-            budget = Budget(chosen.get("min_cosine"), chosen.get("max_accuracy_drop") if labelled else None)
+            budget = Budget.given(chosen.get("min_cosine"), chosen.get("max_accuracy_drop"), ctx.validation)
             if keep and self.config["float_io"]:
                 raise UserInputError("--keep-float with --float-io on target 'tflite': LiteRT's "
                                      "quantizer, which leaves layers float, writes integer I/O; drop one of them")

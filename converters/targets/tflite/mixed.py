@@ -40,8 +40,6 @@ from edgeopt.runtime import run_batched
 from edgeopt.runtime.litert import LiteRtRuntime, interpreter_module
 
 WEIGHT_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL"})
-COSINE_SAMPLES = 64  # validation samples a cosine budget compares on (as the quantize-int8 pass)
-ACCURACY_SAMPLES = 2048
 RANKING_KEPT = 20
 
 
@@ -167,9 +165,6 @@ def _scorer(float_path: Path, ctx: PassContext, budget: Budget, io_transposes: M
     """LiteRT outputs against the float .tflite's on the validation inputs; None without a budget."""
     if not budget:
         return None
-    validation = ctx.validation if ctx.validation is not None else ctx.calibration
-    labelled = budget.max_accuracy_drop is not None and validation.labels is not None
-    data = validation.take(ACCURACY_SAMPLES if labelled else COSINE_SAMPLES)
+    data, labels = budget.scoring_data(ctx.validation if ctx.validation is not None else ctx.calibration)
     feeds = model_inputs(data, io_transposes)
-    return Scorer(lambda path: run_batched(LiteRtRuntime(path, threads=1), feeds), float_path,
-                  data.labels if labelled else None, data.task)
+    return Scorer(lambda path: run_batched(LiteRtRuntime(path, threads=1), feeds), float_path, labels, data.task)
