@@ -23,6 +23,7 @@ import numpy as np
 from edgeopt.agent.batcher import WindowQueue
 from edgeopt.agent.config import AgentConfig
 from edgeopt.agent.model import LoadedModel
+from edgeopt.agent.profile import Lap, Profile
 from edgeopt.agent.results import encode_results
 from edgeopt.agent.sinks import Sink
 from edgeopt.agent.sources import Source, SourceContext, make_source
@@ -41,6 +42,8 @@ class ResultWriter:
         self.sinks = sinks
         self.meta = meta
         self.sink_errors = 0  # windows a sink failed to take
+        self.windows_written = 0
+        self.lap = Lap()  # wait, encode, sink:KIND (agent/profile.py)
         self._queue: queue.Queue = queue.Queue(backlog)
         self._thread = threading.Thread(target=self._run, name="result-writer", daemon=True)
         self._thread.start()
@@ -51,8 +54,11 @@ class ResultWriter:
         self._queue.put((batch, outputs, model or self.model))
 
     def _run(self) -> None:
+        lap = self.lap
+        lap.restart()
         while True:
             item = self._queue.get()
+            lap("wait")
             if item is None:
                 return
             batch, outputs, model = item
@@ -63,6 +69,8 @@ class ResultWriter:
                 log.exception("cannot build result records")
                 self.sink_errors += len(batch)
                 continue
+            finally:
+                lap("encode")
             for sink in self.sinks:
                 try:
                     sink.write(results)
@@ -71,6 +79,8 @@ class ResultWriter:
                     if time.monotonic() - self._last_error_log > 10:
                         self._last_error_log = time.monotonic()
                         log.error("%s sink failed on %d result(s): %s", sink.kind, len(batch), exc)
+                lap(f"sink:{sink.kind}")
+            self.windows_written += len(batch)
 
     def close(self, timeout: float = 5.0) -> None:
         """Write everything submitted, then stop."""
@@ -92,35 +102,53 @@ class Pipeline:
         self.max_wait_s = config.batching.max_wait_ms / 1000.0
         self.meta = {"device": device_id, "model": {"name": model.name, "version": model.version}}
         self.inference_errors = 0  # windows lost to a failing inference call
+        self.windows_inferred = 0
         self.writer = ResultWriter(model, sinks, self.meta)
+        # where the time goes, per thread and stage (agent/profile.py); ``lap`` is the inference loop's
+        self.lap = Lap()
+        self.profile = Profile()
+        for src in self.sources:
+            self.profile.add(f"source:{src.name}", src.lap, lambda src=src: src.windows_cut)
+        self.profile.add("inference", self.lap, lambda: self.windows_inferred)
+        self.profile.add("writer", self.writer.lap, lambda: self.writer.windows_written)
         # called after every batch with (windows, outputs or None, seconds, model): the updater's
         # shadow and probation watch live windows this way
         self.observers: list = []
 
     def start(self) -> None:
+        self.lap.restart()
         for src in self.sources:
             src.start()
 
     def step(self, idle_timeout_s: float = 0.1) -> int:
         """Take one batch (waiting at most ``idle_timeout_s`` for its first window), infer, write; returns
         the number of windows handled."""
+        self.lap("agent")  # the service loop's work since the last batch
         batch = self.queue.get_batch(self.max_batch, self.max_wait_s, idle_timeout_s)
+        self.lap("queue_wait")
         if batch:
             self.infer(batch)
         return len(batch)
 
     def infer(self, batch: WindowBatch) -> None:
-        model = self.model
+        model, lap = self.model, self.lap
+        self.windows_inferred += len(batch)
         try:
             outputs, seconds = model.infer(batch)
         except EdgeoptError as exc:
+            lap("inference")
             self.inference_errors += len(batch)
             log.error("inference failed on %d window(s) (%s): %s", len(batch), batch.describe(), exc)
             self._observe(batch, None, 0.0, model)
+            lap("agent")
             return
+        lap("inference")
         self.stats.record(len(batch), seconds)
+        lap("agent")
         self.writer.submit(batch, outputs, model)
+        lap("handoff")
         self._observe(batch, outputs, seconds, model)
+        lap("agent")
 
     def _observe(self, batch: WindowBatch, outputs, seconds: float, model: LoadedModel) -> None:
         for observer in list(self.observers):

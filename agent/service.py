@@ -351,6 +351,7 @@ class Agent:
             log.info("flushed %d queued window(s)", flushed)
         self.totals.update(p.counters())
         self._source_history = p.source_stats()
+        self._profile_history = p.profile.snapshot()
         self.pipeline = None
 
     # -- state, telemetry, status ------------------------------------------------------------------------
@@ -438,6 +439,7 @@ class Agent:
             "rss_bytes": rss, "peak_rss_bytes": peak,
             "first_inference": self.stats.first_inference, "last_inference": self.stats.last_inference,
             "sources": p.source_stats() if p else getattr(self, "_source_history", {}),
+            "profile": p.profile.snapshot() if p else getattr(self, "_profile_history", {}),
             "outbox": self.publisher.stats() if self.publisher else None,
             "rejected_messages": self.rejected.snapshot(),
         }

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeopt.agent.profile import Lap
 from edgeopt.errors import UserInputError
 
 
@@ -157,9 +158,9 @@ class Windower:
         self._skip = 0
         self._lock = threading.Lock()
 
-    def push(self, samples: np.ndarray, timestamps: np.ndarray) -> WindowBlock:
+    def push(self, samples: np.ndarray, timestamps: np.ndarray, lap: Lap | None = None) -> WindowBlock:
         """Add samples [n, source channels] with their timestamps [n]; return the windows completed
-        (possibly none)."""
+        (possibly none). ``lap``: the source thread's stopwatch (``preprocess``, then ``window``)."""
         samples = np.asarray(samples, np.float32)
         if self.index is not None:
             samples = samples[:, self.index]
@@ -178,7 +179,12 @@ class Windower:
                 self._normalize(self._buf[:, kept:] if self.pre.channels_first else self._buf[kept:])
             self._ts = np.concatenate([self._ts, np.asarray(timestamps, np.float64)])
             self._bad = np.concatenate([self._bad, bad])
-            return self._cut()
+            if lap is not None:
+                lap("preprocess")
+            block = self._cut()
+            if lap is not None:
+                lap("window")
+            return block
 
     def _normalize(self, fresh: np.ndarray) -> None:
         """(x - mean) / std for each channel, in place, on the new part of the buffer."""

@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 
+from edgeopt.agent import results as results_mod
 from edgeopt.agent.batcher import QueueClosed, WindowQueue
 from edgeopt.agent.config import JsonlSink
 from edgeopt.agent.results import encode_results
@@ -189,7 +190,7 @@ def test_a_batch_inside_one_block_is_a_view_and_across_blocks_a_copy_in_order():
 # -- results ------------------------------------------------------------------------------------------
 def reference_records(batch, outputs):
     """docs/agent.md, "Results": one dict per window."""
-    lists = {n: np.round(v.astype(np.float64), 6).tolist() for n, v in outputs.items()}
+    lists = {n: nulls(np.round(v.astype(np.float64), 6).tolist()) for n, v in outputs.items()}
     top1 = None
     if len(outputs) == 1:
         only = next(iter(outputs.values()))
@@ -208,13 +209,36 @@ def reference_records(batch, outputs):
     return records
 
 
+def nulls(value):
+    """JSON has no NaN or Infinity: a non-finite output is written as null."""
+    if isinstance(value, list):
+        return [nulls(v) for v in value]
+    return value if np.isfinite(value) else None
+
+
 COMPACT = {"separators": (",", ":")}
+
+
+def strict_loads(text):
+    """json.loads refusing the NaN / Infinity constants (not JSON: a JavaScript consumer chokes on them)."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(params=["orjson", "json"])
+def encoder(request, monkeypatch):
+    """orjson (the agent extra installs it), and the standard library where it is not installed."""
+    if request.param == "orjson":
+        return pytest.importorskip("orjson").dumps
+    monkeypatch.setattr(results_mod, "orjson", None)
+    return lambda obj: json.dumps(obj, **COMPACT).encode()
 
 
 @pytest.mark.parametrize("shapes", [{"probs": (4,)}, {"score": ()}, {"one": (1,)}, {"map": (2, 3)},
                                     {"probs": (4,), "embedding": (3,)}, {"empty": (0,)}])
 @pytest.mark.parametrize("seed", range(3))
-def test_batch_encoding_is_byte_identical_to_json_dumps_of_each_record(shapes, seed):
+def test_batch_encoding_is_byte_identical_to_the_encoder_on_each_record(shapes, seed, encoder):
     rng = np.random.default_rng(seed)
     sources = ["imu", 'we"ird\\name', "bücher-ß", "a,b],[c"]
     blocks = []
@@ -238,9 +262,10 @@ def test_batch_encoding_is_byte_identical_to_json_dumps_of_each_record(shapes, s
     encoded = encode_results(meta, batch, outputs)
 
     records = reference_records(batch, outputs)
-    assert encoded.records == [json.dumps(r, **COMPACT) for r in records]
-    assert encoded.lines() == "".join(json.dumps({**meta, **r}, **COMPACT) + "\n" for r in records)
-    assert encoded.message() == json.dumps({**meta, "results": records}, **COMPACT).encode()
+    assert encoded.records == [encoder(r).decode() for r in records]
+    assert encoded.lines() == "".join(encoder({**meta, **r}).decode() + "\n" for r in records)
+    assert encoded.message() == encoder({**meta, "results": records})
+    assert [strict_loads(line) for line in encoded.lines().splitlines()] == [{**meta, **r} for r in records]
 
 
 def test_jsonl_sink_rotates_by_size_keeps_every_line_and_deletes_the_oldest(tmp_path):

@@ -19,6 +19,7 @@ import numpy as np
 
 from edgeopt.agent.batcher import QueueClosed, WindowQueue
 from edgeopt.agent.config import SourceBase
+from edgeopt.agent.profile import Lap
 from edgeopt.agent.windowing import Preprocessing, Windower, channel_map
 from edgeopt.errors import EdgeoptError
 
@@ -56,6 +57,7 @@ class Source:
         self.windower: Windower | None = None
         self._thread: threading.Thread | None = None
         self._malformed_logged = 0
+        self.lap = Lap()  # this source's thread: read, preprocess, window, queue_wait (agent/profile.py)
 
     # -- hooks ---------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -79,7 +81,9 @@ class Source:
     def emit(self, samples: np.ndarray, timestamps: np.ndarray) -> None:
         if self.windower is None:
             raise RuntimeError("Source.bind() must come before emit()")
-        block = self.windower.push(samples, timestamps)
+        lap = self.lap
+        lap("read")  # everything since the last emit: the source's own reading (and waiting)
+        block = self.windower.push(samples, timestamps, lap)
         if not len(block):
             return
         try:
@@ -87,6 +91,12 @@ class Source:
         except QueueClosed as closed:  # shutting down: windows cut but never queued are counted
             self.dropped_at_stop += len(block) - closed.queued
             raise
+        finally:
+            lap("queue_wait")
+
+    @property
+    def windows_cut(self) -> int:
+        return self.windower.seq if self.windower else 0
 
     def count_malformed(self, n: int, detail: str) -> None:
         self.malformed += n
@@ -106,6 +116,7 @@ class Source:
 
     def _main(self) -> None:
         self.status = "running"
+        self.lap.restart()
         try:
             self._run()
             self.status = "stopped" if self.stopping.is_set() else "ended"

@@ -7,6 +7,7 @@ the runtime for the model, and paho-mqtt when a broker is configured) when a com
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -180,12 +181,46 @@ def install_model_cmd(artifact: Path, state_dir: Path | None, config_path: Path 
     click.echo(f"installed {artifact} into slot {slot} of {state_dir} (now active)")
 
 
+@click.command("status", short_help="What a running agent is doing, and where its time goes.")
+@click.option("-c", "--config", "config_path", type=click.Path(path_type=Path),
+              help="The agent's configuration (its [telemetry] status_file, else {state_dir}/status.json).")
+@click.option("--status-file", type=click.Path(path_type=Path), help="Read this status file instead.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status file's JSON as it is.")
+def status_cmd(config_path: Path | None, status_file: Path | None, as_json: bool) -> None:
+    """Read the status file the agent rewrites every [telemetry] interval_s and print its state, its
+    counters and the per-stage profile: for each of its threads (each source, inference, the result
+    writer), microseconds per window in each stage, waits included, so each thread's stages add up to
+    its wall time (docs/agent.md, "Where the time goes")."""
+    from edgeopt.cli.render import print_agent_status  # lazy: rich
+
+    if (config_path is None) == (status_file is None):
+        raise UserInputError("give exactly one of --config or --status-file")
+    path = status_file or load_config(config_path).status_file
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserInputError(f"{path}: no status file (is the agent running with this configuration?)") from None
+    except OSError as exc:
+        raise UserInputError(f"{path}: cannot read the status file: {exc.strerror}") from None
+    try:
+        status = json.loads(text)
+        status["telemetry"]["status"]
+    except (ValueError, KeyError, TypeError):
+        raise UserInputError(f"{path}: not an edgeopt-agent status file") from None
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+    else:
+        print_agent_status(status)
+
+
 @click.group("agent")
 def agent_group() -> None:
-    """The device agent: run it, install it as a systemd service, install a model into its state dir."""
+    """The device agent: run it, see its status, install it as a systemd service, install a model into
+    its state dir."""
 
 
 agent_group.add_command(run_cmd)
+agent_group.add_command(status_cmd)
 agent_group.add_command(install_service_cmd)
 agent_group.add_command(install_model_cmd)
 

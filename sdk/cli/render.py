@@ -139,6 +139,42 @@ def print_bench(result: dict[str, Any]) -> None:
     con.print(table)
 
 
+def print_agent_status(status: dict[str, Any]) -> None:
+    """``edgeopt agent status``: the agent's state and counters, then where each thread's time goes."""
+    con = _console()
+    t = status["telemetry"]
+    model = t.get("model") or {}
+    lat = t.get("latency_ms") or {}
+    dropped = {k: v for k, v in (t.get("dropped") or {}).items() if v}
+    con.print(f"[bold]{escape(str(t.get('device')))}[/bold]: {escape(str(t['status']))}"
+              + (f" [red]{escape(str(t['error']))}[/red]" if t.get("error") else "")
+              + (f" — model {escape(str(model.get('name')))} {escape(str(model.get('version')))}" if model else "")
+              + f", up {t.get('uptime_s', 0):.0f} s")
+    con.print(f"windows in {t.get('windows_in', 0):,}, out {t.get('windows_out', 0):,} "
+              f"({t.get('windows_per_s', 0):,.1f}/s), batches {t.get('batches', 0):,}, queue {t.get('queue_depth', 0)}; "
+              f"inference p50 {_ms(lat.get('p50_ms'))}, p95 {_ms(lat.get('p95_ms'))}; "
+              f"RSS {format_size(t.get('rss_bytes'))} (peak {format_size(t.get('peak_rss_bytes'))})"
+              + (f"; dropped {', '.join(f'{k} {v:,}' for k, v in dropped.items())}" if dropped else ""))
+    profile = t.get("profile") or {}
+    if not profile:
+        con.print("no profile yet (no model running)")
+        return
+    table = Table(title="where the time goes (µs per window, waits included)", title_justify="left")
+    for col, justify in (("thread", "left"), ("stage", "left"), ("µs/window", "right"), ("share", "right"),
+                         ("windows", "right")):
+        table.add_column(col, justify=justify)
+    for thread, p in profile.items():
+        stages = p["us_per_window"]
+        total = sum(v for v in stages.values() if v is not None)
+        for i, (stage, us) in enumerate(sorted(stages.items(), key=lambda kv: -(kv[1] or 0))):
+            table.add_row(escape(thread) if i == 0 else "", escape(stage), "-" if us is None else f"{us:,.2f}",
+                          f"{us / total:.0%}" if us is not None and total else "-",
+                          f"{p['windows']:,}" if i == 0 else "")
+        table.add_row("", "[bold]total[/bold]", f"[bold]{total:,.2f}[/bold]" if stages and p["windows"] else "-", "",
+                      "", end_section=True)
+    con.print(table)
+
+
 def print_inspect(info: dict[str, Any]) -> None:
     con = _console()
     facts = [format_size(info["size_bytes"])]
