@@ -36,7 +36,8 @@ class WindowQueue:
         self.capacity = capacity
         self.overflow = overflow
         self._blocks: deque[WindowBlock] = deque()
-        self._windows = 0  # windows in self._blocks
+        self._head_used = 0  # windows of the first block already taken (a slice costs less than two)
+        self._windows = 0  # windows in self._blocks, less the used ones
         lock = threading.Lock()
         self._windows_queued = threading.Condition(lock)  # the inference loop waits on it
         self._room_made = threading.Condition(lock)       # blocked sources wait on it
@@ -87,11 +88,13 @@ class WindowQueue:
         """Discard the ``n`` oldest queued windows (counted per source)."""
         while n > 0 and self._blocks:
             head = self._blocks[0]
-            if len(head) <= n:
+            left = len(head) - self._head_used
+            if left <= n:
                 self._blocks.popleft()
-                gone = len(head)
+                self._head_used = 0
+                gone = left
             else:
-                self._blocks[0] = head[n:]
+                self._head_used += n
                 gone = n
             self._windows -= gone
             self._count_dropped(head.source, gone)
@@ -101,9 +104,11 @@ class WindowQueue:
         self.dropped += n
         self.dropped_by_source[source] += n
 
-    def get_batch(self, max_batch: int, max_wait_s: float, idle_timeout_s: float = 0.1) -> WindowBatch:
-        """Up to ``max_batch`` windows; an empty batch when none arrived within ``idle_timeout_s``.
-        Returns early (with what it has) after ``close`` or ``interrupt``."""
+    def get_batch(self, max_batch: int, max_wait_s: float, idle_timeout_s: float = 0.1,
+                  up_to: int = 0) -> WindowBatch:
+        """Up to ``max_batch`` windows — or ``up_to`` when that many are already queued: waiting fills
+        one batch, what is waiting beyond it is taken at once; an empty batch when none arrived within
+        ``idle_timeout_s``. Returns early (with what it has) after ``close`` or ``interrupt``."""
         with self._windows_queued:
             if not self._windows and not self._closed and not self._interrupted:
                 self._windows_queued.wait(idle_timeout_s)
@@ -117,7 +122,7 @@ class WindowQueue:
                     break
                 self._windows_queued.wait(left)
             self._interrupted = False
-            batch = self._take(max_batch)
+            batch = self._take(max(max_batch, up_to))
             if self.capacity - self._windows >= self._resume_room:
                 self._room_made.notify_all()
             return batch
@@ -126,12 +131,14 @@ class WindowQueue:
         """The ``n`` oldest windows (or all there are): whole blocks, and a slice of the last one."""
         blocks = []
         while n > 0 and self._blocks:
-            head = self._blocks[0]
-            if len(head) <= n:
-                blocks.append(self._blocks.popleft())
+            head, used = self._blocks[0], self._head_used
+            if len(head) - used <= n:
+                self._blocks.popleft()
+                self._head_used = 0
+                blocks.append(head[used:] if used else head)
             else:
-                blocks.append(head[:n])
-                self._blocks[0] = head[n:]
+                self._head_used = used + n
+                blocks.append(head[used:used + n])
             n -= len(blocks[-1])
             self._windows -= len(blocks[-1])
         return WindowBatch(blocks)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,13 @@ class LoadedModel:
     # per source: (the seq of its last window, its state after that window: one sample per state input)
     streams: dict[str, tuple[int, dict[str, np.ndarray]]] = field(default_factory=dict)
     state_resets: int = 0  # a source's state set back to zeros after a gap in its window numbers
+    _checked_sizes: set[int] = field(default_factory=set)  # batch sizes check_feeds accepted
+
+    @cached_property
+    def float_io(self) -> bool:
+        """One float32 input and float32 outputs: windows go to the runtime as they are."""
+        ins, outs = self.runtime.inputs, self.runtime.outputs
+        return len(ins) == 1 and all(s.dtype == "float32" and not s.quantization for s in (*ins, *outs))
 
     @property
     def fixed_batch(self) -> int | None:
@@ -57,38 +65,57 @@ class LoadedModel:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "slot": self.slot, "runtime": self.runtime.name}
 
-    def infer(self, batch: WindowBatch) -> tuple[dict[str, np.ndarray], float]:
-        """Float outputs for the windows of ``batch`` (one inference call, or one per fixed-size batch)
-        and the seconds spent inside the runtime; ``edgeopt.agent.results`` turns them into records."""
-        if self.state_pairs:
-            return self._infer_streams(batch)
-        n = len(batch)
-        data = batch.data.reshape((n, *self.sample_shape))
-        step = self.fixed_batch or n
-        outputs: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
-        spent = 0.0
-        for start in range(0, n, step):
-            part = data[start:start + step]
-            real = len(part)
-            if self.fixed_batch and real < step:
-                part = np.concatenate([part, np.repeat(part[-1:], step - real, axis=0)])
-            t0 = time.perf_counter()
-            out = self.runtime.run_float({self.input_name: part})
-            spent += time.perf_counter() - t0
-            for name in self.output_names:
-                outputs[name].append(out[name][:real])
-        merged = {name: v[0] if len(v) == 1 else np.concatenate(v) for name, v in outputs.items()}
-        return merged, spent
+    def infer(self, batch: WindowBatch, max_call: int | None = None) -> tuple[dict[str, np.ndarray], float]:
+        """``run_calls``, with the seconds of its longest call (the latency of one inference call)."""
+        outputs, calls = self.run_calls(batch, max_call)
+        return outputs, max((seconds for _, seconds in calls), default=0.0)
 
-    def _infer_streams(self, batch: WindowBatch) -> tuple[dict[str, np.ndarray], float]:
-        """``infer`` for a stateful model: rounds of at most one window per source (see the module
-        docstring), each source's state carried from its previous window."""
+    def run_calls(self, batch: WindowBatch, max_call: int | None = None
+                  ) -> tuple[dict[str, np.ndarray], list[tuple[int, float]]]:
+        """Float outputs for the windows of ``batch``, in calls of at most ``max_call`` windows (and of
+        exactly the model's fixed batch, the last one padded), and (windows, seconds inside the runtime)
+        of each call; ``edgeopt.agent.results`` turns the outputs into records."""
+        n = len(batch)
+        step = max(1, min(self.fixed_batch or n, max_call or n))
+        if self.state_pairs:
+            return self._infer_streams(batch, step)
+        data = batch.data.reshape((n, *self.sample_shape))
+        calls: list[tuple[int, float]] = []
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
+        if self.float_io and (n % step == 0 or not self.fixed_batch):  # nothing to convert or pad
+            for start in range(0, n, step):
+                feeds = {self.input_name: data[start:start + step]}
+                size = len(feeds[self.input_name])
+                if size not in self._checked_sizes:  # once per batch size, not every call
+                    self.runtime.check_feeds(feeds)
+                    self._checked_sizes.add(size)
+                t0 = time.perf_counter()
+                out = self.runtime.run_checked(feeds)
+                calls.append((size, time.perf_counter() - t0))
+                for name in self.output_names:
+                    parts[name].append(out[name])
+        else:
+            for start in range(0, n, step):
+                part = data[start:start + step]
+                real = len(part)
+                if self.fixed_batch and real < step:
+                    part = np.concatenate([part, np.repeat(part[-1:], step - real, axis=0)])
+                t0 = time.perf_counter()
+                out = self.runtime.run_float({self.input_name: part})
+                calls.append((real, time.perf_counter() - t0))
+                for name in self.output_names:
+                    parts[name].append(out[name][:real])
+        return {name: v[0] if len(v) == 1 else np.concatenate(v) for name, v in parts.items()}, calls
+
+    def _infer_streams(self, batch: WindowBatch, width: int
+                       ) -> tuple[dict[str, np.ndarray], list[tuple[int, float]]]:
+        """``run_calls`` for a stateful model: rounds of at most one window per source and ``width``
+        windows (see the module docstring), each source's state carried from its previous window."""
         rows = [(block.source, int(block.seq[i]), block.data[i]) for block in batch.blocks for i in range(len(block))]
         specs = {s.name: s for s in self.runtime.inputs}
-        width = self.fixed_batch or len(rows)
         results: list[dict[str, np.ndarray] | None] = [None] * len(rows)
         pending = list(range(len(rows)))
-        spent = 0.0
+        calls: list[tuple[int, float]] = []
         while pending:
             call, seen, later = [], set(), []
             for i in pending:
@@ -108,12 +135,12 @@ class LoadedModel:
                            for k, v in samples.items()}
             t0 = time.perf_counter()
             out = split(self.runtime.outputs, self.runtime.run_float(stack(self.runtime.inputs, samples)))
-            spent += time.perf_counter() - t0
+            calls.append((real, time.perf_counter() - t0))
             for j, i in enumerate(call):
                 results[i] = {name: v[j] for name, v in out.items()}
                 self.streams[rows[i][0]] = (rows[i][1], {n: out[o][j] for n, o in self.state_pairs})
         merged = {name: np.stack([r[name] for r in results]) for name in self.output_names}  # type: ignore[index]
-        return merged, spent
+        return merged, calls
 
     def _state_for(self, source: str, seq: int, specs: dict[str, TensorSpec]) -> dict[str, np.ndarray]:
         """The state a source's window ``seq`` starts from: its previous window's, or zeros after a gap."""

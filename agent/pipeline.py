@@ -12,10 +12,9 @@ agent adds its counters to its totals.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 import numpy as np
@@ -33,9 +32,16 @@ from edgeopt.errors import EdgeoptError
 
 log = logging.getLogger("edgeopt.agent")
 
+TAKE_WINDOWS = 32  # windows taken from the queue at once, in calls of max_batch (Pipeline.take)
+
 
 class ResultWriter:
-    """Records and sink writes, in batch order, on one thread."""
+    """Records and sink writes, in batch order, on one thread.
+
+    It takes every batch queued since it last looked and encodes those of one model together (one
+    encoder call per column, one write per sink): when inference runs ahead, the writer's cost per
+    window falls instead of holding inference back. At most ``backlog`` batches wait; past that
+    ``submit`` waits (a slow sink holds back inference, and through the window queue the sources)."""
 
     def __init__(self, model: LoadedModel, sinks: list[Sink], meta: dict[str, Any], backlog: int = 8):
         self.model = model
@@ -44,48 +50,92 @@ class ResultWriter:
         self.sink_errors = 0  # windows a sink failed to take
         self.windows_written = 0
         self.lap = Lap()  # wait, encode, sink:KIND (agent/profile.py)
-        self._queue: queue.Queue = queue.Queue(backlog)
+        self._backlog = backlog
+        self._items: deque = deque()  # (batch, outputs, model), or None: stop
+        lock = threading.Lock()
+        self._queued = threading.Condition(lock)  # the writer waits on it
+        self._room = threading.Condition(lock)    # submit waits on it while the backlog is full
         self._thread = threading.Thread(target=self._run, name="result-writer", daemon=True)
         self._thread.start()
         self._last_error_log = -1e9
 
     def submit(self, batch: WindowBatch, outputs: dict[str, np.ndarray], model: LoadedModel | None = None) -> None:
         """Queue one batch's results; ``model`` is the one that produced them (it changes at a switch)."""
-        self._queue.put((batch, outputs, model or self.model))
+        self._put((batch, outputs, model or self.model))
+
+    def _put(self, item) -> None:
+        with self._queued:
+            while len(self._items) >= self._backlog:
+                self._room.wait()
+            self._items.append(item)
+            self._queued.notify()
+
+    def _take(self) -> list:
+        """Every queued item (waiting for the first)."""
+        with self._queued:
+            while not self._items:
+                self._queued.wait()
+            items = list(self._items)
+            self._items.clear()
+            self._room.notify_all()
+            return items
 
     def _run(self) -> None:
         lap = self.lap
         lap.restart()
         while True:
-            item = self._queue.get()
+            items = self._take()
             lap("wait")
-            if item is None:
+            stop = items[-1] is None
+            if stop:
+                items.pop()
+            for group in _by_model(items):
+                self._write(group)
+            if stop:
                 return
-            batch, outputs, model = item
-            meta = {**self.meta, "model": {"name": model.name, "version": model.version}}
+
+    def _write(self, group: list) -> None:
+        """The results of consecutive batches of one model, encoded together and written to every sink."""
+        lap = self.lap
+        model = group[0][2]
+        batch = group[0][0] if len(group) == 1 else WindowBatch([b for item in group for b in item[0].blocks])
+        outputs = group[0][1] if len(group) == 1 else {
+            name: np.concatenate([item[1][name] for item in group]) for name in group[0][1]}
+        meta = {**self.meta, "model": {"name": model.name, "version": model.version}}
+        try:
+            results = encode_results(meta, batch, outputs)
+        except Exception:  # a bug; keep going, say so
+            log.exception("cannot build result records")
+            self.sink_errors += len(batch)
+            return
+        finally:
+            lap("encode")
+        for sink in self.sinks:
             try:
-                results = encode_results(meta, batch, outputs)
-            except Exception:  # a bug; keep going, say so
-                log.exception("cannot build result records")
+                sink.write(results)
+            except Exception as exc:  # disk full, a broken pipe: count, log now and then, go on
                 self.sink_errors += len(batch)
-                continue
-            finally:
-                lap("encode")
-            for sink in self.sinks:
-                try:
-                    sink.write(results)
-                except Exception as exc:  # disk full, a broken pipe: count, log now and then, go on
-                    self.sink_errors += len(batch)
-                    if time.monotonic() - self._last_error_log > 10:
-                        self._last_error_log = time.monotonic()
-                        log.error("%s sink failed on %d result(s): %s", sink.kind, len(batch), exc)
-                lap(f"sink:{sink.kind}")
-            self.windows_written += len(batch)
+                if time.monotonic() - self._last_error_log > 10:
+                    self._last_error_log = time.monotonic()
+                    log.error("%s sink failed on %d result(s): %s", sink.kind, len(batch), exc)
+            lap(f"sink:{sink.kind}")
+        self.windows_written += len(batch)
 
     def close(self, timeout: float = 5.0) -> None:
         """Write everything submitted, then stop."""
-        self._queue.put(None)
+        self._put(None)
         self._thread.join(timeout)
+
+
+def _by_model(items: list) -> list[list]:
+    """Runs of consecutive items whose batches one model produced (with the same output names)."""
+    groups: list[list] = []
+    for item in items:
+        if groups and groups[-1][0][2] is item[2] and groups[-1][0][1].keys() == item[1].keys():
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
 
 
 class Pipeline:
@@ -120,21 +170,38 @@ class Pipeline:
         for src in self.sources:
             src.start()
 
-    def step(self, idle_timeout_s: float = 0.1) -> int:
-        """Take one batch (waiting at most ``idle_timeout_s`` for its first window), infer, write; returns
-        the number of windows handled."""
+    def step(self, idle_timeout_s: float = 0.1, burst_s: float = 0.005) -> int:
+        """Take one batch (waiting at most ``idle_timeout_s`` for its first window), infer, write; then
+        more while full batches are waiting, for up to ``burst_s`` (the service loop's checks run
+        between bursts, not between every two batches). Returns the number of windows handled."""
         self.lap("agent")  # the service loop's work since the last batch
-        batch = self.queue.get_batch(self.max_batch, self.max_wait_s, idle_timeout_s)
+        take = self.take
+        batch = self.queue.get_batch(self.max_batch, self.max_wait_s, idle_timeout_s, take)
         self.lap("queue_wait")
-        if batch:
+        if not batch:
+            return 0
+        self.infer(batch)
+        done = len(batch)
+        deadline = time.monotonic() + burst_s
+        while len(self.queue) >= self.max_batch and time.monotonic() < deadline:
+            batch = self.queue.get_batch(self.max_batch, 0.0, 0.0, take)
+            self.lap("queue_wait")
             self.infer(batch)
-        return len(batch)
+            done += len(batch)
+        return done
+
+    @property
+    def take(self) -> int:
+        """Windows taken from the queue at once when they are waiting: ``max_batch`` for big batches; for
+        small ones several calls' worth (``TAKE_WINDOWS``), so the queue, the statistics and the
+        writer's hand-off are paid once for all of them — each call still gets ``max_batch``."""
+        return self.max_batch * max(1, TAKE_WINDOWS // self.max_batch)
 
     def infer(self, batch: WindowBatch) -> None:
         model, lap = self.model, self.lap
         self.windows_inferred += len(batch)
         try:
-            outputs, seconds = model.infer(batch)
+            outputs, calls = model.run_calls(batch, self.max_batch)
         except EdgeoptError as exc:
             lap("inference")
             self.inference_errors += len(batch)
@@ -143,11 +210,11 @@ class Pipeline:
             lap("agent")
             return
         lap("inference")
-        self.stats.record(len(batch), seconds)
-        lap("agent")
         self.writer.submit(batch, outputs, model)
         lap("handoff")
-        self._observe(batch, outputs, seconds, model)
+        self.stats.record_calls(calls)
+        # observers compare latencies: the longest call, not the take (which may be several calls)
+        self._observe(batch, outputs, max(seconds for _, seconds in calls), model)
         lap("agent")
 
     def _observe(self, batch: WindowBatch, outputs, seconds: float, model: LoadedModel) -> None:

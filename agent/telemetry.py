@@ -42,12 +42,17 @@ class InferenceStats:
         self._rate_mark = (time.monotonic(), 0)
 
     def record(self, batch: int, seconds: float) -> None:
+        self.record_calls([(batch, seconds)])
+
+    def record_calls(self, calls: list[tuple[int, float]]) -> None:
+        """Inference calls of (windows, seconds) that just ended."""
         now = time.time()
         with self._lock:
-            self.windows_out += batch
-            self.batches += 1
-            self.batch_sizes[batch] += 1
-            self._latencies_ms.append(seconds * 1000.0)
+            for batch, seconds in calls:
+                self.windows_out += batch
+                self.batches += 1
+                self.batch_sizes[batch] += 1
+                self._latencies_ms.append(seconds * 1000.0)
             self.first_inference = self.first_inference or now
             self.last_inference = now
 

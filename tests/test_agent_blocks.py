@@ -299,3 +299,22 @@ def test_jsonl_sink_appends_to_an_existing_file_and_counts_its_size(tmp_path):
     sink.close()
     assert path.with_name("r.jsonl.1").read_text() == "x" * 1000 + "\n"  # the old content rotated out whole
     assert json.loads(path.read_text())["id"] == "s:0"
+
+
+def test_jsonl_sink_splits_a_large_write_at_lines_so_no_file_passes_max_bytes(tmp_path):
+    """The writer encodes several batches together: one write may be many times max_bytes."""
+    path = tmp_path / "r.jsonl"
+    sink = JsonlResultsSink(JsonlSink(type="jsonl", path=str(path), max_bytes=1000, keep=50))
+    w = Windower("s", preprocessing(2, 2, True, normalize=False))
+    block = w.push(np.zeros((200, 3), np.float32), np.arange(200.0))
+    encoded = encode_results({"device": "d", "model": {"name": "m", "version": "1"}}, WindowBatch([block]),
+                             {"y": np.ones((len(block), 2), np.float32)})
+    sink.write(encoded)
+    wide = encode_results({"device": "d" * 1500, "model": {}}, WindowBatch([block[:1]]), {"y": np.ones((1, 2))})
+    sink.write(wide)  # one line longer than max_bytes: a file of its own
+    sink.close()
+    files = sorted(tmp_path.glob("r.jsonl.*"), key=lambda p: -int(p.suffix[1:])) + [path]
+    assert len(files) > 5 and all(f.stat().st_size <= 1000 for f in files[:-1])
+    assert path.read_text() == wide.lines()
+    kept = [line for f in files for line in f.read_text().splitlines()]
+    assert kept == encoded.lines().splitlines() + wide.lines().splitlines()

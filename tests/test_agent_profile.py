@@ -89,3 +89,23 @@ def test_a_lap_charges_every_moment_to_a_stage(monkeypatch):
     snap = profile.snapshot()
     assert snap["t"] == {"windows": 5, "seconds": 70e-6, "us_per_window": {"a": 2.0, "b": 3.0, "c": 9.0}}
     assert snap["idle"] == {"windows": 0, "seconds": 0.0, "us_per_window": {}}
+
+
+def test_a_take_of_several_calls_gives_one_calls_outputs(imu_model):
+    """The inference loop takes up to 32 waiting windows at once and runs them in calls of max_batch:
+    the outputs are those of one call over them all, and each call is counted."""
+    from edgeopt.agent.model import load_model
+    from edgeopt.agent.windowing import WindowBatch, WindowBlock
+
+    model = load_model(imu_model["artifact"], None)
+    x = np.random.default_rng(0).normal(size=(13, *model.sample_shape)).astype(np.float32)
+    seq = np.arange(13)
+    batch = WindowBatch([WindowBlock("a", seq[:5], seq[:5] * 1.0, seq[:5] + 1.0, x[:5]),
+                         WindowBlock("b", seq[5:], seq[5:] * 1.0, seq[5:] + 1.0, x[5:])])
+    whole, calls = model.run_calls(batch)
+    assert [n for n, _ in calls] == [13]
+    for max_call, sizes in ((1, [1] * 13), (4, [4, 4, 4, 1])):
+        split, calls = model.run_calls(batch, max_call)
+        assert [n for n, _ in calls] == sizes and all(s > 0 for _, s in calls)
+        for name in whole:
+            np.testing.assert_allclose(split[name], whole[name], rtol=1e-5, atol=1e-6)

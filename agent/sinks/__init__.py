@@ -27,8 +27,10 @@ class StdoutResultsSink(Sink):
 
 class JsonlResultsSink(Sink):
     """JSON Lines, rotated by size: ``path`` → ``path.1`` → … → ``path.{keep}`` (the oldest is deleted),
-    as the standard library's RotatingFileHandler names them. The size is checked once per batch,
-    before it is written, so a file passes ``max_bytes`` only when one batch alone is larger."""
+    as the standard library's RotatingFileHandler names them. The results of a write go in with one
+    write call while they fit; when they would take the file past ``max_bytes`` they are written up to
+    the last line that fits, then the file rotates, so a file passes ``max_bytes`` only by a single
+    line longer than it."""
 
     kind = "jsonl"
 
@@ -53,12 +55,31 @@ class JsonlResultsSink(Sink):
         data = results.lines().encode()
         if self._file is None:  # a rotation failed half-way: carry on in a file at self.path
             self._open()
-        elif self._rotates and self._size and self._size + len(data) > self.max_bytes:
-            self._rotate()
+        if self._rotates and self._size + len(data) > self.max_bytes:
+            self._write_rotating(data)
+        else:
+            self._put(data)
+        self.lines += len(results)
+
+    def _write_rotating(self, data: bytes) -> None:
+        """Whole lines up to where the file is full, a rotation, and so on."""
+        start = 0
+        while start < len(data):
+            end = data.rfind(b"\n", start, start + self.max_bytes - self._size) + 1  # after the last line that fits
+            if end <= start:  # not one more line fits
+                if self._size:
+                    self._rotate()
+                    continue
+                end = data.index(b"\n", start) + 1  # a line longer than max_bytes: a file of its own
+            self._put(data[start:end])
+            start = end
+            if start < len(data):
+                self._rotate()
+
+    def _put(self, data: bytes) -> None:
         self._file.write(data)
         self._file.flush()
         self._size += len(data)
-        self.lines += len(results)
 
     def _rotate(self) -> None:
         self._file.close()

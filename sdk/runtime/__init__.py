@@ -79,7 +79,10 @@ class Runtime(Configurable):
         self.outputs = with_axes(self.outputs, axes)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        checked = self.check_feeds(feeds)
+        return self.run_checked(self.check_feeds(feeds))
+
+    def run_checked(self, checked: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``run`` for feeds ``check_feeds`` accepted (the agent checks a batch shape once, not every call)."""
         try:
             outs = self._run(checked)
         except EdgeoptError:
