@@ -98,6 +98,8 @@ class BatchingSection:
     max_wait_ms: float = key(20.0, "longest wait for a batch to fill after its first window arrives",
                              check=at_least(0))
     queue_windows: int = key(1024, "capacity of the window queue", check=at_least(1))
+    queue_bytes: int = key(16 << 20, "and at most this many bytes of windows in it (the capacity is the "
+                                     "smaller of the two, never under max_batch windows)", check=at_least(1))
     overflow: str = key("drop-oldest", "when the queue is full: drop the oldest window (counted) or block "
                                        "the source until there is room", choices=("drop-oldest", "block"))
 

@@ -127,6 +127,13 @@ class ResultWriter:
         self._thread.join(timeout)
 
 
+def queue_capacity(config: AgentConfig, model: LoadedModel) -> int:
+    """Windows the queue holds: ``queue_windows``, fewer when they would pass ``queue_bytes``."""
+    b = config.batching
+    window_bytes = 4 * int(np.prod(model.pre.window_shape))  # float32
+    return max(min(b.queue_windows, b.queue_bytes // window_bytes), min(b.max_batch, b.queue_windows))
+
+
 def _by_model(items: list) -> list[list]:
     """Runs of consecutive items whose batches one model produced (with the same output names)."""
     groups: list[list] = []
@@ -145,7 +152,7 @@ class Pipeline:
         self.model = model
         self.sinks = sinks
         self.stats = stats
-        self.queue = WindowQueue(config.batching.queue_windows, config.batching.overflow)
+        self.queue = WindowQueue(queue_capacity(config, model), config.batching.overflow)
         ctx = SourceContext(model.pre, config.preprocessing.nan_policy, self.queue, transport)
         self.sources: list[Source] = [make_source(cfg, ctx) for cfg in config.sources]
         self.max_batch = min(config.batching.max_batch, model.fixed_batch or config.batching.max_batch)

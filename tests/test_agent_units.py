@@ -265,3 +265,19 @@ def test_the_agent_extra_pulls_in_no_heavy_toolchain():
     for heavy in ("torch", "tvm", "coremltools", "tensorflow", "ai-edge-litert"):
         assert heavy not in deps, heavy
     assert project["scripts"]["edgeopt-agent"] == "edgeopt.cli.agent:main"
+
+
+def test_the_window_queue_is_bounded_in_bytes_too():
+    from types import SimpleNamespace
+
+    from edgeopt.agent.pipeline import queue_capacity
+
+    def config(**batching):
+        return parse_config({"batching": batching, "source": [{"type": "synthetic"}]})
+
+    model = SimpleNamespace(pre=SimpleNamespace(window_shape=(3, 64)))  # 768 bytes a window
+    assert queue_capacity(config(), model) == 1024
+    assert queue_capacity(config(queue_bytes=76800), model) == 100
+    assert queue_capacity(config(queue_bytes=1000, max_batch=8), model) == 8  # never less than one batch
+    big = SimpleNamespace(pre=SimpleNamespace(window_shape=(1, 16000)))  # a second of 16 kHz audio: 64 KB
+    assert queue_capacity(config(), big) == 262
