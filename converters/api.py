@@ -19,6 +19,7 @@ from edgeopt.converters.optimize import optimize as _optimize
 from edgeopt.converters.passes import ProgressFactory, no_progress
 from edgeopt.converters.pipeline import ConvertCheckFailed, ConvertOptions, ConvertResult
 from edgeopt.converters.pipeline import convert as _convert
+from edgeopt.converters.recipe import apply_recipe, load_recipe
 from edgeopt.errors import UserInputError
 from edgeopt.profiles import load_profile
 from edgeopt.progress import make_progress
@@ -39,13 +40,17 @@ def _progress(show: bool) -> ProgressFactory:
 
 
 def convert(model: str | Path, output: str | Path, *, check: bool = True, progress: bool = False,
-            **options: Any) -> ConvertResult:
+            recipe: str | Path | dict[str, Any] | None = None, **options: Any) -> ConvertResult:
     """Convert ``model`` into the artifact directory ``output``; ``options`` are ``ConvertOptions``
     fields (``target``, ``profile``, ``quantize``, ``calibration``, ``validation``, ``max_accuracy_drop``,
-    ``min_cosine``, ``prune_channels``, ``pass_params``, ...). Returns the result (``.report``,
-    ``.manifest``, ``.output``); a failed check raises ``ConvertCheckFailed`` (its ``.result`` holds the
-    written artifact's) unless ``check=False``."""
+    ``min_cosine``, ``prune_channels``, ``pass_params``, ...); ``recipe`` a recipe file, an artifact
+    (its settings) or a dict laid out as the file is (docs/converter.md, "Recipes"), under the options
+    given here. Returns the result (``.report``, ``.manifest``, ``.output``); a failed check raises
+    ``ConvertCheckFailed`` (its ``.result`` holds the written artifact's) unless ``check=False``."""
     opts = _options(ConvertOptions, {"model": Path(model), "output": Path(output), **options}, "convert")
+    if recipe is not None:
+        settings, where = (recipe, "recipe") if isinstance(recipe, dict) else load_recipe(Path(recipe))
+        opts = apply_recipe(opts, settings, where, frozenset(options))
     try:
         return _convert(opts, progress=_progress(progress))
     except ConvertCheckFailed as exc:

@@ -37,6 +37,7 @@ from edgeopt.converters.output import check_output_location, replace_problem, sp
 from edgeopt.converters.passes import Pass, PassContext, ProgressFactory, get_pass, no_progress
 from edgeopt.converters.passes.mixed_precision import Budget, report_summary
 from edgeopt.converters.preprocessing import resolve_preprocessing
+from edgeopt.converters.recipe import settings_of
 from edgeopt.converters.settings import check_settings, check_target_params, unread_calibration_note
 from edgeopt.converters.streaming import (
     check_batch_axis_names,
@@ -783,6 +784,7 @@ def _manifest(opts: ConvertOptions, target: Target, io_specs: tuple[list[TensorS
         "latency_budget_ms": profile.latency_budget_ms if profile else None,
         "source": {"file": Path(opts.model).name, "sha256": source_sha},
         "recipe": recipe,
+        "settings": settings_of(opts, target.name, quantize),  # the recipe that reproduces it (--recipe)
         "tool_versions": versions,
         "edgeopt_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

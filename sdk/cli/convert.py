@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from edgeopt import logs, registry
 from edgeopt.cli import debug_requested
@@ -19,6 +20,7 @@ from edgeopt.converters.passes.prune_unstructured import PruneUnstructured
 from edgeopt.converters.passes.quantize import QuantizeFp16, QuantizeInt4, QuantizeInt8Static
 from edgeopt.converters.pipeline import ConvertCheckFailed, ConvertOptions, convert
 from edgeopt.converters.preprocessing import load_preprocessing_file, parse_normalize
+from edgeopt.converters.recipe import apply_recipe, load_recipe, set_value
 from edgeopt.converters.streaming import parse_batch_axis, parse_state
 from edgeopt.converters.targets import QUANTIZE_MODES
 from edgeopt.errors import UserInputError
@@ -193,6 +195,12 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Threads for validation and latency.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--recipe", type=click.Path(path_type=Path), metavar="FILE",
+              help="Settings from a recipe: a TOML file (docs/converter.md, \"Recipes\"), or an artifact's "
+                   "directory or manifest.json, which reproduces it. Flags given here win over it.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Change one setting of the recipe: quantize=int8, passes.quantize-int8.per_channel=false, "
+                   "targets.tflite.float_io=true, input_shapes.x=[1,64] (repeatable; works without --recipe).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, and no log lines from the toolchains "
               "(ONNX Runtime, TVM, LLVM, coremltools, absl) on the terminal.")
@@ -203,7 +211,7 @@ def convert_cmd(model: Path, output: Path, target, profile, quantize, calibratio
                 no_mixed_precision, int4_block_size, fp16_io, validation, validation_samples, max_accuracy_drop, min_cosine, min_top1_agreement,
                 prune_sparsity, prune_channels, prune_layers, distill, epochs, student, seed, input_shapes, input_values,
                 batch_axes, state, no_simplify, preprocessing_file, hop, layout, channels, sample_rate, normalize, name, model_version,
-                threads, force, as_json, quiet, log_file, **target_settings) -> None:
+                threads, force, recipe, assignments, as_json, quiet, log_file, **target_settings) -> None:
     """Convert MODEL (ONNX) into an artifact directory: model, manifest.json, golden.npz, report.json.
 
     \b
@@ -241,6 +249,14 @@ def convert_cmd(model: Path, output: Path, target, profile, quantize, calibratio
             "canonicalize": {"simplify": False if no_simplify else None},
         }),
     )
+    if recipe is not None or assignments:
+        settings, where = load_recipe(recipe) if recipe is not None else ({}, "--set")
+        for assignment in assignments:
+            set_value(settings, assignment)
+        ctx = click.get_current_context()
+        given = frozenset(field for option, field in RECIPE_FLAGS.items()
+                          if ctx.get_parameter_source(option) is ParameterSource.COMMANDLINE)
+        opts = apply_recipe(opts, settings, where, given)
     if log_file is not None and Path(os.path.realpath(output)) in Path(os.path.realpath(log_file)).parents:
         raise UserInputError(f"--log-file {log_file} is inside the output location {output}, which the artifact "
                              f"replaces: write the log elsewhere")
@@ -251,6 +267,18 @@ def convert_cmd(model: Path, output: Path, target, profile, quantize, calibratio
         _show(exc.result.report, as_json, print_convert_report)
         raise
     _show(result.report, as_json, print_convert_report)
+
+
+# convert's options that set a recipe's top-level settings: option name → ConvertOptions field (the
+# options that set pass and target parameters, and the preprocessing flags, are merged key by key)
+RECIPE_FLAGS = {
+    "target": "target", "profile": "profile", "quantize": "quantize", "max_accuracy_drop": "max_accuracy_drop",
+    "min_cosine": "min_cosine", "min_top1_agreement": "min_top1_agreement", "no_mixed_precision": "mixed_precision",
+    "validation_samples": "validation_samples", "seed": "seed", "threads": "threads", "name": "name",
+    "model_version": "version", "prune_sparsity": "prune_sparsity", "prune_channels": "prune_channels",
+    "prune_layers": "prune_layers", "epochs": "epochs", "input_shapes": "input_shapes",
+    "input_values": "input_values", "batch_axes": "batch_axes", "state": "state",
+}
 
 
 def _given_pass_params(params: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
