@@ -73,7 +73,7 @@ def analyze(opts: AnalyzeOptions, progress: ProgressFactory = no_progress) -> di
         save_model(canonical, src)
         quant_pre_process(str(src), str(pre))
         with progress("calibrating", len(data)) as tick:
-            quantizer.quantize(pre, whole, CalibrationReader(list(data.samples()), tick), calibration_cache=cache)
+            quantizer.quantize(pre, whole, CalibrationReader(data, canonical, tick), calibration_cache=cache)
         score = Scorer.onnx(pre, validation.inputs)
         baseline = score(whole)
         nodes = quantized_nodes(onnx.load(str(pre), load_external_data=False),

@@ -14,7 +14,7 @@ file, the input or ``labels`` and the first bad sample.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,15 +43,6 @@ class Dataset:
     def take(self, n: int) -> Dataset:
         return Dataset({k: v[:n] for k, v in self.inputs.items()},
                        None if self.labels is None else self.labels[:n], self.source, self.task, dict(self.axes))
-
-    def samples(self) -> Iterator[dict[str, np.ndarray]]:
-        """One feed dict per sample: a batch of one along each input's batch axis."""
-        for i in range(len(self)):
-            yield {k: _one(v, i, self.axes.get(k, 0)) for k, v in self.inputs.items()}
-
-
-def _one(arr: np.ndarray, i: int, axis: int | None) -> np.ndarray:
-    return arr[i] if axis is None else np.moveaxis(arr[i:i + 1], 0, axis)
 
 
 def _dtype_kind_ok(expected: np.dtype, got: np.dtype) -> bool:

@@ -320,3 +320,13 @@ def test_validation_samples_caps_the_validation_set(digits_models, tmp_path):
     assert generated.json()["validation"]["samples"] == 5
     bad = run_cli("convert", digits_models["cnn"], "-o", tmp_path / "bad", "--validation-samples", "0")
     assert bad.code == 2 and "--validation-samples" in bad.err
+
+
+@pytest.mark.parametrize("batch", [8, 1])
+def test_int8_calibrates_a_model_fixed_to_a_batch(digits_models, tmp_path, batch):
+    """--input-shape fixing the batch: ORT's calibration is fed that many samples per call (the last
+    call padded), not one at a time (which ONNX Runtime refused with a raw INVALID_ARGUMENT)."""
+    out, _ = _convert(digits_models, tmp_path, "cnn", "int8", "--input-shape", f"image:{batch},1,8,8")
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "ok" and report["accuracy"]["drop"] <= 2.0
+    assert json.loads((out / "manifest.json").read_text())["inputs"][0]["shape"][0] == batch

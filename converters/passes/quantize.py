@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgeopt.batching import samples_per_call, stack, with_axes
 from edgeopt.converters.passes import ConversionError, Pass, PassContext
 from edgeopt.converters.passes.mixed_precision import (
     Budget,
@@ -36,17 +37,28 @@ RANKING_KEPT = 20  # the most sensitive nodes the report lists
 
 
 class CalibrationReader:
-    """Feeds calibration samples to ORT one at a time, ticking a progress bar."""
+    """Feeds the calibration samples to ORT as ``model`` takes them — one per call, or as many as its
+    fixed batch holds (the last call padded with the last sample repeated) — ticking a progress bar."""
 
-    def __init__(self, samples: list[dict[str, np.ndarray]], tick):
-        self._it = iter(samples)
+    def __init__(self, data: Dataset, model: onnx.ModelProto, tick):
+        specs = with_axes(input_specs(model), data.axes)
+        step, pad = samples_per_call(specs, 1)
+        self._calls = []
+        for start in range(0, len(data), step):
+            part = {k: v[start:start + step] for k, v in data.inputs.items()}
+            real = len(next(iter(part.values())))
+            if pad and real < step:
+                part = {k: np.concatenate([v, np.repeat(v[-1:], step - real, axis=0)]) for k, v in part.items()}
+            self._calls.append((stack(specs, part), real))
+        self._it = iter(self._calls)
         self._tick = tick
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        sample = next(self._it, None)
-        if sample is not None:
-            self._tick(1)
-        return sample
+        call = next(self._it, None)
+        if call is None:
+            return None
+        self._tick(call[1])
+        return call[0]
 
     def rewind(self) -> None:  # part of ORT's CalibrationDataReader protocol; one pass is all we need
         pass
@@ -102,7 +114,7 @@ class QuantizeInt8Static(Pass):
         if cache is not None:
             cache.unlink(missing_ok=True)
         with ctx.progress("calibrating", len(data)) as tick:
-            self.quantize(pre, out, CalibrationReader(list(data.samples()), tick), nodes_to_exclude=keep,
+            self.quantize(pre, out, CalibrationReader(data, model, tick), nodes_to_exclude=keep,
                           calibration_cache=cache)
         details: dict[str, Any] = {"calibration_samples": len(data), "calibration_source": data.source,
                                    "kept_float": keep}
