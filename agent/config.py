@@ -93,10 +93,8 @@ class BatchingSection:
     """Dynamic batching between the windowers and the model."""
 
     section: ClassVar[str] = "batching"
-    max_batch: int = key(32, "most windows per inference call (capped by a model's fixed batch)",
-                         check=at_least(1))
-    max_wait_ms: float = key(20.0, "longest wait for a batch to fill after its first window arrives",
-                             check=at_least(0))
+    max_batch: int = key(32, "most windows per inference call (capped by a model's fixed batch)", check=at_least(1))
+    max_wait_ms: float = key(20.0, "longest wait for a batch to fill after its first window", check=at_least(0))
     queue_windows: int = key(1024, "capacity of the window queue", check=at_least(1))
     queue_bytes: int = key(16 << 20, "and at most this many bytes of windows in it (the capacity is the "
                                      "smaller of the two, never under max_batch windows)", check=at_least(1))

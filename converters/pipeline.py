@@ -29,8 +29,20 @@ from edgeopt.artifact import (
     save_golden,
     tool_versions,
 )
-from edgeopt.batching import run_samples, stack, with_axes
+from edgeopt.batching import with_axes
 from edgeopt.converters.analyze import gate_analysis
+from edgeopt.converters.compare import (
+    LATENCY_KEYS,
+    Layout,
+    SourceRunner,
+    compare_models,
+    golden_tolerance,
+    measure_latency,
+    one_call,
+    pair_outputs,
+    unmeasured,
+    validation_batch,
+)
 from edgeopt.converters.fit import fit_check, peak_activation_elements
 from edgeopt.converters.gates import Thresholds, evaluate, hint
 from edgeopt.converters.output import check_output_location, replace_problem, space_needed
@@ -43,11 +55,10 @@ from edgeopt.converters.streaming import (
     check_batch_axis_names,
     input_axes,
     output_axes,
-    run_sequence,
     state_pairs,
 )
 from edgeopt.converters.targets import Target, get_target
-from edgeopt.converters.validate import Parity, accuracy, classifier_shaped, parity
+from edgeopt.converters.validate import accuracy, classifier_shaped, parity
 from edgeopt.data import Dataset, generate_inputs, load_dataset
 from edgeopt.errors import CheckFailed, EdgeoptError, UserInputError
 from edgeopt.fsutil import atomic_write_json, sha256_file, staged_directory, tree_size
@@ -63,25 +74,15 @@ from edgeopt.onnx_io import (
     save_model,
 )
 from edgeopt.profiles import Profile, load_profile
-from edgeopt.runtime import Runtime, run_batched, runtime_for_format, to_model_dtype
+from edgeopt.runtime import run_batched, runtime_for_format
 from edgeopt.runtime.onnxruntime import OnnxRuntime
 from edgeopt.specs import TensorSpec
 
-VALIDATION_BATCH = 32
 # Generated validation inputs (no data given) stop at this many input elements, at least
 # GENERATED_MIN_SAMPLES samples: random images say little about a model beyond its numerics, and 64 of
 # a 416x416 detector's held 133 MB for the whole conversion (8 do: 16 MB). --validation-samples N sets N.
 GENERATED_ELEMENTS = 2**22
 GENERATED_MIN_SAMPLES = 8
-VALIDATION_CALL_ELEMENTS = 2**18  # input elements per validation call: one 224x224 image, five 48x320 text lines
-# (each call's activations are alive in both runtimes at once: 3 images of 320x320 held 80 MB more)
-
-
-def validation_batch(data: dict[str, np.ndarray]) -> int:
-    """Samples per validation call: up to VALIDATION_BATCH, fewer for big inputs, so that validating a
-    detector does not hold 32 images' activations in two runtimes at once (peak memory, issue 15)."""
-    per_sample = sum(int(np.prod(v.shape[1:])) for v in data.values()) or 1
-    return max(1, min(VALIDATION_BATCH, VALIDATION_CALL_ELEMENTS // per_sample))
 
 
 @dataclass
@@ -274,7 +275,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
         _check_gate_flags(opts, validation, validation_source, outputs)
         frozen = ctx.details["canonicalize"]["frozen_inputs"]
         # no arena kept between runs: 48 MB less at the peak on a 320x320 detector, the same latency
-        source_runner = _SourceRunner(OnnxRuntime(opts.model, threads=opts.threads, memory_arena=False), frozen,
+        source_runner = SourceRunner(OnnxRuntime(opts.model, threads=opts.threads, memory_arena=False), frozen,
                                       source_specs, axes)
         if pairs:  # every sample gets the state the original model carries to it (see streaming.py)
             validation = source_runner.with_state(validation, pairs)
@@ -299,23 +300,23 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
             with steps("compile") as compile_row:
                 model_path = target.compile(model, quantize, ctx, stage)
                 compile_row["size_bytes"] = tree_size(model_path)
-            layout = _Layout(target.io_transposes, axes)
+            layout = Layout(target.io_transposes, axes)
             if unavailable is None:
                 converted_rt = runtime_cls(target.runnable_model(model_path), threads=opts.threads)
                 converted_rt.set_batch_axes(layout.model_axes(source_runner.outputs, converted_rt.outputs))
                 io_specs = (converted_rt.inputs, converted_rt.outputs)
                 with steps("validate"):
-                    par, acc, golden = _validate(source_runner, converted_rt, validation, opts.golden_count,
+                    par, acc, golden = compare_models(source_runner, converted_rt, validation, opts.golden_count,
                                                  layout, pairs)
                 with steps("latency"):
-                    latency = _latency(source_runner, converted_rt, validation, layout)
+                    latency = measure_latency(source_runner, converted_rt, validation, layout)
                 if slower := _slower_note(quantize, latency):
                     ctx.notes.append(slower)
             else:
                 io_specs = target.io_specs(model_path)
                 model_axes = layout.model_axes(source_runner.outputs, io_specs[1])
                 io_specs = (with_axes(io_specs[0], model_axes), with_axes(io_specs[1], model_axes))
-                par, acc, golden = _unmeasured(source_runner, io_specs[1], validation, opts.golden_count, layout)
+                par, acc, golden = unmeasured(source_runner, io_specs[1], validation, opts.golden_count, layout)
                 latency = {**dict.fromkeys(LATENCY_KEYS), "runtime": runtime_cls.name}
                 ctx.notes.append(f"{unavailable}: the converted model was not run, so parity, accuracy and latency "
                                  f"are not measured and the golden vectors carry no tolerance")
@@ -369,7 +370,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
                 "duration_s": round(time.perf_counter() - started, 3),
             }
             atomic_write_json(stage / REPORT, report)
-            converted_pairs = dict(_pair_outputs(source_runner.outputs, io_specs[1]))
+            converted_pairs = dict(pair_outputs(source_runner.outputs, io_specs[1]))
             manifest = _manifest(opts, target, io_specs, profile, quantize, par, recipe, versions,
                                  _preprocessing_for_model(preprocessing, data_specs, target.io_transposes),
                                  [(i, converted_pairs[o]) for i, o in pairs],
@@ -453,7 +454,7 @@ def _measure_steps(measured: list[tuple[dict[str, Any], onnx.ModelProto]], data:
     for (row, _), out in zip(measured, outputs, strict=True):
         row["accuracy"] = accuracy(data.labels, outputs[0], out, data.task)["converted"]
         row["top1_agreement"] = parity([outputs[0]], [out], ["output"])["top1_agreement"]
-    feeds = [_one_call(rt.inputs, data.inputs, rt.fixed_batch or 1) for rt in runtimes]
+    feeds = [one_call(rt.inputs, data.inputs, rt.fixed_batch or 1) for rt in runtimes]
     for (row, _), stats in zip(measured, bench.measure(runtimes, feeds, bench.REPORT_SETTINGS), strict=True):
         row["latency_p50_ms"] = round(stats.p50_ms, 4)
 
@@ -530,193 +531,6 @@ def _nodes_without_schema(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.helper.make_model(onnx.helper.make_graph(nodes_without_schema(model), "unknown_ops", [], []))
 
 
-class _SourceRunner:
-    """Runs the original model, adding back the inputs that were frozen into the converted one."""
-
-    def __init__(self, rt: OnnxRuntime, frozen: dict[str, Any], source_specs: list[TensorSpec],
-                 axes: dict[str, int | None]):
-        rt.set_batch_axes(axes)
-        self.rt = rt
-        self.constants = {s.name: np.full(tuple(int(d) for d in s.shape), frozen[s.name], dtype=s.dtype)
-                          for s in source_specs if s.name in frozen}
-
-        # the inputs data feeds; an original exported with a fixed batch (often 1) is run that many
-        # samples per call
-        self.inputs = [s for s in rt.inputs if s.name not in frozen]
-        self.outputs = rt.outputs
-
-    def feeds(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {**inputs, **self.constants}
-
-    def run_float(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One call of the original, outputs as it gives them."""
-        return self.rt.run(self.feeds(inputs))
-
-    def run_all(self, inputs: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
-        return run_samples(self.run_float, self.inputs, self.outputs, inputs, batch)
-
-    def with_state(self, data: Dataset, pairs: list[tuple[str, str]]) -> Dataset:
-        """``data`` (one stream of steps) with each state input the original carries to each step."""
-        _, fed = run_sequence(lambda f: self.run_all(f, 1), self.inputs, data.inputs, pairs)
-        return Dataset({**data.inputs, **fed}, data.labels, data.source, data.task)
-
-
-def _pair_outputs(source: list[TensorSpec], converted: list[TensorSpec]) -> list[tuple[str, str]]:
-    """(source name, converted name) pairs: by name when the names survived conversion, else by order."""
-    if {s.name for s in source} == {c.name for c in converted}:
-        return [(c.name, c.name) for c in converted]
-    if len(source) != len(converted):
-        raise UserInputError(f"converted model has {len(converted)} outputs, the original {len(source)}")
-    return [(s.name, c.name) for s, c in zip(source, converted, strict=True)]
-
-
-class _Layout:
-    """Source layout ↔ the converted model's, for data held as samples along axis 0.
-
-    ``transposes`` (a target's ``io_transposes``): name → axes with model tensor =
-    ``numpy.transpose(source tensor, axes)`` (NCHW → NHWC for TFLite); ``axes``: each source tensor's
-    batch axis, which the transpose moves too."""
-
-    def __init__(self, transposes: dict[str, list[int]] | None, axes: dict[str, int | None]):
-        self.transposes = transposes or {}
-        self.axes = axes
-
-    @staticmethod
-    def _move(arr: np.ndarray, perm: list[int], axis: int | None) -> np.ndarray:
-        if axis is None:  # whole tensors per sample: transpose each
-            return np.transpose(arr, [0, *(p + 1 for p in perm)])
-        tensor_like = np.moveaxis(arr, 0, axis)
-        return np.moveaxis(np.transpose(tensor_like, perm), perm.index(axis), 0)
-
-    def to_model(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: self._move(v, self.transposes[k], self.axes.get(k, 0)) if k in self.transposes else v
-                for k, v in arrays.items()}
-
-    def to_source(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {}
-        for k, v in arrays.items():
-            if k not in self.transposes:
-                out[k] = v
-                continue
-            perm, axis = self.transposes[k], self.axes.get(k, 0)
-            inverse = [int(i) for i in np.argsort(perm)]
-            out[k] = self._move(v, inverse, None if axis is None else perm.index(axis))
-        return out
-
-    def model_axes(self, source_outputs: list[TensorSpec], outputs: list[TensorSpec]) -> dict[str, int | None]:
-        """The converted model's batch axes, by its input and output names."""
-        def moved(name: str, axis: int | None) -> int | None:
-            return axis if axis is None or name not in self.transposes else self.transposes[name].index(axis)
-
-        result = {k: moved(k, v) for k, v in self.axes.items()}
-        for s, c in _pair_outputs(source_outputs, outputs):
-            result[c] = moved(s, self.axes.get(s, 0))
-        return result
-
-
-def _one_call(inputs: list[TensorSpec], data: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
-    """One call's feeds for ``inputs`` (model dtypes): the first sample repeated ``batch`` times."""
-    samples = {s.name: np.resize(data[s.name], (batch, *data[s.name].shape[1:])) for s in inputs}
-    return {s.name: to_model_dtype(s, v) for s, v in zip(inputs, stack(inputs, samples).values(), strict=True)}
-
-
-def _validate(source: _SourceRunner, converted_rt: Runtime, data: Dataset, golden_count: int, layout: _Layout,
-              pairs: list[tuple[str, str]] | None = None):
-    batch = validation_batch(data.inputs)
-    outputs = _pair_outputs(source.rt.outputs, converted_rt.outputs)
-    k = min(golden_count, len(data))
-    if pairs:
-        ref = source.run_all(data.inputs, batch)
-        converted_inputs = layout.to_model(data.inputs)
-        # Golden vectors (below) feed each sample with the state the original carried to it, so their
-        # expected outputs are the first k samples run one by one; parity is measured as a device runs
-        # the model: one stream, each model carrying its own state.
-        expected = layout.to_source(run_batched(converted_rt, {n: a[:k] for n, a in converted_inputs.items()},
-                                                batch))
-        state_inputs = [i for i, _ in pairs]
-        stream = {n: a for n, a in converted_inputs.items() if n not in state_inputs}
-        converted_pairs = [(i, dict(outputs)[o]) for i, o in pairs]
-        got = layout.to_source(run_sequence(lambda f: run_batched(converted_rt, f, 1), converted_rt.inputs, stream,
-                                            converted_pairs)[0])
-        par = parity([ref[s] for s, _ in outputs], [got[c] for _, c in outputs], [c for _, c in outputs])
-        first = ref[outputs[0][0]], got[outputs[0][1]]
-        golden_ref = {s: ref[s][:k] for s, _ in outputs}
-    else:
-        par, first, golden_ref, expected = _stream_parity(source, converted_rt, data, k, layout, outputs, batch)
-    acc = accuracy(data.labels, *first, data.task)
-    # Golden vectors are what a device feeds the converted model and compares its outputs with, in the
-    # converted model's layout and keyed by its output names: the original model's outputs, and the
-    # converted model's own outputs for the same inputs ("expected"), which let a device check the
-    # artifact tightly whatever the compression changed.
-    golden = (layout.to_model({n: a[:k] for n, a in data.inputs.items()}),
-              layout.to_model({c: golden_ref[s] for s, c in outputs}),
-              layout.to_model(expected))
-    return par, acc, golden
-
-
-def _stream_parity(source: _SourceRunner, converted_rt: Runtime, data: Dataset, k: int, layout: _Layout,
-                   outputs: list[tuple[str, str]], batch: int):
-    """Both models on the validation samples one call's worth at a time, parity accumulated as they
-    go: only a call's outputs are alive (plus the first output of each model when there are labels to
-    score, and the first ``k`` samples' outputs for the golden vectors). Holding every output of both
-    models cost two detector maps per sample (issue 15)."""
-    acc = Parity([c for _, c in outputs])
-    firsts: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
-    golden_ref: dict[str, list[np.ndarray]] = {s: [] for s, _ in outputs}
-    expected: dict[str, list[np.ndarray]] = {c: [] for _, c in outputs}
-    n = len(data)
-    for start in range(0, n, batch):
-        part = {name: arr[start:start + batch] for name, arr in data.inputs.items()}
-        ref = source.run_all(part, batch)
-        got = layout.to_source(run_batched(converted_rt, layout.to_model(part), batch))
-        acc.add([ref[s] for s, _ in outputs], [got[c] for _, c in outputs])
-        if data.labels is not None:
-            firsts[0].append(ref[outputs[0][0]])
-            firsts[1].append(got[outputs[0][1]])
-        if start == 0 or start < k:  # (k = 0: empty arrays of the right shape)
-            for s, c in outputs:
-                golden_ref[s].append(ref[s][:k - start])
-                expected[c].append(got[c][:k - start])
-    first = tuple(np.concatenate(parts) if parts else None for parts in firsts)
-    return (acc.result(), first, {s: np.concatenate(v) for s, v in golden_ref.items()},
-            {c: np.concatenate(v) for c, v in expected.items()})
-
-
-PARITY_KEYS = ("max_abs_err", "mean_abs_err", "cosine", "worst_sample_cosine", "top1_agreement", "finite",
-               "nonfinite_samples")
-LATENCY_KEYS = ("runtime", "batch", "threads", "p50_ms", "p95_ms", "p99_ms", "throughput_per_s", "source_p50_ms",
-                "speedup_vs_source")
-
-
-def _unmeasured(source: _SourceRunner, outputs: list[TensorSpec], data: Dataset, golden_count: int,
-                layout: _Layout):
-    """Parity and accuracy left null, and golden vectors from the original model alone (no
-    ``expected`` outputs), for a converted model that cannot run on this machine."""
-    k = min(golden_count, len(data))
-    inputs = {n: a[:k] for n, a in data.inputs.items()}
-    ref = source.run_all(inputs, validation_batch(inputs))
-    pairs = _pair_outputs(source.rt.outputs, outputs)
-    par = {**dict.fromkeys(PARITY_KEYS), "outputs": {}}
-    acc = {"metric": None, "original": None, "converted": None, "drop": None}
-    return par, acc, (layout.to_model(inputs), layout.to_model({c: ref[s] for s, c in pairs}))
-
-
-def _latency(source: _SourceRunner, converted_rt: Runtime, data: Dataset, layout: _Layout) -> dict[str, Any]:
-    """The report's latency: ``edgeopt.bench.measure`` -- the code behind ``edgeopt bench``, with its
-    default settings -- on the converted model at batch 1 (or its fixed batch), interleaved with the
-    original for ``speedup_vs_source``."""
-    batch = converted_rt.fixed_batch or 1  # the report's latency is per call at batch 1 when the model allows
-    samples = {k: np.resize(v, (batch, *v.shape[1:])) for k, v in data.inputs.items()}
-    model_feeds = _one_call(converted_rt.inputs, layout.to_model(samples), batch)
-    source_feeds = source.feeds(_one_call(source.inputs, samples, source.rt.fixed_batch or batch))
-    src, conv = bench.measure([source.rt, converted_rt], [source_feeds, model_feeds], bench.REPORT_SETTINGS)
-    out = conv.to_json()
-    del out["calls"], out["mean_ms"]
-    out["source_p50_ms"] = round(src.p50_ms, 4)
-    out["speedup_vs_source"] = round(src.p50_ms / conv.p50_ms, 3) if conv.p50_ms > 0 else None
-    return out
-
-
 def _preprocessing_for_model(preprocessing: dict[str, Any], specs: list[TensorSpec],
                              transposes: dict[str, list[int]]) -> dict[str, Any]:
     """The manifest's preprocessing describes the windows the converted model takes: a target that
@@ -736,33 +550,6 @@ def _check_size_limit(target: Target, model: Path) -> None:
     if size is not None and size >= limit:
         raise UserInputError(f"{model}: the model and its weights take {size / 2**30:.2f} GiB; target "
                              f"'{target.name}' writes {target.format} files of at most {limit / 2**30:.0f} GiB")
-
-
-def golden_tolerance(par: dict[str, Any], quantize: str) -> dict[str, float | None]:
-    """How close a device's outputs must be to the golden outputs.
-
-    ``atol`` / ``cosine_min`` compare with the original model's outputs: the converted model already
-    differs from those by its compression error, so the tolerance is the error measured here with a
-    2x margin, and at least 1e-4 of the output scale. ``expected_atol`` compares with the converted
-    model's own outputs on this host: only another CPU's kernels differ there (summation order for
-    float; a rounding step or two of the output quantization for integer models).
-
-    Finite by construction: the errors come from the samples where both models gave finite outputs.
-    When an output had none (or the converted model could not run here) every tolerance is None, and
-    a device's self-test refuses an artifact without one.
-    """
-    outputs = list(par["outputs"].values())
-    if not outputs or any(o["max_abs_err"] is None for o in outputs):
-        return {"atol": None, "cosine_min": None, "expected_atol": None}
-    scale = max(max(o["output_scale"], 1.0) for o in outputs)
-    atol = max(max(2.0 * o["max_abs_err"], 1e-4 * max(o["output_scale"], 1.0)) for o in outputs)
-    cos_dist = max(1.0 - o["cosine"] for o in outputs)
-    expected = (0.02 if quantize in ("int8", "int16x8", "int8-dynamic", "int4") else 1e-3) * scale
-    tolerance = {"atol": float(atol), "cosine_min": float(max(0.0, 1.0 - max(2.0 * cos_dist, 1e-4))),
-                 "expected_atol": float(expected)}
-    if not all(np.isfinite(v) for v in tolerance.values()):  # e.g. outputs near float64's limit
-        return {"atol": None, "cosine_min": None, "expected_atol": None}
-    return tolerance
 
 
 def _manifest(opts: ConvertOptions, target: Target, io_specs: tuple[list[TensorSpec], list[TensorSpec]],

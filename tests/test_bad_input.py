@@ -304,7 +304,7 @@ def test_failure_during_the_work_leaves_nothing(digits_models, tmp_path, monkeyp
     def broken(*args, **kwargs):
         raise UserInputError("validation exploded")
 
-    monkeypatch.setattr(pipeline, "_validate", broken)
+    monkeypatch.setattr(pipeline, "compare_models", broken)
     out = tmp_path / "out"
     res = run_cli("convert", digits_models["cnn"], "-o", out, "--target", "onnx")
     _assert_clean_failure(res, tmp_path, out, "validation exploded")

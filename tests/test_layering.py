@@ -190,3 +190,12 @@ def test_the_count_sees_lazy_project_imports(tmp_path):
                      "    class C:\n        def g(self):\n            import edgeopt.agent\n"
                      "    return lambda: __import__('json')\n")
     assert lazy_project_imports(probe) == [7, 8, 11]
+
+
+MAX_LINES = 600  # issue 16: a module past this has more than one job
+
+
+def test_no_module_is_over_600_lines():
+    long = {str(p.relative_to(ROOT)): n for folder in PACKAGES for p in source_files(folder)
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}, "split these modules by what they do"

@@ -15,6 +15,7 @@ from onnx import helper as h
 from onnx import numpy_helper
 
 from edgeopt.artifact import report_failures
+from edgeopt.converters.compare import golden_tolerance
 from edgeopt.converters.gates import (
     DEFAULT_MAX_ACCURACY_DROP,
     DEFAULT_MIN_COSINE,
@@ -23,7 +24,6 @@ from edgeopt.converters.gates import (
     evaluate,
     hint,
 )
-from edgeopt.converters.pipeline import golden_tolerance
 from edgeopt.fsutil import atomic_write_json
 
 from conftest import run_cli
