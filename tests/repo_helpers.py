@@ -14,6 +14,7 @@ from edgeopt.mqtt import PahoTopics, connect, make_client
 from edgeopt.repo_client import DeviceTrust, MqttFetcher, MqttRepoLink
 
 from brokers import Mosquitto
+from memory_bus import MemoryBus
 
 
 def fake_artifact(root: Path, name: str = "kws", version: str = "1", size: int = 4096, seed: int = 0) -> Path:
@@ -33,29 +34,33 @@ def fake_artifact(root: Path, name: str = "kws", version: str = "1", size: int =
 
 
 class RepoPair:
-    """A repository served over MQTT, and one device that trusts its first root."""
+    """A repository served over MQTT — a real broker, or ``bus`` (tests/memory_bus.py) — and one device
+    that trusts its first root."""
 
-    def __init__(self, tmp: Path, broker: Mosquitto, repo: Repository, device_id: str = "dev-1",
-                 chunk_size: int = 64 * 1024, timeout: float = 2.0, retries: int = 3, serve: bool = True):
-        self.tmp, self.broker, self.repo = tmp, broker, repo
+    def __init__(self, tmp: Path, broker: Mosquitto | None, repo: Repository, device_id: str = "dev-1",
+                 chunk_size: int = 64 * 1024, timeout: float = 2.0, retries: int = 3, serve: bool = True,
+                 bus: MemoryBus | None = None):
+        self.tmp, self.broker, self.repo, self.bus = tmp, broker, repo, bus
         self.clients = []
         if serve:
-            self.server_client = make_client("repo-server", broker.url)
-            connect(self.server_client)
-            self.server = RepoServer(repo, PahoTopics(self.server_client))
+            self.server = RepoServer(repo, self._topics("repo-server"))
             self.server.start()
-            self.clients.append(self.server_client)
         self.device_dir = tmp / device_id
         (self.device_dir / "metadata").mkdir(parents=True, exist_ok=True)
         if not (self.device_dir / "metadata" / "root.json").exists():
             shutil.copy(repo.metadata_dir / "1.root.json", self.device_dir / "metadata" / "root.json")
-        self.device_client = make_client(device_id, broker.url)
-        connect(self.device_client)
-        self.clients.append(self.device_client)
-        self.link = MqttRepoLink(PahoTopics(self.device_client), device_id)
+        self.link = MqttRepoLink(self._topics(device_id), device_id)
         self.fetcher = MqttFetcher(self.link, chunk_size=chunk_size, timeout=timeout, retries=retries,
                                    partial_dir=self.device_dir / "partial", backoff=0.05)
         self.trust = DeviceTrust(self.device_dir / "metadata", self.fetcher, self.device_dir / "downloads")
+
+    def _topics(self, client_id: str):
+        if self.bus is not None:
+            return self.bus.client()
+        client = make_client(client_id, self.broker.url)
+        connect(client)
+        self.clients.append(client)
+        return PahoTopics(client)
 
     def close(self) -> None:
         for c in self.clients:

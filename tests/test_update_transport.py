@@ -1,5 +1,8 @@
-"""Signed updates over a real Mosquitto: the device fetches TUF metadata and artifacts through the
-repository server, resumes downloads, and refuses every attack (python-tuf's checks, end to end)."""
+"""Signed updates over MQTT: the device fetches TUF metadata and artifacts through the repository
+server, resumes downloads, and refuses every attack (python-tuf's checks, end to end). Each check runs
+over an in-process bus (tests/memory_bus.py: the trust logic alone, in milliseconds) and over a real
+Mosquitto; what needs a broker (one dying mid-transfer, garbage from another client, `fleet serve`)
+runs over Mosquitto only."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from edgeopt.repo_client import UpdateRefused
 from edgeopt.signing import load_signer
 
 from brokers import Mosquitto
+from memory_bus import MemoryBus
 from repo_helpers import RepoPair, fake_artifact
 
 
@@ -32,8 +36,23 @@ def repo(tmp_path):
     return Repository.init(tmp_path / "repo", root_keys=3, root_threshold=2)
 
 
+@pytest.fixture(params=["memory", "mosquitto"])
+def pair(request, tmp_path, repo):
+    """The device and the repository server over an in-process bus (milliseconds: the trust checks
+    themselves) and over a real Mosquitto (the integration)."""
+    if request.param == "memory":
+        bus = MemoryBus()
+        p = RepoPair(tmp_path, None, repo, bus=bus)
+        yield p
+        bus.close()
+    else:
+        p = RepoPair(tmp_path, request.getfixturevalue("broker"), repo)
+        yield p
+        p.close()
+
+
 @pytest.fixture
-def pair(tmp_path, broker, repo):
+def mqtt_pair(tmp_path, broker, repo):
     p = RepoPair(tmp_path, broker, repo)
     yield p
     p.close()
@@ -186,7 +205,8 @@ def test_mix_and_match_of_snapshot_and_targets_is_refused(pair, repo, tmp_path):
     assert exc.value.reason in ("rollback", "repository_invalid")
 
 
-def test_malformed_messages_on_every_topic_are_counted_not_fatal(pair, repo, tmp_path, broker):
+def test_malformed_messages_on_every_topic_are_counted_not_fatal(mqtt_pair, repo, tmp_path, broker):
+    pair = mqtt_pair
     from edgeopt.mqtt import connect, make_client
 
     _publish(repo, tmp_path, "1", size=150_000)
