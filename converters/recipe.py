@@ -181,20 +181,12 @@ def _checked(recipe: Mapping[str, Any], where: str
             raise UserInputError(f"{where}: unknown setting '{key}'{closest(key, known)}")
     target_params: dict[str, dict[str, Any]] = {}
     for name, params in _tables(recipe, "targets", where).items():
-        names = registry.names(registry.TARGETS)
-        if name not in names:
-            raise UserInputError(f"{where}: [targets.{name}]: no target '{name}'{closest(name, names)} "
-                                 f"(targets: {', '.join(names)})")
-        declared = {p.name: p for p in get_target(name).params}
+        declared = _declared("targets", name, where)
         target_params[name] = {k: _typed(_param(declared, k, f"[targets.{name}]", where), v, where)
                                for k, v in params.items()}
     pass_params: dict[str, dict[str, Any]] = {}
     for name, params in _tables(recipe, "passes", where).items():
-        names = registry.names(registry.PASSES)
-        if name not in names:
-            raise UserInputError(f"{where}: [passes.{name}]: no pass '{name}'{closest(name, names)} "
-                                 f"(passes: {', '.join(names)})")
-        declared = {p.name: p for p in get_pass(name).params}
+        declared = _declared("passes", name, where)
         for k, v in params.items():
             param = _param(declared, k, f"[passes.{name}]", where)
             if (name, k) in _DATA_PARAMS:
@@ -208,6 +200,18 @@ def _checked(recipe: Mapping[str, Any], where: str
             else:
                 settings[field] = _table(field, v, where) if field in RECIPE_TABLES else _typed(_KEYS[field], v, where)
     return settings, target_params, pass_params
+
+
+def _declared(group: str, name: str, where: str) -> dict[str, Param]:
+    """The parameters target or pass ``name`` declares (``group``: targets or passes); an unknown name is
+    refused with the closest one."""
+    kind, load = (registry.TARGETS, get_target) if group == "targets" else (registry.PASSES, get_pass)
+    names = registry.names(kind)
+    if name not in names:
+        singular = "target" if group == "targets" else "pass"
+        raise UserInputError(f"{where}: [{group}.{name}]: no {singular} '{name}'{closest(name, names)} "
+                             f"({group}: {', '.join(names)})")
+    return {p.name: p for p in load(name).params}
 
 
 def _tables(recipe: Mapping[str, Any], group: str, where: str) -> dict[str, dict[str, Any]]:

@@ -1,7 +1,8 @@
 """The running agent as the updater sees it (``agent.update.updater.Host``), without the agent: a real
 state directory, the current model, batch observers the test feeds, and swaps applied at once. With
 tests/memory_bus.py for the broker, the updater's steps run in-process, without Mosquitto or an agent
-subprocess; the integration tests (test_update_agent.py and the rest) run the real agent."""
+subprocess (the agent's transport: ``MemoryBus.client(payload_only=True)``); the integration tests
+(test_update_agent.py and the rest) run the real agent."""
 
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ from edgeopt.agent.model import LoadedModel, load_model
 from edgeopt.agent.statedir import StateDir
 from edgeopt.agent.telemetry import RejectedMessages
 from edgeopt.agent.windowing import WindowBatch, WindowBlock
-
-from memory_bus import MemoryBus
 
 
 class FakeHost:
@@ -68,16 +67,3 @@ class FakeHost:
             outputs = {k: corrupt(v) for k, v in outputs.items()}
         for fn in list(self.observers):
             fn(batch, outputs, seconds, self.model)
-
-
-class BusTransport:
-    """The agent transport's ``publish`` / ``subscribe(topic, handler(payload))`` over a memory bus."""
-
-    def __init__(self, bus: MemoryBus):
-        self.bus = bus
-
-    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
-        self.bus.publish(topic, payload)
-
-    def subscribe(self, topic: str, handler) -> None:
-        self.bus.subscribe(topic, lambda _topic, payload: handler(payload))

@@ -33,8 +33,8 @@ class MemoryBus:
         self._thread = threading.Thread(target=self._deliver, name="memory-bus", daemon=True)
         self._thread.start()
 
-    def client(self) -> MemoryTopics:
-        return MemoryTopics(self)
+    def client(self, payload_only: bool = False) -> MemoryTopics:
+        return MemoryTopics(self, payload_only)
 
     def publish(self, topic: str, payload: bytes) -> None:
         self._queue.put((topic, bytes(payload)))
@@ -61,13 +61,14 @@ class MemoryBus:
 
 
 class MemoryTopics:
-    """One client's view of the bus (``PahoTopics``' interface)."""
+    """One client's view of the bus: ``PahoTopics``' interface (handlers take the topic and the
+    payload), or with ``payload_only`` the agent transport's (handlers take the payload)."""
 
-    def __init__(self, bus: MemoryBus):
-        self.bus = bus
+    def __init__(self, bus: MemoryBus, payload_only: bool = False):
+        self.bus, self.payload_only = bus, payload_only
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
         self.bus.publish(topic, payload)
 
     def subscribe(self, topic: str, handler) -> None:
-        self.bus.subscribe(topic, handler)
+        self.bus.subscribe(topic, (lambda _topic, payload: handler(payload)) if self.payload_only else handler)

@@ -19,7 +19,7 @@ from edgeopt.agent.update.updater import Updater
 from edgeopt.fleet.repo_server import RepoServer
 from edgeopt.fleet.repository import Repository
 
-from fake_host import BusTransport, FakeHost
+from fake_host import FakeHost
 from memory_bus import MemoryBus
 
 NAME = "imu-cnn"
@@ -52,7 +52,7 @@ def rig(tmp_path, imu_model):
             "update": {"root": str(repo.metadata_dir / "1.root.json"), "request_timeout_s": 1.0,
                        "retry_interval_s": 0.0, "baseline_s": 0.0, "probation_windows": 0, "probation_s": 0.0,
                        **update}})
-        return Updater(host, config, BusTransport(bus), "dev1")
+        return Updater(host, config, bus.client(payload_only=True), "dev1")
 
     yield host, updater, repo
     bus.close()
