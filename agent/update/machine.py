@@ -183,6 +183,47 @@ def wanted(desired: dict[str, Any] | None, current: dict[str, Any] | None, refus
     return Wanted(None, retry_at)
 
 
+@dataclass(frozen=True)
+class Health:
+    """What a watch saw of a model's live windows: the facts the probation verdict is decided on."""
+
+    windows: int = 0
+    nan_outputs: int = 0          # windows with NaN/Inf outputs
+    error_rate: float = 0.0       # failed or NaN windows / windows
+    p95_ms: float | None = None   # per inference call
+    latencies: int = 0            # calls measured
+    mean_confidence: float | None = None  # top-1, for a classifier
+    confidences: int = 0          # windows it is the mean of
+
+
+MIN_WINDOWS_FOR_ERROR_RATE, MIN_CALLS_FOR_LATENCY, MIN_WINDOWS_FOR_CONFIDENCE = 20, 10, 20
+
+
+def probation_verdict(candidate: Health, baseline: Health, limits: Any) -> str | None:
+    """Why the candidate fails its probation so far (None: it does not), in this order: NaN outputs,
+    the error rate, latency p95 (the budget, then ``probation_latency_factor`` x the previous model's
+    plus 1 ms), mean top-1 confidence (``probation_min_confidence_ratio`` x the previous model's).
+    A rate is judged once it rests on enough windows or calls. ``limits``: the ``[update]`` section."""
+    c, b = candidate, baseline
+    if c.nan_outputs > limits.probation_max_nan:
+        return f"{c.nan_outputs} window(s) with NaN/Inf outputs (allowed {limits.probation_max_nan})"
+    if c.windows >= MIN_WINDOWS_FOR_ERROR_RATE and c.error_rate > limits.probation_max_error_rate:
+        return f"error rate {c.error_rate:.1%} above {limits.probation_max_error_rate:.1%}"
+    budget = limits.latency_budget_ms or None
+    if c.p95_ms is not None and c.latencies >= MIN_CALLS_FOR_LATENCY:
+        if budget is not None and c.p95_ms > budget:
+            return f"latency p95 {c.p95_ms:.3f} ms above the budget {budget:g} ms"
+        if b.p95_ms is not None and c.p95_ms > limits.probation_latency_factor * b.p95_ms + 1.0:
+            return (f"latency p95 {c.p95_ms:.3f} ms above {limits.probation_latency_factor:g}x the previous "
+                    f"model's {b.p95_ms:.3f} ms")
+    if c.mean_confidence is not None and b.mean_confidence is not None and \
+            c.confidences >= MIN_WINDOWS_FOR_CONFIDENCE and \
+            c.mean_confidence < limits.probation_min_confidence_ratio * b.mean_confidence:
+        return (f"mean top-1 confidence {c.mean_confidence:.3f} below {limits.probation_min_confidence_ratio:g}x "
+                f"the previous model's {b.mean_confidence:.3f}")
+    return None
+
+
 def refusal_note(memo: dict[str, Any]) -> str:
     """What the state's reason adds about a refusal: when the version will be tried again."""
     if memo["fault"] == Fault.TRANSPORT:

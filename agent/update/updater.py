@@ -43,10 +43,12 @@ from edgeopt.agent.update.machine import (
     MANIFEST_MISMATCH,
     Backoff,
     Event,
+    Health,
     RecordStore,
     State,
     UpdateMachine,
     UpdateRecord,
+    probation_verdict,
     reason_text,
     wanted,
 )
@@ -137,6 +139,13 @@ class Watch:
     def agreement(self) -> float | None:
         with self.lock:
             return self.agree / self.compared if self.compared else None
+
+    def summary(self) -> Health:
+        """What the probation verdict is decided on."""
+        with self.lock:
+            windows, nan, latencies, confidences = self.windows, self.nan_outputs, len(self.latencies_ms), \
+                len(self.confidence)
+        return Health(windows, nan, self.error_rate(), self.p95_ms(), latencies, self.mean_confidence(), confidences)
 
 
 def _failing_safely(state: State, step):
@@ -453,7 +462,7 @@ class Updater:
             started = time.monotonic()
             while not self._stop.is_set():
                 elapsed = time.monotonic() - started
-                verdict = self._probation_verdict(watch, baseline)
+                verdict = probation_verdict(watch.summary(), baseline.summary(), cfg)
                 if verdict is not None:
                     r.reason = f"probation: {verdict} over {watch.windows} live windows"
                     return Event.FAILED
@@ -469,25 +478,6 @@ class Updater:
         finally:
             self.host.remove_batch_observer(observe)
             self.watch = None
-
-    def _probation_verdict(self, w: Watch, baseline: Watch) -> str | None:
-        cfg = self.cfg
-        if w.nan_outputs > cfg.probation_max_nan:
-            return f"{w.nan_outputs} window(s) with NaN/Inf outputs (allowed {cfg.probation_max_nan})"
-        if w.windows >= 20 and w.error_rate() > cfg.probation_max_error_rate:
-            return f"error rate {w.error_rate():.1%} above {cfg.probation_max_error_rate:.1%}"
-        p95, base_p95 = w.p95_ms(), baseline.p95_ms()
-        budget = cfg.latency_budget_ms or None
-        if p95 is not None and len(w.latencies_ms) >= 10:
-            if budget is not None and p95 > budget:
-                return f"latency p95 {p95:.3f} ms above the budget {budget:g} ms"
-            if base_p95 is not None and p95 > cfg.probation_latency_factor * base_p95 + 1.0:
-                return f"latency p95 {p95:.3f} ms above {cfg.probation_latency_factor:g}x the previous model's {base_p95:.3f} ms"
-        conf, base_conf = w.mean_confidence(), baseline.mean_confidence()
-        if conf is not None and base_conf is not None and len(w.confidence) >= 20 and \
-                conf < cfg.probation_min_confidence_ratio * base_conf:
-            return f"mean top-1 confidence {conf:.3f} below {cfg.probation_min_confidence_ratio:g}x the previous model's {base_conf:.3f}"
-        return None
 
     def _committed(self, r: UpdateRecord) -> Event:
         self.host.state.mark_good(r.target["slot"])  # a fallback target from now on
