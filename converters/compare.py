@@ -218,6 +218,17 @@ def measure_latency(source: SourceRunner, converted_rt: Runtime, data: Dataset, 
     return out
 
 
+def latency_against(converted_rt: Runtime, other_rt: Runtime, data: Dataset, layout: Layout) -> dict[str, Any]:
+    """The converted model against another build of it in the same format (the all-INT8 model, for
+    mixed precision), interleaved as ``measure_latency`` does: p50 of each and the ratio."""
+    batch = converted_rt.fixed_batch or 1
+    samples = layout.to_model({k: np.resize(v, (batch, *v.shape[1:])) for k, v in data.inputs.items()})
+    feeds = one_call(converted_rt.inputs, samples, batch)
+    mine, other = bench.measure([converted_rt, other_rt], [feeds, feeds], bench.REPORT_SETTINGS)
+    return {"p50_ms": round(mine.p50_ms, 4), "p50_ms_all_int8": round(other.p50_ms, 4),
+            "slowdown_vs_all_int8": round(mine.p50_ms / other.p50_ms, 3) if other.p50_ms > 0 else None}
+
+
 def golden_tolerance(par: dict[str, Any], quantize: str) -> dict[str, float | None]:
     """How close a device's outputs must be to the golden outputs.
 

@@ -37,6 +37,7 @@ from edgeopt.converters.compare import (
     SourceRunner,
     compare_models,
     golden_tolerance,
+    latency_against,
     measure_latency,
     one_call,
     pair_outputs,
@@ -74,7 +75,7 @@ from edgeopt.onnx_io import (
     save_model,
 )
 from edgeopt.profiles import Profile, load_profile
-from edgeopt.runtime import run_batched, runtime_for_format
+from edgeopt.runtime import Runtime, run_batched, runtime_for_format
 from edgeopt.runtime.onnxruntime import OnnxRuntime
 from edgeopt.specs import TensorSpec
 
@@ -303,13 +304,16 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
             layout = Layout(target.io_transposes, axes)
             if unavailable is None:
                 converted_rt = runtime_cls(target.runnable_model(model_path), threads=opts.threads)
-                converted_rt.set_batch_axes(layout.model_axes(source_runner.outputs, converted_rt.outputs))
+                model_axes = layout.model_axes(source_runner.outputs, converted_rt.outputs)
+                converted_rt.set_batch_axes(model_axes)
                 io_specs = (converted_rt.inputs, converted_rt.outputs)
                 with steps("validate"):
                     par, acc, golden = compare_models(source_runner, converted_rt, validation, opts.golden_count,
                                                  layout, pairs)
                 with steps("latency"):
                     latency = measure_latency(source_runner, converted_rt, validation, layout)
+                    mixed_latency = _mixed_latency(ctx, target, runtime_cls, converted_rt, model_axes, validation,
+                                                   layout, opts.threads)
                 if slower := _slower_note(quantize, latency):
                     ctx.notes.append(slower)
             else:
@@ -317,7 +321,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
                 model_axes = layout.model_axes(source_runner.outputs, io_specs[1])
                 io_specs = (with_axes(io_specs[0], model_axes), with_axes(io_specs[1], model_axes))
                 par, acc, golden = unmeasured(source_runner, io_specs[1], validation, opts.golden_count, layout)
-                latency = {**dict.fromkeys(LATENCY_KEYS), "runtime": runtime_cls.name}
+                latency, mixed_latency = {**dict.fromkeys(LATENCY_KEYS), "runtime": runtime_cls.name}, None
                 ctx.notes.append(f"{unavailable}: the converted model was not run, so parity, accuracy and latency "
                                  f"are not measured and the golden vectors carry no tolerance")
             shape_problems = _output_shape_problems(golden[1], io_specs[1])
@@ -363,7 +367,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
                 "validation": {"source": validation_source, "samples": len(validation), "labels": validation.task},
                 "steps": steps.rows,
                 "pass_details": {k: v for k, v in ctx.details.items() if k != "canonicalize"},
-                "mixed_precision": report_summary(ctx.details, model_bytes, target.format),
+                "mixed_precision": report_summary(ctx.details, model_bytes, target.format, mixed_latency),
                 "analysis": analysis,
                 "notes": ctx.notes,
                 "tool_versions": versions,
@@ -382,6 +386,18 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
     if failures:
         raise ConvertCheckFailed(result)
     return result
+
+
+def _mixed_latency(ctx: PassContext, target: Target, runtime_cls: type[Runtime], converted_rt: Runtime,
+                   axes: dict[str, int | None], validation: Dataset, layout: Layout, threads: int
+                   ) -> dict[str, Any] | None:
+    """What the nodes mixed precision kept float cost in latency: the artifact against the all-INT8
+    model of the same format, side by side (None when no node was kept float for the budget)."""
+    if ctx.all_int8 is None or ctx.all_int8.suffix != Path(target.model_file).suffix:
+        return None
+    other = runtime_cls(ctx.all_int8, threads=threads)
+    other.set_batch_axes(axes)
+    return latency_against(converted_rt, other, validation, layout)
 
 
 def _with_budget(opts: ConvertOptions, quantize: str) -> dict[str, dict[str, Any]]:

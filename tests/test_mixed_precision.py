@@ -69,6 +69,10 @@ def test_max_accuracy_drop_keeps_at_most_two_layers_float(outlier, target, tmp_p
     model = out / ("model.onnx" if target == "onnx" else "model.tflite")
     assert _accuracy(outlier["float"], outlier["validation"]) - _accuracy(model, outlier["validation"]) <= 1.0
     assert _float_layers(model) == len(details["kept_float"])
+    # what the float layers cost, measured against the all-INT8 model side by side (not a threshold)
+    latency = report["mixed_precision"]["latency"]
+    assert latency["p50_ms"] > 0 and latency["p50_ms_all_int8"] > 0
+    assert latency["slowdown_vs_all_int8"] == pytest.approx(latency["p50_ms"] / latency["p50_ms_all_int8"], rel=1e-2)
 
 
 def _float_layers(model: Path) -> int:

@@ -50,6 +50,9 @@ class PassContext:
     reference: onnx.ModelProto | None = None  # the model before compression (the distillation teacher)
     notes: list[str] = field(default_factory=list)  # warnings that end up in the report
     details: dict[str, Any] = field(default_factory=dict)  # per-pass facts for the report, by pass name
+    # the all-INT8 model when mixed precision kept nodes float, in the format the pass wrote: the report
+    # measures the latency the float nodes cost against it
+    all_int8: Path | None = None
 
 
 class Pass(Configurable):

@@ -188,9 +188,11 @@ def searched(details: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
     return None
 
 
-def report_summary(details: dict[str, Any], model_bytes: int, fmt: str) -> dict[str, Any] | None:
+def report_summary(details: dict[str, Any], model_bytes: int, fmt: str,
+                   latency: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The report's summary of an INT8 model with nodes left float (by --keep-float or the budget
-    search): which, at what precision, what the budget asked and reached, and the size it costs."""
+    search): which, at what precision, what the budget asked and reached, and the size and (when the
+    all-INT8 model ran beside it: ``latency``) the time it costs."""
     found = (searched(details) or ({}, ""))[0]
     kept = (details.get("quantize-int8") or {}).get("kept_float") or found.get("kept_float")
     if not kept:
@@ -203,4 +205,6 @@ def report_summary(details: dict[str, Any], model_bytes: int, fmt: str) -> dict[
     if "size_bytes_all_int8" in found and fmt in ("onnx", "tflite"):  # the same format as the artifact
         summary.update(size_bytes=model_bytes, size_bytes_all_int8=found["size_bytes_all_int8"],
                        size_increase=round(model_bytes / found["size_bytes_all_int8"], 4))
+    if latency is not None:
+        summary["latency"] = latency
     return summary

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import inspect
+import shutil
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -144,6 +145,8 @@ class QuantizeInt8Static(Pass):
             found["accuracy_drop_all_int8"] = found["accuracy_drop"] = all_int8["accuracy_drop"]
         if budget.met(all_int8):
             return found
+        ctx.all_int8 = ctx.workdir / "int8-all.onnx"
+        shutil.copyfile(out, ctx.all_int8)
 
         def quantize(path: Path, nodes_to_quantize=None, nodes_to_exclude=()) -> None:
             self.quantize(pre, path, None, nodes_to_quantize=nodes_to_quantize,

@@ -105,6 +105,8 @@ def _mixed_line(mixed: dict[str, Any]) -> str:
         line += f": {', '.join(changes)} (all-INT8 -> mixed)"
     if "size_increase" in mixed:
         line += f", {mixed['size_increase']:.2f}x the all-INT8 size"
+    if (latency := mixed.get("latency")) and latency.get("slowdown_vs_all_int8"):
+        line += f", {latency['slowdown_vs_all_int8']:.2f}x its latency"
     return line
 
 

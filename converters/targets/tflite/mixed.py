@@ -120,6 +120,8 @@ def mixed_int8(float_data: bytes, all_int8: bytes | None, ctx: PassContext, *, k
             details["accuracy_drop_all_int8"] = details["accuracy_drop"] = facts["accuracy_drop"]
         if score is None or budget.met(facts):
             return all_int8, details
+        ctx.all_int8 = work / "all-int8.tflite"
+        ctx.all_int8.write_bytes(all_int8)
     inputs = input_details(float_data)
     batches = calibration_batches(ctx, "int8", inputs, dict(io_transposes))
     with ctx.progress("calibrating (litert-quantizer)", None):
