@@ -64,15 +64,15 @@ def test_the_chart_is_a_png(analysis):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_unknown_keep_float_node_and_a_target_that_cannot_keep_one_are_refused(digits_models, tmp_path):
+def test_unknown_keep_float_node_and_a_mode_that_cannot_keep_one_are_refused(digits_models, tmp_path):
     common = ("--quantize", "int8", "--calibration", digits_models["calibration"], "-q")
     res = run_cli("convert", digits_models["cnn"], "-o", tmp_path / "a", "--target", "onnx", *common,
                   "--keep-float", "no/such/node")
     assert res.code == 2 and "--keep-float: no node named 'no/such/node'" in res.err
     assert not (tmp_path / "a").exists()
-    res = run_cli("convert", digits_models["cnn"], "-o", tmp_path / "b", "--target", "coreml", *common,
-                  "--keep-float", "/0/Conv")
-    assert res.code == 2 and "--keep-float /0/Conv: target 'coreml' does not use it" in res.err
+    res = run_cli("convert", digits_models["cnn"], "-o", tmp_path / "b", "--target", "coreml", "--quantize", "int4",
+                  "--minimum-deployment-target", "iOS18", "--keep-float", "/0/Conv", "-q")
+    assert res.code == 2 and "--keep-float /0/Conv: target 'coreml' does not use it with --quantize int4" in res.err
 
 
 def test_analyze_needs_calibration_data(digits_models, tmp_path):

@@ -361,3 +361,29 @@ def test_coreml_runtime_parity_on_macos(converted, source_models):
             got = rt.run_float({k: v[i:i + 1] for k, v in inputs.items()})
             for name, want in outputs.items():
                 assert np.abs(got[name] - want[i:i + 1]).max() <= artifact.manifest["golden"]["atol"]
+
+
+def test_keep_float_leaves_those_weights_uncompressed(converted, source_models, tmp_path):
+    """--keep-float on coreml --quantize int8: the named nodes' weights stay at the compute precision
+    in the saved package (no constexpr op feeds them), every other weight is still INT8, and the
+    report's mixed_precision lists the nodes."""
+    path, validation, _ = source_models["digits-cnn"]
+    out = tmp_path / "keep"
+    res = run_cli("convert", path, "-o", out, "--target", "coreml", "--quantize", "int8", *IOS18,
+                  "--validation", validation, "--keep-float", "/3/Conv,/10/Gemm", "-q", "--json")
+    assert res.code == 0, res.err
+    report = json.loads(res.out)
+    assert report["mixed_precision"]["kept"] == [{"node": "/3/Conv", "precision": "float16"},
+                                                 {"node": "/10/Gemm", "precision": "float16"}]
+
+    def consumers(artifact):  # the ops whose weights are stored compressed
+        return {c.name.removesuffix("_cast_fp16") for op in _compressed_ops(artifact) for c in op.outputs[0].child_ops}
+
+    everything = consumers(converted[("digits-cnn", "int8")])
+    kept = consumers(out)
+    assert {"_3_Conv", "_10_Gemm"} <= everything
+    assert kept == everything - {"_3_Conv", "_10_Gemm"}
+    assert _size(out) > _size(converted[("digits-cnn", "int8")])
+    res = run_cli("convert", path, "-o", tmp_path / "bad", "--target", "coreml", "--quantize", "int8", *IOS18,
+                  "--keep-float", "/no/node", "-q")
+    assert res.code == 2 and "--keep-float: no node named '/no/node'" in res.err

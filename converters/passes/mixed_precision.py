@@ -177,7 +177,7 @@ def fewest_float_nodes(quantize: Quantize, score: Scorer, ranking: Sequence[str]
 
 
 # where the pass details keep a mixed-precision search's record: ONNX Runtime's pass, the tflite target
-SEARCHES = (("quantize-int8", "onnxruntime"), ("quantize-tflite", "litert-quantizer"))
+SEARCHES = (("quantize-int8", "onnxruntime"), ("quantize-tflite", "litert-quantizer"), ("quantize-coreml", "coremltools"))
 
 
 def searched(details: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
@@ -197,7 +197,7 @@ def report_summary(details: dict[str, Any], model_bytes: int, fmt: str,
     kept = (details.get("quantize-int8") or {}).get("kept_float") or found.get("kept_float")
     if not kept:
         return None
-    summary = {"kept": [{"node": n, "precision": "float32"} for n in kept],
+    summary = {"kept": [{"node": n, "precision": found.get("precision", "float32")} for n in kept],
                "budget": {k: found[k] for k in ("min_cosine", "max_accuracy_drop") if k in found}}
     for key in ("cosine_all_int8", "cosine", "accuracy_drop_all_int8", "accuracy_drop", "quantizations"):
         if key in found:

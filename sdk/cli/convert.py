@@ -125,8 +125,9 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
 @_CAL.click_option("--calibration-method", default=None, show_default=False,
                    help=f"{_CAL.help}, with --quantize int8 (default: {_CAL.default}; tflite: minmax only).")
 @click.option("--keep-float", metavar="NODE[,NODE]", multiple=True,
-              help="With --quantize int8 (targets onnx, tvm, tflite): leave these nodes in float (repeatable; "
-                   "`edgeopt analyze` ranks the nodes by how much their quantization costs).")
+              help="With --quantize int8 (targets onnx, tvm, tflite; coreml: their weights uncompressed): leave "
+                   "these nodes in float (repeatable; `edgeopt analyze` ranks the nodes by how much their "
+                   "quantization costs).")
 @click.option("--no-mixed-precision", is_flag=True,
               help="With --min-cosine or --max-accuracy-drop and --quantize int8 (targets onnx, tvm, tflite): only "
                    "check; by default the fewest most sensitive nodes are kept float to meet the budget.")

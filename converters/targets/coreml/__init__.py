@@ -22,6 +22,7 @@ from edgeopt.converters.targets.coreml.compression import (
     compress,
     scheme_for,
     weights_by_consumer,
+    weights_of_ops,
     zero_fraction,
 )
 from edgeopt.converters.targets.coreml.deployment import (
@@ -115,8 +116,10 @@ class CoreMLTarget(Target):
                                  f"and later; the deployment target is {where}")
 
     def honoured_pass_params(self, quantize: str) -> dict[str, frozenset[str]]:
-        """Weights are compressed by coremltools, not ONNX Runtime's passes: only the int4 block size."""
-        return {"quantize-int4": frozenset({"block_size"})} if quantize == "int4" else {}
+        """Weights are compressed by coremltools, not ONNX Runtime's passes: only the int4 block size,
+        and for int8 the nodes whose weights stay uncompressed (--keep-float)."""
+        return {"quantize-int4": frozenset({"block_size"})} if quantize == "int4" else \
+            {"quantize-int8": frozenset({"keep_float"})} if quantize == "int8" else {}
 
     def unused_params(self, quantize: str) -> dict[str, str]:
         compressed = [f"--quantize {quantize}"] if quantize in ("int8", "int4") else []
@@ -187,8 +190,9 @@ class CoreMLTarget(Target):
             weights = weights_by_consumer(mlmodel._mil_program)
             scheme = self._compression_scheme(quantize, weights)
             adjusted: list[dict[str, Any]] = []
+            keep = self._kept_weights(quantize, lowered, mlmodel, ctx)
             if scheme is not None:
-                mlmodel, compression_messages, adjusted = compress(mlmodel, scheme)
+                mlmodel, compression_messages, adjusted = compress(mlmodel, scheme, keep)
                 messages += compression_messages
         self._save(mlmodel, lowered, model, out)
         verification = verify_package(
@@ -223,6 +227,22 @@ class CoreMLTarget(Target):
             raise ConversionError(f"target 'coreml' cannot lower {exc}") from exc
         except LoweringError as exc:
             raise ConversionError(f"target 'coreml': {exc}") from exc
+
+    def _kept_weights(self, quantize: str, lowered: Any, mlmodel: Any, ctx: PassContext) -> frozenset[str]:
+        """--keep-float with --quantize int8: the const ops of those nodes' weights, left uncompressed
+        (at the compute precision); the report's mixed_precision lists the nodes."""
+        given = (self.pass_params.get("quantize-int8") or {}).get("keep_float") if quantize == "int8" else None
+        nodes = [n.strip() for n in (given or "").split(",") if n.strip()]
+        if not nodes:
+            return frozenset()
+        if unknown := [n for n in nodes if n not in lowered.ops_of]:
+            raise UserInputError(f"--keep-float: no node named {', '.join(map(repr, unknown))} in the model as "
+                                 f"lowered to Core ML (`edgeopt inspect` lists the node names)")
+        keep = weights_of_ops(mlmodel._mil_program, {op for n in nodes for op in lowered.ops_of[n]})
+        precision = "float16" if self.config["compute_precision"] == "fp16" else "float32"
+        ctx.details["quantize-coreml"] = {"mixed_precision": {"kept_float": nodes, "precision": precision,
+                                                              "weights_kept": sorted(keep)}}
+        return keep
 
     def _convert(self, lowered: Any) -> tuple[Any, list[str]]:
         """``ct.convert`` of the MIL program at the deployment target and compute precision."""

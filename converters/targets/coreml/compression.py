@@ -90,9 +90,11 @@ def captured_coremltools_log() -> Iterator[list[str]]:
         logger.propagate = old_propagate
 
 
-def compress(mlmodel: Any, scheme: CompressionScheme) -> tuple[Any, list[str], list[dict[str, Any]]]:
+def compress(mlmodel: Any, scheme: CompressionScheme, keep: frozenset[str] = frozenset()
+             ) -> tuple[Any, list[str], list[dict[str, Any]]]:
     """The compressed model, coremltools' messages about tensors it left alone, and the tensors
-    whose INT4 block size was reduced to fit their input axis."""
+    whose INT4 block size was reduced to fit their input axis. ``keep``: const ops left uncompressed
+    (``weights_of_ops``, for --keep-float)."""
     import coremltools.optimize.coreml as cto
 
     adjusted: list[dict[str, Any]] = []
@@ -117,6 +119,8 @@ def compress(mlmodel: Any, scheme: CompressionScheme) -> tuple[Any, list[str], l
         config = cto.OptimizationConfig(global_config=cto.OpThresholdPrunerConfig(
             threshold=1e-30, minimum_sparsity_percentile=scheme.min_zeros, weight_threshold=scheme.min_weights - 1))
         run = cto.prune_weights
+    for name in keep:  # None: coremltools leaves that op as it is
+        config.set_op_name(name, None)
     # An all-zero channel has scale 0: coremltools divides 0 by 0 there (numpy warns) and stores 0 * q = 0.
     with captured_coremltools_log() as messages, np.errstate(divide="ignore", invalid="ignore"):
         compressed = run(mlmodel, config)
@@ -140,6 +144,20 @@ def _int4_blocks_that_fit(program: Any, block_size: int, min_weights: int) -> li
         if fitting >= MIN_INT4_BLOCK:
             adjusted.append({"tensor": op.name, "input_channels": n, "block_size": fitting})
     return adjusted
+
+
+def weights_of_ops(program: Any, op_names: set[str]) -> frozenset[str]:
+    """The const ops holding the float weights of the ops named ``op_names`` (ct.convert's fp16 pass
+    renames an op X it casts to X_cast_fp16)."""
+    found = set()
+    for op in program.functions["main"].operations:
+        if op.name in op_names or op.name.removesuffix("_cast_fp16") in op_names:
+            for var in op.inputs.values():
+                producer = None if isinstance(var, (list, tuple)) else getattr(var, "op", None)
+                if producer is not None and producer.op_type == "const" and isinstance(var.val, np.ndarray) \
+                        and var.val.dtype.kind == "f" and var.val.size > 1:
+                    found.add(producer.name)
+    return frozenset(found)
 
 
 def weights_by_consumer(program: Any) -> dict[tuple[str, str], np.ndarray]:

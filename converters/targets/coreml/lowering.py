@@ -51,6 +51,7 @@ class LoweredProgram:
     program: Any                 # coremltools.converters.mil.mil.Program
     input_names: dict[str, str]  # MIL name → ONNX name
     output_names: dict[str, str]
+    ops_of: dict[str, list[str]]  # ONNX node name → the MIL ops named after it
 
 
 def _constant(init: onnx.TensorProto) -> np.ndarray:
@@ -137,7 +138,7 @@ def lower(model: onnx.ModelProto, spec_version: int) -> LoweredProgram:
         func.set_outputs(outputs)
     program = Program()
     program.add_function("main", func)
-    return LoweredProgram(program, input_names, output_names)
+    return LoweredProgram(program, input_names, output_names, cx.ops_of)
 
 
 def _unique(name: str, taken: dict[str, str]) -> str:

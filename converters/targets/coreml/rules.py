@@ -96,6 +96,7 @@ class LoweringContext:
         self.values: dict[str, Any] = {}
         self.node: onnx.NodeProto | None = None
         self._names: set[str] = set()
+        self.ops_of: dict[str, list[str]] = {}  # ONNX node name → the MIL ops named after it (--keep-float)
 
     # -- values --------------------------------------------------------------------------------
     def has(self, node: onnx.NodeProto, i: int) -> bool:
@@ -146,6 +147,7 @@ class LoweringContext:
             k += 1
             name = f"{base}_{k}"
         self._names.add(name)
+        self.ops_of.setdefault(self.node.name, []).append(name)
         return name
 
 
