@@ -235,6 +235,8 @@ def _typed(param: Param, value: Any, where: str) -> Any:
              float: isinstance(value, bool) or not isinstance(value, int | float)}.get(param.type)
     if param.type is str and isinstance(value, list) and all(isinstance(v, str) for v in value):
         value = ",".join(value)  # a list where the parameter takes comma-separated names
+    elif param.type is str and isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)  # version = 7, --set version=7
     elif param.type is str and not isinstance(value, str):
         wrong = True
     if wrong:

@@ -134,15 +134,15 @@ def test_pass_parameters_that_are_options_land_in_their_fields():
 
 def test_set_parses_toml_values_and_short_keys():
     recipe: dict = {}
-    for assignment in ("quantize=int8", "min_cosine=0.99", "input_shapes.x=[1, 64]", "quantize-int8.keep_float="
+    for assignment in ("quantize=int8", "min_cosine=0.99", "version=7", "input_shapes.x=[1, 64]", "quantize-int8.keep_float="
                        '["/0/Conv", "/1/Gemm"]', "tflite.float_io=true", "passes.canonicalize.simplify=false"):
         set_value(recipe, assignment)
-    assert recipe == {"quantize": "int8", "min_cosine": 0.99, "input_shapes": {"x": [1, 64]},
+    assert recipe == {"quantize": "int8", "min_cosine": 0.99, "version": 7, "input_shapes": {"x": [1, 64]},
                       "passes": {"quantize-int8": {"keep_float": ["/0/Conv", "/1/Gemm"]},
                                  "canonicalize": {"simplify": False}},
                       "targets": {"tflite": {"float_io": True}}}
     opts = apply_recipe(ConvertOptions(model=Path("m.onnx"), output=Path("out")), recipe, "--set")
-    assert opts.pass_params["quantize-int8"]["keep_float"] == "/0/Conv,/1/Gemm"
+    assert opts.pass_params["quantize-int8"]["keep_float"] == "/0/Conv,/1/Gemm" and opts.version == "7"
     with pytest.raises(UserInputError, match="expected KEY=VALUE"):
         set_value({}, "quantize")
 
