@@ -210,6 +210,11 @@ class Pipeline:
         try:
             outputs, calls = model.run_calls(batch, self.max_batch)
         except EdgeoptError as exc:
+            if len(batch) > self.max_batch:  # a take of several calls: only the failing call's windows are lost
+                self.windows_inferred -= len(batch)
+                for part in batch.split(self.max_batch):
+                    self.infer(part)
+                return
             lap("inference")
             self.inference_errors += len(batch)
             log.error("inference failed on %d window(s) (%s): %s", len(batch), batch.describe(), exc)

@@ -111,6 +111,25 @@ class WindowBatch:
             return self.blocks[0].data
         return np.concatenate([b.data for b in self.blocks])
 
+    def split(self, n: int) -> list[WindowBatch]:
+        """The windows in batches of ``n`` (the last one shorter), in order; block slices, no copies."""
+        parts: list[WindowBatch] = []
+        current: list[WindowBlock] = []
+        room = n
+        for block in self.blocks:
+            start = 0
+            while start < len(block):
+                piece = block[start:start + room]
+                current.append(piece)
+                start += len(piece)
+                room -= len(piece)
+                if room == 0:
+                    parts.append(WindowBatch(current))
+                    current, room = [], n
+        if current:
+            parts.append(WindowBatch(current))
+        return parts
+
     def describe(self) -> str:
         """'first id ... last id', for log messages."""
         first, last = self.blocks[0], self.blocks[-1]

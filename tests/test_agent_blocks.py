@@ -318,3 +318,42 @@ def test_jsonl_sink_splits_a_large_write_at_lines_so_no_file_passes_max_bytes(tm
     assert path.read_text() == wide.lines()
     kept = [line for f in files for line in f.read_text().splitlines()]
     assert kept == encoded.lines().splitlines() + wide.lines().splitlines()
+
+
+def test_a_batch_splits_into_runs_of_n_windows_in_order():
+    blocks = [WindowBlock(s, np.arange(k) + 10 * i, np.zeros(k), np.zeros(k), np.full((k, 1), i, np.float32))
+              for i, (s, k) in enumerate([("a", 5), ("b", 3), ("a", 7)])]
+    parts = WindowBatch(blocks).split(4)
+    assert [len(p) for p in parts] == [4, 4, 4, 3]
+    assert [(b.source, b.seq.tolist()) for p in parts for b in p.blocks] == [
+        ("a", [0, 1, 2, 3]), ("a", [4]), ("b", [10, 11, 12]), ("a", [20, 21, 22, 23]), ("a", [24, 25, 26])]
+
+
+def test_a_failing_call_in_a_take_of_several_loses_only_its_windows():
+    """Batch-1 models get up to 32 waiting windows at once, run one call each: when one call fails,
+    the others' results are still written and only that call's window is counted lost."""
+    from types import SimpleNamespace
+
+    from edgeopt.agent.config import parse_config
+    from edgeopt.agent.pipeline import Pipeline
+    from edgeopt.agent.telemetry import InferenceStats
+    from edgeopt.runtime import RuntimeFailure
+
+    class Model(SimpleNamespace):
+        def run_calls(self, batch, max_call=None):
+            seqs = [int(s) for b in batch.blocks for s in b.seq]
+            if 5 in seqs:
+                raise RuntimeFailure("window 5 broke the runtime")
+            return {"y": np.asarray(seqs, np.float32)[:, None]}, [(1, 1e-4)] * len(seqs)
+
+    pre = preprocessing(2, 2, True, normalize=False)
+    model = Model(pre=pre, fixed_batch=1, name="m", version="1", state_resets=0)
+    written = []
+    sink = SimpleNamespace(kind="list", write=lambda results: written.extend(results.records))
+    config = parse_config({"source": [{"type": "synthetic"}], "batching": {"max_batch": 1}})
+    pipeline = Pipeline(config, model, [sink], "dev", InferenceStats())
+    pipeline.queue.put(Windower("s", pre).push(np.zeros((24, 3), np.float32), np.arange(24.0)))  # 12 windows
+    assert pipeline.step(0.0) == 12
+    pipeline.writer.close()
+    assert pipeline.inference_errors == 1 and pipeline.windows_inferred == 12
+    assert [json.loads(r)["seq"] for r in written] == [s for s in range(12) if s != 5]
