@@ -21,6 +21,7 @@ from edgeopt.agent.update.machine import (
     State,
     UpdateMachine,
     UpdateRecord,
+    UpdateTarget,
     fault_of,
     note_refusal,
     reason_text,
@@ -155,7 +156,7 @@ def test_wanted(case):
     decision = wanted(desired, current, refusals, now)
     assert (decision.target is not None, decision.retry_at) == (starts, retry_at)
     if starts:
-        assert decision.target == desired and decision.target is not desired  # a copy the machine may extend
+        assert decision.target == UpdateTarget(desired["name"], desired["version"], desired.get("rollout"))
 
 
 def test_reason_text_is_one_short_line_and_keeps_its_tail():
@@ -246,7 +247,7 @@ def _updater_loop(tmp_path, fail_in, desired_by_time, clock, until: float, step_
         desired = desired_by_time(clock.t)
         decision = wanted(desired, dict(RUNNING_V1), store.load().refusals, clock.t)
         if decision.target is not None:
-            starts.append((clock.t, decision.target["rollout"]))
+            starts.append((clock.t, decision.target.rollout))
             m.begin(decision.target, dict(RUNNING_V1))
             m.run()
         clock.t += step_s

@@ -77,7 +77,7 @@ def test_every_step_of_a_good_update_and_the_switch(rig):
     host, updater, _ = rig
     states, record = run(updater(), "4")
     assert states == ["DOWNLOADING", "VERIFYING", "STAGED", "SELF_TEST", "SHADOW", "PROBATION", "COMMITTED", "IDLE"]
-    assert record.outcome == "COMMITTED" and record.target["self_test"]["ok"] is True
+    assert record.outcome == "COMMITTED" and record.target.self_test["ok"] is True
     assert host.swaps == ["b"] and host.model.version == "4" and host.state.is_good("b")
     assert not list((host.state.root / "downloads").glob("*.tar"))  # cleaned after the commit
 
@@ -97,7 +97,7 @@ def test_a_download_changed_on_disk_fails_verification(rig, monkeypatch):
 
     def then_tamper(record):
         event = downloading(record)
-        with open(record.target["path"], "r+b") as f:
+        with open(record.target.path, "r+b") as f:
             f.seek(100)
             f.write(b"\0" * 16)
         return event

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -132,15 +132,48 @@ class Backoff:
         return min(self.max_s, self.first_s * 2.0 ** min(max(0, attempts - 1), 62))
 
 
-def model_key(target: dict[str, Any]) -> str:
-    return f"{target.get('name')}@{target.get('version')}"
+@dataclass
+class UpdateTarget:
+    """The version an update installs, and what its steps learned about it (kept in update.json)."""
+
+    name: str
+    version: str
+    rollout: str | None = None
+    path: str | None = None                   # DOWNLOADING: the downloaded archive,
+    sha256: str | None = None                 # its signed hash and length,
+    length: int | None = None
+    format: str | None = None                 # and the model format the repository lists
+    slot: str | None = None                   # STAGED: the slot it was written to
+    self_test: dict[str, Any] | None = None   # what SELF_TEST, SHADOW and PROBATION saw
+    shadow: dict[str, Any] | None = None
+    probation: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, value: Mapping[str, Any] | UpdateTarget) -> UpdateTarget:
+        """A target from a desired message's {name, version, rollout} (or an update.json entry)."""
+        if isinstance(value, UpdateTarget):
+            return value
+        known = {f.name for f in fields(cls)} - {"name", "version"}
+        return cls(str(value.get("name", "")), str(value.get("version", "")),
+                   **{k: v for k, v in value.items() if k in known})
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None or k == "rollout"}
 
 
-def note_refusal(refusals: dict[str, dict[str, Any]], target: dict[str, Any], fault: Fault, now: float,
-                 backoff: Backoff) -> dict[str, dict[str, Any]]:
+def model_key(target: Mapping[str, Any] | UpdateTarget) -> str:
+    return UpdateTarget.of(target).key
+
+
+def note_refusal(refusals: dict[str, dict[str, Any]], target: Mapping[str, Any] | UpdateTarget, fault: Fault,
+                 now: float, backoff: Backoff) -> dict[str, dict[str, Any]]:
     """``refusals`` with the refusal of ``target`` (its name, version, rollout) recorded; the oldest
     entries beyond REFUSALS_KEEP are dropped."""
-    key, rollout = model_key(target), target.get("rollout")
+    key, rollout = model_key(target), UpdateTarget.of(target).rollout
     before = refusals.get(key)
     attempts = int(before.get("attempts", 0)) + 1 if before and before.get("rollout") == rollout else 1
     entry = {"rollout": rollout, "fault": str(fault), "attempts": attempts, "refused_at": now,
@@ -149,7 +182,7 @@ def note_refusal(refusals: dict[str, dict[str, Any]], target: dict[str, Any], fa
     return {**dict(kept), key: entry}
 
 
-def forget_refusal(refusals: dict[str, dict[str, Any]], target: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def forget_refusal(refusals: dict[str, dict[str, Any]], target: UpdateTarget) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in refusals.items() if k != model_key(target)}
 
 
@@ -158,7 +191,7 @@ class Wanted:
     """What to do about ``desired`` now: start ``target`` (None: nothing to start); ``retry_at``: a
     refused version waits for its backoff until then (time.time() seconds)."""
 
-    target: dict[str, Any] | None
+    target: UpdateTarget | None
     retry_at: float | None = None
 
 
@@ -174,12 +207,12 @@ def wanted(desired: dict[str, Any] | None, current: dict[str, Any] | None, refus
         return Wanted(None)
     memo = refusals.get(model_key(desired))
     if memo is None or memo.get("rollout") != desired.get("rollout"):
-        return Wanted(dict(desired))
+        return Wanted(UpdateTarget.of(desired))
     if memo.get("fault") != Fault.TRANSPORT:
         return Wanted(None)
     retry_at, refused_at = float(memo.get("next_try_at") or 0.0), float(memo.get("refused_at") or 0.0)
     if now >= retry_at or now < refused_at:
-        return Wanted(dict(desired))
+        return Wanted(UpdateTarget.of(desired))
     return Wanted(None, retry_at)
 
 
@@ -249,7 +282,7 @@ class UpdateRecord:
     """Everything the device must remember about the update in progress (persisted as JSON)."""
 
     state: State = State.IDLE
-    target: dict[str, Any] | None = None      # {name, version, path, length, sha256, rollout}
+    target: UpdateTarget | None = None        # the version being installed
     previous: dict[str, Any] | None = None    # the model that was active when the update began
     reason: str | None = None                 # why the last failure happened (for the state topic)
     attempts: int = 0                         # RETRY count in the current state
@@ -260,11 +293,12 @@ class UpdateRecord:
     refusals: dict[str, dict[str, Any]] = field(default_factory=dict)  # NAME@VERSION → see note_refusal
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "target": self.target.to_json() if self.target else None}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> UpdateRecord:
-        record = cls(State(obj["state"]), obj.get("target"), obj.get("previous"), obj.get("reason"),
+        target = UpdateTarget.of(obj["target"]) if obj.get("target") else None
+        record = cls(State(obj["state"]), target, obj.get("previous"), obj.get("reason"),
                      int(obj.get("attempts", 0)), float(obj.get("entered_at", 0.0)), obj.get("outcome"),
                      list(obj.get("history", [])), obj.get("failed_in"), dict(obj.get("refusals") or {}))
         if "refusals" not in obj:
@@ -275,7 +309,7 @@ class UpdateRecord:
 def _refusals_of_older_record(record: UpdateRecord) -> dict[str, dict[str, Any]]:
     """A record written before refusals were kept remembers only its last target: a rollback of it
     becomes one refusal (due at once when it was a transport fault, as the old agent never retried)."""
-    if record.outcome != str(State.ROLLED_BACK) or not (record.target or {}).get("name"):
+    if record.outcome != str(State.ROLLED_BACK) or not (record.target and record.target.name):
         return {}
     failed = [h.get("from") for h in record.history if h.get("to") == str(State.ROLLING_BACK)]
     failed_in = State(failed[-1]) if failed and failed[-1] in State.__members__ else None
@@ -326,11 +360,11 @@ class UpdateMachine:
             self._move(record, State.ROLLING_BACK, reason="agent restarted during probation")
         return record
 
-    def begin(self, target: dict[str, Any], previous: dict[str, Any] | None) -> UpdateRecord:
+    def begin(self, target: Mapping[str, Any] | UpdateTarget, previous: dict[str, Any] | None) -> UpdateRecord:
         record = self.store.load()
         if record.state is not State.IDLE:
             raise InvalidTransition(f"an update is already in progress ({record.state})")
-        record.target, record.previous, record.reason, record.outcome = target, previous, None, None
+        record.target, record.previous, record.reason, record.outcome = UpdateTarget.of(target), previous, None, None
         record.failed_in = None
         self._move(record, next_state(record.state, Event.UPDATE))
         return record
@@ -382,7 +416,7 @@ class UpdateMachine:
     def _remember_refusal(self, record: UpdateRecord, now: float) -> None:
         """Entering ROLLED_BACK: remember the refused version (same save as the state) and say in the
         reason when it will be tried again."""
-        if not (record.target or {}).get("name"):
+        if not (record.target and record.target.name):
             return
         failed_in = State(record.failed_in) if record.failed_in in State.__members__ else None
         fault = fault_of(failed_in, record.reason)

@@ -268,7 +268,8 @@ class Updater:
     # -- reporting ---------------------------------------------------------------------------------
     def _on_transition(self, record: UpdateRecord) -> None:
         self.record = record
-        log.info("update %s@%s: %s%s", (record.target or {}).get("name"), (record.target or {}).get("version"),
+        t = record.target
+        log.info("update %s: %s%s", t.key if t else None,
                  record.state, f" ({record.reason})" if record.reason and record.state is State.ROLLING_BACK else "")
         self._run_hook(record)
         self.host.publish_state()
@@ -278,20 +279,20 @@ class Updater:
         scripts), with the state, model name and version as arguments. It runs before the step."""
         if not self.cfg.state_hook:
             return
-        t = record.target or {}
+        t = record.target
         try:
-            subprocess.run([self.cfg.state_hook, str(record.state), str(t.get("name", "")),
-                            str(t.get("version", ""))], timeout=self.cfg.state_hook_timeout_s, check=False)
+            subprocess.run([self.cfg.state_hook, str(record.state), t.name if t else "", t.version if t else ""],
+                           timeout=self.cfg.state_hook_timeout_s, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             log.warning("state hook %s failed: %s", self.cfg.state_hook, exc)
 
     def status(self) -> dict[str, Any]:
         """The ``update`` field of the state message."""
         r = self.record
-        t = r.target or {}
+        t = r.target
         state = r.outcome if r.state is State.IDLE and r.outcome else str(r.state)
-        return {"state": state, "target": {"name": t["name"], "version": t["version"]} if t.get("name") else None,
-                "rollout": t.get("rollout"), "reason": reason_text(r.reason), "since": r.entered_at}
+        return {"state": state, "target": {"name": t.name, "version": t.version} if t and t.name else None,
+                "rollout": t.rollout if t else None, "reason": reason_text(r.reason), "since": r.entered_at}
 
     def health(self) -> dict[str, Any] | None:
         w = self.watch
@@ -311,7 +312,7 @@ class Updater:
         t = r.target
         try:
             self.trust.refresh()
-            signed = self.trust.lookup(t["name"], t["version"])
+            signed = self.trust.lookup(t.name, t.version)
             path = self.trust.download(signed)
         except UpdateRefused as exc:
             r.reason = f"{exc.reason}: {exc}"
@@ -321,12 +322,12 @@ class Updater:
             self._sleep(self.cfg.retry_interval_s)
             return Event.RETRY
         r.reason = None
-        t.update(path=str(path), sha256=signed.sha256, length=signed.length, format=signed.custom.get("format"))
+        t.path, t.sha256, t.length, t.format = str(path), signed.sha256, signed.length, signed.custom.get("format")
         return Event.OK
 
     def _verifying(self, r: UpdateRecord) -> Event:
-        path = Path(r.target["path"])
-        if not path.is_file() or path.stat().st_size != r.target["length"] or sha256_file(path) != r.target["sha256"]:
+        path = Path(r.target.path)
+        if not path.is_file() or path.stat().st_size != r.target.length or sha256_file(path) != r.target.sha256:
             r.reason = "hash_mismatch: the downloaded file does not match its signed length and sha256"
             return Event.FAILED
         return Event.OK
@@ -338,11 +339,11 @@ class Updater:
         work = self.root / "staging"
         shutil.rmtree(work, ignore_errors=True)
         try:
-            artifact = unpack_artifact(Path(t["path"]), work / "artifact")
+            artifact = unpack_artifact(Path(t.path), work / "artifact")
             m = artifact.manifest
-            if (str(m.get("name")), str(m.get("version"))) != (t["name"], t["version"]):
+            if (str(m.get("name")), str(m.get("version"))) != (t.name, t.version):
                 r.reason = (f"staged: {MANIFEST_MISMATCH}: the artifact's manifest says "
-                            f"{m.get('name')}@{m.get('version')}, not {t['name']}@{t['version']}")
+                            f"{m.get('name')}@{m.get('version')}, not {t.key}")
                 return Event.FAILED
             state.stage(artifact.root, slot)
         except EdgeoptError as exc:
@@ -351,16 +352,16 @@ class Updater:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         self.host.set_slot_error(slot, None)  # whatever was wrong with the slot, it holds a new artifact now
-        t["slot"] = slot
+        t.slot = slot
         if r.previous is not None:
             r.previous.setdefault("slot", state.active_slot())
         return Event.OK
 
     def _self_test(self, r: UpdateRecord) -> Event:
         budget = self.cfg.latency_budget_ms or None
-        res = run_in_child(self.host.state.slot_path(r.target["slot"]), self.model_cfg.runtime, self.model_cfg.threads,
+        res = run_in_child(self.host.state.slot_path(r.target.slot), self.model_cfg.runtime, self.model_cfg.threads,
                            budget, self.cfg.self_test_timeout_s)
-        r.target["self_test"] = {"ok": res.ok, **res.details}
+        r.target.self_test = {"ok": res.ok, **res.details}
         if not res.ok:
             r.reason = f"self-test: {res.reason}"
             return Event.FAILED
@@ -375,7 +376,7 @@ class Updater:
         if n <= 0 or self.host.current_model() is None:  # nothing runs yet: nothing to compare with
             return Event.OK
         try:
-            candidate = self._load_slot(r.target["slot"])
+            candidate = self._load_slot(r.target.slot)
         except EdgeoptError as exc:
             r.reason = f"shadow: candidate does not load: {exc}"
             return Event.FAILED
@@ -417,7 +418,7 @@ class Updater:
             if self._stop.is_set():
                 return Event.RETRY
             agreement = watch.agreement() or 0.0
-            r.target["shadow"] = {"windows": watch.compared, "agreement": round(agreement, 4),
+            r.target.shadow = {"windows": watch.compared, "agreement": round(agreement, 4),
                                   "error_rate": round(watch.error_rate(), 4)}
             if agreement < self.cfg.shadow_min_agreement:
                 r.reason = (f"shadow: top-1 agreement {agreement:.1%} with the current model is below "
@@ -433,18 +434,18 @@ class Updater:
         baseline = Watch()
 
         def observe_baseline(windows, outputs, seconds, model):
-            if model is not None and model.slot != r.target["slot"]:
+            if model is not None and model.slot != r.target.slot:
                 baseline.add(len(windows), outputs, seconds)
 
         # a short look at the current model first: the latency / confidence the candidate is held to
-        if self.host.current_model() is not None and self.host.state.active_slot() != r.target["slot"]:
+        if self.host.current_model() is not None and self.host.state.active_slot() != r.target.slot:
             self.host.add_batch_observer(observe_baseline)
             end = time.monotonic() + cfg.baseline_s
             while baseline.windows < cfg.probation_windows and time.monotonic() < end and not self._stop.is_set():
                 self._sleep(0.1)
             self.host.remove_batch_observer(observe_baseline)
         try:
-            candidate = self._load_slot(r.target["slot"])
+            candidate = self._load_slot(r.target.slot)
         except EdgeoptError as exc:
             r.reason = f"probation: candidate does not load: {exc}"
             return Event.FAILED
@@ -456,7 +457,7 @@ class Updater:
 
         self.host.add_batch_observer(observe)
         try:
-            if not self.host.request_swap(r.target["slot"], candidate):
+            if not self.host.request_swap(r.target.slot, candidate):
                 r.reason = "probation: the inference loop did not switch to the new model"
                 return Event.FAILED
             started = time.monotonic()
@@ -473,21 +474,21 @@ class Updater:
                 self.host.publish_state()
             if self._stop.is_set():
                 return Event.RETRY  # the agent is stopping; recover() counts it as a failure on restart
-            r.target["probation"] = {"windows": watch.windows, **(self.health() or {})}
+            r.target.probation = {"windows": watch.windows, **(self.health() or {})}
             return Event.OK
         finally:
             self.host.remove_batch_observer(observe)
             self.watch = None
 
     def _committed(self, r: UpdateRecord) -> Event:
-        self.host.state.mark_good(r.target["slot"])  # a fallback target from now on
+        self.host.state.mark_good(r.target.slot)  # a fallback target from now on
         self._clean_downloads(r)
         return Event.OK
 
     def _rolling_back(self, r: UpdateRecord) -> Event:
         state = self.host.state
         prev_slot = (r.previous or {}).get("slot")
-        if prev_slot is None and state.active_slot() == (r.target or {}).get("slot"):
+        if prev_slot is None and state.active_slot() == (r.target.slot if r.target else None):
             self.host.request_swap(None, None)  # a first install failed: back to no model
         elif prev_slot and state.active_slot() != prev_slot:
             if (problem := state.slot_problem(prev_slot)) is not None:
@@ -510,7 +511,7 @@ class Updater:
         return Event.OK
 
     def _clean_downloads(self, r: UpdateRecord) -> None:
-        path = (r.target or {}).get("path")
+        path = r.target.path if r.target else None
         if path:
             Path(path).unlink(missing_ok=True)
         shutil.rmtree(self.root / "downloads" / "partial", ignore_errors=True)
