@@ -41,9 +41,6 @@ class InferenceStats:
         self.last_inference: float | None = None
         self._rate_mark = (time.monotonic(), 0)
 
-    def record(self, batch: int, seconds: float) -> None:
-        self.record_calls([(batch, seconds)])
-
     def record_calls(self, calls: list[tuple[int, float]]) -> None:
         """Inference calls of (windows, seconds) that just ended."""
         now = time.time()
