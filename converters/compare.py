@@ -202,32 +202,31 @@ def unmeasured(source: SourceRunner, outputs: list[TensorSpec], data: Dataset, g
     return par, acc, (layout.to_model(inputs), layout.to_model({c: ref[s] for s, c in pairs}))
 
 
-def measure_latency(source: SourceRunner, converted_rt: Runtime, data: Dataset, layout: Layout) -> dict[str, Any]:
+def measure_latency(source: SourceRunner, converted_rt: Runtime, data: Dataset, layout: Layout,
+                    all_int8_rt: Runtime | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The report's latency: ``edgeopt.bench.measure`` -- the code behind ``edgeopt bench``, with its
     default settings -- on the converted model at batch 1 (or its fixed batch), interleaved with the
-    original for ``speedup_vs_source``."""
+    original for ``speedup_vs_source``; and when mixed precision kept nodes float, with the all-INT8
+    model of the same format too (``all_int8_rt``): the p50 of each and the ratio, else None."""
     batch = converted_rt.fixed_batch or 1  # the report's latency is per call at batch 1 when the model allows
     samples = {k: np.resize(v, (batch, *v.shape[1:])) for k, v in data.inputs.items()}
     model_feeds = one_call(converted_rt.inputs, layout.to_model(samples), batch)
     source_feeds = source.feeds(one_call(source.inputs, samples, source.rt.fixed_batch or batch))
-    src, conv = bench.measure([source.rt, converted_rt], [source_feeds, model_feeds], bench.REPORT_SETTINGS)
+    runtimes, feeds = [source.rt, converted_rt], [source_feeds, model_feeds]
+    if all_int8_rt is not None:
+        runtimes.append(all_int8_rt)
+        feeds.append(model_feeds)
+    src, conv, *all_int8 = bench.measure(runtimes, feeds, bench.REPORT_SETTINGS)
     out = conv.to_json()
     del out["calls"], out["mean_ms"]
     out["source_p50_ms"] = round(src.p50_ms, 4)
     out["speedup_vs_source"] = round(src.p50_ms / conv.p50_ms, 3) if conv.p50_ms > 0 else None
-    return out
-
-
-def latency_against(converted_rt: Runtime, other_rt: Runtime, data: Dataset, layout: Layout) -> dict[str, Any]:
-    """The converted model against another build of it in the same format (the all-INT8 model, for
-    mixed precision), interleaved as ``measure_latency`` does: p50 of each and the ratio."""
-    batch = converted_rt.fixed_batch or 1
-    samples = layout.to_model({k: np.resize(v, (batch, *v.shape[1:])) for k, v in data.inputs.items()})
-    feeds = one_call(converted_rt.inputs, samples, batch)
-    mine, other = bench.measure([converted_rt, other_rt], [feeds, feeds], bench.REPORT_SETTINGS)
+    if not all_int8:
+        return out, None
+    other = all_int8[0].p50_ms
     # µs-scale models: six decimals keep the p50s consistent with their ratio
-    return {"p50_ms": round(mine.p50_ms, 6), "p50_ms_all_int8": round(other.p50_ms, 6),
-            "slowdown_vs_all_int8": round(mine.p50_ms / other.p50_ms, 3) if other.p50_ms > 0 else None}
+    return out, {"p50_ms": round(conv.p50_ms, 6), "p50_ms_all_int8": round(other, 6),
+                 "slowdown_vs_all_int8": round(conv.p50_ms / other, 3) if other > 0 else None}
 
 
 def golden_tolerance(par: dict[str, Any], quantize: str) -> dict[str, float | None]:

@@ -37,7 +37,6 @@ from edgeopt.converters.compare import (
     SourceRunner,
     compare_models,
     golden_tolerance,
-    latency_against,
     measure_latency,
     one_call,
     pair_outputs,
@@ -311,9 +310,9 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
                     par, acc, golden = compare_models(source_runner, converted_rt, validation, opts.golden_count,
                                                  layout, pairs)
                 with steps("latency"):
-                    latency = measure_latency(source_runner, converted_rt, validation, layout)
-                    mixed_latency = _mixed_latency(ctx, target, runtime_cls, converted_rt, model_axes, validation,
-                                                   layout, opts.threads)
+                    latency, mixed_latency = measure_latency(
+                        source_runner, converted_rt, validation, layout,
+                        _all_int8_runtime(ctx, target, runtime_cls, model_axes, opts.threads))
                 if slower := _slower_note(quantize, latency):
                     ctx.notes.append(slower)
             else:
@@ -388,16 +387,15 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
     return result
 
 
-def _mixed_latency(ctx: PassContext, target: Target, runtime_cls: type[Runtime], converted_rt: Runtime,
-                   axes: dict[str, int | None], validation: Dataset, layout: Layout, threads: int
-                   ) -> dict[str, Any] | None:
-    """What the nodes mixed precision kept float cost in latency: the artifact against the all-INT8
-    model of the same format, side by side (None when no node was kept float for the budget)."""
+def _all_int8_runtime(ctx: PassContext, target: Target, runtime_cls: type[Runtime], axes: dict[str, int | None],
+                      threads: int) -> Runtime | None:
+    """The all-INT8 model when mixed precision kept nodes float and it is in the artifact's format (its
+    latency is measured beside the artifact's: what the float nodes cost); None otherwise."""
     if ctx.all_int8 is None or ctx.all_int8.suffix != Path(target.model_file).suffix:
         return None
     other = runtime_cls(ctx.all_int8, threads=threads)
     other.set_batch_axes(axes)
-    return latency_against(converted_rt, other, validation, layout)
+    return other
 
 
 def _with_budget(opts: ConvertOptions, quantize: str) -> dict[str, dict[str, Any]]:
