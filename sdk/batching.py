@@ -12,7 +12,7 @@ Shared by the converter's validation, ``edgeopt bench``, the golden-vector self-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -53,20 +53,28 @@ def split(outputs: Sequence[TensorSpec], results: Mapping[str, np.ndarray]) -> d
     return out
 
 
-def run_samples(run: Run, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
-                data: Mapping[str, np.ndarray], batch_size: int = 32) -> dict[str, np.ndarray]:
-    """Every sample of ``data`` through ``run`` (feeds → outputs by name), as many per call as the
-    model takes (a fixed batch gets exactly that many: the last call is padded and the padding
-    dropped); outputs as samples along axis 0."""
+def calls(inputs: Sequence[TensorSpec], data: Mapping[str, np.ndarray],
+          batch_size: int = 32) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """``data`` (samples along axis 0) as one call's feeds at a time, as many samples per call as the
+    model takes (a fixed batch gets exactly that many: the last call is padded with its last sample),
+    each with how many of its samples are real."""
     n = len(next(iter(data.values())))
     step, pad = samples_per_call(inputs, batch_size)
-    chunks: dict[str, list[np.ndarray]] = {}
     for start in range(0, n, step):
         part = {s.name: np.asarray(data[s.name][start:start + step]) for s in inputs}
         real = len(next(iter(part.values())))
         if pad and real < step:
             part = {k: np.concatenate([v, np.repeat(v[-1:], step - real, axis=0)]) for k, v in part.items()}
-        for k, v in split(outputs, run(stack(inputs, part))).items():
+        yield stack(inputs, part), real
+
+
+def run_samples(run: Run, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                data: Mapping[str, np.ndarray], batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Every sample of ``data`` through ``run`` (feeds → outputs by name), in ``calls`` (the padding
+    dropped); outputs as samples along axis 0."""
+    chunks: dict[str, list[np.ndarray]] = {}
+    for feeds, real in calls(inputs, data, batch_size):
+        for k, v in split(outputs, run(feeds)).items():
             chunks.setdefault(k, []).append(v[:real])
     return {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in chunks.items()}
 

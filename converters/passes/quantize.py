@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgeopt.batching import samples_per_call, stack, with_axes
+from edgeopt.batching import calls, with_axes
 from edgeopt.converters.passes import ConversionError, Pass, PassContext
 from edgeopt.converters.passes.mixed_precision import (
     Budget,
@@ -42,16 +42,7 @@ class CalibrationReader:
     fixed batch holds (the last call padded with the last sample repeated) — ticking a progress bar."""
 
     def __init__(self, data: Dataset, model: onnx.ModelProto, tick):
-        specs = with_axes(input_specs(model), data.axes)
-        step, pad = samples_per_call(specs, 1)
-        self._calls = []
-        for start in range(0, len(data), step):
-            part = {k: v[start:start + step] for k, v in data.inputs.items()}
-            real = len(next(iter(part.values())))
-            if pad and real < step:
-                part = {k: np.concatenate([v, np.repeat(v[-1:], step - real, axis=0)]) for k, v in part.items()}
-            self._calls.append((stack(specs, part), real))
-        self._it = iter(self._calls)
+        self._it = calls(with_axes(input_specs(model), data.axes), data.inputs, batch_size=1)
         self._tick = tick
 
     def get_next(self) -> dict[str, np.ndarray] | None:
