@@ -10,7 +10,7 @@ inputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import onnx
 
 from edgeopt.converters.validate import Parity, accuracy
 from edgeopt.data import Dataset
+from edgeopt.errors import UserInputError
 from edgeopt.runtime import run_batched
 from edgeopt.runtime.onnxruntime import OnnxRuntime
 
@@ -174,6 +175,20 @@ def fewest_float_nodes(quantize: Quantize, score: Scorer, ranking: Sequence[str]
         found["accuracy_drop"] = tried[hi]["accuracy_drop"]
         found["tried_accuracy_drop"] = {str(k): v["accuracy_drop"] for k, v in sorted(tried.items())}
     return found
+
+
+def kept_float_nodes(value: str | None) -> list[str]:
+    """The node names of a --keep-float value ("a,b"; repeated flags arrive joined), blanks dropped."""
+    return [n.strip() for n in (value or "").split(",") if n.strip()]
+
+
+def refuse_unknown_nodes(nodes: Sequence[str], known: Iterable[str], lowered_to: str = "") -> None:
+    """--keep-float naming nodes the model (as ``lowered_to`` a format lowers it) does not have: refused,
+    naming them."""
+    if unknown := sorted(set(nodes) - set(known)):
+        where = f" as lowered to {lowered_to}" if lowered_to else ""
+        raise UserInputError(f"--keep-float: no node named {', '.join(map(repr, unknown))} in the model{where} "
+                             f"(`edgeopt inspect` lists the node names)")
 
 
 # where the pass details keep a mixed-precision search's record: ONNX Runtime's pass, the tflite target

@@ -25,7 +25,9 @@ from edgeopt.converters.passes.mixed_precision import (
     Budget,
     Scorer,
     fewest_float_nodes,
+    kept_float_nodes,
     quantized_nodes,
+    refuse_unknown_nodes,
     sensitivities,
 )
 from edgeopt.data import Dataset
@@ -97,10 +99,8 @@ class QuantizeInt8Static(Pass):
         src, pre, out = (ctx.workdir / f"int8-{s}.onnx" for s in ("src", "pre", "out"))
         onnx.save_model(model, str(src))
         quant_pre_process(str(src), str(pre))
-        keep = [n.strip() for n in (self.config["keep_float"] or "").split(",") if n.strip()]
-        if unknown := sorted(set(keep) - {n.name for n in onnx.load(str(pre), load_external_data=False).graph.node}):
-            raise UserInputError(f"--keep-float: no node named {', '.join(map(repr, unknown))} in the model "
-                                 f"(`edgeopt inspect` lists the node names)")
+        keep = kept_float_nodes(self.config["keep_float"])
+        refuse_unknown_nodes(keep, (n.name for n in onnx.load(str(pre), load_external_data=False).graph.node))
         budget = self.budget(ctx)
         cache = ctx.workdir / "int8-ranges.json" if budget else None
         if cache is not None:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import onnx
 
 from edgeopt.converters.passes import ConversionError, PassContext
+from edgeopt.converters.passes.mixed_precision import kept_float_nodes, refuse_unknown_nodes
 from edgeopt.converters.targets import Target
 from edgeopt.converters.targets.coreml.compression import (
     captured_coremltools_log,
@@ -232,12 +233,10 @@ class CoreMLTarget(Target):
         """--keep-float with --quantize int8: the const ops of those nodes' weights, left uncompressed
         (at the compute precision); the report's mixed_precision lists the nodes."""
         given = (self.pass_params.get("quantize-int8") or {}).get("keep_float") if quantize == "int8" else None
-        nodes = [n.strip() for n in (given or "").split(",") if n.strip()]
+        nodes = kept_float_nodes(given)
         if not nodes:
             return frozenset()
-        if unknown := [n for n in nodes if n not in lowered.ops_of]:
-            raise UserInputError(f"--keep-float: no node named {', '.join(map(repr, unknown))} in the model as "
-                                 f"lowered to Core ML (`edgeopt inspect` lists the node names)")
+        refuse_unknown_nodes(nodes, lowered.ops_of, "Core ML")
         keep = weights_of_ops(mlmodel._mil_program, {op for n in nodes for op in lowered.ops_of[n]})
         precision = "float16" if self.config["compute_precision"] == "fp16" else "float32"
         ctx.details["quantize-coreml"] = {"mixed_precision": {"kept_float": nodes, "precision": precision,

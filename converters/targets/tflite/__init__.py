@@ -15,7 +15,7 @@ from typing import ClassVar
 import onnx
 
 from edgeopt.converters.passes import ConversionError, PassContext
-from edgeopt.converters.passes.mixed_precision import Budget
+from edgeopt.converters.passes.mixed_precision import Budget, kept_float_nodes
 from edgeopt.converters.targets import Target
 from edgeopt.errors import MissingDependency, UnsupportedOpsError, UserInputError
 from edgeopt.onnx_io import iter_nodes, op_key
@@ -166,7 +166,7 @@ class TFLiteTarget(Target):
             settings = self.honoured_pass_params(quantize)
             given = {name: self.pass_params.get(name) or {} for name in settings}
             chosen = {k: given[name][k] for name, keys in settings.items() for k in keys if k in given[name]}
-            keep = [n.strip() for n in (chosen.get("keep_float") or "").split(",") if n.strip()]
+            keep = kept_float_nodes(chosen.get("keep_float"))
             budget = Budget.given(chosen.get("min_cosine"), chosen.get("max_accuracy_drop"), ctx.validation)
             if keep and self.config["float_io"]:
                 raise UserInputError("--keep-float with --float-io on target 'tflite': LiteRT's "

@@ -27,7 +27,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from edgeopt.converters.passes import ConversionError, PassContext
-from edgeopt.converters.passes.mixed_precision import Budget, Scorer, fewest_float_nodes, sensitivities
+from edgeopt.converters.passes.mixed_precision import (
+    Budget,
+    Scorer,
+    fewest_float_nodes,
+    refuse_unknown_nodes,
+    sensitivities,
+)
 from edgeopt.converters.targets.tflite.quantize import (
     calibration_batches,
     input_details,
@@ -103,9 +109,7 @@ def mixed_int8(float_data: bytes, all_int8: bytes | None, ctx: PassContext, *, k
     """The quantized model and the report's ``mixed_precision`` details. ``all_int8``: the classic
     calibrator's model (None when ``keep`` names nodes, which it cannot leave float); ``node_scopes``:
     ONNX node → (TFLite builtin, scope) of each operator it was lowered to."""
-    if unknown := sorted(set(keep) - set(node_scopes)):
-        raise UserInputError(f"--keep-float: no node named {', '.join(map(repr, unknown))} in the model as lowered "
-                             f"to TFLite (`edgeopt inspect` lists the node names)")
+    refuse_unknown_nodes(keep, node_scopes, "TFLite")
     work = ctx.workdir
     float_path, out = work / "mixed-float.tflite", work / "mixed-int8.tflite"
     float_path.write_bytes(float_data)
