@@ -229,14 +229,14 @@ def measure_latency(source: SourceRunner, converted_rt: Runtime, data: Dataset, 
                  "slowdown_vs_all_int8": round(conv.p50_ms / other, 3) if other > 0 else None}
 
 
-def golden_tolerance(par: dict[str, Any], quantize: str) -> dict[str, float | None]:
+def golden_tolerance(par: dict[str, Any], integer: bool) -> dict[str, float | None]:
     """How close a device's outputs must be to the golden outputs.
 
     ``atol`` / ``cosine_min`` compare with the original model's outputs: the converted model already
     differs from those by its compression error, so the tolerance is the error measured here with a
     2x margin, and at least 1e-4 of the output scale. ``expected_atol`` compares with the converted
     model's own outputs on this host: only another CPU's kernels differ there (summation order for
-    float; a rounding step or two of the output quantization for integer models).
+    float; a rounding step or two of the output quantization where a mode computes in ``integer``).
 
     Finite by construction: the errors come from the samples where both models gave finite outputs.
     When an output had none (or the converted model could not run here) every tolerance is None, and
@@ -248,7 +248,7 @@ def golden_tolerance(par: dict[str, Any], quantize: str) -> dict[str, float | No
     scale = max(max(o["output_scale"], 1.0) for o in outputs)
     atol = max(max(2.0 * o["max_abs_err"], 1e-4 * max(o["output_scale"], 1.0)) for o in outputs)
     cos_dist = max(1.0 - o["cosine"] for o in outputs)
-    expected = (0.02 if quantize in ("int8", "int16x8", "int8-dynamic", "int4") else 1e-3) * scale
+    expected = (0.02 if integer else 1e-3) * scale
     tolerance = {"atol": float(atol), "cosine_min": float(max(0.0, 1.0 - max(2.0 * cos_dist, 1e-4))),
                  "expected_atol": float(expected)}
     if not all(np.isfinite(v) for v in tolerance.values()):  # e.g. outputs near float64's limit

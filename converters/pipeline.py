@@ -57,7 +57,7 @@ from edgeopt.converters.streaming import (
     output_axes,
     state_pairs,
 )
-from edgeopt.converters.targets import Target, get_target
+from edgeopt.converters.targets import CompiledModel, QuantizeMode, Target, get_target
 from edgeopt.converters.validate import accuracy, classifier_shaped, parity
 from edgeopt.data import Dataset, generate_inputs, load_dataset
 from edgeopt.errors import CheckFailed, EdgeoptError, UserInputError
@@ -212,6 +212,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
     target: Target = get_target(target_name)(pass_params=_with_budget(opts, quantize), profile=profile,
                                              **opts.target_params)
     target.check_quantize(quantize)
+    mode = target.mode_for(quantize)
     budgeted = bool(Budget(opts.min_cosine, opts.max_accuracy_drop))
     if not opts.mixed_precision and (not budgeted or not _searches(target, quantize)):
         raise UserInputError(f"--no-mixed-precision applies with --min-cosine or --max-accuracy-drop and --quantize "
@@ -298,11 +299,12 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
 
         with staged_directory(opts.output, opts.force, lambda dest: replace_problem(dest, inputs)) as stage:
             with steps("compile") as compile_row:
-                model_path = target.compile(model, quantize, ctx, stage)
+                compiled = target.compile(model, mode, ctx, stage)
+                model_path = compiled.path
                 compile_row["size_bytes"] = tree_size(model_path)
-            layout = Layout(target.io_transposes, axes)
+            layout = Layout(compiled.io_transposes, axes)
             if unavailable is None:
-                converted_rt = runtime_cls(target.runnable_model(model_path), threads=opts.threads)
+                converted_rt = runtime_cls(compiled.runnable, threads=opts.threads)
                 model_axes = layout.model_axes(source_runner.outputs, converted_rt.outputs)
                 converted_rt.set_batch_axes(model_axes)
                 io_specs = (converted_rt.inputs, converted_rt.outputs)
@@ -328,12 +330,12 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
             compile_row.update(params=count_params(model), macs=count_macs(model), accuracy=acc["converted"],
                                top1_agreement=par["top1_agreement"], latency_p50_ms=latency["p50_ms"])
             model_bytes = tree_size(model_path)
-            peak = (model_bytes + target.expanded_weight_bytes
-                    + peak_activation_elements(model) * target.activation_bytes(quantize))
+            peak = (model_bytes + compiled.expanded_weight_bytes
+                    + peak_activation_elements(model) * compiled.activation_bytes)
             fit = fit_check(model_bytes, peak, profile)
 
             recipe = [canon_pass.describe()] + [p.describe() for p in compression]
-            recipe += [get_pass(p)(**target.pass_settings(p)).describe() for p in target.passes_for(quantize)]
+            recipe += compiled.recipe
             recipe.append({"pass": f"compile:{target.name}", "params": {"quantize": quantize, **target.config}})
             generated = validation.source == "generated"
             gates = evaluate(par, acc, Thresholds(opts.max_accuracy_drop, opts.min_cosine, opts.min_top1_agreement),
@@ -374,8 +376,8 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
             }
             atomic_write_json(stage / REPORT, report)
             converted_pairs = dict(pair_outputs(source_runner.outputs, io_specs[1]))
-            manifest = _manifest(opts, target, io_specs, profile, quantize, par, recipe, versions,
-                                 _preprocessing_for_model(preprocessing, data_specs, target.io_transposes),
+            manifest = _manifest(opts, target, compiled, io_specs, profile, mode, par, recipe, versions,
+                                 _preprocessing_for_model(preprocessing, data_specs, compiled.io_transposes),
                                  [(i, converted_pairs[o]) for i, o in pairs],
                                  source_sha=report["source"]["sha256"], stage=stage,
                                  golden_count=len(next(iter(golden[0].values()))))
@@ -566,8 +568,9 @@ def _check_size_limit(target: Target, model: Path) -> None:
                              f"'{target.name}' writes {target.format} files of at most {limit / 2**30:.0f} GiB")
 
 
-def _manifest(opts: ConvertOptions, target: Target, io_specs: tuple[list[TensorSpec], list[TensorSpec]],
-              profile: Profile | None, quantize: str, par: dict[str, Any], recipe: list, versions: dict[str, str],
+def _manifest(opts: ConvertOptions, target: Target, compiled: CompiledModel,
+              io_specs: tuple[list[TensorSpec], list[TensorSpec]], profile: Profile | None, mode: QuantizeMode,
+              par: dict[str, Any], recipe: list, versions: dict[str, str],
               preprocessing: dict[str, Any], state: list[tuple[str, str]], *, source_sha: str, stage: Path,
               golden_count: int) -> dict[str, Any]:
     return {
@@ -575,17 +578,17 @@ def _manifest(opts: ConvertOptions, target: Target, io_specs: tuple[list[TensorS
         "name": opts.name or Path(opts.model).stem,
         "version": str(opts.version),
         "model": {"file": target.model_file, "format": target.format, "runtime": target.runtime,
-                  "quantize": quantize, "io_transposes": target.io_transposes},
+                  "quantize": mode.name, "io_transposes": dict(compiled.io_transposes)},
         "inputs": [s.to_json() for s in io_specs[0]],
         "outputs": [s.to_json() for s in io_specs[1]],
         "state": [{"input": i, "output": o} for i, o in state],
         "preprocessing": preprocessing,
-        "golden": {"file": GOLDEN, "count": golden_count, **golden_tolerance(par, quantize)},
+        "golden": {"file": GOLDEN, "count": golden_count, **golden_tolerance(par, mode.integer)},
         "target_profile": profile.name if profile else None,
         "latency_budget_ms": profile.latency_budget_ms if profile else None,
         "source": {"file": Path(opts.model).name, "sha256": source_sha},
         "recipe": recipe,
-        "settings": settings_of(opts, target.name, quantize),  # the recipe that reproduces it (--recipe)
+        "settings": settings_of(opts, target.name, mode.name),  # the recipe that reproduces it (--recipe)
         "tool_versions": versions,
         "edgeopt_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -49,7 +49,7 @@ def _convert(model: onnx.ModelProto, out_dir):
     ctx = PassContext(workdir=out_dir)
     canonical = get_pass("canonicalize")(**target.canonicalize_settings()).apply(model, ctx)
     target.check_supported(canonical)
-    return target.compile(canonical, "none", ctx, out_dir), canonical
+    return target.compile(canonical, "none", ctx, out_dir).path, canonical
 
 
 def _check(model: onnx.ModelProto, tmp_path, expect_ops=(), atol=1e-4, seed=0):

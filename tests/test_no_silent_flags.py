@@ -198,10 +198,19 @@ def test_a_target_reads_exactly_the_settings_it_declares_it_uses(files, tmp_path
     target.config = _Reads(target.config, reads, ("config",))
     target.pass_params = _Reads(passes, reads, ("pass",))
     target.canonicalize_settings()
-    target.activation_bytes(quantize)
+    target.activation_bytes(target.mode_for(quantize))
     (tmp_path / "out").mkdir()
-    target.compile(model, quantize, ctx, tmp_path / "out")
+    before = dict(vars(target))
+    compiled = target.compile(model, quantize, ctx, tmp_path / "out")
 
     assert {k[1] for k in reads if k[0] == "config"} == declared_params
     assert {k[1:] for k in reads if k[0] == "pass" and len(k) == 3} & set(PASS_OPTIONS) == declared_passes
     assert (("calibration",) in reads) == target.calibrates(quantize)
+
+    # stateless: compiling leaves the target as it was, and everything about the result is in what it returns
+    assert vars(target) == before
+    assert compiled.path == tmp_path / "out" / target.model_file and compiled.path.exists()
+    assert compiled.runnable.exists()
+    (tmp_path / "again").mkdir()
+    again = target.compile(model, quantize, dataclasses.replace(ctx, workdir=tmp_path / "again"), tmp_path / "again")
+    assert dataclasses.replace(again, path=compiled.path, host_model=compiled.host_model) == compiled

@@ -262,7 +262,7 @@ def test_nan_outputs_on_some_samples_give_strict_json_and_finite_tolerances(tmp_
 
 def test_golden_tolerance_is_none_when_no_sample_was_finite():
     par = {"outputs": {"y": {"max_abs_err": None, "output_scale": None, "cosine": None}}}
-    assert golden_tolerance(par, "none") == {"atol": None, "cosine_min": None, "expected_atol": None}
+    assert golden_tolerance(par, False) == {"atol": None, "cosine_min": None, "expected_atol": None}
 
 
 def test_json_writer_refuses_nan_naming_the_key(tmp_path):

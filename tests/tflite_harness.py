@@ -29,8 +29,8 @@ def convert(model: onnx.ModelProto, workdir: Path, quantize: str = "none", calib
     canonical = get_pass("canonicalize")().apply(model, ctx)
     target = TFLiteTarget(**target_settings)
     target.check_supported(canonical)
-    path = target.compile(canonical, quantize, ctx, workdir)
-    return Converted(path, dict(target.io_transposes), canonical)
+    compiled = target.compile(canonical, quantize, ctx, workdir)
+    return Converted(compiled.path, dict(compiled.io_transposes), canonical)
 
 
 def ort_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -9,8 +9,8 @@ from typing import ClassVar
 
 import onnx
 
-from edgeopt.converters.passes import ConversionError, PassContext, get_pass
-from edgeopt.converters.targets import Target
+from edgeopt.converters.passes import ConversionError, PassContext
+from edgeopt.converters.targets import CompiledModel, QuantizeMode, Target
 from edgeopt.errors import UnsupportedOpsError
 from edgeopt.onnx_io import save_model
 from edgeopt.runtime.onnxruntime import quiet_onnxruntime
@@ -38,6 +38,7 @@ class OnnxTarget(Target):
     model_file: ClassVar[str] = "model.onnx"
     quantize_modes: ClassVar[tuple[str, ...]] = ("none", *QUANTIZE_PASSES)
     toolchain: ClassVar[tuple[str, ...]] = ()
+    integer_activations: ClassVar[bool] = True  # QDQ pairs fused into QLinear* kernels
 
     def is_supported(self, node: onnx.NodeProto) -> bool:
         if node.domain not in ORT_DOMAINS:
@@ -68,11 +69,11 @@ class OnnxTarget(Target):
             settings["reduce_range"] = not features & VNNI_FLAGS
         return settings
 
-    def _compile(self, model: onnx.ModelProto, quantize: str, ctx: PassContext, out: Path) -> None:
-        for pass_name in self.passes_for(quantize):
-            model = get_pass(pass_name)(**self.pass_settings(pass_name)).apply(model, ctx)
+    def _compile(self, model: onnx.ModelProto, mode: QuantizeMode, ctx: PassContext, out: Path) -> CompiledModel:
+        model, recipe = self._run_passes(model, mode.name, ctx)
         save_model(model, out)
         self._check_loads(out)
+        return CompiledModel(out, activation_bytes=self.activation_bytes(mode), recipe=recipe)
 
     @staticmethod
     def _check_loads(path: Path) -> None:

@@ -17,7 +17,7 @@ import onnx
 
 from edgeopt.converters.passes import ConversionError, PassContext
 from edgeopt.converters.passes.mixed_precision import kept_float_nodes, refuse_unknown_nodes
-from edgeopt.converters.targets import Target
+from edgeopt.converters.targets import CompiledModel, QuantizeMode, Target
 from edgeopt.converters.targets.coreml.compression import (
     captured_coremltools_log,
     compress,
@@ -180,16 +180,17 @@ class CoreMLTarget(Target):
                 live.update(o for o in node.output if o)
         return live
 
-    def activation_bytes(self, quantize: str) -> int:
+    def float_activation_bytes(self) -> int:
         return 2 if self.config["compute_precision"] == "fp16" else 4
 
     # -- compile -------------------------------------------------------------------------------------
-    def _compile(self, model: onnx.ModelProto, quantize: str, ctx: PassContext, out: Path) -> None:
+    def _compile(self, model: onnx.ModelProto, mode: QuantizeMode, ctx: PassContext, out: Path) -> CompiledModel:
+        quantize = mode.name
         lowered = self._lower(model)
         with small_constants_inline():  # both steps write the program and weight blob (see packing)
             mlmodel, messages = self._convert(lowered)
             weights = weights_by_consumer(mlmodel._mil_program)
-            scheme = self._compression_scheme(quantize, weights)
+            scheme = self._compression_scheme(mode, weights)
             adjusted: list[dict[str, Any]] = []
             keep = self._kept_weights(quantize, lowered, mlmodel, ctx)
             if scheme is not None:
@@ -217,6 +218,7 @@ class CoreMLTarget(Target):
             "converter_messages": [m for m in messages if m.strip()][:20],
         }
         ctx.notes.extend(self._compression_notes(scheme, weights, checked))
+        return CompiledModel(out, activation_bytes=self.activation_bytes(mode))
 
     def _lower(self, model: onnx.ModelProto) -> Any:
         """The MIL program; a node the lowering cannot express is reported like an unsupported op."""
@@ -253,9 +255,9 @@ class CoreMLTarget(Target):
                                  pass_pipeline=pass_pipeline(ct))
         return mlmodel, messages
 
-    def _compression_scheme(self, quantize: str, weights: dict[tuple[str, str], Any]) -> Any:
+    def _compression_scheme(self, mode: QuantizeMode, weights: dict[tuple[str, str], Any]) -> Any:
         # each setting is read only where it applies (unused_params refuses it elsewhere)
-        block = int((self.pass_params.get("quantize-int4") or {}).get("block_size") or 32) if quantize == "int4" else 0
+        quantize, block = mode.name, mode.block_size or 0
         compressed = quantize in ("int8", "int4") or self.config["palettize"]
         sparse_min_zeros = 1.0 if compressed else self.config["sparse_min_zeros"]
         candidates = list(weights.values()) if self.spec_version >= COMPRESSED_WEIGHTS else []

@@ -9,14 +9,17 @@ result in LiteRT with XNNPACK on.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import onnx
 
+from edgeopt.converters.modes import MODES
 from edgeopt.converters.passes import ConversionError, PassContext
 from edgeopt.converters.passes.mixed_precision import Budget, kept_float_nodes
-from edgeopt.converters.targets import Target
+from edgeopt.converters.targets import CompiledModel, QuantizeMode, Target
 from edgeopt.errors import MissingDependency, UnsupportedOpsError, UserInputError
 from edgeopt.onnx_io import iter_nodes, op_key
 from edgeopt.params import Param, in_range
@@ -33,9 +36,17 @@ from .sparse import store_sparse, summary
 FLATBUFFER_LIMIT = 2**31  # FlatBuffers address at most 2 GiB
 
 MIXED_PRECISION_PARAMS = ("keep_float", "min_cosine", "max_accuracy_drop")  # quantize-int8's, read by mixed.py
-FULL_INTEGER = ("int8", "int16x8")  # calibrated: integer activations (and I/O unless float_io)
 CALIBRATION_METHODS = ("minmax",)  # what LiteRT's calibrator records
-ACTIVATION_BYTES = {"none": 4, "fp16": 4, "int8-dynamic": 4, "int4": 4, "int8": 1, "int16x8": 2}
+
+
+@dataclass(frozen=True)
+class Lowered:
+    """A canonical ONNX model lowered to a float .tflite, and what quantizing it needs to know."""
+    data: bytes
+    io_transposes: dict[str, list[int]]            # see ``CompiledModel.io_transposes``
+    op_origins: dict[str, list[tuple[str, str]]]   # TFLite operator → (ONNX op, node) it came from
+    node_scopes: dict[str, list[tuple[str, str]]]  # ONNX node → (builtin, quantizer scope) per operator
+    weight_origins: dict[str, str]                 # constant tensor → the ONNX node it belongs to
 
 
 def _has_dynamic_batch(model: onnx.ModelProto) -> bool:
@@ -63,6 +74,7 @@ class TFLiteTarget(Target):
     quantize_modes: ClassVar[tuple[str, ...]] = ("none", "fp16", "int8", "int8-dynamic", "int16x8", "int4")
     toolchain: ClassVar[tuple[str, ...]] = ("ai-edge-litert", "litert-quantizer", "flatbuffers")
     max_model_bytes: ClassVar[int | None] = FLATBUFFER_LIMIT
+    integer_activations: ClassVar[bool] = True
     params: ClassVar[tuple[Param, ...]] = (
         Param("float_io", bool, False,
               "with --quantize int8/int16x8: keep float32 inputs and outputs (default: integer I/O, full-integer)"),
@@ -85,26 +97,26 @@ class TFLiteTarget(Target):
             return {"quantize-int4": frozenset({"block_size"})}
         if quantize == "int8":
             return {"quantize-int8": frozenset({"calibration_method", *MIXED_PRECISION_PARAMS})}
-        if quantize in FULL_INTEGER:
+        if MODES[quantize].calibrated:
             return {"quantize-int8": frozenset({"calibration_method"})}
         return {}
 
     def calibrates(self, quantize: str) -> bool:
-        return quantize in FULL_INTEGER
+        return MODES[quantize].calibrated
 
     def unused_params(self, quantize: str) -> dict[str, str]:
-        if quantize in FULL_INTEGER:
+        if MODES[quantize].calibrated:
             return {}
         return {"float_io": f"with --quantize {quantize}: it applies with --quantize int8 or int16x8 (integer I/O)"}
 
     def check_quantize(self, quantize: str) -> None:
         super().check_quantize(quantize)
-        method = (self.pass_params.get("quantize-int8") or {}).get("calibration_method") if quantize in FULL_INTEGER else None
+        mode = self.mode_for(quantize)
+        method, block = mode.calibration_method, mode.block_size
         if method not in (None, *CALIBRATION_METHODS):
             raise UserInputError(f"--calibration-method {method}: target 'tflite' calibrates with LiteRT's calibrator, "
                                  f"which records min/max ranges only: use --calibration-method minmax, or --target "
                                  f"onnx for {method}")
-        block = (self.pass_params.get("quantize-int4") or {}).get("block_size") if quantize == "int4" else None
         if block is not None and block not in INT4_BLOCK_SIZES:
             raise UserInputError(f"--int4-block-size {block}: LiteRT's block-wise int4 supports "
                                  f"{', '.join(map(str, INT4_BLOCK_SIZES))}")
@@ -137,33 +149,28 @@ class TFLiteTarget(Target):
                 found.setdefault(key, []).append(proto.name or f"#{i}")
         return found
 
-    def activation_bytes(self, quantize: str) -> int:
-        return ACTIVATION_BYTES.get(quantize, 4)
-
     # -- compile ---------------------------------------------------------------------------------
-    def lower(self, model: onnx.ModelProto, ctx: PassContext, quantize: str = "none") -> bytes:
-        """The float .tflite bytes of a canonical ONNX model (sets ``io_transposes``); ``quantize`` lets
-        the lowering pick integer-friendly forms for a model headed for full-integer quantization."""
+    def lower(self, model: onnx.ModelProto, ctx: PassContext, quantize: str = "none") -> Lowered:
+        """The float .tflite of a canonical ONNX model; ``quantize`` lets the lowering pick
+        integer-friendly forms for a model headed for full-integer quantization."""
         require_litert("the tflite target")
         model = static_model(model, ctx)
         self.check_supported(model)
         lowering = Lowering(model, keep_io_layout=self.config["keep_io_layout"],
-                            full_integer=quantize in ("int8", "int16x8"),
+                            full_integer=MODES[quantize].calibrated,
                             dynamic_recurrent_weights=quantize in ("none", "fp16"))
         try:
             data = lowering.run()
         except LoweringError as exc:
             raise UnsupportedOpsError(self.name, {f"{exc.node.op}[{exc.reason}]": [exc.node.name]}) from exc
-        self.io_transposes = dict(lowering.io_perms)
-        self.op_origins = lowering.b.origins()
-        self.node_scopes = lowering.b.node_scopes()
-        self.weight_origins = lowering.b.constant_origins()
-        return data
+        return Lowered(data, dict(lowering.io_perms), lowering.b.origins(), lowering.b.node_scopes(),
+                       lowering.b.constant_origins())
 
-    def _compile(self, model: onnx.ModelProto, quantize: str, ctx: PassContext, out: Path) -> None:
-        data = self.lower(model, ctx, quantize)
-        if quantize != "none":
-            settings = self.honoured_pass_params(quantize)
+    def _compile(self, model: onnx.ModelProto, mode: QuantizeMode, ctx: PassContext, out: Path) -> CompiledModel:
+        lowered = self.lower(model, ctx, mode.name)
+        data = lowered.data
+        if mode.compresses:
+            settings = self.honoured_pass_params(mode.name)
             given = {name: self.pass_params.get(name) or {} for name in settings}
             chosen = {k: given[name][k] for name, keys in settings.items() for k in keys if k in given[name]}
             keep = kept_float_nodes(chosen.get("keep_float"))
@@ -175,26 +182,28 @@ class TFLiteTarget(Target):
                 ctx.notes.append("tflite: --float-io: no layers are kept float for the accuracy budget (LiteRT's "
                                  "quantizer, which would, writes integer I/O); the budget is only checked")
                 budget = Budget()
-            float_data = data
             if not keep:
-                data = quantize_model(data, quantize, ctx, io_transposes=self.io_transposes,
-                                      float_io=bool(quantize in FULL_INTEGER and self.config["float_io"]),
-                                      origins=self.op_origins, block_size=chosen.get("block_size"),
-                                      calibration_method=chosen.get("calibration_method") or CALIBRATION_METHODS[0])
+                data = quantize_model(data, mode, ctx, io_transposes=lowered.io_transposes,
+                                      float_io=bool(mode.calibrated and self.config["float_io"]),
+                                      origins=lowered.op_origins)
             if keep or budget:
-                data, mixed = mixed_int8(float_data, None if keep else data, ctx, keep=keep, budget=budget,
-                                         node_scopes=self.node_scopes, io_transposes=self.io_transposes)
-                ctx.details.setdefault("quantize-tflite", {"mode": quantize})["mixed_precision"] = mixed
+                data, mixed = mixed_int8(lowered.data, None if keep else data, ctx, keep=keep, budget=budget,
+                                         node_scopes=lowered.node_scopes, io_transposes=lowered.io_transposes)
+                ctx.details.setdefault("quantize-tflite", {"mode": mode.name})["mixed_precision"] = mixed
         if len(data) >= FLATBUFFER_LIMIT:
             raise UserInputError(f"the converted model is {len(data) / 2**30:.1f} GiB; a .tflite FlatBuffer holds "
                                  f"at most 2 GiB")
-        self._write_sparse_or_dense(data, ctx, out)
+        expanded = self._write_sparse_or_dense(data, ctx, out, lowered.weight_origins)
+        return CompiledModel(out, io_transposes=lowered.io_transposes, expanded_weight_bytes=expanded,
+                             activation_bytes=self.activation_bytes(mode))
 
-    def _write_sparse_or_dense(self, data: bytes, ctx: PassContext, out: Path) -> None:
+    def _write_sparse_or_dense(self, data: bytes, ctx: PassContext, out: Path,
+                               weight_origins: Mapping[int, str] | None) -> int:
         """Write the model with its mostly-zero weights stored sparse, and check that LiteRT loads it;
-        should LiteRT refuse it, write the dense model instead and say why in the report."""
+        should LiteRT refuse it, write the dense model instead and say why in the report. Returns the
+        bytes LiteRT densifies in memory at load (the sparse weights')."""
         min_zeros = float(self.config["sparse_min_zeros"])
-        sparse, records = store_sparse(data, min_zeros, origins=getattr(self, "weight_origins", None))
+        sparse, records = store_sparse(data, min_zeros, origins=weight_origins)
         out.write_bytes(sparse)
         try:
             check_loads(out)
@@ -208,7 +217,7 @@ class TFLiteTarget(Target):
             out.write_bytes(data)
             check_loads(out)
         stored = [r for r in records if r.stored == "sparse"]
-        self.expanded_weight_bytes = sum(r.dense_bytes for r in stored)  # LiteRT densifies them in memory
+        expanded = sum(r.dense_bytes for r in stored)
         ctx.details.setdefault("tflite", {})["sparse_storage"] = summary(records, min_zeros)
         # mostly zeros, yet dense for a reason other than size: say so where the engineer looks first
         kept = [r for r in records if r.stored == "dense" and r.sparsity >= min_zeros
@@ -217,6 +226,7 @@ class TFLiteTarget(Target):
             reasons = sorted({r.reason for r in kept if r.reason})
             ctx.notes.append(f"tflite: {len(kept)} weight tensor(s) are at least {min_zeros:.0%} zeros but stored "
                              f"dense: {'; '.join(reasons)} (see pass_details.tflite.sparse_storage)")
+        return expanded
 
 
 def check_loads(path: Path) -> None:

@@ -17,10 +17,12 @@ import contextlib
 import io
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from edgeopt.converters.modes import QuantizeMode
 from edgeopt.converters.passes import ConversionError, PassContext
 from edgeopt.converters.targets.tflite.flatbuffer import FILE_IDENTIFIER, buffer_span, read_model, schema
 from edgeopt.errors import UnsupportedOpsError, UserInputError
@@ -33,22 +35,21 @@ DEFAULT_INT4_BLOCK = 32
 FLOAT16_MIN_NORMAL = 2.0**-14
 
 
-def quantize_model(data: bytes, mode: str, ctx: PassContext, *, io_transposes: dict[str, list[int]],
-                   float_io: bool = False, block_size: int | None = None,
-                   origins: dict[str, list[tuple[str, str]]] | None = None, calibration_method: str = "minmax") -> bytes:
+def quantize_model(data: bytes, mode: QuantizeMode, ctx: PassContext, *, io_transposes: Mapping[str, list[int]],
+                   float_io: bool = False, origins: dict[str, list[tuple[str, str]]] | None = None) -> bytes:
     """Quantized .tflite bytes of the float model ``data``; ``origins`` maps a TFLite operator name to
     the (ONNX op, node name) pairs it was lowered from, for error messages."""
-    if mode in ("int8", "int16x8"):
-        if calibration_method != "minmax":  # the target refuses it before any work; this is the backstop
-            raise UserInputError(f"LiteRT's calibrator records min/max ranges, not {calibration_method}")
-        return full_integer(data, mode, ctx, io_transposes, float_io, origins or {})
-    if mode == "int8-dynamic":
+    if mode.calibrated:
+        if mode.calibration_method != "minmax":  # the target refuses it before any work; this is the backstop
+            raise UserInputError(f"LiteRT's calibrator records min/max ranges, not {mode.calibration_method}")
+        return full_integer(data, mode.name, ctx, dict(io_transposes), float_io, origins or {})
+    if mode.name == "int8-dynamic":
         from litert_quantizer import recipe
 
         return litert_quantize(data, recipe.dynamic_wi8_afp32())
-    if mode == "int4":
-        return fix_zero_block_scales(litert_quantize(data, int4_recipe(data, block_size or DEFAULT_INT4_BLOCK)))
-    if mode == "fp16":
+    if mode.name == "int4":
+        return fix_zero_block_scales(litert_quantize(data, int4_recipe(data, mode.block_size or DEFAULT_INT4_BLOCK)))
+    if mode.name == "fp16":
         return litert_quantize(data, fp16_recipe())
     raise UserInputError(f"target 'tflite' has no quantize mode '{mode}'")
 

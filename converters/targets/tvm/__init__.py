@@ -16,7 +16,7 @@ import onnx
 
 from edgeopt.converters.passes import ConversionError, PassContext, get_pass
 from edgeopt.converters.passes.unroll_rnn import DEFAULT_ACTIVATIONS, UnrollRnn, rnn_node_supported
-from edgeopt.converters.targets import Target
+from edgeopt.converters.targets import CompiledModel, QuantizeMode, Target
 from edgeopt.converters.targets.tvm import build
 from edgeopt.converters.targets.tvm.machine import build_machine, find_cross_compiler
 from edgeopt.converters.targets.tvm.tuning import cost_model, tune
@@ -77,10 +77,6 @@ class TVMTarget(Target):
               "C compiler that links a TVM library for another CPU (default: <mtriple>-gcc from the profile)"),
     )
 
-    def __init__(self, pass_params=None, profile=None, **settings):
-        super().__init__(pass_params=pass_params, profile=profile, **settings)
-        self._stand_in: Path | None = None
-
     def is_supported(self, node: onnx.NodeProto) -> bool:
         if node.domain not in ("", "ai.onnx"):
             return False
@@ -117,18 +113,14 @@ class TVMTarget(Target):
                                         f"CPU, with a --profile for that board")
         return unused
 
-    def runnable_model(self, model_path: Path) -> Path:
-        return self._stand_in or model_path
-
-    def _compile(self, model: onnx.ModelProto, quantize: str, ctx: PassContext, out: Path) -> None:
+    def _compile(self, model: onnx.ModelProto, mode: QuantizeMode, ctx: PassContext, out: Path) -> CompiledModel:
+        quantize = mode.name
         machine = build_machine(self.profile)
         cross = None if machine.is_host else find_cross_compiler(machine, self.config["cross_compiler"])
         float_model = model
         if any(n.op_type in DEFAULT_ACTIVATIONS for n in model.graph.node):
             float_model = get_pass("unroll-rnn")(**self.pass_params.get("unroll-rnn", {})).apply(model, ctx)
-        model = float_model
-        for pass_name in self.passes_for(quantize):
-            model = get_pass(pass_name)(**self.pass_settings(pass_name)).apply(model, ctx)
+        model, recipe = self._run_passes(float_model, quantize, ctx)
 
         def relax_module(onnx_model: onnx.ModelProto):
             static = build.fix_batch(onnx_model, self.config["batch"])
@@ -159,14 +151,16 @@ class TVMTarget(Target):
                                               default_schedule_kernels=kernels["default_schedule"])
         target = machine.tvm_target(num_cores=self._cores() if database is not None else None)
         build.compile_library(mod, target, out, cross_compiler=cross, database=database)
+        stand_in = None
         if not machine.is_host:
             # The library is for another CPU: validation, golden vectors and latency use a build of the
             # same Relax module for this host; the report says so.
-            self._stand_in = ctx.workdir / "host-stand-in.so"
+            stand_in = ctx.workdir / "host-stand-in.so"
             host = build_machine(None)
-            build.compile_library(mod, host.tvm_target(), self._stand_in, cross_compiler=None)
+            build.compile_library(mod, host.tvm_target(), stand_in, cross_compiler=None)
             ctx.notes.append(f"the library is built for {machine.describe()} and cannot run here: parity, golden "
                              f"outputs and latency were measured on a {host.arch} build of the same TVM module")
+        return CompiledModel(out, activation_bytes=self.activation_bytes(mode), host_model=stand_in, recipe=recipe)
 
     def _cores(self) -> int:
         import os
