@@ -260,7 +260,7 @@ class Agent:
             self.set_slot_error(other, other_problem)
             return False
         try:
-            self.state.activate(other)
+            self._set_active(other)
         except EdgeoptError as exc:
             log.error("cannot fall back to slot %s: %s", other, exc)
             return False
@@ -268,6 +268,19 @@ class Agent:
         self.fallback_note = reason_text(f"slot {broken} failed verification ({problem}",
                                          tail=f"); fell back to slot {other}")
         return True
+
+    def _set_active(self, slot: str | None) -> None:
+        """The one route by which the running agent changes its active slot (None: no model), on the main
+        loop's thread: the updater's swaps (``request_swap`` → ``_apply_swap``) and the fall-back from a
+        damaged slot both come here. A slot that cannot be activated gets its problem recorded."""
+        if slot is None:
+            self.state.deactivate()
+            return
+        try:
+            self.state.activate(slot)
+        except EdgeoptError:
+            self.set_slot_error(slot, self.state.slot_problem(slot))
+            raise
 
     def set_slot_error(self, slot: str | None, problem: str | None) -> None:
         """Record (or, with None, clear) why ``slot`` cannot be used; it goes out in the state."""
@@ -312,14 +325,7 @@ class Agent:
             slot, model, done, outcome = self._swap
             self._swap = None
         try:
-            if slot is None:
-                self.state.deactivate()
-            else:
-                try:
-                    self.state.activate(slot)
-                except EdgeoptError:
-                    self.set_slot_error(slot, self.state.slot_problem(slot))
-                    raise
+            self._set_active(slot)
             if model is None:
                 self._look_for_model(force=True)
             elif self.pipeline is not None and self.pipeline.can_swap_to(model):

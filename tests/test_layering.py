@@ -199,3 +199,28 @@ def test_no_module_is_over_600_lines():
     long = {str(p.relative_to(ROOT)): n for folder in PACKAGES for p in source_files(folder)
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}, "split these modules by what they do"
+
+
+def slot_changes(path: Path) -> set[str]:
+    """Names of the functions in ``path`` that call ``.activate(...)`` or ``.deactivate(...)``."""
+    found = set()
+    for fn in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) and any(
+                isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute)
+                and c.func.attr in ("activate", "deactivate") for c in ast.walk(fn)):
+            found.add(fn.name)
+    return found
+
+
+def test_the_running_agent_changes_its_active_slot_by_one_route():
+    """Issue 16 point 4: the updater's swaps and the fall-back from a damaged slot both go through
+    ``Agent._set_active`` on the main loop (statedir.py is the slot store itself)."""
+    routes = {(str(p.relative_to(ROOT)), name) for p in source_files("agent") if p.name != "statedir.py"
+              for name in slot_changes(p)}
+    # a nested helper counts its enclosing function too: only _set_active may appear
+    assert routes == {("agent/service.py", "_set_active")}
+
+
+def test_the_slot_route_check_sees_a_direct_call(tmp_path):
+    (tmp_path / "m.py").write_text("def step(host):\n    host.state.activate('b')\n")
+    assert slot_changes(tmp_path / "m.py") == {"step"}

@@ -25,6 +25,10 @@ that memory and the time — decides which version to start now:
                             name and version; a shadow run that got too few live windows in time
                             proved nothing and counts as transport): not again within that rollout — a new rollout id
                             asking for it is the operator saying something was fixed.
+
+The other decisions are pure functions beside the table too, and tested exhaustively: the probation
+verdict (``probation_verdict``, from what a watch saw of the candidate and of the previous model) and
+the shadow run's (``windows_agreeing`` per batch of live windows, ``shadow_verdict`` over the run).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edgeopt.fsutil import atomic_write_bytes, strict_json
 
@@ -254,6 +260,51 @@ def probation_verdict(candidate: Health, baseline: Health, limits: Any) -> str |
             c.mean_confidence < limits.probation_min_confidence_ratio * b.mean_confidence:
         return (f"mean top-1 confidence {c.mean_confidence:.3f} below {limits.probation_min_confidence_ratio:g}x "
                 f"the previous model's {b.mean_confidence:.3f}")
+    return None
+
+
+def top1_confidence(outputs: dict[str, np.ndarray]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(top-1 index, top-1 probability) per window for a single classifier output, else (None, None).
+    Scores that are not already probabilities go through a softmax."""
+    if len(outputs) != 1:
+        return None, None
+    y = np.asarray(next(iter(outputs.values())), dtype=np.float64)
+    if y.ndim != 2 or y.shape[1] < 2:
+        return None, None
+    if not ((y >= 0).all() and np.allclose(y.sum(1), 1.0, atol=1e-3)):
+        z = np.exp(y - y.max(1, keepdims=True))
+        y = z / z.sum(1, keepdims=True)
+    return y.argmax(1), y.max(1)
+
+
+def windows_agreeing(current: dict[str, np.ndarray], candidate: dict[str, np.ndarray] | None) -> int:
+    """Of one batch of live windows, how many the candidate answers as the current model does: the same
+    top-1 class for a classifier; otherwise the whole batch when every output is within 1e-3 of the
+    current one's scale, else none. A candidate that failed the batch (None) agrees on none."""
+    if candidate is None:
+        return 0
+    a, _ = top1_confidence(current)
+    b, _ = top1_confidence(candidate)
+    if a is not None and b is not None:
+        return int((a == b).sum())
+    n = len(next(iter(current.values())))
+    ok = all(np.allclose(candidate[k], current[k], atol=1e-3 * max(1.0, float(np.abs(current[k]).max())))
+             for k in current)
+    return n if ok else 0
+
+
+def shadow_verdict(compared: int, agreed: int, wanted: int, limits: Any, timed_out: bool = False) -> str | None:
+    """Why the candidate fails its shadow run (None: it passes, or needs more windows — ``compared <
+    wanted`` and not ``timed_out``). ``limits``: the ``[update]`` section (shadow_min_agreement,
+    shadow_timeout_s)."""
+    if compared < wanted:
+        if timed_out:
+            return f"{INCONCLUSIVE}: only {compared} of {wanted} live windows within {limits.shadow_timeout_s:g} s"
+        return None
+    agreement = agreed / compared if compared else 0.0
+    if agreement < limits.shadow_min_agreement:
+        return (f"top-1 agreement {agreement:.1%} with the current model is below "
+                f"{limits.shadow_min_agreement:.0%} over {compared} live windows")
     return None
 
 

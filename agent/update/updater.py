@@ -39,7 +39,6 @@ import numpy as np
 
 from edgeopt.agent.model import load_model
 from edgeopt.agent.update.machine import (
-    INCONCLUSIVE,
     MANIFEST_MISMATCH,
     Backoff,
     Event,
@@ -50,7 +49,10 @@ from edgeopt.agent.update.machine import (
     UpdateRecord,
     probation_verdict,
     reason_text,
+    shadow_verdict,
+    top1_confidence,
     wanted,
+    windows_agreeing,
 )
 from edgeopt.agent.update.selftest import run_in_child
 from edgeopt.artifact import unpack_artifact
@@ -78,20 +80,6 @@ class Host(Protocol):
     def set_slot_error(self, slot: str, problem: str | None) -> None: ...
 
     def publish_state(self) -> None: ...
-
-
-def top1_confidence(outputs: dict[str, np.ndarray]) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(top-1 index, top-1 probability) per window for a single classifier output, else (None, None).
-    Scores that are not already probabilities go through a softmax."""
-    if len(outputs) != 1:
-        return None, None
-    y = np.asarray(next(iter(outputs.values())), dtype=np.float64)
-    if y.ndim != 2 or y.shape[1] < 2:
-        return None, None
-    if not ((y >= 0).all() and np.allclose(y.sum(1), 1.0, atol=1e-3)):
-        z = np.exp(y - y.max(1, keepdims=True))
-        y = z / z.sum(1, keepdims=True)
-    return y.argmax(1), y.max(1)
 
 
 class Watch:
@@ -394,7 +382,7 @@ class Updater:
         try:
             while watch.compared < n and not self._stop.is_set():
                 if time.monotonic() > deadline:
-                    r.reason = f"shadow: {INCONCLUSIVE}: only {watch.compared} of {n} live windows within {self.cfg.shadow_timeout_s:g} s"
+                    r.reason = f"shadow: {shadow_verdict(watch.compared, watch.agree, n, self.cfg, timed_out=True)}"
                     return Event.FAILED
                 try:
                     windows, current = batches.get(timeout=0.5)
@@ -405,24 +393,16 @@ class Updater:
                 except EdgeoptError:
                     mine, seconds = None, 0.0
                 watch.add(len(windows), mine, seconds)
-                a, _ = top1_confidence(current)
-                b, _ = top1_confidence(mine) if mine is not None else (None, None)
+                agreed = windows_agreeing(current, mine)
                 with watch.lock:
                     watch.compared += len(windows)
-                    if a is not None and b is not None:
-                        watch.agree += int((a == b).sum())
-                    elif mine is not None:  # not a classifier: agreement = outputs within the golden atol
-                        ok = all(np.allclose(mine[k], current[k], atol=1e-3 * max(1.0, float(np.abs(current[k]).max())))
-                                 for k in current)
-                        watch.agree += len(windows) if ok else 0
+                    watch.agree += agreed
             if self._stop.is_set():
                 return Event.RETRY
-            agreement = watch.agreement() or 0.0
-            r.target.shadow = {"windows": watch.compared, "agreement": round(agreement, 4),
-                                  "error_rate": round(watch.error_rate(), 4)}
-            if agreement < self.cfg.shadow_min_agreement:
-                r.reason = (f"shadow: top-1 agreement {agreement:.1%} with the current model is below "
-                            f"{self.cfg.shadow_min_agreement:.0%} over {watch.compared} live windows")
+            r.target.shadow = {"windows": watch.compared, "agreement": round(watch.agreement() or 0.0, 4),
+                               "error_rate": round(watch.error_rate(), 4)}
+            if (verdict := shadow_verdict(watch.compared, watch.agree, n, self.cfg)) is not None:
+                r.reason = f"shadow: {verdict}"
                 return Event.FAILED
             return Event.OK
         finally:
