@@ -1,9 +1,10 @@
 """The agent's configuration file (TOML): every key, its type, default and one-line doc.
 
-The declarations below are the single source of truth: ``load_config`` validates a file against
-them (an unknown key is an error naming the key and the closest known one), and
-``reference_markdown()`` renders the key reference that docs/agent.md embeds (a test checks the
-page is up to date).
+The declarations below are the single source of truth: each key is a ``Param`` (edgeopt.params, the
+declarations passes, targets and rollouts use too; its name and type come from the field).
+``load_config`` validates a file against them (an unknown key is an error naming the key and the
+closest known one), and ``reference_markdown()`` renders the key reference that docs/agent.md
+embeds (a test checks the page is up to date).
 
     [agent] [model] [preprocessing] [batching] [mqtt] [telemetry] [outbox] [systemd]
     [[source]]   one table per source; ``type`` picks the kind
@@ -13,7 +14,7 @@ page is up to date).
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import os
 import socket
 import tomllib
@@ -23,14 +24,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from edgeopt.errors import UserInputError, closest
+from edgeopt.params import Param, reference_table, toml_value
 from edgeopt.protocol import DEVICE_ID_RE, LABEL_KEY_RE, LABEL_VALUE_RE, MAX_LABELS
 
 MIB = 1024 * 1024
 
 
 def key(default: Any, doc: str, *, choices: tuple[Any, ...] | None = None, check=None) -> Any:
-    """A config key: its default and one-line doc (rendered into docs/agent.md)."""
-    meta = {"doc": doc, "choices": choices, "check": check}
+    """A config key: a dataclass field holding its ``Param`` (named and typed by ``params_of``)."""
+    meta = {"param": Param("", object, default, doc, choices, check)}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -383,44 +385,24 @@ class AgentConfig:
 
 
 # -- parsing ----------------------------------------------------------------------------------------
-def _type_ok(value: Any, hint: Any) -> bool:
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is list or typing.get_origin(hint) is list:
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
-    return isinstance(value, hint)
+@functools.cache
+def params_of(cls: type) -> dict[str, Param]:
+    """A section's keys as ``Param``s, by name: the field's declaration, named and typed by the field."""
+    hints = typing.get_type_hints(cls)
+
+    def kind(hint: Any) -> type:
+        return list if hint is list or typing.get_origin(hint) is list else hint
+
+    return {f.name: dataclasses.replace(f.metadata["param"], name=f.name, type=kind(hints[f.name]))
+            for f in dataclasses.fields(cls)}
 
 
 def _build(cls: type, table: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    params = params_of(cls)
     for name in table:
-        if name not in fields:
-            raise UserInputError(f"{where}: unknown key '{name}'{closest(name, list(fields))}")
-    values = {}
-    for name, f in fields.items():
-        if name not in table:
-            continue
-        value, hint = table[name], hints[name]
-        if not _type_ok(value, hint):
-            want = "a list of strings" if hint is list else {"str": "a string", "int": "an integer",
-                                                             "float": "a number", "bool": "true or false"
-                                                             }.get(hint.__name__, hint.__name__)
-            raise UserInputError(f"{where}: '{name}' must be {want}, got {value!r}")
-        if hint is float:
-            value = float(value)
-        choices, check = f.metadata.get("choices"), f.metadata.get("check")
-        if choices and value not in choices:
-            raise UserInputError(f"{where}: '{name}' must be one of {', '.join(map(str, choices))}, got {value!r}"
-                                 f"{closest(str(value), [str(c) for c in choices])}")
-        if check and (problem := check(value)):
-            raise UserInputError(f"{where}: '{name}' {problem}, got {value!r}")
-        values[name] = value
-    return cls(**values)
+        if name not in params:
+            raise UserInputError(f"{where}: unknown key '{name}'{closest(name, list(params))}")
+    return cls(**{name: params[name].validate(value, where) for name, value in table.items()})
 
 
 def _build_kinds(items: Any, kinds: dict[str, type], required: dict[str, tuple[str, ...]], what: str,
@@ -510,30 +492,8 @@ def load_config(path: str | Path) -> AgentConfig:
 
 
 # -- documentation ----------------------------------------------------------------------------------
-def _default_text(f: dataclasses.Field) -> str:
-    value = default_value(f)
-    if isinstance(value, bool):
-        return "`true`" if value else "`false`"
-    if isinstance(value, str):
-        return f'`"{value}"`'
-    if isinstance(value, int) and value >= MIB and value % MIB == 0:
-        return f"`{value}` ({value // MIB} MiB)"
-    return f"`{value!r}`"
-
-
 def _rows(cls: type, skip: set[str] = frozenset()) -> list[str]:
-    hints = typing.get_type_hints(cls)
-    rows = []
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        hint = hints[f.name]
-        tname = "list of strings" if hint is list else hint.__name__
-        doc = f.metadata["doc"]
-        if f.metadata.get("choices"):
-            doc += " (" + " \\| ".join(f"`{c}`" for c in f.metadata["choices"]) + ")"
-        rows.append(f"| `{f.name}` | {tname} | {_default_text(f)} | {doc} |")
-    return rows
+    return reference_table([p for name, p in params_of(cls).items() if name not in skip])[2:]
 
 
 def reference_markdown() -> str:
@@ -550,20 +510,6 @@ def reference_markdown() -> str:
             out += [f"#### `type = \"{kind}\"`", "", cls.__doc__.strip(), ""]
             out += [*head, *rows, ""] if rows else ["No further keys.", ""]
     return "\n".join(out).rstrip() + "\n"
-
-
-def toml_value(value: Any) -> str:
-    """``value`` (a string, bool, number or list of strings: the types of the keys above) as TOML."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        # a JSON string is a TOML basic string, but for DEL, which TOML wants escaped
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML form for {type(value).__name__}")
 
 
 def default_value(f: dataclasses.Field) -> Any:
@@ -583,7 +529,7 @@ def default_config_text(device_id: str = "", mqtt_host: str = "") -> str:
             if given.get((cls, f.name)):
                 lines.append(f"{f.name} = {toml_value(given[cls, f.name])}")
             else:
-                lines.append(f"# {f.name} = {toml_value(default_value(f))}  # {f.metadata['doc']}")
+                lines.append(f"# {f.name} = {toml_value(default_value(f))}  # {f.metadata['param'].help}")
         lines.append("")
     lines += ["[[source]]", 'type = "unix-stream"', 'name = "sensor"',
               'path = "/run/edgeopt-agent/sensor.sock"  # RuntimeDirectory= of the unit', ""]

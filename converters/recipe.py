@@ -36,7 +36,7 @@ from edgeopt import registry
 from edgeopt.converters.passes import get_pass
 from edgeopt.converters.targets import QUANTIZE_MODES, get_target
 from edgeopt.errors import UserInputError, closest
-from edgeopt.params import Param, in_range
+from edgeopt.params import Param, in_range, reference_table
 
 # the settings a recipe holds at its top level: ConvertOptions fields, as the CLI options name them
 RECIPE_KEYS: tuple[Param, ...] = (
@@ -291,26 +291,14 @@ def settings_of(opts: Any, target: str, quantize: str) -> dict[str, Any]:
     return json.loads(json.dumps(out))  # plain JSON types (tuples → lists)
 
 
-def _type_name(p: Param) -> str:
-    """How the docs name a parameter's type: TOML's names; a converter function by what it takes."""
-    if p.type in (str, int, float, bool):
-        return p.type.__name__
-    return "table" if "mapping" in p.type.__name__ else "str"
-
-
 def reference_markdown() -> str:
     """The recipe keys, generated from the declarations (docs/converter.md embeds it; a test checks)."""
-    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    for p in RECIPE_KEYS:
-        choices = " \\| ".join(map(str, p.choices or ()))
-        kind = p.type.__name__ + (f" ({choices})" if choices else "")
-        default = "" if p.default is None else f"`{json.dumps(p.default)}`"
-        rows.append(f"| `{p.name}` | {kind} | {default} | {p.help} |")
+    rows = reference_table(RECIPE_KEYS)
     for name, what in RECIPE_TABLES.items():
         rows.append(f"| `{name}` | table | | {what} |")
     rows.append("| `[targets.NAME]` | table | | the target's parameters: the table below |")
     rows.append("| `[passes.NAME]` | table | | the pass's parameters: the table below |")
-    rows += ["", "| table | parameter | type | default | meaning |", "|---|---|---|---|---|"]
+    params = []
     for group, names, load in (("targets", registry.names(registry.TARGETS), get_target),
                                ("passes", registry.names(registry.PASSES), get_pass)):
         for name in names:
@@ -318,7 +306,7 @@ def reference_markdown() -> str:
                 if (name, p.name) in _DATA_PARAMS:
                     continue
                 field = _PASS_FIELDS.get((name, p.name))
-                meaning = (p.help + (f" (also the top-level `{field}`)" if field else "")).replace("|", "\\|")
-                default = "" if p.default is None else f"`{json.dumps(p.default)}`"
-                rows.append(f"| `[{group}.{name}]` | `{p.name}` | {_type_name(p)} | {default} | {meaning} |")
+                also = f" (also the top-level `{field}`)" if field else ""
+                params.append(dataclasses.replace(p, name=f"{group}.{name}.{p.name}", help=p.help + also))
+    rows += ["", *reference_table(params, header="key in its table, as `--set` spells it")]
     return "\n".join(rows) + "\n"

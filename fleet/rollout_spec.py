@@ -1,5 +1,6 @@
-"""What an operator asks for: waves, thresholds, gates and a label selector, parsed from the
-command line into a ``RolloutSpec``, and how the matched devices are planned into waves.
+"""What an operator asks for: waves, thresholds, gates and a label selector, declared as
+``ROLLOUT_PARAMS`` (the CLI's flags and docs/fleet.md's table are generated from them) and parsed by
+``rollout_spec`` into a ``RolloutSpec``; and how the matched devices are planned into waves.
 (The decisions about a running rollout are in ``fleet.rollout``.)"""
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgeopt.errors import UserInputError
+from edgeopt.errors import UserInputError, closest
+from edgeopt.params import Param, in_range, reference_table
 from edgeopt.protocol import LABEL_KEY_RE, LABEL_VALUE_RE, ModelRef
 
 MAX_WAVES = 20
@@ -150,6 +152,60 @@ class RolloutSpec:
                    tuple(WaveStep(w["value"], w["percent"]) for w in obj["waves"]), obj["bake_s"],
                    obj["success_threshold"], obj["failure_pct"], obj["failure_count"], obj["device_timeout_s"],
                    Gates(**obj.get("gates", {})))
+
+
+def _at_least_zero(v: float) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+ROLLOUT_PARAMS: tuple[Param, ...] = (
+    Param("waves", str, "1%,10%,50%,100%",
+          "cumulative shares (1%,10%,50%,100%), wave sizes summing to 100% (1%,9%,40%,50%), or cumulative "
+          "device counts ending at 100% (5,50,100%)"),
+    Param("bake", str, "10m", "how long a wave's success share must hold before the next wave starts"),
+    Param("success_threshold", str, "95%", "share of a wave's devices that must run the new version"),
+    Param("failure_threshold", str, "5%",
+          "abort past this share of the told devices failing, and/or past a count: 5%, 3 or 5%,3"),
+    Param("device_timeout", str, "15m",
+          "a device without progress towards the new version for this long counts as failed"),
+    Param("max_error_rate", float, None, "health gate: highest error rate a device may report",
+          check=in_range(0.0, 1.0)),
+    Param("min_agreement", float, None, "health gate: lowest agreement with the previous model",
+          check=in_range(0.0, 1.0)),
+    Param("max_latency_p95", float, None, "health gate: highest latency p95 in ms", check=_at_least_zero),
+    Param("max_nan_outputs", int, None, "health gate: most NaN outputs a device may report", check=_at_least_zero),
+    Param("online_only", bool, False,
+          "plan only the matching devices that are online now (default: every matching device; an offline one "
+          "counts as failed once the device timeout passes)"),
+)
+_ROLLOUT_PARAMS = {p.name: p for p in ROLLOUT_PARAMS}
+
+
+def rollout_spec(model: ModelRef, selectors: tuple[str, ...] | list[str], **options: Any) -> RolloutSpec:
+    """The rollout of ``model`` to the devices ``selectors`` match, with ``options`` (``ROLLOUT_PARAMS``;
+    text is taken for numbers, as a form gives it; one missing takes its default). A wrong one is one
+    error naming its flag. ``online_only`` chooses devices: the caller reads it."""
+    for name in options:
+        if name not in _ROLLOUT_PARAMS:
+            raise UserInputError(f"unknown rollout option '{name}'{closest(name, list(_ROLLOUT_PARAMS))}")
+    v: dict[str, Any] = {}
+    for p in ROLLOUT_PARAMS:
+        value = options.get(p.name, p.default)
+        if isinstance(value, str) and p.type is not str:
+            value = p.coerce(value, p.flag) if value.strip() else None
+        if value is not None and p.check is not None and (problem := p.check(value)):
+            raise UserInputError(f"{p.flag} {value}: {problem}")
+        v[p.name] = value
+    failure_pct, failure_count = parse_failure_threshold(v["failure_threshold"])
+    return RolloutSpec(model, parse_selector(selectors), parse_waves(v["waves"]), parse_duration(v["bake"], "--bake"),
+                       parse_percent(v["success_threshold"], "--success-threshold"), failure_pct, failure_count,
+                       parse_duration(v["device_timeout"], "--device-timeout"),
+                       Gates(v["max_error_rate"], v["min_agreement"], v["max_latency_p95"], v["max_nan_outputs"]))
+
+
+def reference_markdown() -> str:
+    """The options of ``edgeopt fleet rollout create`` (docs/fleet.md embeds it; a test checks)."""
+    return "\n".join(reference_table(ROLLOUT_PARAMS, name=lambda p: f"`{p.flag}`", header="option")) + "\n"
 
 
 def wave_sizes(steps: tuple[WaveStep, ...], n: int) -> list[int]:

@@ -1,12 +1,16 @@
-"""Declared parameters for passes, targets and runtimes (type, default, one-line help).
+"""Declared parameters (type, default, one-line help): the one declaration system of edgeopt.
 
-A component lists its parameters next to the code that uses them; the CLI options, their ``--help``
-text and the docs are generated from the same declarations.
+Passes, targets and runtimes (``Configurable.params``), the agent's config keys
+(``edgeopt.agent.config.key``), the rollout options (``edgeopt.fleet.rollout_spec.ROLLOUT_PARAMS``) and
+the recipe's keys are all ``Param``s. A component lists its parameters next to the code that uses
+them; the CLI options (``click_option``), their ``--help`` text, the checks of a config or recipe file
+(``validate``) and the docs' tables (``reference_table``) are generated from the same declarations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import json
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -44,6 +48,34 @@ class Param:
             raise UserInputError(f"{owner}: parameter '{self.name}' {problem}, got {value!r}")
         return value
 
+    @property
+    def flag(self) -> str:
+        """The command-line spelling of the name: ``max_error_rate`` → ``--max-error-rate``."""
+        return "--" + self.name.replace("_", "-")
+
+    def validate(self, value: Any, where: str) -> Any:
+        """``value`` as read from a TOML (or JSON) file, checked strictly: no text is taken for a number or
+        a boolean, an int is taken for a float. One line naming ``where`` and the key when it is wrong."""
+        if not _type_ok(value, self.type):
+            raise UserInputError(f"{where}: '{self.name}' must be {_TYPE_WORDS.get(self.type, self.type.__name__)}, "
+                                 f"got {value!r}")
+        if self.type is float:
+            value = float(value)
+        if self.choices is not None and value not in self.choices:
+            raise UserInputError(f"{where}: '{self.name}' must be one of {', '.join(map(str, self.choices))}, got "
+                                 f"{value!r}{closest(str(value), [str(c) for c in self.choices])}")
+        if self.check is not None and (problem := self.check(value)):
+            raise UserInputError(f"{where}: '{self.name}' {problem}, got {value!r}")
+        return value
+
+    def type_name(self) -> str:
+        """How the docs name the type: TOML's names; a converter function by what it takes."""
+        if self.type is list:
+            return "list of strings"
+        if self.type in (str, int, float, bool):
+            return self.type.__name__
+        return "table" if "mapping" in self.type.__name__ else "str"
+
     def click_option(self, *flags: str, **overrides: Any):
         """A click option generated from this declaration (help, type, choices, default)."""
         import click
@@ -51,10 +83,10 @@ class Param:
         click_type: Any = self.type
         if self.choices is not None:
             click_type = click.Choice([str(c) for c in self.choices])
-        kwargs: dict[str, Any] = {"type": click_type, "default": self.default, "show_default": True,
-                                  "help": self.help}
+        text = self.help[:1].upper() + self.help[1:]  # a sentence in --help, as the hand-written options are
+        kwargs: dict[str, Any] = {"type": click_type, "default": self.default, "show_default": True, "help": text}
         if self.type is bool:
-            kwargs = {"is_flag": True, "default": bool(self.default), "help": self.help}
+            kwargs = {"is_flag": True, "default": bool(self.default), "help": text}
         elif self.check is not None:
             kwargs["callback"] = self._click_check
         kwargs.update(overrides)
@@ -68,6 +100,62 @@ class Param:
         if value is not None and (problem := self.check(value)):  # type: ignore[misc]
             raise click.BadParameter(f"{problem}, got {value!r}", ctx=ctx, param=option)
         return value
+
+
+_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list of strings"}
+
+
+def _type_ok(value: Any, kind: Any) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, kind)
+
+
+def toml_value(value: Any) -> str:
+    """``value`` (a string, bool, number or list of them) as TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        # a JSON string is a TOML basic string, but for DEL, which TOML wants escaped
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+MIB = 1 << 20
+
+
+def default_text(value: Any) -> str:
+    """A default as the docs' tables show it: TOML, with MiB spelled out; nothing for None."""
+    if value is None:
+        return ""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= MIB and value % MIB == 0:
+        return f"`{value}` ({value // MIB} MiB)"
+    try:
+        return f"`{toml_value(value)}`"
+    except TypeError:
+        return f"`{value!r}`"
+
+
+def reference_table(params: Iterable[Param], *, name: Callable[[Param], str] = lambda p: f"`{p.name}`",
+                    header: str = "key") -> list[str]:
+    """The markdown table of ``params`` the docs embed: name, type, default, meaning (with the choices)."""
+    rows = [f"| {header} | type | default | meaning |", "|---|---|---|---|"]
+    for p in params:
+        meaning = p.help.replace("|", "\\|")
+        if p.choices:
+            meaning += " (" + " \\| ".join(f"`{c}`" for c in p.choices) + ")"
+        rows.append(f"| {name(p)} | {p.type_name()} | {default_text(p.default)} | {meaning} |")
+    return rows
 
 
 def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False):

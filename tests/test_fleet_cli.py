@@ -91,7 +91,7 @@ def test_rollout_lifecycle_from_the_command_line(fleet):
     (["--bake", "soon"], ["--bake 'soon'"]),
     (["--success-threshold", "120%"], ["--success-threshold"]),
     (["--failure-threshold", "lots"], ["--failure-threshold"]),
-    (["--max-error-rate", "3"], ["--max-error-rate 3.0: must be between 0 and 1"]),
+    (["--max-error-rate", "3"], ["--max-error-rate 3.0: must be in [0.0, 1.0]"]),
     (["--id", "bad id"], ["--id 'bad id'"]),
     (["--db", "postgresql://fleet:s3cret@127.0.0.1:1/fleet"], ["database postgresql://fleet:***@127.0.0.1:1/fleet "
                                                                "cannot be reached"]),

@@ -17,16 +17,7 @@ from edgeopt.cli.fleet_options import DB_OPTION, OPTIONAL_REPO, REPO_OPTION, ope
 from edgeopt.cli.fleet_render import print_rollouts, rollout_json, rollout_renderable
 from edgeopt.errors import CheckFailed, RemoteError, UserInputError
 from edgeopt.fleet.rollout import apply_command, new_rollout
-from edgeopt.fleet.rollout_spec import (
-    Gates,
-    RolloutSpec,
-    parse_duration,
-    parse_failure_threshold,
-    parse_percent,
-    parse_selector,
-    parse_waves,
-    selector_text,
-)
+from edgeopt.fleet.rollout_spec import ROLLOUT_PARAMS, rollout_spec, selector_text
 from edgeopt.protocol import ROLLOUT_ID_RE, ModelRef, ProtocolError
 
 
@@ -45,50 +36,33 @@ def _check_published(repo: Path, model) -> None:
                              f"publish it with 'edgeopt fleet publish'")
 
 
+def _rollout_options(fn):
+    """The rollout's options as flags, from their declarations (edgeopt.fleet.rollout_spec.ROLLOUT_PARAMS);
+    ``rollout_spec`` checks the values, naming the flag."""
+    for p in reversed(ROLLOUT_PARAMS):
+        fn = p.click_option(p.flag, callback=None, **({"metavar": "MS"} if p.name == "max_latency_p95" else {}))(fn)
+    return fn
+
+
 @rollout_cmd.command("create")
 @click.option("--model", "model_text", required=True, metavar="NAME@VERSION", help="The version to roll out.")
 @click.option("--selector", "selectors", multiple=True, metavar="LABEL=VALUE[,...]",
               help="Devices whose labels match (repeatable; all must match; default: every device).")
-@click.option("--waves", default="1%,10%,50%,100%", show_default=True,
-              help="Cumulative shares (1%,10%,50%,100%), wave sizes summing to 100% (1%,9%,40%,50%), or "
-                   "cumulative device counts ending at 100% (5,50,100%).")
-@click.option("--bake", default="10m", show_default=True,
-              help="How long a wave's success share must hold before the next wave starts.")
-@click.option("--success-threshold", default="95%", show_default=True,
-              help="Share of a wave's devices that must run the new version.")
-@click.option("--failure-threshold", default="5%", show_default=True,
-              help="Abort past this share of the told devices failing, and/or past a count: 5%, 3 or 5%,3.")
-@click.option("--device-timeout", default="15m", show_default=True,
-              help="A device without progress towards the new version for this long counts as failed.")
-@click.option("--max-error-rate", type=float, help="Health gate: highest error rate a device may report (0..1).")
-@click.option("--min-agreement", type=float, help="Health gate: lowest agreement with the previous model (0..1).")
-@click.option("--max-latency-p95", type=float, metavar="MS", help="Health gate: highest latency p95 in ms.")
-@click.option("--max-nan-outputs", type=int, help="Health gate: most NaN outputs a device may report.")
-@click.option("--online-only", is_flag=True,
-              help="Plan only the matching devices that are online now (default: every matching device; an "
-                   "offline one counts as failed once --device-timeout passes).")
+@_rollout_options
 @click.option("--id", "rollout_id", help="Rollout id (default: NAME-VERSION-RANDOM).")
 @click.option("--start", "start_now", is_flag=True, help="Start it right away.")
 @REPO_OPTION
 @DB_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def create_cmd(model_text: str, selectors: tuple[str, ...], waves: str, bake: str, success_threshold: str,
-               failure_threshold: str, device_timeout: str, max_error_rate: float | None,
-               min_agreement: float | None, max_latency_p95: float | None, max_nan_outputs: int | None,
-               online_only: bool, rollout_id: str | None, start_now: bool, repo: Path, db: str | None, as_json: bool) -> None:
+def create_cmd(model_text: str, selectors: tuple[str, ...], rollout_id: str | None, start_now: bool, repo: Path,
+               db: str | None, as_json: bool, **options) -> None:
     """Plan a rollout of NAME@VERSION over the devices the selector matches now."""
     try:
         model = ModelRef.parse(model_text)
     except ProtocolError as exc:
         raise UserInputError(f"--model: {exc}") from None
-    for flag, value in (("--max-error-rate", max_error_rate), ("--min-agreement", min_agreement)):
-        if value is not None and not 0 <= value <= 1:
-            raise UserInputError(f"{flag} {value}: must be between 0 and 1")
-    failure_pct, failure_count = parse_failure_threshold(failure_threshold)
-    spec = RolloutSpec(model, parse_selector(selectors), parse_waves(waves), parse_duration(bake, "--bake"),
-                       parse_percent(success_threshold, "--success-threshold"), failure_pct, failure_count,
-                       parse_duration(device_timeout, "--device-timeout"),
-                       Gates(max_error_rate, min_agreement, max_latency_p95, max_nan_outputs))
+    spec = rollout_spec(model, selectors, **options)
+    online_only = options["online_only"]
     _check_published(repo, model)
     rollout_id = rollout_id or f"{model.name}-{model.version}-{secrets.token_hex(3)}".replace("+", ".")
     if not ROLLOUT_ID_RE.fullmatch(rollout_id):
