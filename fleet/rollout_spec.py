@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edgeopt.errors import UserInputError, closest
@@ -192,7 +192,7 @@ def rollout_spec(model: ModelRef, selectors: tuple[str, ...] | list[str], **opti
     for p in ROLLOUT_PARAMS:
         value = options.get(p.name, p.default)
         if isinstance(value, str) and p.type is not str:
-            value = p.coerce(value, p.flag) if value.strip() else None
+            value = replace(p, check=None).coerce(value, p.flag) if value.strip() else None  # checked below
         if value is not None and p.check is not None and (problem := p.check(value)):
             raise UserInputError(f"{p.flag} {value}: {problem}")
         v[p.name] = value
