@@ -33,34 +33,51 @@ from pathlib import Path
 from typing import Any
 
 from edgeopt import registry
+from edgeopt.converters.gates import DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1_AGREEMENT
 from edgeopt.converters.passes import get_pass
+from edgeopt.converters.passes.distill import Distill
 from edgeopt.converters.targets import QUANTIZE_MODES, get_target
 from edgeopt.errors import UserInputError, closest
 from edgeopt.params import Param, in_range, reference_table
 
+
 # the settings a recipe holds at its top level: ConvertOptions fields, as the CLI options name them
+def _at_least_one(v: int) -> str | None:
+    return None if v >= 1 else "must be at least 1"
+
+
+_EXIT_1 = "exit 1 (artifact kept, report marked failed)"
 RECIPE_KEYS: tuple[Param, ...] = (
-    Param("target", str, None, "output format: a registered target (onnx, tflite, coreml, tvm)"),
-    Param("profile", str, None, "hardware profile: a name from `edgeopt profiles list`, or a profile .toml"),
-    Param("quantize", str, None, "quantization mode", choices=QUANTIZE_MODES),
-    Param("max_accuracy_drop", float, None, "quality gate and mixed-precision budget: most top-1 points (or MAE) "
-                                            "lost on the labelled validation data"),
-    Param("min_cosine", float, None, "quality gate and mixed-precision budget: least cosine of the outputs "
-                                     "with the original's", check=in_range(-1.0, 1.0)),
-    Param("min_top1_agreement", float, None, "quality gate: least fraction of samples whose top class is the "
-                                             "original's", check=in_range(0.0, 1.0)),
+    Param("target", str, None, "output format: onnx, tflite, coreml or tvm (default: the profile's)"),
+    Param("profile", str, None, "hardware profile: a name from `edgeopt profiles list`, or a profile .toml file"),
+    Param("quantize", str, None, "quantization mode (default: the profile's, else none)", choices=QUANTIZE_MODES),
+    Param("max_accuracy_drop", float, None,
+          f"quality gate: {_EXIT_1} when accuracy drops by more than this (percentage points of top-1, or MAE "
+          f"increase; needs labels in the validation data); with --quantize int8 also the mixed-precision budget"),
+    Param("min_cosine", float, None,
+          f"quality gate: {_EXIT_1} when the cosine similarity of the converted model's outputs with the "
+          f"original's is below this (without it: a warning below {DEFAULT_MIN_COSINE} when there are no class "
+          f"labels); with --quantize int8 also the mixed-precision budget", check=in_range(-1.0, 1.0)),
+    Param("min_top1_agreement", float, None,
+          f"quality gate: {_EXIT_1} when the converted model picks the original's top class on less than this "
+          f"fraction of the validation samples (without it: a warning below {DEFAULT_MIN_TOP1_AGREEMENT} when "
+          f"there are no class labels)", check=in_range(0.0, 1.0)),
     Param("mixed_precision", bool, True, "false: a budget only checks, no node is kept float to meet it"),
-    Param("validation_samples", int, None, "validate on at most this many samples",
-          check=lambda v: None if v >= 1 else "must be at least 1"),
-    Param("seed", int, 0, "seed for distillation and generated inputs"),
-    Param("threads", int, 1, "threads for validation and latency", check=lambda v: None if v >= 1 else "must be at least 1"),
+    Param("validation_samples", int, None,
+          "validate on the first N samples of the validation data (default: all), or on N generated inputs when "
+          "no data is given (default: 64): less time and memory, a coarser check", check=_at_least_one),
+    Param("seed", int, 0, "seed for distillation (split, shuffling) and generated inputs"),
+    Param("threads", int, 1, "threads for validation and latency", check=_at_least_one),
     Param("name", str, None, "model name in the manifest (default: the model's file name)"),
     Param("version", str, "1", "model version in the manifest"),
-    Param("prune_sparsity", float, None, "unstructured pruning: fraction of weights set to zero",
-          check=in_range(0.0, 1.0, hi_open=True)),
-    Param("prune_channels", float, None, "structured pruning: fraction of channels removed",
-          check=in_range(0.0, 1.0, hi_open=True)),
-    Param("epochs", int, None, "distillation epochs (with --distill DATA)"),
+    Param("prune_sparsity", float, None,
+          "unstructured pruning: fraction of the Conv/Gemm/MatMul weights set to zero in each pruned layer (or "
+          "overall)", check=in_range(0.0, 1.0, hi_open=True)),
+    Param("prune_channels", float, None,
+          "structured pruning: fraction of the output channels / hidden units removed from each prunable layer, "
+          "giving a smaller dense model", check=in_range(0.0, 1.0, hi_open=True)),
+    Param("epochs", int, None, f"with --distill: {Distill.param('epochs').help} (default: "
+                               f"{Distill.param('epochs').default})", check=Distill.param("epochs").check),
 )
 # tables at the top level: name -> (what a value is, the CLI option)
 RECIPE_TABLES: dict[str, str] = {
@@ -83,6 +100,11 @@ _PASS_FIELDS: dict[tuple[str, str], str] = {
 }
 _DATA_PARAMS = {("distill", "data"): "--distill", ("distill", "student"): "--student"}
 _KEYS = {p.name: p for p in RECIPE_KEYS}
+
+
+def recipe_key(name: str) -> Param:
+    """The declaration of a top-level recipe key (the CLI's option of the same name is generated from it)."""
+    return _KEYS[name]
 
 
 def load_recipe(path: Path) -> tuple[dict[str, Any], str]:

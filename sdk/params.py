@@ -83,13 +83,15 @@ class Param:
         click_type: Any = self.type
         if self.choices is not None:
             click_type = click.Choice([str(c) for c in self.choices])
-        text = self.help[:1].upper() + self.help[1:]  # a sentence in --help, as the hand-written options are
-        kwargs: dict[str, Any] = {"type": click_type, "default": self.default, "show_default": True, "help": text}
+        kwargs: dict[str, Any] = {"type": click_type, "default": self.default, "show_default": True,
+                                  "help": self.help}
         if self.type is bool:
-            kwargs = {"is_flag": True, "default": bool(self.default), "help": text}
+            kwargs = {"is_flag": True, "default": bool(self.default), "help": self.help}
         elif self.check is not None:
             kwargs["callback"] = self._click_check
         kwargs.update(overrides)
+        text = kwargs["help"]  # a sentence in --help, as the hand-written options are
+        kwargs["help"] = text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
         return click.option(*flags, **kwargs)
 
 

@@ -221,7 +221,7 @@ BAD_INPUT = [
     ("usage-batch-0", nothing, ["convert", *USAGE, "--target", "tvm", "--batch", "0"], 2,
      [f"edgeopt: error: --batch: must be >= 1, got 0 {see('convert')}"], []),
     ("usage-threads-0", nothing, ["convert", *USAGE, "--target", "onnx", "--threads", "0"], 2,
-     [f"edgeopt: error: --threads: 0 is not in the range x>=1 {see('convert')}"], []),
+     [f"edgeopt: error: --threads: must be at least 1, got 0 {see('convert')}"], []),
     ("usage-bench-batch-0", nothing, ["bench", "{tmp}/m.onnx", "--batch", "0"], 2,
      ["edgeopt: error: --batch: expected comma-separated positive integers, got '0'"], []),
     ("usage-misspelt-option", nothing, ["convert", *USAGE, "--frce"], 2,

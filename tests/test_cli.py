@@ -49,10 +49,16 @@ def test_console_script_help_and_version():
 
 
 def test_convert_help_comes_from_the_param_declarations():
+    from edgeopt.converters.recipe import RECIPE_KEYS
+
     res = run_cli("convert", "--help")
     assert res.code == 0
-    assert "minmax|entropy|percentile" in res.out or "minmax" in res.out
-    assert "weights per quantization block" in res.out
+    text = "".join(res.out.split()).lower()  # click wraps lines (and at hyphens)
+    assert "minmax|entropy|percentile" in text
+    assert "weightsperquantizationblock" in text
+    for p in RECIPE_KEYS:
+        if p.name != "mixed_precision":  # its flag is the inverse, --no-mixed-precision
+            assert "".join(p.help.split()).lower() in text, p.name
 
 
 def test_usage_error_exits_2():

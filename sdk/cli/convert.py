@@ -12,17 +12,12 @@ from click.core import ParameterSource
 from edgeopt import logs, registry
 from edgeopt.cli import debug_requested
 from edgeopt.cli.render import print_convert_report
-from edgeopt.converters.gates import DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1_AGREEMENT
 from edgeopt.converters.passes.canonicalize import parse_input_shape, parse_input_value
-from edgeopt.converters.passes.distill import Distill
-from edgeopt.converters.passes.prune_structured import PruneStructured
-from edgeopt.converters.passes.prune_unstructured import PruneUnstructured
 from edgeopt.converters.passes.quantize import QuantizeFp16, QuantizeInt4, QuantizeInt8Static
 from edgeopt.converters.pipeline import ConvertCheckFailed, ConvertOptions, convert
 from edgeopt.converters.preprocessing import load_preprocessing_file, parse_normalize
-from edgeopt.converters.recipe import apply_recipe, load_recipe, set_value
+from edgeopt.converters.recipe import apply_recipe, load_recipe, recipe_key, set_value
 from edgeopt.converters.streaming import parse_batch_axis, parse_state
-from edgeopt.converters.targets import QUANTIZE_MODES
 from edgeopt.errors import UserInputError
 from edgeopt.params import Param
 from edgeopt.progress import make_progress
@@ -30,10 +25,13 @@ from edgeopt.progress import make_progress
 _CAL = QuantizeInt8Static.param("calibration_method")
 _BLOCK = QuantizeInt4.param("block_size")
 _KEEP_IO = QuantizeFp16.param("keep_io_types")
-_SPARSITY = PruneUnstructured.param("sparsity")
-_CHANNELS = PruneStructured.param("ratio")
-_EPOCHS = Distill.param("epochs")
-_RATIO = click.FloatRange(0.0, 1.0, max_open=True)
+
+
+def _key(name: str, dest: str | None = None, **overrides):
+    """The option of a top-level recipe key, generated from its declaration (``RECIPE_KEYS``): one
+    help text, type, default and check for the flag, the recipe file and docs/converter.md."""
+    p = recipe_key(name)
+    return p.click_option(p.flag, *([dest] if dest else []), **overrides)
 
 
 def parse_layer_ratio(text: str) -> tuple[str, float]:
@@ -116,10 +114,9 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Artifact directory to write (must not exist unless --force).")
-@click.option("--target", help="Output format: onnx, tflite, coreml or tvm (default: the profile's).")
-@click.option("--profile", help="Hardware profile name (see 'edgeopt profiles list') or a profile .toml file.")
-@click.option("--quantize", type=click.Choice(QUANTIZE_MODES),
-              help="Quantization mode (default: the profile's, else none).")
+@_key("target")
+@_key("profile")
+@_key("quantize")
 @click.option("--calibration", type=click.Path(path_type=Path),
               help="Calibration data: .npz (an array per input name), .npy or sensor .csv.")
 @_CAL.click_option("--calibration-method", default=None, show_default=False,
@@ -137,35 +134,21 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
               "(default: " + _KEEP_IO.help + ").")
 @click.option("--validation", type=click.Path(path_type=Path),
               help="Validation data (with optional 'labels'); default: the calibration data, else random inputs.")
-@click.option("--validation-samples", type=click.IntRange(min=1), metavar="N",
-              help="Validate on the first N samples of the validation data (default: all), or on N generated "
-                   "inputs when no data is given (default: 64): less time and memory, a coarser check.")
-@click.option("--max-accuracy-drop", type=float,
-              help="Exit 1 (artifact kept, report marked failed) when accuracy drops by more than this "
-                   "(percentage points of top-1, or MAE increase); needs labels in the validation data.")
-@click.option("--min-cosine", type=click.FloatRange(-1.0, 1.0), metavar="C",
-              help="Exit 1 (artifact kept, report marked failed) when the cosine similarity of the converted "
-                   "model's outputs with the original's is below C (without it: a warning below "
-                   f"{DEFAULT_MIN_COSINE} when there are no class labels).")
-@click.option("--min-top1-agreement", type=click.FloatRange(0.0, 1.0), metavar="A",
-              help="Exit 1 (artifact kept, report marked failed) when the converted model picks the original's "
-                   "top class on less than this fraction of the validation samples (without it: a warning "
-                   f"below {DEFAULT_MIN_TOP1_AGREEMENT} when there are no class labels).")
-@_SPARSITY.click_option("--prune-sparsity", type=_RATIO, default=None, show_default=False,
-                        help=f"Unstructured pruning: {_SPARSITY.help} (Conv/Gemm/MatMul weights).")
-@_CHANNELS.click_option("--prune-channels", type=_RATIO, default=None, show_default=False,
-                        help=f"Structured pruning: {_CHANNELS.help}, giving a smaller dense model.")
+@_key("validation_samples", metavar="N")
+@_key("max_accuracy_drop")
+@_key("min_cosine", metavar="C")
+@_key("min_top1_agreement", metavar="A")
+@_key("prune_sparsity")
+@_key("prune_channels")
 @click.option("--prune-layer", "prune_layers", multiple=True, metavar="NODE=RATIO",
               help="Per-layer ratio (or sparsity) for the pruning above, by ONNX node name (repeatable).")
 @click.option("--distill", type=click.Path(path_type=Path), metavar="DATA",
               help="Distil the original model into the compressed one on DATA (.npz, labels optional; "
                    "needs the 'train' extra).")
-@_EPOCHS.click_option("--epochs", default=None, show_default=False,
-                      help=f"With --distill: {_EPOCHS.help} (default: {_EPOCHS.default}).")
+@_key("epochs")
 @click.option("--student", type=click.Path(path_type=Path), metavar="MODEL.onnx",
               help="With --distill: train this student architecture instead of the pruned model.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed for distillation (split, shuffling) and generated inputs.")
+@_key("seed")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:d0,d1,..",
               help="Fix an input's dynamic dims (repeatable).")
 @click.option("--input-value", "input_values", multiple=True, metavar="NAME=VALUE",
@@ -191,10 +174,9 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
 @click.option("--sample-rate", type=float, metavar="HZ", help="Sensor model: sample rate of the stream.")
 @click.option("--normalize", metavar="MEAN:STD[,MEAN:STD..]",
               help="Sensor model: per-channel (x - mean) / std, one pair for all channels or one per channel.")
-@click.option("--name", help="Model name in the manifest (default: the file name).")
-@click.option("--version", "model_version", default="1", show_default=True, help="Model version in the manifest.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Threads for validation and latency.")
+@_key("name")
+@_key("version", dest="model_version")
+@_key("threads")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--recipe", type=click.Path(path_type=Path), metavar="FILE",
               help="Settings from a recipe: a TOML file (docs/converter.md, \"Recipes\"), or an artifact's "
