@@ -24,6 +24,7 @@ from edgeopt.fleet.db import open_database
 from edgeopt.fleet.registry import Registry
 from edgeopt.fleet.repo_server import RepoServer
 from edgeopt.fleet.repository import Repository
+from edgeopt.fleet.serve_options import SERVE
 from edgeopt.fleet.store import FleetStore
 from edgeopt.mqtt import PahoTopics, connect, make_client, redact_url, subscribe
 
@@ -34,14 +35,15 @@ log = logging.getLogger("edgeopt.fleet")
 class ServiceConfig:
     repo: Path
     db: str
-    broker: str | None = None            # None: start a local broker on ``listen``
-    listen: str = "127.0.0.1:1884"
-    local_broker: str = "auto"            # which one: auto | mosquitto | iotcore | amqtt
+    # the operator's settings: defaults and meanings in their declarations (SERVE_PARAMS)
+    broker: str | None = SERVE["broker"].default          # None: start a local broker on ``listen``
+    listen: str = SERVE["listen"].default
+    local_broker: str = SERVE["local_broker"].default
     prefix: str = "edgeopt"
-    chunk_size: int = 64 * 1024
-    tick: float = 1.0                     # seconds between controller decisions
+    chunk_size: int = SERVE["chunk_size"].default
+    tick: float = SERVE["tick"].default
+    timestamp_refresh: float = SERVE["timestamp_refresh"].default
     flush_interval: float = 0.25          # seconds between registry writes
-    timestamp_refresh: float = 3600.0     # seconds between re-signing the repository timestamp
     heartbeat: float = 2.0
 
 

@@ -26,6 +26,7 @@ from edgeopt.cli.fleet_render import device_json, print_devices
 from edgeopt.cli.fleet_rollout import rollout_cmd
 from edgeopt.errors import UserInputError
 from edgeopt.fleet.rollout_spec import parse_selector, selector_text
+from edgeopt.fleet.serve_options import SERVE
 
 
 def _load_config(ctx: click.Context, path: Path) -> None:
@@ -161,25 +162,23 @@ def models_cmd(repo: Path, as_json: bool) -> None:
         click.echo(f"{m['name']}@{m['version']}  {m['format']}  {m['length']} bytes  profile {m.get('profile') or '-'}")
 
 
+def _serve_option(name: str, **overrides):
+    """A flag of ``fleet serve``, generated from its declaration (edgeopt.fleet.serve_options)."""
+    p = SERVE[name]
+    return p.click_option(p.flag, **overrides)
+
+
 @fleet_cmd.command("serve")
 @REPO_OPTION
 @DB_OPTION
-@click.option("--broker", envvar="EDGEOPT_BROKER",
-              help="Broker URL, e.g. mqtt://localhost:1883 or mqtts://USER@host:8883?ca=ca.pem&password_file=PW "
-                   "(default: start a local broker on --listen).")
-@click.option("--listen", default="127.0.0.1:1884", show_default=True,
-              help="HOST:PORT of the local broker (only without --broker; port 0: a free one).")
-@click.option("--local-broker", type=click.Choice(["auto", "mosquitto", "iotcore", "amqtt"]), default="auto",
-              show_default=True, help="Which local broker: auto = the system mosquitto if installed, else "
-                                      "iotcore, else amqtt (a last resort that loses messages).")
+@_serve_option("broker", envvar="EDGEOPT_BROKER")
+@_serve_option("listen")
+@_serve_option("local_broker")
 @PREFIX_OPTION
-@click.option("--chunk-size", type=int, default=64 * 1024, show_default=True,
-              help="Largest artifact chunk per message (keep under the broker's payload limit).")
-@click.option("--tick", type=float, default=1.0, show_default=True, help="Seconds between rollout decisions.")
-@click.option("--timestamp-refresh", type=float, default=3600.0, show_default=True,
-              help="Seconds between re-signing the timestamp (must be well under its expiry).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True, help="Log level on stderr.")
+@_serve_option("chunk_size")
+@_serve_option("tick")
+@_serve_option("timestamp_refresh")
+@_serve_option("log_level")
 def serve_cmd(repo: Path, db: str | None, broker: str | None, listen: str, local_broker: str, prefix: str,
               chunk_size: int, tick: float, timestamp_refresh: float, log_level: str) -> None:
     """Run the fleet service until interrupted: the repository server (metadata and artifact chunks
@@ -190,8 +189,6 @@ def serve_cmd(repo: Path, db: str | None, broker: str | None, listen: str, local
 
     from edgeopt.fleet.service import FleetService, ServiceConfig  # lazy: numpy, and the whole service
 
-    if tick <= 0 or timestamp_refresh <= 0:
-        raise UserInputError("--tick and --timestamp-refresh must be positive")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = FleetService(ServiceConfig(repo=repo, db=database_url(db, repo), broker=broker, listen=listen,
                                          local_broker=local_broker, prefix=prefix, chunk_size=chunk_size, tick=tick,

@@ -1,6 +1,7 @@
-"""The rollout options as declarations (issue 16 point 3): ``ROLLOUT_PARAMS`` in the fleet are what the
-CLI's flags, docs/fleet.md's table and ``rollout_spec``'s checks come from — text (as a web form sends
-it) and typed values (as click gives them) parse alike, and a wrong one is named by its flag."""
+"""The fleet's options as declarations (issue 16 point 3): ``ROLLOUT_PARAMS`` and ``SERVE_PARAMS`` are
+what the CLI's flags, docs/fleet.md's tables and the checks come from — for a rollout, text (as a web
+form sends it) and typed values (as click gives them) parse alike, and a wrong one is named by its
+flag."""
 
 from __future__ import annotations
 
@@ -8,30 +9,42 @@ from pathlib import Path
 
 import pytest
 
+from edgeopt.cli.fleet import serve_cmd
 from edgeopt.cli.fleet_rollout import create_cmd
 from edgeopt.errors import UserInputError
-from edgeopt.fleet.rollout_spec import ROLLOUT_PARAMS, Gates, WaveStep, reference_markdown, rollout_spec
+from edgeopt.fleet import rollout_spec as rollout_module
+from edgeopt.fleet import serve_options
+from edgeopt.fleet.rollout_spec import ROLLOUT_PARAMS, Gates, WaveStep, rollout_spec
+from edgeopt.fleet.service import ServiceConfig
 from edgeopt.protocol import ModelRef
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "fleet.md"
 KWS = ModelRef("kws", "2")
 
 
-def test_the_cli_flags_are_the_declarations():
-    flags = {opt for p in create_cmd.params for opt in p.opts}
-    assert {p.flag for p in ROLLOUT_PARAMS} <= flags
-    by_flag = {p.opts[0]: p for p in create_cmd.params}
-    for p in ROLLOUT_PARAMS:
+@pytest.mark.parametrize("command,params", [(create_cmd, ROLLOUT_PARAMS), (serve_cmd, serve_options.SERVE_PARAMS)],
+                         ids=["rollout create", "serve"])
+def test_the_cli_flags_are_the_declarations(command, params):
+    by_flag = {p.opts[0]: p for p in command.params}
+    for p in params:
         option = by_flag[p.flag]
         assert option.help.lower().startswith(p.help[:20].lower())
         assert option.default == (bool(p.default) if p.type is bool else p.default)
 
 
-def test_docs_embed_the_generated_option_table():
+def test_the_service_takes_its_defaults_from_the_declarations():
+    config = ServiceConfig(repo=Path("."), db="sqlite://")
+    for p in serve_options.SERVE_PARAMS:
+        if p.name != "log_level":  # the CLI's, not the service's
+            assert getattr(config, p.name) == p.default, p.name
+
+
+@pytest.mark.parametrize("marker,module", [("rollout-options", rollout_module), ("serve-options", serve_options)])
+def test_docs_embed_the_generated_option_tables(marker, module):
     text = DOCS.read_text()
-    begin, end = "<!-- rollout-options:begin -->\n", "<!-- rollout-options:end -->"
-    assert text[text.index(begin) + len(begin):text.index(end)] == reference_markdown(), \
-        "docs/fleet.md is out of date: paste edgeopt.fleet.rollout_spec.reference_markdown()"
+    begin, end = f"<!-- {marker}:begin -->\n", f"<!-- {marker}:end -->"
+    assert text[text.index(begin) + len(begin):text.index(end)] == module.reference_markdown(), \
+        f"docs/fleet.md is out of date: paste {module.__name__}.reference_markdown()"
 
 
 def test_defaults_text_and_typed_values_give_the_same_spec():

@@ -1,0 +1,35 @@
+"""The settings of ``edgeopt fleet serve`` as declarations (edgeopt.params): the command's flags, the
+``[serve]`` table of a fleet config file (which fills the flags' defaults) and docs/fleet.md's table are
+generated from them, and ``ServiceConfig`` takes its defaults from them. A module of its own, without
+the service's imports, so ``edgeopt fleet --help`` stays light."""
+
+from __future__ import annotations
+
+from edgeopt.params import Param, reference_table
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+LOCAL_BROKERS = ("auto", "mosquitto", "iotcore", "amqtt")
+SERVE_PARAMS: tuple[Param, ...] = (
+    Param("broker", str, None,
+          "broker URL, e.g. mqtt://localhost:1883 or mqtts://USER@host:8883?ca=ca.pem&password_file=PW; or "
+          "$EDGEOPT_BROKER (default: start a local broker on --listen)"),
+    Param("listen", str, "127.0.0.1:1884", "HOST:PORT of the local broker (only without --broker; port 0: a free one)"),
+    Param("local_broker", str, "auto", "which local broker: auto = the system mosquitto if installed, else iotcore, "
+                                      "else amqtt (a last resort that loses messages)", choices=LOCAL_BROKERS),
+    Param("chunk_size", int, 64 * 1024, "largest artifact chunk per message (keep under the broker's payload limit)",
+          check=_positive),
+    Param("tick", float, 1.0, "seconds between rollout decisions", check=_positive),
+    Param("timestamp_refresh", float, 3600.0, "seconds between re-signing the timestamp (must be well under its expiry)",
+          check=_positive),
+    Param("log_level", str, "info", "log level on stderr", choices=("debug", "info", "warning", "error")),
+)
+SERVE = {p.name: p for p in SERVE_PARAMS}
+
+
+def reference_markdown() -> str:
+    """The options of ``edgeopt fleet serve`` (docs/fleet.md embeds it; a test checks)."""
+    return "\n".join(reference_table(SERVE_PARAMS, name=lambda p: f"`{p.flag}`", header="option")) + "\n"
