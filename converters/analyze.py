@@ -11,7 +11,14 @@ calibration cache), then
   agreement where the first output is classifier-shaped.
 
 The ranking is what ``--keep-float`` (convert) needs: the nodes worth leaving in float, most costly
-first. One quantization and one ONNX Runtime session per node: a few tenths of a second each on a
+first. ``--target`` analyses the quantization that target ships:
+
+- ``onnx`` and ``tvm``: ONNX Runtime QDQ, as above (the TVM target imports that QDQ graph);
+- ``tflite``: LiteRT's own quantizer, calibrated once, every ONNX node quantized alone through the
+  operators it was lowered to, LiteRT running both models (``targets/tflite/mixed.py``);
+- ``coreml``: its INT8 compresses weights only (linear symmetric, per output channel; computed in
+  float16 on the device) and nothing runs Core ML on Linux, so every compressed weight's own error
+  is what is ranked: 1 - cosine of the dequantized weight against the original. One quantization and one ONNX Runtime session per node: a few tenths of a second each on a
 small CNN, minutes on a detector with hundreds of nodes (``--weights-only`` keeps to the nodes with
 weights). The pieces are in ``passes/mixed_precision.py``, which the ``quantize-int8`` pass uses to
 keep nodes float when ``--min-cosine`` asks for it.
@@ -24,12 +31,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
+from edgeopt.converters.modes import INT8_QUANTIZERS
 from edgeopt.converters.passes import PassContext, ProgressFactory, get_pass, no_progress
-from edgeopt.converters.passes.mixed_precision import Scorer, quantized_nodes, searched, sensitivities
+from edgeopt.converters.passes.mixed_precision import (
+    WEIGHT_OPS,
+    Scorer,
+    quantized_nodes,
+    searched,
+    sensitivities,
+)
 from edgeopt.converters.passes.quantize import CalibrationReader, QuantizeInt8Static
+from edgeopt.converters.targets.coreml import CoreMLTarget
 from edgeopt.converters.targets.onnx import OnnxTarget
+from edgeopt.converters.targets.tflite import TFLiteTarget
+from edgeopt.converters.targets.tflite.mixed import analyze_int8 as analyze_tflite
+from edgeopt.converters.targets.tflite.quantize import MAX_CALIBRATION_SAMPLES
 from edgeopt.data import load_dataset
 from edgeopt.errors import UserInputError
 from edgeopt.onnx_io import input_specs, load_model, output_specs, save_model
@@ -39,27 +59,54 @@ from edgeopt.profiles import Profile
 @dataclass
 class AnalyzeOptions:
     model: Path
-    calibration: Path
+    calibration: Path | None = None  # required but for target coreml, which reads no data
     validation: Path | None = None  # default: the calibration data
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     input_values: dict[str, str] = field(default_factory=dict)
     profile: Profile | None = None  # the board decides u8/s8 activations, as for convert
     validation_samples: int = 64
     weights_only: bool = False  # only nodes with weights (Conv, ConvTranspose, MatMul, Gemm)
+    target: str = "onnx"  # whose INT8 is analysed: ANALYZE_TARGETS
+
+
+ANALYZE_TARGETS = tuple(INT8_QUANTIZERS)
 
 
 def analyze(opts: AnalyzeOptions, progress: ProgressFactory = no_progress) -> dict[str, Any]:
-    """``{"model", "quantize", "validation", "float_vs_int8", "layers": [...]}``, layers most sensitive first."""
+    """``{"model", "target", "quantize", "validation", "float_vs_int8", "layers": [...]}``, layers most
+    sensitive first."""
+    if opts.target not in ANALYZE_TARGETS:
+        raise UserInputError(f"--target {opts.target}: analyze takes {', '.join(ANALYZE_TARGETS)}")
+    if opts.target == "coreml" and (opts.calibration or opts.validation):
+        raise UserInputError("--target coreml: its INT8 compresses weights only and nothing runs Core ML here, so "
+                             "--calibration and --validation would not be read; drop them")
+    if opts.target != "coreml" and opts.calibration is None:
+        raise UserInputError(f"--target {opts.target} needs --calibration DATA (the activation ranges)")
     source = load_model(opts.model)
     with tempfile.TemporaryDirectory(prefix="edgeopt-analyze-") as tmp:
         work = Path(tmp)
         canonical = get_pass("canonicalize")(input_shapes=opts.input_shapes or None,
                                              input_values=opts.input_values or None,
                                              min_opset=QuantizeInt8Static.min_opset).apply(source, PassContext(work))
+        if opts.target == "coreml":
+            return {"model": str(opts.model), "target": "coreml", "quantize": "int8", "activation_type": None,
+                    "validation": None, "calibration": None, "float_vs_int8": None,
+                    "layers": coreml_weight_errors(canonical, CoreMLTarget().config["compress_min_weights"])}
         specs, outputs = input_specs(canonical), output_specs(canonical)
         calibration = load_dataset(opts.calibration, specs, outputs=outputs)
         validation = (load_dataset(opts.validation, specs, outputs=outputs) if opts.validation else calibration)
         validation = validation.take(opts.validation_samples)
+        described = {"model": str(opts.model), "target": opts.target, "quantize": "int8",
+                     "validation": {"source": validation.source, "samples": len(validation)}}
+        if opts.target == "tflite":
+            target = TFLiteTarget(profile=opts.profile)
+            ctx = PassContext(work, calibration=calibration, validation=validation, progress=progress)
+            lowered = target.lower(canonical, ctx, "int8")
+            baseline, layers = analyze_tflite(lowered.data, ctx, lowered.io_transposes, lowered.node_scopes,
+                                              opts.weights_only)
+            data = calibration.take(MAX_CALIBRATION_SAMPLES)
+            return {**described, "activation_type": "int8", "calibration": {"source": data.source, "samples": len(data)},
+                    "float_vs_int8": baseline, "layers": layers}
         settings = OnnxTarget(profile=opts.profile).pass_settings("quantize-int8")
         quantizer = QuantizeInt8Static(**settings)
         data = calibration.take(quantizer.config["max_calibration_samples"])
@@ -82,10 +129,51 @@ def analyze(opts: AnalyzeOptions, progress: ProgressFactory = no_progress) -> di
             layers = sensitivities(lambda out, **which: quantizer.quantize(pre, out, None, calibration_cache=cache,
                                                                            **which),
                                    score, nodes, work, tick)
-    return {"model": str(opts.model), "quantize": "int8", "activation_type": settings.get("activation_type"),
-            "validation": {"source": validation.source, "samples": len(validation)},
-            "calibration": {"source": data.source, "samples": len(data)},
-            "float_vs_int8": baseline, "layers": layers}
+    return {**described, "activation_type": settings.get("activation_type"),
+            "calibration": {"source": data.source, "samples": len(data)}, "float_vs_int8": baseline, "layers": layers}
+
+
+def coreml_weight_errors(model: onnx.ModelProto, min_weights: int) -> list[dict[str, Any]]:
+    """Every weight the Core ML target's INT8 compresses (constant inputs of Conv, ConvTranspose, Gemm
+    and MatMul with at least ``min_weights`` values), with the error of its dequantized form, most
+    sensitive first. The scheme is coremltools' linear_symmetric int8 per output channel (``compression.py``):
+    scale = max |w| / 127 per channel, q = round(w / scale); computed here with numpy, because the
+    conversion itself would only give the same numbers after building the whole package (a test checks
+    they are coremltools' own)."""
+    weights = {i.name: i for i in model.graph.initializer}
+    rows = []
+    for node in model.graph.node:
+        if node.op_type not in WEIGHT_OPS:
+            continue
+        for name in node.input[1:2]:
+            if name not in weights:
+                continue
+            w = numpy_helper.to_array(weights[name]).astype(np.float64)
+            if w.size < min_weights or w.ndim < 2:
+                continue
+            axis = 1 if node.op_type == "ConvTranspose" or (node.op_type == "Gemm" and not _attr(node, "transB")) \
+                or node.op_type == "MatMul" else 0
+            q = symmetric_int8(w, axis)
+            norm = float(np.linalg.norm(w))
+            cos = float(np.dot(w.ravel(), q.ravel()) / (norm * np.linalg.norm(q))) if norm and np.any(q) else None
+            rows.append({"node": node.name, "op": node.op_type, "weight": name, "values": int(w.size),
+                         "sensitivity": None if cos is None else max(0.0, 1.0 - cos), "cosine": cos,
+                         "max_abs_err": float(np.abs(w - q).max()),
+                         "rel_err": float(np.linalg.norm(w - q) / norm) if norm else 0.0, "top1_agreement": None})
+    rows.sort(key=lambda r: -1.0 if r["sensitivity"] is None else r["sensitivity"], reverse=True)
+    return rows
+
+
+def symmetric_int8(w: np.ndarray, axis: int) -> np.ndarray:
+    """``w`` quantized to int8 and back: one scale per index of ``axis``, max |w| / 127, zero point 0."""
+    reduce = tuple(i for i in range(w.ndim) if i != axis)
+    scale = np.abs(w).max(axis=reduce, keepdims=True) / 127.0
+    safe = np.where(scale > 0, scale, 1.0)
+    return np.clip(np.round(w / safe), -127, 127) * scale
+
+
+def _attr(node: onnx.NodeProto, name: str) -> int:
+    return next((int(a.i) for a in node.attribute if a.name == name), 0)
 
 
 WEIGHTS_ONLY_ABOVE = 200  # nodes: past this, the report's analysis ranks only the nodes with weights
@@ -94,17 +182,19 @@ REPORT_LAYERS = 10
 
 def gate_analysis(details: dict[str, Any], *, model: Path, calibration: Path, validation: Path | None,
                   input_shapes: dict[str, tuple[int, ...]], input_values: dict[str, str], profile: Profile | None,
-                  source_nodes: int, progress: ProgressFactory = no_progress) -> dict[str, Any]:
+                  target: str = "onnx", source_nodes: int = 0, progress: ProgressFactory = no_progress
+                  ) -> dict[str, Any]:
     """What a convert report carries when INT8 misses a quality gate: the most sensitive nodes and the
-    ``--keep-float`` that would keep them float. The mixed-precision search's own ranking where it ran
-    (it ranked with the target's quantizer), else ``edgeopt analyze``'s (ONNX Runtime QDQ)."""
+    ``--keep-float`` that would keep them float. The mixed-precision search's own ranking where it ran,
+    else ``edgeopt analyze --target TARGET``'s: both rank with the quantizer the target ships."""
     if (search := searched(details)) and search[0].get("ranking"):
         return _gate_result(search[0]["ranking"], f"the mixed-precision search, {search[1]}")
     weights_only = source_nodes > WEIGHTS_ONLY_ABOVE
     result = analyze(AnalyzeOptions(model=model, calibration=calibration, validation=validation,
                                     input_shapes=input_shapes, input_values=input_values, profile=profile,
-                                    weights_only=weights_only), progress)
-    what = "edgeopt analyze, ONNX Runtime QDQ" + (", nodes with weights only" if weights_only else "")
+                                    weights_only=weights_only, target=target), progress)
+    what = f"edgeopt analyze --target {target}, {INT8_QUANTIZERS[target]}" + (
+        ", nodes with weights only" if weights_only else "")
     return {**_gate_result(result["layers"], what), "float_vs_int8": result["float_vs_int8"]}
 
 

@@ -64,7 +64,7 @@ class Analysis:
     """``edgeopt.analyze``'s result: every quantized node, most sensitive first."""
 
     layers: list[dict[str, Any]]  # {"node", "op", "sensitivity", "cosine", "max_abs_err", "top1_agreement"}
-    float_vs_int8: dict[str, Any]  # the all-INT8 model against the float one
+    float_vs_int8: dict[str, Any] | None  # the all-INT8 model against the float one (None: target coreml)
     raw: dict[str, Any]  # what `edgeopt analyze --json` prints
 
     def most_sensitive(self, n: int = 3) -> list[str]:
@@ -72,11 +72,13 @@ class Analysis:
         return [row["node"] for row in self.layers[:n]]
 
 
-def analyze(model: str | Path, calibration: str | Path, *, validation: str | Path | None = None,
+def analyze(model: str | Path, calibration: str | Path | None = None, *, validation: str | Path | None = None,
             profile: str | None = None, progress: bool = False, **options: Any) -> Analysis:
-    """Per-node INT8 sensitivity of ``model`` (ONNX Runtime QDQ, as the onnx and tvm targets ship it);
-    ``options`` are ``AnalyzeOptions`` fields (``validation_samples``, ``input_shapes``, ``weights_only``)."""
-    given = {"model": Path(model), "calibration": Path(calibration),
+    """Per-node INT8 sensitivity of ``model`` with the quantizer ``target`` ships (default ``"onnx"``:
+    ONNX Runtime QDQ, as for tvm; ``"tflite"``: LiteRT's; ``"coreml"``: each compressed weight's own
+    error, no data read); ``options`` are ``AnalyzeOptions`` fields (``target``, ``validation_samples``,
+    ``input_shapes``, ``weights_only``)."""
+    given = {"model": Path(model), "calibration": None if calibration is None else Path(calibration),
              "validation": None if validation is None else Path(validation),
              "profile": load_profile(profile) if profile else None, **options}
     raw = _analyze(_options(AnalyzeOptions, given, "analyze"), progress=_progress(progress))

@@ -63,3 +63,8 @@ def quantize_mode(name: str | QuantizeMode, pass_params: Mapping[str, Mapping[st
     changes = {k: given[k] for k in sorted(MODE_SETTINGS) if getattr(mode, k) is not None
                and given.get(k) is not None}
     return replace(mode, **changes) if changes else mode
+
+
+# target → whose INT8 it ships, which ``edgeopt analyze --target`` ranks nodes for
+INT8_QUANTIZERS = {"onnx": "ONNX Runtime QDQ", "tvm": "ONNX Runtime QDQ", "tflite": "litert-quantizer",
+                   "coreml": "Core ML weight compression"}

@@ -345,7 +345,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
             analysis = None
             if missed and quantize == "int8" and opts.calibration is not None:
                 with steps("analyze"):
-                    analysis = _analysis(ctx, opts, profile, len(source.graph.node), progress)
+                    analysis = _analysis(ctx, opts, profile, target.name, len(source.graph.node), progress)
             versions = tool_versions(*target.toolchain)
             report = {
                 "schema": REPORT_SCHEMA,
@@ -410,14 +410,14 @@ def _with_budget(opts: ConvertOptions, quantize: str) -> dict[str, dict[str, Any
     return {**opts.pass_params, "quantize-int8": {**opts.pass_params.get("quantize-int8", {}), **budget.to_json()}}
 
 
-def _analysis(ctx: PassContext, opts: ConvertOptions, profile: Profile | None, source_nodes: int,
+def _analysis(ctx: PassContext, opts: ConvertOptions, profile: Profile | None, target: str, source_nodes: int,
               progress: ProgressFactory) -> dict[str, Any] | None:
     """The most sensitive nodes, for a report whose INT8 model missed a quality gate; a note instead
     when they cannot be ranked (the report is still written)."""
     try:
         return gate_analysis(ctx.details, model=opts.model, calibration=opts.calibration, validation=opts.validation,
                              input_shapes=opts.input_shapes, input_values=opts.input_values, profile=profile,
-                             source_nodes=source_nodes, progress=progress)
+                             target=target, source_nodes=source_nodes, progress=progress)
     except EdgeoptError as exc:
         ctx.notes.append(f"the INT8 layers could not be ranked for this report: {str(exc).splitlines()[0]}")
         return None

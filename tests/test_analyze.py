@@ -139,3 +139,45 @@ def test_the_search_gallops_from_the_top_then_bisects(tmp_path, answer):
     assert found["quantizations"] <= 2 * answer.bit_length() + 2
     assert fewest_float_nodes(quantize, lambda p: {"cosine": 0.5}, ranking, Budget(min_cosine=0.99),
                               tmp_path / "o.onnx") is None
+
+
+def test_coreml_ranks_each_compressed_weight_by_the_error_coremltools_gives_it(digits_models, tmp_path):
+    """--target coreml: Core ML's INT8 compresses weights only, and nothing runs Core ML here, so the ranking
+    is each weight's own error -- computed with numpy, and equal to what a real conversion's compressed
+    weights carry (decompressed from the package, pass_details.coreml.compressed_weights)."""
+    pytest.importorskip("coremltools")
+    import numpy as np
+    from onnx import numpy_helper
+
+    model = onnx.load(str(digits_models["cnn"]))
+    inits = {i.name: i for i in model.graph.initializer}
+    weights = [n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
+               and n.input[1] in inits and numpy_helper.to_array(inits[n.input[1]]).size >= 512]
+    victim = weights[0]
+    w = numpy_helper.to_array(inits[victim]).copy()
+    w.flat[0] = 50 * np.abs(w).max()  # one outlier: its channel's scale grows, the channel's other values round coarsely
+    inits[victim].CopyFrom(numpy_helper.from_array(w, victim))
+    path = tmp_path / "outlier.onnx"
+    onnx.save(model, str(path))
+
+    res = run_cli("analyze", path, "--target", "coreml", "--json")
+    assert res.code == 0, res.err
+    result = json.loads(res.out)
+    assert result["target"] == "coreml" and result["float_vs_int8"] is None
+    layers = result["layers"]
+    assert len(layers) == len(weights) and layers[0]["weight"] == victim
+    assert layers[0]["sensitivity"] > 10 * layers[-1]["sensitivity"]
+
+    res = run_cli("convert", path, "-o", tmp_path / "ml", "--target", "coreml", "--quantize", "int8",
+                  "--compute-precision", "fp32", "-q")
+    assert res.code in (0, 1), res.err
+    compressed = json.loads((tmp_path / "ml" / "report.json").read_text())["pass_details"]["coreml"]["compressed_weights"]
+    assert sorted(r["max_abs_err"] for r in layers) == pytest.approx(sorted(c["max_abs_err"] for c in compressed),
+                                                                     rel=1e-3)
+
+
+def test_coreml_analysis_reads_no_data_and_the_others_need_calibration(digits_models):
+    res = run_cli("analyze", digits_models["cnn"], "--target", "coreml", "--calibration", digits_models["calibration"])
+    assert res.code == 2 and "--target coreml" in res.err and "would not be read" in res.err
+    res = run_cli("analyze", digits_models["cnn"], "--target", "tflite")
+    assert res.code == 2 and "--target tflite needs --calibration" in res.err

@@ -43,11 +43,15 @@ def test_the_outlier_is_the_same_float_function(outlier):
     assert abs(_accuracy(outlier["model"], outlier["validation"]) - _accuracy(outlier["float"], outlier["validation"])) < 0.5
 
 
-def test_analyze_ranks_the_ruined_layers_first(outlier):
-    res = run_cli("analyze", outlier["model"], "--calibration", outlier["calibration"], "--validation",
-                  outlier["validation"], "--json")
+@pytest.mark.parametrize("target", ["onnx", "tflite"])
+def test_analyze_ranks_the_ruined_layers_first(outlier, target):
+    """With the quantizer each target ships: ONNX Runtime's QDQ, and LiteRT's (run by LiteRT)."""
+    res = run_cli("analyze", outlier["model"], "--target", target, "--calibration", outlier["calibration"],
+                  "--validation", outlier["validation"], "--json")
     assert res.code == 0, res.err
-    layers = json.loads(res.out)["layers"]
+    result = json.loads(res.out)
+    assert result["target"] == target and result["float_vs_int8"]["cosine"] < 0.99
+    layers = result["layers"]
     assert {row["node"] for row in layers[:2]} == set(RUINED)
     assert layers[0]["sensitivity"] > 100 * layers[-1]["sensitivity"]
 

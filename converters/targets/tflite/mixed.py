@@ -29,6 +29,7 @@ import numpy as np
 from edgeopt.converters.passes import ConversionError, PassContext
 from edgeopt.converters.passes.mixed_precision import (
     Budget,
+    Quantize,
     Scorer,
     fewest_float_nodes,
     refuse_unknown_nodes,
@@ -126,27 +127,14 @@ def mixed_int8(float_data: bytes, all_int8: bytes | None, ctx: PassContext, *, k
             return all_int8, details
         ctx.all_int8 = work / "all-int8.tflite"
         ctx.all_int8.write_bytes(all_int8)
-    inputs = input_details(float_data)
-    batches = calibration_batches(ctx, "int8", inputs, dict(io_transposes))
-    with ctx.progress("calibrating (litert-quantizer)", None):
-        lq = LiteRtQuantizer(float_data, batches, [d["name"] for d in inputs])
-    scopes = {node: [scope for _, scope in ops] for node, ops in node_scopes.items()}
-    kept_scopes = [s for node in keep for s in scopes[node]]
-
-    def quantize(path: Path, nodes_to_quantize=None, nodes_to_exclude=()) -> None:
-        if nodes_to_quantize is not None:
-            lq.quantize(path, only_scopes=[s for n in nodes_to_quantize for s in scopes[n]])
-        else:
-            lq.quantize(path, float_scopes=kept_scopes + [s for n in nodes_to_exclude for s in scopes[n]])
-
+    quantize = node_quantizer(calibrated(float_data, ctx, io_transposes), node_scopes, keep)
     quantize(out)
     if score is None:  # --keep-float alone: nothing to search
         return out.read_bytes(), details
-    # every node the lowering made operators for, the weight-carrying operator named where there is one:
-    # weights alone are not enough where the error builds up in the adds, activations and pools between
-    # them (the PP-LCNet classifier: all 54 weight layers float still miss cosine 0.997)
-    candidates = [Candidate(node, next((b for b, _ in ops if b in WEIGHT_OPS), ops[0][0]))
-                  for node, ops in node_scopes.items() if node not in keep and ops]
+    # every node the lowering made operators for: weights alone are not enough where the error builds
+    # up in the adds, activations and pools between them (the PP-LCNet classifier: all 54 weight layers
+    # float still miss cosine 0.997)
+    candidates = node_candidates(node_scopes, exclude=keep)
     with ctx.progress("ranking layers for mixed precision", len(candidates)) as tick:
         rows = sensitivities(quantize, score, candidates, work, tick)
     details["ranking"] = rows[:RANKING_KEPT]  # the report's analysis when the gate still fails
@@ -164,6 +152,57 @@ def mixed_int8(float_data: bytes, all_int8: bytes | None, ctx: PassContext, *, k
         return out.read_bytes(), details
     details.update(search, kept_float=list(keep) + search["kept_float"], quantizer="litert-quantizer")
     return out.read_bytes(), details
+
+
+def calibrated(float_data: bytes, ctx: PassContext, io_transposes: Mapping[str, list[int]]) -> LiteRtQuantizer:
+    """litert-quantizer calibrated once on ``ctx.calibration`` (in the model's layout)."""
+    inputs = input_details(float_data)
+    batches = calibration_batches(ctx, "int8", inputs, dict(io_transposes))
+    with ctx.progress("calibrating (litert-quantizer)", None):
+        return LiteRtQuantizer(float_data, batches, [d["name"] for d in inputs])
+
+
+def node_quantizer(lq: LiteRtQuantizer, node_scopes: Mapping[str, Sequence[tuple[str, str]]],
+                   keep: Sequence[str] = ()) -> Quantize:
+    """``mixed_precision``'s quantize call in ONNX node names: INT8 but ``keep`` and ``nodes_to_exclude``,
+    or (``nodes_to_quantize``) float but those, through the operators each node was lowered to."""
+    scopes = {node: [scope for _, scope in ops] for node, ops in node_scopes.items()}
+    kept_scopes = [s for node in keep for s in scopes[node]]
+
+    def quantize(path: Path, nodes_to_quantize=None, nodes_to_exclude=()) -> None:
+        if nodes_to_quantize is not None:
+            lq.quantize(path, only_scopes=[s for n in nodes_to_quantize for s in scopes[n]])
+        else:
+            lq.quantize(path, float_scopes=kept_scopes + [s for n in nodes_to_exclude for s in scopes[n]])
+
+    return quantize
+
+
+def node_candidates(node_scopes: Mapping[str, Sequence[tuple[str, str]]], exclude: Sequence[str] = (),
+                    weights_only: bool = False) -> list[Candidate]:
+    """Every ONNX node the lowering made operators for, named by its weight-carrying operator where it
+    has one (else its first)."""
+    found = [Candidate(node, next((b for b, _ in ops if b in WEIGHT_OPS), ops[0][0]))
+             for node, ops in node_scopes.items() if node not in exclude and ops]
+    return [c for c in found if not weights_only or c.op_type in WEIGHT_OPS]
+
+
+def analyze_int8(float_data: bytes, ctx: PassContext, io_transposes: Mapping[str, list[int]],
+                 node_scopes: Mapping[str, Sequence[tuple[str, str]]], weights_only: bool = False
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``edgeopt analyze --target tflite``: (the all-INT8 model against float, every node quantized
+    alone against float, most sensitive first), LiteRT running both on ``ctx.validation``."""
+    work = ctx.workdir
+    float_path, whole = work / "analyze-float.tflite", work / "analyze-int8.tflite"
+    float_path.write_bytes(float_data)
+    feeds = model_inputs(ctx.validation, io_transposes)
+    score = Scorer(lambda path: run_batched(LiteRtRuntime(path, threads=1), feeds), float_path)
+    quantize = node_quantizer(calibrated(float_data, ctx, io_transposes), node_scopes)
+    quantize(whole)
+    baseline = score(whole)
+    candidates = node_candidates(node_scopes, weights_only=weights_only)
+    with ctx.progress("quantizing one node at a time", len(candidates)) as tick:
+        return baseline, sensitivities(quantize, score, candidates, work, tick)
 
 
 def _scorer(float_path: Path, ctx: PassContext, budget: Budget, io_transposes: Mapping[str, list[int]]
