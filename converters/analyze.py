@@ -129,8 +129,72 @@ def analyze(opts: AnalyzeOptions, progress: ProgressFactory = no_progress) -> di
             layers = sensitivities(lambda out, **which: quantizer.quantize(pre, out, None, calibration_cache=cache,
                                                                            **which),
                                    score, nodes, work, tick)
+        errors = onnx_layer_errors(pre, whole, nodes, validation.inputs)
+        layers = [{**row, "layer_error": errors.get(row["node"])} for row in layers]
     return {**described, "activation_type": settings.get("activation_type"),
             "calibration": {"source": data.source, "samples": len(data)}, "float_vs_int8": baseline, "layers": layers}
+
+
+def onnx_layer_errors(float_path: Path, int8_path: Path, nodes: list[onnx.NodeProto],
+                      inputs: dict[str, np.ndarray]) -> dict[str, float | None]:
+    """Where the all-INT8 model's error stands at each node: 1 - cosine of the node's output as the next
+    layer sees it (after its QuantizeLinear / DequantizeLinear pair) against the float model's same tensor,
+    over the same inputs. It accumulates from the layers before (a node's sensitivity is its own share)."""
+    quantized = onnx.load(str(int8_path), load_external_data=False)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in quantized.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def seen_as(tensor: str) -> str:
+        q = next((c for c in consumers.get(tensor, ()) if c.op_type == "QuantizeLinear"), None)
+        dq = q and next((c for c in consumers.get(q.output[0], ()) if c.op_type == "DequantizeLinear"), None)
+        return dq.output[0] if dq else tensor
+
+    # A Conv whose Relu / Clip the quantizer folded into it: its output is the activation's
+    made = {o for n in quantized.graph.node for o in n.output}
+    float_consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in onnx.load(str(float_path), load_external_data=False).graph.node:
+        for i in n.input:
+            float_consumers.setdefault(i, []).append(n)
+
+    def own_output(node: onnx.NodeProto) -> str:
+        t = node.output[0]
+        while t not in made and len(users := float_consumers.get(t, [])) == 1 and users[0].op_type in ("Relu", "Clip"):
+            t = users[0].output[0]
+        return t
+
+    pairs = {n.name: (t, seen_as(t)) for n in nodes if n.output for t in [own_output(n)]}
+    float_run = _session_with_outputs(float_path, [f for f, _ in pairs.values()])
+    int8_run = _session_with_outputs(int8_path, [q for _, q in pairs.values()])
+    sums = {node: np.zeros(3) for node in pairs}  # a.b, a.a, b.b: streamed, a sample at a time
+    for i in range(len(next(iter(inputs.values())))):
+        feeds = {k: v[i:i + 1] for k, v in inputs.items()}
+        a, b = float_run(feeds), int8_run(feeds)
+        for node, (f, q) in pairs.items():
+            if f in a and q in b and a[f].size == b[q].size:
+                x, y = a[f].ravel(), b[q].ravel()
+                sums[node] += (x @ y, x @ x, y @ y)
+    return {node: max(0.0, 1.0 - dot / np.sqrt(xx * yy)) if xx > 0 and yy > 0 else None
+            for node, (dot, xx, yy) in ((n, map(float, v)) for n, v in sums.items())}
+
+
+def _session_with_outputs(path: Path, names: list[str]):
+    """A function running the model at ``path`` with the tensors ``names`` as outputs too: feeds → {name:
+    float64 array}. ONNX Runtime computes a QDQ pair whose output is asked for in float, as written."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    present = {o.name for o in model.graph.output}
+    made = {o for n in model.graph.node for o in n.output}  # the quantizer drops some (a Relu after a Conv)
+    for name in dict.fromkeys(names):
+        if name in made and name not in present:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    wanted = [o.name for o in sess.get_outputs() if o.name in set(names)]
+    return lambda feeds: {n: np.asarray(v, np.float64) for n, v in zip(wanted, sess.run(wanted, feeds), strict=True)}
 
 
 def coreml_weight_errors(model: onnx.ModelProto, min_weights: int) -> list[dict[str, Any]]:

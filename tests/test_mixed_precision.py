@@ -53,6 +53,13 @@ def test_analyze_ranks_the_ruined_layers_first(outlier, target):
     assert result["target"] == target and result["float_vs_int8"]["cosine"] < 0.99
     layers = result["layers"]
     assert {row["node"] for row in layers[:2]} == set(RUINED)
+    # Where the all-INT8 model's error stands at each layer (ONNX Runtime asked for the tensors; LiteRT
+    # keeping them all). The first ruined Gemm's output is dominated by the one x1000 unit, which its range
+    # represents well (cosine over the tensor hides the rest); the next layer, which divides that unit
+    # back, shows what the coarse range did to the others.
+    errors = {row["node"]: row["layer_error"] for row in layers}
+    assert all(e is not None and 0 <= e <= 1 for e in errors.values())
+    assert errors[RUINED[1]] > 0.1 and errors[RUINED[1]] > 10 * errors[RUINED[0]], errors
     assert layers[0]["sensitivity"] > 100 * layers[-1]["sensitivity"]
 
 

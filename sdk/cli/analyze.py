@@ -115,15 +115,17 @@ def print_analysis(result: dict[str, Any], top: int, plot: Path | None) -> None:
     what = "weights, the most damaged first" if weights else "nodes quantized alone, most sensitive first"
     table = Table(title=f"{what} ({min(top, len(result['layers']))} of {len(result['layers'])})", title_justify="left")
     columns = [("#", "right"), ("node", "left"), ("op", "left"), ("sensitivity", "right"), ("cosine", "right")]
-    columns.append(("weight values", "right") if weights else ("top-1 agreement", "right"))
+    columns += [("weight values", "right")] if weights else [("top-1 agreement", "right"),
+                                                             ("error here, all INT8", "right")]
     for col, just in columns:
         table.add_column(col, justify=just)
     for i, row in enumerate(result["layers"][:top], 1):
-        last = (f"{row['values']:,}" if weights else
-                "-" if row["top1_agreement"] is None else f"{row['top1_agreement']:.2%}")
+        last = [f"{row['values']:,}"] if weights else [
+            "-" if row["top1_agreement"] is None else f"{row['top1_agreement']:.2%}",
+            "-" if row.get("layer_error") is None else f"{row['layer_error']:.2e}"]
         table.add_row(str(i), escape(row["node"]), row["op"],
                       "-" if row["sensitivity"] is None else f"{row['sensitivity']:.2e}",
-                      "-" if row["cosine"] is None else f"{row['cosine']:.6f}", last)
+                      "-" if row["cosine"] is None else f"{row['cosine']:.6f}", *last)
     con.print(table)
     if plot is not None:
         con.print(escape(f"chart: {plot}"))

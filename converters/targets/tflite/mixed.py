@@ -202,7 +202,64 @@ def analyze_int8(float_data: bytes, ctx: PassContext, io_transposes: Mapping[str
     baseline = score(whole)
     candidates = node_candidates(node_scopes, weights_only=weights_only)
     with ctx.progress("quantizing one node at a time", len(candidates)) as tick:
-        return baseline, sensitivities(quantize, score, candidates, work, tick)
+        rows = sensitivities(quantize, score, candidates, work, tick)
+    errors = layer_errors(float_path, whole, node_scopes, {k: v[:LAYER_ERROR_SAMPLES] for k, v in feeds.items()})
+    return baseline, [{**row, "layer_error": errors.get(row["node"])} for row in rows]
+
+
+# Keeping every tensor needs LiteRT's reference kernels (XNNPACK computes inside its delegate): slower, so
+# the per-layer error is taken over the first samples only.
+LAYER_ERROR_SAMPLES = 16
+
+
+def layer_errors(float_path: Path, int8_path: Path, node_scopes: Mapping[str, Sequence[tuple[str, str]]],
+                 feeds: Mapping[str, np.ndarray]) -> dict[str, float | None]:
+    """Where the INT8 model's error stands at each ONNX node: 1 - cosine of the output tensor of the last
+    operator the node was lowered to (dequantized) against the float model's, LiteRT keeping every
+    tensor (``experimental_preserve_all_tensors``), a sample at a time."""
+    outputs = {node: ops[-1][1].split(";")[0] for node, ops in node_scopes.items() if ops}
+    sums = {node: np.zeros(3) for node in outputs}  # a.b, a.a, b.b
+    run_float, run_int8 = _all_tensors(float_path), _all_tensors(int8_path)
+    for i in range(len(next(iter(feeds.values())))):
+        sample = {k: v[i:i + 1] for k, v in feeds.items()}
+        a, b = run_float(sample), run_int8(sample)
+        for node, name in outputs.items():
+            if name in a and name in b and a[name].size == b[name].size:
+                x, y = a[name].ravel(), b[name].ravel()
+                sums[node] += (x @ y, x @ x, y @ y)
+    return {node: max(0.0, 1.0 - dot / np.sqrt(xx * yy)) if xx > 0 and yy > 0 else None
+            for node, (dot, xx, yy) in ((n, map(float, v)) for n, v in sums.items())}
+
+
+def _all_tensors(path: Path):
+    """A function running the .tflite at ``path`` on float feeds (quantized for an integer input) and
+    returning every tensor it computed, dequantized to float64, by name."""
+    lite = interpreter_module()
+    it = lite.Interpreter(model_path=str(path), num_threads=1, experimental_preserve_all_tensors=True,
+                          experimental_op_resolver_type=lite.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it.allocate_tensors()
+    inputs, details = it.get_input_details(), it.get_tensor_details()
+
+    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for d in inputs:
+            x = feeds[d["name"]]
+            scale, zero = d["quantization"]
+            if scale:
+                info = np.iinfo(d["dtype"])
+                x = np.clip(np.round(x / scale + zero), info.min, info.max)
+            it.set_tensor(d["index"], x.astype(d["dtype"]))
+        it.invoke()
+        out = {}
+        for t in details:
+            try:
+                value = it.get_tensor(t["index"])
+            except ValueError:  # a tensor with no data (e.g. optional input)
+                continue
+            scale, zero = t["quantization"]
+            out[t["name"]] = (value.astype(np.float64) - zero) * scale if scale else value.astype(np.float64)
+        return out
+
+    return run
 
 
 def _scorer(float_path: Path, ctx: PassContext, budget: Budget, io_transposes: Mapping[str, list[int]]
