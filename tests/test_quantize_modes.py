@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from edgeopt.converters.modes import MODES, QUANTIZE_MODES, quantize_mode
+from edgeopt.converters.passes.quantize import QuantizeInt4, QuantizeInt8Static
 from edgeopt.converters.targets import get_target
 
 
@@ -24,7 +25,9 @@ def test_a_mode_takes_its_own_settings_and_no_other():
     assert quantize_mode("int16x8", given).calibration_method == "entropy"
     assert quantize_mode("int4", given).block_size == 128
     assert quantize_mode("int4", given).calibration_method is None  # int4 calibrates nothing
-    assert quantize_mode("int4").block_size == 32                  # the quantize-int4 pass's default
+    # the defaults are the ONNX Runtime passes' own (the parameters the settings are given as)
+    assert quantize_mode("int4").block_size == QuantizeInt4.param("block_size").default
+    assert quantize_mode("int8").calibration_method == QuantizeInt8Static.param("calibration_method").default
     assert quantize_mode("fp16", given) is MODES["fp16"]
 
 
