@@ -50,7 +50,12 @@ from edgeopt.converters.passes import Pass, PassContext, ProgressFactory, get_pa
 from edgeopt.converters.passes.mixed_precision import Budget, report_summary
 from edgeopt.converters.preprocessing import resolve_preprocessing
 from edgeopt.converters.recipe import settings_of
-from edgeopt.converters.settings import check_settings, check_target_params, unread_calibration_note
+from edgeopt.converters.settings import (
+    check_mixed_precision_flags,
+    check_settings,
+    check_target_params,
+    unread_calibration_note,
+)
 from edgeopt.converters.streaming import (
     check_batch_axis_names,
     input_axes,
@@ -213,14 +218,11 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
                                              **opts.target_params)
     target.check_quantize(quantize)
     mode = target.mode_for(quantize)
-    budgeted = bool(Budget(opts.min_cosine, opts.max_accuracy_drop))
-    if not opts.mixed_precision and (not budgeted or not _searches(target, quantize)):
-        raise UserInputError(f"--no-mixed-precision applies with --min-cosine or --max-accuracy-drop and --quantize "
-                             f"int8 on targets onnx, tvm and tflite, not --quantize {quantize} on target "
-                             f"'{target.name}'" + ("" if budgeted else " without either"))
     compression = compression_passes(opts)
     check_settings(target, quantize, opts.target_params, opts.pass_params,
                    pipeline_passes={"canonicalize", *(p.name for p in compression)})
+    check_mixed_precision_flags(target, quantize, bool(Budget(opts.min_cosine, opts.max_accuracy_drop)),
+                                opts.mixed_precision, opts.pass_params.get("quantize-int8") or {})
     for p in compression:
         p.preflight()
     runtime_cls = runtime_for_format(target.format)
@@ -403,7 +405,7 @@ def _all_int8_runtime(ctx: PassContext, target: Target, runtime_cls: type[Runtim
 def _with_budget(opts: ConvertOptions, quantize: str) -> dict[str, dict[str, Any]]:
     """The pass settings the target runs with: the user's, plus ``--min-cosine`` and
     ``--max-accuracy-drop`` for the INT8 quantizer, which keeps the fewest most sensitive nodes float
-    when the all-INT8 model misses them (``_searches``: the targets that can)."""
+    when the all-INT8 model misses them (``settings.searches``: the targets that can)."""
     budget = Budget(opts.min_cosine, opts.max_accuracy_drop)
     if quantize != "int8" or not budget or not opts.mixed_precision:
         return opts.pass_params
@@ -421,11 +423,6 @@ def _analysis(ctx: PassContext, opts: ConvertOptions, profile: Profile | None, t
     except EdgeoptError as exc:
         ctx.notes.append(f"the INT8 layers could not be ranked for this report: {str(exc).splitlines()[0]}")
         return None
-
-
-def _searches(target: Target, quantize: str) -> bool:
-    """Whether ``target`` keeps nodes float to meet an accuracy budget with ``quantize``."""
-    return "min_cosine" in target.honoured_pass_params(quantize).get("quantize-int8", ())
 
 
 def _min_opset(target: Target, quantize: str, compression: list[Pass], source: onnx.ModelProto) -> int | None:

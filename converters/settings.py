@@ -20,6 +20,7 @@ PASS_OPTIONS: dict[tuple[str, str], str] = {
     ("quantize-int4", "block_size"): "--int4-block-size",
     ("quantize-fp16", "keep_io_types"): "--fp16-io",
     ("quantize-int8", "keep_float"): "--keep-float",
+    ("quantize-int8", "kept_precision"): "--kept-precision",
 }
 
 
@@ -115,3 +116,22 @@ def check_settings(target: Target, quantize: str, target_params: Mapping[str, An
 
 __all__ = ["PASS_OPTIONS", "check_settings", "check_target_params", "pass_option", "target_option",
            "unread_calibration_note", "unused_settings"]
+
+
+def searches(target: Target, quantize: str) -> bool:
+    """Whether ``target`` keeps nodes float to meet an accuracy budget with ``quantize``."""
+    return "min_cosine" in target.honoured_pass_params(quantize).get("quantize-int8", ())
+
+
+def check_mixed_precision_flags(target: Target, quantize: str, budgeted: bool, mixed_precision: bool,
+                                int8_given: Mapping[str, Any]) -> None:
+    """--no-mixed-precision and --kept-precision only where they change something."""
+    if not mixed_precision and (not budgeted or not searches(target, quantize)):
+        raise UserInputError(f"--no-mixed-precision applies with --min-cosine or --max-accuracy-drop and --quantize "
+                             f"int8 on targets onnx, tvm and tflite, not --quantize {quantize} on target "
+                             f"'{target.name}'" + ("" if budgeted else " without either"))
+    if int8_given.get("kept_precision") is not None and not (int8_given.get("keep_float") or
+                                                             (budgeted and mixed_precision)):
+        raise UserInputError(f"--kept-precision applies to the nodes target '{target.name}' keeps out of INT8: give "
+                             f"--keep-float NODE, or a budget (--min-cosine / --max-accuracy-drop) for the search "
+                             f"to keep the fewest")

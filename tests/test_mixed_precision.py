@@ -86,6 +86,46 @@ def test_max_accuracy_drop_keeps_at_most_two_layers_float(outlier, target, tmp_p
     assert latency["slowdown_vs_all_int8"] == pytest.approx(latency["p50_ms"] / latency["p50_ms_all_int8"], rel=1e-2)
 
 
+@pytest.mark.parametrize("target", ["onnx", "tflite"])
+def test_layers_kept_at_16_bits_meet_the_budget_at_int8_size(outlier, target, tmp_path):
+    """kept_precision int16: the nodes kept out of INT8 get int16 activations and INT8 weights (ONNX
+    Runtime's QDQ int16, LiteRT's 16x8) -- the budget held like float ones, at nearly the all-INT8 size."""
+    out = tmp_path / target
+    res = run_cli("convert", outlier["model"], "-o", out, "--target", target, "--quantize", "int8",
+                  "--calibration", outlier["calibration"], "--validation", outlier["validation"],
+                  "--max-accuracy-drop", "1.0", "--kept-precision", "int16", "--json", "-q")
+    assert res.code == 0, res.err
+    report = json.loads(res.out)
+    mixed = report["mixed_precision"]
+    assert 1 <= len(mixed["kept"]) <= 2 and {k["node"] for k in mixed["kept"]} <= set(RUINED)
+    assert {k["precision"] for k in mixed["kept"]} == {"int16 activations, int8 weights"}
+    assert mixed["accuracy_drop"] <= 1.0 and report["status"] == "ok"
+    assert mixed["size_increase"] < 1.1  # float-kept Gemms make this model 3.6x the all-INT8 one
+    model = out / ("model.onnx" if target == "onnx" else "model.tflite")
+    assert _accuracy(outlier["float"], outlier["validation"]) - _accuracy(model, outlier["validation"]) <= 1.0
+    assert _float_layers(model) == 0
+    if target == "onnx":  # 16-bit QuantizeLinear in the file, opset 21
+        graph = onnx.load(str(model)).graph
+        inits = {i.name: i for i in graph.initializer}
+        zero_points = [inits[n.input[2]].data_type for n in graph.node if n.op_type == "QuantizeLinear"]
+        assert {onnx.TensorProto.INT16, onnx.TensorProto.UINT16} & set(zero_points)
+    else:  # int16 tensors in the .tflite
+        sub = read_model(model.read_bytes()).subgraphs[0]
+        assert any(t.type == schema().TensorType.INT16 for t in sub.tensors)
+
+
+def test_kept_precision_is_refused_where_it_would_change_nothing(outlier, tmp_path):
+    common = ("--quantize", "int8", "--calibration", outlier["calibration"], "--kept-precision", "int16", "-q")
+    res = run_cli("convert", outlier["model"], "-o", tmp_path / "a", "--target", "onnx", *common)
+    assert res.code == 2 and "--kept-precision applies to the nodes target 'onnx' keeps out of INT8" in res.err
+    res = run_cli("convert", outlier["model"], "-o", tmp_path / "b", "--target", "tvm", *common, "--keep-float", RUINED[0])
+    assert res.code == 2 and "TVM's ONNX importer takes no 16-bit QuantizeLinear" in res.err
+    res = run_cli("convert", outlier["model"], "-o", tmp_path / "c", "--target", "coreml", "--quantize", "int8",
+                  "--kept-precision", "int16", "--keep-float", RUINED[0], "-q")
+    assert res.code == 2 and "target 'coreml' does not use it" in res.err
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
 def _float_layers(model: Path) -> int:
     """Weight layers that compute in float in the written model."""
     if model.suffix == ".onnx":

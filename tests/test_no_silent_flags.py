@@ -50,7 +50,7 @@ def _settings():
     for name in TARGETS:
         for param in get_target(name).params:
             found.setdefault(param.name, ([target_option(param.name), *_value(param)], "target", param.name))
-    values = {"calibration_method": "entropy", "block_size": "64", "keep_float": "some/node"}
+    values = {"calibration_method": "entropy", "block_size": "64", "keep_float": "some/node", "kept_precision": "int16"}
     for (pass_name, param), option in PASS_OPTIONS.items():
         words = [option] + ([values[param]] if param in values else [])
         found[option] = (words, "pass", (pass_name, param))
@@ -177,7 +177,8 @@ def test_a_target_reads_exactly_the_settings_it_declares_it_uses(files, tmp_path
         pytest.skip("needs aarch64-linux-gnu-gcc")
     model = load_model(files["model"])
     settings = {"minimum_deployment_target": "iOS18"} if target_name == "coreml" else {}
-    passes = {"quantize-int8": {"calibration_method": "minmax", "keep_float": ""}, "quantize-int4": {"block_size": 32},
+    passes = {"quantize-int8": {"calibration_method": "minmax", "keep_float": "", "kept_precision": "float"},
+              "quantize-int4": {"block_size": 32},
               "quantize-fp16": {"keep_io_types": True}}
     target = get_target(target_name)(pass_params=passes, profile=load_profile(profile) if profile else None, **settings)
     target.check_quantize(quantize)

@@ -89,7 +89,7 @@ class Canonicalize(Pass):
         fixed = self._fix_shapes(model, self._with_batch(model, self.config["input_shapes"] or {}))
         removed = self._drop_training_nodes(model)
         self._check_dynamic(model)
-        model, upgraded = self._upgrade_opset(model, self.config["min_opset"])
+        model, upgraded = upgrade_opset(model, self.config["min_opset"])
         if upgraded:
             details["opset"] = upgraded
         model, details["simplified"], details["fusions"] = self._simplify(model, ctx, self.config["simplify"])
@@ -182,23 +182,6 @@ class Canonicalize(Pass):
                 raise UserInputError(
                     f"input '{spec.name}' has dynamic dim(s) {dyn} in shape {spec.describe_shape()}; "
                     f"fix them with --input-shape {spec.name}:{example}")
-
-    # -- 4. opset -------------------------------------------------------------------------------
-    @staticmethod
-    def _upgrade_opset(model: onnx.ModelProto, wanted: int | None) -> tuple[onnx.ModelProto, dict[str, int] | None]:
-        have = opset_version(model)
-        if wanted is None or have is None or have >= wanted:
-            return model, None
-        from onnx import version_converter
-
-        try:
-            upgraded = version_converter.convert_version(model, wanted)
-            onnx.checker.check_model(upgraded) if upgraded.ByteSize() < 2**31 else None
-        except Exception as exc:  # the converter raises RuntimeError/ValidationError with the adapter's text
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ConversionError(f"the model has ONNX opset {have}; this recipe needs opset {wanted}, and "
-                                  f"onnx.version_converter cannot upgrade it: {first}") from exc
-        return upgraded, {"from": have, "to": wanted}
 
     # -- 5. output shapes and simplification, checked ----------------------------------------------------------------
     def _simplify(self, model: onnx.ModelProto, ctx: PassContext,
@@ -396,3 +379,21 @@ def _all_true_mask(dropout: onnx.NodeProto, src: str, shape: list[int] | None) -
     return [helper.make_node("Shape", [src], [f"{mask}__shape"], name=f"{dropout.name}/mask_shape"),
             helper.make_node("ConstantOfShape", [f"{mask}__shape"], [mask], name=f"{dropout.name}/mask",
                              value=helper.make_tensor("value", onnx.TensorProto.BOOL, [1], [True]))]
+
+
+def upgrade_opset(model: onnx.ModelProto, wanted: int | None) -> tuple[onnx.ModelProto, dict[str, int] | None]:
+    """``model`` at ONNX opset ``wanted`` or later (onnx.version_converter), and {"from", "to"} when it
+    was upgraded; one error naming both opsets when it cannot be."""
+    have = opset_version(model)
+    if wanted is None or have is None or have >= wanted:
+        return model, None
+    from onnx import version_converter
+
+    try:
+        upgraded = version_converter.convert_version(model, wanted)
+        onnx.checker.check_model(upgraded) if upgraded.ByteSize() < 2**31 else None
+    except Exception as exc:  # the converter raises RuntimeError/ValidationError with the adapter's text
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConversionError(f"the model has ONNX opset {have}; this recipe needs opset {wanted}, and "
+                              f"onnx.version_converter cannot upgrade it: {first}") from exc
+    return upgraded, {"from": have, "to": wanted}

@@ -212,7 +212,8 @@ def report_summary(details: dict[str, Any], model_bytes: int, fmt: str,
     kept = (details.get("quantize-int8") or {}).get("kept_float") or found.get("kept_float")
     if not kept:
         return None
-    summary = {"kept": [{"node": n, "precision": found.get("precision", "float32")} for n in kept],
+    precision = found.get("precision") or (details.get("quantize-int8") or {}).get("precision") or "float32"
+    summary = {"kept": [{"node": n, "precision": precision} for n in kept],
                "budget": {k: found[k] for k in ("min_cosine", "max_accuracy_drop") if k in found}}
     for key in ("cosine_all_int8", "cosine", "accuracy_drop_all_int8", "accuracy_drop", "quantizations"):
         if key in found:

@@ -21,6 +21,7 @@ from onnx import helper, numpy_helper
 
 from edgeopt.batching import calls, with_axes
 from edgeopt.converters.passes import ConversionError, Pass, PassContext
+from edgeopt.converters.passes.canonicalize import upgrade_opset
 from edgeopt.converters.passes.mixed_precision import (
     Budget,
     Scorer,
@@ -36,6 +37,9 @@ from edgeopt.onnx_io import input_specs, iter_nodes, toposort
 from edgeopt.params import Param, in_range
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+INT16_OPSET = 21  # 16-bit QuantizeLinear / DequantizeLinear
+# kept_precision → what the report says the kept nodes run at
+KEPT_PRECISIONS = {"float": "float32", "int16": "int16 activations, int8 weights"}
 RANKING_KEPT = 20  # the most sensitive nodes the report lists
 
 
@@ -77,6 +81,11 @@ class QuantizeInt8Static(Pass):
               check=lambda v: None if v >= 1 else "must be >= 1"),
         Param("keep_float", str, None, "comma-separated node names left in float (`edgeopt analyze` ranks "
               "the candidates)"),
+        Param("kept_precision", str, "float",
+              "what the nodes kept out of INT8 (keep_float, or the budget search) run at: float, or int16 "
+              "activations with INT8 weights (QDQ int16, opset 21: a model nearly as small as all-INT8; ONNX "
+              "Runtime's CPU kernels compute those nodes in float between the 16-bit Q/DQ pairs)",
+              choices=tuple(KEPT_PRECISIONS)),
         Param("min_cosine", float, None, "when the INT8 model's cosine vs float on the validation inputs is "
               "below this, keep its most sensitive nodes in float, as few as meet it (set by --min-cosine)",
               check=in_range(-1.0, 1.0)),
@@ -109,7 +118,7 @@ class QuantizeInt8Static(Pass):
             self.quantize(pre, out, CalibrationReader(data, model, tick), nodes_to_exclude=keep,
                           calibration_cache=cache)
         details: dict[str, Any] = {"calibration_samples": len(data), "calibration_source": data.source,
-                                   "kept_float": keep}
+                                   "kept_float": keep, "precision": KEPT_PRECISIONS[self.config["kept_precision"]]}
         if budget:
             details["mixed_precision"] = self._mixed_precision(
                 pre, out, cache, keep, data if ctx.validation is None else ctx.validation, budget, ctx)
@@ -130,6 +139,7 @@ class QuantizeInt8Static(Pass):
         score = Scorer.onnx(pre, data.inputs, labels, data.task)
         all_int8 = score(out)
         found: dict[str, Any] = {**budget.to_json(), "cosine_all_int8": all_int8["cosine"], "kept_float": [],
+                                 "precision": KEPT_PRECISIONS[self.config["kept_precision"]],
                                  "cosine": all_int8["cosine"], "size_bytes_all_int8": out.stat().st_size,
                                  "samples": len(data)}
         if "accuracy_drop" in all_int8:
@@ -182,6 +192,15 @@ class QuantizeInt8Static(Pass):
         extra: dict[str, Any] = {"CalibMovingAverage": False}
         if method == CalibrationMethod.Percentile:
             extra["CalibPercentile"] = self.config["percentile"]
+        if nodes_to_exclude and self.config["kept_precision"] == "int16":
+            # the kept nodes stay quantized, their activations in 16 bits (ONNX Runtime's per-tensor
+            # overrides); 16-bit QuantizeLinear is standard from opset 21, to which the model is upgraded
+            wide = QuantType.QInt16 if self.config["activation_type"] == "int8" else QuantType.QUInt16
+            extra["TensorQuantOverrides"] = {t: [{"quant_type": wide}] for t in _activations_of(pre, nodes_to_exclude)}
+            nodes_to_exclude = None
+            upgraded, _ = upgrade_opset(onnx.load(str(pre)), INT16_OPSET)
+            pre = out.with_name(f"{out.stem}-opset{INT16_OPSET}.onnx")
+            onnx.save_model(upgraded, str(pre))
         quantize_static(
             str(pre), str(out), reader,
             quant_format=QuantFormat.QDQ, per_channel=self.config["per_channel"],
@@ -189,6 +208,15 @@ class QuantizeInt8Static(Pass):
             weight_type=QuantType.QInt8, reduce_range=self.config["reduce_range"], calibrate_method=method,
             extra_options=extra, nodes_to_quantize=nodes_to_quantize, nodes_to_exclude=nodes_to_exclude, **cached,
         )
+
+
+def _activations_of(model_path: Path, nodes: list[str]) -> list[str]:
+    """The activation tensors (not initializers) that ``nodes`` read or write."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    weights = {i.name for i in model.graph.initializer}
+    chosen = set(nodes)
+    return sorted({t for n in model.graph.node if n.name in chosen for t in [*n.input, *n.output]
+                   if t and t not in weights})
 
 
 class QuantizeInt8Dynamic(Pass):

@@ -23,6 +23,7 @@ from edgeopt.params import Param
 from edgeopt.progress import make_progress
 
 _CAL = QuantizeInt8Static.param("calibration_method")
+_KEPT = QuantizeInt8Static.param("kept_precision")
 _BLOCK = QuantizeInt4.param("block_size")
 _KEEP_IO = QuantizeFp16.param("keep_io_types")
 
@@ -125,6 +126,9 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
               help="With --quantize int8 (targets onnx, tvm, tflite; coreml: their weights uncompressed): leave "
                    "these nodes in float (repeatable; `edgeopt analyze` ranks the nodes by how much their "
                    "quantization costs).")
+@_KEPT.click_option("--kept-precision", default=None, show_default=False,
+                    help=f"With --keep-float or a budget (targets onnx, tflite): {_KEPT.help} (default: "
+                         f"{_KEPT.default}).")
 @click.option("--no-mixed-precision", is_flag=True,
               help="With --min-cosine or --max-accuracy-drop and --quantize int8 (targets onnx, tvm, tflite): only "
                    "check; by default the fewest most sensitive nodes are kept float to meet the budget.")
@@ -191,7 +195,7 @@ def _chosen_target_params(target: str | None, given: dict[str, object]) -> dict[
               help="Append the toolchains' log lines (INFO and up, their native output included) to this file.")
 @target_options
 def convert_cmd(model: Path, output: Path, target, profile, quantize, calibration, calibration_method, keep_float,
-                no_mixed_precision, int4_block_size, fp16_io, validation, validation_samples, max_accuracy_drop, min_cosine, min_top1_agreement,
+                kept_precision, no_mixed_precision, int4_block_size, fp16_io, validation, validation_samples, max_accuracy_drop, min_cosine, min_top1_agreement,
                 prune_sparsity, prune_channels, prune_layers, distill, epochs, student, seed, input_shapes, input_values,
                 batch_axes, state, no_simplify, preprocessing_file, hop, layout, channels, sample_rate, normalize, name, model_version,
                 threads, force, recipe, assignments, as_json, quiet, log_file, **target_settings) -> None:
@@ -225,7 +229,7 @@ def convert_cmd(model: Path, output: Path, target, profile, quantize, calibratio
         student=student, preprocessing=preprocessing, other_inputs=(preprocessing_file,) if preprocessing_file else (),
         target_params=_chosen_target_params(target, target_settings),
         pass_params=_given_pass_params({
-            "quantize-int8": {"calibration_method": calibration_method,
+            "quantize-int8": {"calibration_method": calibration_method, "kept_precision": kept_precision,
                               "keep_float": ",".join(keep_float) if keep_float else None},
             "quantize-int4": {"block_size": int4_block_size},
             "quantize-fp16": {"keep_io_types": False if fp16_io else None},

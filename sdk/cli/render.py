@@ -90,7 +90,9 @@ def print_convert_report(report: dict[str, Any]) -> None:
 def _mixed_line(mixed: dict[str, Any]) -> str:
     nodes = [k["node"] for k in mixed["kept"]]
     shown = ", ".join(nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
-    line = f"mixed precision: {len(nodes)} node(s) kept float ({shown})"
+    precision = mixed["kept"][0]["precision"] if mixed["kept"] else "float32"
+    kept = "kept float" if precision.startswith("float") else f"kept at {precision}"
+    line = f"mixed precision: {len(nodes)} node(s) {kept} ({shown})"
     budget = mixed.get("budget") or {}
     if budget:
         asked = [f"cosine >= {budget['min_cosine']}"] if "min_cosine" in budget else []

@@ -35,7 +35,8 @@ from .sparse import store_sparse, summary
 
 FLATBUFFER_LIMIT = 2**31  # FlatBuffers address at most 2 GiB
 
-MIXED_PRECISION_PARAMS = ("keep_float", "min_cosine", "max_accuracy_drop")  # quantize-int8's, read by mixed.py
+# quantize-int8's, read by mixed.py
+MIXED_PRECISION_PARAMS = ("keep_float", "min_cosine", "max_accuracy_drop", "kept_precision")
 CALIBRATION_METHODS = ("minmax",)  # what LiteRT's calibrator records
 
 
@@ -92,7 +93,8 @@ class TFLiteTarget(Target):
     def honoured_pass_params(self, quantize: str) -> dict[str, frozenset[str]]:
         """LiteRT's own quantizers, not ONNX Runtime's passes: of those passes' parameters only the int4
         block size, the calibration method its calibrator has (min/max, checked in check_quantize), and
-        for int8 the nodes left float and the accuracy budget that chooses them (``mixed.py``)."""
+        for int8 the nodes kept out of INT8, their precision and the accuracy budget that chooses them
+        (``mixed.py``)."""
         if quantize == "int4":
             return {"quantize-int4": frozenset({"block_size"})}
         if quantize == "int8":
@@ -188,7 +190,8 @@ class TFLiteTarget(Target):
                                       origins=lowered.op_origins)
             if keep or budget:
                 data, mixed = mixed_int8(lowered.data, None if keep else data, ctx, keep=keep, budget=budget,
-                                         node_scopes=lowered.node_scopes, io_transposes=lowered.io_transposes)
+                                         node_scopes=lowered.node_scopes, io_transposes=lowered.io_transposes,
+                                         wide=chosen.get("kept_precision") == "int16")
                 ctx.details.setdefault("quantize-tflite", {"mode": mode.name})["mixed_precision"] = mixed
         if len(data) >= FLATBUFFER_LIMIT:
             raise UserInputError(f"the converted model is {len(data) / 2**30:.1f} GiB; a .tflite FlatBuffer holds "

@@ -64,6 +64,7 @@ class LiteRtQuantizer:
 
         self.data = data
         self.static = recipe.static_wi8_ai8()
+        self.wide = recipe.static_wi8_ai16()
         qt = quantizer.Quantizer(bytearray(data))
         qt.load_quantization_recipe(self.static)
         signatures = _signature_inputs(data)
@@ -76,10 +77,15 @@ class LiteRtQuantizer:
         with quiet_litert_quantizer():
             self.ranges = qt.calibrate({key: [dict(zip(input_names, b, strict=True)) for b in batches]})
 
-    def quantize(self, out: Path, *, float_scopes: Iterable[str] = (), only_scopes: Iterable[str] | None = None) -> None:
-        """INT8 except the operators of ``float_scopes``; with ``only_scopes``, float except those."""
+    def quantize(self, out: Path, *, float_scopes: Iterable[str] = (), only_scopes: Iterable[str] | None = None,
+                 wide: bool = False) -> None:
+        """INT8 except the operators of ``float_scopes`` (float, or with ``wide`` int16 activations and
+        int8 weights: LiteRT's 16x8); with ``only_scopes``, float except those."""
         if only_scopes is not None:
             recipe = [{**self.static[0], "regex": _anchored(s)} for s in only_scopes]
+        elif wide:
+            a16w8 = self.wide[0]
+            recipe = list(self.static) + [{**a16w8, "regex": _anchored(s)} for s in float_scopes]
         else:
             recipe = list(self.static) + [{"regex": _anchored(s), "operation": "*", "algorithm_key": "no_quantize",
                                            "op_config": {"compute_precision": "FLOAT"}} for s in float_scopes]
@@ -105,17 +111,19 @@ def model_inputs(data: Dataset, io_transposes: Mapping[str, list[int]]) -> dict[
 
 
 def mixed_int8(float_data: bytes, all_int8: bytes | None, ctx: PassContext, *, keep: Sequence[str], budget: Budget,
-               node_scopes: Mapping[str, Sequence[tuple[str, str]]], io_transposes: Mapping[str, list[int]]
-               ) -> tuple[bytes, dict[str, Any]]:
+               node_scopes: Mapping[str, Sequence[tuple[str, str]]], io_transposes: Mapping[str, list[int]],
+               wide: bool = False) -> tuple[bytes, dict[str, Any]]:
     """The quantized model and the report's ``mixed_precision`` details. ``all_int8``: the classic
     calibrator's model (None when ``keep`` names nodes, which it cannot leave float); ``node_scopes``:
-    ONNX node → (TFLite builtin, scope) of each operator it was lowered to."""
+    ONNX node → (TFLite builtin, scope) of each operator it was lowered to; ``wide``: the nodes kept out
+    of INT8 get int16 activations and int8 weights (16x8) instead of float."""
     refuse_unknown_nodes(keep, node_scopes, "TFLite")
     work = ctx.workdir
     float_path, out = work / "mixed-float.tflite", work / "mixed-int8.tflite"
     float_path.write_bytes(float_data)
     score = _scorer(float_path, ctx, budget, io_transposes)
-    details: dict[str, Any] = {**budget.to_json(), "kept_float": list(keep), "quantizer": "litert-quantizer"}
+    details: dict[str, Any] = {**budget.to_json(), "kept_float": list(keep), "quantizer": "litert-quantizer",
+                               "precision": "int16 activations, int8 weights" if wide else "float32"}
     if all_int8 is not None:
         out.write_bytes(all_int8)
         facts = score(out) if score is not None else {}
@@ -127,7 +135,7 @@ def mixed_int8(float_data: bytes, all_int8: bytes | None, ctx: PassContext, *, k
             return all_int8, details
         ctx.all_int8 = work / "all-int8.tflite"
         ctx.all_int8.write_bytes(all_int8)
-    quantize = node_quantizer(calibrated(float_data, ctx, io_transposes), node_scopes, keep)
+    quantize = node_quantizer(calibrated(float_data, ctx, io_transposes), node_scopes, keep, wide)
     quantize(out)
     if score is None:  # --keep-float alone: nothing to search
         return out.read_bytes(), details
@@ -163,9 +171,10 @@ def calibrated(float_data: bytes, ctx: PassContext, io_transposes: Mapping[str, 
 
 
 def node_quantizer(lq: LiteRtQuantizer, node_scopes: Mapping[str, Sequence[tuple[str, str]]],
-                   keep: Sequence[str] = ()) -> Quantize:
-    """``mixed_precision``'s quantize call in ONNX node names: INT8 but ``keep`` and ``nodes_to_exclude``,
-    or (``nodes_to_quantize``) float but those, through the operators each node was lowered to."""
+                   keep: Sequence[str] = (), wide: bool = False) -> Quantize:
+    """``mixed_precision``'s quantize call in ONNX node names: INT8 but ``keep`` and ``nodes_to_exclude``
+    (float, or 16x8 with ``wide``), or (``nodes_to_quantize``) float but those, through the operators
+    each node was lowered to."""
     scopes = {node: [scope for _, scope in ops] for node, ops in node_scopes.items()}
     kept_scopes = [s for node in keep for s in scopes[node]]
 
@@ -173,7 +182,7 @@ def node_quantizer(lq: LiteRtQuantizer, node_scopes: Mapping[str, Sequence[tuple
         if nodes_to_quantize is not None:
             lq.quantize(path, only_scopes=[s for n in nodes_to_quantize for s in scopes[n]])
         else:
-            lq.quantize(path, float_scopes=kept_scopes + [s for n in nodes_to_exclude for s in scopes[n]])
+            lq.quantize(path, float_scopes=kept_scopes + [s for n in nodes_to_exclude for s in scopes[n]], wide=wide)
 
     return quantize
 

@@ -98,6 +98,9 @@ class TVMTarget(Target):
 
     def check_quantize(self, quantize: str) -> None:
         super().check_quantize(quantize)
+        if quantize == "int8" and (self.pass_params.get("quantize-int8") or {}).get("kept_precision") == "int16":
+            raise UserInputError("--kept-precision int16: target 'tvm' imports the QDQ model, and TVM's ONNX "
+                                 "importer takes no 16-bit QuantizeLinear; keep the nodes float, or use --target onnx")
         machine = build_machine(self.profile)
         if self.config["tune"] and not machine.is_host:
             raise UserInputError(f"--tune measures candidate kernels on this machine ({build_machine(None).arch}); "
