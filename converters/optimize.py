@@ -142,7 +142,8 @@ def _row(c: Candidate, result: dict[str, Any], cached: bool) -> dict[str, Any]:
     row.update(status=report["status"], size_bytes=report["artifact"]["size_bytes"], latency_ms=None,
                accuracy_drop=report["accuracy"]["drop"], cosine=report["parity"]["cosine"], fits=report["fit"]["ok"],
                feasible=not report["failures"], failures=report["failures"], pareto=False,
-               mixed_precision=[k["node"] for k in (report.get("mixed_precision") or {}).get("kept", [])])
+               mixed_precision=[k["node"] for k in (report.get("mixed_precision") or {}).get("kept", [])],
+               report_latency_ms=report["latency"]["p50_ms"])
     return row
 
 
@@ -231,6 +232,11 @@ def _measure_latency(rows: list[dict[str, Any]], work: Path, rounds: int, progre
             measured.append(row)
         except EdgeoptError as exc:  # a format this host cannot run (Core ML off macOS, a board's TVM build)
             row["latency_note"] = str(exc).splitlines()[0]
+            if row.get("report_latency_ms") is not None:
+                # A board's TVM library: its conversion timed a build of the same module for this host
+                # (1 thread, batch 1, as here), in its own run rather than side by side with these.
+                row["latency_ms"] = row["report_latency_ms"]
+                row["latency_note"] += "; latency: the conversion's host build of the same model, not side by side"
     if not runtimes:
         return
     with progress("timing candidates side by side", None):

@@ -93,3 +93,25 @@ def test_a_directory_that_is_not_an_optimize_output_is_refused(digits_models, tm
                   digits_models["validation"], "--targets", "onnx", "--quantize", "none", "--prune", "0", "-o", tmp_path)
     assert res.code == 2 and "is not an `edgeopt optimize` output directory" in res.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_a_board_s_tvm_library_takes_the_latency_of_its_host_build(digits_models, tmp_path):
+    """raspberry-pi-4's TVM candidate is an aarch64 library that cannot run here: its latency is the one
+    its conversion measured on a host build of the same module, said so, and it takes part in the front."""
+    import shutil
+
+    if shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("needs aarch64-linux-gnu-gcc (Debian: gcc-aarch64-linux-gnu)")
+    pytest.importorskip("tvm")
+    out = tmp_path / "opt"
+    res = run_cli("optimize", digits_models["cnn"], "--profile", "raspberry-pi-4", "--validation",
+                  digits_models["validation"], "--targets", "tvm,onnx", "--quantize", "none", "--prune", "0",
+                  "--json", "-q", "-o", out)
+    assert res.code == 0, res.err
+    rows = {c["name"]: c for c in json.loads(res.out)["candidates"]}
+    tvm = rows["tvm-none"]
+    report = json.loads((out / "candidates" / "tvm-none" / "report.json").read_text())
+    assert tvm["latency_ms"] == report["latency"]["p50_ms"] > 0
+    assert "not side by side" in tvm["latency_note"]
+    assert rows["onnx-none"]["latency_ms"] > 0 and "latency_note" not in rows["onnx-none"]
+    assert any(c["pareto"] for c in rows.values())
