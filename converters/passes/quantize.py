@@ -108,6 +108,7 @@ class QuantizeInt8Static(Pass):
         src, pre, out = (ctx.workdir / f"int8-{s}.onnx" for s in ("src", "pre", "out"))
         onnx.save_model(model, str(src))
         quant_pre_process(str(src), str(pre))
+        pre.with_name(f"{pre.stem}-opset{INT16_OPSET}.onnx").unlink(missing_ok=True)  # made from this `pre` only
         keep = kept_float_nodes(self.config["keep_float"])
         refuse_unknown_nodes(keep, (n.name for n in onnx.load(str(pre), load_external_data=False).graph.node))
         budget = self.budget(ctx)
@@ -198,9 +199,10 @@ class QuantizeInt8Static(Pass):
             wide = QuantType.QInt16 if self.config["activation_type"] == "int8" else QuantType.QUInt16
             extra["TensorQuantOverrides"] = {t: [{"quant_type": wide}] for t in _activations_of(pre, nodes_to_exclude)}
             nodes_to_exclude = None
-            upgraded, _ = upgrade_opset(onnx.load(str(pre)), INT16_OPSET)
-            pre = out.with_name(f"{out.stem}-opset{INT16_OPSET}.onnx")
-            onnx.save_model(upgraded, str(pre))
+            wide_pre = pre.with_name(f"{pre.stem}-opset{INT16_OPSET}.onnx")
+            if not wide_pre.exists():  # once per conversion: the search quantizes the same model many times
+                onnx.save_model(upgrade_opset(onnx.load(str(pre)), INT16_OPSET)[0], str(wide_pre))
+            pre = wide_pre
         quantize_static(
             str(pre), str(out), reader,
             quant_format=QuantFormat.QDQ, per_channel=self.config["per_channel"],

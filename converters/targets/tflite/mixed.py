@@ -35,6 +35,7 @@ from edgeopt.converters.passes.mixed_precision import (
     refuse_unknown_nodes,
     sensitivities,
 )
+from edgeopt.converters.passes.quantize import KEPT_PRECISIONS
 from edgeopt.converters.targets.tflite.quantize import (
     calibration_batches,
     input_details,
@@ -123,7 +124,7 @@ def mixed_int8(float_data: bytes, all_int8: bytes | None, ctx: PassContext, *, k
     float_path.write_bytes(float_data)
     score = _scorer(float_path, ctx, budget, io_transposes)
     details: dict[str, Any] = {**budget.to_json(), "kept_float": list(keep), "quantizer": "litert-quantizer",
-                               "precision": "int16 activations, int8 weights" if wide else "float32"}
+                               "precision": KEPT_PRECISIONS["int16" if wide else "float"]}
     if all_int8 is not None:
         out.write_bytes(all_int8)
         facts = score(out) if score is not None else {}
