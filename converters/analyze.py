@@ -40,6 +40,7 @@ from edgeopt.converters.passes import PassContext, ProgressFactory, get_pass, no
 from edgeopt.converters.passes.mixed_precision import (
     WEIGHT_OPS,
     Scorer,
+    cosine_distances,
     quantized_nodes,
     searched,
     sensitivities,
@@ -167,16 +168,8 @@ def onnx_layer_errors(float_path: Path, int8_path: Path, nodes: list[onnx.NodePr
     pairs = {n.name: (t, seen_as(t)) for n in nodes if n.output for t in [own_output(n)]}
     float_run = _session_with_outputs(float_path, [f for f, _ in pairs.values()])
     int8_run = _session_with_outputs(int8_path, [q for _, q in pairs.values()])
-    sums = {node: np.zeros(3) for node in pairs}  # a.b, a.a, b.b: streamed, a sample at a time
-    for i in range(len(next(iter(inputs.values())))):
-        feeds = {k: v[i:i + 1] for k, v in inputs.items()}
-        a, b = float_run(feeds), int8_run(feeds)
-        for node, (f, q) in pairs.items():
-            if f in a and q in b and a[f].size == b[q].size:
-                x, y = a[f].ravel(), b[q].ravel()
-                sums[node] += (x @ y, x @ x, y @ y)
-    return {node: max(0.0, 1.0 - dot / np.sqrt(xx * yy)) if xx > 0 and yy > 0 else None
-            for node, (dot, xx, yy) in ((n, map(float, v)) for n, v in sums.items())}
+    samples = ({k: v[i:i + 1] for k, v in inputs.items()} for i in range(len(next(iter(inputs.values())))))
+    return cosine_distances(pairs, ((float_run(feeds), int8_run(feeds)) for feeds in samples))
 
 
 def _session_with_outputs(path: Path, names: list[str]):

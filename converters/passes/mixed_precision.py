@@ -224,3 +224,18 @@ def report_summary(details: dict[str, Any], model_bytes: int, fmt: str,
     if latency is not None:
         summary["latency"] = latency
     return summary
+
+
+def cosine_distances(pairs: Mapping[str, tuple[str, str]],
+                     runs: Iterable[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]) -> dict[str, float | None]:
+    """For each key of ``pairs`` (a node: its tensor's name in the float run, in the quantized run),
+    1 - cosine of the two tensors over all ``runs`` (float tensors, quantized tensors: one per sample,
+    accumulated, so no more than one sample's tensors are held). None where a run lacks the tensor."""
+    sums = {node: np.zeros(3) for node in pairs}  # a.b, a.a, b.b
+    for a, b in runs:
+        for node, (f, q) in pairs.items():
+            if f in a and q in b and a[f].size == b[q].size:
+                x, y = np.asarray(a[f], np.float64).ravel(), np.asarray(b[q], np.float64).ravel()
+                sums[node] += (x @ y, x @ x, y @ y)
+    return {node: max(0.0, 1.0 - dot / np.sqrt(xx * yy)) if xx > 0 and yy > 0 else None
+            for node, (dot, xx, yy) in ((n, map(float, v)) for n, v in sums.items())}

@@ -31,6 +31,7 @@ from edgeopt.converters.passes.mixed_precision import (
     Budget,
     Quantize,
     Scorer,
+    cosine_distances,
     fewest_float_nodes,
     refuse_unknown_nodes,
     sensitivities,
@@ -228,17 +229,10 @@ def layer_errors(float_path: Path, int8_path: Path, node_scopes: Mapping[str, Se
     operator the node was lowered to (dequantized) against the float model's, LiteRT keeping every
     tensor (``experimental_preserve_all_tensors``), a sample at a time."""
     outputs = {node: ops[-1][1].split(";")[0] for node, ops in node_scopes.items() if ops}
-    sums = {node: np.zeros(3) for node in outputs}  # a.b, a.a, b.b
     run_float, run_int8 = _all_tensors(float_path), _all_tensors(int8_path)
-    for i in range(len(next(iter(feeds.values())))):
-        sample = {k: v[i:i + 1] for k, v in feeds.items()}
-        a, b = run_float(sample), run_int8(sample)
-        for node, name in outputs.items():
-            if name in a and name in b and a[name].size == b[name].size:
-                x, y = a[name].ravel(), b[name].ravel()
-                sums[node] += (x @ y, x @ x, y @ y)
-    return {node: max(0.0, 1.0 - dot / np.sqrt(xx * yy)) if xx > 0 and yy > 0 else None
-            for node, (dot, xx, yy) in ((n, map(float, v)) for n, v in sums.items())}
+    samples = ({k: v[i:i + 1] for k, v in feeds.items()} for i in range(len(next(iter(feeds.values())))))
+    return cosine_distances({node: (name, name) for node, name in outputs.items()},
+                            ((run_float(s), run_int8(s)) for s in samples))
 
 
 def _all_tensors(path: Path):
