@@ -116,7 +116,7 @@ def print_analysis(result: dict[str, Any], top: int, plot: Path | None) -> None:
     table = Table(title=f"{what} ({min(top, len(result['layers']))} of {len(result['layers'])})", title_justify="left")
     columns = [("#", "right"), ("node", "left"), ("op", "left"), ("sensitivity", "right"), ("cosine", "right")]
     columns += [("weight values", "right")] if weights else [("top-1 agreement", "right"),
-                                                             ("error here, all INT8", "right")]
+                                                             ("layer error", "right")]
     for col, just in columns:
         table.add_column(col, justify=just)
     for i, row in enumerate(result["layers"][:top], 1):
