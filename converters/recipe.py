@@ -38,7 +38,7 @@ from edgeopt.converters.passes import get_pass
 from edgeopt.converters.passes.distill import Distill
 from edgeopt.converters.targets import QUANTIZE_MODES, get_target
 from edgeopt.errors import UserInputError, closest
-from edgeopt.params import Param, in_range, reference_table
+from edgeopt.params import Param, in_range, reference_table, type_ok
 
 
 # the settings a recipe holds at its top level: ConvertOptions fields, as the CLI options name them
@@ -252,16 +252,11 @@ def _param(declared: dict[str, Param], key: str, table: str, where: str) -> Para
 
 def _typed(param: Param, value: Any, where: str) -> Any:
     """``value`` as ``param`` takes it; TOML's types are checked, not converted (1.5 is no int)."""
-    wrong = {bool: not isinstance(value, bool),
-             int: isinstance(value, bool) or not isinstance(value, int),
-             float: isinstance(value, bool) or not isinstance(value, int | float)}.get(param.type)
     if param.type is str and isinstance(value, list) and all(isinstance(v, str) for v in value):
         value = ",".join(value)  # a list where the parameter takes comma-separated names
     elif param.type is str and isinstance(value, int | float) and not isinstance(value, bool):
         value = str(value)  # version = 7, --set version=7
-    elif param.type is str and not isinstance(value, str):
-        wrong = True
-    if wrong:
+    if param.type in (str, int, float, bool) and not type_ok(value, param.type):
         raise UserInputError(f"{where}: '{param.name}' must be {param.type.__name__}, got {value!r}")
     return param.coerce(value, where)
 

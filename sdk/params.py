@@ -56,7 +56,7 @@ class Param:
     def validate(self, value: Any, where: str) -> Any:
         """``value`` as read from a TOML (or JSON) file, checked strictly: no text is taken for a number or
         a boolean, an int is taken for a float. One line naming ``where`` and the key when it is wrong."""
-        if not _type_ok(value, self.type):
+        if not type_ok(value, self.type):
             raise UserInputError(f"{where}: '{self.name}' must be {_TYPE_WORDS.get(self.type, self.type.__name__)}, "
                                  f"got {value!r}")
         if self.type is float:
@@ -107,7 +107,9 @@ class Param:
 _TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list of strings"}
 
 
-def _type_ok(value: Any, kind: Any) -> bool:
+def type_ok(value: Any, kind: Any) -> bool:
+    """Whether ``value``, as a TOML or JSON file gives it, is of ``kind`` (no text for a number or a
+    boolean; an int for a float)."""
     if kind is bool:
         return isinstance(value, bool)
     if kind is int:

@@ -16,7 +16,7 @@ import numpy as np
 
 from edgeopt.errors import MissingDependency, UserInputError
 from edgeopt.params import Param
-from edgeopt.runtime import Runtime
+from edgeopt.runtime import Runtime, from_model_dtype
 from edgeopt.specs import TensorSpec
 
 
@@ -57,6 +57,8 @@ class LiteRtRuntime(Runtime):
     formats: ClassVar[tuple[str, ...]] = ("tflite",)
     params: ClassVar[tuple[Param, ...]] = Runtime.params + (
         Param("xnnpack", bool, True, "use the XNNPACK delegate (LiteRT's default CPU acceleration)"),
+        Param("preserve_all_tensors", bool, False, "keep every intermediate tensor after a run (all_tensors, for "
+              "per-layer comparisons); with xnnpack off, since XNNPACK computes inside its delegate"),
     )
 
     def _load(self) -> None:
@@ -64,6 +66,8 @@ class LiteRtRuntime(Runtime):
         kwargs: dict[str, Any] = {"model_path": str(self.model_path), "num_threads": self.config["threads"]}
         if not self.config["xnnpack"] and hasattr(module, "OpResolverType"):
             kwargs["experimental_op_resolver_type"] = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        if self.config["preserve_all_tensors"]:
+            kwargs["experimental_preserve_all_tensors"] = True
         try:
             with quiet_native_stderr():
                 self.interpreter = module.Interpreter(**kwargs)
@@ -88,6 +92,18 @@ class LiteRtRuntime(Runtime):
         if dtype.kind in "iu" and scale:
             quant = {"scale": float(scale), "zero_point": int(zero_point)}
         return TensorSpec(detail["name"], shape, dtype.name, quant)
+
+    def all_tensors(self) -> dict[str, np.ndarray]:
+        """Every tensor the last run computed, by name, as float (dequantized where it is quantized per
+        tensor). Needs ``preserve_all_tensors``: LiteRT reuses the others' memory."""
+        out = {}
+        for detail in self.interpreter.get_tensor_details():
+            try:
+                value = self.interpreter.get_tensor(detail["index"])
+            except ValueError:  # a tensor without data (an optional input left out)
+                continue
+            out[detail["name"]] = from_model_dtype(self._spec(detail), value)
+        return out
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         it = self.interpreter

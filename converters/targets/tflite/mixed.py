@@ -227,7 +227,7 @@ def layer_errors(float_path: Path, int8_path: Path, node_scopes: Mapping[str, Se
                  feeds: Mapping[str, np.ndarray]) -> dict[str, float | None]:
     """Where the INT8 model's error stands at each ONNX node: 1 - cosine of the output tensor of the last
     operator the node was lowered to (dequantized) against the float model's, LiteRT keeping every
-    tensor (``experimental_preserve_all_tensors``), a sample at a time."""
+    tensor (``preserve_all_tensors``), a sample at a time."""
     outputs = {node: ops[-1][1].split(";")[0] for node, ops in node_scopes.items() if ops}
     run_float, run_int8 = _all_tensors(float_path), _all_tensors(int8_path)
     samples = ({k: v[i:i + 1] for k, v in feeds.items()} for i in range(len(next(iter(feeds.values())))))
@@ -237,31 +237,12 @@ def layer_errors(float_path: Path, int8_path: Path, node_scopes: Mapping[str, Se
 
 def _all_tensors(path: Path):
     """A function running the .tflite at ``path`` on float feeds (quantized for an integer input) and
-    returning every tensor it computed, dequantized to float64, by name."""
-    lite = interpreter_module()
-    it = lite.Interpreter(model_path=str(path), num_threads=1, experimental_preserve_all_tensors=True,
-                          experimental_op_resolver_type=lite.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    it.allocate_tensors()
-    inputs, details = it.get_input_details(), it.get_tensor_details()
+    returning every tensor it computed, as float, by name."""
+    rt = LiteRtRuntime(path, threads=1, xnnpack=False, preserve_all_tensors=True)
 
     def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for d in inputs:
-            x = feeds[d["name"]]
-            scale, zero = d["quantization"]
-            if scale:
-                info = np.iinfo(d["dtype"])
-                x = np.clip(np.round(x / scale + zero), info.min, info.max)
-            it.set_tensor(d["index"], x.astype(d["dtype"]))
-        it.invoke()
-        out = {}
-        for t in details:
-            try:
-                value = it.get_tensor(t["index"])
-            except ValueError:  # a tensor with no data (e.g. optional input)
-                continue
-            scale, zero = t["quantization"]
-            out[t["name"]] = (value.astype(np.float64) - zero) * scale if scale else value.astype(np.float64)
-        return out
+        rt.run_float(feeds)
+        return rt.all_tensors()
 
     return run
 
