@@ -141,11 +141,8 @@ def onnx_layer_errors(float_path: Path, int8_path: Path, nodes: list[onnx.NodePr
     """Where the all-INT8 model's error stands at each node: 1 - cosine of the node's output as the next
     layer sees it (after its QuantizeLinear / DequantizeLinear pair) against the float model's same tensor,
     over the same inputs. It accumulates from the layers before (a node's sensitivity is its own share)."""
-    quantized = onnx.load(str(int8_path), load_external_data=False)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in quantized.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    quantized, original = onnx.load(str(int8_path)), onnx.load(str(float_path))
+    consumers = _consumers(quantized)
 
     def seen_as(tensor: str) -> str:
         q = next((c for c in consumers.get(tensor, ()) if c.op_type == "QuantizeLinear"), None)
@@ -154,10 +151,7 @@ def onnx_layer_errors(float_path: Path, int8_path: Path, nodes: list[onnx.NodePr
 
     # A Conv whose Relu / Clip the quantizer folded into it: its output is the activation's
     made = {o for n in quantized.graph.node for o in n.output}
-    float_consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in onnx.load(str(float_path), load_external_data=False).graph.node:
-        for i in n.input:
-            float_consumers.setdefault(i, []).append(n)
+    float_consumers = _consumers(original)
 
     def own_output(node: onnx.NodeProto) -> str:
         t = node.output[0]
@@ -166,18 +160,27 @@ def onnx_layer_errors(float_path: Path, int8_path: Path, nodes: list[onnx.NodePr
         return t
 
     pairs = {n.name: (t, seen_as(t)) for n in nodes if n.output for t in [own_output(n)]}
-    float_run = _session_with_outputs(float_path, [f for f, _ in pairs.values()])
-    int8_run = _session_with_outputs(int8_path, [q for _, q in pairs.values()])
+    float_run = _session_with_outputs(original, [f for f, _ in pairs.values()])
+    int8_run = _session_with_outputs(quantized, [q for _, q in pairs.values()])
     samples = ({k: v[i:i + 1] for k, v in inputs.items()} for i in range(len(next(iter(inputs.values())))))
     return cosine_distances(pairs, ((float_run(feeds), int8_run(feeds)) for feeds in samples))
 
 
-def _session_with_outputs(path: Path, names: list[str]):
-    """A function running the model at ``path`` with the tensors ``names`` as outputs too: feeds → {name:
-    float64 array}. ONNX Runtime computes a QDQ pair whose output is asked for in float, as written."""
+def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name → the nodes that read it."""
+    found: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            found.setdefault(i, []).append(n)
+    return found
+
+
+def _session_with_outputs(model: onnx.ModelProto, names: list[str]):
+    """A function running ``model`` (its graph's outputs extended in place) with the tensors ``names`` as
+    outputs too: feeds → {name: float64 array}. ONNX Runtime computes a QDQ pair whose output is asked
+    for in float, as written."""
     import onnxruntime as ort
 
-    model = onnx.load(str(path))
     present = {o.name for o in model.graph.output}
     made = {o for n in model.graph.node for o in n.output}  # the quantizer drops some (a Relu after a Conv)
     for name in dict.fromkeys(names):
