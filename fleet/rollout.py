@@ -399,5 +399,5 @@ def progress(status: RolloutStatus, assignments: dict[str, Assignment]) -> list[
                      "success": sum(a.outcome is Outcome.SUCCESS for a in told),
                      "failure": sum(a.outcome is Outcome.FAILURE for a in told),
                      "pending": sum(a.outcome is Outcome.PENDING for a in told),
-                     "started_at": w.started_at, "ended_at": w.ended_at})
+                     "started_at": w.started_at, "success_since": w.success_since, "ended_at": w.ended_at})
     return rows

@@ -51,7 +51,7 @@ def _model(name: str | None, version: str | None) -> ModelRef | None:
 
 
 @functools.lru_cache(maxsize=4096)
-def _labels(text: str | None) -> dict[str, str]:
+def parse_labels(text: str | None) -> dict[str, str]:
     return json.loads(text or "{}")
 
 
@@ -88,7 +88,7 @@ def row_to_device(row: dict[str, Any]) -> DeviceRecord:
         telemetry = Telemetry(t["device_id"], ModelRef(**t["model"]) if t["model"] else None, t["latency_p95_ms"],
                               t["error_rate"], t.get("rejected_messages"))
     return DeviceRecord(
-        row["device_id"], bool(row["online"]), _labels(row["labels"]), row["profile"], row["agent_version"],
+        row["device_id"], bool(row["online"]), parse_labels(row["labels"]), row["profile"], row["agent_version"],
         _model(row["model_name"], row["model_version"]),
         _update(row["update_state"], row["update_target"], row["update_rollout"], row["update_reason"],
                 row["update_since"]),

@@ -282,6 +282,7 @@ def test_happy_path_waves_bake_and_complete():
     assert progress(f.status, f.assignments)[1] == {"wave": 2, "state": "COMPLETED", "size": 6, "told": 6,
                                                     "success": 6, "failure": 0, "pending": 0,
                                                     "started_at": f.status.waves[1].started_at,
+                                                    "success_since": f.status.waves[1].success_since,
                                                     "ended_at": f.status.waves[1].ended_at}
 
 

@@ -22,11 +22,12 @@ from edgeopt.cli.fleet_options import (
     database_url,
     open_store,
 )
-from edgeopt.cli.fleet_render import device_json, print_devices
+from edgeopt.cli.fleet_render import print_devices
 from edgeopt.cli.fleet_rollout import rollout_cmd
 from edgeopt.errors import UserInputError
 from edgeopt.fleet.rollout_spec import parse_selector, selector_text
 from edgeopt.fleet.serve_options import SERVE
+from edgeopt.fleet.views import device_json
 
 
 def _load_config(ctx: click.Context, path: Path) -> None:

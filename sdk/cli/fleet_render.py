@@ -10,9 +10,6 @@ from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
 
-from edgeopt.fleet.rollout import Outcome, progress
-from edgeopt.fleet.rollout_spec import selector_text
-
 
 def ago(t: float | None, now: float | None = None) -> str:
     if t is None:
@@ -32,18 +29,6 @@ def duration(start: float | None, end: float | None) -> str:
     return f"{dt:.1f} s" if dt < 120 else f"{dt / 60:.1f} min"
 
 
-def device_json(d) -> dict[str, Any]:
-    u = d.update
-    return {"device_id": d.device_id, "online": d.online, "labels": d.labels, "profile": d.profile,
-            "agent_version": d.agent_version, "model": d.model.to_json() if d.model else None,
-            "update": None if u is None else {"state": u.state, "target": u.target.to_json() if u.target else None,
-                                              "rollout": u.rollout, "reason": u.reason, "since": u.since},
-            "health": None if d.health is None else d.health.__dict__,
-            "last_failure": None if d.failed_target is None else {"target": str(d.failed_target),
-                                                                   "reason": d.failed_reason, "at": d.failed_at},
-            "rejected_messages": d.rejected_messages, "last_seen": d.last_seen}
-
-
 def print_devices(devices: list) -> None:
     table = Table(title=f"{len(devices)} device(s)", title_justify="left")
     for col in ("device", "online", "model", "update", "labels", "profile", "agent", "last seen"):
@@ -59,17 +44,6 @@ def print_devices(devices: list) -> None:
                       escape(",".join(f"{k}={v}" for k, v in sorted(d.labels.items()))), d.profile or "-",
                       d.agent_version or "-", ago(d.last_seen, now))
     Console(highlight=False, soft_wrap=True).print(table)
-
-
-def rollout_json(status, assignments, events: list | None = None) -> dict[str, Any]:
-    failures = sorted((a for a in assignments.values() if a.outcome is Outcome.FAILURE), key=lambda a: a.outcome_at or 0)
-    return {"rollout_id": status.rollout_id, "target": str(status.spec.target), "state": str(status.state),
-            "selector": selector_text(status.spec.selector), "current_wave": status.current_wave + 1,
-            "reason": status.reason, "created_at": status.created_at, "updated_at": status.updated_at,
-            "devices": len(assignments), "spec": status.spec.to_json(), "waves": progress(status, assignments),
-            "failures": [{"device_id": a.device_id, "wave": a.wave + 1, "reason": a.reason, "at": a.outcome_at}
-                         for a in failures],
-            **({"events": events} if events is not None else {})}
 
 
 STATE_STYLE = {"RUNNING": "cyan", "COMPLETED": "green", "ABORTED": "red", "PAUSED": "yellow", "CREATED": "white"}

@@ -7,18 +7,17 @@ tick (decisions are made and persisted there, see ``edgeopt.fleet.rollout``).
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from pathlib import Path
 
 import click
 
 from edgeopt.cli.fleet_options import DB_OPTION, OPTIONAL_REPO, REPO_OPTION, open_store
-from edgeopt.cli.fleet_render import print_rollouts, rollout_json, rollout_renderable
-from edgeopt.errors import CheckFailed, RemoteError, UserInputError
-from edgeopt.fleet.rollout import apply_command, new_rollout
-from edgeopt.fleet.rollout_spec import ROLLOUT_PARAMS, rollout_spec, selector_text
-from edgeopt.protocol import ROLLOUT_ID_RE, ModelRef, ProtocolError
+from edgeopt.cli.fleet_render import print_rollouts, rollout_renderable
+from edgeopt.errors import CheckFailed, UserInputError
+from edgeopt.fleet.operations import command_rollout, create_rollout
+from edgeopt.fleet.rollout_spec import ROLLOUT_PARAMS
+from edgeopt.fleet.views import rollout_json
 
 
 @click.group("rollout")
@@ -26,14 +25,10 @@ def rollout_cmd() -> None:
     """Staged rollouts: waves, health gates, automatic abort and rollback."""
 
 
-def _check_published(repo: Path, model) -> None:
+def _published(repo: Path) -> list[str]:
     from edgeopt.fleet.repository import Repository  # lazy: numpy (edgeopt.artifact), for one check
 
-    published = [f"{m['name']}@{m['version']}" for m in Repository(repo).list_models()]
-    if str(model) not in published:
-        listing = ", ".join(published[-8:]) if published else "nothing published yet"
-        raise UserInputError(f"{model} is not in the repository {repo} (published: {listing}); "
-                             f"publish it with 'edgeopt fleet publish'")
+    return [f"{m['name']}@{m['version']}" for m in Repository(repo).list_models()]
 
 
 def _rollout_options(fn):
@@ -57,48 +52,22 @@ def _rollout_options(fn):
 def create_cmd(model_text: str, selectors: tuple[str, ...], rollout_id: str | None, start_now: bool, repo: Path,
                db: str | None, as_json: bool, **options) -> None:
     """Plan a rollout of NAME@VERSION over the devices the selector matches now."""
-    try:
-        model = ModelRef.parse(model_text)
-    except ProtocolError as exc:
-        raise UserInputError(f"--model: {exc}") from None
-    spec = rollout_spec(model, selectors, **options)
-    online_only = options["online_only"]
-    _check_published(repo, model)
-    rollout_id = rollout_id or f"{model.name}-{model.version}-{secrets.token_hex(3)}".replace("+", ".")
-    if not ROLLOUT_ID_RE.fullmatch(rollout_id):
-        raise UserInputError(f"--id {rollout_id!r}: use letters, digits, '.', '_', '-' (at most 64)")
-    store = open_store(db, repo)
-    devices = [d.device_id for d in store.list_devices(spec.selector) if d.online or not online_only]
-    if not devices:
-        raise UserInputError(f"selector {selector_text(spec.selector)} matches no {'online ' if online_only else ''}device "
-                             f"({store.count_devices()} device(s) known; see 'edgeopt fleet devices')")
-    now = time.time()
-    status, assignments = new_rollout(rollout_id, spec, devices, now)
-    store.create_rollout(status, assignments)
-    if start_now:
-        status, assignments = store.load_rollout(rollout_id)
-        store.save_decision(apply_command(status, assignments, "start", now), status.revision)
+    created = create_rollout(lambda: open_store(db, repo), lambda: _published(repo), repo, model_text, selectors,
+                             options, rollout_id, start_now)
     if as_json:
-        click.echo(json.dumps({"rollout_id": rollout_id, "devices": len(devices),
-                               "waves": [w.size for w in status.waves], "started": start_now}))
+        click.echo(json.dumps({"rollout_id": created.rollout_id, "devices": created.devices, "waves": created.waves,
+                               "started": created.started}))
     else:
-        sizes = " → ".join(str(w.size) for w in status.waves)
-        click.echo(f"created rollout {rollout_id}: {model} to {len(devices)} device(s) in {len(status.waves)} "
-                   f"wave(s) of {sizes}{' (started)' if start_now else f'; start it with: edgeopt fleet rollout start {rollout_id}'}")
+        sizes = " → ".join(str(n) for n in created.waves)
+        then = " (started)" if start_now else f"; start it with: edgeopt fleet rollout start {created.rollout_id}"
+        click.echo(f"created rollout {created.rollout_id}: {created.model} to {created.devices} device(s) in "
+                   f"{len(created.waves)} wave(s) of {sizes}{then}")
 
 
 def _command(rollout_id: str, command: str, repo: Path | None, db: str | None, reason: str | None = None) -> None:
-    store = open_store(db, repo)
-    for _ in range(20):  # the controller may move the rollout between our read and our write
-        status, assignments = store.load_rollout(rollout_id)
-        decision = apply_command(status, assignments, command, time.time(), reason)
-        if store.save_decision(decision, status.revision):
-            state = decision.rollout.state
-            extra = f"; {len(decision.desired)} device(s) told to go back" if command == "abort" else ""
-            click.echo(f"rollout {rollout_id}: {state}{extra}")
-            return
-        time.sleep(0.1)
-    raise RemoteError(f"rollout {rollout_id} kept changing under the command; try again")
+    decision = command_rollout(open_store(db, repo), rollout_id, command, reason)
+    extra = f"; {len(decision.desired)} device(s) told to go back" if command == "abort" else ""
+    click.echo(f"rollout {rollout_id}: {decision.rollout.state}{extra}")
 
 
 def _simple(command: str, summary: str):

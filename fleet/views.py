@@ -1,0 +1,35 @@
+"""The fleet's records as JSON: what ``edgeopt fleet devices --json``, ``rollout status --json`` and the
+dashboard's ``/api/`` print. One shape for a device and one for a rollout, wherever they are shown."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgeopt.fleet.rollout import Outcome, progress
+from edgeopt.fleet.rollout_spec import selector_text
+
+
+def device_json(d) -> dict[str, Any]:
+    u = d.update
+    t = d.telemetry
+    return {"device_id": d.device_id, "online": d.online, "labels": d.labels, "profile": d.profile,
+            "agent_version": d.agent_version, "model": d.model.to_json() if d.model else None,
+            "update": None if u is None else {"state": u.state, "target": u.target.to_json() if u.target else None,
+                                              "rollout": u.rollout, "reason": u.reason, "since": u.since},
+            "health": None if d.health is None else d.health.__dict__,
+            "telemetry": None if t is None else {"latency_p95_ms": t.latency_p95_ms, "error_rate": t.error_rate},
+            "last_failure": None if d.failed_target is None else {"target": str(d.failed_target),
+                                                                   "reason": d.failed_reason, "at": d.failed_at},
+            "rejected_messages": d.rejected_messages, "last_seen": d.last_seen}
+
+
+def rollout_json(status, assignments, events: list | None = None) -> dict[str, Any]:
+    failures = sorted((a for a in assignments.values() if a.outcome is Outcome.FAILURE), key=lambda a: a.outcome_at or 0)
+    return {"rollout_id": status.rollout_id, "target": str(status.spec.target), "state": str(status.state),
+            "selector": selector_text(status.spec.selector), "current_wave": status.current_wave + 1,
+            "reason": status.reason, "created_at": status.created_at, "updated_at": status.updated_at,
+            "revision": status.revision, "devices": len(assignments), "spec": status.spec.to_json(),
+            "waves": progress(status, assignments),
+            "failures": [{"device_id": a.device_id, "wave": a.wave + 1, "reason": a.reason, "at": a.outcome_at}
+                         for a in failures],
+            **({"events": events} if events is not None else {})}
