@@ -13,12 +13,15 @@ DEMO := build/demo
 
 setup: $(STAMP) system-deps
 
-# The agent's integration tests run a real Mosquitto and `systemd-analyze verify`: install them where
-# missing and possible (Debian/Ubuntu as root); elsewhere those tests skip, naming what to install.
+# The agent's integration tests run a real Mosquitto and `systemd-analyze verify`, the dashboard's a
+# headless chromium: install them where missing and possible (Debian/Ubuntu as root); elsewhere those
+# tests skip, naming what to install.
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || missing="$$missing mosquitto"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \

@@ -30,6 +30,7 @@ PACKAGE_ROOTS = {
 PACKAGE_DATA = {
     "edgeopt.hardware.profiles": ["*.toml"],
     "edgeopt.hardware.systemd": ["*"],
+    "edgeopt.fleet.dashboard.static": ["*"],  # the dashboard's page, script and style
 }
 
 

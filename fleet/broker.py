@@ -32,6 +32,7 @@ from pathlib import Path
 
 from edgeopt.errors import EnvironmentFault, MissingDependency, UserInputError
 from edgeopt.fleet.security import BROKER_TUNING
+from edgeopt.fleet.serve_options import parse_listen
 
 log = logging.getLogger("edgeopt.fleet")
 
@@ -42,13 +43,6 @@ HEADER_ROOM = 64 * 1024
 AMQTT_WARNING = ("amqtt is the last-resort broker: under concurrent connects it drops clients, loses "
                  "acknowledged QoS 1 messages and sends clients other devices' retained messages; "
                  "install mosquitto (apt-get install mosquitto) or pip install iotcore")
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = str(text).rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UserInputError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:1884")
-    return host or "127.0.0.1", int(port)
 
 
 def mosquitto_executable() -> str | None:

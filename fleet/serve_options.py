@@ -5,7 +5,16 @@ the service's imports, so ``edgeopt fleet --help`` stays light."""
 
 from __future__ import annotations
 
+from edgeopt.errors import UserInputError
 from edgeopt.params import Param, reference_table
+
+
+def parse_listen(text: str, flag: str = "--listen", example: str = "127.0.0.1:1884") -> tuple[str, int]:
+    """'HOST:PORT' ('[::1]:8080' for IPv6; an empty host is 127.0.0.1) → (host, port)."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UserInputError(f"{flag} {text!r}: expected HOST:PORT, e.g. {example}")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def _positive(v: float) -> str | None:
@@ -25,6 +34,12 @@ SERVE_PARAMS: tuple[Param, ...] = (
     Param("tick", float, 1.0, "seconds between rollout decisions", check=_positive),
     Param("timestamp_refresh", float, 3600.0, "seconds between re-signing the timestamp (must be well under its expiry)",
           check=_positive),
+    Param("http", str, None, "HOST:PORT to serve the dashboard and its JSON API on (off unless given; a host other "
+                             "than 127.0.0.1 / ::1 needs --http-token-file)"),
+    Param("http_token_file", str, None, "file holding the token clients on other machines must give (bearer header "
+                                        "or the login page)"),
+    Param("http_cert", str, None, "TLS certificate (PEM) for the dashboard: https instead of http"),
+    Param("http_key", str, None, "TLS private key (PEM) for --http-cert"),
     Param("log_level", str, "info", "log level on stderr", choices=("debug", "info", "warning", "error")),
 )
 SERVE = {p.name: p for p in SERVE_PARAMS}

@@ -20,6 +20,8 @@ from typing import Any
 
 from edgeopt.fleet.broker import HEADER_ROOM, MIB, start_local_broker
 from edgeopt.fleet.controller import Controller, DesiredPublisher
+from edgeopt.fleet.dashboard.auth import read_token
+from edgeopt.fleet.dashboard.server import Dashboard, DashboardConfig  # starlette and uvicorn load on start()
 from edgeopt.fleet.db import open_database
 from edgeopt.fleet.registry import Registry
 from edgeopt.fleet.repo_server import RepoServer
@@ -43,6 +45,10 @@ class ServiceConfig:
     chunk_size: int = SERVE["chunk_size"].default
     tick: float = SERVE["tick"].default
     timestamp_refresh: float = SERVE["timestamp_refresh"].default
+    http: str | None = SERVE["http"].default                 # the dashboard's HOST:PORT, or None: no dashboard
+    http_token_file: Path | None = SERVE["http_token_file"].default  # the token other machines must give
+    http_cert: Path | None = SERVE["http_cert"].default              # TLS for the dashboard
+    http_key: Path | None = SERVE["http_key"].default
     flush_interval: float = 0.25          # seconds between registry writes
     heartbeat: float = 2.0
 
@@ -56,6 +62,7 @@ class FleetService:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.broker_url: str | None = config.broker
+        self.dashboard = None
 
     def start(self) -> FleetService:
         cfg = self.config
@@ -101,6 +108,14 @@ class FleetService:
         self.publisher.request_republish()
         self.registry.start()
         self.started_at = time.time()
+        if cfg.http:
+            try:
+                token = read_token(cfg.http_token_file) if cfg.http_token_file else None
+                self.dashboard = Dashboard(DashboardConfig(cfg.http, token, cfg.http_cert, cfg.http_key),
+                                           db, self.repository, self.status).start()
+            except BaseException:
+                self.stop()
+                raise
         self._spawn(self._control_loop, "edgeopt-controller")
         self._spawn(self._housekeeping_loop, "edgeopt-housekeeping")
         log.info("fleet service: repository %s, database %s, broker %s", cfg.repo, db, self.broker_text())
@@ -138,13 +153,16 @@ class FleetService:
         return {"pid": os.getpid(), "broker": self.broker_text(), "started_at": self.started_at,
                 "broker_kind": local.kind if local else "external", "broker_version": local.version if local else None,
                 "registry": self.registry.snapshot_stats(),
-                "repo_server": self.repo_server.snapshot_stats(), "controller": self.controller.snapshot_stats()}
+                "repo_server": self.repo_server.snapshot_stats(), "controller": self.controller.snapshot_stats(),
+                "dashboard": self.dashboard.url if self.dashboard else None}
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._stop.wait(timeout)
 
     def stop(self) -> None:
         self._stop.set()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         for t in self._threads:
             t.join(10)
         try:

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCE_ROOTS = {"sdk": "edgeopt", "converters": "edgeopt/converters", "agent": "edgeopt/agent",
                 "fleet": "edgeopt/fleet", "hardware": "edgeopt/hardware"}
 # data files shipped beside the modules (globs relative to the repository)
-PACKAGE_DATA = ("hardware/profiles/*.toml", "hardware/systemd/*")
+PACKAGE_DATA = ("hardware/profiles/*.toml", "hardware/systemd/*", "fleet/dashboard/static/*")
 
 
 def clean_copy(dest: Path) -> Path:

@@ -111,7 +111,7 @@ class FleetRig:
     (unless ``service=False``) the fleet service in this process, all on one real Mosquitto."""
 
     def __init__(self, tmp: Path, broker, db: str, devices: int, service: str = "in-process",
-                 artifact_bytes: int = 20_000, **sim_options):
+                 artifact_bytes: int = 20_000, service_options: dict | None = None, **sim_options):
         import time
 
         from edgeopt.fleet.db import open_database
@@ -127,6 +127,7 @@ class FleetRig:
         for v in ("1", "2"):
             self.repo.publish(fake_artifact(tmp / f"art-{v}", "kws", v, artifact_bytes, seed=int(v)), "kws", v)
         self.service_mode = service
+        self.service_options = service_options or {}
         self.service = self.process = None
         self.start_service()
         self.desired = DesiredLog(broker.url)
@@ -157,7 +158,8 @@ class FleetRig:
         from edgeopt.fleet.service import FleetService, ServiceConfig
 
         self.service = FleetService(ServiceConfig(repo=self.tmp / "repo", db=self.db, broker=self.broker.url,
-                                                  tick=0.2, flush_interval=0.1, heartbeat=0.5)).start()
+                                                  tick=0.2, flush_interval=0.1, heartbeat=0.5,
+                                                  **self.service_options)).start()
 
     def kill_service(self) -> None:
         """SIGKILL: no clean shutdown, no final flush (a crash or power loss of the fleet host)."""

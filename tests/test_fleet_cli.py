@@ -185,3 +185,17 @@ def test_embedded_broker_port_in_use_is_one_line(tmp_path, fleet):
         port = busy.getsockname()[1]
         res = run_cli("fleet", "serve", "--repo", fleet, "--listen", f"127.0.0.1:{port}")
     one_line_error(res, f"cannot listen on 127.0.0.1:{port}", "--broker URL")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--http", "0.0.0.0:8080"], ["--http 0.0.0.0:8080: other machines could reach", "--http-token-file"]),
+    (["--http", "dashboard"], ["--http 'dashboard': expected HOST:PORT"]),
+    (["--http-cert", "CERT"], ["--http-cert needs --http"]),
+    (["--http", "127.0.0.1:0", "--http-cert", "CERT"], ["--http-cert and --http-key go together"]),
+    (["--http", "0.0.0.0:0", "--http-token-file", "SHORT"], ["--http-token-file", "at least 16"]),
+])
+def test_dashboard_flags_are_checked_before_anything_starts(fleet, tmp_path, args, needles):
+    (tmp_path / "cert.pem").write_text("not read before the checks")
+    (tmp_path / "short").write_text("abc\n")
+    args = [{"CERT": str(tmp_path / "cert.pem"), "SHORT": str(tmp_path / "short")}.get(a, a) for a in args]
+    one_line_error(run_cli("fleet", "serve", "--repo", fleet, "--broker", "mqtt://127.0.0.1:1", *args), *needles)

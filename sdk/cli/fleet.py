@@ -25,8 +25,9 @@ from edgeopt.cli.fleet_options import (
 from edgeopt.cli.fleet_render import print_devices
 from edgeopt.cli.fleet_rollout import rollout_cmd
 from edgeopt.errors import UserInputError
+from edgeopt.fleet.dashboard.auth import is_local, read_token
 from edgeopt.fleet.rollout_spec import parse_selector, selector_text
-from edgeopt.fleet.serve_options import SERVE
+from edgeopt.fleet.serve_options import SERVE, parse_listen
 from edgeopt.fleet.views import device_json
 
 
@@ -179,24 +180,33 @@ def _serve_option(name: str, **overrides):
 @_serve_option("chunk_size")
 @_serve_option("tick")
 @_serve_option("timestamp_refresh")
+@_serve_option("http", metavar="HOST:PORT")
+@_serve_option("http_token_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_serve_option("http_cert", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_serve_option("http_key", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_serve_option("log_level")
 def serve_cmd(repo: Path, db: str | None, broker: str | None, listen: str, local_broker: str, prefix: str,
-              chunk_size: int, tick: float, timestamp_refresh: float, log_level: str) -> None:
+              chunk_size: int, tick: float, timestamp_refresh: float, http: str | None, http_token_file: Path | None,
+              http_cert: Path | None, http_key: Path | None, log_level: str) -> None:
     """Run the fleet service until interrupted: the repository server (metadata and artifact chunks
-    over MQTT), the device registry and the rollout controller. Restart-safe: everything it knows is
-    in the database, and a rollout in progress continues after a restart."""
+    over MQTT), the device registry and the rollout controller, and with --http the dashboard.
+    Restart-safe: everything it knows is in the database, and a rollout in progress continues after
+    a restart."""
     import logging
     import signal
 
     from edgeopt.fleet.service import FleetService, ServiceConfig  # lazy: numpy, and the whole service
 
+    check_http_options(http, http_token_file, http_cert, http_key)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = FleetService(ServiceConfig(repo=repo, db=database_url(db, repo), broker=broker, listen=listen,
                                          local_broker=local_broker, prefix=prefix, chunk_size=chunk_size, tick=tick,
-                                         timestamp_refresh=timestamp_refresh)).start()
+                                         timestamp_refresh=timestamp_refresh, http=http, http_token_file=http_token_file,
+                                         http_cert=http_cert, http_key=http_key)).start()
     signal.signal(signal.SIGTERM, lambda *_: service._stop.set())
-    click.echo(f"fleet service ready: broker {service.broker_text()}, database {service.db}, prefix {prefix}/",
-               err=True)
+    dashboard = f", dashboard {service.dashboard.url}" if service.dashboard else ""
+    click.echo(f"fleet service ready: broker {service.broker_text()}, database {service.db}, prefix {prefix}/"
+               f"{dashboard}", err=True)
     try:
         service.wait()
     except KeyboardInterrupt:
@@ -204,6 +214,22 @@ def serve_cmd(repo: Path, db: str | None, broker: str | None, listen: str, local
     finally:
         service.stop()
         click.echo(json.dumps(service.status()), err=True)
+
+
+def check_http_options(http: str | None, token_file: Path | None, cert: Path | None, key: Path | None) -> None:
+    """Check the dashboard's flags together, before anything starts."""
+    if http is None:
+        given = [f for f, v in (("--http-token-file", token_file), ("--http-cert", cert), ("--http-key", key)) if v]
+        if given:
+            raise UserInputError(f"{given[0]} needs --http HOST:PORT (the dashboard is off without it)")
+        return
+    if (cert is None) != (key is None):
+        raise UserInputError("--http-cert and --http-key go together")
+    token = read_token(token_file) if token_file is not None else None
+    host, _ = parse_listen(http, "--http", "127.0.0.1:8080")
+    if token is None and not is_local(host):
+        raise UserInputError(f"--http {http}: other machines could reach the dashboard there; give "
+                             f"--http-token-file (or listen on 127.0.0.1)")
 
 
 @fleet_cmd.command("devices")

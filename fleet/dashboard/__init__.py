@@ -1,0 +1,1 @@
+"""The fleet dashboard: ``edgeopt fleet serve --http HOST:PORT`` (fleet/dashboard/server.py)."""

@@ -1,0 +1,132 @@
+"""What the dashboard's ``/api/`` reads from the fleet database: pages of devices (filtered, sorted),
+one device with the rollouts it took part in, rollouts, a fleet summary, and a change stamp the live
+updates poll. Plain functions of a ``FleetStore``; the HTTP layer (server.py) only parses and encodes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgeopt.errors import UserInputError
+from edgeopt.fleet.rollout_spec import matches, parse_selector
+from edgeopt.fleet.store import FleetStore, parse_labels
+from edgeopt.fleet.views import device_json, rollout_json
+from edgeopt.protocol import ModelRef, ProtocolError
+
+# sort key → ORDER BY (device_id breaks ties, so paging is stable)
+SORTS = {"device": "device_id", "online": "online", "model": "model_name, model_version",
+         "state": "update_state", "last_seen": "last_seen", "profile": "profile"}
+MAX_PAGE = 500
+
+
+def _flag(text: str | None, what: str) -> bool | None:
+    if text in (None, ""):
+        return None
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise UserInputError(f"{what}={text!r}: expected true or false")
+
+
+def device_page(store: FleetStore, params: dict[str, str]) -> dict[str, Any]:
+    """``params``: label=K=V[,K=V] (all must match), model=NAME@VERSION (or NAME), state=UPDATE_STATE,
+    online=true|false, q=text in the device id, sort=KEY, order=asc|desc, offset, limit (≤ 500).
+
+    The ids are selected, filtered and ordered first (two narrow columns over the whole fleet), then
+    only the page's rows are read whole: a page of 50 out of 10,000 devices parses 50 records."""
+    where, args = [], []
+    model = params.get("model") or ""
+    if model:
+        try:
+            ref = ModelRef.parse(model) if "@" in model else None
+        except ProtocolError as exc:
+            raise UserInputError(f"model={model!r}: {exc}") from None
+        where.append("model_name = ?" + (" AND model_version = ?" if ref else ""))
+        args += [ref.name, ref.version] if ref else [model]
+    if state := params.get("state"):
+        if state == "none":
+            where.append("update_state IS NULL")
+        else:
+            where.append("update_state = ?")
+            args.append(state)
+    online = _flag(params.get("online"), "online")
+    if online is not None:
+        where.append("online = ?")
+        args.append(int(online))
+    if q := params.get("q"):
+        where.append("device_id LIKE ? ESCAPE '!'")
+        args.append("%" + q.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%")
+    sort = params.get("sort") or "device"
+    if sort not in SORTS:
+        raise UserInputError(f"sort={sort!r}: one of {', '.join(SORTS)}")
+    order = params.get("order") or "asc"
+    if order not in ("asc", "desc"):
+        raise UserInputError(f"order={order!r}: asc or desc")
+    try:
+        offset, limit = int(params.get("offset") or 0), int(params.get("limit") or 50)
+    except ValueError:
+        raise UserInputError("offset and limit must be whole numbers") from None
+    if offset < 0 or not 1 <= limit <= MAX_PAGE:
+        raise UserInputError(f"offset must be >= 0 and limit in 1..{MAX_PAGE}")
+    selector = parse_selector([params["label"]]) if params.get("label") else {}
+    direction = " DESC" if order == "desc" else ""
+    columns = ", ".join(f"{c}{direction}" for c in SORTS[sort].split(", "))
+    sql = (f"SELECT device_id, labels FROM devices {'WHERE ' + ' AND '.join(where) if where else ''} "
+           f"ORDER BY {columns}, device_id")
+    rows = store.conn.query(sql, args)
+    ids = [r["device_id"] for r in rows if not selector or matches(parse_labels(r["labels"]), selector)]
+    page = ids[offset:offset + limit]
+    records = store.load_devices(page)
+    return {"total": len(ids), "offset": offset, "limit": limit,
+            "devices": [device_json(records[i]) for i in page if i in records]}
+
+
+def summary(store: FleetStore) -> dict[str, Any]:
+    """Counts over the whole fleet: online, by update state, by model (the filters' choices)."""
+    q = store.conn.query
+    return {"devices": store.count_devices(),
+            "online": int(q("SELECT COUNT(*) AS n FROM devices WHERE online = 1")[0]["n"]),
+            "states": {r["s"] or "none": int(r["n"]) for r in
+                       q("SELECT update_state AS s, COUNT(*) AS n FROM devices GROUP BY update_state")},
+            "models": {f"{r['name']}@{r['version']}" if r["name"] else "none": int(r["n"]) for r in
+                       q("SELECT model_name AS name, model_version AS version, COUNT(*) AS n FROM devices "
+                         "GROUP BY model_name, model_version ORDER BY model_name, model_version")}}
+
+
+def device_detail(store: FleetStore, device_id: str) -> dict[str, Any]:
+    record = store.load_devices([device_id]).get(device_id)
+    if record is None:
+        raise UserInputError(f"no device {device_id!r}")
+    rows = store.conn.query(
+        "SELECT d.rollout_id, d.wave, d.assigned_at, d.outcome, d.reason, d.outcome_at, d.previous_name, "
+        "d.previous_version, r.model_name, r.model_version, r.state FROM rollout_devices d JOIN rollouts r "
+        "ON r.rollout_id = d.rollout_id WHERE d.device_id = ? ORDER BY r.created_at DESC", (device_id,))
+    history = [{"rollout_id": r["rollout_id"], "target": f"{r['model_name']}@{r['model_version']}",
+                "rollout_state": r["state"], "wave": r["wave"] + 1, "told_at": r["assigned_at"],
+                "outcome": r["outcome"], "reason": r["reason"], "outcome_at": r["outcome_at"],
+                "previous": f"{r['previous_name']}@{r['previous_version']}" if r["previous_name"] else None}
+               for r in rows]
+    return device_json(record) | {"rollouts": history}
+
+
+def rollouts(store: FleetStore) -> list[dict[str, Any]]:
+    """Every rollout, newest first, with its wave progress (no per-device failures: see ``rollout``)."""
+    out = []
+    for rollout_id in reversed(store.rollout_ids()):
+        info = rollout_json(*store.load_rollout(rollout_id))
+        info["failed_devices"] = len(info.pop("failures"))
+        out.append(info)
+    return out
+
+
+def rollout(store: FleetStore, rollout_id: str) -> dict[str, Any]:
+    return rollout_json(*store.load_rollout(rollout_id), store.events(rollout_id, limit=200))
+
+
+def change_stamp(store: FleetStore) -> dict[str, Any]:
+    """What changed lately, cheaply: the newest device write and every rollout's revision. The live
+    stream sends it whenever it differs from the last one sent; the page reloads what it shows."""
+    newest = store.conn.query("SELECT MAX(updated_at) AS t FROM devices")[0]["t"]
+    revisions = {r["rollout_id"]: r["revision"] for r in
+                 store.conn.query("SELECT rollout_id, revision FROM rollouts")}
+    return {"devices_updated_at": newest, "rollouts": revisions}

@@ -1,0 +1,192 @@
+"""The dashboard's JSON API and its guard, through Starlette's TestClient (the real app, handlers and
+database; no network): devices paged, filtered and sorted; rollouts created and commanded through the
+same operations as the CLI; who may call what (localhost, token, session, CSRF, origin)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+pytest.importorskip("starlette", reason="the dashboard needs the fleet extra (pip install 'edgeopt[fleet]')")
+pytest.importorskip("httpx2", reason="Starlette's TestClient needs httpx2 (the dev extra)")
+
+from starlette.testclient import TestClient  # noqa: E402
+
+from edgeopt.fleet.dashboard.openapi import openapi  # noqa: E402
+from edgeopt.fleet.dashboard.server import Api, DashboardConfig, build_app  # noqa: E402
+from edgeopt.fleet.db import open_database  # noqa: E402
+from edgeopt.fleet.repository import Repository  # noqa: E402
+from edgeopt.fleet.rollout import DeviceRecord  # noqa: E402
+from edgeopt.fleet.store import FleetStore  # noqa: E402
+from edgeopt.protocol import ModelRef, UpdateStatus  # noqa: E402
+
+from repo_helpers import fake_artifact  # noqa: E402
+
+TOKEN = "s3cret-token-for-tests-0123"
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dash")
+    repo = Repository.init(tmp / "repo")
+    for v in ("1", "2"):
+        repo.publish(fake_artifact(tmp / f"art-{v}", "kws", v, 2000, seed=int(v)), "kws", v)
+    db, conn = open_database(f"sqlite:///{tmp / 'fleet.db'}")
+    now = time.time()
+    records = [DeviceRecord(f"dev-{i:04d}", online=i % 3 != 0, labels={"site": "lab" if i % 2 else "field",
+                                                                           "ring": "canary" if i < 10 else "main"},
+                            profile="raspberry-pi-4", agent_version="0.1.0", model=ModelRef("kws", "1"),
+                            update=UpdateStatus("IDLE" if i % 5 else "ROLLED_BACK", None, None, None, now),
+                            last_seen=now - i)
+               for i in range(250)]
+    FleetStore(conn).save_devices(records)
+    conn.close()
+    return tmp, db, repo
+
+
+def client(fleet, host="127.0.0.1", token=None):
+    tmp, db, repo = fleet
+    api = Api(db, repo, DashboardConfig("127.0.0.1:0", token=token))
+    return TestClient(build_app(api), client=(host, 50000)), api
+
+
+def csrf(c: TestClient) -> str:
+    html = c.get("/").text
+    return html.split('name="csrf-token" content="')[1].split('"')[0]
+
+
+def test_devices_are_paged_filtered_and_sorted(fleet):
+    c, _ = client(fleet)
+    page = c.get("/api/devices", params={"limit": 20}).json()
+    assert page["total"] == 250 and len(page["devices"]) == 20 and page["devices"][0]["device_id"] == "dev-0000"
+    second = c.get("/api/devices", params={"limit": 20, "offset": 20}).json()
+    assert second["devices"][0]["device_id"] == "dev-0020"
+    lab = c.get("/api/devices", params={"label": "site=lab,ring=canary", "limit": 500}).json()
+    assert lab["total"] == 5 and all(d["labels"] == {"site": "lab", "ring": "canary"} for d in lab["devices"])
+    offline = c.get("/api/devices", params={"online": "false", "limit": 500}).json()
+    assert offline["total"] == 84 and not any(d["online"] for d in offline["devices"])
+    rolled = c.get("/api/devices", params={"state": "ROLLED_BACK", "limit": 500}).json()
+    assert rolled["total"] == 50
+    newest_first = c.get("/api/devices", params={"sort": "last_seen", "order": "desc", "limit": 3}).json()
+    assert [d["device_id"] for d in newest_first["devices"]] == ["dev-0000", "dev-0001", "dev-0002"]
+    assert c.get("/api/devices", params={"q": "dev-024"}).json()["total"] == 10
+    assert c.get("/api/devices", params={"model": "kws@2"}).json()["total"] == 0
+    summary = c.get("/api/summary").json()
+    assert summary["devices"] == 250 and summary["online"] == 166 and summary["models"] == {"kws@1": 250}
+
+
+@pytest.mark.parametrize("params, needle", [
+    ({"sort": "secret"}, "sort='secret'"), ({"limit": "100000"}, "limit in 1..500"), ({"online": "maybe"}, "online="),
+    ({"label": "site"}, "LABEL=VALUE"), ({"model": "kws@"}, "model="), ({"offset": "-1"}, "offset must be"),
+])
+def test_a_wrong_filter_is_a_400_naming_it(fleet, params, needle):
+    c, _ = client(fleet)
+    r = c.get("/api/devices", params=params)
+    assert r.status_code == 400 and needle in r.json()["error"], r.text
+
+
+def test_rollouts_are_created_and_commanded_through_the_cli_checks(fleet):
+    c, _ = client(fleet)
+    token = csrf(c)
+    headers = {"X-CSRF-Token": token}
+    bad = c.post("/api/rollouts", json={"model": "kws@2", "options": {"bake": "soon"}}, headers=headers)
+    assert bad.status_code == 400 and bad.json()["error"] == "--bake 'soon': expected a duration such as 90s, 10m, 1h"
+    unpublished = c.post("/api/rollouts", json={"model": "kws@9"}, headers=headers)
+    assert unpublished.status_code == 400 and "kws@9 is not in the repository" in unpublished.json()["error"]
+    none = c.post("/api/rollouts", json={"model": "kws@2", "selectors": ["site=moon"]}, headers=headers)
+    assert none.status_code == 400 and "matches no device" in none.json()["error"]
+    made = c.post("/api/rollouts", json={"model": "kws@2", "selectors": ["ring=canary"], "id": "web-1",
+                                         "options": {"waves": "50%,100%", "bake": "1s", "max_error_rate": "0.1"}},
+                  headers=headers)
+    assert made.status_code == 201, made.text
+    assert made.json() == {"rollout_id": "web-1", "devices": 10, "waves": [5, 5], "started": False}
+    again = c.post("/api/rollouts", json={"model": "kws@2", "id": "web-1"}, headers=headers)
+    assert again.status_code == 400 and "exists" in again.json()["error"]
+    info = c.get("/api/rollouts/web-1").json()
+    assert info["state"] == "CREATED" and info["spec"]["gates"]["max_error_rate"] == 0.1
+    assert c.post("/api/rollouts/web-1/pause", headers=headers).status_code == 400  # not running yet
+    assert c.post("/api/rollouts/web-1/start", headers=headers).json()["state"] == "RUNNING"
+    aborted = c.post("/api/rollouts/web-1/abort", json={"reason": "seen enough"}, headers=headers).json()
+    assert aborted["state"] == "ABORTED"
+    info = c.get("/api/rollouts/web-1").json()
+    assert info["reason"] == "aborted by the operator: seen enough" and info["events"][-1]["kind"] == "aborted"
+    assert [r["rollout_id"] for r in c.get("/api/rollouts").json()] == ["web-1"]
+    assert c.get("/api/rollouts/nope").status_code == 404
+    assert c.post("/api/rollouts/web-1/explode", headers=headers).status_code == 400
+    assert c.get("/api/rollouts/web-1/abort").status_code == 405  # actions are POST only
+    detail = c.get("/api/devices/dev-0001").json()
+    assert detail["rollouts"][0]["rollout_id"] == "web-1" and detail["rollouts"][0]["wave"] in (1, 2)
+    assert c.get("/api/devices/nobody").status_code == 404
+
+
+def test_models_carry_their_report_summary(fleet):
+    c, _ = client(fleet)
+    models = c.get("/api/models").json()
+    assert [f"{m['name']}@{m['version']}" for m in models] == ["kws@1", "kws@2"]
+    assert all(len(m["sha256"]) == 64 and "report" in m for m in models)
+
+
+def test_state_changes_need_the_csrf_token_and_the_same_origin(fleet):
+    c, _ = client(fleet)
+    assert c.post("/api/rollouts", json={"model": "kws@2"}).status_code == 403
+    assert "X-CSRF-Token" in c.post("/api/rollouts", json={}).json()["error"]
+    wrong = c.post("/api/rollouts", json={"model": "kws@2"}, headers={"X-CSRF-Token": "0" * 64})
+    assert wrong.status_code == 403
+    foreign = c.post("/api/rollouts", json={"model": "kws@2"},
+                     headers={"X-CSRF-Token": csrf(c), "Origin": "http://evil.example"})
+    assert foreign.status_code == 403 and "cross-origin" in foreign.json()["error"]
+
+
+def test_other_machines_need_the_token(fleet):
+    c, _ = client(fleet, host="10.1.2.3")  # no token configured: only the fleet host itself
+    r = c.get("/api/devices")
+    assert r.status_code == 403 and "--http-token-file" in r.json()["error"]
+    assert c.get("/").status_code == 403
+    c, _ = client(fleet, host="10.1.2.3", token=TOKEN)
+    assert c.get("/api/devices").status_code == 401
+    page = c.get("/", follow_redirects=False)
+    assert page.status_code == 303 and page.headers["location"] == "/login"
+    assert c.get("/api/devices", headers={"Authorization": "Bearer wrong-token-0000000"}).status_code == 401
+    assert c.get("/api/devices", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    # scripts with the bearer token act without a CSRF token (the header is no ambient credential)
+    r = c.post("/api/rollouts/nope/abort", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 404
+    # a browser logs in (with the login page's CSRF token) and gets a session cookie
+    login_csrf = c.get("/login").text.split('name="csrf-token" content="')[1].split('"')[0]
+    assert c.post("/login", json={"token": "nope"}, headers={"X-CSRF-Token": login_csrf}).status_code == 401
+    assert c.post("/login", json={"token": TOKEN}).status_code == 403  # without the page's CSRF token
+    ok = c.post("/login", json={"token": TOKEN}, headers={"X-CSRF-Token": login_csrf})
+    assert ok.status_code == 200 and "httponly" in ok.headers["set-cookie"].lower()
+    assert "samesite=strict" in ok.headers["set-cookie"].lower()
+    assert c.get("/api/devices").status_code == 200
+    session_csrf = csrf(c)
+    assert session_csrf != login_csrf  # bound to the session
+    assert c.post("/api/rollouts/nope/abort", headers={"X-CSRF-Token": login_csrf}).status_code == 403
+    assert c.post("/api/rollouts/nope/abort", headers={"X-CSRF-Token": session_csrf}).status_code == 404
+
+
+def test_the_openapi_document_names_every_route_and_method(fleet):
+    c, _ = client(fleet)
+    app = build_app(client(fleet)[1])
+    served = {}
+    for r in app.routes:
+        if r.path.startswith("/api/") and r.path != "/api/openapi.json":
+            served.setdefault(r.path.replace("{command:str}", "{command}"), set()).update(
+                m.lower() for m in r.methods - {"HEAD"})
+    described = {p: set(ops) for p, ops in openapi()["paths"].items()}
+    assert described == served
+    assert c.get("/api/openapi.json").json()["paths"].keys() == described.keys()
+
+
+def test_the_live_stream_sends_the_change_stamp(fleet):
+    tmp, db, repo = fleet
+    api = Api(db, repo, DashboardConfig("127.0.0.1:0", poll_s=0.05))
+    c = TestClient(build_app(api), client=("127.0.0.1", 50000))
+    with c.stream("GET", "/api/events") as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = r.iter_lines()
+        event = next(line for line in lines if line.startswith("event:"))
+        data = json.loads(next(lines).removeprefix("data: "))
+    assert event == "event: change" and data["devices_updated_at"] > 0 and isinstance(data["rollouts"], dict)

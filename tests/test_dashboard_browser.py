@@ -1,0 +1,127 @@
+"""The dashboard in a real browser (Debian's chromium, driven headless through chromedriver by Selenium)
+over a real fleet: the fleet service with --http, simulated devices on a real Mosquitto. An operator
+opens a rollout, starts it from the page, watches wave progress change without reloading, aborts it
+from the page, and sees the devices back on the previous version. Screenshots are kept under
+build/test-artifacts/dashboard/."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from edgeopt.fleet.rollout_spec import parse_waves
+from edgeopt.protocol import ModelRef
+
+from fleet_helpers import FleetRig, sqlite_url, tuned_mosquitto
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "build" / "test-artifacts" / "dashboard"
+V1 = ModelRef("kws", "1")
+
+
+def _chromium():
+    try:
+        from selenium import webdriver
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install 'edgeopt[dev]')")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not browser or not driver:
+        pytest.skip("the browser tests need chromium and its driver (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(arg)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+
+
+@pytest.fixture
+def browser():
+    b = _chromium()
+    b.set_page_load_timeout(30)
+    yield b
+    b.quit()
+
+
+@pytest.fixture
+def rig(tmp_path):
+    broker = tuned_mosquitto(tmp_path / "broker")
+    r = FleetRig(tmp_path, broker, sqlite_url(tmp_path), 40, service_options={"http": "127.0.0.1:0"})
+    yield r
+    r.close()
+    broker.stop()
+
+
+def wait(browser, condition, timeout: float = 30.0, what: str = ""):
+    """Until ``condition(browser)`` is truthy; an element the live refresh replaced meanwhile is looked up again."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(
+        lambda b: condition(b), message=what)
+
+
+def act(browser, selector: str, keys: str | None = None) -> None:
+    """Click (or type into) the element ``selector`` names, looked up again if a live refresh replaced it."""
+    from selenium.webdriver.common.by import By
+
+    def attempt(b):
+        el = b.find_element(By.CSS_SELECTOR, selector)
+        el.send_keys(keys) if keys is not None else el.click()
+        return True
+
+    wait(browser, attempt, 10, f"to act on {selector}")
+
+
+def test_an_operator_starts_watches_and_aborts_a_rollout_in_the_browser(rig, browser):
+    from selenium.webdriver.common.by import By
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    url = rig.service.dashboard.url
+    browser.get(url + "#/devices")
+    wait(browser, lambda b: b.find_element(By.CSS_SELECTOR, "[data-testid=device-count]").text == "1–40 of 40",
+         what="the devices table")
+    wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "table[data-testid=devices] tbody tr")) == 40)
+    wait(browser, lambda b: b.find_element(By.ID, "live").text == "live", what="the live stream")
+    browser.save_screenshot(str(ARTIFACTS / "devices.png"))
+
+    # a planned rollout: 10 devices in wave 1; a long bake keeps it in wave 1 until the operator acts
+    rig.create("r-web", start=False, waves=parse_waves("25%,100%"), bake_s=3600.0)
+    browser.get(url + "#/rollout/r-web")
+    wait(browser, lambda b: b.find_element(By.CSS_SELECTOR, "[data-testid=rollout-state]").text == "CREATED",
+         what="the planned rollout")
+    browser.execute_script("window.__sameDocument = true")  # gone if the page reloads
+    act(browser, "button[data-action=start]")
+
+    def wave1(b):
+        return b.find_element(By.CSS_SELECTOR, ".wave[data-wave='1']")
+
+    wait(browser, lambda b: wave1(b).get_attribute("data-success") == "10", 60, "wave 1 to reach 10 successes live")
+    wait(browser, lambda b: b.find_element(By.CSS_SELECTOR, "[data-testid=rollout-state]").text == "RUNNING")
+    wait(browser, lambda b: "baking" in wave1(b).text, what="the bake timer")
+    assert browser.execute_script("return window.__sameDocument") is True
+    browser.save_screenshot(str(ARTIFACTS / "rollout-running.png"))
+    told = {d for d, a in rig.store.load_rollout("r-web")[1].items() if a.assigned_at is not None}
+    assert len(told) == 10
+
+    act(browser, "button[data-action=abort]")
+    act(browser, "[data-testid=abort-reason]", "watching it in the browser test")
+    act(browser, "[data-testid=abort-confirm]")
+    wait(browser, lambda b: b.find_element(By.CSS_SELECTOR, "[data-testid=rollout-state]").text == "ABORTED",
+         what="the rollout to show ABORTED")
+    wait(browser, lambda b: "watching it in the browser test" in
+         b.find_element(By.CSS_SELECTOR, "[data-testid=rollout-reason]").text, what="the abort reason")
+    status, _ = rig.store.load_rollout("r-web")
+    assert str(status.state) == "ABORTED"
+    rig.wait_devices(lambda d: d.model == V1 and d.update.state == "IDLE", 60, "every device back on kws@1")
+
+    # the devices page agrees: nobody left on kws@2 once the registry has the devices' states
+    browser.get(url + "#/devices?model=kws@1")
+    wait(browser, lambda b: b.find_element(By.CSS_SELECTOR, "[data-testid=device-count]").text == "1–40 of 40", 30,
+         "all 40 devices on kws@1 in the table")
+    browser.get(url + "#/rollout/r-web")
+    wait(browser, lambda b: b.find_element(By.CSS_SELECTOR, "[data-testid=rollout-state]").text == "ABORTED")
+    browser.save_screenshot(str(ARTIFACTS / "rollout-aborted.png"))
+    assert told  # the devices the rollout told went back (checked on the simulated devices above)
