@@ -454,16 +454,16 @@ class Simulator:
 
     def _schedule_telemetry(self) -> None:
         interval = self.config.telemetry_interval
-        for dev in self.devices:
-            offset = random.random() * interval
-
-            def tick(dev=dev) -> None:
+        def ticker(dev: SimDevice):
+            def tick() -> None:
                 if self.stopping:
                     return
                 dev.publish_telemetry()
-                self.loop.call_later(interval, tick)
+                self.loop.call_later(interval, tick)  # this device's own tick (a closure per device)
+            return tick
 
-            self.loop.call_later(offset, tick)
+        for dev in self.devices:
+            self.loop.call_later(random.random() * interval, ticker(dev))
 
     def summary(self) -> dict[str, Any]:
         states: Counter[str] = Counter(d.update.state for d in self.devices)

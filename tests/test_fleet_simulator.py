@@ -58,3 +58,40 @@ def test_a_malformed_desired_is_counted_by_reason(devices):
     mine._on_message(None, None, Message(f"edgeopt/devices/{mine.device_id}/desired",
                                          b'{"name": "kws", "version": "2\\n"}'))
     assert told == [] and mine.stats["rejected_desired_bad_version"] == 1
+
+
+class FakeLoop:
+    """The simulator's ``call_later`` on a clock the test moves."""
+
+    def __init__(self):
+        import itertools
+
+        self.now, self.queue, self.seq = 0.0, [], itertools.count()
+
+    def call_later(self, delay, fn):
+        import heapq
+
+        heapq.heappush(self.queue, (self.now + delay, next(self.seq), fn))
+
+    def run_until(self, t: float) -> None:
+        import heapq
+
+        while self.queue and self.queue[0][0] <= t:
+            self.now, _, fn = heapq.heappop(self.queue)
+            fn()
+
+
+def test_every_simulated_device_sends_telemetry_at_its_interval():
+    from collections import Counter
+
+    sim = Simulator(SimConfig(broker="mqtt://127.0.0.1:1", devices=3, telemetry_interval=1.0))
+    sim.devices = [SimDevice(sim, i) for i in range(3)]
+    sent: Counter[str] = Counter()
+    for d in sim.devices:
+        d.publish_telemetry = lambda d=d: sent.update([d.device_id])
+    sim.loop = FakeLoop()
+    sim._schedule_telemetry()
+    sim.loop.run_until(10.0)
+    sim.pool.shutdown(wait=False)
+    # each device on its own timer (once, all the timers but the first ended up ticking the last device)
+    assert all(9 <= sent[d.device_id] <= 10 for d in sim.devices), sent
