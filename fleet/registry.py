@@ -69,12 +69,23 @@ def merge_telemetry(prev: DeviceRecord | None, msg: Telemetry, at: float) -> Dev
     return replace(prev, telemetry=msg, last_seen=at, rejected_messages=_rejected(prev, msg.rejected_messages))
 
 
+def telemetry_sample(rec: DeviceRecord) -> dict[str, float | int | None]:
+    """What a device's charts plot, from its telemetry and the health its state last reported."""
+    t, h = rec.telemetry, rec.health
+    return {"windows_per_s": t.windows_per_s, "latency_p50_ms": t.latency_p50_ms, "latency_p95_ms": t.latency_p95_ms,
+            "error_rate": t.error_rate if t.error_rate is not None else (h.error_rate if h else None),
+            "inference_errors": t.inference_errors, "agreement": h.agreement if h else None}
+
+
 class Registry:
     """Subscribes to every device's state and telemetry and keeps the device table current."""
 
     def __init__(self, store: FleetStore, prefix: str = "edgeopt", flush_interval: float = 0.25,
-                 clock=time.time):
+                 clock=time.time, sample_s: float = 60.0):
+        """``sample_s``: at most one telemetry sample per device this often goes to ``device_samples``."""
         self.store, self.prefix, self.flush_interval, self.clock = store, prefix, flush_interval, clock
+        self.sample_s = sample_s
+        self._sampled: dict[str, float] = {}  # device → when its last sample was kept
         self.stats: Counter[str] = Counter()
         self._pending: list[tuple[float, DeviceState | OfflineMark | Telemetry]] = []
         self._lock = threading.Lock()
@@ -123,12 +134,20 @@ class Registry:
                 return 0
             try:
                 records = self.store.load_devices({m.device_id for _, m in batch})
+                samples = []
                 for at, msg in batch:
                     prev = records.get(msg.device_id)
-                    records[msg.device_id] = (merge_telemetry(prev, msg, at) if isinstance(msg, Telemetry)
-                                              else merge_state(prev, msg, at))
+                    if isinstance(msg, Telemetry):
+                        rec = records[msg.device_id] = merge_telemetry(prev, msg, at)
+                        if at - self._sampled.get(msg.device_id, float("-inf")) >= self.sample_s:
+                            samples.append((msg.device_id, at, telemetry_sample(rec)))
+                    else:
+                        records[msg.device_id] = merge_state(prev, msg, at)
                 touched = {m.device_id for _, m in batch}
                 self.store.save_devices([records[d] for d in sorted(touched)])
+                self.store.add_samples(samples)
+                for device_id, at, _ in samples:
+                    self._sampled[device_id] = at
             except BaseException:
                 with self._lock:  # keep them, in order, for the next attempt
                     self._pending = batch + self._pending

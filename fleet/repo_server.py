@@ -16,12 +16,11 @@ from edgeopt.fleet.repository import Repository
 from edgeopt.protocol import (
     DEFAULT_CHUNK,
     MAX_CHUNK,
-    ChunkResponse,
     ProtocolError,
-    decode_request,
     device_from_request_topic,
     response_topic,
 )
+from edgeopt.repo_frames import ChunkResponse, decode_request
 
 log = logging.getLogger("edgeopt.fleet.repo")
 

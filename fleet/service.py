@@ -49,6 +49,8 @@ class ServiceConfig:
     http_token_file: Path | None = SERVE["http_token_file"].default  # the token other machines must give
     http_cert: Path | None = SERVE["http_cert"].default              # TLS for the dashboard
     http_key: Path | None = SERVE["http_key"].default
+    telemetry_sample_s: float = 60.0      # at most one telemetry sample per device this often (charts)
+    telemetry_keep_s: float = 86400.0     # samples older than this are deleted
     flush_interval: float = 0.25          # seconds between registry writes
     heartbeat: float = 2.0
 
@@ -90,7 +92,8 @@ class FleetService:
 
         self.repo_server = RepoServer(self.repository, PahoTopics(client), cfg.prefix, cfg.chunk_size)
         self.repo_server.start()
-        self.registry = Registry(FleetStore(self.connections[1]), cfg.prefix, cfg.flush_interval)
+        self.registry = Registry(FleetStore(self.connections[1]), cfg.prefix, cfg.flush_interval,
+                                 sample_s=cfg.telemetry_sample_s)
         self.registry.subscribe(lambda topic, qos, handler: subscribe(
             client, topic, qos, lambda c, u, m: handler(m.topic, m.payload)))
         self.publisher = DesiredPublisher(FleetStore(self.connections[2]),
@@ -139,9 +142,13 @@ class FleetService:
     def _housekeeping_loop(self) -> None:
         store = FleetStore(self.connections[0])
         next_refresh = time.monotonic() + self.config.timestamp_refresh
+        next_prune = time.monotonic()
         while not self._stop.wait(self.config.heartbeat):
             try:
                 store.heartbeat("service", self.status())
+                if time.monotonic() >= next_prune:
+                    store.prune_samples(time.time() - self.config.telemetry_keep_s)
+                    next_prune = time.monotonic() + 600
                 if time.monotonic() >= next_refresh:
                     self.repository.refresh_timestamp()
                     next_refresh = time.monotonic() + self.config.timestamp_refresh

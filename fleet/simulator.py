@@ -280,8 +280,13 @@ class SimDevice:
         if self.silenced or not self.connected.is_set():
             return
         h = self.health or Health()
+        p95 = h.latency_p95_ms if h.latency_p95_ms is not None else 2.0 + random.random()
+        rate = 100.0 * (1 - h.error_rate) * (0.9 + 0.2 * random.random())  # what an agent's counters show
         body = {"model": self.model.to_json() if self.model else None,
-                "latency_ms": {"p50_ms": (h.latency_p95_ms or 0) / 2, "p95_ms": h.latency_p95_ms},
+                "latency_ms": {"p50_ms": p95 / 2, "p95_ms": p95}, "windows_per_s": rate,
+                "dropped": {"inference_errors": round(rate * h.error_rate)},
+                "profile": {"inference": {"us_per_window": {"queue_wait": 40.0, "inference": p95 * 400, "handoff": 5.0}},
+                            "writer": {"us_per_window": {"wait": 900.0, "encode": 3.0, "sink:mqtt": 12.0}}},
                 "error_rate": h.error_rate, "ts": time.time()}
         self.publish(device_topic(self.sim.config.prefix, self.device_id, "telemetry"),
                      encode_telemetry(self.device_id, body), qos=0)

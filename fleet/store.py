@@ -86,7 +86,8 @@ def row_to_device(row: dict[str, Any]) -> DeviceRecord:
     if row["telemetry"]:
         t = json.loads(row["telemetry"])
         telemetry = Telemetry(t["device_id"], ModelRef(**t["model"]) if t["model"] else None, t["latency_p95_ms"],
-                              t["error_rate"], t.get("rejected_messages"))
+                              t["error_rate"], t.get("rejected_messages"), t.get("windows_per_s"),
+                              t.get("latency_p50_ms"), t.get("inference_errors"), t.get("profile"))
     return DeviceRecord(
         row["device_id"], bool(row["online"]), parse_labels(row["labels"]), row["profile"], row["agent_version"],
         _model(row["model_name"], row["model_version"]),
@@ -284,6 +285,21 @@ class FleetStore:
         wanted = None if device_ids is None else set(device_ids)
         return {r["device_id"]: ModelRef(r["model_name"], r["model_version"]) if r["model_name"] else None
                 for r in rows if wanted is None or r["device_id"] in wanted}
+
+    # -- telemetry over time -------------------------------------------------------------------------
+    def add_samples(self, samples: list[tuple[str, float, dict[str, Any]]]) -> None:
+        """(device_id, at, sample) rows: what a device's charts plot."""
+        if samples:
+            self.conn.executemany("INSERT INTO device_samples (device_id, at, sample) VALUES (?, ?, ?)",
+                                  [(d, at, json.dumps(sample)) for d, at, sample in samples])
+
+    def samples(self, device_id: str, since: float, limit: int = 5000) -> list[tuple[float, dict[str, Any]]]:
+        rows = self.conn.query("SELECT at, sample FROM device_samples WHERE device_id = ? AND at >= ? "
+                               "ORDER BY at DESC LIMIT ?", (device_id, since, limit))
+        return [(r["at"], json.loads(r["sample"])) for r in reversed(rows)]
+
+    def prune_samples(self, before: float) -> int:
+        return self.conn.execute("DELETE FROM device_samples WHERE at < ?", (before,))
 
     # -- service heartbeat ---------------------------------------------------------------------------
     def heartbeat(self, name: str, detail: dict[str, Any]) -> None:

@@ -17,7 +17,9 @@ def device_json(d) -> dict[str, Any]:
             "update": None if u is None else {"state": u.state, "target": u.target.to_json() if u.target else None,
                                               "rollout": u.rollout, "reason": u.reason, "since": u.since},
             "health": None if d.health is None else d.health.__dict__,
-            "telemetry": None if t is None else {"latency_p95_ms": t.latency_p95_ms, "error_rate": t.error_rate},
+            "telemetry": None if t is None else {"latency_p50_ms": t.latency_p50_ms, "latency_p95_ms": t.latency_p95_ms,
+                                                 "error_rate": t.error_rate, "windows_per_s": t.windows_per_s,
+                                                 "inference_errors": t.inference_errors, "profile": t.profile},
             "last_failure": None if d.failed_target is None else {"target": str(d.failed_target),
                                                                    "reason": d.failed_reason, "at": d.failed_at},
             "rejected_messages": d.rejected_messages, "last_seen": d.last_seen}

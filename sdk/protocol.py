@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +70,7 @@ REASON_CHARS = 200            # update reason, slot errors, source errors, repos
 STATUS_CHARS = 500            # the agent's error, config_error, fallback
 SHORT_CHARS = 64              # agent version, status word, source names
 MAX_TELEMETRY_DEPTH = 8
+MAX_PROFILE_ENTRIES = 32  # threads in a telemetry profile, and stages per thread
 
 
 class ProtocolError(RemoteError):
@@ -117,7 +117,7 @@ def clean_text(value: Any, limit: int) -> str | None:
     return text[:limit]
 
 
-def _require(ok: bool, path: str, rule: str, value: Any) -> None:
+def require(ok: bool, path: str, rule: str, value: Any) -> None:
     if not ok:
         raise _bad(path, f"must be {rule}, got {_shown(value)}")
 
@@ -146,16 +146,16 @@ def dump(obj: Any) -> bytes:
 
 
 # -- field checks (one value each; the parsers and, through them, the encoders use them) -----------------
-def _id(v: Any, path: str, pattern: re.Pattern = IDENT_RE, optional: bool = True) -> str | None:
+def check_id(v: Any, path: str, pattern: re.Pattern = IDENT_RE, optional: bool = True) -> str | None:
     if v is None and optional:
         return None
-    _require(matches(pattern, v), path, "an identifier", v)
+    require(matches(pattern, v), path, "an identifier", v)
     return v
 
 
 def _text(v: Any, path: str, limit: int) -> str | None:
     if v is not None:
-        _require(is_text(v, limit), path, f"printable text of at most {limit} characters", v)
+        require(is_text(v, limit), path, f"printable text of at most {limit} characters", v)
     return v
 
 
@@ -163,18 +163,18 @@ def _num(v: Any, path: str, lo: float, hi: float, optional: bool = True) -> floa
     if v is None and optional:
         return None
     ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
-    _require(ok, path, f"a number in [{lo:g}, {hi:g}]", v)
+    require(ok, path, f"a number in [{lo:g}, {hi:g}]", v)
     return float(v)
 
 
-def _int(v: Any, path: str, lo: int, hi: int) -> int:
-    _require(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi, path, f"an integer in [{lo}, {hi}]", v)
+def check_int(v: Any, path: str, lo: int, hi: int) -> int:
+    require(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi, path, f"an integer in [{lo}, {hi}]", v)
     return v
 
 
 def _mapping(v: Any, path: str, most: int) -> dict | None:
     if v is not None:
-        _require(isinstance(v, dict) and len(v) <= most, path, f"an object of at most {most} entries", v)
+        require(isinstance(v, dict) and len(v) <= most, path, f"an object of at most {most} entries", v)
     return v
 
 
@@ -261,6 +261,10 @@ class Telemetry:
     latency_p95_ms: float | None
     error_rate: float | None
     rejected_messages: dict[str, dict[str, int]] | None = None
+    windows_per_s: float | None = None
+    latency_p50_ms: float | None = None
+    inference_errors: int | None = None
+    profile: dict[str, dict[str, float | None]] | None = None  # thread → stage → µs per window
 
 
 @dataclass(frozen=True)
@@ -302,8 +306,8 @@ def device_from_request_topic(prefix: str, topic: str) -> str:
 
 def target_path(name: str, version: str) -> str:
     """The signed-repository (TUF) target path of a model version: ``NAME-VERSION.tar``."""
-    _require(is_name(name), "name", "a model name", name)
-    _require(is_name(version), "version", "a model version", version)
+    require(is_name(name), "name", "a model name", name)
+    require(is_name(version), "version", "a model version", version)
     return f"{name}-{version}.tar"
 
 
@@ -321,34 +325,34 @@ def parse_desired(payload: bytes) -> Desired:
     if payload == b"":
         return Desired(None, None)
     obj = load_object(payload, MAX_DESIRED_BYTES, "desired")
-    name = _id(obj.get("name"), "name", NAME_RE, optional=False)
-    version = _id(obj.get("version"), "version", NAME_RE, optional=False)
-    return Desired(ModelRef(name, version), _id(obj.get("rollout"), "rollout", ROLLOUT_ID_RE))  # type: ignore[arg-type]
+    name = check_id(obj.get("name"), "name", NAME_RE, optional=False)
+    version = check_id(obj.get("version"), "version", NAME_RE, optional=False)
+    return Desired(ModelRef(name, version), check_id(obj.get("rollout"), "rollout", ROLLOUT_ID_RE))  # type: ignore[arg-type]
 
 
 # -- state ----------------------------------------------------------------------------------------------
 def _model(v: Any, path: str) -> ModelRef | None:
     if v is None:
         return None
-    _require(isinstance(v, dict), path, "an object {name, version} or null", v)
-    return ModelRef(_id(v.get("name"), f"{path}.name", NAME_RE, False),  # type: ignore[arg-type]
-                    _id(v.get("version"), f"{path}.version", NAME_RE, False))  # type: ignore[arg-type]
+    require(isinstance(v, dict), path, "an object {name, version} or null", v)
+    return ModelRef(check_id(v.get("name"), f"{path}.name", NAME_RE, False),  # type: ignore[arg-type]
+                    check_id(v.get("version"), f"{path}.version", NAME_RE, False))  # type: ignore[arg-type]
 
 
 def _labels(v: Any) -> dict[str, str]:
     for k, val in (_mapping(v, "labels", MAX_LABELS) or {}).items():
-        _require(matches(LABEL_KEY_RE, k), "labels", "label keys of letters, digits, '_', '.', '-'", k)
-        _require(matches(LABEL_VALUE_RE, val), "labels", "label values of letters, digits, '_.:/@+-'", val)
+        require(matches(LABEL_KEY_RE, k), "labels", "label keys of letters, digits, '_', '.', '-'", k)
+        require(matches(LABEL_VALUE_RE, val), "labels", "label values of letters, digits, '_.:/@+-'", val)
     return dict(v or {})
 
 
 def _update(v: Any) -> UpdateStatus:
-    _require(isinstance(v, dict), "update", "an object", v)
+    require(isinstance(v, dict), "update", "an object", v)
     state = v.get("state")
-    _require(isinstance(state, str) and state in UPDATE_STATES, "update.state", f"one of {', '.join(UPDATE_STATES)}",
+    require(isinstance(state, str) and state in UPDATE_STATES, "update.state", f"one of {', '.join(UPDATE_STATES)}",
              state)
     return UpdateStatus(state, _model(v.get("target"), "update.target"),
-                        _id(v.get("rollout"), "update.rollout", ROLLOUT_ID_RE),
+                        check_id(v.get("rollout"), "update.rollout", ROLLOUT_ID_RE),
                         _text(v.get("reason"), "update.reason", REASON_CHARS),
                         _num(v.get("since"), "update.since", 0, 1e11) or 0.0)
 
@@ -356,21 +360,21 @@ def _update(v: Any) -> UpdateStatus:
 def _health(v: Any) -> Health | None:
     if v is None:
         return None
-    _require(isinstance(v, dict), "health", "an object or null", v)
+    require(isinstance(v, dict), "health", "an object or null", v)
     nan = v.get("nan_outputs")
     return Health(_num(v.get("error_rate"), "health.error_rate", 0.0, 1.0, optional=False),  # type: ignore[arg-type]
                   _num(v.get("latency_p95_ms"), "health.latency_p95_ms", 0.0, 1e7),
                   _num(v.get("agreement"), "health.agreement", 0.0, 1.0),
-                  0 if nan is None else _int(nan, "health.nan_outputs", 0, MAX_COUNT))
+                  0 if nan is None else check_int(nan, "health.nan_outputs", 0, MAX_COUNT))
 
 
 def _sources(v: Any) -> dict[str, SourceStatus]:
     out = {}
     for name, s in (_mapping(v, "sources", MAX_SOURCES) or {}).items():
-        _require(is_text(name, SHORT_CHARS) and name != "", "sources", "source names of printable text", name)
-        _require(isinstance(s, dict), "sources", "objects {type, status, error}", s)
-        out[name] = SourceStatus(_id(s.get("type"), "sources.type", IDENT_RE, False),  # type: ignore[arg-type]
-                                 _id(s.get("status"), "sources.status", IDENT_RE, False),  # type: ignore[arg-type]
+        require(is_text(name, SHORT_CHARS) and name != "", "sources", "source names of printable text", name)
+        require(isinstance(s, dict), "sources", "objects {type, status, error}", s)
+        out[name] = SourceStatus(check_id(s.get("type"), "sources.type", IDENT_RE, False),  # type: ignore[arg-type]
+                                 check_id(s.get("status"), "sources.status", IDENT_RE, False),  # type: ignore[arg-type]
                                  _text(s.get("error"), "sources.error", REASON_CHARS))
     return out
 
@@ -380,42 +384,42 @@ def parse_rejected(v: Any, path: str = "rejected_messages") -> dict[str, dict[st
     if _mapping(v, path, MAX_REJECT_KINDS) is None:
         return None
     for kind, reasons in v.items():
-        _require(matches(CODE_RE, kind), path, "keyed by topic kind", kind)
-        _require(isinstance(reasons, dict) and len(reasons) <= MAX_REJECT_REASONS, path,
+        require(matches(CODE_RE, kind), path, "keyed by topic kind", kind)
+        require(isinstance(reasons, dict) and len(reasons) <= MAX_REJECT_REASONS, path,
                  f"objects of at most {MAX_REJECT_REASONS} reason codes", reasons)
         for code, n in reasons.items():
-            _require(matches(CODE_RE, code), path, "keyed by reason code", code)
-            _int(n, path, 0, MAX_COUNT)
+            require(matches(CODE_RE, code), path, "keyed by reason code", code)
+            check_int(n, path, 0, MAX_COUNT)
     return {kind: dict(reasons) for kind, reasons in v.items()}
 
 
 def _slot_errors(v: Any) -> dict[str, str] | None:
     for slot, why in (_mapping(v, "slot_errors", len(SLOTS)) or {}).items():
-        _require(slot in SLOTS, "slot_errors", "keyed by slot 'a' or 'b'", slot)
-        _require(is_text(why, REASON_CHARS), "slot_errors", f"printable text of at most {REASON_CHARS} characters", why)
+        require(slot in SLOTS, "slot_errors", "keyed by slot 'a' or 'b'", slot)
+        require(is_text(why, REASON_CHARS), "slot_errors", f"printable text of at most {REASON_CHARS} characters", why)
     return None if v is None else dict(v)
 
 
 def parse_state(device_id: str, payload: bytes) -> DeviceState | OfflineMark:
     """A device's retained state (``device_id`` comes from the topic and must match the body)."""
     obj = load_object(payload, MAX_STATE_BYTES, "state")
-    _require(obj.get("schema") == STATE_SCHEMA, "schema", repr(STATE_SCHEMA), obj.get("schema"))
+    require(obj.get("schema") == STATE_SCHEMA, "schema", repr(STATE_SCHEMA), obj.get("schema"))
     if obj.get("device_id") != device_id:
         raise ProtocolError(f"field 'device_id' {_shown(obj.get('device_id'))} does not match the topic's "
                             f"{device_id!r}", "wrong_device", "device_id")
-    _require(isinstance(obj.get("online"), bool), "online", "true or false", obj.get("online"))
+    require(isinstance(obj.get("online"), bool), "online", "true or false", obj.get("online"))
     if not obj["online"] and set(obj) <= {"schema", "device_id", "online"}:
         return OfflineMark(device_id)
     model = obj.get("model")
     slot = model.get("slot") if isinstance(model, dict) else None
-    _require(slot is None or slot in SLOTS, "model.slot", "'a', 'b' or null", slot)
+    require(slot is None or slot in SLOTS, "model.slot", "'a', 'b' or null", slot)
     g = obj.get
     return DeviceState(
         device_id=device_id, online=obj["online"], agent_version=_text(g("agent_version"), "agent_version", SHORT_CHARS),
-        profile=_id(g("profile"), "profile", LABEL_KEY_RE), labels=_labels(g("labels")),
+        profile=check_id(g("profile"), "profile", LABEL_KEY_RE), labels=_labels(g("labels")),
         model=_model(model, "model"), update=_update(g("update")), health=_health(g("health")),
         ts=_num(g("ts"), "ts", 0, 1e11) or 0.0, model_slot=slot,
-        model_runtime=_id(model.get("runtime"), "model.runtime") if isinstance(model, dict) else None,
+        model_runtime=check_id(model.get("runtime"), "model.runtime") if isinstance(model, dict) else None,
         status=_text(g("status"), "status", SHORT_CHARS), error=_text(g("error"), "error", STATUS_CHARS),
         config_error=_text(g("config_error"), "config_error", STATUS_CHARS),
         fallback=_text(g("fallback"), "fallback", STATUS_CHARS), sources=_sources(g("sources")),
@@ -431,7 +435,7 @@ def encode_state(state: DeviceState | OfflineMark) -> bytes:
     """The ``edgeopt.state/1`` payload: free texts sanitized, then checked by ``parse_state`` itself, so
     an identifier or number that breaks its rule raises ``ProtocolError`` here instead of being sent
     and dropped. ``rejected_messages`` is left out when None; ``slot_errors`` is null when no slot is unusable."""
-    _id(state.device_id, "device_id", DEVICE_ID_RE, optional=False)  # the parser takes it from the topic
+    check_id(state.device_id, "device_id", DEVICE_ID_RE, optional=False)  # the parser takes it from the topic
     if isinstance(state, OfflineMark):
         body: dict[str, Any] = {"schema": STATE_SCHEMA, "device_id": state.device_id, "online": False}
     else:
@@ -488,11 +492,34 @@ def parse_telemetry(device_id: str, payload: bytes) -> Telemetry:
         raise ProtocolError(f"telemetry names device {_shown(body_id)} on {device_id!r}'s topic", "wrong_device",
                             "device_id")
     latency = obj.get("latency_ms")
-    _require(latency is None or isinstance(latency, dict), "latency_ms", "an object or null", latency)
+    require(latency is None or isinstance(latency, dict), "latency_ms", "an object or null", latency)
     p95 = (_num(latency.get("p95_ms"), "latency_ms.p95_ms", 0.0, 1e7) if latency is not None
            else _num(obj.get("latency_p95_ms"), "latency_p95_ms", 0.0, 1e7))
+    dropped = _mapping(obj.get("dropped"), "dropped", 32) or {}
+    errors = dropped.get("inference_errors")
     return Telemetry(device_id, _model(obj.get("model"), "model"), p95,
-                     _num(obj.get("error_rate"), "error_rate", 0.0, 1.0), parse_rejected(obj.get("rejected_messages")))
+                     _num(obj.get("error_rate"), "error_rate", 0.0, 1.0), parse_rejected(obj.get("rejected_messages")),
+                     _num(obj.get("windows_per_s"), "windows_per_s", 0.0, 1e9),
+                     _num(latency.get("p50_ms"), "latency_ms.p50_ms", 0.0, 1e7) if latency is not None else None,
+                     None if errors is None else check_int(errors, "dropped.inference_errors", 0, MAX_COUNT),
+                     parse_profile(obj.get("profile")))
+
+
+def parse_profile(v: Any, path: str = "profile") -> dict[str, dict[str, float | None]] | None:
+    """The agent's per-stage profile, ``{thread: {"us_per_window": {stage: µs or null}, ...}}`` (what
+    ``edgeopt agent status`` shows), reduced to thread → stage → µs per window; at most 32 × 32."""
+    if _mapping(v, path, MAX_PROFILE_ENTRIES) is None:
+        return None
+    out: dict[str, dict[str, float | None]] = {}
+    for thread, info in v.items():
+        require(is_text(thread, 64), path, "keyed by thread names of at most 64 printable characters", thread)
+        require(isinstance(info, dict), f"{path}.{thread}", "an object", info)
+        stages = _mapping(info.get("us_per_window"), f"{path}.{thread}.us_per_window", MAX_PROFILE_ENTRIES) or {}
+        for stage, us in stages.items():
+            require(is_text(stage, 64), f"{path}.{thread}", "keyed by stage names of at most 64 characters", stage)
+            _num(us, f"{path}.{thread}.{stage}", 0.0, 1e12)
+        out[thread] = dict(stages)
+    return out
 
 
 def _sanitized(value: Any, depth: int) -> Any:
@@ -513,78 +540,8 @@ def _sanitized(value: Any, depth: int) -> Any:
 def encode_telemetry(device_id: str, snapshot: Mapping[str, Any]) -> bytes:
     """A telemetry payload from the agent's snapshot (free-form, sanitized); the fields the fleet
     reads must pass its parser, or ``ProtocolError`` is raised instead of sending it."""
-    _id(device_id, "device_id", DEVICE_ID_RE, optional=False)
+    check_id(device_id, "device_id", DEVICE_ID_RE, optional=False)
     body = _sanitized({k: v for k, v in snapshot.items() if k not in ("device", "device_id")}, 0)
     data = _dump_checked({"device": device_id, **body}, "telemetry")
     parse_telemetry(device_id, data)
     return data
-
-
-# -- repository chunks ------------------------------------------------------------------------------------
-def _repo_path(v: Any) -> str:
-    _require(matches(REPO_PATH_RE, v), "path", "metadata/FILE or targets/FILE", v)
-    return v
-
-
-@dataclass(frozen=True)
-class ChunkRequest:
-    """{"id", "path", "offset", "length"}: ``length`` bytes of ``path`` from ``offset``."""
-
-    id: str
-    path: str
-    offset: int
-    length: int
-
-    def encode(self) -> bytes:
-        return dump({"id": self.id, "path": self.path, "offset": self.offset, "length": self.length})
-
-
-def decode_request(payload: bytes, max_chunk: int = MAX_CHUNK) -> ChunkRequest:
-    obj = load_object(payload, MAX_REQUEST_BYTES, "request")
-    return ChunkRequest(_id(obj.get("id"), "id", REQUEST_ID_RE, False), _repo_path(obj.get("path")),  # type: ignore[arg-type]
-                        _int(obj.get("offset"), "offset", 0, 2**40), _int(obj.get("length"), "length", 1, max_chunk))
-
-
-@dataclass(frozen=True)
-class ChunkResponse:
-    """A frame: header {"id", "path", "offset", "total", "length"} + data, or {"id", "path", "error"}."""
-
-    id: str
-    path: str
-    offset: int = 0
-    total: int = 0
-    data: bytes = b""
-    error: str | None = None
-
-    def encode(self) -> bytes:
-        header: dict[str, Any] = {"id": self.id, "path": self.path}
-        if self.error is not None:
-            header["error"] = clean_text(self.error, REASON_CHARS) or "error"
-        else:
-            header.update(offset=self.offset, total=self.total, length=len(self.data))
-        raw = dump(header)
-        return struct.pack(">I", len(raw)) + raw + self.data
-
-
-def decode_response(payload: bytes, max_chunk: int = MAX_CHUNK) -> ChunkResponse:
-    if not isinstance(payload, bytes | bytearray) or len(payload) < 4:
-        raise ProtocolError("response shorter than its frame header", "bad_frame", "frame")
-    if len(payload) > 4 + MAX_HEADER_BYTES + max_chunk:
-        raise ProtocolError(f"response of {len(payload)} bytes exceeds the largest chunk", "too_large", "frame")
-    (n,) = struct.unpack(">I", payload[:4])
-    if n > MAX_HEADER_BYTES or 4 + n > len(payload):
-        raise ProtocolError(f"response header length {n} is invalid", "bad_frame", "frame")
-    header = load_object(bytes(payload[4:4 + n]), MAX_HEADER_BYTES, "response header")
-    data = bytes(payload[4 + n:])
-    rid, path = _id(header.get("id"), "id", REQUEST_ID_RE, False), _repo_path(header.get("path"))
-    if "error" in header:
-        err = header["error"]
-        _require(is_text(err, REASON_CHARS) and err != "", "error", "a short printable reason", err)
-        return ChunkResponse(rid, path, error=err)  # type: ignore[arg-type]
-    offset, total = _int(header.get("offset"), "offset", 0, 2**40), _int(header.get("total"), "total", 0, 2**40)
-    length = _int(header.get("length"), "length", 0, max_chunk)
-    if length != len(data):
-        raise ProtocolError(f"header says {length} data bytes, frame has {len(data)}", "bad_frame", "length")
-    if offset + length > total:
-        raise ProtocolError(f"chunk [{offset}, {offset + length}) runs past the total {total}", "bad_frame", "offset")
-    return ChunkResponse(rid, path, offset, total, data)  # type: ignore[arg-type]

@@ -35,14 +35,12 @@ from edgeopt.errors import EdgeoptError, RemoteError, UserInputError
 from edgeopt.protocol import (
     DEFAULT_CHUNK,
     MAX_CHUNK,
-    ChunkRequest,
-    ChunkResponse,
     ProtocolError,
-    decode_response,
     request_topic,
     response_topic,
     target_path,
 )
+from edgeopt.repo_frames import ChunkRequest, ChunkResponse, decode_response
 
 log = logging.getLogger("edgeopt.repo_client")
 URL_SCHEME = "edgeopt-repo:"

@@ -190,3 +190,36 @@ def test_the_live_stream_sends_the_change_stamp(fleet):
         event = next(line for line in lines if line.startswith("event:"))
         data = json.loads(next(lines).removeprefix("data: "))
     assert event == "event: change" and data["devices_updated_at"] > 0 and isinstance(data["rollouts"], dict)
+
+
+def test_telemetry_is_sampled_into_the_charts_columns(tmp_path):
+    from edgeopt.fleet.registry import Registry
+    from edgeopt.protocol import encode_telemetry
+
+    tmp, repo = tmp_path, Repository.init(tmp_path / "repo")
+    db, conn = open_database(f"sqlite:///{tmp / 'fleet.db'}")
+    base = float(int(time.time()) - 2 * 86400)  # two days ago: outside the default 6 hours
+    now = [base]
+    registry = Registry(FleetStore(conn), clock=lambda: now[0], sample_s=60.0)
+    profile = {"inference": {"windows": 10, "seconds": 0.1, "us_per_window": {"inference": 800.0, "handoff": None}}}
+    for i in range(5):  # every 30 s: one sample a minute is kept
+        now[0] = base + 30 * i
+        registry.on_message("edgeopt/devices/d1/telemetry", encode_telemetry("d1", {
+            "model": {"name": "kws", "version": "1"}, "windows_per_s": 50.0 + i, "error_rate": 0.0,
+            "latency_ms": {"p50_ms": 1.0, "p95_ms": 2.0 + i}, "dropped": {"inference_errors": i}, "profile": profile}))
+        registry.flush()
+    samples = FleetStore(conn).samples("d1", 0)
+    assert [at for at, _ in samples] == [base, base + 60, base + 120]
+    assert samples[-1][1] == {"windows_per_s": 54.0, "latency_p50_ms": 1.0, "latency_p95_ms": 6.0, "error_rate": 0.0,
+                              "inference_errors": 4, "agreement": None}
+    record = FleetStore(conn).load_devices(["d1"])["d1"]
+    assert record.telemetry.profile == {"inference": {"inference": 800.0, "handoff": None}}
+    conn.close()
+    api = Api(db, repo, DashboardConfig("127.0.0.1:0"))
+    c = TestClient(build_app(api), client=("127.0.0.1", 50000))
+    assert c.get("/api/devices/d1/telemetry").json()["at"] == []  # samples older than 6 hours
+    columns = c.get("/api/devices/d1/telemetry", params={"hours": 24 * 31}).json()
+    assert columns["at"] == [base, base + 60, base + 120] and columns["windows_per_s"] == [50.0, 52.0, 54.0]
+    assert c.get("/api/devices/d1").json()["telemetry"]["profile"]["inference"]["inference"] == 800.0
+    assert c.get("/api/devices/d1/telemetry", params={"hours": "x"}).status_code == 400
+    assert c.get("/api/devices/nobody/telemetry").status_code == 404

@@ -47,7 +47,8 @@ def browser():
 @pytest.fixture
 def rig(tmp_path):
     broker = tuned_mosquitto(tmp_path / "broker")
-    r = FleetRig(tmp_path, broker, sqlite_url(tmp_path), 40, service_options={"http": "127.0.0.1:0"})
+    r = FleetRig(tmp_path, broker, sqlite_url(tmp_path), 40, telemetry_interval=0.3,
+                 service_options={"http": "127.0.0.1:0", "telemetry_sample_s": 0.0})
     yield r
     r.close()
     broker.stop()
@@ -124,4 +125,14 @@ def test_an_operator_starts_watches_and_aborts_a_rollout_in_the_browser(rig, bro
     browser.get(url + "#/rollout/r-web")
     wait(browser, lambda b: b.find_element(By.CSS_SELECTOR, "[data-testid=rollout-state]").text == "ABORTED")
     browser.save_screenshot(str(ARTIFACTS / "rollout-aborted.png"))
-    assert told  # the devices the rollout told went back (checked on the simulated devices above)
+
+    # a device the rollout told: its rollout history, telemetry charts and per-stage profile
+    device = sorted(told)[0]
+    browser.get(url + f"#/device/{device}")
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "[data-testid=chart-latency] canvas"), 30, "the charts")
+    for name in ("throughput", "latency", "errors"):
+        assert browser.find_element(By.CSS_SELECTOR, f"[data-testid=chart-{name}] canvas").size["width"] > 100
+    wait(browser, lambda b: "inference" in b.find_element(By.CSS_SELECTOR, "[data-testid=profile]").text)
+    history = browser.find_element(By.XPATH, "//h3[text()='Rollouts']/following-sibling::table[1]").text
+    assert "r-web" in history and "kws@1" in history  # told in r-web, previously on kws@1
+    browser.save_screenshot(str(ARTIFACTS / "device.png"))

@@ -28,7 +28,6 @@ from edgeopt.protocol import (
     SHORT_CHARS,
     STATE_SCHEMA,
     UPDATE_STATES,
-    ChunkResponse,
     Desired,
     DeviceState,
     Health,
@@ -49,6 +48,7 @@ from edgeopt.protocol import (
     state_message,
 )
 from edgeopt.repo_client import MqttRepoLink
+from edgeopt.repo_frames import ChunkResponse
 
 
 def good_state(**over):
@@ -183,6 +183,29 @@ def test_telemetry_agent_shape_and_flat_shape():
     assert t.latency_p95_ms == 2.0 and t.error_rate == 0.25 and t.model is None
     t = parse_telemetry("dev-1", enc({"latency_ms": {"p95_ms": None}}))
     assert t.latency_p95_ms is None
+
+
+def test_telemetry_carries_throughput_errors_and_the_agents_profile():
+    profile = {"source:imu": {"windows": 10, "seconds": 0.5, "us_per_window": {"read": 3.5, "window": None}},
+               "inference": {"windows": 10, "seconds": 0.4, "us_per_window": {"inference": 40.0, "sink:mqtt": 2.0}}}
+    t = parse_telemetry("dev-1", enc({"windows_per_s": 120.5, "latency_ms": {"p50_ms": 1.5, "p95_ms": 4.0},
+                                      "dropped": {"inference_errors": 3, "nan_windows": 1}, "profile": profile}))
+    assert (t.windows_per_s, t.latency_p50_ms, t.inference_errors) == (120.5, 1.5, 3)
+    assert t.profile == {"source:imu": {"read": 3.5, "window": None}, "inference": {"inference": 40.0, "sink:mqtt": 2.0}}
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"windows_per_s": -1}, "windows_per_s"),
+    ({"dropped": {"inference_errors": 1.5}}, "dropped.inference_errors"),
+    ({"dropped": [1]}, "dropped"),
+    ({"profile": {f"t{i}": {"us_per_window": {}} for i in range(33)}}, "profile"),
+    ({"profile": {"inference": {"us_per_window": {"inference": "fast"}}}}, "profile.inference.inference"),
+    ({"profile": {"inference": 5}}, "profile.inference"),
+    ({"profile": {"bad\nthread": {"us_per_window": {}}}}, "thread names"),
+])
+def test_hostile_telemetry_fields_are_refused_by_name(body, needle):
+    with pytest.raises(ProtocolError, match=needle):
+        parse_telemetry("dev-1", enc(body))
 
 
 @pytest.mark.parametrize("payload,needle", [

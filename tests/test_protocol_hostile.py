@@ -16,12 +16,8 @@ import pytest
 
 from edgeopt.protocol import (
     STATE_SCHEMA,
-    ChunkRequest,
-    ChunkResponse,
     DeviceState,
     ProtocolError,
-    decode_request,
-    decode_response,
     encode_desired,
     encode_state,
     encode_telemetry,
@@ -29,6 +25,7 @@ from edgeopt.protocol import (
     parse_state,
     parse_telemetry,
 )
+from edgeopt.repo_frames import ChunkRequest, ChunkResponse, decode_request, decode_response
 
 # -- the corpus -------------------------------------------------------------------------------------------
 RAW = "\ue000raw{}\ue000"  # a marker replaced by raw JSON text after encoding

@@ -46,6 +46,11 @@ def openapi() -> dict[str, Any]:
                 "responses": _ok("{total, offset, limit, devices: [...]}")}},
             "/api/devices/{device_id}": {"get": {"summary": "One device with the rollouts it took part in",
                                                  "parameters": [_p("device_id")], "responses": _ok("the device")}},
+            "/api/devices/{device_id}/telemetry": {"get": {
+                "summary": "A device's telemetry samples as columns: at, windows_per_s, latency_p50_ms, latency_p95_ms, "
+                           "error_rate, inference_errors, agreement",
+                "parameters": [_p("device_id"), _q("hours", "how far back (default 6)", {"type": "number"})],
+                "responses": _ok("{at: [...], SERIES: [...]}")}},
             "/api/models": {"get": {"summary": "Published versions with their report summaries",
                                     "responses": _ok("models")}},
             "/api/rollouts": {

@@ -4,6 +4,7 @@ updates poll. Plain functions of a ``FleetStore``; the HTTP layer (server.py) on
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from edgeopt.errors import UserInputError
@@ -107,6 +108,24 @@ def device_detail(store: FleetStore, device_id: str) -> dict[str, Any]:
                 "previous": f"{r['previous_name']}@{r['previous_version']}" if r["previous_name"] else None}
                for r in rows]
     return device_json(record) | {"rollouts": history}
+
+
+SERIES = ("windows_per_s", "latency_p50_ms", "latency_p95_ms", "error_rate", "inference_errors", "agreement")
+
+
+def device_telemetry(store: FleetStore, device_id: str, params: dict[str, str]) -> dict[str, Any]:
+    """A device's telemetry samples as columns (``at`` and one list per series, null where a sample
+    lacks it), what the charts plot: the last ``hours`` (default 6; the service keeps 24)."""
+    try:
+        hours = float(params.get("hours") or 6)
+    except ValueError:
+        raise UserInputError(f"hours={params.get('hours')!r}: expected a number") from None
+    if not 0 < hours <= 24 * 31:
+        raise UserInputError(f"hours={hours:g}: must be in (0, 744]")
+    if not store.load_devices([device_id]):
+        raise UserInputError(f"no device {device_id!r}")
+    rows = store.samples(device_id, time.time() - hours * 3600)
+    return {"at": [at for at, _ in rows], **{k: [s.get(k) for _, s in rows] for k in SERIES}}
 
 
 def rollouts(store: FleetStore) -> list[dict[str, Any]]:

@@ -167,6 +167,9 @@ def build_app(api: Api):
     def device(request: Request):
         return queries.device_detail(api.store(), request.path_params["device_id"])
 
+    def telemetry(request: Request):
+        return queries.device_telemetry(api.store(), request.path_params["device_id"], dict(request.query_params))
+
     def summary(request: Request):
         return queries.summary(api.store()) | {"service": api.service_status() if api.service_status else None}
 
@@ -242,6 +245,7 @@ def build_app(api: Api):
         Route("/api/summary", endpoint(summary)),
         Route("/api/devices", endpoint(devices)),
         Route("/api/devices/{device_id}", endpoint(device)),
+        Route("/api/devices/{device_id}/telemetry", endpoint(telemetry)),
         Route("/api/models", endpoint(models)),
         Route("/api/rollouts", endpoint(rollouts), methods=["GET"]),
         Route("/api/rollouts", create, methods=["POST"]),

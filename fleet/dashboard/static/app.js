@@ -130,8 +130,37 @@ async function devicesView(r) {
           filters, pager, h("table", {"data-testid": "devices"}, h("thead", {}, head), h("tbody", {}, rows)), pager.cloneNode(true)];
 }
 
+// charts drawn by the view being built; the ones on screen are destroyed when it replaces them
+let charts = [], pendingCharts = [];
+
+function chart(title, data, series, testid) {
+  const el = h("div", {class: "chart", "data-testid": testid});
+  const opts = {title, width: 560, height: 190, scales: {x: {time: true}},
+                series: [{}, ...series.map((s) => ({label: s.label, stroke: s.color, width: 1.5, spanGaps: true}))]};
+  pendingCharts.push(new uPlot(opts, data, el));
+  return el;
+}
+
+function telemetryCharts(t) {
+  if (!t.at.length) return [h("p", {class: "muted", "data-testid": "no-telemetry"}, "No telemetry in the last 6 hours.")];
+  return [h("div", {class: "charts"},
+    chart("Throughput (windows/s)", [t.at, t.windows_per_s], [{label: "windows/s", color: "#1764c0"}], "chart-throughput"),
+    chart("Latency (ms)", [t.at, t.latency_p50_ms, t.latency_p95_ms],
+          [{label: "p50", color: "#43a047"}, {label: "p95", color: "#b26a00"}], "chart-latency"),
+    chart("Errors and agreement", [t.at, t.error_rate, t.agreement],
+          [{label: "error rate", color: "#e53935"}, {label: "agreement", color: "#6a1b9a"}], "chart-errors"))];
+}
+
+function profileTable(profile) {
+  if (!profile || !Object.keys(profile).length) return h("p", {class: "muted"}, "The device sends no per-stage profile.");
+  return h("table", {"data-testid": "profile"}, h("tr", {}, h("th", {}, "thread"), h("th", {}, "stage"), h("th", {}, "µs per window")),
+    Object.entries(profile).flatMap(([thread, stages]) => Object.entries(stages).map(([stage, us], i) =>
+      h("tr", {}, h("td", {}, i === 0 ? thread : ""), h("td", {}, stage), h("td", {}, us === null ? "-" : us.toFixed(1))))));
+}
+
 async function deviceView(r) {
-  const d = await api(`/api/devices/${encodeURIComponent(r.id)}`);
+  const id = encodeURIComponent(r.id);
+  const [d, samples] = await Promise.all([api(`/api/devices/${id}`), api(`/api/devices/${id}/telemetry?hours=6`)]);
   const kv = (rows) => h("table", {class: "kv"}, rows.map(([k, v]) => h("tr", {}, h("td", {}, k), h("td", {class: "wrap"}, v))));
   const u = d.update;
   const t = d.telemetry, hl = d.health;
@@ -140,11 +169,14 @@ async function deviceView(r) {
     kv([["online", d.online ? "yes" : "no"], ["model", modelText(d.model)], ["labels", labelsText(d.labels) || "-"],
         ["profile", d.profile || "-"], ["agent", d.agent_version || "-"], ["last seen", ago(d.last_seen)],
         ["update", u ? `${u.state}${u.target ? " → " + modelText(u.target) : ""}${u.reason ? " (" + u.reason + ")" : ""}` : "-"],
-        ["latency p95", t && t.latency_p95_ms !== null ? `${t.latency_p95_ms} ms` : "-"],
+        ["throughput", t && t.windows_per_s !== null ? `${t.windows_per_s.toFixed(1)} windows/s` : "-"],
+        ["latency p50 / p95", t ? `${t.latency_p50_ms ?? "-"} / ${t.latency_p95_ms ?? "-"} ms` : "-"],
         ["error rate", t && t.error_rate !== null ? String(t.error_rate) : "-"],
         ["health", hl ? Object.entries(hl).map(([k, v]) => `${k}=${v}`).join(", ") : "-"],
         ["last rejection", d.last_failure ? `${d.last_failure.target}: ${d.last_failure.reason} (${ago(d.last_failure.at)})` : "-"],
         ["refused messages", d.rejected_messages ? JSON.stringify(d.rejected_messages) : "-"]]),
+    h("h3", {}, "Telemetry, last 6 hours"), telemetryCharts(samples),
+    h("h3", {}, "Where the time goes (the agent's per-stage profile)"), profileTable(t && t.profile),
     h("h3", {}, "Rollouts"),
     d.rollouts.length ? h("table", {}, h("tr", {}, ["rollout", "target", "wave", "told", "outcome", "reason", "previous"]
       .map((c) => h("th", {}, c))), d.rollouts.map((x) => h("tr", {},
@@ -305,9 +337,18 @@ async function render() {
       // keep what the operator is typing: a live refresh does not replace a form being edited
       const editing = document.activeElement && main.contains(document.activeElement) &&
                       ["INPUT", "SELECT"].includes(document.activeElement.tagName);
-      if (!editing) main.replaceChildren(...nodes.flat().filter(Boolean));
+      if (!editing) {
+        main.replaceChildren(...nodes.flat().filter(Boolean));
+        for (const c of charts) c.destroy();
+        charts = pendingCharts;
+      } else {
+        for (const c of pendingCharts) c.destroy();
+      }
+      pendingCharts = [];
       showError("");
     } catch (e) {
+      for (const c of pendingCharts) c.destroy();
+      pendingCharts = [];
       showError(e.message);
     }
   })();
