@@ -153,21 +153,31 @@ def rolled_back_from(model: ModelRef | None, update: UpdateStatus | None) -> Mod
     return None
 
 
+def health_readings(health: Health | None, telemetry: Telemetry | None) -> dict[str, float | None]:
+    """What the health gates compare: the worse of the state's health and the telemetry (about the
+    target) where both report a value; agreement and NaN outputs come from the health alone."""
+    def worst(a: float | None, b: float | None) -> float | None:
+        return max(a, b) if a is not None and b is not None else (a if b is None else b)
+
+    return {"error_rate": worst(health.error_rate if health else None, telemetry.error_rate if telemetry else None),
+            "agreement": health.agreement if health else None,
+            "latency_p95_ms": worst(health.latency_p95_ms if health else None,
+                                    telemetry.latency_p95_ms if telemetry else None),
+            "nan_outputs": health.nan_outputs if health else None}
+
+
 def health_violation(health: Health | None, telemetry: Telemetry | None, gates: Gates) -> str | None:
     """The first bound the device's reported health breaks, as text; None when all hold."""
-    error_rates = [v for v in (health.error_rate if health else None, telemetry.error_rate if telemetry else None)
-                   if v is not None]
-    if gates.max_error_rate is not None and error_rates and max(error_rates) > gates.max_error_rate:
-        return f"error rate {max(error_rates):.3g} > {gates.max_error_rate:g}"
-    if (gates.min_agreement is not None and health is not None and health.agreement is not None
-            and health.agreement < gates.min_agreement):
-        return f"agreement {health.agreement:.3g} < {gates.min_agreement:g}"
-    p95s = [v for v in (health.latency_p95_ms if health else None, telemetry.latency_p95_ms if telemetry else None)
-            if v is not None]
-    if gates.max_latency_p95_ms is not None and p95s and max(p95s) > gates.max_latency_p95_ms:
-        return f"latency p95 {max(p95s):.3g} ms > {gates.max_latency_p95_ms:g} ms"
-    if gates.max_nan_outputs is not None and health is not None and health.nan_outputs > gates.max_nan_outputs:
-        return f"{health.nan_outputs} NaN outputs > {gates.max_nan_outputs}"
+    r = health_readings(health, telemetry)
+    error_rate, agreement, p95, nans = r["error_rate"], r["agreement"], r["latency_p95_ms"], r["nan_outputs"]
+    if gates.max_error_rate is not None and error_rate is not None and error_rate > gates.max_error_rate:
+        return f"error rate {error_rate:.3g} > {gates.max_error_rate:g}"
+    if gates.min_agreement is not None and agreement is not None and agreement < gates.min_agreement:
+        return f"agreement {agreement:.3g} < {gates.min_agreement:g}"
+    if gates.max_latency_p95_ms is not None and p95 is not None and p95 > gates.max_latency_p95_ms:
+        return f"latency p95 {p95:.3g} ms > {gates.max_latency_p95_ms:g} ms"
+    if gates.max_nan_outputs is not None and nans is not None and nans > gates.max_nan_outputs:
+        return f"{int(nans)} NaN outputs > {gates.max_nan_outputs}"
     return None
 
 

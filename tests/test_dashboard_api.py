@@ -223,3 +223,98 @@ def test_telemetry_is_sampled_into_the_charts_columns(tmp_path):
     assert c.get("/api/devices/d1").json()["telemetry"]["profile"]["inference"]["inference"] == 800.0
     assert c.get("/api/devices/d1/telemetry", params={"hours": "x"}).status_code == 400
     assert c.get("/api/devices/nobody/telemetry").status_code == 404
+
+
+def test_gate_values_are_the_worst_readings_of_the_told_devices_on_the_target():
+    from dataclasses import replace
+
+    from edgeopt.fleet.dashboard.queries import gate_values
+    from edgeopt.fleet.rollout import new_rollout
+    from edgeopt.fleet.rollout_spec import rollout_spec
+    from edgeopt.protocol import Health, Telemetry
+
+    v1, v2 = ModelRef("kws", "1"), ModelRef("kws", "2")
+    spec = rollout_spec(v2, [], max_error_rate=0.1, min_agreement=0.9)
+    status, assignments = new_rollout("r", spec, ["a", "b", "c", "d"], 0.0)
+    assignments = {d: replace(a, assigned_at=1.0 if d != "d" else None) for d, a in assignments.items()}
+    devices = {
+        "a": DeviceRecord("a", model=v2, health=Health(error_rate=0.05, agreement=0.97)),
+        # trying the target; its telemetry about the target reports worse than its health
+        "b": DeviceRecord("b", model=v1, update=UpdateStatus("PROBATION", v2, "r", None, 0.0),
+                          health=Health(error_rate=0.0, agreement=0.85), telemetry=Telemetry("b", v2, None, 0.3)),
+        "c": DeviceRecord("c", model=v1, health=Health(error_rate=0.9, agreement=0.1)),  # not on the target yet
+        "d": DeviceRecord("d", model=v2, health=Health(error_rate=0.9, agreement=0.1)),  # not told
+    }
+    rows = {g["gate"]: g for g in gate_values(status, assignments, devices)}
+    assert rows.keys() == {"max_error_rate", "min_agreement"}
+    assert rows["max_error_rate"] == {"gate": "max_error_rate", "bound": 0.1, "reading": "error_rate", "worst": 0.3,
+                                      "devices": 2, "breaking": 1}
+    assert rows["min_agreement"]["worst"] == 0.85 and rows["min_agreement"]["breaking"] == 1
+
+
+def test_a_model_is_revoked_from_the_models_page(tmp_path):
+    repo = Repository.init(tmp_path / "repo")
+    for v in ("1", "2"):
+        repo.publish(fake_artifact(tmp_path / f"art-{v}", "kws", v, 2000, seed=int(v)), "kws", v)
+    db, conn = open_database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    conn.close()
+    c = TestClient(build_app(Api(db, repo, DashboardConfig("127.0.0.1:0"))), client=("127.0.0.1", 50000))
+    headers = {"X-CSRF-Token": csrf(c)}
+    assert c.post("/api/models/kws@2/revoke").status_code == 403  # no CSRF token
+    assert c.post("/api/models/kws@2/revoke", headers=headers).json() == {"revoked": "kws@2"}
+    assert [m["version"] for m in Repository(tmp_path / "repo").list_models()] == ["1"]
+    again = c.post("/api/models/kws@2/revoke", headers=headers)
+    assert again.status_code == 400 and "not in the repository" in again.json()["error"]
+    assert c.post("/api/models/kws/revoke", headers=headers).status_code == 400
+
+
+def _self_signed(tmp_path):
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleet.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    return tmp_path / "cert.pem", tmp_path / "key.pem"
+
+
+def test_the_real_server_speaks_tls_and_stops_with_a_live_stream_open(fleet, tmp_path):
+    import http.client
+    import ssl
+    import urllib.request
+
+    from edgeopt.fleet.dashboard.server import Dashboard
+
+    _, db, repo = fleet
+    cert, key = _self_signed(tmp_path)
+    dash = Dashboard(DashboardConfig("127.0.0.1:0", certfile=cert, keyfile=key), db, repo).start()
+    try:
+        assert dash.url.startswith("https://127.0.0.1:")
+        context = ssl.create_default_context(cafile=str(cert))
+        with urllib.request.urlopen(dash.url + "api/summary", context=context, timeout=10) as r:
+            assert json.loads(r.read())["devices"] == 250
+        host, port = dash.address
+        plain = http.client.HTTPConnection(host, port, timeout=5)  # http on the https port: no answer
+        with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
+            plain.request("GET", "/api/summary")
+            plain.getresponse().read()
+        stream = urllib.request.urlopen(dash.url + "api/events", context=context, timeout=10)
+        assert stream.readline().startswith(b"retry:")
+    finally:
+        dash.stop()
+    assert not dash._thread.is_alive()  # a client holding the live stream does not hold the service up
+    stream.close()

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from edgeopt.fleet.rollout_spec import parse_waves
 from edgeopt.protocol import ModelRef
 
 from fleet_helpers import FleetRig, sqlite_url, tuned_mosquitto
@@ -88,9 +87,20 @@ def test_an_operator_starts_watches_and_aborts_a_rollout_in_the_browser(rig, bro
     wait(browser, lambda b: b.find_element(By.ID, "live").text == "live", what="the live stream")
     browser.save_screenshot(str(ARTIFACTS / "devices.png"))
 
-    # a planned rollout: 10 devices in wave 1; a long bake keeps it in wave 1 until the operator acts
-    rig.create("r-web", start=False, waves=parse_waves("25%,100%"), bake_s=3600.0)
-    browser.get(url + "#/rollout/r-web")
+    # the operator plans a rollout with the form: 10 devices in wave 1; a long bake keeps it in wave 1
+    browser.get(url + "#/rollouts")
+    act(browser, "form[data-testid=create-rollout] input[name=bake]", "1h")
+    act(browser, "form[data-testid=create-rollout] input[name=waves]", "25%,100%")
+    act(browser, "form[data-testid=create-rollout] input[name=max_error_rate]", "lots")
+    act(browser, "form[data-testid=create-rollout] input[name=id]", "r-web")
+    act(browser, "form[data-testid=create-rollout] select[name=model] option[value='kws@2']")
+    act(browser, "form[data-testid=create-rollout] button[type=submit]")
+    wait(browser, lambda b: "--max-error-rate: parameter 'max_error_rate' must be float" in
+         b.find_element(By.CSS_SELECTOR, "[data-testid=create-status]").text, what="the form's error")
+    field = browser.find_element(By.CSS_SELECTOR, "form[data-testid=create-rollout] input[name=max_error_rate]")
+    field.clear()
+    field.send_keys("0.5")
+    act(browser, "form[data-testid=create-rollout] button[type=submit]")
     wait(browser, lambda b: b.find_element(By.CSS_SELECTOR, "[data-testid=rollout-state]").text == "CREATED",
          what="the planned rollout")
     browser.execute_script("window.__sameDocument = true")  # gone if the page reloads
@@ -103,7 +113,13 @@ def test_an_operator_starts_watches_and_aborts_a_rollout_in_the_browser(rig, bro
     wait(browser, lambda b: b.find_element(By.CSS_SELECTOR, "[data-testid=rollout-state]").text == "RUNNING")
     wait(browser, lambda b: "baking" in wave1(b).text, what="the bake timer")
     assert browser.execute_script("return window.__sameDocument") is True
+    gate = browser.find_element(By.CSS_SELECTOR, "[data-testid=gates] tr[data-gate=max_error_rate]").text
+    assert gate.startswith("max_error_rate 0.5 0 10 0"), gate  # bound, worst reported, reporting, breaking
     browser.save_screenshot(str(ARTIFACTS / "rollout-running.png"))
+    act(browser, "button[data-action=pause]")
+    wait(browser, lambda b: b.find_element(By.CSS_SELECTOR, "[data-testid=rollout-state]").text == "PAUSED")
+    act(browser, "button[data-action=resume]")
+    wait(browser, lambda b: b.find_element(By.CSS_SELECTOR, "[data-testid=rollout-state]").text == "RUNNING")
     told = {d for d, a in rig.store.load_rollout("r-web")[1].items() if a.assigned_at is not None}
     assert len(told) == 10
 

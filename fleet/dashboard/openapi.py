@@ -53,6 +53,10 @@ def openapi() -> dict[str, Any]:
                 "responses": _ok("{at: [...], SERIES: [...]}")}},
             "/api/models": {"get": {"summary": "Published versions with their report summaries",
                                     "responses": _ok("models")}},
+            "/api/models/{model}/revoke": {"post": {
+                "summary": "Revoke NAME@VERSION: remove it from the signed targets (devices refuse it from then on)",
+                **ACTION, "parameters": [_p("model")],
+                "responses": {"200": {"description": "revoked"}, "400": {"description": "not published"}}}},
             "/api/rollouts": {
                 "get": {"summary": "Every rollout, newest first, with wave progress", "responses": _ok("rollouts")},
                 "post": {"summary": "Create a rollout: {model, selectors: [K=V], options: {waves, bake, ...}, id, "

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from edgeopt.errors import UserInputError
+from edgeopt.fleet.rollout import health_readings
 from edgeopt.fleet.rollout_spec import matches, parse_selector
 from edgeopt.fleet.store import FleetStore, parse_labels
 from edgeopt.fleet.views import device_json, rollout_json
@@ -138,8 +139,44 @@ def rollouts(store: FleetStore) -> list[dict[str, Any]]:
     return out
 
 
+# gate → (the spec's bound, the reading it compares, whether the worst reading is the largest)
+GATES = {"max_error_rate": ("error_rate", True), "min_agreement": ("agreement", False),
+         "max_latency_p95_ms": ("latency_p95_ms", True), "max_nan_outputs": ("nan_outputs", True)}
+
+
+def gate_values(status, assignments, devices: dict) -> list[dict[str, Any]]:
+    """Each health gate the rollout has, with the worst reading among the told devices that run or
+    try the target (read as the controller reads them: ``health_readings``) and how many break it."""
+    target = status.spec.target
+    readings = []
+    for a in assignments.values():
+        rec = devices.get(a.device_id)
+        if a.assigned_at is None or rec is None:
+            continue
+        trying = rec.update is not None and rec.update.target == target
+        if rec.model != target and not trying:
+            continue
+        telemetry = rec.telemetry if rec.telemetry is not None and rec.telemetry.model == target else None
+        readings.append(health_readings(rec.health, telemetry))
+    out = []
+    for gate, (reading, larger_is_worse) in GATES.items():
+        bound = getattr(status.spec.gates, gate)
+        if bound is None:
+            continue
+        values = [r[reading] for r in readings if r[reading] is not None]
+        worst = (max(values) if larger_is_worse else min(values)) if values else None
+        breaking = sum((v > bound) if larger_is_worse else (v < bound) for v in values)
+        out.append({"gate": gate, "bound": bound, "reading": reading, "worst": worst, "devices": len(values),
+                    "breaking": breaking})
+    return out
+
+
 def rollout(store: FleetStore, rollout_id: str) -> dict[str, Any]:
-    return rollout_json(*store.load_rollout(rollout_id), store.events(rollout_id, limit=200))
+    status, assignments = store.load_rollout(rollout_id)
+    told = [d for d, a in assignments.items() if a.assigned_at is not None]
+    gates = gate_values(status, assignments, store.load_devices(told)) if any(
+        v is not None for v in status.spec.gates.__dict__.values()) else []
+    return rollout_json(status, assignments, store.events(rollout_id, limit=200)) | {"gate_values": gates}
 
 
 def change_stamp(store: FleetStore) -> dict[str, Any]:

@@ -218,6 +218,13 @@ def build_app(api: Api):
             return {"rollout_id": rollout_id, "state": str(decision.rollout.state), "told": len(decision.desired)}
         return await endpoint(run)(request)
 
+    async def revoke(request: Request) -> Response:
+        def run(_request):
+            model = operations.parse_model(request.path_params["model"], "model")
+            api.repository.revoke(model.name, model.version)
+            return {"revoked": str(model)}
+        return await endpoint(run)(request)
+
     async def events(request: Request) -> Response:
         async def stream():
             last, quiet = None, 0.0
@@ -247,6 +254,7 @@ def build_app(api: Api):
         Route("/api/devices/{device_id}", endpoint(device)),
         Route("/api/devices/{device_id}/telemetry", endpoint(telemetry)),
         Route("/api/models", endpoint(models)),
+        Route("/api/models/{model}/revoke", revoke, methods=["POST"]),
         Route("/api/rollouts", endpoint(rollouts), methods=["GET"]),
         Route("/api/rollouts", create, methods=["POST"]),
         Route("/api/rollout-options", endpoint(rollout_options)),

@@ -229,7 +229,7 @@ function createForm(models, options) {
       status.className = "error";
     }
   }},
-    h("label", {}, "model", h("select", {name: "model"}, models.map((m) => h("option", {}, `${m.name}@${m.version}`)))),
+    h("label", {}, "model", h("select", {name: "model"}, models.map((m) => h("option", {value: `${m.name}@${m.version}`}, `${m.name}@${m.version}`)))),
     h("label", {title: "LABEL=VALUE[,...]: every label must match; empty: every device"}, "selector",
       h("input", {name: "selector", placeholder: "every device"})),
     options.map((o) => h("label", {title: o.help}, o.flag.slice(2), inputFor(o))),
@@ -279,7 +279,7 @@ async function rolloutView(r) {
       h("span", {}, `Wave ${w.wave} `, h("span", {class: `state ${w.state}`}, w.state)), bar(w.size, w),
       h("span", {class: "muted"}, `${w.size} devices: ${note}`, baking ? " · " : "", baking));
   });
-  const gates = Object.entries(spec.gates).filter(([, v]) => v !== null);
+  const gates = x.gate_values;
   const failurePct = spec.failure_pct === null ? "" : `${(spec.failure_pct * 100).toFixed(1)}% of told`;
   return [
     h("h2", {}, `Rollout ${x.rollout_id} `, h("span", {class: `state ${x.state}`, "data-testid": "rollout-state"}, x.state)),
@@ -291,7 +291,12 @@ async function rolloutView(r) {
     h("p", {}, `success ≥ ${(spec.success_threshold * 100).toFixed(0)}% for ${spec.bake_s} s; abort past `,
       [failurePct, spec.failure_count !== null ? `${spec.failure_count} device(s)` : ""].filter(Boolean).join(" or "),
       `; device timeout ${spec.device_timeout_s} s`,
-      gates.length ? `; health: ${gates.map(([k, v]) => `${k} ${v}`).join(", ")}` : "; no health gates"),
+      gates.length ? "" : "; no health gates"),
+    x.gate_values.length ? h("table", {"data-testid": "gates"},
+      h("tr", {}, ["health gate", "bound", "worst reported", "devices reporting", "breaking it"].map((c) => h("th", {}, c))),
+      x.gate_values.map((g) => h("tr", {"data-gate": g.gate, class: g.breaking ? "breaking" : ""},
+        h("td", {}, g.gate), h("td", {}, g.bound), h("td", {}, g.worst === null ? "-" : Number(g.worst.toPrecision(4))),
+        h("td", {}, g.devices), h("td", {}, g.breaking)))) : null,
     h("h3", {}, `Failed devices (${x.failures.length})`),
     x.failures.length ? h("table", {"data-testid": "failures"}, h("tr", {}, ["device", "wave", "reason", "when"].map((c) => h("th", {}, c))),
       x.failures.slice(0, 200).map((f) => h("tr", {},
@@ -309,7 +314,7 @@ async function modelsView() {
   const num = (v, digits) => (v === null || v === undefined ? "-" : Number(v).toFixed(digits));
   return [h("h2", {}, "Models"), models.length ? h("table", {"data-testid": "models"},
     h("tr", {}, ["model", "format", "runtime", "quantize", "profile", "size", "parity cosine", "accuracy drop",
-                 "p50 ms", "fits", "sha256"].map((c) => h("th", {}, c))),
+                 "p50 ms", "fits", "sha256", ""].map((c) => h("th", {}, c))),
     models.map((m) => {
       const rep = m.report || {};
       return h("tr", {"data-model": `${m.name}@${m.version}`}, h("td", {}, `${m.name}@${m.version}`), h("td", {}, m.format),
@@ -317,7 +322,12 @@ async function modelsView() {
         h("td", {}, `${(m.length / 1024).toFixed(1)} KiB`), h("td", {}, num(rep.parity && rep.parity.cosine, 5)),
         h("td", {}, num(rep.accuracy && rep.accuracy.drop, 4)), h("td", {}, num(rep.latency && rep.latency.p50_ms, 3)),
         h("td", {}, rep.fit ? (rep.fit.ok === null ? "-" : rep.fit.ok ? "yes" : "no") : "-"),
-        h("td", {class: "muted"}, m.sha256.slice(0, 12)));
+        h("td", {class: "muted"}, m.sha256.slice(0, 12)),
+        h("td", {}, h("button", {class: "danger", "data-action": "revoke", onclick: async () => {
+          if (!confirm(`Revoke ${m.name}@${m.version}? Devices will refuse it from now on.`)) return;
+          try { await post(`/api/models/${encodeURIComponent(`${m.name}@${m.version}`)}/revoke`); await render(); }
+          catch (e) { showError(e.message); }
+        }}, "Revoke")));
     })) : h("p", {class: "muted"}, "Nothing published yet (edgeopt fleet publish).")];
 }
 
