@@ -80,6 +80,7 @@ bench: setup
 	$(BIN)/python benchmarks/latency_agreement.py
 	$(BIN)/python benchmarks/compress.py
 	$(BIN)/python benchmarks/fleet_scale.py
+	$(BIN)/python benchmarks/dashboard.py
 	$(BIN)/python benchmarks/agent_throughput.py
 	$(BIN)/python benchmarks/mixed_precision.py
 	$(BIN)/python benchmarks/update.py

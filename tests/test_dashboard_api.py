@@ -318,3 +318,22 @@ def test_the_real_server_speaks_tls_and_stops_with_a_live_stream_open(fleet, tmp
         dash.stop()
     assert not dash._thread.is_alive()  # a client holding the live stream does not hold the service up
     stream.close()
+
+
+def test_a_label_filter_matches_whole_labels_only(tmp_path):
+    repo = Repository.init(tmp_path / "repo")
+    db, conn = open_database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    labels = {"a": {"site": "lab"}, "b": {"site": "lab2"}, "c": {"site": "lab_1"}, "d": {"site": "labx1"},
+              "e": {"ring": "site", "x": "lab"}, "f": {"site": "lab", "ring": "canary"}}
+    FleetStore(conn).save_devices([DeviceRecord(d, labels=v) for d, v in labels.items()])
+    conn.close()
+    c = TestClient(build_app(Api(db, repo, DashboardConfig("127.0.0.1:0"))), client=("127.0.0.1", 50000))
+
+    def ids(label):
+        return [d["device_id"] for d in c.get("/api/devices", params={"label": label}).json()["devices"]]
+
+    assert ids("site=lab") == ["a", "f"]
+    assert ids("site=lab_1") == ["c"]  # '_' is no wildcard
+    assert ids("site=la") == []
+    assert ids("site=lab,ring=canary") == ["f"]
+    assert ids("x=lab") == ["e"] and ids("ring=site") == ["e"]
