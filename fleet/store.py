@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any
 
-from edgeopt.errors import UserInputError
+from edgeopt.errors import NotFound, UserInputError
 from edgeopt.fleet.db import Connection
 from edgeopt.fleet.rollout import (
     ACTIVE,
@@ -213,7 +213,7 @@ class FleetStore:
         if not rows:
             known = self.rollout_ids()
             hint = f" (rollouts: {', '.join(known[-5:])})" if known else " (there are no rollouts yet)"
-            raise UserInputError(f"no rollout {rollout_id!r}{hint}")
+            raise NotFound(f"no rollout {rollout_id!r}{hint}")
         r = rows[0]
         waves = [WaveStatus(w["wave"], w["size"], Phase(w["state"]), w["started_at"], w["success_since"],
                             w["ended_at"])

@@ -24,6 +24,10 @@ class UserInputError(EdgeoptError):
     """The user's input (files, flags, config, data) is wrong."""
 
 
+class NotFound(UserInputError):
+    """What the user named (a rollout, a device) does not exist (HTTP 404 on the dashboard)."""
+
+
 class UnsupportedOpsError(UserInputError):
     """A model uses operators that a target cannot compile; lists each op with its node names."""
 

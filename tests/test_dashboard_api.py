@@ -337,3 +337,20 @@ def test_a_label_filter_matches_whole_labels_only(tmp_path):
     assert ids("site=la") == []
     assert ids("site=lab,ring=canary") == ["f"]
     assert ids("x=lab") == ["e"] and ids("ring=site") == ["e"]
+
+
+def test_a_certificate_that_does_not_load_is_one_line_and_a_huge_body_is_refused(fleet, tmp_path):
+    from edgeopt.errors import UserInputError
+    from edgeopt.fleet.dashboard.server import Dashboard
+
+    _, db, repo = fleet
+    (tmp_path / "cert.pem").write_text("-----BEGIN CERTIFICATE-----\nnot one\n-----END CERTIFICATE-----\n")
+    (tmp_path / "key.pem").write_text("nope")
+    with pytest.raises(UserInputError, match="cannot use them for TLS"):
+        Dashboard(DashboardConfig("127.0.0.1:0", certfile=tmp_path / "cert.pem", keyfile=tmp_path / "key.pem"),
+                  db, repo).start()
+    c, _ = client(fleet)
+    r = c.post("/api/rollouts", content=b"{" + b" " * 200_000 + b"}", headers={"X-CSRF-Token": csrf(c)})
+    assert r.status_code == 400 and "over 64 KiB" in r.json()["error"]
+    r = c.post("/api/rollouts", content=b"[1]", headers={"X-CSRF-Token": csrf(c)})
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]

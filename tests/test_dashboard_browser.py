@@ -86,6 +86,15 @@ def test_an_operator_starts_watches_and_aborts_a_rollout_in_the_browser(rig, bro
     wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "table[data-testid=devices] tbody tr")) == 40)
     wait(browser, lambda b: b.find_element(By.ID, "live").text == "live", what="the live stream")
     browser.save_screenshot(str(ARTIFACTS / "devices.png"))
+    # paging (the pager under the table too) and sorting by a column
+    browser.get(url + "#/devices?limit=15")
+    wait(browser, lambda b: b.find_element(By.CSS_SELECTOR, "[data-testid=device-count]").text == "1–15 of 40")
+    act(browser, ".pager:last-of-type button:last-child")
+    wait(browser, lambda b: b.find_element(By.CSS_SELECTOR, "[data-testid=device-count]").text == "16–30 of 40",
+         what="the next page")
+    act(browser, "th[data-sort=device]")  # sorted ascending already: now descending, from the first page
+    wait(browser, lambda b: b.find_element(By.CSS_SELECTOR, "table[data-testid=devices] tbody tr").get_attribute(
+        "data-device") == "sim-00039", what="the devices sorted by id, descending")
 
     # the operator plans a rollout with the form: 10 devices in wave 1; a long bake keeps it in wave 1
     browser.get(url + "#/rollouts")

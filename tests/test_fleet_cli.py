@@ -199,3 +199,42 @@ def test_dashboard_flags_are_checked_before_anything_starts(fleet, tmp_path, arg
     (tmp_path / "short").write_text("abc\n")
     args = [{"CERT": str(tmp_path / "cert.pem"), "SHORT": str(tmp_path / "short")}.get(a, a) for a in args]
     one_line_error(run_cli("fleet", "serve", "--repo", fleet, "--broker", "mqtt://127.0.0.1:1", *args), *needles)
+
+
+def test_fleet_serve_with_http_serves_the_dashboard_until_sigterm(fleet, tmp_path):
+    import json
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    pytest.importorskip("uvicorn", reason="the dashboard needs the fleet extra (pip install 'edgeopt[fleet]')")
+    from fleet_helpers import tuned_mosquitto
+
+    broker = tuned_mosquitto(tmp_path / "broker")
+    token = tmp_path / "token"
+    token.write_text("a-token-of-24-characters\n")
+    log = tmp_path / "serve.log"
+    exe = Path(sys.executable).parent / "edgeopt"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([str(exe), "fleet", "serve", "--repo", str(fleet), "--broker", broker.url,
+                                 "--http", "127.0.0.1:0", "--http-token-file", str(token)], stderr=err)
+    try:
+        deadline = time.monotonic() + 60
+        while not (m := re.search(r"dashboard (http://127\.0\.0\.1:\d+/)", log.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        with urllib.request.urlopen(m.group(1) + "api/summary", timeout=10) as r:
+            summary = json.loads(r.read())
+        assert summary["devices"] == 6 and summary["service"]["dashboard"] == m.group(1)
+        with urllib.request.urlopen(m.group(1), timeout=10) as r:
+            assert b"edgeopt fleet" in r.read()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        broker.stop()
+    assert "Traceback" not in log.read_text()

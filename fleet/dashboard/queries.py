@@ -8,7 +8,7 @@ import json
 import time
 from typing import Any
 
-from edgeopt.errors import UserInputError
+from edgeopt.errors import NotFound, UserInputError
 from edgeopt.fleet.rollout import health_readings
 from edgeopt.fleet.rollout_spec import parse_selector
 from edgeopt.fleet.store import FleetStore
@@ -107,7 +107,7 @@ def summary(store: FleetStore) -> dict[str, Any]:
 def device_detail(store: FleetStore, device_id: str) -> dict[str, Any]:
     record = store.load_devices([device_id]).get(device_id)
     if record is None:
-        raise UserInputError(f"no device {device_id!r}")
+        raise NotFound(f"no device {device_id!r}")
     rows = store.conn.query(
         "SELECT d.rollout_id, d.wave, d.assigned_at, d.outcome, d.reason, d.outcome_at, d.previous_name, "
         "d.previous_version, r.model_name, r.model_version, r.state FROM rollout_devices d JOIN rollouts r "
@@ -133,7 +133,7 @@ def device_telemetry(store: FleetStore, device_id: str, params: dict[str, str]) 
     if not 0 < hours <= 24 * 31:
         raise UserInputError(f"hours={hours:g}: must be in (0, 744]")
     if not store.load_devices([device_id]):
-        raise UserInputError(f"no device {device_id!r}")
+        raise NotFound(f"no device {device_id!r}")
     rows = store.samples(device_id, time.time() - hours * 3600)
     return {"at": [at for at, _ in rows], **{k: [s.get(k) for _, s in rows] for k in SERIES}}
 

@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgeopt.errors import EdgeoptError, MissingDependency, UserInputError
+from edgeopt.errors import EdgeoptError, EnvironmentFault, MissingDependency, NotFound, UserInputError
 from edgeopt.fleet import operations
 from edgeopt.fleet.dashboard import queries
 from edgeopt.fleet.dashboard.auth import SESSION_COOKIE, SESSION_TTL_S, Guard
@@ -38,6 +38,7 @@ from edgeopt.fleet.store import FleetStore
 log = logging.getLogger("edgeopt.fleet.dashboard")
 STATIC = resources.files("edgeopt.fleet.dashboard") / "static"
 REPORT_KEYS = ("artifact", "parity", "accuracy", "latency", "fit", "status")
+MAX_BODY = 64 * 1024  # a rollout form is < 1 KiB
 
 
 @dataclass(frozen=True)
@@ -114,12 +115,15 @@ def build_app(api: Api):
         return JSONResponse({"error": message}, status, headers={"Cache-Control": "no-store"})
 
     def endpoint(fn):
-        """Run ``fn(request, store)`` in a worker thread; a user error is a 400 (404 for 'no such')."""
+        """Run ``fn(request)`` in a worker thread (it reads the database); a user's mistake is a 400, a
+        rollout or device that does not exist a 404, anything else edgeopt refuses a 409."""
         async def handler(request: Request) -> Response:
             try:
                 result = await run_in_threadpool(fn, request)
+            except NotFound as exc:
+                return error(404, str(exc))
             except UserInputError as exc:
-                return error(404 if str(exc).startswith("no ") else 400, str(exc))
+                return error(400, str(exc))
             except EdgeoptError as exc:
                 return error(409, str(exc))
             return result if isinstance(result, Response) else JSONResponse(result,
@@ -127,11 +131,14 @@ def build_app(api: Api):
         return handler
 
     async def body(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        if len(raw) > 64 * 1024:
-            raise UserInputError("request body over 64 KiB")
+        """The request's JSON object, read up to MAX_BODY bytes (a bigger body is refused unread)."""
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY:
+                raise UserInputError(f"request body over {MAX_BODY // 1024} KiB")
         try:
-            data = json.loads(raw or b"{}")
+            data = json.loads(bytes(raw) or b"{}")
         except ValueError:
             raise UserInputError("the request body must be JSON") from None
         if not isinstance(data, dict):
@@ -314,13 +321,20 @@ class Dashboard:
         config = uvicorn.Config(build_app(self.api), log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=1, ssl_certfile=self.config.certfile,
                                 ssl_keyfile=self.config.keyfile)
+        try:
+            config.load()  # here, not on the server's thread: a certificate that does not load is one line
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            sock.close()
+            raise UserInputError(f"--http-cert {self.config.certfile} / --http-key {self.config.keyfile}: "
+                                 f"cannot use them for TLS ({exc})") from None
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=partial(self.server.run, sockets=[sock]), name="edgeopt-dashboard",
                                         daemon=True)
         self._thread.start()
         while not self.server.started:
             if not self._thread.is_alive():
-                raise UserInputError(f"--http {self.config.listen}: the dashboard did not start (see the log)")
+                sock.close()
+                raise EnvironmentFault(f"--http {self.config.listen}: the dashboard did not start (see the log)")
             self._thread.join(0.02)
         return self  # the socket is the asyncio server's now; it closes it on shutdown
 

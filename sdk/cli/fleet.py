@@ -101,7 +101,7 @@ def fleet_cmd(ctx: click.Context, config_file: Path | None) -> None:
     \b
     edgeopt keys init REPO                              signing keys (once)
     edgeopt fleet publish ARTIFACT --repo REPO          sign a converted model into the repository
-    edgeopt fleet serve --repo REPO [--broker URL]      repository server + registry + rollout controller
+    edgeopt fleet serve --repo REPO [--http HOST:PORT]  repository server + registry + rollout controller (+ dashboard)
     edgeopt fleet devices [--selector k=v]              what the registry knows
     edgeopt fleet rollout create --model NAME@VERSION --waves 1%,10%,50%,100% ...; start | status | ...
     edgeopt fleet simulate --broker URL --devices N     simulated devices for demos and scale runs

@@ -120,14 +120,14 @@ async function devicesView(r) {
       h("td", {}, d.agent_version || "-"), h("td", {}, ago(d.last_seen)));
   });
   const offset = page.offset, limit = page.limit;
-  const pager = h("div", {class: "pager"},
+  const pager = () => h("div", {class: "pager"},
     h("button", {disabled: offset === 0, onclick: () => go({offset: Math.max(0, offset - limit)})}, "← previous"),
     h("span", {"data-testid": "device-count"},
       page.total ? `${offset + 1}–${Math.min(offset + limit, page.total)} of ${page.total}` : "no device matches"),
     h("button", {disabled: offset + limit >= page.total, onclick: () => go({offset: offset + limit})}, "next →"));
   return [h("h2", {}, `Devices `, h("span", {class: "muted"},
                      `${summary.devices} known, ${summary.online} online`)),
-          filters, pager, h("table", {"data-testid": "devices"}, h("thead", {}, head), h("tbody", {}, rows)), pager.cloneNode(true)];
+          filters, pager(), h("table", {"data-testid": "devices"}, h("thead", {}, head), h("tbody", {}, rows)), pager()];
 }
 
 // charts drawn by the view being built; the ones on screen are destroyed when it replaces them
