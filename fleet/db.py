@@ -67,11 +67,15 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (2, "devices: the messages each device refused, by topic kind and reason (JSON)", [
         "ALTER TABLE devices ADD COLUMN rejected_messages TEXT",
     ]),
-    (3, "device_samples: a device's telemetry over time (the dashboard's charts)", [
+    (3, "a device's telemetry over time and its changes of state (the dashboard's device page)", [
         """CREATE TABLE device_samples (
             device_id TEXT NOT NULL, at {real} NOT NULL, sample TEXT NOT NULL)""",
         "CREATE INDEX device_samples_by_device ON device_samples (device_id, at)",
         "CREATE INDEX device_samples_by_time ON device_samples (at)",
+        """CREATE TABLE device_history (
+            device_id TEXT NOT NULL, at {real} NOT NULL, entry TEXT NOT NULL)""",
+        "CREATE INDEX device_history_by_device ON device_history (device_id, at)",
+        "CREATE INDEX device_history_by_time ON device_history (at)",
     ]),
 ]
 

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import replace
+from typing import Any
 
 from edgeopt.fleet.rollout import DeviceRecord, rolled_back_from
 from edgeopt.fleet.store import FleetStore
@@ -67,6 +68,24 @@ def merge_telemetry(prev: DeviceRecord | None, msg: Telemetry, at: float) -> Dev
         return DeviceRecord(msg.device_id, online=True, telemetry=msg, last_seen=at,
                             rejected_messages=msg.rejected_messages)
     return replace(prev, telemetry=msg, last_seen=at, rejected_messages=_rejected(prev, msg.rejected_messages))
+
+
+def _history_key(rec: DeviceRecord | None) -> tuple | None:
+    if rec is None:
+        return None
+    u = rec.update
+    return rec.online, rec.model, u.state if u else None, u.target if u else None
+
+
+def history_entry(prev: DeviceRecord | None, rec: DeviceRecord) -> dict[str, Any] | None:
+    """What a device's state history records when its connection, model, update state or update target
+    changed with this message (None when none did: a repeated report is no event)."""
+    if _history_key(prev) == _history_key(rec):
+        return None
+    u = rec.update
+    return {"online": rec.online, "model": str(rec.model) if rec.model else None, "state": u.state if u else None,
+            "target": str(u.target) if u and u.target else None, "rollout": u.rollout if u else None,
+            "reason": u.reason if u else None}
 
 
 def telemetry_sample(rec: DeviceRecord) -> dict[str, float | int | None]:
@@ -134,7 +153,7 @@ class Registry:
                 return 0
             try:
                 records = self.store.load_devices({m.device_id for _, m in batch})
-                samples = []
+                samples, history = [], []
                 for at, msg in batch:
                     prev = records.get(msg.device_id)
                     if isinstance(msg, Telemetry):
@@ -142,10 +161,13 @@ class Registry:
                         if at - self._sampled.get(msg.device_id, float("-inf")) >= self.sample_s:
                             samples.append((msg.device_id, at, telemetry_sample(rec)))
                     else:
-                        records[msg.device_id] = merge_state(prev, msg, at)
+                        rec = records[msg.device_id] = merge_state(prev, msg, at)
+                        if (entry := history_entry(prev, rec)) is not None:
+                            history.append((msg.device_id, at, entry))
                 touched = {m.device_id for _, m in batch}
                 self.store.save_devices([records[d] for d in sorted(touched)])
                 self.store.add_samples(samples)
+                self.store.add_history(history)
                 for device_id, at, _ in samples:
                     self._sampled[device_id] = at
             except BaseException:

@@ -51,6 +51,7 @@ class ServiceConfig:
     http_key: Path | None = SERVE["http_key"].default
     telemetry_sample_s: float = 60.0      # at most one telemetry sample per device this often (charts)
     telemetry_keep_s: float = 86400.0     # samples older than this are deleted
+    history_keep_s: float = 30 * 86400.0  # a device's changes of state older than this are deleted
     flush_interval: float = 0.25          # seconds between registry writes
     heartbeat: float = 2.0
 
@@ -148,6 +149,7 @@ class FleetService:
                 store.heartbeat("service", self.status())
                 if time.monotonic() >= next_prune:
                     store.prune_samples(time.time() - self.config.telemetry_keep_s)
+                    store.prune_history(time.time() - self.config.history_keep_s)
                     next_prune = time.monotonic() + 600
                 if time.monotonic() >= next_refresh:
                     self.repository.refresh_timestamp()

@@ -301,6 +301,21 @@ class FleetStore:
     def prune_samples(self, before: float) -> int:
         return self.conn.execute("DELETE FROM device_samples WHERE at < ?", (before,))
 
+    def add_history(self, entries: list[tuple[str, float, dict[str, Any]]]) -> None:
+        """(device_id, at, entry) rows: a device's changes of state, model or connection."""
+        if entries:
+            self.conn.executemany("INSERT INTO device_history (device_id, at, entry) VALUES (?, ?, ?)",
+                                  [(d, at, json.dumps(entry)) for d, at, entry in entries])
+
+    def history(self, device_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The device's newest changes first."""
+        rows = self.conn.query("SELECT at, entry FROM device_history WHERE device_id = ? ORDER BY at DESC LIMIT ?",
+                               (device_id, limit))
+        return [{"at": r["at"], **json.loads(r["entry"])} for r in rows]
+
+    def prune_history(self, before: float) -> int:
+        return self.conn.execute("DELETE FROM device_history WHERE at < ?", (before,))
+
     # -- service heartbeat ---------------------------------------------------------------------------
     def heartbeat(self, name: str, detail: dict[str, Any]) -> None:
         self.conn.execute("INSERT INTO service_status (name, detail, updated_at) VALUES (?, ?, ?) "

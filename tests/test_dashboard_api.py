@@ -354,3 +354,32 @@ def test_a_certificate_that_does_not_load_is_one_line_and_a_huge_body_is_refused
     assert r.status_code == 400 and "over 64 KiB" in r.json()["error"]
     r = c.post("/api/rollouts", content=b"[1]", headers={"X-CSRF-Token": csrf(c)})
     assert r.status_code == 400 and "JSON object" in r.json()["error"]
+
+
+def test_a_devices_state_history_records_each_change_once(tmp_path):
+    from edgeopt.fleet.registry import Registry
+    from edgeopt.protocol import offline_will, state_message
+
+    repo = Repository.init(tmp_path / "repo")
+    db, conn = open_database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    now = [time.time() - 100]
+    registry = Registry(FleetStore(conn), clock=lambda: now[0])
+    v1, v2 = ModelRef("kws", "1"), ModelRef("kws", "2")
+    steps = [state_message("d1", model=v1, update=UpdateStatus("IDLE")),
+             state_message("d1", model=v1, update=UpdateStatus("IDLE")),  # a repeated report: no entry
+             state_message("d1", model=v1, update=UpdateStatus("DOWNLOADING", v2, "r-1")),
+             state_message("d1", model=v2, update=UpdateStatus("PROBATION", v2, "r-1")),
+             state_message("d1", model=v1, update=UpdateStatus("ROLLED_BACK", v2, "r-1", "golden vectors differ")),
+             offline_will("d1")]
+    for payload in steps:
+        now[0] += 1
+        registry.on_message("edgeopt/devices/d1/state", payload)
+        registry.flush()
+    conn.close()
+    c = TestClient(build_app(Api(db, repo, DashboardConfig("127.0.0.1:0"))), client=("127.0.0.1", 50000))
+    history = c.get("/api/devices/d1").json()["history"]
+    assert [(e["online"], e["model"], e["state"], e["target"]) for e in history] == [
+        (False, "kws@1", "ROLLED_BACK", "kws@2"), (True, "kws@1", "ROLLED_BACK", "kws@2"),
+        (True, "kws@2", "PROBATION", "kws@2"), (True, "kws@1", "DOWNLOADING", "kws@2"), (True, "kws@1", "IDLE", None)]
+    assert history[1]["reason"] == "golden vectors differ" and history[1]["rollout"] == "r-1"
+    assert history[0]["at"] > history[-1]["at"]  # newest first

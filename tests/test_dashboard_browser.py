@@ -160,4 +160,6 @@ def test_an_operator_starts_watches_and_aborts_a_rollout_in_the_browser(rig, bro
     wait(browser, lambda b: "inference" in b.find_element(By.CSS_SELECTOR, "[data-testid=profile]").text)
     history = browser.find_element(By.XPATH, "//h3[text()='Rollouts']/following-sibling::table[1]").text
     assert "r-web" in history and "kws@1" in history  # told in r-web, previously on kws@1
+    states = browser.find_element(By.CSS_SELECTOR, "[data-testid=history]").text
+    assert "kws@2" in states and "kws@1" in states  # it went to the new version and back
     browser.save_screenshot(str(ARTIFACTS / "device.png"))

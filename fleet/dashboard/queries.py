@@ -117,7 +117,7 @@ def device_detail(store: FleetStore, device_id: str) -> dict[str, Any]:
                 "outcome": r["outcome"], "reason": r["reason"], "outcome_at": r["outcome_at"],
                 "previous": f"{r['previous_name']}@{r['previous_version']}" if r["previous_name"] else None}
                for r in rows]
-    return device_json(record) | {"rollouts": history}
+    return device_json(record) | {"rollouts": history, "history": store.history(device_id, 100)}
 
 
 SERIES = ("windows_per_s", "latency_p50_ms", "latency_p95_ms", "error_rate", "inference_errors", "agreement")
