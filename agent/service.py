@@ -448,6 +448,7 @@ class Agent:
             "profile": p.profile.snapshot() if p else getattr(self, "_profile_history", {}),
             "outbox": self.publisher.stats() if self.publisher else None,
             "rejected_messages": self.rejected.snapshot(),
+            "update_downloads": self.updater.downloads() if self.updater is not None else None,
         }
         if self.transport is not None:
             out["mqtt"] = {"connected": self.transport.connected.is_set(), "connects": self.transport.connects,

@@ -7,6 +7,7 @@
     REPO/metadata/N.snapshot.json
     REPO/metadata/timestamp.json
     REPO/targets/SHA256.NAME-VERSION.tar   packed artifacts, named by hash (consistent snapshots)
+    REPO/targets/SHA256.NAME-VERSION.from-BASESHA.zst   deltas to a version from an earlier one (edgeopt.delta)
 
 The signed targets metadata is the allow-list: a model is installable only while its
 ``NAME-VERSION.tar`` entry is in it. Publishing adds an entry (versions are immutable), revoking
@@ -28,12 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from edgeopt.artifact import open_artifact, pack_artifact, refuse_failed
+from edgeopt.delta import CODEC as DELTA_CODEC
+from edgeopt.delta import delta_path, make_delta
 from edgeopt.errors import UserInputError
 from edgeopt.fsutil import atomic_write_bytes, fsync_dir
 from edgeopt.protocol import REPO_PATH_RE, is_name, matches
 from edgeopt.signing import generate_key, load_signer
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
+DELTA_BASES = 2      # a new version gets deltas from the last this many published versions of its model
+DELTA_WORTH = 0.5    # a delta at least this share of the full artifact is not published
 DEFAULT_EXPIRY = {"root": timedelta(days=365), "targets": timedelta(days=90), "snapshot": timedelta(days=7),
                   "timestamp": timedelta(days=1)}
 
@@ -151,9 +156,15 @@ class Repository:
         return ts, snap, tgt
 
     def list_models(self) -> list[dict[str, Any]]:
+        """The published model versions (deltas are not models: see ``list_deltas``)."""
         _, _, targets = self.current()
         return [{"target": path, "length": tf.length, "sha256": tf.hashes["sha256"], **(tf.custom or {})}
-                for path, tf in sorted(targets.signed.targets.items())]
+                for path, tf in sorted(targets.signed.targets.items()) if "delta" not in (tf.custom or {})]
+
+    def list_deltas(self) -> list[dict[str, Any]]:
+        _, _, targets = self.current()
+        return [{"target": path, "length": tf.length, "sha256": tf.hashes["sha256"], **tf.custom["delta"]}
+                for path, tf in sorted(targets.signed.targets.items()) if "delta" in (tf.custom or {})]
 
     def file_for(self, repo_path: str) -> Path | None:
         """The file behind a request path ('metadata/3.targets.json', 'targets/<sha>.<name>'), or None.
@@ -228,17 +239,54 @@ class Repository:
                     "runtime": artifact.manifest["model"].get("runtime"),
                     "profile": artifact.manifest.get("target_profile"),
                     "quantize": artifact.manifest["model"].get("quantize"),
+                    "published_at": _now().isoformat(timespec="seconds"),
                 }
                 if failed:
                     tf.unrecognized_fields["custom"].update(
                         allow_failed=True, failed_checks=[f[:200] for f in failed[:10]])
-                Path(tmp).replace(self.targets_dir / f"{tf.hashes['sha256']}.{path}")
+                full = self.targets_dir / f"{tf.hashes['sha256']}.{path}"
+                Path(tmp).replace(full)
+                deltas = self._write_deltas(targets.signed.targets, name, version, full, tf)
                 fsync_dir(self.targets_dir)
             finally:
                 Path(tmp).unlink(missing_ok=True)
             targets.signed.targets[path] = tf
+            for dtf in deltas:
+                targets.signed.targets[dtf.path] = dtf
             self._commit_targets(targets)
-        return {"target": path, "length": tf.length, "sha256": tf.hashes["sha256"], **tf.custom}
+        return {"target": path, "length": tf.length, "sha256": tf.hashes["sha256"], **tf.custom,
+                "deltas": [{"base_version": d.custom["delta"]["base_version"], "target": d.path, "length": d.length}
+                           for d in deltas]}
+
+    def _write_deltas(self, published: dict, name: str, version: str, full: Path, tf) -> list:
+        """Deltas to the new ``full`` artifact from the last DELTA_BASES published versions of the same
+        model (edgeopt.delta), each a target of its own naming its base and the full target it makes;
+        one not smaller than DELTA_WORTH × the full artifact is not worth a target and is skipped."""
+        from tuf.api.metadata import TargetFile
+
+        bases = sorted((t for t in published.values() if (t.custom or {}).get("name") == name),
+                       key=lambda t: t.custom.get("published_at", ""))  # older repositories: no date, first
+        new = full.read_bytes()
+        out = []
+        for base in bases[-DELTA_BASES:]:
+            base_file = self.targets_dir / f"{base.hashes['sha256']}.{base.path}"
+            if not base_file.is_file():
+                continue
+            patch = make_delta(base_file.read_bytes(), new)
+            if len(patch) >= DELTA_WORTH * len(new):
+                continue
+            dpath = delta_path(name, version, base.hashes["sha256"])
+            fd, tmp = tempfile.mkstemp(dir=self.targets_dir, suffix=".partial")
+            with os.fdopen(fd, "wb") as f:
+                f.write(patch)
+            dtf = TargetFile.from_file(dpath, tmp, ["sha256"])
+            dtf.unrecognized_fields["custom"] = {"delta": {
+                "name": name, "version": version, "base_version": base.custom["version"],
+                "base_sha256": base.hashes["sha256"], "full_sha256": tf.hashes["sha256"], "full_length": tf.length,
+                "codec": DELTA_CODEC}}
+            Path(tmp).replace(self.targets_dir / f"{dtf.hashes['sha256']}.{dpath}")
+            out.append(dtf)
+        return out
 
     def revoke(self, name: str, version: str) -> None:
         """Remove NAME@VERSION from the signed targets: no device will install it from now on."""
@@ -248,6 +296,10 @@ class Repository:
             if path not in targets.signed.targets:
                 raise UserInputError(f"{name}@{version} is not in the repository")
             del targets.signed.targets[path]
+            for dpath, dtf in list(targets.signed.targets.items()):  # the deltas that make it go too
+                d = (dtf.custom or {}).get("delta") or {}
+                if (d.get("name"), d.get("version")) == (name, version):
+                    del targets.signed.targets[dpath]
             self._commit_targets(targets)
 
     def refresh_timestamp(self) -> int:

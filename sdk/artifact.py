@@ -198,15 +198,19 @@ def open_artifact(root: str | Path) -> Artifact:
 MAX_UNPACKED_BYTES = 4 * 2**30
 
 
-def pack_artifact(root: Path, dest: Path) -> None:
+def pack_artifact(root: Path, dest: Path, exclude: frozenset[str] = frozenset()) -> None:
     """Write the artifact directory ``root`` as a deterministic tar (sorted names, zeroed owners and
-    times), so the same artifact always packs to the same bytes and the same sha256."""
+    times), so the same artifact always packs to the same bytes and the same sha256 — which is how a
+    device rebuilds the archive of what it runs, to apply a delta to (``exclude``: top-level names of
+    its own it keeps beside the artifact's files, such as the slot's pass mark)."""
     import tarfile
 
     root = Path(root)
     with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
         for path in sorted(root.rglob("*")):
             rel = path.relative_to(root).as_posix()
+            if rel.split("/", 1)[0] in exclude:
+                continue
             info = tar.gettarinfo(str(path), arcname=rel)
             info.uid = info.gid = 0
             info.uname = info.gname = ""

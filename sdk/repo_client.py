@@ -31,7 +31,9 @@ from typing import Any, Protocol
 from tuf.api.exceptions import DownloadError, DownloadHTTPError
 from tuf.ngclient import FetcherInterface
 
+from edgeopt.delta import DeltaError, apply_delta, delta_path, sha256
 from edgeopt.errors import EdgeoptError, RemoteError, UserInputError
+from edgeopt.fsutil import atomic_write_bytes
 from edgeopt.protocol import (
     DEFAULT_CHUNK,
     MAX_CHUNK,
@@ -238,6 +240,7 @@ class DeviceTrust:
             raise UserInputError(f"no pinned root: {self.metadata_dir / 'root.json'} is missing (provision the device)")
         self.download_dir.mkdir(parents=True, exist_ok=True)
         self._updater = None
+        self.delta_stats: Counter[str] = Counter()  # applied, none, refused, bytes, bytes_saved
 
     def _new_updater(self):
         from tuf.ngclient import Updater, UpdaterConfig
@@ -279,8 +282,65 @@ class DeviceTrust:
                                                       f"{custom.get('version')}")
         return ModelTarget(path, name, version, info.length, info.hashes["sha256"], custom)
 
-    def download(self, target: ModelTarget) -> Path:
-        """Download (resuming a partial download) and verify length + sha256; the verified file path."""
+    def download(self, target: ModelTarget, base: Callable[[], bytes | None] | None = None) -> Path:
+        """Download (resuming a partial download) and verify length + sha256; the verified file path.
+
+        With ``base`` (what the device runs, as the packed artifact, or None when it cannot say): first
+        look for a signed delta from that base (``edgeopt.delta``), and build the artifact from it; any
+        problem with the delta — none published, a base that is not what it was made from, a damaged
+        delta, a result that is not the signed artifact — falls back to the full download."""
+        if base is not None and (path := self._via_delta(target, base)) is not None:
+            return path
+        return self._download_full(target)
+
+    def _via_delta(self, target: ModelTarget, base: Callable[[], bytes | None]) -> Path | None:
+        from tuf.api import exceptions as e
+
+        base_bytes = base()
+        if not base_bytes:
+            return None
+        base_sha = sha256(base_bytes)
+        info = self._updater.get_targetinfo(delta_path(target.name, target.version, base_sha))
+        if info is None:
+            self.delta_stats["none"] += 1
+            return None
+        d = (info.custom or {}).get("delta") or {}
+        if (d.get("name"), d.get("version"), d.get("base_sha256"), d.get("full_sha256"), d.get("full_length")) != (
+                target.name, target.version, base_sha, target.sha256, target.length):
+            log.warning("delta %s names another base or result than %s: full download", info.path, target.path)
+            self.delta_stats["refused"] += 1
+            return None
+        repo_path = f"targets/{info.hashes['sha256']}.{info.path}"
+        try:
+            patch = Path(self._updater.download_target(info, str(self.download_dir / info.path))).read_bytes()
+        except (e.LengthOrHashMismatchError, e.DownloadLengthMismatchError) as exc:
+            self.fetcher.discard_partial(repo_path)  # poisoned bytes: never resume from them
+            log.warning("delta %s refused (%s): full download", info.path, exc)
+            self.delta_stats["refused"] += 1
+            return None
+        except e.DownloadError as exc:  # the network: retried later, resuming the delta
+            raise RemoteError(f"download of {info.path} failed: {exc}") from exc
+        finally:
+            (self.download_dir / info.path).unlink(missing_ok=True)
+        self.fetcher.discard_partial(repo_path)
+        try:
+            data = apply_delta(base_bytes, patch, target.length)
+        except DeltaError as exc:
+            log.warning("delta %s: %s: full download", info.path, exc)
+            self.delta_stats["refused"] += 1
+            return None
+        if sha256(data) != target.sha256:
+            log.warning("delta %s made an artifact whose sha256 is not the signed one: full download", info.path)
+            self.delta_stats["refused"] += 1
+            return None
+        dest = self.download_dir / target.path
+        atomic_write_bytes(dest, data)
+        self.delta_stats["applied"] += 1
+        self.delta_stats["bytes"] += len(patch)
+        self.delta_stats["bytes_saved"] += target.length - len(patch)
+        return dest
+
+    def _download_full(self, target: ModelTarget) -> Path:
         from tuf.api import exceptions as e
 
         info = self._updater.get_targetinfo(target.path)

@@ -57,12 +57,16 @@ def _running_v1(rig, tmp_path, **update):
 
 def test_happy_path_commits_v2_and_no_window_is_lost_across_the_switch(rig, artifacts, tmp_path):
     agent, jsonl = _running_v1(rig, tmp_path)
-    rig.publish(artifacts["2"], "2")
+    v2 = rig.publish(artifacts["2"], "2")
     rig.set_desired("dev1", "2", rollout="wave-1")
     status = wait_outcome(agent, "2")
     update = update_of(status)
     assert update["state"] == "COMMITTED" and update["rollout"] == "wave-1", update
     assert model_version(status) == "2" and status["state"]["status"] == "running"
+    # v2 is v1 with another version: it came as a delta from the running v1, not as the full artifact
+    downloads = status["telemetry"]["update_downloads"]
+    assert downloads["deltas_applied"] == 1 and downloads["deltas_refused"] == 0, downloads
+    assert downloads["bytes_saved"] > 0.8 * v2["length"], downloads
     agent.wait_status(lambda s: s["telemetry"]["windows_out"] > status["telemetry"]["windows_out"] + 20,
                       what="more windows on v2")
     assert agent.stop() == 0
@@ -204,16 +208,22 @@ def test_a_download_corrupted_in_transit_is_tried_again_once_the_file_is_fixed(r
     # latency is not what this test is about: on a busy machine the probation's latency gate may bite
     agent, _ = _running_v1(rig, tmp_path, refused_retry_s=backoff, refused_retry_max_s=backoff,
                            probation_latency_factor=1000.0)
-    stored = rig.stored(rig.publish(artifacts["2"], "2"))
-    good = stored.read_bytes()
-    damaged = bytearray(good)
-    damaged[len(damaged) // 2] ^= 0xFF
-    stored.write_bytes(bytes(damaged))
+    full = rig.stored(rig.publish(artifacts["2"], "2"))
+    # the delta from v1 too: a damaged delta falls back to the full artifact, damaged as well here
+    damaged_files = [full, *rig.repo.targets_dir.glob("*.imu-cnn-2.from-*.zst")]
+    assert len(damaged_files) == 2
+    good = {path: path.read_bytes() for path in damaged_files}
+    for path, data in good.items():
+        damaged = bytearray(data)
+        damaged[len(damaged) // 2] ^= 0xFF
+        path.write_bytes(bytes(damaged))
     rig.set_desired("dev1", "2", rollout="wave-1")
-    update = update_of(wait_outcome(agent, "2"))
+    status = wait_outcome(agent, "2")
+    update = update_of(status)
     assert update["state"] == "ROLLED_BACK" and update["reason"].startswith("hash_mismatch"), update
     assert f"tried again in {backoff:.0f} s, or at once by a new rollout" in update["reason"], update
-    stored.write_bytes(good)
+    for path, data in good.items():
+        path.write_bytes(data)
     if fixed_by == "a new rollout":
         rig.set_desired("dev1", "2", rollout="wave-2")
     status = agent.wait_status(lambda s: update_of(s)["state"] == "COMMITTED" and model_version(s) == "2",

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgeopt.agent.model import load_model
+from edgeopt.agent.statedir import GOOD
 from edgeopt.agent.update.machine import (
     MANIFEST_MISMATCH,
     Backoff,
@@ -55,7 +56,7 @@ from edgeopt.agent.update.machine import (
     windows_agreeing,
 )
 from edgeopt.agent.update.selftest import run_in_child
-from edgeopt.artifact import unpack_artifact
+from edgeopt.artifact import pack_artifact, unpack_artifact
 from edgeopt.errors import EdgeoptError, RemoteError
 from edgeopt.fsutil import sha256_file
 from edgeopt.protocol import ProtocolError, parse_desired
@@ -282,6 +283,13 @@ class Updater:
         return {"state": state, "target": {"name": t.name, "version": t.version} if t and t.name else None,
                 "rollout": t.rollout if t else None, "reason": reason_text(r.reason), "since": r.entered_at}
 
+    def downloads(self) -> dict[str, int]:
+        """For telemetry: bytes fetched from the repository, and the deltas applied (with the bytes they
+        carried and saved against full downloads) or refused (fallen back to the full artifact)."""
+        d = self.trust.delta_stats
+        return {"bytes_network": self.fetcher.stats["bytes_network"], "deltas_applied": d["applied"],
+                "delta_bytes": d["bytes"], "bytes_saved": d["bytes_saved"], "deltas_refused": d["refused"]}
+
     def health(self) -> dict[str, Any] | None:
         w = self.watch
         if w is None:
@@ -301,7 +309,7 @@ class Updater:
         try:
             self.trust.refresh()
             signed = self.trust.lookup(t.name, t.version)
-            path = self.trust.download(signed)
+            path = self.trust.download(signed, base=self._active_archive)
         except UpdateRefused as exc:
             r.reason = f"{exc.reason}: {exc}"
             return Event.FAILED
@@ -312,6 +320,21 @@ class Updater:
         r.reason = None
         t.path, t.sha256, t.length, t.format = str(path), signed.sha256, signed.length, signed.custom.get("format")
         return Event.OK
+
+    def _active_archive(self) -> bytes | None:
+        """The running artifact packed as the repository packed it (a delta's base), or None."""
+        slot = self.host.state.active_artifact()
+        if slot is None or not (slot / "manifest.json").is_file():
+            return None
+        tmp = self.root / "base.tar.partial"
+        try:
+            pack_artifact(slot, tmp, exclude=frozenset({GOOD}))
+            return tmp.read_bytes()
+        except (OSError, EdgeoptError) as exc:
+            log.warning("cannot pack the running artifact for a delta (%s): full download", exc)
+            return None
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _verifying(self, r: UpdateRecord) -> Event:
         path = Path(r.target.path)

@@ -44,7 +44,7 @@ def openapi() -> dict[str, Any]:
                                _q("order", "asc or desc"), _q("offset", "first row", {"type": "integer"}),
                                _q("limit", "rows, 1..500 (default 50)", {"type": "integer"})],
                 "responses": _ok("{total, offset, limit, devices: [...]}")}},
-            "/api/devices/{device_id}": {"get": {"summary": "One device with the rollouts it took part in",
+            "/api/devices/{device_id}": {"get": {"summary": "One device with its state history and the rollouts it took part in",
                                                  "parameters": [_p("device_id")], "responses": _ok("the device")}},
             "/api/devices/{device_id}/telemetry": {"get": {
                 "summary": "A device's telemetry samples as columns: at, windows_per_s, latency_p50_ms, latency_p95_ms, "

@@ -131,8 +131,13 @@ def publish_cmd(artifact: Path, repo: Path, name: str | None, model_version: str
     from edgeopt.fleet.repository import Repository  # lazy: numpy, for the commands that open the repository
 
     entry = Repository(repo).publish(artifact, name, model_version, allow_failed=allow_failed)
-    click.echo(json.dumps(entry) if as_json else
-               f"published {entry['name']}@{entry['version']} ({entry['length']} bytes, sha256 {entry['sha256'][:16]}…)")
+    if as_json:
+        click.echo(json.dumps(entry))
+        return
+    click.echo(f"published {entry['name']}@{entry['version']} ({entry['length']} bytes, sha256 {entry['sha256'][:16]}…)")
+    for d in entry["deltas"]:
+        click.echo(f"  delta from {entry['name']}@{d['base_version']}: {d['length']} bytes "
+                   f"({d['length'] / entry['length']:.1%} of the full artifact)")
 
 
 @fleet_cmd.command("revoke")

@@ -1,0 +1,147 @@
+"""Delta updates: what ``fleet publish`` makes and a device applies. The IMU model retrained in its head
+only, as .onnx and .tflite: the delta is a small share of the full artifact and rebuilds it byte for
+byte; a delta is refused for another base, damage or a wrong size; publish and revoke keep deltas with
+their versions; a device takes a delta over the repository transport and falls back to the full
+download whenever the delta is not the way (none published, a base it was not made from, tampered)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeopt.artifact import pack_artifact, unpack_artifact
+from edgeopt.delta import DeltaError, apply_delta, make_delta
+from edgeopt.fleet.repository import Repository
+
+from conftest import ROOT, run_cli
+from memory_bus import MemoryBus
+from repo_helpers import RepoPair
+
+pytest.importorskip("zstandard", reason="delta updates need zstandard (pip install 'edgeopt[agent]')")
+
+
+@pytest.fixture(scope="module")
+def imu_versions(tmp_path_factory):
+    """IMU v1 and a head-only retrain v2 (only the last layer's weights differ), converted for onnx and tflite."""
+    import onnx
+    from onnx import numpy_helper
+
+    tmp = tmp_path_factory.mktemp("imu")
+    subprocess.run([sys.executable, str(ROOT / "examples" / "imu.py"), "--out", str(tmp / "imu")], check=True,
+                   capture_output=True)
+    model = onnx.load(tmp / "imu" / "imu_cnn.onnx")
+    head = [i for i in model.graph.initializer if numpy_helper.to_array(i).ndim == 2][-1]
+    weights = numpy_helper.to_array(head).copy()
+    weights += np.random.default_rng(1).normal(0, 0.01, weights.shape).astype(weights.dtype)
+    head.CopyFrom(numpy_helper.from_array(weights, head.name))
+    onnx.save(model, tmp / "imu" / "imu_cnn_v2.onnx")
+    out = {}
+    for target in ("onnx", "tflite"):
+        for version, source in (("1", "imu_cnn.onnx"), ("2", "imu_cnn_v2.onnx")):
+            art = tmp / f"{target}-v{version}"
+            res = run_cli("convert", tmp / "imu" / source, "-o", art, "--target", target, "--name", "imu",
+                          "--version", version, "-q", "--preprocessing", tmp / "imu" / "preprocessing.json",
+                          "--validation", tmp / "imu" / "validation.npz")
+            assert res.code == 0, res.err
+            out[target, version] = art
+    return out
+
+
+def _packed(art: Path, tmp: Path) -> bytes:
+    pack_artifact(art, tmp / f"{art.name}.tar")
+    return (tmp / f"{art.name}.tar").read_bytes()
+
+
+@pytest.mark.parametrize("target", ["onnx", "tflite"])
+def test_a_head_only_retrain_travels_as_a_small_delta_that_rebuilds_the_artifact(imu_versions, tmp_path, target):
+    base, new = _packed(imu_versions[target, "1"], tmp_path), _packed(imu_versions[target, "2"], tmp_path)
+    delta = make_delta(base, new)
+    assert len(delta) <= 0.1 * len(new), (len(delta), len(new))
+    assert apply_delta(base, delta, len(new)) == new
+
+
+def test_a_delta_is_refused_for_a_wrong_size_damage_or_garbage(imu_versions, tmp_path):
+    base, new = _packed(imu_versions["onnx", "1"], tmp_path), _packed(imu_versions["onnx", "2"], tmp_path)
+    delta = make_delta(base, new)
+    with pytest.raises(DeltaError, match="not the"):
+        apply_delta(base, delta, len(new) - 1)
+    with pytest.raises(DeltaError, match="does not apply"):
+        apply_delta(base, delta[:-8], len(new))
+    with pytest.raises(DeltaError):
+        apply_delta(base, b"not a zstd frame", len(new))
+    assert apply_delta(new, delta, len(new)) != new  # another base: the sha256 check catches it (below)
+
+
+@pytest.fixture
+def repo_with_deltas(imu_versions, tmp_path):
+    repo = Repository.init(tmp_path / "repo")
+    repo.publish(imu_versions["onnx", "1"])
+    entry = repo.publish(imu_versions["onnx", "2"])
+    return repo, entry
+
+
+def test_publish_signs_a_delta_from_the_last_versions_and_revoke_takes_it_away(repo_with_deltas, imu_versions):
+    repo, entry = repo_with_deltas
+    assert [d["base_version"] for d in entry["deltas"]] == ["1"] and entry["deltas"][0]["length"] < 0.1 * entry["length"]
+    assert [m["version"] for m in repo.list_models()] == ["1", "2"]  # a delta is no model
+    (delta,) = repo.list_deltas()
+    v1 = next(m for m in repo.list_models() if m["version"] == "1")
+    assert (delta["version"], delta["base_sha256"], delta["full_sha256"], delta["full_length"]) == (
+        "2", v1["sha256"], entry["sha256"], entry["length"])
+    repo.revoke("imu", "2")
+    assert repo.list_deltas() == [] and [m["version"] for m in repo.list_models()] == ["1"]
+
+
+@pytest.fixture
+def device(repo_with_deltas, imu_versions, tmp_path):
+    """A device whose running artifact is imu@1, over the in-process repository transport."""
+    repo, _ = repo_with_deltas
+    bus = MemoryBus()
+    pair = RepoPair(tmp_path, None, repo, bus=bus)
+    pair.trust.refresh()
+    running = _packed(imu_versions["onnx", "1"], tmp_path)
+    yield pair, running
+    bus.close()
+
+
+def test_a_device_on_the_base_downloads_the_delta_only(device, tmp_path):
+    pair, running = device
+    target = pair.trust.lookup("imu", "2")
+    path = pair.trust.download(target, base=lambda: running)
+    assert unpack_artifact(path, tmp_path / "slot").manifest["version"] == "2"
+    assert pair.trust.delta_stats["applied"] == 1
+    assert pair.fetcher.stats["bytes_network"] <= 0.1 * target.length  # the delta, not the artifact
+
+
+@pytest.mark.parametrize("case", ["another base", "no base", "tampered delta"])
+def test_the_full_download_whenever_the_delta_is_not_the_way(device, repo_with_deltas, tmp_path, case):
+    pair, running = device
+    repo, _ = repo_with_deltas
+    base = {"another base": lambda: running[:-1] + b"x", "no base": lambda: None}.get(case, lambda: running)
+    if case == "tampered delta":
+        (stored,) = (repo.root / "targets").glob("*.zst")
+        data = bytearray(stored.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        stored.write_bytes(bytes(data))
+    target = pair.trust.lookup("imu", "2")
+    path = pair.trust.download(target, base=base)
+    assert unpack_artifact(path, tmp_path / "slot").manifest["version"] == "2"
+    assert pair.trust.delta_stats["applied"] == 0
+    assert pair.fetcher.stats["bytes_network"] >= target.length
+    if case == "tampered delta":
+        assert pair.trust.delta_stats["refused"] == 1
+
+
+def test_publish_prints_its_deltas(imu_versions, tmp_path):
+    Repository.init(tmp_path / "repo")
+    assert run_cli("fleet", "publish", imu_versions["tflite", "1"], "--repo", tmp_path / "repo").code == 0
+    res = run_cli("fleet", "publish", imu_versions["tflite", "2"], "--repo", tmp_path / "repo")
+    assert res.code == 0 and "delta from imu@1:" in res.out and "% of the full artifact" in res.out, res.out
+    Repository.init(tmp_path / "repo2")
+    assert run_cli("fleet", "publish", imu_versions["onnx", "1"], "--repo", tmp_path / "repo2").code == 0
+    res = run_cli("fleet", "publish", imu_versions["onnx", "2"], "--repo", tmp_path / "repo2", "--json")
+    assert [d["base_version"] for d in res.json()["deltas"]] == ["1"]  # one JSON document, deltas in it
