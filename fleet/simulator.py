@@ -204,6 +204,7 @@ class SimDevice:
         self.busy = False
         self.queued: Desired | None = None
         self.silenced = False
+        self.last_download: dict[str, Any] | None = None  # the last artifact it fetched (telemetry)
         self.stats: Counter[str] = Counter()
         self.repo_handler = None
         self.state_topic = device_topic(cfg.prefix, self.device_id, "state")
@@ -287,7 +288,7 @@ class SimDevice:
                 "dropped": {"inference_errors": round(rate * h.error_rate)},
                 "profile": {"inference": {"us_per_window": {"queue_wait": 40.0, "inference": p95 * 400, "handoff": 5.0}},
                             "writer": {"us_per_window": {"wait": 900.0, "encode": 3.0, "sink:mqtt": 12.0}}},
-                "error_rate": h.error_rate, "ts": time.time()}
+                "error_rate": h.error_rate, "ts": time.time(), "update_downloads": {"last": self.last_download}}
         self.publish(device_topic(self.sim.config.prefix, self.device_id, "telemetry"),
                      encode_telemetry(self.device_id, body), qos=0)
 
@@ -396,6 +397,9 @@ class SimDevice:
         except DownloadError as exc:
             raise RemoteError(f"download of {info.path} failed: {exc}") from exc
         self.stats["downloaded_bytes"] += len(data)
+        # what an agent reports in its telemetry (simulated devices take full artifacts only)
+        self.last_download = {"target": target.to_json(), "bytes": len(data), "full_bytes": info.length,
+                              "delta": False}
         try:
             TargetFile(info.length, {"sha256": info.sha256}, info.path).verify_length_and_hashes(data)
         except LengthOrHashMismatchError as exc:

@@ -87,7 +87,8 @@ def row_to_device(row: dict[str, Any]) -> DeviceRecord:
         t = json.loads(row["telemetry"])
         telemetry = Telemetry(t["device_id"], ModelRef(**t["model"]) if t["model"] else None, t["latency_p95_ms"],
                               t["error_rate"], t.get("rejected_messages"), t.get("windows_per_s"),
-                              t.get("latency_p50_ms"), t.get("inference_errors"), t.get("profile"))
+                              t.get("latency_p50_ms"), t.get("inference_errors"), t.get("profile"),
+                              t.get("last_download"))
     return DeviceRecord(
         row["device_id"], bool(row["online"]), parse_labels(row["labels"]), row["profile"], row["agent_version"],
         _model(row["model_name"], row["model_version"]),

@@ -25,7 +25,21 @@ def device_json(d) -> dict[str, Any]:
             "rejected_messages": d.rejected_messages, "last_seen": d.last_seen}
 
 
-def rollout_json(status, assignments, events: list | None = None) -> dict[str, Any]:
+def transfer(status, assignments, devices: dict) -> dict[str, Any]:
+    """What the rollout's told devices downloaded for its target, as they report it (telemetry's last
+    download): bytes over the network against the full artifact's bytes for each, and how many took a
+    delta. Devices that have not reported a download of the target yet are not counted."""
+    target = str(status.spec.target)
+    reports = [rec.telemetry.last_download for d, a in assignments.items() if a.assigned_at is not None
+               and (rec := devices.get(d)) is not None and rec.telemetry is not None
+               and rec.telemetry.last_download is not None and rec.telemetry.last_download["target"] == target]
+    sent, full = sum(r["bytes"] for r in reports), sum(r["full_bytes"] for r in reports)
+    return {"devices_reporting": len(reports), "deltas": sum(r["delta"] for r in reports), "bytes": sent,
+            "full_bytes": full, "share": round(sent / full, 4) if full else None}
+
+
+def rollout_json(status, assignments, events: list | None = None, devices: dict | None = None) -> dict[str, Any]:
+    """A rollout as JSON; with ``devices`` (the told devices' records) also its ``transfer``."""
     failures = sorted((a for a in assignments.values() if a.outcome is Outcome.FAILURE), key=lambda a: a.outcome_at or 0)
     return {"rollout_id": status.rollout_id, "target": str(status.spec.target), "state": str(status.state),
             "selector": selector_text(status.spec.selector), "current_wave": status.current_wave + 1,
@@ -34,4 +48,5 @@ def rollout_json(status, assignments, events: list | None = None) -> dict[str, A
             "waves": progress(status, assignments),
             "failures": [{"device_id": a.device_id, "wave": a.wave + 1, "reason": a.reason, "at": a.outcome_at}
                          for a in failures],
-            **({"events": events} if events is not None else {})}
+            **({"events": events} if events is not None else {}),
+            **({"transfer": transfer(status, assignments, devices)} if devices is not None else {})}

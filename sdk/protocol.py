@@ -265,6 +265,7 @@ class Telemetry:
     latency_p50_ms: float | None = None
     inference_errors: int | None = None
     profile: dict[str, dict[str, float | None]] | None = None  # thread → stage → µs per window
+    last_download: dict[str, Any] | None = None  # {target: "NAME@VERSION", bytes, full_bytes, delta}
 
 
 @dataclass(frozen=True)
@@ -502,7 +503,21 @@ def parse_telemetry(device_id: str, payload: bytes) -> Telemetry:
                      _num(obj.get("windows_per_s"), "windows_per_s", 0.0, 1e9),
                      _num(latency.get("p50_ms"), "latency_ms.p50_ms", 0.0, 1e7) if latency is not None else None,
                      None if errors is None else check_int(errors, "dropped.inference_errors", 0, MAX_COUNT),
-                     parse_profile(obj.get("profile")))
+                     parse_profile(obj.get("profile")), _last_download(obj.get("update_downloads")))
+
+
+def _last_download(v: Any) -> dict[str, Any] | None:
+    """``update_downloads.last``: the agent's last model download (what a rollout's transfer sums)."""
+    last = (_mapping(v, "update_downloads", 16) or {}).get("last")
+    if _mapping(last, "update_downloads.last", 8) is None:
+        return None
+    target = _model(last.get("target"), "update_downloads.last.target")
+    require(target is not None, "update_downloads.last.target", "{name, version}", None)
+    delta = last.get("delta")
+    require(isinstance(delta, bool), "update_downloads.last.delta", "true or false", delta)
+    return {"target": str(target), "bytes": check_int(last.get("bytes"), "update_downloads.last.bytes", 0, MAX_COUNT),
+            "full_bytes": check_int(last.get("full_bytes"), "update_downloads.last.full_bytes", 0, MAX_COUNT),
+            "delta": delta}
 
 
 def parse_profile(v: Any, path: str = "profile") -> dict[str, dict[str, float | None]] | None:

@@ -13,6 +13,7 @@ import pytest
 
 from edgeopt.protocol import ModelRef
 
+from conftest import run_cli
 from fleet_helpers import FleetRig, sqlite_url, tuned_mosquitto
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "build" / "test-artifacts" / "dashboard"
@@ -55,12 +56,22 @@ def rig(tmp_path):
 
 def wait(browser, condition, timeout: float = 30.0, what: str = ""):
     """Until ``condition(browser)`` is truthy; an element the live refresh replaced meanwhile is looked up again."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.common.exceptions import (
+        ElementNotInteractableException,
+        NoSuchElementException,
+        StaleElementReferenceException,
+    )
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(browser, timeout, poll_frequency=0.1,
-                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(
+    # the page redraws on every change the live stream reports (here about once a second): an element
+    # found a moment ago may be gone, or not yet shown; look again until the condition holds
+    ignored = (NoSuchElementException, StaleElementReferenceException, ElementNotInteractableException)
+    return WebDriverWait(browser, timeout, poll_frequency=0.1, ignored_exceptions=ignored).until(
         lambda b: condition(b), message=what)
+
+
+def text(browser, selector: str, by: str = "css selector") -> str:
+    return browser.find_element(by, selector).text
 
 
 def act(browser, selector: str, keys: str | None = None) -> None:
@@ -106,9 +117,9 @@ def test_an_operator_starts_watches_and_aborts_a_rollout_in_the_browser(rig, bro
     act(browser, "form[data-testid=create-rollout] button[type=submit]")
     wait(browser, lambda b: "--max-error-rate: parameter 'max_error_rate' must be float" in
          b.find_element(By.CSS_SELECTOR, "[data-testid=create-status]").text, what="the form's error")
-    field = browser.find_element(By.CSS_SELECTOR, "form[data-testid=create-rollout] input[name=max_error_rate]")
-    field.clear()
-    field.send_keys("0.5")
+    field = "form[data-testid=create-rollout] input[name=max_error_rate]"
+    wait(browser, lambda b: b.find_element(By.CSS_SELECTOR, field).clear() or True)
+    act(browser, field, "0.5")
     act(browser, "form[data-testid=create-rollout] button[type=submit]")
     wait(browser, lambda b: b.find_element(By.CSS_SELECTOR, "[data-testid=rollout-state]").text == "CREATED",
          what="the planned rollout")
@@ -122,8 +133,16 @@ def test_an_operator_starts_watches_and_aborts_a_rollout_in_the_browser(rig, bro
     wait(browser, lambda b: b.find_element(By.CSS_SELECTOR, "[data-testid=rollout-state]").text == "RUNNING")
     wait(browser, lambda b: "baking" in wave1(b).text, what="the bake timer")
     assert browser.execute_script("return window.__sameDocument") is True
-    gate = browser.find_element(By.CSS_SELECTOR, "[data-testid=gates] tr[data-gate=max_error_rate]").text
-    assert gate.startswith("max_error_rate 0.5 0 10 0"), gate  # bound, worst reported, reporting, breaking
+    # the told devices report their downloads (simulated devices take the full artifact): the page and the CLI
+    wait(browser, lambda b: "by 10 device(s), 100.0% of the" in b.find_element(By.CSS_SELECTOR,
+                                                                                "[data-testid=transfer]").text,
+         what="the transfer line")
+    transfer = run_cli("fleet", "rollout", "status", "r-web", "--db", rig.db, "--json").json()["transfer"]
+    assert transfer["devices_reporting"] == 10 and transfer["deltas"] == 0 and transfer["share"] == 1.0, transfer
+    table = run_cli("fleet", "rollout", "status", "r-web", "--db", rig.db).out
+    assert "downloaded:" in table and "by 10 device(s), 100.0% of the" in table and "(0 by delta)" in table, table
+    gate = "[data-testid=gates] tr[data-gate=max_error_rate]"  # bound, worst reported, reporting, breaking
+    wait(browser, lambda b: text(b, gate).startswith("max_error_rate 0.5 0 10 0"), what="the gate's readings")
     browser.save_screenshot(str(ARTIFACTS / "rollout-running.png"))
     act(browser, "button[data-action=pause]")
     wait(browser, lambda b: b.find_element(By.CSS_SELECTOR, "[data-testid=rollout-state]").text == "PAUSED")
@@ -154,12 +173,12 @@ def test_an_operator_starts_watches_and_aborts_a_rollout_in_the_browser(rig, bro
     # a device the rollout told: its rollout history, telemetry charts and per-stage profile
     device = sorted(told)[0]
     browser.get(url + f"#/device/{device}")
-    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "[data-testid=chart-latency] canvas"), 30, "the charts")
-    for name in ("throughput", "latency", "errors"):
-        assert browser.find_element(By.CSS_SELECTOR, f"[data-testid=chart-{name}] canvas").size["width"] > 100
-    wait(browser, lambda b: "inference" in b.find_element(By.CSS_SELECTOR, "[data-testid=profile]").text)
-    history = browser.find_element(By.XPATH, "//h3[text()='Rollouts']/following-sibling::table[1]").text
-    assert "r-web" in history and "kws@1" in history  # told in r-web, previously on kws@1
-    states = browser.find_element(By.CSS_SELECTOR, "[data-testid=history]").text
-    assert "kws@2" in states and "kws@1" in states  # it went to the new version and back
+    wait(browser, lambda b: all(b.find_element(By.CSS_SELECTOR, f"[data-testid=chart-{name}] canvas").size["width"]
+                                > 100 for name in ("throughput", "latency", "errors")), 30, "the three charts")
+    wait(browser, lambda b: "inference" in text(b, "[data-testid=profile]"), what="the per-stage profile")
+    rollouts = "//h3[text()='Rollouts']/following-sibling::table[1]"
+    wait(browser, lambda b: "r-web" in text(b, rollouts, By.XPATH) and "kws@1" in text(b, rollouts, By.XPATH),
+         what="its rollouts: told in r-web, previously on kws@1")
+    wait(browser, lambda b: "kws@2" in text(b, "[data-testid=history]") and "kws@1" in text(b, "[data-testid=history]"),
+         what="its state history: to the new version and back")
     browser.save_screenshot(str(ARTIFACTS / "device.png"))

@@ -194,7 +194,21 @@ def test_telemetry_carries_throughput_errors_and_the_agents_profile():
     assert t.profile == {"source:imu": {"read": 3.5, "window": None}, "inference": {"inference": 40.0, "sink:mqtt": 2.0}}
 
 
+def test_telemetry_carries_the_last_model_download():
+    last = {"target": {"name": "kws", "version": "2"}, "bytes": 1200, "full_bytes": 51200, "delta": True}
+    t = parse_telemetry("dev-1", enc({"update_downloads": {"bytes_network": 9, "last": last}}))
+    assert t.last_download == {"target": "kws@2", "bytes": 1200, "full_bytes": 51200, "delta": True}
+    assert parse_telemetry("dev-1", enc({"update_downloads": {"last": None}})).last_download is None
+    assert parse_telemetry("dev-1", enc({"update_downloads": None})).last_download is None
+
+
 @pytest.mark.parametrize("body,needle", [
+    ({"update_downloads": {"last": {"target": None, "bytes": 1, "full_bytes": 1, "delta": False}}},
+     "update_downloads.last.target"),
+    ({"update_downloads": {"last": {"target": {"name": "k", "version": "1"}, "bytes": -1, "full_bytes": 1,
+                                    "delta": False}}}, "update_downloads.last.bytes"),
+    ({"update_downloads": {"last": {"target": {"name": "k", "version": "1"}, "bytes": 1, "full_bytes": 1,
+                                    "delta": "yes"}}}, "update_downloads.last.delta"),
     ({"windows_per_s": -1}, "windows_per_s"),
     ({"dropped": {"inference_errors": 1.5}}, "dropped.inference_errors"),
     ({"dropped": [1]}, "dropped"),

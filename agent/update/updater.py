@@ -206,6 +206,9 @@ class Updater:
         self._thread: threading.Thread | None = None
         self.watch: Watch | None = None
         self.record = self.store.load()
+        # the last download: its target, the bytes fetched over the network for it (not those resumed from
+        # disk), the full artifact's length, and whether a delta made it (telemetry; the fleet sums it per rollout)
+        self.last_download: dict[str, Any] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -288,7 +291,8 @@ class Updater:
         carried and saved against full downloads) or refused (fallen back to the full artifact)."""
         d = self.trust.delta_stats
         return {"bytes_network": self.fetcher.stats["bytes_network"], "deltas_applied": d["applied"],
-                "delta_bytes": d["bytes"], "bytes_saved": d["bytes_saved"], "deltas_refused": d["refused"]}
+                "delta_bytes": d["bytes"], "bytes_saved": d["bytes_saved"], "deltas_refused": d["refused"],
+                "last": self.last_download}
 
     def health(self) -> dict[str, Any] | None:
         w = self.watch
@@ -309,7 +313,11 @@ class Updater:
         try:
             self.trust.refresh()
             signed = self.trust.lookup(t.name, t.version)
+            before, deltas = self.fetcher.stats["bytes_network"], self.trust.delta_stats["applied"]
             path = self.trust.download(signed, base=self._active_archive)
+            self.last_download = {"target": {"name": t.name, "version": t.version},
+                                  "bytes": self.fetcher.stats["bytes_network"] - before, "full_bytes": signed.length,
+                                  "delta": self.trust.delta_stats["applied"] > deltas}
         except UpdateRefused as exc:
             r.reason = f"{exc.reason}: {exc}"
             return Event.FAILED

@@ -182,10 +182,9 @@ def gate_values(status, assignments, devices: dict) -> list[dict[str, Any]]:
 
 def rollout(store: FleetStore, rollout_id: str) -> dict[str, Any]:
     status, assignments = store.load_rollout(rollout_id)
-    told = [d for d, a in assignments.items() if a.assigned_at is not None]
-    gates = gate_values(status, assignments, store.load_devices(told)) if any(
-        v is not None for v in status.spec.gates.__dict__.values()) else []
-    return rollout_json(status, assignments, store.events(rollout_id, limit=200)) | {"gate_values": gates}
+    told = store.load_devices(d for d, a in assignments.items() if a.assigned_at is not None)
+    return rollout_json(status, assignments, store.events(rollout_id, limit=200), told) | {
+        "gate_values": gate_values(status, assignments, told)}
 
 
 def change_stamp(store: FleetStore) -> dict[str, Any]:

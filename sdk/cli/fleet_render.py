@@ -72,6 +72,11 @@ def rollout_renderable(info: dict[str, Any], service: list[dict[str, Any]] | Non
                       str(w["success"]), str(w["failure"]), str(w["pending"]), bar,
                       duration(w["started_at"], w["ended_at"]))
     parts: list = [head, escape(rules), table]
+    t = info.get("transfer")
+    if t and t["devices_reporting"]:
+        parts.append(f"downloaded: {t['bytes']:,} bytes by {t['devices_reporting']} device(s), "
+                     f"{t['share']:.1%} of the {t['full_bytes']:,} full artifacts would take "
+                     f"({t['deltas']} by delta)")
     if info["reason"]:
         parts.append(f"[bold]why:[/bold] {escape(info['reason'])}")
     by_reason: dict[str, list[str]] = {}

@@ -120,7 +120,8 @@ def status_cmd(rollout_id: str | None, repo: Path | None, db: str | None, watch:
 
     def snapshot() -> dict:
         status, assignments = store.load_rollout(rollout_id)
-        return rollout_json(status, assignments, store.events(rollout_id) if with_events else None)
+        told = store.load_devices(d for d, a in assignments.items() if a.assigned_at is not None)
+        return rollout_json(status, assignments, store.events(rollout_id) if with_events else None, told)
 
     info = snapshot()
     if as_json and not watch:

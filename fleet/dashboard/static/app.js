@@ -210,8 +210,17 @@ async function rolloutsView() {
       h("td", {}, bar(x.devices, totals(x.waves))), h("td", {}, x.failed_devices), h("td", {}, x.devices),
       h("td", {}, ago(x.created_at)))))
     : h("p", {class: "muted"}, "No rollout yet.");
-  return [h("h2", {}, "Rollouts"), table, h("h3", {}, "New rollout"), createForm(models, options)];
+  // the form is built once and kept across live refreshes: what the operator typed, and the error it
+  // got, stay (rebuilt when the published models change)
+  const key = models.map((m) => `${m.name}@${m.version}`).join(",");
+  if (!createFormEl || createFormEl.dataset.models !== key) {
+    createFormEl = createForm(models, options);
+    createFormEl.dataset.models = key;
+  }
+  return [h("h2", {}, "Rollouts"), table, h("h3", {}, "New rollout"), createFormEl];
 }
+
+let createFormEl = null;
 
 function createForm(models, options) {
   const status = h("div", {class: "muted", "data-testid": "create-status"});
@@ -229,6 +238,7 @@ function createForm(models, options) {
     try {
       const out = await post("/api/rollouts", {model: f.get("model"), selectors: f.get("selector") ? [f.get("selector")] : [],
                                                options: opts, id: f.get("id") || null, start: f.get("start") === "on"});
+      createFormEl = null;  // a fresh form next time
       location.hash = `#/rollout/${encodeURIComponent(out.rollout_id)}`;
     } catch (e) {
       status.textContent = e.message;
@@ -293,6 +303,10 @@ async function rolloutView(r) {
     x.reason && h("div", {class: "error", "data-testid": "rollout-reason"}, x.reason),
     actions,
     h("h3", {}, "Waves"), waves,
+    x.transfer && x.transfer.devices_reporting ? h("p", {"data-testid": "transfer"},
+      `Downloaded: ${x.transfer.bytes.toLocaleString()} bytes by ${x.transfer.devices_reporting} device(s), ` +
+      `${(100 * x.transfer.share).toFixed(1)}% of the ${x.transfer.full_bytes.toLocaleString()} bytes full artifacts ` +
+      `would take (${x.transfer.deltas} by delta).`) : null,
     h("h3", {}, "Gates"),
     h("p", {}, `success ≥ ${(spec.success_threshold * 100).toFixed(0)}% for ${spec.bake_s} s; abort past `,
       [failurePct, spec.failure_count !== null ? `${spec.failure_count} device(s)` : ""].filter(Boolean).join(" or "),
