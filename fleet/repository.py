@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import tempfile
@@ -31,11 +32,12 @@ from typing import Any
 from edgeopt.artifact import open_artifact, pack_artifact, refuse_failed
 from edgeopt.delta import CODEC as DELTA_CODEC
 from edgeopt.delta import delta_path, make_delta
-from edgeopt.errors import UserInputError
+from edgeopt.errors import EdgeoptError, UserInputError
 from edgeopt.fsutil import atomic_write_bytes, fsync_dir
 from edgeopt.protocol import REPO_PATH_RE, is_name, matches
 from edgeopt.signing import generate_key, load_signer
 
+log = logging.getLogger("edgeopt.fleet.repository")
 ROLES = ("root", "targets", "snapshot", "timestamp")
 DELTA_BASES = 2      # a new version gets deltas from the last this many published versions of its model
 DELTA_WORTH = 0.5    # a delta at least this share of the full artifact is not published
@@ -272,20 +274,25 @@ class Repository:
             base_file = self.targets_dir / f"{base.hashes['sha256']}.{base.path}"
             if not base_file.is_file():
                 continue
-            patch = make_delta(base_file.read_bytes(), new)
-            if len(patch) >= DELTA_WORTH * len(new):
-                continue
-            dpath = delta_path(name, version, base.hashes["sha256"])
             fd, tmp = tempfile.mkstemp(dir=self.targets_dir, suffix=".partial")
-            with os.fdopen(fd, "wb") as f:
-                f.write(patch)
-            dtf = TargetFile.from_file(dpath, tmp, ["sha256"])
-            dtf.unrecognized_fields["custom"] = {"delta": {
-                "name": name, "version": version, "base_version": base.custom["version"],
-                "base_sha256": base.hashes["sha256"], "full_sha256": tf.hashes["sha256"], "full_length": tf.length,
-                "codec": DELTA_CODEC}}
-            Path(tmp).replace(self.targets_dir / f"{dtf.hashes['sha256']}.{dpath}")
-            out.append(dtf)
+            os.close(fd)
+            try:  # a delta is an optimisation: one that cannot be made leaves the version published without it
+                patch = make_delta(base_file.read_bytes(), new)
+                if len(patch) >= DELTA_WORTH * len(new):
+                    continue
+                dpath = delta_path(name, version, base.hashes["sha256"])
+                Path(tmp).write_bytes(patch)
+                dtf = TargetFile.from_file(dpath, tmp, ["sha256"])
+                dtf.unrecognized_fields["custom"] = {"delta": {
+                    "name": name, "version": version, "base_version": base.custom["version"],
+                    "base_sha256": base.hashes["sha256"], "full_sha256": tf.hashes["sha256"],
+                    "full_length": tf.length, "codec": DELTA_CODEC}}
+                Path(tmp).replace(self.targets_dir / f"{dtf.hashes['sha256']}.{dpath}")
+                out.append(dtf)
+            except (EdgeoptError, OSError, MemoryError) as exc:
+                log.warning("no delta to %s@%s from %s@%s: %s", name, version, name, base.custom["version"], exc)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
         return out
 
     def revoke(self, name: str, version: str) -> None:
