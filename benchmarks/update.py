@@ -1,8 +1,10 @@
 """Signed updates end to end on a real agent over loopback Mosquitto: time from `desired` to
 COMMITTED for ~1 MB and ~10 MB artifacts (with the time spent in each state), rollback times,
-windows lost across the switch, and bytes over the wire against the artifact size.
+windows lost across the switch, and bytes over the wire against the artifact size; then a head-only
+retrain of the running version as a delta update (wire bytes against the full artifact, the time to
+pack, fetch and apply it on the agent, and the apply alone on this host).
 
-    python benchmarks/update.py          # table + benchmarks/results/update.json
+    python benchmarks/update.py --out DIR   # two tables; update.json in DIR
 
 The agent infers on a live synthetic IMU stream throughout (1,600 samples/s → 50 windows/s). Probation
 and the pre-switch baseline are configured short (1 s and 0.5 s); those waits are policy, not cost,
@@ -47,6 +49,21 @@ def history_seconds(record: dict) -> dict[str, float]:
     return out
 
 
+def head_retrained(src: Path, dest: Path) -> Path:
+    """``src`` with its last layer's weights moved a little: a head-only retrain (what a delta is for)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(src)
+    head = [i for i in model.graph.initializer if numpy_helper.to_array(i).ndim == 2][-1]
+    weights = numpy_helper.to_array(head).copy()
+    weights += np.random.default_rng(4).normal(0, 0.01, weights.shape).astype(weights.dtype)
+    head.CopyFrom(numpy_helper.from_array(weights, head.name))
+    onnx.save(model, dest)
+    return dest
+
+
 def run_update(rig, agent, version: str, state_dir: Path) -> tuple[float, dict]:
     from update_harness import update_of, wait_outcome
 
@@ -59,12 +76,29 @@ def run_update(rig, agent, version: str, state_dir: Path) -> tuple[float, dict]:
                      "states_s": history_seconds(record)}
 
 
+def host_apply_seconds(rig, base_version: str, full: dict, patch: dict) -> float:
+    """Seconds to rebuild the artifact from its base and the delta, on this host (median of 5)."""
+    import statistics
+
+    from edgeopt.delta import apply_delta
+
+    base = next(m for m in rig.repo.list_models() if m["version"] == base_version)
+    base_bytes = rig.stored(base).read_bytes()
+    patch_bytes = (rig.repo.targets_dir / f"{patch['sha256']}.{patch['target']}").read_bytes()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        apply_delta(base_bytes, patch_bytes, full["length"])
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def main() -> None:
     cli(__doc__)
     import imu
     from update_harness import Rig, convert, nan_on_golden, seq_gaps
 
-    rows, results = [], []
+    rows, results, delta_rows = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = imu.make(tmp / "imu", epochs=1, minutes=2)
@@ -74,6 +108,7 @@ def main() -> None:
             arts = {v: convert(data, work / f"v{v}", v, sensor_mlp(work / f"m{v}.onnx", hidden, int(v)))
                     for v in ("1", "2")}
             arts["3"] = nan_on_golden(arts["2"], work / "v3", "3")
+            arts["4"] = convert(data, work / "v4", "4", head_retrained(work / "m2.onnx", work / "m4.onnx"))
             rig = Rig(work)
             try:
                 for v, art in arts.items():
@@ -90,6 +125,23 @@ def main() -> None:
                 wire = after.get("payload_bytes", 0) - before.get("payload_bytes", 0)
                 wire += after.get("request_bytes", 0) - before.get("request_bytes", 0)
                 rb_seconds, rb = run_update(rig, agent, "3", work / "state")
+                # back on v2: v4, its head retrained, comes as a delta from it
+                before = rig.server.snapshot_stats()
+                delta_seconds, delta_info = run_update(rig, agent, "4", work / "state")
+                after = rig.server.snapshot_stats()
+                delta_wire = sum(after.get(k, 0) - before.get(k, 0) for k in ("payload_bytes", "request_bytes"))
+                full4 = next(m for m in rig.repo.list_models() if m["version"] == "4")
+                patch = next(d for d in rig.repo.list_deltas() if d["version"] == "4" and d["base_version"] == "2")
+                apply_s = host_apply_seconds(rig, "2", full4, patch)
+                last = agent.status()["telemetry"]["update_downloads"]["last"]
+                d = delta_info["states_s"]
+                delta_rows.append([label, full4["length"], patch["length"], round(delta_wire / full4["length"], 4),
+                                   last["delta"], round(delta_seconds - d.get("PROBATION", 0.0), 2),
+                                   round(d.get("DOWNLOADING", 0), 3), round(apply_s * 1000, 2)])
+                delta_result = {"artifact_bytes": full4["length"], "delta_bytes": patch["length"],
+                                "wire_bytes": delta_wire, "wire_ratio": delta_wire / full4["length"],
+                                "took_delta": last["delta"], "desired_to_committed_s": delta_seconds,
+                                "states_s": d, "host_apply_s": apply_s, "outcome": delta_info["outcome"]}
                 time.sleep(1.0)
                 agent.stop()
                 missing, versions = seq_gaps(jsonl)
@@ -101,12 +153,16 @@ def main() -> None:
                 results.append({"artifact": label, "artifact_bytes": length, "desired_to_committed_s": seconds,
                                 "states_s": s, "outcome": info["outcome"], "rollback_desired_to_rolled_back_s":
                                 rb_seconds, "rollback": rb, "windows_lost": len(missing),
-                                "windows_seen": len(versions), "wire_bytes": wire, "wire_ratio": wire / length})
+                                "windows_seen": len(versions), "wire_bytes": wire, "wire_ratio": wire / length,
+                                "delta_update": delta_result})
             finally:
                 rig.close()
     print_table("signed update over loopback MQTT (64 KiB chunks), agent inferring throughout",
                 ["artifact", "bytes", "desired→COMMITTED s", "without probation s", "download s", "self-test s",
                  "probation s", "self-test rollback s", "windows lost", "wire / artifact"], rows)
+    print_table("the head-only retrain of v2 (v4) as a delta from v2 (the agent runs v2)",
+                ["artifact", "full bytes", "delta bytes", "wire / full", "delta taken", "desired→COMMITTED s "
+                 "without probation", "download s (pack + fetch + apply)", "apply ms (host)"], delta_rows)
     write_json("update", {"results": results})
 
 

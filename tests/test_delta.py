@@ -145,3 +145,95 @@ def test_publish_prints_its_deltas(imu_versions, tmp_path):
     assert run_cli("fleet", "publish", imu_versions["onnx", "1"], "--repo", tmp_path / "repo2").code == 0
     res = run_cli("fleet", "publish", imu_versions["onnx", "2"], "--repo", tmp_path / "repo2", "--json")
     assert [d["base_version"] for d in res.json()["deltas"]] == ["1"]  # one JSON document, deltas in it
+
+
+def _edited_copy(src: Path, dest: Path, version: str, start: int, length: int) -> Path:
+    """``src`` with ``length`` bytes of its model replaced from ``start``, as version ``version``."""
+    import json
+    import shutil
+
+    from edgeopt.artifact import GOLDEN, REPORT, file_hashes
+
+    shutil.copytree(src, dest)
+    model = bytearray((dest / "model.onnx").read_bytes())
+    model[start:start + length] = np.random.default_rng(7).bytes(length)
+    (dest / "model.onnx").write_bytes(bytes(model))
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest["version"] = version
+    manifest["files"] = file_hashes(dest, ["model.onnx", GOLDEN, REPORT])
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+def test_an_interrupted_delta_resumes_from_disk_after_a_restart(tmp_path):
+    from repo_helpers import fake_artifact
+
+    v1 = fake_artifact(tmp_path / "v1", "kws", "1", 2**20, seed=1)
+    v2 = _edited_copy(v1, tmp_path / "v2", "2", 2**19, 300_000)  # a delta of ~300 KB: several chunks
+    repo = Repository.init(tmp_path / "repo")
+    repo.publish(v1)
+    entry = repo.publish(v2)
+    (delta,) = repo.list_deltas()
+    assert 300_000 <= delta["length"] < 0.5 * entry["length"]
+    running = _packed(v1, tmp_path)
+
+    class _DiesInTheDelta:  # the agent is killed after 128 KiB of the delta
+        def __init__(self, link):
+            self.link = link
+
+        def request(self, path, offset, length, timeout):
+            if path.endswith(".zst") and offset >= 2**17:
+                raise KeyboardInterrupt("killed")
+            return self.link.request(path, offset, length, timeout)
+
+    bus = MemoryBus()
+    try:
+        first = RepoPair(tmp_path, None, repo, bus=bus)
+        first.trust.refresh()
+        first.fetcher.link = _DiesInTheDelta(first.link)
+        with pytest.raises(KeyboardInterrupt):
+            first.trust.download(first.trust.lookup("kws", "2"), base=lambda: running)
+        second = RepoPair(tmp_path, None, repo, bus=bus)  # same device directory: a restarted agent
+        second.trust.refresh()
+        before = second.fetcher.stats["bytes_network"]
+        target = second.trust.lookup("kws", "2")
+        path = second.trust.download(target, base=lambda: running)
+        assert unpack_artifact(path, tmp_path / "slot").manifest["version"] == "2"
+        assert second.trust.delta_stats["applied"] == 1 and second.fetcher.stats["bytes_resumed"] == 2**17
+        assert second.fetcher.stats["bytes_network"] - before == delta["length"] - 2**17  # the rest of the delta
+    finally:
+        bus.close()
+
+
+@pytest.mark.parametrize("target", ["onnx", "tflite"])
+def test_a_head_only_retrain_of_a_real_cnn_travels_as_a_small_delta(tmp_path, target):
+    """The PP-OCR text-direction classifier from the rapidocr wheel (a MobileNetV3-style CNN), its last
+    layer retrained: as .onnx and as .tflite the delta is at most a tenth of the artifact."""
+    import onnx
+    from onnx import numpy_helper
+
+    from real_models import CORPUS, Unavailable, fetch
+
+    model = next(m for m in CORPUS if m.key == "rapidocr_cls")
+    try:
+        source = fetch(model)
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    graph = onnx.load(source)
+    matmul = [n for n in graph.graph.node if n.op_type == "MatMul"][-1]  # the classifier's fully connected layer
+    (const,) = [n for n in graph.graph.node if n.op_type == "Constant" and matmul.input[1] in n.output]
+    value = next(a for a in const.attribute if a.name == "value")  # (a Paddle export: weights are Constant nodes)
+    weights = numpy_helper.to_array(value.t).copy()
+    weights += np.random.default_rng(1).normal(0, 0.01, weights.shape).astype(weights.dtype)
+    value.t.CopyFrom(numpy_helper.from_array(weights, value.t.name))
+    onnx.save(graph, tmp_path / "retrained.onnx")
+    packed = []
+    for version, onnx_file in (("1", source), ("2", tmp_path / "retrained.onnx")):
+        art = tmp_path / f"v{version}"
+        res = run_cli("convert", onnx_file, "-o", art, "--target", target, "--name", "cls", "--version", version,
+                      "-q", *model.flags)
+        assert res.code == 0, res.err
+        packed.append(_packed(art, tmp_path))
+    delta = make_delta(*packed)
+    assert len(delta) <= 0.1 * len(packed[1]), (len(delta), len(packed[1]))
+    assert apply_delta(packed[0], delta, len(packed[1])) == packed[1]

@@ -29,6 +29,8 @@ NOT_RUN = {
         "the Makefile targets themselves (make test would run this test; the demo runs in test_fleet_demo.py)",
     ("README.md", "sudo edgeopt agent install-service            # systemd unit (Type=notify, watchdog, hardening) + config"):
         "needs root and systemd (install-service itself: tests/test_agent_install.py)",
+    ("README.md", "edgeopt fleet serve --repo repo/ --http 127.0.0.1:8080    # then open http://127.0.0.1:8080/"):
+        "serves until stopped (tests/test_fleet_cli.py runs fleet serve --http and asks its dashboard)",
     ("docs/agent.md", "pip install 'edgeopt-0.1.0-py3-none-any.whl[agent]'   # on the board: the built wheel (below); [agent,litert] for .tflite"):
         "a board: the built wheel, /var/lib and systemd (the wheel on a board: make test-device)",
     ("docs/agent.md", "# on the host, in this repository: the wheel and sdist into dist/"):
