@@ -131,7 +131,10 @@ def main() -> None:
                 after = rig.server.snapshot_stats()
                 delta_wire = sum(after.get(k, 0) - before.get(k, 0) for k in ("payload_bytes", "request_bytes"))
                 full4 = next(m for m in rig.repo.list_models() if m["version"] == "4")
-                patch = next(d for d in rig.repo.list_deltas() if d["version"] == "4" and d["base_version"] == "2")
+                deltas = rig.repo.list_deltas()
+                patch = next((d for d in deltas if d["version"] == "4" and d["base_version"] == "2"), None)
+                if patch is None:
+                    raise SystemExit(f"{label}: no delta to v4 from v2 was published: {deltas}")
                 apply_s = host_apply_seconds(rig, "2", full4, patch)
                 last = agent.status()["telemetry"]["update_downloads"]["last"]
                 d = delta_info["states_s"]

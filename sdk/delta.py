@@ -44,8 +44,13 @@ def _window_log(base: int, new: int) -> int:
 
 def make_delta(base: bytes, new: bytes) -> bytes:
     zstd = _zstd()
-    params = zstd.ZstdCompressionParameters.from_level(LEVEL, window_log=_window_log(len(base), len(new)),
-                                                       enable_ldm=True, write_content_size=True)
+    window = _window_log(len(base), len(new))
+    # the match finder's tables sized to the window (what `zstd --patch-from` does): at level 9's own
+    # sizes a 10 MB base is mostly out of reach, and a head-only retrain's delta came out at 56 % of the
+    # artifact instead of 1.9 % (benchmarks/update.py); capped at 2^25 entries (128 MiB each) for the publisher
+    tables = min(max(window - 2, 22), 25)  # 22: level 9's own sizes for inputs over 256 KiB
+    params = zstd.ZstdCompressionParameters.from_level(LEVEL, window_log=window, enable_ldm=True,
+                                                       write_content_size=True, hash_log=tables, chain_log=tables)
     dictionary = zstd.ZstdCompressionDict(base, dict_type=zstd.DICT_TYPE_RAWCONTENT)
     return zstd.ZstdCompressor(dict_data=dictionary, compression_params=params).compress(new)
 

