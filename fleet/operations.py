@@ -13,7 +13,7 @@ from typing import Any
 
 from edgeopt.errors import RemoteError, UserInputError
 from edgeopt.fleet.rollout import Decision, apply_command, new_rollout
-from edgeopt.fleet.rollout_spec import rollout_spec, selector_text
+from edgeopt.fleet.rollout_spec import ROLLOUT_PARAMS, rollout_spec, selector_text
 from edgeopt.fleet.store import FleetStore
 from edgeopt.protocol import ROLLOUT_ID_RE, ModelRef, ProtocolError
 
@@ -51,7 +51,9 @@ def create_rollout(open_store: Callable[[], FleetStore], published: Callable[[],
     repository (``published``: 'NAME@VERSION' of every signed model) and the database are opened."""
     model = parse_model(model_text)
     spec = rollout_spec(model, selectors, **options)
-    online_only = bool(options.get("online_only", False))
+    online_only = options.get("online_only", False)
+    if isinstance(online_only, str):  # a form's or a script's text ("false" is no true value)
+        online_only = next(p for p in ROLLOUT_PARAMS if p.name == "online_only").coerce(online_only, "--online-only")
     check_published(published(), model, repo)
     rollout_id = rollout_id or f"{model.name}-{model.version}-{secrets.token_hex(3)}".replace("+", ".")
     if not ROLLOUT_ID_RE.fullmatch(rollout_id):

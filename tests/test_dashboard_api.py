@@ -383,3 +383,13 @@ def test_a_devices_state_history_records_each_change_once(tmp_path):
         (True, "kws@2", "PROBATION", "kws@2"), (True, "kws@1", "DOWNLOADING", "kws@2"), (True, "kws@1", "IDLE", None)]
     assert history[1]["reason"] == "golden vectors differ" and history[1]["rollout"] == "r-1"
     assert history[0]["at"] > history[-1]["at"]  # newest first
+
+
+@pytest.mark.parametrize("online_only, planned", [("false", 10), ("true", 6), (False, 10), (True, 6)])
+def test_online_only_as_text_or_a_boolean_plans_the_same_devices(fleet, online_only, planned):
+    c, _ = client(fleet)
+    rollout_id = f"oo-{str(online_only).lower()}-{type(online_only).__name__}"
+    r = c.post("/api/rollouts", json={"model": "kws@2", "selectors": ["ring=canary"], "id": rollout_id,
+                                      "options": {"online_only": online_only}}, headers={"X-CSRF-Token": csrf(c)})
+    assert r.status_code == 201 and r.json()["devices"] == planned, r.text  # 4 of the 10 canaries are offline
+    assert c.post(f"/api/rollouts/{rollout_id}/abort", headers={"X-CSRF-Token": csrf(c)}).status_code == 200

@@ -148,7 +148,7 @@ def rollouts(store: FleetStore) -> list[dict[str, Any]]:
     return out
 
 
-# gate → (the spec's bound, the reading it compares, whether the worst reading is the largest)
+# gate (a RolloutSpec.gates field, the bound) → (the reading it compares, whether the largest reading is the worst)
 GATES = {"max_error_rate": ("error_rate", True), "min_agreement": ("agreement", False),
          "max_latency_p95_ms": ("latency_p95_ms", True), "max_nan_outputs": ("nan_outputs", True)}
 
