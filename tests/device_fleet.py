@@ -50,12 +50,15 @@ class Fleet:
 
     def tamper(self, name: str, version: str) -> Path:
         """Change bytes of a published artifact on the repository side after it was signed (what a
-        compromised mirror or disk corruption does): its length stays, its sha256 no longer matches."""
+        compromised mirror or disk corruption does): its length stays, its sha256 no longer matches.
+        The deltas that make that version too: a board would otherwise build the signed artifact from
+        an intact delta and never fetch the damaged file."""
         (target,) = (self.repo / "targets").glob(f"*.{name}-{version}.tar")
-        data = bytearray(target.read_bytes())
-        middle = len(data) // 2
-        data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
-        target.write_bytes(bytes(data))
+        for path in [target, *(self.repo / "targets").glob(f"*.{name}-{version}.from-*.zst")]:
+            data = bytearray(path.read_bytes())
+            middle = len(data) // 2
+            data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+            path.write_bytes(bytes(data))
         return target
 
     def serve(self, timeout: float = 60) -> None:
