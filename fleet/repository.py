@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from edgeopt.artifact import open_artifact, pack_artifact, refuse_failed
-from edgeopt.delta import CODEC as DELTA_CODEC
-from edgeopt.delta import delta_path, make_delta
+from edgeopt.delta import delta_path
 from edgeopt.errors import EdgeoptError, UserInputError
+from edgeopt.fleet.tensor_spans import smallest_delta
 from edgeopt.fsutil import atomic_write_bytes, fsync_dir
 from edgeopt.protocol import REPO_PATH_RE, is_name, matches
 from edgeopt.signing import generate_key, load_signer
@@ -248,7 +248,7 @@ class Repository:
                         allow_failed=True, failed_checks=[f[:200] for f in failed[:10]])
                 full = self.targets_dir / f"{tf.hashes['sha256']}.{path}"
                 Path(tmp).replace(full)
-                deltas = self._write_deltas(targets.signed.targets, name, version, full, tf)
+                deltas, skipped = self._write_deltas(targets.signed.targets, name, version, full, tf)
                 fsync_dir(self.targets_dir)
             finally:
                 Path(tmp).unlink(missing_ok=True)
@@ -257,28 +257,33 @@ class Repository:
                 targets.signed.targets[dtf.path] = dtf
             self._commit_targets(targets)
         return {"target": path, "length": tf.length, "sha256": tf.hashes["sha256"], **tf.custom,
-                "deltas": [{"base_version": d.custom["delta"]["base_version"], "target": d.path, "length": d.length}
-                           for d in deltas]}
+                "deltas": [{"base_version": d.custom["delta"]["base_version"], "target": d.path, "length": d.length,
+                            "codec": d.custom["delta"]["codec"]} for d in deltas],
+                "deltas_skipped": skipped}
 
-    def _write_deltas(self, published: dict, name: str, version: str, full: Path, tf) -> list:
+    def _write_deltas(self, published: dict, name: str, version: str, full: Path, tf) -> tuple[list, list]:
         """Deltas to the new ``full`` artifact from the last DELTA_BASES published versions of the same
-        model (edgeopt.delta), each a target of its own naming its base and the full target it makes;
-        one not smaller than DELTA_WORTH × the full artifact is not worth a target and is skipped."""
+        model (edgeopt.delta: the XOR kind where tensors line up and it is smaller, else patch-from), each
+        a target of its own naming its base and the full target it makes; one not smaller than
+        DELTA_WORTH × the full artifact is not worth a target and is skipped (``skipped`` says why)."""
         from tuf.api.metadata import TargetFile
 
         bases = sorted((t for t in published.values() if (t.custom or {}).get("name") == name),
                        key=lambda t: t.custom.get("published_at", ""))  # older repositories: no date, first
         new = full.read_bytes()
-        out = []
+        out, skipped = [], []
         for base in bases[-DELTA_BASES:]:
             base_file = self.targets_dir / f"{base.hashes['sha256']}.{base.path}"
             if not base_file.is_file():
+                skipped.append({"base_version": base.custom["version"], "why": "its artifact is not in the repository"})
                 continue
             fd, tmp = tempfile.mkstemp(dir=self.targets_dir, suffix=".partial")
             os.close(fd)
             try:  # a delta is an optimisation: one that cannot be made leaves the version published without it
-                patch = make_delta(base_file.read_bytes(), new)
+                codec, patch = smallest_delta(base_file.read_bytes(), new)
                 if len(patch) >= DELTA_WORTH * len(new):
+                    skipped.append({"base_version": base.custom["version"], "length": len(patch),
+                                    "why": f"{len(patch) / len(new):.0%} of the full artifact: not worth it"})
                     continue
                 dpath = delta_path(name, version, base.hashes["sha256"])
                 Path(tmp).write_bytes(patch)
@@ -286,14 +291,15 @@ class Repository:
                 dtf.unrecognized_fields["custom"] = {"delta": {
                     "name": name, "version": version, "base_version": base.custom["version"],
                     "base_sha256": base.hashes["sha256"], "full_sha256": tf.hashes["sha256"],
-                    "full_length": tf.length, "codec": DELTA_CODEC}}
+                    "full_length": tf.length, "codec": codec}}
                 Path(tmp).replace(self.targets_dir / f"{dtf.hashes['sha256']}.{dpath}")
                 out.append(dtf)
             except (EdgeoptError, OSError, MemoryError) as exc:
                 log.warning("no delta to %s@%s from %s@%s: %s", name, version, name, base.custom["version"], exc)
+                skipped.append({"base_version": base.custom["version"], "why": str(exc).splitlines()[0][:200]})
             finally:
                 Path(tmp).unlink(missing_ok=True)
-        return out
+        return out, skipped
 
     def revoke(self, name: str, version: str) -> None:
         """Remove NAME@VERSION from the signed targets: no device will install it from now on."""

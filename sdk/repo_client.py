@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from tuf.api.exceptions import DownloadError, DownloadHTTPError
 from tuf.ngclient import FetcherInterface
 
-from edgeopt.delta import DeltaError, apply_delta, delta_path, sha256
+from edgeopt.delta import CODEC, CODECS, DeltaError, apply_delta, delta_path, sha256
 from edgeopt.errors import EdgeoptError, RemoteError, UserInputError
 from edgeopt.fsutil import atomic_write_bytes
 from edgeopt.protocol import (
@@ -310,6 +310,10 @@ class DeviceTrust:
             log.warning("delta %s names another base or result than %s: full download", info.path, target.path)
             self.delta_stats["refused"] += 1
             return None
+        if d.get("codec", CODEC) not in CODECS:  # a newer publisher's kind: not worth fetching
+            log.warning("delta %s is of a kind this agent cannot apply (%s): full download", info.path, d.get("codec"))
+            self.delta_stats["none"] += 1
+            return None
         repo_path = f"targets/{info.hashes['sha256']}.{info.path}"
         try:
             patch = Path(self._updater.download_target(info, str(self.download_dir / info.path))).read_bytes()
@@ -324,7 +328,7 @@ class DeviceTrust:
             (self.download_dir / info.path).unlink(missing_ok=True)
         self.fetcher.discard_partial(repo_path)
         try:
-            data = apply_delta(base_bytes, patch, target.length)
+            data = apply_delta(base_bytes, patch, target.length, d.get("codec", CODEC))
         except DeltaError as exc:
             log.warning("delta %s: %s: full download", info.path, exc)
             self.delta_stats["refused"] += 1

@@ -24,6 +24,7 @@ from edgeopt.cli.fleet_options import (
 )
 from edgeopt.cli.fleet_render import print_devices
 from edgeopt.cli.fleet_rollout import rollout_cmd
+from edgeopt.delta import CODEC_XOR as DELTA_CODEC_XOR
 from edgeopt.errors import UserInputError
 from edgeopt.fleet.dashboard.auth import is_local, read_token
 from edgeopt.fleet.rollout_spec import parse_selector, selector_text
@@ -136,8 +137,12 @@ def publish_cmd(artifact: Path, repo: Path, name: str | None, model_version: str
         return
     click.echo(f"published {entry['name']}@{entry['version']} ({entry['length']} bytes, sha256 {entry['sha256'][:16]}…)")
     for d in entry["deltas"]:
+        kind = "tensor XOR" if d["codec"] == DELTA_CODEC_XOR else "binary"
         click.echo(f"  delta from {entry['name']}@{d['base_version']}: {d['length']} bytes "
-                   f"({d['length'] / entry['length']:.1%} of the full artifact)")
+                   f"({d['length'] / entry['length']:.1%} of the full artifact; {kind}: {d['codec']})")
+    for d in entry["deltas_skipped"]:
+        click.echo(f"  no delta from {entry['name']}@{d['base_version']} ({d['why']}): devices on it take the "
+                   f"full artifact")
 
 
 @fleet_cmd.command("revoke")
