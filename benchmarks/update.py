@@ -1,8 +1,9 @@
 """Signed updates end to end on a real agent over loopback Mosquitto: time from `desired` to
 COMMITTED for ~1 MB and ~10 MB artifacts (with the time spent in each state), rollback times,
 windows lost across the switch, and bytes over the wire against the artifact size; then a head-only
-retrain of the running version as a delta update (wire bytes against the full artifact, the time to
-pack, fetch and apply it on the agent, and the apply alone on this host).
+retrain of the running version, then a fine-tune of the whole network, as delta updates (wire bytes
+against the full artifact, the time to pack, fetch and apply it on the agent, and the apply alone on
+this host).
 
     python benchmarks/update.py --out DIR   # two tables; update.json in DIR
 
@@ -64,6 +65,24 @@ def head_retrained(src: Path, dest: Path) -> Path:
     return dest
 
 
+def fine_tuned(src: Path, dest: Path) -> Path:
+    """``src`` with every float weight moved by about 0.1 % of itself: a fine-tune of the whole network
+    (no byte run left in common with the base; the tensor XOR delta's case)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(src)
+    rng = np.random.default_rng(5)
+    for init in model.graph.initializer:
+        weights = numpy_helper.to_array(init)
+        if weights.dtype == np.float32:
+            init.CopyFrom(numpy_helper.from_array((weights * (1 + rng.normal(0, 1e-3, weights.shape)))
+                                                  .astype(np.float32), init.name))
+    onnx.save(model, dest)
+    return dest
+
+
 def run_update(rig, agent, version: str, state_dir: Path) -> tuple[float, dict]:
     from update_harness import update_of, wait_outcome
 
@@ -88,9 +107,37 @@ def host_apply_seconds(rig, base_version: str, full: dict, patch: dict) -> float
     times = []
     for _ in range(5):
         t = time.perf_counter()
-        apply_delta(base_bytes, patch_bytes, full["length"])
+        apply_delta(base_bytes, patch_bytes, full["length"], patch["codec"])
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def delta_update(rig, agent, label: str, case: str, version: str, base: str, state_dir: Path) -> tuple[list, dict]:
+    """Update the agent (running ``base``) to ``version``, which a signed delta from ``base`` makes:
+    a table row and the JSON record."""
+    before = rig.server.snapshot_stats()
+    seconds, info = run_update(rig, agent, version, state_dir)
+    after = rig.server.snapshot_stats()
+    wire = sum(after.get(k, 0) - before.get(k, 0) for k in ("payload_bytes", "request_bytes"))
+    full = next(m for m in rig.repo.list_models() if m["version"] == version)
+    deltas = rig.repo.list_deltas()
+    patch = next((d for d in deltas if d["version"] == version and d["base_version"] == base), None)
+    if patch is None:
+        raise SystemExit(f"{label}: no delta to v{version} from v{base} was published: {deltas}")
+    apply_s = host_apply_seconds(rig, base, full, patch)
+    from edgeopt.delta import make_delta
+
+    base_entry = next(m for m in rig.repo.list_models() if m["version"] == base)
+    binary = len(make_delta(rig.stored(base_entry).read_bytes(), rig.stored(full).read_bytes()))
+    last = agent.status()["telemetry"]["update_downloads"]["last"]
+    s = info["states_s"]
+    row = [label, case, patch["codec"], full["length"], patch["length"], binary, round(wire / full["length"], 4),
+           last["delta"], round(seconds - s.get("PROBATION", 0.0), 2), round(s.get("DOWNLOADING", 0), 3),
+           round(apply_s * 1000, 2)]
+    return row, {"case": case, "codec": patch["codec"], "artifact_bytes": full["length"],
+                 "delta_bytes": patch["length"], "binary_delta_bytes": binary, "wire_bytes": wire, "wire_ratio": wire / full["length"],
+                 "took_delta": last["delta"], "desired_to_committed_s": seconds, "states_s": s,
+                 "host_apply_s": apply_s, "outcome": info["outcome"]}
 
 
 def main() -> None:
@@ -109,6 +156,7 @@ def main() -> None:
                     for v in ("1", "2")}
             arts["3"] = nan_on_golden(arts["2"], work / "v3", "3")
             arts["4"] = convert(data, work / "v4", "4", head_retrained(work / "m2.onnx", work / "m4.onnx"))
+            arts["5"] = convert(data, work / "v5", "5", fine_tuned(work / "m4.onnx", work / "m5.onnx"))
             rig = Rig(work)
             try:
                 for v, art in arts.items():
@@ -125,26 +173,12 @@ def main() -> None:
                 wire = after.get("payload_bytes", 0) - before.get("payload_bytes", 0)
                 wire += after.get("request_bytes", 0) - before.get("request_bytes", 0)
                 rb_seconds, rb = run_update(rig, agent, "3", work / "state")
-                # back on v2: v4, its head retrained, comes as a delta from it
-                before = rig.server.snapshot_stats()
-                delta_seconds, delta_info = run_update(rig, agent, "4", work / "state")
-                after = rig.server.snapshot_stats()
-                delta_wire = sum(after.get(k, 0) - before.get(k, 0) for k in ("payload_bytes", "request_bytes"))
-                full4 = next(m for m in rig.repo.list_models() if m["version"] == "4")
-                deltas = rig.repo.list_deltas()
-                patch = next((d for d in deltas if d["version"] == "4" and d["base_version"] == "2"), None)
-                if patch is None:
-                    raise SystemExit(f"{label}: no delta to v4 from v2 was published: {deltas}")
-                apply_s = host_apply_seconds(rig, "2", full4, patch)
-                last = agent.status()["telemetry"]["update_downloads"]["last"]
-                d = delta_info["states_s"]
-                delta_rows.append([label, full4["length"], patch["length"], round(delta_wire / full4["length"], 4),
-                                   last["delta"], round(delta_seconds - d.get("PROBATION", 0.0), 2),
-                                   round(d.get("DOWNLOADING", 0), 3), round(apply_s * 1000, 2)])
-                delta_result = {"artifact_bytes": full4["length"], "delta_bytes": patch["length"],
-                                "wire_bytes": delta_wire, "wire_ratio": delta_wire / full4["length"],
-                                "took_delta": last["delta"], "desired_to_committed_s": delta_seconds,
-                                "states_s": d, "host_apply_s": apply_s, "outcome": delta_info["outcome"]}
+                # back on v2: v4, its head retrained, comes as a delta from it; then v5, v4 fine-tuned whole
+                delta_result = []
+                for case, version, base in (("head-only retrain", "4", "2"), ("whole-network fine-tune", "5", "4")):
+                    row, record = delta_update(rig, agent, label, case, version, base, work / "state")
+                    delta_rows.append(row)
+                    delta_result.append(record)
                 time.sleep(1.0)
                 agent.stop()
                 missing, versions = seq_gaps(jsonl)
@@ -157,15 +191,17 @@ def main() -> None:
                                 "states_s": s, "outcome": info["outcome"], "rollback_desired_to_rolled_back_s":
                                 rb_seconds, "rollback": rb, "windows_lost": len(missing),
                                 "windows_seen": len(versions), "wire_bytes": wire, "wire_ratio": wire / length,
-                                "delta_update": delta_result})
+                                "delta_updates": delta_result})
             finally:
                 rig.close()
     print_table("signed update over loopback MQTT (64 KiB chunks), agent inferring throughout",
                 ["artifact", "bytes", "desired→COMMITTED s", "without probation s", "download s", "self-test s",
                  "probation s", "self-test rollback s", "windows lost", "wire / artifact"], rows)
-    print_table("the head-only retrain of v2 (v4) as a delta from v2 (the agent runs v2)",
-                ["artifact", "full bytes", "delta bytes", "wire / full", "delta taken", "desired→COMMITTED s "
-                 "without probation", "download s (pack + fetch + apply)", "apply ms (host)"], delta_rows)
+    print_table("delta updates: v4 (v2's head retrained) from v2, then v5 (v4 fine-tuned whole) from v4",
+                ["artifact", "change", "codec", "full bytes", "delta bytes", "binary kind bytes", "wire / full",
+                 "delta taken",
+                 "desired→COMMITTED s without probation", "download s (pack + fetch + apply)", "apply ms (host)"],
+                delta_rows)
     write_json("update", {"results": results})
 
 

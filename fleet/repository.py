@@ -40,7 +40,10 @@ from edgeopt.signing import generate_key, load_signer
 log = logging.getLogger("edgeopt.fleet.repository")
 ROLES = ("root", "targets", "snapshot", "timestamp")
 DELTA_BASES = 2      # a new version gets deltas from the last this many published versions of its model
-DELTA_WORTH = 0.5    # a delta at least this share of the full artifact is not published
+# a delta at least this share of the full artifact is not published: below it a device on a metered link
+# saves a quarter or more of the bytes; above it the saving is not worth another stored target and the
+# device's rebuild (a whole-network fine-tune of a weights-only artifact comes out near half: docs/fleet.md)
+DELTA_WORTH = 0.75
 DEFAULT_EXPIRY = {"root": timedelta(days=365), "targets": timedelta(days=90), "snapshot": timedelta(days=7),
                   "timestamp": timedelta(days=1)}
 

@@ -46,9 +46,13 @@ def tensor_spans(archive: bytes) -> dict[tuple[str, str], Span]:
     return out
 
 
+XOR_WORTH = 0.9  # the XOR kind is taken only when at most this share of the binary delta: it costs the
+                # device more to apply (a 10 MB artifact: 60 ms against 2 ms, docs/benchmarks.md)
+
+
 def smallest_delta(base: bytes, new: bytes) -> tuple[str, bytes]:
     """(codec, delta): patch-from, or the XOR kind over the tensors both artifacts hold when that is
-    smaller (a fine-tune of the whole network; a head-only retrain is usually as small either way)."""
+    clearly smaller (a fine-tune of the whole network; a head-only retrain is as small either way)."""
     plain = make_delta(base, new)
     theirs = tensor_spans(base)
     regions = [Region(start, length, theirs[key][0], width) for key, (start, length, width) in tensor_spans(new).items()
@@ -56,7 +60,7 @@ def smallest_delta(base: bytes, new: bytes) -> tuple[str, bytes]:
     if not regions:
         return CODEC, plain
     xor = make_delta(base, new, regions)
-    return (CODEC_XOR, xor) if len(xor) < len(plain) else (CODEC, plain)
+    return (CODEC_XOR, xor) if len(xor) <= XOR_WORTH * len(plain) else (CODEC, plain)
 
 
 # --- ONNX: the protobuf wire format, enough to find TensorProto.raw_data ---------------------------
