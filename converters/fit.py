@@ -58,10 +58,15 @@ def peak_activation_elements(model: onnx.ModelProto) -> int:
     return int(peak)
 
 
-def fit_check(model_bytes: int, peak_memory_bytes: int, profile: Profile | None) -> dict[str, Any]:
+def fit_check(model_bytes: int, peak_memory_bytes: int, profile: Profile | None, arena_bytes: int | None = None,
+              code_bytes: int | None = None) -> dict[str, Any]:
+    """The fit on ``profile``. With ``arena_bytes`` (a microcontroller: the arena measured in TFLite
+    Micro) RAM is the arena and storage is flash — the model plus the runtime's code (``code_bytes``)."""
     if profile is None:
         return {"profile": None, "model_bytes": model_bytes, "peak_memory_bytes": peak_memory_bytes,
                 "ram_budget_bytes": None, "storage_budget_bytes": None, "ok": None, "problems": []}
+    if arena_bytes is not None:
+        return _micro_fit(model_bytes, arena_bytes, code_bytes or 0, profile)
     problems = []
     if model_bytes > profile.model_storage_budget_bytes:
         problems.append(f"model file {model_bytes} B exceeds the storage budget "
@@ -72,6 +77,21 @@ def fit_check(model_bytes: int, peak_memory_bytes: int, profile: Profile | None)
     return {"profile": profile.name, "model_bytes": model_bytes, "peak_memory_bytes": peak_memory_bytes,
             "ram_budget_bytes": profile.model_ram_budget_bytes,
             "storage_budget_bytes": profile.model_storage_budget_bytes, "ok": not problems, "problems": problems}
+
+
+def _micro_fit(model_bytes: int, arena_bytes: int, code_bytes: int, profile: Profile) -> dict[str, Any]:
+    flash = model_bytes + code_bytes
+    problems = []
+    if flash > profile.model_storage_budget_bytes:
+        problems.append(f"flash {flash} B (model {model_bytes} B + TFLite Micro's code, estimated {code_bytes} B) "
+                        f"exceeds the flash budget {profile.model_storage_budget_bytes} B of {profile.name}")
+    if arena_bytes > profile.model_ram_budget_bytes:
+        problems.append(f"tensor arena {arena_bytes} B (measured in TFLite Micro, with its margin) exceeds the RAM "
+                        f"budget {profile.model_ram_budget_bytes} B of {profile.name}")
+    return {"profile": profile.name, "model_bytes": model_bytes, "peak_memory_bytes": arena_bytes,
+            "ram_budget_bytes": profile.model_ram_budget_bytes,
+            "storage_budget_bytes": profile.model_storage_budget_bytes, "ok": not problems, "problems": problems,
+            "arena_bytes": arena_bytes, "flash_bytes": flash, "code_bytes_estimate": code_bytes}
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:

@@ -334,7 +334,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
             model_bytes = tree_size(model_path)
             peak = (model_bytes + compiled.expanded_weight_bytes
                     + peak_activation_elements(model) * compiled.activation_bytes)
-            fit = fit_check(model_bytes, peak, profile)
+            fit = fit_check(model_bytes, peak, profile, compiled.arena_bytes, compiled.code_bytes)
 
             recipe = [canon_pass.describe()] + [p.describe() for p in compression]
             recipe += compiled.recipe
@@ -342,7 +342,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = no_progress) -> Co
             generated = validation.source == "generated"
             gates = evaluate(par, acc, Thresholds(opts.max_accuracy_drop, opts.min_cosine, opts.min_top1_agreement),
                              validation.task, generated_inputs=generated)
-            failures = shape_problems + _failures(fit, par) + gates.failures
+            failures = shape_problems + list(compiled.problems) + _failures(fit, par) + gates.failures
             missed = gates.failures or gates.warnings
             analysis = None
             if missed and quantize == "int8" and opts.calibration is not None:
@@ -589,7 +589,7 @@ def _manifest(opts: ConvertOptions, target: Target, compiled: CompiledModel,
         "tool_versions": versions,
         "edgeopt_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "files": file_hashes(stage, [target.model_file, GOLDEN, REPORT]),
+        "files": file_hashes(stage, [target.model_file, *compiled.extra_files, GOLDEN, REPORT]),
     }
 
 

@@ -57,6 +57,8 @@ class Profile:
     quantize_by_target: dict[str, str] = field(default_factory=dict)  # [default_recipe] tvm = { quantize = ... }
     tvm_target: dict[str, Any] | None = None
     coreml_deployment_target: str | None = None
+    runtime: str | None = None  # "tflite-micro": a microcontroller (full-integer int8, C++ sources, measured arena)
+    code_bytes: int | None = None  # [tflite_micro] code_bytes: flash the runtime's own code takes (an estimate)
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -78,7 +80,8 @@ class Profile:
                                "quantize_by_target": {f: self.default_quantize_for(f) for f in self.formats},
                                "batch": self.default_batch},
             "latency_budget_ms": self.latency_budget_ms, "tvm_target": self.tvm_target,
-            "coreml_deployment_target": self.coreml_deployment_target,
+            "coreml_deployment_target": self.coreml_deployment_target, "runtime": self.runtime,
+            "code_bytes": self.code_bytes,
         }
 
 
@@ -108,14 +111,34 @@ def _parse(doc: dict[str, Any], source: str) -> Profile:
             quantize_by_target=_quantize_by_target(recipe, tuple(doc["formats"]), source),
             tvm_target=doc.get("tvm", {}).get("target"),
             coreml_deployment_target=doc.get("coreml", {}).get("minimum_deployment_target"),
+            runtime=_runtime(doc, source),
+            code_bytes=(parse_size(doc["tflite_micro"]["code_bytes"], f"{source}: tflite_micro.code_bytes")
+                        if "tflite_micro" in doc else None),
             source=source,
             extra={k: v for k, v in doc.items() if k not in (*_REQUIRED, "accelerators", "latency_budget_ms",
-                                                              "tvm", "coreml")},
+                                                              "tvm", "coreml", "runtime", "tflite_micro")},
         )
     except KeyError as exc:
         raise UserInputError(f"{source}: profile is missing field {exc.args[0]!r}") from None
     except (TypeError, ValueError) as exc:
         raise UserInputError(f"{source}: malformed profile ({exc})") from None
+
+
+RUNTIMES = ("tflite-micro",)
+
+
+def _runtime(doc: dict[str, Any], source: str) -> str | None:
+    """``runtime``: what runs the model where it is not the format's usual runtime (TFLite Micro on a
+    microcontroller); such a board needs [tflite_micro] code_bytes, the flash its runtime code takes."""
+    runtime = doc.get("runtime")
+    if runtime is None:
+        return None
+    if runtime not in RUNTIMES:
+        raise UserInputError(f"{source}: runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if doc["formats"] != ["tflite"] or "code_bytes" not in doc.get("tflite_micro", {}):
+        raise UserInputError(f"{source}: a runtime = \"tflite-micro\" profile has formats = [\"tflite\"] and a "
+                             f"[tflite_micro] table with code_bytes (the flash TFLite Micro's code takes)")
+    return runtime
 
 
 _RECIPE_KEYS = ("target", "quantize", "batch")

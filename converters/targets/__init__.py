@@ -45,6 +45,10 @@ class CompiledModel:
     # vectors and latency run it instead.
     host_model: Path | None = None
     recipe: tuple[dict[str, Any], ...] = ()  # the passes the target ran, with their settings
+    extra_files: tuple[str, ...] = ()  # files beside the model that belong to the artifact (micro/*.cc)
+    problems: tuple[str, ...] = ()     # the target's own checks that failed: the report is marked failed
+    arena_bytes: int | None = None     # RAM the model needs on the board, measured by running it there
+    code_bytes: int | None = None      # flash the board's runtime code takes (an estimate from the profile)
 
     @property
     def runnable(self) -> Path:

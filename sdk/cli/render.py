@@ -65,11 +65,21 @@ def print_convert_report(report: dict[str, Any]) -> None:
                   f"{report['validation']['source']})"))
     if mixed := report.get("mixed_precision"):
         con.print(escape(_mixed_line(mixed)))
+    if micro := report.get("pass_details", {}).get("tflite-micro"):
+        con.print(escape(_micro_line(micro)))
     if fit["profile"]:
         verdict = "fits" if fit["ok"] else "DOES NOT FIT"
-        con.print(f"fit on {fit['profile']}: model {format_size(fit['model_bytes'])} of "
-                  f"{format_size(fit['storage_budget_bytes'])} storage budget, est. peak memory "
-                  f"{format_size(fit['peak_memory_bytes'])} of {format_size(fit['ram_budget_bytes'])} RAM budget: {verdict}")
+        if fit.get("arena_bytes") is not None:  # a microcontroller: flash and the measured arena
+            con.print(f"fit on {fit['profile']}: flash {format_size(fit['flash_bytes'])} (model "
+                      f"{format_size(fit['model_bytes'])} + TFLite Micro code, est. "
+                      f"{format_size(fit['code_bytes_estimate'])}) of {format_size(fit['storage_budget_bytes'])}, "
+                      f"tensor arena {format_size(fit['arena_bytes'])} of {format_size(fit['ram_budget_bytes'])} RAM "
+                      f"budget: {verdict}")
+        else:
+            con.print(f"fit on {fit['profile']}: model {format_size(fit['model_bytes'])} of "
+                      f"{format_size(fit['storage_budget_bytes'])} storage budget, est. peak memory "
+                      f"{format_size(fit['peak_memory_bytes'])} of {format_size(fit['ram_budget_bytes'])} RAM budget: "
+                      f"{verdict}")
     for note in report.get("notes", []):
         con.print(f"note: {note}")
     status = {"ok": "[green]ok[/green]",
@@ -85,6 +95,15 @@ def print_convert_report(report: dict[str, Any]) -> None:
         con.print(escape(f"most sensitive to INT8 ({analysis['source']}): {top}; try --keep-float "
                          f"{analysis['keep_float']}" + ("" if searched else ", or let --min-cosine / "
                                                         "--max-accuracy-drop choose the layers")))
+
+
+def _micro_line(micro: dict[str, Any]) -> str:
+    p = micro["parity_vs_litert"]
+    agree = ("identical to LiteRT's" if p["identical"] else
+             f"within {p['max_abs_quanta']} quantum of LiteRT's ({p['values_differing']:,} of {p['values']:,} values "
+             f"differ)")
+    return (f"TFLite Micro: {len(micro['kernels'])} kernel(s), arena {micro['arena_measured_bytes']:,} B measured "
+            f"({micro['arena_bytes']:,} B declared), outputs on {p['samples']} samples {agree}; C++ in micro/")
 
 
 def _mixed_line(mixed: dict[str, Any]) -> str:
@@ -269,5 +288,10 @@ def print_profile(p: dict[str, Any]) -> None:
         ("TVM target", str(p["tvm_target"]) if p["tvm_target"] else "-"),
         ("Core ML target", p["coreml_deployment_target"] or "-"),
     ]
+    if p.get("runtime") == "tflite-micro":  # docs/tflite-micro.md
+        rows[2] = ("model budgets", f"tensor arena {format_size(p['model_ram_budget_bytes'])}, flash "
+                                    f"{format_size(p['model_storage_budget_bytes'])} (model + TFLite Micro's "
+                                    f"code, est. {format_size(p['code_bytes'])})")
+        rows.append(("runtime", "TFLite Micro: full-integer int8, C++ sources, arena measured"))
     for k, v in rows:
         con.print(f"  {k:<21} {v}")

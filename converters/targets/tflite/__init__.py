@@ -9,6 +9,7 @@ result in LiteRT with XNNPACK on.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,8 +112,17 @@ class TFLiteTarget(Target):
             return {}
         return {"float_io": f"with --quantize {quantize}: it applies with --quantize int8 or int16x8 (integer I/O)"}
 
+    @property
+    def micro(self) -> bool:
+        """For a microcontroller: a profile whose runtime is TFLite Micro (``micro.py``)."""
+        return self.profile is not None and self.profile.runtime == "tflite-micro"
+
     def check_quantize(self, quantize: str) -> None:
         super().check_quantize(quantize)
+        if self.micro and (quantize != "int8" or self.config["float_io"]):
+            raise UserInputError(f"profile '{self.profile.name}' runs TFLite Micro, which needs a full-integer "
+                                 f"model: --quantize int8 without --float-io (got --quantize {quantize}"
+                                 f"{' --float-io' if self.config['float_io'] else ''})")
         mode = self.mode_for(quantize)
         method, block = mode.calibration_method, mode.block_size
         if method not in (None, *CALIBRATION_METHODS):
@@ -197,15 +207,24 @@ class TFLiteTarget(Target):
             raise UserInputError(f"the converted model is {len(data) / 2**30:.1f} GiB; a .tflite FlatBuffer holds "
                                  f"at most 2 GiB")
         expanded = self._write_sparse_or_dense(data, ctx, out, lowered.weight_origins)
-        return CompiledModel(out, io_transposes=lowered.io_transposes, expanded_weight_bytes=expanded,
-                             activation_bytes=self.activation_bytes(mode))
+        compiled = CompiledModel(out, io_transposes=lowered.io_transposes, expanded_weight_bytes=expanded,
+                                 activation_bytes=self.activation_bytes(mode))
+        if not self.micro:
+            return compiled
+        from .micro import FILES, build
+
+        made = build(out, out.parent, lowered.op_origins, ctx.validation, dict(lowered.io_transposes))
+        ctx.details["tflite-micro"] = made.details
+        return dataclasses.replace(compiled, extra_files=FILES, problems=made.problems, arena_bytes=made.arena_bytes,
+                                   code_bytes=self.profile.code_bytes)
 
     def _write_sparse_or_dense(self, data: bytes, ctx: PassContext, out: Path,
                                weight_origins: Mapping[int, str] | None) -> int:
         """Write the model with its mostly-zero weights stored sparse, and check that LiteRT loads it;
         should LiteRT refuse it, write the dense model instead and say why in the report. Returns the
         bytes LiteRT densifies in memory at load (the sparse weights')."""
-        min_zeros = float(self.config["sparse_min_zeros"])
+        # TFLite Micro has no DENSIFY kernel: a microcontroller's weights are stored dense
+        min_zeros = 1.0 if self.micro else float(self.config["sparse_min_zeros"])
         sparse, records = store_sparse(data, min_zeros, origins=weight_origins)
         out.write_bytes(sparse)
         try:
