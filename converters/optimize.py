@@ -85,8 +85,10 @@ def candidates(opts: OptimizeOptions, profile: Profile) -> list[Candidate]:
     out = []
     for target in targets:
         modes = get_target(target).quantize_modes
+        micro = profile.runtime == "tflite-micro"  # full-integer int8 only (docs/tflite-micro.md)
+        modes = ("int8",) if micro else modes
         wanted = [q for q in (opts.quantize or modes) if q in modes]
-        if opts.quantize is None and opts.calibration is None:
+        if opts.quantize is None and opts.calibration is None and not micro:
             wanted = [q for q in wanted if q not in CALIBRATED]
         out += [Candidate(target, q, p) for q in wanted for p in opts.prune]
     if not out:

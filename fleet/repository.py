@@ -32,7 +32,7 @@ from typing import Any
 from edgeopt.artifact import open_artifact, pack_artifact, refuse_failed
 from edgeopt.delta import delta_path
 from edgeopt.errors import EdgeoptError, UserInputError
-from edgeopt.fleet.tensor_spans import smallest_delta
+from edgeopt.fleet.tensor_spans import chosen_delta
 from edgeopt.fsutil import atomic_write_bytes, fsync_dir
 from edgeopt.protocol import REPO_PATH_RE, is_name, matches
 from edgeopt.signing import generate_key, load_signer
@@ -283,7 +283,7 @@ class Repository:
             fd, tmp = tempfile.mkstemp(dir=self.targets_dir, suffix=".partial")
             os.close(fd)
             try:  # a delta is an optimisation: one that cannot be made leaves the version published without it
-                codec, patch = smallest_delta(base_file.read_bytes(), new)
+                codec, patch = chosen_delta(base_file.read_bytes(), new)
                 if len(patch) >= DELTA_WORTH * len(new):
                     skipped.append({"base_version": base.custom["version"], "length": len(patch),
                                     "why": f"{len(patch) / len(new):.0%} of the full artifact: not worth it"})

@@ -50,7 +50,7 @@ XOR_WORTH = 0.9  # the XOR kind is taken only when at most this share of the bin
                 # device more to apply (a 10 MB artifact: 60 ms against 2 ms, docs/benchmarks.md)
 
 
-def smallest_delta(base: bytes, new: bytes) -> tuple[str, bytes]:
+def chosen_delta(base: bytes, new: bytes) -> tuple[str, bytes]:
     """(codec, delta): patch-from, or the XOR kind over the tensors both artifacts hold when that is
     clearly smaller (a fine-tune of the whole network; a head-only retrain is as small either way)."""
     plain = make_delta(base, new)

@@ -14,7 +14,8 @@ size: ``edgeopt.fleet.tensor_spans`` reads .onnx and .tflite files) and the delt
 XORed with its base tensor, its bytes regrouped by their place in the element (``width``: the float's
 sign and exponent bytes, which a small change leaves alone, come out as runs of zeros) — codec
 ``zstd-patch-from+xor``. The device needs no model parser: the regions are listed in the delta's
-header, in archive offsets. The publisher makes both kinds and signs the smaller.
+header, in archive offsets. The publisher makes both kinds and signs the XOR one where it is clearly
+smaller (``edgeopt.fleet.tensor_spans.chosen_delta``).
 
 Written on the zstandard bindings (the library does the compression; what is ours is the choice of
 parameters, the XOR transform — which no delta library offers per tensor — and the checks around it).

@@ -228,7 +228,7 @@ def test_a_retrained_real_cnn_travels_as_a_small_delta(tmp_path, target):
     import onnx
     from onnx import numpy_helper
 
-    from edgeopt.fleet.tensor_spans import smallest_delta
+    from edgeopt.fleet.tensor_spans import chosen_delta
 
     from real_models import CORPUS, Unavailable, fetch
 
@@ -264,7 +264,7 @@ def test_a_retrained_real_cnn_travels_as_a_small_delta(tmp_path, target):
     delta = make_delta(base, head)
     assert len(delta) <= 0.1 * len(head), (len(delta), len(head))
     assert apply_delta(base, delta, len(head)) == head
-    codec, delta = smallest_delta(base, whole)
+    codec, delta = chosen_delta(base, whole)
     assert codec == CODEC_XOR and len(delta) <= 0.8 * len(make_delta(base, whole)), len(delta)
     assert apply_delta(base, delta, len(whole), codec) == whole
 
@@ -298,18 +298,18 @@ def test_a_whole_network_fine_tune_travels_as_a_tensor_xor_delta(imu_versions, t
     """Every weight moved a little: no byte run matches the base, so patch-from carries nearly all of
     the model; XOR with the base's tensors leaves the sign and exponent bytes zero. Measured on this
     model: 0.285 of the artifact against patch-from's 0.457 as .onnx, 0.292 against 0.459 as .tflite."""
-    from edgeopt.fleet.tensor_spans import smallest_delta
+    from edgeopt.fleet.tensor_spans import chosen_delta
 
     base, new = _packed(imu_versions[target, "1"], tmp_path), _packed(imu_versions[target, "3"], tmp_path)
     plain = make_delta(base, new)
-    codec, delta = smallest_delta(base, new)
+    codec, delta = chosen_delta(base, new)
     assert codec == CODEC_XOR and len(delta) <= 0.8 * len(plain), (len(delta), len(plain))
     assert apply_delta(base, delta, len(new), codec) == new
     with pytest.raises(DeltaError):  # the XOR kind read as the other: refused, never a wrong artifact
         apply_delta(base, delta, len(new), CODEC)
     # a head-only retrain: the two kinds are about the same size, and the binary one is cheaper to apply
     head = _packed(imu_versions[target, "2"], tmp_path)
-    codec, delta = smallest_delta(base, head)
+    codec, delta = chosen_delta(base, head)
     assert codec == CODEC and apply_delta(base, delta, len(head), codec) == head
 
 
@@ -357,10 +357,10 @@ def test_tensor_spans_of_files_that_are_not_models_are_none(tmp_path):
 def test_an_xor_delta_with_a_damaged_header_or_unknown_codec_is_refused(imu_versions, tmp_path):
     import struct
 
-    from edgeopt.fleet.tensor_spans import smallest_delta
+    from edgeopt.fleet.tensor_spans import chosen_delta
 
     base, new = _packed(imu_versions["onnx", "1"], tmp_path), _packed(imu_versions["onnx", "3"], tmp_path)
-    codec, delta = smallest_delta(base, new)
+    codec, delta = chosen_delta(base, new)
     assert codec == CODEC_XOR
     beyond = bytearray(delta)
     struct.pack_into("<Q", beyond, 9 + 8, len(base))  # the first region's base offset past the base's end

@@ -9,6 +9,7 @@ with an operator TFLite Micro lacks is refused naming its ONNX node, and leaves 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -174,13 +175,17 @@ def _syntax_check(micro: Path, tmp: Path) -> subprocess.CompletedProcess:
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ is not installed")
+    # the real headers where a TFLite Micro checkout is at hand: its root, flatbuffers' include/ and
+    # gemmlowp, ':'-separated (docs/tflite-micro.md); else the stubs
+    real = os.environ.get("EDGEOPT_TFLM_INCLUDE")
     methods = "\n".join(f"  TfLiteStatus {m}();" for m in RESOLVER_METHODS)
     for name, text in STUBS.items():
         (tmp / "stubs" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp / "stubs" / name).write_text(text % methods if "%s" in text else text)
     (tmp / "firmware.cc").write_text(FIRMWARE)
-    return subprocess.run([gxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", "-I", str(tmp / "stubs"),
-                           "-I", str(micro), str(micro / "model_data.cc"), str(micro / "model_selftest.cc"),
+    includes = [f"-I{d}" for d in (real.split(":") if real else [str(tmp / "stubs")])]
+    return subprocess.run([gxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", "-DTF_LITE_STATIC_MEMORY",
+                           *includes, "-I", str(micro), str(micro / "model_data.cc"), str(micro / "model_selftest.cc"),
                            str(tmp / "firmware.cc")], capture_output=True, text=True)
 
 
@@ -278,3 +283,16 @@ def test_a_microcontroller_profile_without_its_code_size_or_with_another_runtime
         board.write_text(bad)
         res = run_cli("profiles", "show", board)
         assert res.code == 2 and why in res.err, res.err
+
+
+def test_optimize_for_a_microcontroller_tries_full_integer_int8_only(tmp_path):
+    from edgeopt.converters.optimize import OptimizeOptions, candidates
+    from edgeopt.errors import UserInputError
+    from edgeopt.profiles import load_profile
+
+    board = load_profile("esp32-s3-wroom-1-n8r8")
+    given = dict(model=tmp_path / "m.onnx", output=tmp_path / "o", profile=board.name, validation=tmp_path / "v.npz")
+    found = candidates(OptimizeOptions(**given, calibration=tmp_path / "c.npz"), board)
+    assert found and {(c.target, c.quantize) for c in found} == {("tflite", "int8")}
+    with pytest.raises(UserInputError, match="needs calibration data"):
+        candidates(OptimizeOptions(**given), board)

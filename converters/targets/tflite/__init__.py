@@ -29,6 +29,8 @@ from edgeopt.runtime.litert import LiteRtRuntime
 # Importing the op modules registers their lowerings in ``lowering.RULES``.
 from . import ops_conv, ops_dense, ops_elementwise, ops_reduce, ops_resize, ops_rnn, ops_shape  # noqa: F401
 from .lowering import GraphFacts, Lowering, LoweringError, Node, graph_facts, unsupported_reason
+from .micro import FILES as MICRO_FILES
+from .micro import build as build_micro
 from .mixed import mixed_int8
 from .prepare import static_model
 from .quantize import INT4_BLOCK_SIZES, quantize_model
@@ -211,11 +213,9 @@ class TFLiteTarget(Target):
                                  activation_bytes=self.activation_bytes(mode))
         if not self.micro:
             return compiled
-        from .micro import FILES, build
-
-        made = build(out, out.parent, lowered.op_origins, ctx.validation, dict(lowered.io_transposes))
+        made = build_micro(out, out.parent, lowered.op_origins, ctx.validation, dict(lowered.io_transposes))
         ctx.details["tflite-micro"] = made.details
-        return dataclasses.replace(compiled, extra_files=FILES, problems=made.problems, arena_bytes=made.arena_bytes,
+        return dataclasses.replace(compiled, extra_files=MICRO_FILES, problems=made.problems, arena_bytes=made.arena_bytes,
                                    code_bytes=self.profile.code_bytes)
 
     def _write_sparse_or_dense(self, data: bytes, ctx: PassContext, out: Path,

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from edgeopt.converters.passes import ConversionError
 from edgeopt.errors import MissingDependency, UnsupportedOpsError
 
 from .flatbuffer import builtin_op_names, schema
+from .micro_cc import write_sources
 
 TFLM_COMMIT = "90b983c"
 # MicroMutableOpResolver's methods at TFLM_COMMIT (AddCustom, the signal-library ops and AddBuiltin left out)
@@ -209,13 +211,10 @@ def build(path: Path, stage: Path, origins: dict[str, list[tuple[str, str]]], va
                         f"{len(inputs[0])} validation samples (at most 1 expected)")
     margin, extra = ARENA_MARGIN
     arena = -(-int(measured * (1 + margin) + extra) // 16) * 16
-    from .micro_cc import write_sources
-
-    write_sources(stage / "micro", path.read_bytes(), ops, arena, [x[:SELFTEST_SAMPLES] for x in inputs],
+    kernels = {op: method_for(op) for op in ops}
+    write_sources(stage / "micro", path.read_bytes(), kernels, arena, [x[:SELFTEST_SAMPLES] for x in inputs],
                   [y[:SELFTEST_SAMPLES] for y in got])
-    from importlib.metadata import version
-
-    details = {"kernels": {op: method_for(op) for op in ops}, "resolver_methods_from": TFLM_COMMIT,
+    details = {"kernels": kernels, "resolver_methods_from": TFLM_COMMIT,
                "tflite_micro": version("tflite-micro"),
                "arena_measured_bytes": measured, "arena_bytes": arena,
                "arena_margin": f"+{margin:.0%} + {extra} B (board kernels' scratch buffers; 32-bit pointers)",

@@ -47,10 +47,11 @@ def model_data(data: bytes, arena: int) -> tuple[str, str]:
     return h, cc
 
 
-def op_resolver(ops: list[str]) -> str:
-    from .micro import method_for
-
-    calls = "\n".join(f"  if (resolver.{method_for(op)}() != kTfLiteOk) return false;  // {op}" for op in ops)
+def op_resolver(kernels: dict[str, str]) -> str:
+    """``kernels``: each builtin the model uses → the resolver method that registers it."""
+    calls = "\n".join(f"  if (resolver.{method}() != kTfLiteOk) return false;  // {op}"
+                      for op, method in sorted(kernels.items()))
+    ops = sorted(kernels)
     return (HEADER + "#pragma once\n\n#include \"tensorflow/lite/micro/micro_mutable_op_resolver.h\"\n\n"
             f"// Exactly the {len(ops)} operator(s) the model uses.\n"
             f"using ModelOpResolver = tflite::MicroMutableOpResolver<{len(ops)}>;\n\n"
@@ -89,11 +90,11 @@ def selftest(inputs: list[np.ndarray], outputs: list[np.ndarray]) -> tuple[str, 
     return h, cc
 
 
-def write_sources(folder: Path, data: bytes, ops: list[str], arena: int, inputs: list[np.ndarray],
+def write_sources(folder: Path, data: bytes, kernels: dict[str, str], arena: int, inputs: list[np.ndarray],
                   outputs: list[np.ndarray]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     h, cc = model_data(data, arena)
     sh, scc = selftest(inputs, outputs)
-    for name, text in (("model_data.h", h), ("model_data.cc", cc), ("op_resolver.h", op_resolver(ops)),
+    for name, text in (("model_data.h", h), ("model_data.cc", cc), ("op_resolver.h", op_resolver(kernels)),
                        ("model_selftest.h", sh), ("model_selftest.cc", scc)):
         atomic_write_bytes(folder / name, text.encode())
