@@ -14,7 +14,7 @@ DEMO := build/demo
 setup: $(STAMP) system-deps
 
 # The agent's integration tests run a real Mosquitto and `systemd-analyze verify`, the dashboard's a
-# headless chromium: install them where missing and possible (Debian/Ubuntu as root); elsewhere those
+# headless chromium, the HTTP repository's nginx: install them where missing and possible (Debian/Ubuntu as root); elsewhere those
 # tests skip, naming what to install.
 system-deps:
 	@missing=""; \
@@ -22,6 +22,7 @@ system-deps:
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
+	command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || missing="$$missing nginx-light"; \
 	if [ -n "$$missing" ]; then \
 		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import socket
 import tomllib
 import typing
@@ -134,8 +135,14 @@ class UpdateSection:
     enabled: bool = key(True, "follow the retained desired message when a broker is configured")
     root: str = key("", "pinned root metadata (root.json from 'edgeopt fleet provision'); copied to "
                         "{state_dir}/trust on first start (empty: it must already be there)")
+    repo_url: str = key("", "fetch the signed repository over HTTP(S) from this URL — a web server, object store "
+                            "or CDN holding its metadata/ and targets/ (or fleet serve --http-repo) — with range "
+                            "requests; empty: over MQTT. desired still comes over MQTT",
+                        check=lambda v: None if not v or re.match(r"https?://[^/\s]+", v) else
+                        "expected http(s)://HOST[:PORT]/PATH/")
+    repo_ca_file: str = key("", "CA bundle for an https repo_url (empty: the system's)")
     chunk_bytes: int = key(64 * 1024, "artifact bytes asked for per request (keep under the broker's "
-                                      "payload limit)", check=at_least(1024))
+                                      "payload limit; over HTTP, 1 MiB or more)", check=at_least(1024))
     request_timeout_s: float = key(5.0, "seconds to wait for one chunk before asking again", check=positive)
     request_retries: int = key(8, "attempts per chunk before the download step gives up and retries later",
                                check=at_least(0))

@@ -40,6 +40,9 @@ SERVE_PARAMS: tuple[Param, ...] = (
                                         "or the login page)"),
     Param("http_cert", str, None, "TLS certificate (PEM) for the dashboard: https instead of http"),
     Param("http_key", str, None, "TLS private key (PEM) for --http-cert"),
+    Param("http_repo", str, None, "HOST:PORT to serve the repository's metadata/ and targets/ on as static files "
+                                  "(read-only, no token: devices with [update] repo_url fetch them with range "
+                                  "requests; --http-cert / --http-key give it TLS too)"),
     Param("log_level", str, "info", "log level on stderr", choices=("debug", "info", "warning", "error")),
 )
 SERVE = {p.name: p for p in SERVE_PARAMS}

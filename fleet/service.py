@@ -25,6 +25,7 @@ from edgeopt.fleet.dashboard.server import Dashboard, DashboardConfig  # starlet
 from edgeopt.fleet.db import open_database
 from edgeopt.fleet.registry import Registry
 from edgeopt.fleet.repo_server import RepoServer
+from edgeopt.fleet.repo_web import RepoWeb
 from edgeopt.fleet.repository import Repository
 from edgeopt.fleet.serve_options import SERVE
 from edgeopt.fleet.store import FleetStore
@@ -49,6 +50,7 @@ class ServiceConfig:
     http_token_file: Path | None = SERVE["http_token_file"].default  # the token other machines must give
     http_cert: Path | None = SERVE["http_cert"].default              # TLS for the dashboard
     http_key: Path | None = SERVE["http_key"].default
+    http_repo: str | None = SERVE["http_repo"].default  # HOST:PORT for the repository's static files, or None
     telemetry_sample_s: float = 60.0      # at most one telemetry sample per device this often (charts)
     telemetry_keep_s: float = 86400.0     # samples older than this are deleted
     history_keep_s: float = 30 * 86400.0  # a device's changes of state older than this are deleted
@@ -66,6 +68,7 @@ class FleetService:
         self._threads: list[threading.Thread] = []
         self.broker_url: str | None = config.broker
         self.dashboard = None
+        self.repo_web = None
 
     def start(self) -> FleetService:
         cfg = self.config
@@ -120,6 +123,12 @@ class FleetService:
             except BaseException:
                 self.stop()
                 raise
+        if cfg.http_repo:
+            try:
+                self.repo_web = RepoWeb(self.repository.root, cfg.http_repo, cfg.http_cert, cfg.http_key).start()
+            except BaseException:
+                self.stop()
+                raise
         self._spawn(self._control_loop, "edgeopt-controller")
         self._spawn(self._housekeeping_loop, "edgeopt-housekeeping")
         log.info("fleet service: repository %s, database %s, broker %s", cfg.repo, db, self.broker_text())
@@ -163,7 +172,8 @@ class FleetService:
                 "broker_kind": local.kind if local else "external", "broker_version": local.version if local else None,
                 "registry": self.registry.snapshot_stats(),
                 "repo_server": self.repo_server.snapshot_stats(), "controller": self.controller.snapshot_stats(),
-                "dashboard": self.dashboard.url if self.dashboard else None}
+                "dashboard": self.dashboard.url if self.dashboard else None,
+                "repo_url": self.repo_web.url if self.repo_web else None}
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._stop.wait(timeout)
@@ -172,6 +182,8 @@ class FleetService:
         self._stop.set()
         if self.dashboard is not None:
             self.dashboard.stop()
+        if self.repo_web is not None:
+            self.repo_web.stop()
         for t in self._threads:
             t.join(10)
         try:

@@ -12,6 +12,7 @@ from edgeopt.fleet.repo_server import RepoServer
 from edgeopt.fleet.repository import Repository
 from edgeopt.mqtt import PahoTopics, connect, make_client
 from edgeopt.repo_client import DeviceTrust, MqttFetcher, MqttRepoLink
+from edgeopt.repo_http import HttpRepoLink
 
 from brokers import Mosquitto
 from memory_bus import MemoryBus
@@ -39,17 +40,19 @@ class RepoPair:
 
     def __init__(self, tmp: Path, broker: Mosquitto | None, repo: Repository, device_id: str = "dev-1",
                  chunk_size: int = 64 * 1024, timeout: float = 2.0, retries: int = 3, serve: bool = True,
-                 bus: MemoryBus | None = None):
+                 bus: MemoryBus | None = None, repo_url: str | None = None):
+        """``repo_url``: the device fetches the repository over HTTP from there instead (edgeopt.repo_http;
+        the caller serves the files)."""
         self.tmp, self.broker, self.repo, self.bus = tmp, broker, repo, bus
         self.clients = []
-        if serve:
+        if serve and repo_url is None:
             self.server = RepoServer(repo, self._topics("repo-server"))
             self.server.start()
         self.device_dir = tmp / device_id
         (self.device_dir / "metadata").mkdir(parents=True, exist_ok=True)
         if not (self.device_dir / "metadata" / "root.json").exists():
             shutil.copy(repo.metadata_dir / "1.root.json", self.device_dir / "metadata" / "root.json")
-        self.link = MqttRepoLink(self._topics(device_id), device_id)
+        self.link = HttpRepoLink(repo_url) if repo_url else MqttRepoLink(self._topics(device_id), device_id)
         self.fetcher = MqttFetcher(self.link, chunk_size=chunk_size, timeout=timeout, retries=retries,
                                    partial_dir=self.device_dir / "partial", backoff=0.05)
         self.trust = DeviceTrust(self.device_dir / "metadata", self.fetcher, self.device_dir / "downloads")

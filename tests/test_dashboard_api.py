@@ -316,7 +316,7 @@ def test_the_real_server_speaks_tls_and_stops_with_a_live_stream_open(fleet, tmp
         assert stream.readline().startswith(b"retry:")
     finally:
         dash.stop()
-    assert not dash._thread.is_alive()  # a client holding the live stream does not hold the service up
+    assert not dash.http._thread.is_alive()  # a client holding the live stream does not hold the service up
     stream.close()
 
 

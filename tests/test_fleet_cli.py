@@ -193,6 +193,8 @@ def test_embedded_broker_port_in_use_is_one_line(tmp_path, fleet):
     (["--http-cert", "CERT"], ["--http-cert needs --http"]),
     (["--http", "127.0.0.1:0", "--http-cert", "CERT"], ["--http-cert and --http-key go together"]),
     (["--http", "0.0.0.0:0", "--http-token-file", "SHORT"], ["--http-token-file", "at least 16"]),
+    (["--http-repo", "repo-files"], ["--http-repo 'repo-files': expected HOST:PORT"]),
+    (["--http-repo", "127.0.0.1:0", "--http-token-file", "SHORT"], ["--http-token-file needs --http"]),
 ])
 def test_dashboard_flags_are_checked_before_anything_starts(fleet, tmp_path, args, needles):
     (tmp_path / "cert.pem").write_text("not read before the checks")
@@ -201,12 +203,13 @@ def test_dashboard_flags_are_checked_before_anything_starts(fleet, tmp_path, arg
     one_line_error(run_cli("fleet", "serve", "--repo", fleet, "--broker", "mqtt://127.0.0.1:1", *args), *needles)
 
 
-def test_fleet_serve_with_http_serves_the_dashboard_until_sigterm(fleet, tmp_path):
+def test_fleet_serve_with_http_serves_the_dashboard_and_the_repository_files_until_sigterm(fleet, tmp_path):
     import json
     import re
     import signal
     import subprocess
     import sys
+    import urllib.error
     import urllib.request
     from pathlib import Path
 
@@ -220,12 +223,22 @@ def test_fleet_serve_with_http_serves_the_dashboard_until_sigterm(fleet, tmp_pat
     exe = Path(sys.executable).parent / "edgeopt"
     with open(log, "wb") as err:
         proc = subprocess.Popen([str(exe), "fleet", "serve", "--repo", str(fleet), "--broker", broker.url,
-                                 "--http", "127.0.0.1:0", "--http-token-file", str(token)], stderr=err)
+                                 "--http", "127.0.0.1:0", "--http-token-file", str(token),
+                                 "--http-repo", "127.0.0.1:0"], stderr=err)
     try:
         deadline = time.monotonic() + 60
-        while not (m := re.search(r"dashboard (http://127\.0\.0\.1:\d+/)", log.read_text())):
+        while not (m := re.search(r"dashboard (http://127\.0\.0\.1:\d+/), repository files (http://127\.0\.0\.1:\d+/)",
+                                  log.read_text())):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
+        files = m.group(2)  # the repository's files, by range, without a token; never its keys
+        ask = urllib.request.Request(files + "metadata/1.root.json", headers={"Range": "bytes=0-9"})
+        with urllib.request.urlopen(ask, timeout=10) as r:
+            assert r.status == 206 and r.read() == (fleet / "metadata" / "1.root.json").read_bytes()[:10]
+        for secret in ("keys/timestamp.pem", "metadata/../keys/timestamp.pem", "fleet.db"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(files + secret, timeout=10)
+            assert refused.value.code == 404, secret
         with urllib.request.urlopen(m.group(1) + "api/summary", timeout=10) as r:
             summary = json.loads(r.read())
         assert summary["devices"] == 6 and summary["service"]["dashboard"] == m.group(1)

@@ -147,8 +147,9 @@ LAZY_PROJECT_IMPORTS = {
     "sdk/cli/analyze.py": 2,  # the converter (onnx, onnxruntime), as for inspect
     "sdk/cli/optimize.py": 2,  # the converter, as for inspect
     "sdk/cli/keys.py": 2,  # the repository
-    # python-tuf and cryptography (~0.1 s) load only when the agent's updates are on
-    "agent/update/updater.py": 2,
+    # python-tuf and cryptography (~0.1 s) load only when the agent's updates are on; urllib3 only when
+    # they come over HTTP
+    "agent/update/updater.py": 3,
 }
 
 

@@ -275,3 +275,27 @@ def test_malformed_desired_messages_are_ignored(rig, tmp_path):
     status = agent.wait_status(lambda s: s["state"]["status"] == "running", what="still running")
     assert model_version(status) == "1" and update_of(status)["state"] == "COMMITTED"
     assert agent.stop() == 0
+
+
+def test_an_agent_with_repo_url_takes_its_updates_over_http(rig, artifacts, tmp_path):
+    """[update] repo_url: the signed repository from a static web server (here nginx where installed,
+    else the fleet service's own --http-repo), desired still over MQTT; the MQTT repository server
+    answers no request of this device."""
+    from web_servers import FleetRepoWeb, Nginx
+
+    try:
+        web = Nginx(rig.repo.root, tmp_path / "nginx")
+    except pytest.skip.Exception:
+        web = FleetRepoWeb(rig.repo.root)
+    try:
+        agent, _ = _running_v1(rig, tmp_path, repo_url=web.url, chunk_bytes=2**20)
+        v2 = rig.publish(artifacts["2"], "2")
+        rig.set_desired("dev1", "2")
+        status = wait_outcome(agent, "2")
+        assert update_of(status)["state"] == "COMMITTED" and model_version(status) == "2", update_of(status)
+        downloads = status["telemetry"]["update_downloads"]
+        assert downloads["deltas_applied"] == 1 and downloads["last"]["full_bytes"] == v2["length"], downloads
+        assert rig.server.snapshot_stats().get("requests", 0) == 0  # nothing over MQTT's repository server
+        assert agent.stop() == 0
+    finally:
+        web.stop()

@@ -13,6 +13,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from web_servers import FleetRepoWeb, Nginx
 
 from edgeopt.artifact import unpack_artifact
 from edgeopt.fleet.repository import Repository, _write
@@ -36,11 +37,17 @@ def repo(tmp_path):
     return Repository.init(tmp_path / "repo", root_keys=3, root_threshold=2)
 
 
-@pytest.fixture(params=["memory", "mosquitto"])
+@pytest.fixture(params=["memory", "mosquitto", "http", "nginx"])
 def pair(request, tmp_path, repo):
     """The device and the repository server over an in-process bus (milliseconds: the trust checks
-    themselves) and over a real Mosquitto (the integration)."""
-    if request.param == "memory":
+    themselves), over a real Mosquitto (the integration), and over HTTP with range requests from the
+    fleet service's static files (fleet serve --http-repo) and from nginx (edgeopt.repo_http)."""
+    if request.param in ("http", "nginx"):
+        web = FleetRepoWeb(repo.root) if request.param == "http" else Nginx(repo.root, tmp_path / "nginx")
+        p = RepoPair(tmp_path, None, repo, repo_url=web.url)
+        yield p
+        web.stop()
+    elif request.param == "memory":
         bus = MemoryBus()
         p = RepoPair(tmp_path, None, repo, bus=bus)
         yield p
@@ -338,3 +345,92 @@ def test_fleet_serve_subprocess_serves_devices_and_stops_on_sigterm(tmp_path, br
         _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     assert '"requests"' in err
+
+
+@pytest.mark.parametrize("server", ["http", "nginx"])
+def test_an_http_download_resumes_from_disk_by_range_after_an_agent_restart(tmp_path, repo, server):
+    entry = _publish(repo, tmp_path, "1", size=3 * 2**20)
+    web = FleetRepoWeb(repo.root) if server == "http" else Nginx(repo.root, tmp_path / "nginx")
+    try:
+        first = RepoPair(tmp_path, None, repo, repo_url=web.url, chunk_size=256 * 1024)
+        first.trust.refresh()
+        target = first.trust.lookup("kws", "1")
+
+        class _DiesAfter:  # the agent is killed after 1 MiB
+            def __init__(self, link):
+                self.link = link
+
+            def request(self, path, offset, length, timeout):
+                if offset >= 2**20:
+                    raise KeyboardInterrupt("killed")
+                return self.link.request(path, offset, length, timeout)
+
+        first.fetcher.link = _DiesAfter(first.link)
+        with pytest.raises(KeyboardInterrupt):
+            first.trust.download(target)
+        part = next((tmp_path / "dev-1" / "partial").glob("*.part"))
+        assert part.stat().st_size == 2**20
+        second = RepoPair(tmp_path, None, repo, repo_url=web.url, chunk_size=256 * 1024)  # a restarted agent
+        second.trust.refresh()
+        before = second.fetcher.stats["bytes_network"]  # metadata so far
+        path = second.trust.download(second.trust.lookup("kws", "1"))
+        assert path.stat().st_size == entry["length"]
+        assert second.fetcher.stats["bytes_resumed"] == 2**20
+        assert second.fetcher.stats["bytes_network"] - before == entry["length"] - 2**20  # by range, the rest only
+        assert not second.link.ignores_ranges.is_set()
+    finally:
+        web.stop()
+
+
+def test_a_web_server_that_ignores_ranges_still_serves_a_verified_download(tmp_path, repo):
+    """Python's http.server answers every GET with the whole file (200): each chunk is cut out of it."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    _publish(repo, tmp_path, "1", size=300_000)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(repo.root))
+    handler.log_message = lambda *a: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        pair = RepoPair(tmp_path, None, repo, repo_url=f"http://127.0.0.1:{server.server_address[1]}/")
+        pair.trust.refresh()
+        path = pair.trust.download(pair.trust.lookup("kws", "1"))
+        assert unpack_artifact(path, tmp_path / "slot").manifest["version"] == "1"
+        assert pair.link.ignores_ranges.is_set()
+    finally:
+        server.shutdown()
+
+
+def test_an_http_repository_that_is_down_is_retried_and_one_that_answers_garbage_is_refused(tmp_path, repo):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from web_servers import free_port
+
+    from edgeopt.errors import RemoteError
+
+    pair = RepoPair(tmp_path, None, repo, repo_url=f"http://127.0.0.1:{free_port()}/", timeout=0.2, retries=1)
+    with pytest.raises(RemoteError, match="repository unreachable"):  # the updater tries again later
+        pair.trust.refresh()
+    assert pair.fetcher.stats["retries"] == 2
+
+    class Garbage(BaseHTTPRequestHandler):  # a captive portal: 200 and a page, whatever is asked
+        def do_GET(self):
+            body = b"<html>please log in</html>" * 100
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Garbage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        pair = RepoPair(tmp_path, None, repo, repo_url=f"http://127.0.0.1:{server.server_address[1]}/")
+        with pytest.raises(UpdateRefused) as exc:
+            pair.trust.refresh()
+        assert exc.value.reason in ("repository_invalid", "bad_signature"), exc.value.reason
+    finally:
+        server.shutdown()

@@ -184,8 +184,13 @@ class Updater:
                 raise EdgeoptError(f"updates need a pinned root: set [update] root (provisioned metadata/root.json) "
                                    f"or place it at {pinned}")
             shutil.copyfile(self.cfg.root, pinned)
-        link = MqttRepoLink(_TopicsOver(transport), device_id, self.prefix,
-                            on_rejected=lambda exc: host.rejected.add("repo", exc.code))
+        if self.cfg.repo_url:  # the repository over HTTP(S) (edgeopt.repo_http); desired still over MQTT
+            from edgeopt.repo_http import HttpRepoLink
+
+            link = HttpRepoLink(self.cfg.repo_url, self.cfg.repo_ca_file)
+        else:
+            link = MqttRepoLink(_TopicsOver(transport), device_id, self.prefix,
+                                on_rejected=lambda exc: host.rejected.add("repo", exc.code))
         self.fetcher = MqttFetcher(link, chunk_size=self.cfg.chunk_bytes, timeout=self.cfg.request_timeout_s,
                                    retries=self.cfg.request_retries, max_total=self.cfg.max_download_bytes,
                                    partial_dir=self.root / "downloads" / "partial")

@@ -14,25 +14,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import tarfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgeopt.errors import EdgeoptError, EnvironmentFault, MissingDependency, NotFound, UserInputError
+from edgeopt.errors import EdgeoptError, NotFound, UserInputError
 from edgeopt.fleet import operations
 from edgeopt.fleet.dashboard import queries
 from edgeopt.fleet.dashboard.auth import SESSION_COOKIE, SESSION_TTL_S, Guard
 from edgeopt.fleet.dashboard.openapi import openapi
 from edgeopt.fleet.db import Database
+from edgeopt.fleet.http_thread import HttpThread
 from edgeopt.fleet.repository import Repository
 from edgeopt.fleet.rollout_spec import ROLLOUT_PARAMS
-from edgeopt.fleet.serve_options import parse_listen
 from edgeopt.fleet.store import FleetStore
 
 log = logging.getLogger("edgeopt.fleet.dashboard")
@@ -298,55 +296,21 @@ class Dashboard:
                  service_status: Callable[[], dict[str, Any]] | None = None):
         self.config = config
         self.api = Api(db, repository, config, service_status)
-        self.server = None
-        self._thread: threading.Thread | None = None
+        self.http = HttpThread(build_app(self.api), config.listen, "--http", "127.0.0.1:8080", config.certfile,
+                               config.keyfile, name="edgeopt-dashboard")
 
     def start(self) -> Dashboard:
-        try:
-            import uvicorn
-        except ImportError as exc:
-            raise MissingDependency("uvicorn", "fleet", "the fleet dashboard (--http)") from exc
-        host, port = parse_listen(self.config.listen, "--http", "127.0.0.1:8080")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say so, and without it every
-        # response waited ~40 ms between its header and body writes (Nagle against delayed ACKs)
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise UserInputError(f"--http {self.config.listen}: cannot listen there ({exc.strerror})") from None
-        self.address = sock.getsockname()[:2]
-        config = uvicorn.Config(build_app(self.api), log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=1, ssl_certfile=self.config.certfile,
-                                ssl_keyfile=self.config.keyfile)
-        try:
-            config.load()  # here, not on the server's thread: a certificate that does not load is one line
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            sock.close()
-            raise UserInputError(f"--http-cert {self.config.certfile} / --http-key {self.config.keyfile}: "
-                                 f"cannot use them for TLS ({exc})") from None
-        self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=partial(self.server.run, sockets=[sock]), name="edgeopt-dashboard",
-                                        daemon=True)
-        self._thread.start()
-        while not self.server.started:
-            if not self._thread.is_alive():
-                sock.close()
-                raise EnvironmentFault(f"--http {self.config.listen}: the dashboard did not start (see the log)")
-            self._thread.join(0.02)
-        return self  # the socket is the asyncio server's now; it closes it on shutdown
+        self.http.start()
+        return self
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return self.http.address
 
     @property
     def url(self) -> str:
-        host, port = self.address
-        shown = f"[{host}]" if ":" in host else host
-        return f"{'https' if self.config.certfile else 'http'}://{shown}:{port}/"
+        return self.http.url
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
+        self.http.stop()
         self.api.close()

@@ -194,12 +194,14 @@ def _serve_option(name: str, **overrides):
 @_serve_option("http_token_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_serve_option("http_cert", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_serve_option("http_key", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_serve_option("http_repo", metavar="HOST:PORT")
 @_serve_option("log_level")
 def serve_cmd(repo: Path, db: str | None, broker: str | None, listen: str, local_broker: str, prefix: str,
               chunk_size: int, tick: float, timestamp_refresh: float, http: str | None, http_token_file: Path | None,
-              http_cert: Path | None, http_key: Path | None, log_level: str) -> None:
+              http_cert: Path | None, http_key: Path | None, http_repo: str | None, log_level: str) -> None:
     """Run the fleet service until interrupted: the repository server (metadata and artifact chunks
-    over MQTT), the device registry and the rollout controller, and with --http the dashboard.
+    over MQTT), the device registry and the rollout controller, with --http the dashboard, and with
+    --http-repo the repository's files over HTTP for devices that fetch them there.
     Restart-safe: everything it knows is in the database, and a rollout in progress continues after
     a restart."""
     import logging
@@ -207,14 +209,15 @@ def serve_cmd(repo: Path, db: str | None, broker: str | None, listen: str, local
 
     from edgeopt.fleet.service import FleetService, ServiceConfig  # lazy: numpy, and the whole service
 
-    check_http_options(http, http_token_file, http_cert, http_key)
+    check_http_options(http, http_token_file, http_cert, http_key, http_repo)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = FleetService(ServiceConfig(repo=repo, db=database_url(db, repo), broker=broker, listen=listen,
                                          local_broker=local_broker, prefix=prefix, chunk_size=chunk_size, tick=tick,
                                          timestamp_refresh=timestamp_refresh, http=http, http_token_file=http_token_file,
-                                         http_cert=http_cert, http_key=http_key)).start()
+                                         http_cert=http_cert, http_key=http_key, http_repo=http_repo)).start()
     signal.signal(signal.SIGTERM, lambda *_: service._stop.set())
     dashboard = f", dashboard {service.dashboard.url}" if service.dashboard else ""
+    dashboard += f", repository files {service.repo_web.url}" if service.repo_web else ""
     click.echo(f"fleet service ready: broker {service.broker_text()}, database {service.db}, prefix {prefix}/"
                f"{dashboard}", err=True)
     try:
@@ -226,15 +229,21 @@ def serve_cmd(repo: Path, db: str | None, broker: str | None, listen: str, local
         click.echo(json.dumps(service.status()), err=True)
 
 
-def check_http_options(http: str | None, token_file: Path | None, cert: Path | None, key: Path | None) -> None:
-    """Check the dashboard's flags together, before anything starts."""
+def check_http_options(http: str | None, token_file: Path | None, cert: Path | None, key: Path | None,
+                       http_repo: str | None = None) -> None:
+    """Check the dashboard's and the repository files' flags together, before anything starts
+    (--http-cert / --http-key serve either; the token is the dashboard's only)."""
+    if http_repo is not None:
+        parse_listen(http_repo, "--http-repo", "127.0.0.1:8081")
     if http is None:
-        given = [f for f, v in (("--http-token-file", token_file), ("--http-cert", cert), ("--http-key", key)) if v]
+        given = [f for f, v in (("--http-token-file", token_file), ("--http-cert", cert), ("--http-key", key))
+                 if v and (http_repo is None or f == "--http-token-file")]
         if given:
             raise UserInputError(f"{given[0]} needs --http HOST:PORT (the dashboard is off without it)")
-        return
     if (cert is None) != (key is None):
         raise UserInputError("--http-cert and --http-key go together")
+    if http is None:
+        return
     token = read_token(token_file) if token_file is not None else None
     host, _ = parse_listen(http, "--http", "127.0.0.1:8080")
     if token is None and not is_local(host):
