@@ -150,9 +150,15 @@ class Agent:
                 self.publisher = ResultPublisher(self.transport, self.outbox, cfg.mqtt.max_inflight)
                 self.publisher.start()
             self.transport.start()
-            self._start_updater()
         self.sinks = [make_sink(s, topic=cfg.topic("results"), outbox=self.outbox, publisher=self.publisher)
                       for s in cfg.sinks]
+
+    def _start_updater_after_model(self) -> None:
+        """The updater starts once the active model was looked for: started before, the retained
+        desired message could find no model yet and start an update to the version already running
+        (downloaded, self-tested and swapped in again on every restart)."""
+        if self.transport is not None:
+            self._start_updater()
 
     def _start_updater(self) -> None:
         self.updater, self.updates_note = None, None
@@ -500,12 +506,14 @@ class Agent:
         self.config, self.config_error = new, None
         self._open_io()
         self._look_for_model(force=True)
+        self._start_updater_after_model()
         self.notifier.notify("READY=1", f"STATUS={self.status}")
 
     # -- main loop --------------------------------------------------------------------------------------
     def run(self) -> int:
         self._open_io()
         self._look_for_model(force=True)
+        self._start_updater_after_model()
         self.notifier.ready(self.status if not self.error else f"{self.status}: {self.error}"[:200])
         self.write_status()
         telemetry = threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True)

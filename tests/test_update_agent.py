@@ -299,3 +299,20 @@ def test_an_agent_with_repo_url_takes_its_updates_over_http(rig, artifacts, tmp_
         assert agent.stop() == 0
     finally:
         web.stop()
+
+
+def test_a_restarted_agent_does_not_update_to_the_version_it_already_runs(rig, artifacts, tmp_path):
+    """The retained desired names the running version: after a restart the agent takes it as done —
+    no download, no self-test, no swap (the updater starts once the active model was looked for)."""
+    agent, _ = _running_v1(rig, tmp_path)
+    assert agent.stop() == 0
+    history = json.loads((tmp_path / "state" / "update.json").read_text())["history"]
+    for attempt in range(3):
+        again = rig.start_agent(rig.agent_config(tmp_path / "state", tmp_path / "results.jsonl"),
+                                name=f"again-{attempt}.toml")
+        status = again.wait_status(lambda s: s["state"]["status"] == "running" and s["telemetry"]["windows_out"] > 20,
+                                   what="inference after the restart")
+        assert model_version(status) == "1" and update_of(status)["state"] == "COMMITTED", update_of(status)
+        assert status["telemetry"]["update_downloads"]["bytes_network"] == 0
+        assert again.stop() == 0
+        assert json.loads((tmp_path / "state" / "update.json").read_text())["history"] == history
