@@ -22,6 +22,7 @@ from edgeopt.fleet.store import FleetStore
 from edgeopt.protocol import ModelRef, ProtocolError, device_topic, encode_desired
 
 log = logging.getLogger("edgeopt.fleet.controller")
+LOOKBACK_S = 2.0  # replicas' clocks must agree within this (NTP does: docs/scaling.md)
 
 
 class DesiredPublisher:
@@ -75,6 +76,39 @@ class DesiredPublisher:
         return sent_total
 
 
+class Leadership:
+    """Which replica of ``fleet serve`` runs the controller: the one holding the ``controller`` lease
+    in the shared database (FleetStore.acquire_lease), renewed every tick and given up after ``ttl``
+    seconds without renewal — a killed leader's standby takes over within ``ttl`` + one tick. The
+    lease's epoch fences the decisions: a leader that lost the lease (paused, cut off) cannot save one."""
+
+    NAME = "controller"
+
+    def __init__(self, store: FleetStore, holder: str, ttl: float):
+        self.store, self.holder, self.ttl = store, holder, ttl
+        self.epoch: int | None = None
+        self.changes = 0
+
+    def renew(self) -> tuple[str, str, int] | None:
+        """The fence while this replica leads, else None."""
+        epoch = self.store.acquire_lease(self.NAME, self.holder, self.ttl)
+        if epoch != self.epoch:
+            self.changes += 1
+            log.info("controller: %s", f"leading (epoch {epoch})" if epoch is not None else
+                     f"standing by ({self.store.lease_holder(self.NAME) or {}} leads)")
+        self.epoch = epoch
+        return None if epoch is None else (self.NAME, self.holder, epoch)
+
+    @property
+    def leading(self) -> bool:
+        return self.epoch is not None
+
+    def release(self) -> None:
+        if self.epoch is not None:
+            self.store.release_lease(self.NAME, self.holder)
+            self.epoch = None
+
+
 class Controller:
     """Keeps the device records and the running rollouts in memory, refreshed from the database on
     every tick: only the devices written since the last tick are read again, and a rollout is read
@@ -88,9 +122,13 @@ class Controller:
         self._devices_seen = float("-inf")
         self._rollouts: dict[str, tuple[RolloutStatus, dict[str, Assignment]]] = {}
 
-    def tick(self) -> list[Decision]:
-        """Decide every running or paused rollout once, persist, then publish."""
-        changed, self._devices_seen = self.store.devices_changed_since(self._devices_seen)
+    def tick(self, fence: tuple[str, str, int] | None = None) -> list[Decision]:
+        """Decide every running or paused rollout once, persist, then publish. ``fence``: the lease this
+        replica leads by (FleetStore.save_decision refuses the decision once it is not)."""
+        # read again what changed in the last LOOKBACK_S too: replicas' registries stamp device rows
+        # with their own clocks, and one's transaction can commit after a later stamp of another's was read
+        changed, seen = self.store.devices_changed_since(self._devices_seen - LOOKBACK_S)
+        self._devices_seen = max(self._devices_seen, seen)
         self._devices.update(changed)
         decisions = []
         live = self.store.rollout_revisions((Phase.RUNNING, Phase.PAUSED))
@@ -105,7 +143,7 @@ class Controller:
             decision = decide(status, assignments, self._devices, self.clock())
             if not decision.changed:
                 continue
-            if not self.store.save_decision(decision, status.revision):
+            if not self.store.save_decision(decision, status.revision, fence):
                 self.stats["conflicts"] += 1  # changed underneath (an operator command): re-read next tick
                 self._rollouts.pop(rollout_id, None)
                 continue
@@ -118,10 +156,22 @@ class Controller:
         self.publisher.flush()
         return decisions
 
-    def run(self, stop: threading.Event, interval: float = 1.0) -> None:
+    def forget(self) -> None:
+        """Drop what is cached: a replica that leads again reads the fleet afresh."""
+        self._devices, self._devices_seen, self._rollouts = {}, float("-inf"), {}
+
+    def run(self, stop: threading.Event, interval: float = 1.0, leadership: Leadership | None = None) -> None:
+        """Tick every ``interval`` seconds — with ``leadership``, only while this replica leads."""
         while not stop.is_set():
             try:
-                self.tick()
+                fence = None
+                if leadership is not None:
+                    fence = leadership.renew()
+                    if fence is None:
+                        self.forget()
+                        stop.wait(interval)
+                        continue
+                self.tick(fence)
             except Exception:  # a database hiccup must not end the service; the next tick retries
                 log.exception("controller tick failed")
                 self.stats["tick_errors"] += 1

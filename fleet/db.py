@@ -77,6 +77,10 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "CREATE INDEX device_history_by_device ON device_history (device_id, at)",
         "CREATE INDEX device_history_by_time ON device_history (at)",
     ]),
+    (4, "leases: which replica of fleet serve runs the controller (the epoch fences a stale leader's writes)", [
+        """CREATE TABLE leases (
+            name TEXT PRIMARY KEY, holder TEXT NOT NULL, epoch INTEGER NOT NULL, expires_at {real} NOT NULL)""",
+    ]),
 ]
 
 DIALECT_WORDS = {

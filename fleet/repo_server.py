@@ -26,16 +26,21 @@ log = logging.getLogger("edgeopt.fleet.repo")
 
 
 class RepoServer:
-    def __init__(self, repo: Repository, topics, prefix: str = "edgeopt", max_chunk: int = DEFAULT_CHUNK):
-        """``topics``: ``publish(topic, payload, qos)`` / ``subscribe(topic, handler(topic, payload))``."""
+    def __init__(self, repo: Repository, topics, prefix: str = "edgeopt", max_chunk: int = DEFAULT_CHUNK,
+                 share: str | None = None):
+        """``topics``: ``publish(topic, payload, qos)`` / ``subscribe(topic, handler(topic, payload))``;
+        ``share``: the shared-subscription group of the replicas, so each request is answered once."""
         if not 1 <= max_chunk <= MAX_CHUNK:
             raise ValueError(f"max_chunk must be in [1, {MAX_CHUNK}]")
-        self.repo, self.topics, self.prefix, self.max_chunk = repo, topics, prefix, max_chunk
+        self.repo, self.topics, self.prefix, self.max_chunk, self.share = repo, topics, prefix, max_chunk, share
         self.stats: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        self.topics.subscribe(f"{self.prefix}/repo/req/+", self.handle)
+        if self.share:
+            self.topics.subscribe(f"{self.prefix}/repo/req/+", self.handle, share=self.share)
+        else:
+            self.topics.subscribe(f"{self.prefix}/repo/req/+", self.handle)
 
     def handle(self, topic: str, payload: bytes) -> ChunkResponse | None:
         """Answer one request; returns the response sent (or None when the request was rejected)."""

@@ -43,6 +43,11 @@ SERVE_PARAMS: tuple[Param, ...] = (
     Param("http_repo", str, None, "HOST:PORT to serve the repository's metadata/ and targets/ on as static files "
                                   "(read-only, no token: devices with [update] repo_url fetch them with range "
                                   "requests; --http-cert / --http-key give it TLS too)"),
+    Param("replicas", bool, False, "this service is one of several on the same database (PostgreSQL) and broker: "
+                                   "repository requests come through a shared subscription ($share/edgeopt-fleet/...), "
+                                   "so each is answered once (the broker must support them: Mosquitto, EMQX, HiveMQ). "
+                                   "Whatever this says, one replica at a time runs the controller: the one holding "
+                                   "the database's lease"),
     Param("log_level", str, "info", "log level on stderr", choices=("debug", "info", "warning", "error")),
 )
 SERVE = {p.name: p for p in SERVE_PARAMS}

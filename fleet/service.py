@@ -9,17 +9,19 @@ database and take effect at the next tick.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgeopt.fleet.broker import HEADER_ROOM, MIB, start_local_broker
-from edgeopt.fleet.controller import Controller, DesiredPublisher
+from edgeopt.fleet.controller import Controller, DesiredPublisher, Leadership
 from edgeopt.fleet.dashboard.auth import read_token
 from edgeopt.fleet.dashboard.server import Dashboard, DashboardConfig  # starlette and uvicorn load on start()
 from edgeopt.fleet.db import open_database
@@ -32,6 +34,7 @@ from edgeopt.fleet.store import FleetStore
 from edgeopt.mqtt import PahoTopics, connect, make_client, redact_url, subscribe
 
 log = logging.getLogger("edgeopt.fleet")
+SHARE_GROUP = "edgeopt-fleet"  # the replicas' shared subscription to repository requests
 
 
 @dataclass
@@ -51,6 +54,8 @@ class ServiceConfig:
     http_cert: Path | None = SERVE["http_cert"].default              # TLS for the dashboard
     http_key: Path | None = SERVE["http_key"].default
     http_repo: str | None = SERVE["http_repo"].default  # HOST:PORT for the repository's static files, or None
+    replicas: bool = SERVE["replicas"].default  # one of several: repository requests by shared subscription
+    lease_ttl: float | None = None        # seconds a leader's lease lasts unrenewed (None: max(5, 3 × tick))
     telemetry_sample_s: float = 60.0      # at most one telemetry sample per device this often (charts)
     telemetry_keep_s: float = 86400.0     # samples older than this are deleted
     history_keep_s: float = 30 * 86400.0  # a device's changes of state older than this are deleted
@@ -69,6 +74,8 @@ class FleetService:
         self.broker_url: str | None = config.broker
         self.dashboard = None
         self.repo_web = None
+        self.leadership = None
+        self.replica_id = f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
     def start(self) -> FleetService:
         cfg = self.config
@@ -94,7 +101,8 @@ class FleetService:
             self._stop_local_broker()
             raise
 
-        self.repo_server = RepoServer(self.repository, PahoTopics(client), cfg.prefix, cfg.chunk_size)
+        self.repo_server = RepoServer(self.repository, PahoTopics(client), cfg.prefix, cfg.chunk_size,
+                                      share=SHARE_GROUP if cfg.replicas else None)
         self.repo_server.start()
         self.registry = Registry(FleetStore(self.connections[1]), cfg.prefix, cfg.flush_interval,
                                  sample_s=cfg.telemetry_sample_s)
@@ -103,6 +111,8 @@ class FleetService:
         self.publisher = DesiredPublisher(FleetStore(self.connections[2]),
                                           lambda t, p, q, r: client.publish(t, p, qos=q, retain=r), cfg.prefix)
         self.controller = Controller(self.store, self.publisher)
+        self.leadership = Leadership(self.store, self.replica_id, cfg.lease_ttl or max(5.0, 3 * cfg.tick))
+        self.leadership.renew()  # known before the ready line; the control loop renews it every tick
         resubscribe = client.on_connect
 
         def on_connect(c, userdata, flags, reason_code, properties):
@@ -147,7 +157,7 @@ class FleetService:
         self._threads.append(t)
 
     def _control_loop(self) -> None:
-        self.controller.run(self._stop, self.config.tick)
+        self.controller.run(self._stop, self.config.tick, self.leadership)
 
     def _housekeeping_loop(self) -> None:
         store = FleetStore(self.connections[0])
@@ -160,6 +170,8 @@ class FleetService:
                     store.prune_samples(time.time() - self.config.telemetry_keep_s)
                     store.prune_history(time.time() - self.config.history_keep_s)
                     next_prune = time.monotonic() + 600
+                if not self.leadership.leading:  # the leader does the repository's and database's chores
+                    continue
                 if time.monotonic() >= next_refresh:
                     self.repository.refresh_timestamp()
                     next_refresh = time.monotonic() + self.config.timestamp_refresh
@@ -172,6 +184,7 @@ class FleetService:
                 "broker_kind": local.kind if local else "external", "broker_version": local.version if local else None,
                 "registry": self.registry.snapshot_stats(),
                 "repo_server": self.repo_server.snapshot_stats(), "controller": self.controller.snapshot_stats(),
+                "replica": self.replica_id, "leading": self.leadership.leading if self.leadership else False,
                 "dashboard": self.dashboard.url if self.dashboard else None,
                 "repo_url": self.repo_web.url if self.repo_web else None}
 
@@ -186,6 +199,9 @@ class FleetService:
             self.repo_web.stop()
         for t in self._threads:
             t.join(10)
+        if self.leadership is not None:  # a standby takes over at its next tick, not after the lease runs out
+            with contextlib.suppress(Exception):
+                self.leadership.release()
         try:
             self.registry.stop()
             FleetStore(self.connections[0]).heartbeat("service", self.status() | {"stopped_at": time.time()})

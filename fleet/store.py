@@ -229,11 +229,45 @@ class FleetStore:
                                                      Outcome(a["outcome"]), a["reason"], a["outcome_at"])
         return status, assignments
 
-    def save_decision(self, decision: Decision, expected_revision: int) -> bool:
-        """Persist a decision if the rollout is still at ``expected_revision``; False if it moved on."""
+    # -- leadership among replicas ---------------------------------------------------------------------
+    def acquire_lease(self, name: str, holder: str, ttl: float) -> int | None:
+        """Take or renew the lease ``name`` for ``holder`` until now + ``ttl``: its epoch (a new one each
+        time the lease changes hands), or None while another holder's lease runs."""
+        now = self.clock()
+        with self.conn.transaction():
+            changed = self.conn.execute(
+                "UPDATE leases SET epoch = CASE WHEN holder = ? THEN epoch ELSE epoch + 1 END, holder = ?, "
+                "expires_at = ? WHERE name = ? AND (holder = ? OR expires_at < ?)",
+                (holder, holder, now + ttl, name, holder, now))
+            if changed != 1:
+                self.conn.execute("INSERT INTO leases (name, holder, epoch, expires_at) VALUES (?, ?, 1, ?) "
+                                  "ON CONFLICT (name) DO NOTHING", (name, holder, now + ttl))
+            rows = self.conn.query("SELECT holder, epoch FROM leases WHERE name = ?", (name,))
+        return rows[0]["epoch"] if rows and rows[0]["holder"] == holder else None
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up at once (a replica stopping cleanly): another takes it at its next try."""
+        self.conn.execute("UPDATE leases SET expires_at = 0 WHERE name = ? AND holder = ?", (name, holder))
+
+    def lease_holder(self, name: str) -> dict[str, Any] | None:
+        rows = self.conn.query("SELECT holder, epoch, expires_at FROM leases WHERE name = ?", (name,))
+        return rows[0] if rows else None
+
+    def save_decision(self, decision: Decision, expected_revision: int,
+                      fence: tuple[str, str, int] | None = None) -> bool:
+        """Persist a decision if the rollout is still at ``expected_revision`` — and, with ``fence``
+        (lease name, holder, epoch), if that lease is still this holder's at that epoch and has not
+        run out; False otherwise (it moved on, or a stale leader's decision is refused)."""
         st = decision.rollout
         now = st.updated_at or self.clock()
         with self.conn.transaction():
+            if fence is not None:
+                name, holder, epoch = fence
+                lock = " FOR UPDATE" if self.conn.dialect == "postgresql" else ""  # SQLite: BEGIN IMMEDIATE
+                held = self.conn.query("SELECT 1 FROM leases WHERE name = ? AND holder = ? AND epoch = ? AND "
+                                       f"expires_at >= ?{lock}", (name, holder, epoch, self.clock()))
+                if not held:
+                    return False
             changed = self.conn.execute(
                 "UPDATE rollouts SET state = ?, current_wave = ?, reason = ?, revision = ?, updated_at = ? "
                 "WHERE rollout_id = ? AND revision = ?",

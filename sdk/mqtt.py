@@ -132,9 +132,11 @@ def set_nodelay(sock) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def subscribe(client, topic: str, qos: int, callback) -> None:
+def subscribe(client, topic: str, qos: int, callback, share: str | None = None) -> None:
     """Subscribe now and again after every reconnect (a broker restart forgets subscriptions);
-    ``callback(client, userdata, message)`` gets this topic's messages."""
+    ``callback(client, userdata, message)`` gets this topic's messages. ``share``: a shared
+    subscription's group ($share/GROUP/TOPIC): the broker gives each message to one subscriber of
+    the group (messages arrive under their own topic, which the callback is registered for)."""
     subs: dict[str, int] = client.__dict__.setdefault("_edgeopt_subs", {})
     if not subs:
         def resubscribe(c, userdata, flags, reason_code, properties):
@@ -143,9 +145,9 @@ def subscribe(client, topic: str, qos: int, callback) -> None:
                     c.subscribe(t, qos=q)
 
         client.on_connect = resubscribe
-    subs[topic] = qos
+    subs[f"$share/{share}/{topic}" if share else topic] = qos
     client.message_callback_add(topic, callback)
-    client.subscribe(topic, qos=qos)
+    client.subscribe(f"$share/{share}/{topic}" if share else topic, qos=qos)
 
 
 class PahoTopics:
@@ -158,8 +160,8 @@ class PahoTopics:
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
         self.client.publish(topic, payload, qos=qos, retain=retain)
 
-    def subscribe(self, topic: str, handler) -> None:
-        subscribe(self.client, topic, 1, lambda c, u, msg: handler(msg.topic, msg.payload))
+    def subscribe(self, topic: str, handler, share: str | None = None) -> None:
+        subscribe(self.client, topic, 1, lambda c, u, msg: handler(msg.topic, msg.payload), share)
 
 
 def connect(client, timeout: float = 10.0) -> None:

@@ -147,19 +147,25 @@ class FleetRig:
         """The fleet service in this process, or the real ``edgeopt fleet serve`` in a subprocess."""
         if self.service_mode == "subprocess":
             import subprocess
-            import sys
 
-            exe = Path(sys.executable).parent / "edgeopt"
             self.service_log = open(self.tmp / "service.log", "ab")  # noqa: SIM115 (closed in close())
-            self.process = subprocess.Popen([str(exe), "fleet", "serve", "--repo", str(self.tmp / "repo"), "--db",
-                                             self.db, "--broker", self.broker.url, "--tick", "0.2"],
-                                            stderr=self.service_log)
+            self.process = subprocess.Popen(self.serve_command(), stderr=self.service_log)
             return
         from edgeopt.fleet.service import FleetService, ServiceConfig
 
         self.service = FleetService(ServiceConfig(repo=self.tmp / "repo", db=self.db, broker=self.broker.url,
                                                   tick=0.2, flush_interval=0.1, heartbeat=0.5,
                                                   **self.service_options)).start()
+
+    def serve_command(self) -> list[str]:
+        """``edgeopt fleet serve`` on this rig (``service_options`` as its flags: {"replicas": True})."""
+        import sys
+
+        flags = []
+        for name, value in self.service_options.items():
+            flags += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+        return [str(Path(sys.executable).parent / "edgeopt"), "fleet", "serve", "--repo", str(self.tmp / "repo"),
+                "--db", self.db, "--broker", self.broker.url, "--tick", "0.2", *flags]
 
     def kill_service(self) -> None:
         """SIGKILL: no clean shutdown, no final flush (a crash or power loss of the fleet host)."""

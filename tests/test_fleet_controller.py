@@ -118,10 +118,10 @@ def test_an_operator_abort_between_read_and_write_wins(setup):
     status, assignments = store.load_rollout("r-1")
     real_save = store.save_decision
 
-    def abort_first(decision, revision):  # the operator's abort lands just before the controller writes
+    def abort_first(decision, revision, fence=None):  # the operator's abort lands just before the controller writes
         s, a = store.load_rollout("r-1")
         assert real_save(apply_command(s, a, "abort", clock.t), s.revision)
-        return real_save(decision, revision)
+        return real_save(decision, revision, fence)
 
     told = sorted(t.split("/")[2] for t, *_ in broker.sent)
     for d in told:

@@ -69,6 +69,10 @@ def test_failures_in_wave_2_abort_it_and_roll_every_told_device_back(tmp_path, b
         assert status.reason.startswith("wave 2: ") and "past the failure threshold of 5%" in status.reason
         assert "rolled back: self-test failed (simulated)" in status.reason
         # no device outside waves 1-2 was ever told anything
+        # the abort is saved before its desired messages leave (persist, then act): wait for them
+        deadline = time.monotonic() + 30
+        while rig.desired.told("1") != wave1 | wave2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         told = {dev for dev, _ in rig.desired.messages}
         assert told == wave1 | wave2
         assert rig.desired.told("2") == wave1 | wave2 and rig.desired.told("1") == wave1 | wave2
