@@ -15,11 +15,14 @@ plain patch-from); nothing here can make a wrong artifact, since the device chec
 from __future__ import annotations
 
 import io
+import logging
 import struct
 import tarfile
 from collections.abc import Iterator
 
-from edgeopt.delta import CODEC, CODEC_XOR, Region, make_delta
+from edgeopt.delta import CODEC, CODEC_XOR, DeltaError, Region, make_delta
+
+log = logging.getLogger("edgeopt.fleet.tensor_spans")
 
 Span = tuple[int, int, int]  # (offset, length, element width) of a tensor's stored bytes
 
@@ -59,7 +62,11 @@ def chosen_delta(base: bytes, new: bytes) -> tuple[str, bytes]:
                if key in theirs and theirs[key][1] == length]
     if not regions:
         return CODEC, plain
-    xor = make_delta(base, new, regions)
+    try:
+        xor = make_delta(base, new, regions)
+    except DeltaError as exc:  # spans that overlap (a file read wrongly): the binary kind still stands
+        log.warning("no tensor XOR delta: %s", exc)
+        return CODEC, plain
     return (CODEC_XOR, xor) if len(xor) <= XOR_WORTH * len(plain) else (CODEC, plain)
 
 

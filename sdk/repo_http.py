@@ -11,6 +11,7 @@ HTTP; what is ours is mapping its answers onto chunks, and which failures are wo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import ssl
@@ -52,11 +53,13 @@ class HttpRepoLink:
         if not matches(REPO_PATH_RE, path) or offset < 0 or length < 1:
             return ChunkResponse(rid, path, error="bad_request")
         u3 = self._urllib3
+        # urllib3 only follows redirects; the fetcher retries with its backoff (every other kind at 0:
+        # a certificate error is "other", and left unlimited urllib3 retried it until Python's recursion limit)
         try:
             resp = self.pool.request("GET", self.base + quote(path), preload_content=False,
                                      headers={"Range": f"bytes={offset}-{offset + length - 1}"},
                                      timeout=u3.Timeout(connect=timeout, read=timeout),
-                                     retries=u3.Retry(total=None, connect=0, read=0, status=0, redirect=5))
+                                     retries=u3.Retry(total=5, connect=0, read=0, status=0, other=0, redirect=5))
         except u3.exceptions.HTTPError as exc:
             log.info("repository %s: %s", self.base, exc)
             return None
@@ -65,7 +68,12 @@ class HttpRepoLink:
         except u3.exceptions.HTTPError as exc:  # the body broke off
             log.info("repository %s: %s cut off: %s", self.base, path, exc)
             return None
-        finally:
+        finally:  # a connection goes back to the pool only with its body read to the end
+            if resp.status == 200:
+                resp.close()  # the rest of a whole file: not worth reading
+            else:
+                with contextlib.suppress(u3.exceptions.HTTPError, OSError):
+                    resp.drain_conn()
             resp.release_conn()
 
     def _chunk(self, rid: str, path: str, offset: int, length: int, resp) -> ChunkResponse | None:

@@ -13,6 +13,7 @@ pytest.importorskip("starlette", reason="the dashboard needs the fleet extra (pi
 pytest.importorskip("httpx2", reason="Starlette's TestClient needs httpx2 (the dev extra)")
 
 from starlette.testclient import TestClient  # noqa: E402
+from web_servers import self_signed  # noqa: E402
 
 from edgeopt.fleet.dashboard.openapi import openapi  # noqa: E402
 from edgeopt.fleet.dashboard.server import Api, DashboardConfig, build_app  # noqa: E402
@@ -268,30 +269,6 @@ def test_a_model_is_revoked_from_the_models_page(tmp_path):
     assert c.post("/api/models/kws/revoke", headers=headers).status_code == 400
 
 
-def _self_signed(tmp_path):
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fleet.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .sign(key, hashes.SHA256()))
-    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                         serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()))
-    return tmp_path / "cert.pem", tmp_path / "key.pem"
-
-
 def test_the_real_server_speaks_tls_and_stops_with_a_live_stream_open(fleet, tmp_path):
     import http.client
     import ssl
@@ -300,7 +277,7 @@ def test_the_real_server_speaks_tls_and_stops_with_a_live_stream_open(fleet, tmp
     from edgeopt.fleet.dashboard.server import Dashboard
 
     _, db, repo = fleet
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     dash = Dashboard(DashboardConfig("127.0.0.1:0", certfile=cert, keyfile=key), db, repo).start()
     try:
         assert dash.url.startswith("https://127.0.0.1:")

@@ -392,3 +392,19 @@ def test_a_device_applies_a_tensor_xor_delta(imu_versions, tmp_path):
         assert pair.fetcher.stats["bytes_network"] < 0.5 * target.length  # the delta, and no artifact
     finally:
         bus.close()
+
+
+def test_spans_that_overlap_leave_the_binary_delta(imu_versions, tmp_path, monkeypatch):
+    from edgeopt.fleet import tensor_spans as ts
+
+    base, new = _packed(imu_versions["onnx", "1"], tmp_path), _packed(imu_versions["onnx", "3"], tmp_path)
+    real = ts.tensor_spans
+
+    def overlapping(archive):
+        spans = real(archive)
+        (key, (start, length, width)), *_ = spans.items()
+        return spans | {("model.onnx", "copy"): (start + 1, length, width)}  # a reader gone wrong
+
+    monkeypatch.setattr(ts, "tensor_spans", overlapping)
+    codec, delta = ts.chosen_delta(base, new)
+    assert codec == CODEC and apply_delta(base, delta, len(new)) == new

@@ -434,3 +434,26 @@ def test_an_http_repository_that_is_down_is_retried_and_one_that_answers_garbage
         assert exc.value.reason in ("repository_invalid", "bad_signature"), exc.value.reason
     finally:
         server.shutdown()
+
+
+def test_an_https_repository_is_trusted_through_the_given_ca_only(tmp_path, repo):
+    from web_servers import self_signed
+
+    from edgeopt.errors import RemoteError
+    from edgeopt.fleet.repo_web import RepoWeb
+    from edgeopt.repo_http import HttpRepoLink
+
+    _publish(repo, tmp_path, "1", size=100_000)
+    cert, key = self_signed(tmp_path)
+    web = RepoWeb(repo.root, "127.0.0.1:0", cert, key).start()
+    try:
+        assert web.url.startswith("https://")
+        pair = RepoPair(tmp_path, None, repo, repo_url=web.url, timeout=0.5, retries=0)
+        with pytest.raises(RemoteError, match="repository unreachable"):  # the system's CAs do not know it
+            pair.trust.refresh()
+        pair.fetcher.link = HttpRepoLink(web.url, ca_file=str(cert))
+        pair.trust.refresh()
+        path = pair.trust.download(pair.trust.lookup("kws", "1"))
+        assert unpack_artifact(path, tmp_path / "slot").manifest["version"] == "1"
+    finally:
+        web.stop()
