@@ -296,3 +296,19 @@ def test_optimize_for_a_microcontroller_tries_full_integer_int8_only(tmp_path):
     assert found and {(c.target, c.quantize) for c in found} == {("tflite", "int8")}
     with pytest.raises(UserInputError, match="needs calibration data"):
         candidates(OptimizeOptions(**given), board)
+
+
+def test_without_the_tflite_micro_wheel_a_microcontroller_profile_says_what_to_install(digits_models, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['tflite_micro'] = None\n"  # as if not installed
+            "from edgeopt.cli import main\n"
+            f"sys.argv = ['edgeopt', 'convert', {str(digits_models['cnn'])!r}, '-o', {str(tmp_path / 'out')!r}, "
+            f"'--profile', 'arduino-nano-33-ble-sense', '--calibration', {str(digits_models['calibration'])!r}]\n"
+            "main()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "tflite_micro" in lines[0] and "edgeopt[micro]" in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()

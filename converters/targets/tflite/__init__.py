@@ -31,6 +31,7 @@ from . import ops_conv, ops_dense, ops_elementwise, ops_reduce, ops_resize, ops_
 from .lowering import GraphFacts, Lowering, LoweringError, Node, graph_facts, unsupported_reason
 from .micro import FILES as MICRO_FILES
 from .micro import build as build_micro
+from .micro import require_tflite_micro
 from .mixed import mixed_int8
 from .prepare import static_model
 from .quantize import INT4_BLOCK_SIZES, quantize_model
@@ -125,6 +126,8 @@ class TFLiteTarget(Target):
             raise UserInputError(f"profile '{self.profile.name}' runs TFLite Micro, which needs a full-integer "
                                  f"model: --quantize int8 without --float-io (got --quantize {quantize}"
                                  f"{' --float-io' if self.config['float_io'] else ''})")
+        if self.micro:
+            require_tflite_micro()  # before any work: the model is run in it
         mode = self.mode_for(quantize)
         method, block = mode.calibration_method, mode.block_size
         if method not in (None, *CALIBRATION_METHODS):

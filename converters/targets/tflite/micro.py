@@ -89,7 +89,7 @@ def require_tflite_micro() -> None:
     try:
         import tflite_micro  # noqa: F401
     except ImportError as exc:
-        raise MissingDependency("tflite_micro", "micro", "TFLite Micro profiles") from exc
+        raise MissingDependency("tflite_micro", "micro", "a TFLite Micro profile") from exc
 
 
 @dataclass(frozen=True)
