@@ -108,6 +108,23 @@ def mosquitto_conf(directory: Path, port: int = 8883, bind: str = "0.0.0.0", use
             f"{BROKER_TUNING}{extra}")
 
 
+def bridge_stanza(name: str, address: str, prefix: str = "edgeopt", username: str | None = None,
+                  password: str | None = None, cafile: Path | None = None) -> str:
+    """A Mosquitto bridge: this broker and the one at ``address`` (HOST:PORT) share every topic under
+    ``prefix`` both ways, retained flags and QoS 1 kept, so devices on either reach the fleet service
+    on the other (state, telemetry and repository requests one way; desired and responses the other).
+    ``try_private`` marks the link as a bridge so a message is not sent back where it came from, and
+    the session is kept (``cleansession false``) so nothing is lost while the link is down."""
+    lines = [f"connection {name}", f"address {address}", f"topic {prefix}/# both 1", "cleansession false",
+             "try_private true", "notifications false", f"local_clientid {name}", f"remote_clientid {name}",
+             "restart_timeout 1 30", "keepalive_interval 30"]
+    if username:
+        lines += [f"remote_username {username}", f"remote_password {password}"]
+    if cafile:
+        lines += [f"bridge_cafile {cafile}", "bridge_tls_version tlsv1.2", "bridge_insecure false"]
+    return "\n".join(lines) + "\n"
+
+
 def reload_command(directory: Path) -> str:
     """The shell command that makes this broker (and no other Mosquitto) re-read passwd and acl."""
     return f'kill -HUP "$(cat {Path(directory).resolve() / PID_FILE})"'
@@ -246,6 +263,14 @@ def make_server_cert(ca_key, ca_cert, hosts: list[str], days: int = 825):
     return key, cert
 
 
+# what broker-bridge adds on the site broker (owned as passwd is: the operator's, the broker's group)
+BRIDGE_LAYOUT: dict[str, int] = {
+    "conf.d": 0o750,          # included by mosquitto.conf: the bridge
+    "bridge-ca.pem": 0o644,   # the central broker's CA, which the bridge checks it by
+    "bridge.conf": 0o640,     # the bridge, with its password (Mosquitto takes a bridge's password inline only)
+}
+
+
 class BrokerSecurity:
     """The generated broker configuration in a directory (see the module docstring)."""
 
@@ -332,6 +357,50 @@ class BrokerSecurity:
         lines = [line for line in lines if line.split(":", 1)[0] != device_id] + [password_line(device_id, password)]
         rewrite_keeping_owner(self.dir / "passwd", ("\n".join(lines) + "\n").encode())
         return password
+
+    def add_account(self, user: str, prefix: str = "edgeopt") -> str:
+        """A broker account (a bridge's) that may read and write every topic under ``prefix``, like the
+        fleet service's: a new random password, returned; its ACL lines appended."""
+        if user == SERVICE_USER or any(u == user for u in self.users()):
+            raise UserInputError(f"{self.dir}: an account {user!r} exists already")
+        password = secrets.token_urlsafe(24)
+        lines = self._read("passwd").splitlines() + [password_line(user, password)]
+        rewrite_keeping_owner(self.dir / "passwd", ("\n".join(lines) + "\n").encode())
+        acl = self._read("acl").rstrip("\n") + f"\n\n# a bridge (edgeopt fleet broker-bridge)\nuser {user}\n" \
+            f"topic readwrite {prefix}/#\n"
+        rewrite_keeping_owner(self.dir / "acl", acl.encode())
+        return password
+
+    def bridge_to(self, central: BrokerSecurity, address: str, prefix: str = "edgeopt") -> str:
+        """Bridge this broker (a site's) to ``central`` at ``address`` (HOST:PORT, as this broker
+        reaches it): an account on the central broker, its CA copied here, and ``conf.d/bridge.conf``
+        included by this broker's mosquitto.conf. Returns the account's name. Both brokers must be
+        restarted (the central one re-reads passwords and ACL on SIGHUP; a new bridge needs a restart)."""
+        if (self.dir / "conf.d" / "bridge.conf").exists():
+            raise UserInputError(f"{self.dir} is bridged already (conf.d/bridge.conf); remove it to bridge again")
+        if self.dir.resolve() == central.dir.resolve():
+            raise UserInputError("a broker cannot be bridged to itself")
+        name = f"edgeopt-bridge-{self.dir.resolve().name}"[:64]
+        password = central.add_account(name, prefix)
+        conf_d = self.dir / "conf.d"
+        try:  # the new files are the broker's to read, as passwd is: its owner and group
+            st = (self.dir / "passwd").stat()
+            group = (st.st_uid, st.st_gid)
+            conf_d.mkdir(exist_ok=True)
+            os.chown(conf_d, *group)
+            conf_d.chmod(BRIDGE_LAYOUT["conf.d"])
+        except OSError as exc:
+            raise environment_fault(exc, conf_d) from exc
+        for rel, key, data in (
+                ("bridge-ca.pem", "bridge-ca.pem", central._read("ca.pem").encode()),
+                ("conf.d/bridge.conf", "bridge.conf",
+                 bridge_stanza(name, address, prefix, name, password, (self.dir / "bridge-ca.pem").resolve()).encode())):
+            atomic_write_bytes(self.dir / rel, data, BRIDGE_LAYOUT[key], group)
+        conf = self._read("mosquitto.conf")
+        include = f"include_dir {conf_d.resolve()}"
+        if include not in conf:
+            rewrite_keeping_owner(self.dir / "mosquitto.conf", (conf.rstrip("\n") + f"\n# bridges\n{include}\n").encode())
+        return name
 
     def reload_command(self) -> str:
         return reload_command(self.dir)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from edgeopt.cli.fleet_ops import broker_config_cmd, provision_cmd, simulate_cmd
+from edgeopt.cli.fleet_ops import broker_bridge_cmd, broker_config_cmd, provision_cmd, simulate_cmd
 from edgeopt.cli.fleet_options import (
     DB_OPTION,
     OPTIONAL_REPO,
@@ -280,3 +280,4 @@ fleet_cmd.add_command(rollout_cmd)
 fleet_cmd.add_command(simulate_cmd)
 fleet_cmd.add_command(provision_cmd)
 fleet_cmd.add_command(broker_config_cmd)
+fleet_cmd.add_command(broker_bridge_cmd)

@@ -120,6 +120,26 @@ def broker_config_cmd(directory: Path, hosts: tuple[str, ...], port: int, bind: 
         click.echo(f"warning: {warning}", err=True)
 
 
+@click.command("broker-bridge")
+@click.argument("site", type=click.Path(path_type=Path))
+@click.argument("central", type=click.Path(path_type=Path))
+@click.option("--address", required=True, metavar="HOST:PORT",
+              help="Where the SITE broker reaches the CENTRAL one (a name in CENTRAL's certificate).")
+@PREFIX_OPTION
+def broker_bridge_cmd(site: Path, central: Path, address: str, prefix: str) -> None:
+    """Bridge two brokers made by 'edgeopt fleet broker-config': devices on SITE reach a fleet service
+    on CENTRAL (and the other way), every topic under the prefix both ways over TLS. Adds a bridge
+    account to CENTRAL's password file and ACL, copies CENTRAL's CA to SITE and writes
+    SITE/conf.d/bridge.conf, which SITE's mosquitto.conf includes. Restart both brokers after."""
+    from edgeopt.fleet.serve_options import parse_listen
+
+    host, port = parse_listen(address, "--address", "central.example.com:8883")
+    name = BrokerSecurity(site).bridge_to(BrokerSecurity(central), f"{host}:{port}", prefix)
+    click.echo(f"bridged {site} to {central} as {name} ({host}:{port}): restart both brokers\n"
+               f"  (the central broker re-reads passwords and ACL on SIGHUP: {BrokerSecurity(central).reload_command()};"
+               f" the site broker reads a new bridge at start)")
+
+
 @click.command("provision")
 @click.argument("device_id")
 @click.option("--broker-config", "security_dir", type=click.Path(path_type=Path), required=True,
