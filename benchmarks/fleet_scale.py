@@ -106,14 +106,22 @@ class SysCounters:
         self.client.loop_stop()
 
 
-def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir: Path) -> dict:
+def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir: Path, db_kind: str = "sqlite",
+        transport: str = "mqtt", replicas: int = 1) -> dict:
     from edgeopt.fleet.db import open_database
     from edgeopt.fleet.repository import Repository
     from edgeopt.fleet.rollout import Phase
     from edgeopt.fleet.security import BROKER_TUNING
     from edgeopt.fleet.store import FleetStore
 
+    sys.path.insert(0, str(ROOT / "tests"))
+    from web_servers import Nginx  # nginx serving the repository's metadata/ and targets/
+
+    from fleet_helpers import throwaway_postgres  # a database of its own on the local PostgreSQL
+
     procs: list[subprocess.Popen] = []
+    web = None
+    postgres = throwaway_postgres() if db_kind == "postgresql" else iter(())
     port = free_port()
     (workdir / "mosquitto.conf").write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nsys_interval 1\n"
@@ -133,20 +141,30 @@ def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir:
         repo = Repository.init(repo_dir)
         for v in ("1", "2"):
             entry = repo.publish(make_artifact(workdir / f"art{v}", v, model_bytes), "kws", v)
-        db = f"sqlite:///{repo_dir / 'fleet.db'}"
-        log = open(workdir / "service.log", "w")  # noqa: SIM115 (closed with the process)
-        service = subprocess.Popen([EDGEOPT, "fleet", "serve", "--repo", repo_dir, "--db", db, "--broker", url,
-                                    "--chunk-size", str(chunk), "--tick", "1", "--log-level", "warning"],
-                                   stderr=log)
-        procs.append(service)
+        db = f"sqlite:///{repo_dir / 'fleet.db'}" if db_kind == "sqlite" else next(postgres)
+        services = []
+        for r in range(replicas):  # the first one started leads the controller
+            log = open(workdir / f"service{r}.log", "w")  # noqa: SIM115 (closed with the process)
+            services.append(subprocess.Popen(
+                [EDGEOPT, "fleet", "serve", "--repo", repo_dir, "--db", db, "--broker", url, "--chunk-size", str(chunk),
+                 "--tick", "1", "--log-level", "info" if replicas > 1 else "warning",
+                 *(["--replicas"] if replicas > 1 else [])], stderr=log))
+            if r == 0:
+                time.sleep(2.0)
+        procs.extend(services)
+        service = services[0]
+        repo_url = []
+        if transport == "http":
+            web = Nginx(repo_dir, workdir / "nginx")
+            repo_url = ["--repo-url", web.url]
         per = -(-devices // sim_processes)
         sims = []
         for i in range(sim_processes):
             n = min(per, devices - i * per)
             sims.append(subprocess.Popen(
                 [EDGEOPT, "fleet", "simulate", "--broker", url, "--devices", str(n), "--first-index", str(i * per),
-                 "--initial-model", "kws@1", "--repo", repo_dir, "--chunk-size", str(chunk), "--workers", "48"],
-                stderr=open(workdir / f"sim{i}.log", "w")))  # noqa: SIM115
+                 "--initial-model", "kws@1", "--repo", repo_dir, "--chunk-size", str(chunk), "--workers", "48",
+                 *repo_url], stderr=open(workdir / f"sim{i}.log", "w")))  # noqa: SIM115
         procs.extend(sims)
         _, conn = open_database(db)
         store = FleetStore(conn)
@@ -179,14 +197,20 @@ def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir:
         service_rss = round(peak_rss_mb(service.pid), 1)
         after = counters.read()
         counters.close()
-        service.terminate()
-        service.wait(60)
-        summary = service_summary(workdir / "service.log")
+        for svc in services:
+            svc.terminate()
+            svc.wait(60)
+        summaries = [service_summary(workdir / f"service{r}.log") for r in range(replicas)]
+        summary = summaries[0]
+        repo_bytes = sum((x.get("repo_server") or {}).get("payload_bytes", 0) for x in summaries)
         on_v2 = sum(1 for d in store.list_devices() if d.model and d.model.version == "2")
         waves = [round(w["ended_at"] - w["started_at"], 1) if w["ended_at"] else None
                  for w in conn.query("SELECT * FROM rollout_waves WHERE rollout_id = 'bench' ORDER BY wave")]
         conn.close()
-        return {"devices": devices, "chunk_bytes": chunk, "artifact_bytes": entry["length"], "state": str(state),
+        return {"devices": devices, "chunk_bytes": chunk, "db": db_kind, "transport": transport, "replicas": replicas,
+                "repo_server_bytes": repo_bytes,
+                "repo_server_share": round(repo_bytes / (devices * entry["length"]), 4),
+                "artifact_bytes": entry["length"], "state": str(state),
                 "on_target": on_v2, "wave_seconds": waves, "seconds": round(elapsed, 2),
                 "publish_messages": after.get("pub_in", 0) - before.get("pub_in", 0)
                 + after.get("pub_out", 0) - before.get("pub_out", 0),
@@ -205,6 +229,9 @@ def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
+        if web is not None:
+            web.stop()
+        next(postgres, None)  # drops the throwaway database
 
 
 def chunk_round_trip(workdir: Path, nodelay: bool, requests: int = 200, chunk: int = 64 * 1024) -> dict:
@@ -312,6 +339,12 @@ def main() -> None:
     ap.add_argument("--runs", default="1000:65536,1000:262144,10000:65536,10000:262144", help="DEVICES:CHUNK_BYTES,...")
     ap.add_argument("--model-bytes", type=int, default=1_000_000)
     ap.add_argument("--sim-processes", type=int, default=2)
+    ap.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite",
+                    help="the fleet database (postgresql: a throwaway database on the local server)")
+    ap.add_argument("--transport", choices=("mqtt", "http"), default="mqtt",
+                    help="how devices fetch the repository: the MQTT repository server, or HTTP from nginx")
+    ap.add_argument("--replicas", type=int, default=1, help="fleet serve processes (more than one: --replicas)")
+    ap.add_argument("--name", default="", help="the JSON file's name in --out (default fleet_scale)")
     add_out_option(ap)
     args = ap.parse_args()
     hard = raise_fd_limit()
@@ -334,17 +367,20 @@ def main() -> None:
             raise SystemExit(f"{devices} devices need more file descriptors than the hard limit {hard}")
         with tempfile.TemporaryDirectory(prefix="edgeopt-fleet-bench-") as tmp:
             print(f"running {devices} devices, chunk {chunk} ...", flush=True)
-            r = run(devices, chunk, args.model_bytes, args.sim_processes, Path(tmp))
+            r = run(devices, chunk, args.model_bytes, args.sim_processes, Path(tmp), args.db, args.transport,
+                    args.replicas)
             print(json.dumps(r), flush=True)
             results.append(r)
-    rows = [[r["devices"], r["chunk_bytes"] // 1024, r["state"], r["seconds"], r["devices"] / r["seconds"],
-             r["publish_messages"], r["broker_bytes"] / 1e9, r["controller_cpu_s"], r["controller_peak_rss_mb"],
-             r["broker_cpu_s"], r["simulator_cpu_s"], r["load_average"]] for r in results]
+    rows = [[r["devices"], r["chunk_bytes"] // 1024, r["db"], r["transport"], r["replicas"], r["state"], r["seconds"],
+             r["devices"] / r["seconds"], r["publish_messages"], r["broker_bytes"] / 1e9, r["repo_server_share"],
+             r["controller_cpu_s"], r["controller_peak_rss_mb"], r["broker_cpu_s"], r["simulator_cpu_s"],
+             r["load_average"]] for r in results]
     print_table("rollout of a 1 MB model (waves 1%,10%,50%,100%, bake 2 s) on one Mosquitto",
-                ["devices", "chunk KiB", "result", "seconds", "devices/s", "publish msgs", "broker GB",
-                 "controller CPU s", "controller peak RSS MB", "broker CPU s", "simulator CPU s", "load avg"], rows)
-    write_json("fleet_scale", {"model_bytes": args.model_bytes, "chunk_round_trip": rtt, "controller_tick": tick,
-                               "results": results})
+                ["devices", "chunk KiB", "db", "transport", "replicas", "result", "seconds", "devices/s", "publish msgs",
+                 "broker GB", "repo server bytes / (devices x artifact)", "controller CPU s", "controller peak RSS MB",
+                 "broker CPU s", "simulator CPU s", "load avg"], rows)
+    write_json(args.name or "fleet_scale", {"model_bytes": args.model_bytes, "chunk_round_trip": rtt,
+                                            "controller_tick": tick, "results": results})
 
 
 if __name__ == "__main__":

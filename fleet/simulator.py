@@ -54,6 +54,7 @@ from edgeopt.protocol import (
     state_message,
 )
 from edgeopt.repo_client import DeviceTrust, MqttFetcher, MqttRepoLink, UpdateRefused, url_for
+from edgeopt.repo_http import HttpRepoLink
 
 log = logging.getLogger("edgeopt.fleet.sim")
 FAIL_MODES = ("self-test", "probation", "health", "silent")
@@ -120,6 +121,7 @@ class SimConfig:
     telemetry_interval: float = 0.0     # 0: no telemetry
     failures: FailurePlan = field(default_factory=FailurePlan)
     keepalive: int = 60
+    repo_url: str = ""                  # the repository over HTTP(S) (edgeopt.repo_http) instead of MQTT
 
     def __post_init__(self) -> None:
         if self.verify not in VERIFY_MODES:
@@ -151,7 +153,7 @@ class SharedTrust:
         (workdir / "metadata" / "root.json").write_bytes(Path(root).read_bytes())
         self.client = make_client(f"{cfg.id_prefix}verifier-{id(self):x}", cfg.broker)
         connect(self.client)
-        link = MqttRepoLink(PahoTopics(self.client), f"{cfg.id_prefix}verifier", cfg.prefix)
+        link = sim.http_link or MqttRepoLink(PahoTopics(self.client), f"{cfg.id_prefix}verifier", cfg.prefix)
         fetcher = MqttFetcher(link, chunk_size=cfg.chunk_size, timeout=cfg.request_timeout, retries=cfg.retries)
         self.trust = DeviceTrust(workdir / "metadata", fetcher, workdir / "downloads")
         self.min_refresh, self._last = min_refresh, 0.0
@@ -216,7 +218,8 @@ class SimDevice:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.user_data_set(self)
-        self.link = MqttRepoLink(_DeviceTopics(self), self.device_id, cfg.prefix, max_chunk=max(cfg.chunk_size, 1))
+        self.link = sim.http_link or MqttRepoLink(_DeviceTopics(self), self.device_id, cfg.prefix,
+                                                  max_chunk=max(cfg.chunk_size, 1))
         self.connected = threading.Event()
         self._trust = None
 
@@ -422,6 +425,8 @@ class SimDevice:
 class Simulator:
     def __init__(self, config: SimConfig):
         self.config = config
+        # over HTTP, one client for every device: urllib3's pool, sized to the download workers
+        self.http_link = HttpRepoLink(config.repo_url, pool_size=config.workers) if config.repo_url else None
         self.loop = ClientLoop()
         self.pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="edgeopt-sim")
         self.devices: list[SimDevice] = []

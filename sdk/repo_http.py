@@ -33,7 +33,7 @@ class HttpRepoLink:
     """``request(path, offset, length, timeout)`` → a chunk of ``base_url + path``, an error chunk
     (not_found, http_NNN, bad_range), or None when the network or a busy server gave no answer."""
 
-    def __init__(self, base_url: str, ca_file: str = "", user_agent: str = "edgeopt-agent"):
+    def __init__(self, base_url: str, ca_file: str = "", user_agent: str = "edgeopt-agent", pool_size: int = 1):
         import urllib3
 
         if not re.match(r"https?://[^/\s]+", base_url):
@@ -45,7 +45,7 @@ class HttpRepoLink:
         elif ca_file:
             raise UserInputError(f"repository URL {base_url!r}: a CA file is for https URLs")
         self._urllib3 = urllib3
-        self.pool = urllib3.PoolManager(ssl_context=context, headers={"User-Agent": user_agent})
+        self.pool = urllib3.PoolManager(ssl_context=context, headers={"User-Agent": user_agent}, maxsize=pool_size)
         self.ignores_ranges = threading.Event()  # seen an HTTP 200 to a range request
 
     def request(self, path: str, offset: int, length: int, timeout: float) -> ChunkResponse | None:

@@ -111,7 +111,9 @@ class FleetRig:
     (unless ``service=False``) the fleet service in this process, all on one real Mosquitto."""
 
     def __init__(self, tmp: Path, broker, db: str, devices: int, service: str = "in-process",
-                 artifact_bytes: int = 20_000, service_options: dict | None = None, **sim_options):
+                 artifact_bytes: int = 20_000, service_options: dict | None = None, existing_repo: bool = False,
+                 **sim_options):
+        """``existing_repo``: TMP/repo was initialised already (the caller serves it, say over HTTP)."""
         import time
 
         from edgeopt.fleet.db import open_database
@@ -123,7 +125,7 @@ class FleetRig:
         from repo_helpers import fake_artifact
 
         self.tmp, self.broker, self.db = tmp, broker, db
-        self.repo = Repository.init(tmp / "repo")
+        self.repo = Repository(tmp / "repo") if existing_repo else Repository.init(tmp / "repo")
         for v in ("1", "2"):
             self.repo.publish(fake_artifact(tmp / f"art-{v}", "kws", v, artifact_bytes, seed=int(v)), "kws", v)
         self.service_mode = service

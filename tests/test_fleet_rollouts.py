@@ -186,3 +186,32 @@ def test_the_simulators_golden_self_test_is_the_agents_and_catches_a_broken_mode
         verdicts[name] = golden_self_test((tmp_path / f"{name}.tar").read_bytes(), tmp_path)
     assert verdicts["good"] is None
     assert verdicts["broken"] and "golden vectors: output 'y'" in verdicts["broken"], verdicts["broken"]
+
+
+def test_a_rollout_whose_devices_fetch_over_http_sends_no_artifact_byte_over_mqtt(tmp_path, broker):
+    """Devices with the repository over HTTP (simulate --repo-url, nginx where installed): the rollout
+    completes and the MQTT repository server answers no request."""
+    from web_servers import FleetRepoWeb, Nginx
+
+    rig = None
+    web = None
+    try:
+        from edgeopt.fleet.repository import Repository
+
+        repo = Repository.init(tmp_path / "repo")  # FleetRig publishes into it: serve it before the devices start
+        try:
+            web = Nginx(repo.root, tmp_path / "nginx")
+        except pytest.skip.Exception:
+            web = FleetRepoWeb(repo.root)
+        rig = FleetRig(tmp_path, broker, sqlite_url(tmp_path), 40, repo_url=web.url, existing_repo=True)
+        rig.create(waves=parse_waves("10%,100%"), bake_s=0.3)
+        status, _ = rig.wait("r-1", lambda s, a: s.state in ENDED, 90, "the rollout to end")
+        assert status.state is Phase.COMPLETED, status.reason
+        rig.wait_devices(lambda d: d.model == V2, 30, "every device on kws@2")
+        assert rig.service.repo_server.snapshot_stats().get("requests", 0) == 0
+        assert sum(d.stats["downloaded_bytes"] for d in rig.sim.devices) >= 40 * 20_000
+    finally:
+        if rig is not None:
+            rig.close()
+        if web is not None:
+            web.stop()

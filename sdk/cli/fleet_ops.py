@@ -47,12 +47,15 @@ from edgeopt.protocol import ModelRef, ProtocolError
               help="Seconds between telemetry messages (0: none).")
 @click.option("--duration", type=float, default=0.0, show_default=True, help="Stop after this many seconds (0: never).")
 @PREFIX_OPTION
+@click.option("--repo-url", default="", metavar="URL",
+              help="Fetch the repository over HTTP(S) from URL (its metadata/ and targets/), as agents with "
+                   "[update] repo_url do, instead of through the MQTT repository server.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 def simulate_cmd(broker: str, count: int, fail_rate: float, fail_mode: str, fail_versions: str, seed: int,
                  label_terms: tuple[str, ...], profile: str, initial_model: str | None, root: Path | None,
                  repo: Path | None, verify: str, self_test: str, id_prefix: str, first_index: int, workers: int,
                  chunk_size: int, step_delay: float, probation: float, telemetry_interval: float, duration: float,
-                 prefix: str, as_json: bool) -> None:
+                 prefix: str, repo_url: str, as_json: bool) -> None:
     """Run N simulated devices, each with its own MQTT connection, until interrupted: they report
     state, follow 'desired', download and verify updates through the repository server, and fail
     as asked (for demos and scale tests)."""
@@ -72,7 +75,7 @@ def simulate_cmd(broker: str, count: int, fail_rate: float, fail_mode: str, fail
                        labels=parse_selector(label_terms), profile=profile, initial_model=model, root=root,
                        verify=verify, self_test=self_test, workers=workers, chunk_size=chunk_size,
                        step_delay=step_delay, probation=probation, telemetry_interval=telemetry_interval,
-                       failures=FailurePlan(fail_rate, fail_mode, versions, seed=seed))
+                       failures=FailurePlan(fail_rate, fail_mode, versions, seed=seed), repo_url=repo_url)
     sim = Simulator(config).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
