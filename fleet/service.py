@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeopt.fleet.broker import HEADER_ROOM, MIB, start_local_broker
-from edgeopt.fleet.controller import Controller, DesiredPublisher, Leadership
+from edgeopt.fleet.controller import LOOKBACK_S, Controller, DesiredPublisher, Leadership
 from edgeopt.fleet.dashboard.auth import read_token
 from edgeopt.fleet.dashboard.server import Dashboard, DashboardConfig  # starlette and uvicorn load on start()
 from edgeopt.fleet.db import open_database
@@ -110,7 +110,7 @@ class FleetService:
             client, topic, qos, lambda c, u, m: handler(m.topic, m.payload)))
         self.publisher = DesiredPublisher(FleetStore(self.connections[2]),
                                           lambda t, p, q, r: client.publish(t, p, qos=q, retain=r), cfg.prefix)
-        self.controller = Controller(self.store, self.publisher)
+        self.controller = Controller(self.store, self.publisher, lookback=LOOKBACK_S if cfg.replicas else 0.0)
         self.leadership = Leadership(self.store, self.replica_id, cfg.lease_ttl or max(5.0, 3 * cfg.tick))
         self.leadership.renew()  # known before the ready line; the control loop renews it every tick
         resubscribe = client.on_connect
