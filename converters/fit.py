@@ -74,9 +74,15 @@ def fit_check(model_bytes: int, peak_memory_bytes: int, profile: Profile | None,
     if peak_memory_bytes > profile.model_ram_budget_bytes:
         problems.append(f"estimated peak memory {peak_memory_bytes} B exceeds the RAM budget "
                         f"{profile.model_ram_budget_bytes} B of {profile.name}")
+    return _verdict(profile, model_bytes, peak_memory_bytes, problems)
+
+
+def _verdict(profile: Profile, model_bytes: int, peak_memory_bytes: int, problems: list[str],
+             **more: Any) -> dict[str, Any]:
     return {"profile": profile.name, "model_bytes": model_bytes, "peak_memory_bytes": peak_memory_bytes,
             "ram_budget_bytes": profile.model_ram_budget_bytes,
-            "storage_budget_bytes": profile.model_storage_budget_bytes, "ok": not problems, "problems": problems}
+            "storage_budget_bytes": profile.model_storage_budget_bytes, "ok": not problems, "problems": problems,
+            **more}
 
 
 def _micro_fit(model_bytes: int, arena_bytes: int, code_bytes: int, profile: Profile) -> dict[str, Any]:
@@ -88,10 +94,8 @@ def _micro_fit(model_bytes: int, arena_bytes: int, code_bytes: int, profile: Pro
     if arena_bytes > profile.model_ram_budget_bytes:
         problems.append(f"tensor arena {arena_bytes} B (measured in TFLite Micro, with its margin) exceeds the RAM "
                         f"budget {profile.model_ram_budget_bytes} B of {profile.name}")
-    return {"profile": profile.name, "model_bytes": model_bytes, "peak_memory_bytes": arena_bytes,
-            "ram_budget_bytes": profile.model_ram_budget_bytes,
-            "storage_budget_bytes": profile.model_storage_budget_bytes, "ok": not problems, "problems": problems,
-            "arena_bytes": arena_bytes, "flash_bytes": flash, "code_bytes_estimate": code_bytes}
+    return _verdict(profile, model_bytes, arena_bytes, problems, arena_bytes=arena_bytes, flash_bytes=flash,
+                    code_bytes_estimate=code_bytes)
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:

@@ -288,22 +288,25 @@ def test_download_resumes_after_the_broker_dies_mid_transfer(tmp_path, broker, r
         pair.close()
 
 
+class _DiesAfter:
+    """A link that raises as a killed agent would once the download reaches ``at`` bytes."""
+
+    def __init__(self, link, at: int = 2**20):
+        self.link, self.at = link, at
+
+    def request(self, path, offset, length, timeout):
+        if offset >= self.at:
+            raise KeyboardInterrupt("killed")
+        return self.link.request(path, offset, length, timeout)
+
+
 def test_download_resumes_from_disk_after_an_agent_restart(tmp_path, broker, repo):
     entry = _publish(repo, tmp_path, "1", size=3 * 2**20)
     first = RepoPair(tmp_path, broker, repo, timeout=0.5, retries=1)
     first.trust.refresh()
     target = first.trust.lookup("kws", "1")
 
-    class _DiesAfter:  # the agent is killed after ~1 MB
-        def __init__(self, link):
-            self.link = link
-
-        def request(self, path, offset, length, timeout):
-            if offset >= 2**20:
-                raise KeyboardInterrupt("killed")
-            return self.link.request(path, offset, length, timeout)
-
-    first.fetcher.link = _DiesAfter(first.link)
+    first.fetcher.link = _DiesAfter(first.link)  # the agent is killed after 1 MiB
     with pytest.raises(KeyboardInterrupt):
         first.trust.download(target)
     first.close()
@@ -356,16 +359,7 @@ def test_an_http_download_resumes_from_disk_by_range_after_an_agent_restart(tmp_
         first.trust.refresh()
         target = first.trust.lookup("kws", "1")
 
-        class _DiesAfter:  # the agent is killed after 1 MiB
-            def __init__(self, link):
-                self.link = link
-
-            def request(self, path, offset, length, timeout):
-                if offset >= 2**20:
-                    raise KeyboardInterrupt("killed")
-                return self.link.request(path, offset, length, timeout)
-
-        first.fetcher.link = _DiesAfter(first.link)
+        first.fetcher.link = _DiesAfter(first.link)  # the agent is killed after 1 MiB
         with pytest.raises(KeyboardInterrupt):
             first.trust.download(target)
         part = next((tmp_path / "dev-1" / "partial").glob("*.part"))
