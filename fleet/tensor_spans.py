@@ -50,7 +50,7 @@ def tensor_spans(archive: bytes) -> dict[tuple[str, str], Span]:
 
 
 XOR_WORTH = 0.9  # the XOR kind is taken only when at most this share of the binary delta: it costs the
-                # device more to apply (a 10 MB artifact: 60 ms against 2 ms, docs/benchmarks.md)
+                # device more to apply (a 10 MB artifact: 35 ms against 2 ms, docs/benchmarks.md)
 
 
 def chosen_delta(base: bytes, new: bytes) -> tuple[str, bytes]:

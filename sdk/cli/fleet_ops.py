@@ -12,6 +12,7 @@ from edgeopt.cli.fleet_options import PREFIX_OPTION, REPO_OPTION
 from edgeopt.errors import UserInputError
 from edgeopt.fleet.rollout_spec import parse_selector
 from edgeopt.fleet.security import BrokerSecurity
+from edgeopt.fleet.serve_options import parse_listen
 from edgeopt.mqtt import redact_url
 from edgeopt.protocol import ModelRef, ProtocolError
 
@@ -134,8 +135,6 @@ def broker_bridge_cmd(site: Path, central: Path, address: str, prefix: str) -> N
     on CENTRAL (and the other way), every topic under the prefix both ways over TLS. Adds a bridge
     account to CENTRAL's password file and ACL, copies CENTRAL's CA to SITE and writes
     SITE/conf.d/bridge.conf, which SITE's mosquitto.conf includes. Restart both brokers after."""
-    from edgeopt.fleet.serve_options import parse_listen
-
     host, port = parse_listen(address, "--address", "central.example.com:8883")
     name = BrokerSecurity(site).bridge_to(BrokerSecurity(central), f"{host}:{port}", prefix)
     click.echo(f"bridged {site} to {central} as {name} ({host}:{port}): restart both brokers\n"
