@@ -145,8 +145,9 @@ class MqttFetcher(FetcherInterface):
                 return resp
             self.stats["retries"] += 1
             time.sleep(min(self.backoff * 2**attempt, 10.0))
+        why = getattr(self.link, "last_error", None)  # an HTTP link says why (edgeopt.repo_http)
         raise DownloadError(f"no answer from the repository for {path} at offset {offset} "
-                            f"after {self.retries + 1} attempts")
+                            f"after {self.retries + 1} attempts{f': {why}' if why else ''}")
 
     def _chunk(self, path: str, offset: int, total: int | None):
         want = self.chunk_size if total is None else max(1, min(self.chunk_size, total - offset))

@@ -47,6 +47,7 @@ class HttpRepoLink:
         self._urllib3 = urllib3
         self.pool = urllib3.PoolManager(ssl_context=context, headers={"User-Agent": user_agent}, maxsize=pool_size)
         self.ignores_ranges = threading.Event()  # seen an HTTP 200 to a range request
+        self.last_error: str | None = None  # why the last request had no answer (the fetcher's message says it)
 
     def request(self, path: str, offset: int, length: int, timeout: float) -> ChunkResponse | None:
         rid = uuid.uuid4().hex[:16]
@@ -62,6 +63,7 @@ class HttpRepoLink:
                                      retries=u3.Retry(total=5, connect=0, read=0, status=0, other=0, redirect=5))
         except u3.exceptions.HTTPError as exc:
             log.info("repository %s: %s", self.base, exc)
+            self.last_error = _reason(exc)
             return None
         try:
             return self._chunk(rid, path, offset, length, resp)
@@ -78,6 +80,7 @@ class HttpRepoLink:
 
     def _chunk(self, rid: str, path: str, offset: int, length: int, resp) -> ChunkResponse | None:
         status = resp.status
+        self.last_error = f"HTTP {status}" if status in RETRY_STATUS else None
         if status == 404:
             return ChunkResponse(rid, path, error="not_found")
         if status in RETRY_STATUS:
@@ -113,3 +116,14 @@ class HttpRepoLink:
                 return ChunkResponse(rid, path, error="no_length")
             return ChunkResponse(rid, path, offset, total, data)
         return ChunkResponse(rid, path, error=f"http_{status}")
+
+
+def _reason(exc: Exception) -> str:
+    """The innermost cause of a urllib3 failure, in one line (a certificate that does not verify, a
+    refused connection), not urllib3's retry wrapper around it."""
+    inner = getattr(exc, "reason", None) or exc
+    while getattr(inner, "reason", None) is not None and inner.reason is not inner:
+        if not isinstance(inner.reason, Exception):
+            break
+        inner = inner.reason
+    return " ".join(str(inner).split())[:300]
