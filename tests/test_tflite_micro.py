@@ -39,6 +39,17 @@ def digits_micro(digits_models, tmp_path_factory):
     return out, res.json()
 
 
+@pytest.mark.parametrize("profile", MCU_PROFILES[1:])
+def test_the_digits_cnn_converts_for_the_other_microcontrollers(digits_models, profile, tmp_path):
+    res = run_cli("convert", digits_models["cnn"], "-o", tmp_path / "digits", "--profile", profile,
+                  "--calibration", digits_models["calibration"], "--validation", digits_models["validation"],
+                  "-q", "--json")
+    assert res.code == 0, res.err
+    report = res.json()
+    assert report["fit"]["profile"] == profile and report["fit"]["ok"] is True
+    assert report["fit"]["arena_bytes"] >= report["pass_details"]["tflite-micro"]["arena_measured_bytes"] > 0
+
+
 def test_the_digits_cnn_converts_for_a_microcontroller_with_its_arena_measured(digits_micro):
     out, report = digits_micro
     micro = report["pass_details"]["tflite-micro"]
@@ -195,8 +206,8 @@ def test_the_generated_cpp_compiles(digits_micro, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("profile", MCU_PROFILES[1:])
-def test_the_imu_model_converts_for_the_other_microcontrollers(imu_model, profile, tmp_path):
+@pytest.mark.parametrize("profile", MCU_PROFILES)
+def test_the_imu_model_converts_for_every_microcontroller(imu_model, profile, tmp_path):
     out = tmp_path / "imu"
     res = run_cli("convert", imu_model["model"], "-o", out, "--profile", profile,
                   "--calibration", imu_model["calibration"], "--validation", imu_model["validation"],
