@@ -191,7 +191,7 @@ def test_the_simulators_golden_self_test_is_the_agents_and_catches_a_broken_mode
 def test_a_rollout_whose_devices_fetch_over_http_sends_no_artifact_byte_over_mqtt(tmp_path, broker):
     """Devices with the repository over HTTP (simulate --repo-url, nginx where installed): the rollout
     completes and the MQTT repository server answers no request."""
-    from web_servers import FleetRepoWeb, Nginx
+    from web_servers import static_server
 
     rig = None
     web = None
@@ -199,10 +199,7 @@ def test_a_rollout_whose_devices_fetch_over_http_sends_no_artifact_byte_over_mqt
         from edgeopt.fleet.repository import Repository
 
         repo = Repository.init(tmp_path / "repo")  # FleetRig publishes into it: serve it before the devices start
-        try:
-            web = Nginx(repo.root, tmp_path / "nginx")
-        except pytest.skip.Exception:
-            web = FleetRepoWeb(repo.root)
+        web = static_server(repo.root, tmp_path)
         rig = FleetRig(tmp_path, broker, sqlite_url(tmp_path), 40, repo_url=web.url, existing_repo=True)
         rig.create(waves=parse_waves("10%,100%"), bake_s=0.3)
         status, _ = rig.wait("r-1", lambda s, a: s.state in ENDED, 90, "the rollout to end")

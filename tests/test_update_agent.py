@@ -281,12 +281,9 @@ def test_an_agent_with_repo_url_takes_its_updates_over_http(rig, artifacts, tmp_
     """[update] repo_url: the signed repository from a static web server (here nginx where installed,
     else the fleet service's own --http-repo), desired still over MQTT; the MQTT repository server
     answers no request of this device."""
-    from web_servers import FleetRepoWeb, Nginx
+    from web_servers import static_server
 
-    try:
-        web = Nginx(rig.repo.root, tmp_path / "nginx")
-    except pytest.skip.Exception:
-        web = FleetRepoWeb(rig.repo.root)
+    web = static_server(rig.repo.root, tmp_path)
     try:
         agent, _ = _running_v1(rig, tmp_path, repo_url=web.url, chunk_bytes=2**20)
         v2 = rig.publish(artifacts["2"], "2")

@@ -87,6 +87,15 @@ http {{
                 self.proc.wait()
 
 
+def static_server(root: Path, workdir: Path):
+    """nginx serving the repository at ``root`` where it is installed, else the fleet service's own
+    server (the tests that use it are about the agent or the fleet, not about which server it is)."""
+    try:
+        return Nginx(root, workdir / "nginx")
+    except pytest.skip.Exception:
+        return FleetRepoWeb(root)
+
+
 def self_signed(tmp_path):
     """A self-signed certificate for 127.0.0.1 and its key (cert.pem, key.pem in ``tmp_path``)."""
     import datetime
