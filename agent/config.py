@@ -142,7 +142,10 @@ class UpdateSection:
                         "expected http(s)://HOST[:PORT]/PATH/")
     repo_ca_file: str = key("", "CA bundle for an https repo_url (empty: the system's)")
     chunk_bytes: int = key(64 * 1024, "artifact bytes asked for per request (keep under the broker's "
-                                      "payload limit; over HTTP, 1 MiB or more)", check=at_least(1024))
+                                      "payload limit; over HTTP, 1 MiB or more). Over MQTT the device takes "
+                                      "chunks the repository server casts, on the power of two at or below "
+                                      "this: give devices the same size as fleet serve --chunk-size",
+                           check=at_least(1024))
     request_timeout_s: float = key(5.0, "seconds to wait for one chunk before asking again", check=positive)
     request_retries: int = key(8, "attempts per chunk before the download step gives up and retries later",
                                check=at_least(0))

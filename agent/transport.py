@@ -86,6 +86,7 @@ class MqttTransport:
         self.on_disconnect_hooks: list[Callable[[], None]] = []
         self.on_unmatched: Callable[[str], None] = lambda topic: None  # a message on a topic not subscribed to
         self._subscriptions: dict[str, Callable[[bytes], None]] = {}
+        self._left: dict[str, None] = {}  # topics unsubscribed from lately (insertion-ordered, bounded)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.attempts = 0
@@ -153,7 +154,7 @@ class MqttTransport:
         self.connects += 1
         self.last_error = None
         log.info("MQTT: connected to %s:%d", self.cfg.host, self.cfg.port)
-        for topic in self._subscriptions:
+        for topic in list(self._subscriptions):
             client.subscribe(topic, qos=1)
         self.connected.set()
         for hook in self.on_connect_hooks:
@@ -175,13 +176,13 @@ class MqttTransport:
     def _on_message(self, client, userdata, message) -> None:
         handler = self._subscriptions.get(message.topic)
         if handler is None:
-            for topic, h in self._subscriptions.items():
+            for topic, h in list(self._subscriptions.items()):  # the updater (un)subscribes meanwhile
                 if self._mqtt.topic_matches_sub(topic, message.topic):
                     handler = h
                     break
         if handler is not None:
             handler(message.payload)
-        else:
+        elif message.topic not in self._left:  # else: sent before the broker had our UNSUBSCRIBE
             self.on_unmatched(message.topic)
 
     # -- use ----------------------------------------------------------------------------------------
@@ -192,5 +193,17 @@ class MqttTransport:
 
     def subscribe(self, topic: str, handler: Callable[[bytes], None]) -> None:
         self._subscriptions[topic] = handler
+        self._left.pop(topic, None)
         if self.connected.is_set():
             self.client.subscribe(topic, qos=1)
+
+    def unsubscribe(self, topic: str) -> None:
+        """Stop taking ``topic`` (an update's chunk topic); a message already on its way is dropped
+        quietly, not counted as one this device never asked for."""
+        if self._subscriptions.pop(topic, None) is None:
+            return
+        self._left[topic] = None
+        while len(self._left) > 64:
+            self._left.pop(next(iter(self._left)))
+        if self.connected.is_set():
+            self.client.unsubscribe(topic)

@@ -8,11 +8,14 @@ downloads the artifact through the repository server in chunks and checks it aga
 length and sha256 (TUF metadata verified once per simulator process: --verify shared).
 
 Measured: time from `rollout create --start` to COMPLETED, publish messages and bytes through the
-broker ($SYS counters), CPU and peak RSS of the fleet service ("controller"), of the broker and of
-the simulators.
+broker ($SYS counters), what the repository server sent as a share of devices x artifact, CPU and
+peak RSS of the fleet service ("controller"), of the broker and of the simulators. Over MQTT the
+server casts each chunk (fleet/repo_server.py); `--transport mqtt,mqtt-unicast` runs it side by side
+with the server answering each device alone.
 
     python benchmarks/fleet_scale.py                      # 1,000 and 10,000 devices, 64 and 256 KiB chunks
     python benchmarks/fleet_scale.py --runs 1000:262144 --sim-processes 1
+    python benchmarks/fleet_scale.py --runs 10000:65536 --db postgresql --transport mqtt,mqtt-unicast,http
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from common import ROOT, add_out_option, print_table, write_json
@@ -77,6 +81,24 @@ def make_artifact(root: Path, version: str, size: int) -> Path:
     return root
 
 
+def wait_for_port(port: int) -> None:
+    """Until something listens on 127.0.0.1:PORT (a broker just started), at most ~25 s."""
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+
+
+def sum_counters(readings) -> dict[str, int]:
+    """$SYS counters of several brokers added up (bridged brokers: what all of them moved)."""
+    total: Counter[str] = Counter()
+    for r in readings:
+        total.update(r)
+    return dict(total)
+
+
 class SysCounters:
     """Mosquitto's $SYS counters (published every second with sys_interval 1)."""
 
@@ -107,11 +129,11 @@ class SysCounters:
 
 
 def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir: Path, db_kind: str = "sqlite",
-        transport: str = "mqtt", replicas: int = 1) -> dict:
+        transport: str = "mqtt", replicas: int = 1, brokers: int = 1) -> dict:
     from edgeopt.fleet.db import open_database
     from edgeopt.fleet.repository import Repository
     from edgeopt.fleet.rollout import Phase
-    from edgeopt.fleet.security import BROKER_TUNING
+    from edgeopt.fleet.security import BROKER_TUNING, bridge_stanza
     from edgeopt.fleet.store import FleetStore
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -122,21 +144,24 @@ def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir:
     procs: list[subprocess.Popen] = []
     web = None
     postgres = throwaway_postgres() if db_kind == "postgresql" else iter(())
-    port = free_port()
-    (workdir / "mosquitto.conf").write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nsys_interval 1\n"
-        f"max_connections -1\nlog_dest file {workdir / 'mosquitto.log'}\nlog_type error\nlog_type warning\n"
-        f"user root\n{BROKER_TUNING}")
-    broker = subprocess.Popen([MOSQUITTO, "-c", str(workdir / "mosquitto.conf")], stderr=subprocess.DEVNULL)
-    procs.append(broker)
-    url = f"mqtt://127.0.0.1:{port}"
+    # broker 0 has the fleet service; each other one is a site broker bridged to it (fleet broker-bridge's
+    # stanza, without TLS on loopback); the simulator processes are spread over all of them
+    ports = [free_port() for _ in range(brokers)]
+    broker_procs = []
+    for b, port in enumerate(ports):
+        bridge = bridge_stanza(f"site{b}", f"127.0.0.1:{ports[0]}") if b else ""
+        (workdir / f"mosquitto{b}.conf").write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nsys_interval 1\n"
+            f"max_connections -1\nlog_dest file {workdir / f'mosquitto{b}.log'}\nlog_type error\nlog_type warning\n"
+            f"user root\n{BROKER_TUNING}{bridge}")
+        broker_procs.append(subprocess.Popen([MOSQUITTO, "-c", str(workdir / f"mosquitto{b}.conf")],
+                                             stderr=subprocess.DEVNULL))
+    procs.extend(broker_procs)
+    urls = [f"mqtt://127.0.0.1:{port}" for port in ports]
+    url = urls[0]
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        for port in ports:
+            wait_for_port(port)
         repo_dir = workdir / "repo"
         repo = Repository.init(repo_dir)
         for v in ("1", "2"):
@@ -148,7 +173,8 @@ def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir:
             services.append(subprocess.Popen(
                 [EDGEOPT, "fleet", "serve", "--repo", repo_dir, "--db", db, "--broker", url, "--chunk-size", str(chunk),
                  "--tick", "1", "--log-level", "info" if replicas > 1 else "warning",
-                 *(["--replicas"] if replicas > 1 else [])], stderr=log))
+                 *(["--replicas"] if replicas > 1 else []), *(["--unicast"] if transport == "mqtt-unicast" else [])],
+                stderr=log))
             if r == 0:
                 time.sleep(2.0)
         procs.extend(services)
@@ -162,7 +188,7 @@ def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir:
         for i in range(sim_processes):
             n = min(per, devices - i * per)
             sims.append(subprocess.Popen(
-                [EDGEOPT, "fleet", "simulate", "--broker", url, "--devices", str(n), "--first-index", str(i * per),
+                [EDGEOPT, "fleet", "simulate", "--broker", urls[i % brokers], "--devices", str(n), "--first-index", str(i * per),
                  "--initial-model", "kws@1", "--repo", repo_dir, "--chunk-size", str(chunk), "--workers", "48",
                  *repo_url], stderr=open(workdir / f"sim{i}.log", "w")))  # noqa: SIM115
         procs.extend(sims)
@@ -174,9 +200,9 @@ def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir:
                 raise RuntimeError(f"only {store.count_devices()} of {devices} devices registered "
                                    f"(see {workdir})")
             time.sleep(0.5)
-        counters = SysCounters(url)
-        before = counters.read()
-        cpu0 = {"service": cpu_seconds(service.pid), "broker": cpu_seconds(broker.pid),
+        counters = [SysCounters(u) for u in urls]
+        before = sum_counters(c.read() for c in counters)
+        cpu0 = {"service": cpu_seconds(service.pid), "broker": sum(cpu_seconds(b.pid) for b in broker_procs),
                 "sims": sum(cpu_seconds(p.pid) for p in sims)}
         load_before = os.getloadavg()[0]
         t0 = time.monotonic()
@@ -192,11 +218,13 @@ def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir:
             time.sleep(0.25)
         elapsed = time.monotonic() - t0
         load = round(max(load_before, os.getloadavg()[0]), 1)  # the machine is shared: how busy it was
-        cpu = {"service": cpu_seconds(service.pid) - cpu0["service"], "broker": cpu_seconds(broker.pid) - cpu0["broker"],
+        cpu = {"service": cpu_seconds(service.pid) - cpu0["service"],
+               "broker": sum(cpu_seconds(b.pid) for b in broker_procs) - cpu0["broker"],
                "sims": sum(cpu_seconds(p.pid) for p in sims) - cpu0["sims"]}
         service_rss = round(peak_rss_mb(service.pid), 1)
-        after = counters.read()
-        counters.close()
+        after = sum_counters(c.read() for c in counters)
+        for c in counters:
+            c.close()
         for svc in services:
             svc.terminate()
             svc.wait(60)
@@ -208,6 +236,7 @@ def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir:
                  for w in conn.query("SELECT * FROM rollout_waves WHERE rollout_id = 'bench' ORDER BY wave")]
         conn.close()
         return {"devices": devices, "chunk_bytes": chunk, "db": db_kind, "transport": transport, "replicas": replicas,
+                "brokers": brokers,
                 "repo_server_bytes": repo_bytes,
                 "repo_server_share": round(repo_bytes / (devices * entry["length"]), 4),
                 "artifact_bytes": entry["length"], "state": str(state),
@@ -217,7 +246,8 @@ def run(devices: int, chunk: int, model_bytes: int, sim_processes: int, workdir:
                 "broker_bytes": after.get("bytes_in", 0) - before.get("bytes_in", 0)
                 + after.get("bytes_out", 0) - before.get("bytes_out", 0),
                 "controller_cpu_s": round(cpu["service"], 2), "controller_peak_rss_mb": service_rss,
-                "broker_cpu_s": round(cpu["broker"], 2), "broker_peak_rss_mb": round(peak_rss_mb(broker.pid), 1),
+                "broker_cpu_s": round(cpu["broker"], 2),
+                "broker_peak_rss_mb": round(max(peak_rss_mb(b.pid) for b in broker_procs), 1),
                 "simulator_cpu_s": round(cpu["sims"], 2), "sim_processes": sim_processes, "load_average": load,
                 "registry": summary.get("registry"), "repo_server": summary.get("repo_server")}
     finally:
@@ -250,12 +280,7 @@ def chunk_round_trip(workdir: Path, nodelay: bool, requests: int = 200, chunk: i
     broker = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stderr=subprocess.DEVNULL)
     clients = []
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_for_port(port)
         repo_dir = workdir / f"rtt-repo-{nodelay}"
         repo = Repository.init(repo_dir)
         entry = repo.publish(make_artifact(workdir / f"rtt-art-{nodelay}", "1", 1_000_000), "kws", "1")
@@ -341,12 +366,20 @@ def main() -> None:
     ap.add_argument("--sim-processes", type=int, default=2)
     ap.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite",
                     help="the fleet database (postgresql: a throwaway database on the local server)")
-    ap.add_argument("--transport", choices=("mqtt", "http"), default="mqtt",
-                    help="how devices fetch the repository: the MQTT repository server, or HTTP from nginx")
+    ap.add_argument("--transport", default="mqtt",
+                    help="how devices fetch the repository: the MQTT repository server casting chunks (each goes out "
+                         "once, retained), the same answering each device alone (fleet serve --unicast), or HTTP "
+                         "from nginx; a comma-separated list runs each")
     ap.add_argument("--replicas", type=int, default=1, help="fleet serve processes (more than one: --replicas)")
+    ap.add_argument("--brokers", type=int, default=1,
+                    help="Mosquittos: the fleet service on the first, each other one bridged to it (fleet "
+                         "broker-bridge's stanza) with simulators of its own; broker bytes and CPU are their sums")
     ap.add_argument("--name", default="", help="the JSON file's name in --out (default fleet_scale)")
     add_out_option(ap)
     args = ap.parse_args()
+    transports = args.transport.split(",")
+    if not set(transports) <= {"mqtt", "mqtt-unicast", "http"}:
+        ap.error(f"--transport {args.transport}: each must be mqtt, mqtt-unicast or http")
     hard = raise_fd_limit()
     with tempfile.TemporaryDirectory(prefix="edgeopt-fleet-rtt-") as tmp:
         rtt = {"set_tcp_nodelay": chunk_round_trip(Path(tmp), True), "default": chunk_round_trip(Path(tmp), False)}
@@ -365,18 +398,21 @@ def main() -> None:
         devices, chunk = (int(x) for x in spec.split(":"))
         if devices + 100 > hard:
             raise SystemExit(f"{devices} devices need more file descriptors than the hard limit {hard}")
-        with tempfile.TemporaryDirectory(prefix="edgeopt-fleet-bench-") as tmp:
-            print(f"running {devices} devices, chunk {chunk} ...", flush=True)
-            r = run(devices, chunk, args.model_bytes, args.sim_processes, Path(tmp), args.db, args.transport,
-                    args.replicas)
-            print(json.dumps(r), flush=True)
-            results.append(r)
-    rows = [[r["devices"], r["chunk_bytes"] // 1024, r["db"], r["transport"], r["replicas"], r["state"], r["seconds"],
+        for transport in transports:
+            with tempfile.TemporaryDirectory(prefix="edgeopt-fleet-bench-") as tmp:
+                print(f"running {devices} devices, chunk {chunk}, {transport} ...", flush=True)
+                r = run(devices, chunk, args.model_bytes, args.sim_processes, Path(tmp), args.db, transport,
+                        args.replicas, args.brokers)
+                print(json.dumps(r), flush=True)
+                results.append(r)
+    rows = [[r["devices"], r["chunk_bytes"] // 1024, r["db"], r["transport"], r["replicas"], r["brokers"], r["state"],
+             r["seconds"],
              r["devices"] / r["seconds"], r["publish_messages"], r["broker_bytes"] / 1e9, r["repo_server_share"],
              r["controller_cpu_s"], r["controller_peak_rss_mb"], r["broker_cpu_s"], r["simulator_cpu_s"],
              r["load_average"]] for r in results]
-    print_table("rollout of a 1 MB model (waves 1%,10%,50%,100%, bake 2 s) on one Mosquitto",
-                ["devices", "chunk KiB", "db", "transport", "replicas", "result", "seconds", "devices/s", "publish msgs",
+    print_table("rollout of a 1 MB model (waves 1%,10%,50%,100%, bake 2 s)",
+                ["devices", "chunk KiB", "db", "transport", "replicas", "brokers", "result", "seconds", "devices/s",
+                 "publish msgs",
                  "broker GB", "repo server bytes / (devices x artifact)", "controller CPU s", "controller peak RSS MB",
                  "broker CPU s", "simulator CPU s", "load avg"], rows)
     write_json(args.name or "fleet_scale", {"model_bytes": args.model_bytes, "chunk_round_trip": rtt,

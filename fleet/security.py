@@ -73,6 +73,8 @@ def acl_text(prefix: str = "edgeopt") -> str:
             f"# Devices: user name = device id (%u); each may touch only its own topics.\n"
             f"pattern read {prefix}/devices/%u/desired\n"
             f"pattern read {prefix}/repo/resp/%u\n"
+            f"# artifact chunks the repository server casts to every device that needs them\n"
+            f"pattern read {prefix}/repo/cast/#\n"
             f"pattern write {prefix}/devices/%u/state\n"
             f"pattern write {prefix}/devices/%u/telemetry\n"
             f"pattern write {prefix}/devices/%u/results\n"

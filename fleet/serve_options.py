@@ -48,6 +48,10 @@ SERVE_PARAMS: tuple[Param, ...] = (
                                    "so each is answered once (the broker must support them: Mosquitto, EMQX, HiveMQ). "
                                    "Whatever this says, one replica at a time runs the controller: the one holding "
                                    "the database's lease"),
+    Param("unicast", bool, False, "answer each device's artifact chunks on its own response topic instead of casting "
+                                  "them: by default a chunk goes out once, retained on a topic of its own that every "
+                                  "device downloading it subscribes to, and leaves the broker 5 minutes after the last "
+                                  "request (the broker then holds the artifacts being downloaded)"),
     Param("log_level", str, "info", "log level on stderr", choices=("debug", "info", "warning", "error")),
 )
 SERVE = {p.name: p for p in SERVE_PARAMS}

@@ -55,6 +55,7 @@ class ServiceConfig:
     http_key: Path | None = SERVE["http_key"].default
     http_repo: str | None = SERVE["http_repo"].default  # HOST:PORT for the repository's static files, or None
     replicas: bool = SERVE["replicas"].default  # one of several: repository requests by shared subscription
+    unicast: bool = SERVE["unicast"].default    # artifact chunks to each device alone, never cast
     lease_ttl: float | None = None        # seconds a leader's lease lasts unrenewed (None: max(5, 3 × tick))
     telemetry_sample_s: float = 60.0      # at most one telemetry sample per device this often (charts)
     telemetry_keep_s: float = 86400.0     # samples older than this are deleted
@@ -102,7 +103,7 @@ class FleetService:
             raise
 
         self.repo_server = RepoServer(self.repository, PahoTopics(client), cfg.prefix, cfg.chunk_size,
-                                      share=SHARE_GROUP if cfg.replicas else None)
+                                      share=SHARE_GROUP if cfg.replicas else None, cast=not cfg.unicast)
         self.repo_server.start()
         self.registry = Registry(FleetStore(self.connections[1]), cfg.prefix, cfg.flush_interval,
                                  sample_s=cfg.telemetry_sample_s)
@@ -166,6 +167,7 @@ class FleetService:
         while not self._stop.wait(self.config.heartbeat):
             try:
                 store.heartbeat("service", self.status())
+                self.repo_server.sweep()  # casts whose time is up, whoever cast them
                 if time.monotonic() >= next_prune:
                     store.prune_samples(time.time() - self.config.telemetry_keep_s)
                     store.prune_history(time.time() - self.config.history_keep_s)
@@ -207,6 +209,9 @@ class FleetService:
             FleetStore(self.connections[0]).heartbeat("service", self.status() | {"stopped_at": time.time()})
         except Exception:
             log.exception("final registry flush failed")
+        if not self.config.replicas:  # alone: nobody else will clear what this service cast
+            with contextlib.suppress(Exception):
+                self.repo_server.clear_all()
         for c in self.clients:
             c.disconnect()
             c.loop_stop()

@@ -153,7 +153,8 @@ class SharedTrust:
         (workdir / "metadata" / "root.json").write_bytes(Path(root).read_bytes())
         self.client = make_client(f"{cfg.id_prefix}verifier-{id(self):x}", cfg.broker)
         connect(self.client)
-        link = sim.http_link or MqttRepoLink(PahoTopics(self.client), f"{cfg.id_prefix}verifier", cfg.prefix)
+        link = sim.http_link or MqttRepoLink(PahoTopics(self.client), f"{cfg.id_prefix}verifier", cfg.prefix,
+                                             cast_chunk=cfg.chunk_size)
         fetcher = MqttFetcher(link, chunk_size=cfg.chunk_size, timeout=cfg.request_timeout, retries=cfg.retries)
         self.trust = DeviceTrust(workdir / "metadata", fetcher, workdir / "downloads")
         self.min_refresh, self._last = min_refresh, 0.0
@@ -189,7 +190,14 @@ class _DeviceTopics:
         return self.device.publish(topic, payload, qos, retain)
 
     def subscribe(self, topic: str, handler) -> None:
-        self.device.repo_handler = handler
+        if topic == self.device.response_topic:  # subscribed on every (re)connect
+            self.device.repo_handler = handler
+        else:  # a chunk's cast topic, for the time of one request
+            self.device.cast_handler = handler
+            self.device.client.subscribe(topic, 1)
+
+    def unsubscribe(self, topic: str) -> None:
+        self.device.client.unsubscribe(topic)
 
 
 class SimDevice:
@@ -209,6 +217,8 @@ class SimDevice:
         self.last_download: dict[str, Any] | None = None  # the last artifact it fetched (telemetry)
         self.stats: Counter[str] = Counter()
         self.repo_handler = None
+        self.cast_handler = None
+        self.cast_prefix = f"{cfg.prefix}/repo/cast/"
         self.state_topic = device_topic(cfg.prefix, self.device_id, "state")
         self.desired_topic = device_topic(cfg.prefix, self.device_id, "desired")
         self.response_topic = response_topic(cfg.prefix, self.device_id)
@@ -219,7 +229,7 @@ class SimDevice:
         self.client.on_message = self._on_message
         self.client.user_data_set(self)
         self.link = sim.http_link or MqttRepoLink(_DeviceTopics(self), self.device_id, cfg.prefix,
-                                                  max_chunk=max(cfg.chunk_size, 1))
+                                                  max_chunk=max(cfg.chunk_size, 1), cast_chunk=cfg.chunk_size)
         self.connected = threading.Event()
         self._trust = None
 
@@ -269,6 +279,9 @@ class SimDevice:
         elif msg.topic == self.response_topic:
             if self.repo_handler is not None:
                 self.repo_handler(msg.topic, msg.payload)
+        elif msg.topic.startswith(self.cast_prefix):
+            if self.cast_handler is not None:
+                self.cast_handler(msg.topic, msg.payload)
         else:  # another device's message (a broker handing out every retained desired): never act on it
             self.stats["wrong_topic"] += 1
 

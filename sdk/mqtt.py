@@ -163,6 +163,11 @@ class PahoTopics:
     def subscribe(self, topic: str, handler, share: str | None = None) -> None:
         subscribe(self.client, topic, 1, lambda c, u, msg: handler(msg.topic, msg.payload), share)
 
+    def unsubscribe(self, topic: str) -> None:
+        self.client.__dict__.get("_edgeopt_subs", {}).pop(topic, None)
+        self.client.unsubscribe(topic)
+        self.client.message_callback_remove(topic)
+
 
 def connect(client, timeout: float = 10.0) -> None:
     """Connect and start the network thread; raise ``RemoteError`` if the broker does not accept us

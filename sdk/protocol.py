@@ -297,6 +297,43 @@ def response_topic(prefix: str, device_id: str) -> str:
     return f"{prefix}/repo/resp/{device_id}"
 
 
+# Multicast ("cast") of artifact chunks over MQTT: the repository server publishes a chunk once,
+# retained, on a topic named by the file's sha256, the chunk size and the chunk's offset; every device
+# that needs it subscribes there, so the server's bytes grow with the files, not with the devices.
+# Chunks lie on a grid of the devices' chunk size (a power of two: a fleet configured alike meets on
+# the same topics, and a few sizes at most can be on the broker at once).
+CAST_CHUNK = 64 * 1024   # the grid when a device says nothing else
+MIN_CAST_CHUNK = 4096
+CAST_ID = "cast"  # the id of a cast frame (a response to no one request in particular)
+_CAST_PATH_RE = re.compile(r"targets/([0-9a-f]{64})\.[^/]+\Z")
+
+
+def cast_key(repo_path: str) -> str | None:
+    """The sha256 a target file's cast topics are named by (``targets/SHA.NAME``), None for metadata."""
+    m = _CAST_PATH_RE.match(repo_path) if isinstance(repo_path, str) else None
+    return m.group(1) if m else None
+
+
+def cast_grid(chunk: int, max_chunk: int = MAX_CHUNK) -> int | None:
+    """The grid for a chunk size: the largest power of two ≤ ``chunk`` within [4 KiB, ``max_chunk``],
+    or None when there is none (then chunks are not cast)."""
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < MIN_CAST_CHUNK or max_chunk < MIN_CAST_CHUNK:
+        return None
+    grid = 1 << (min(chunk, max_chunk).bit_length() - 1)
+    return grid if grid >= MIN_CAST_CHUNK else None
+
+
+def cast_topic(prefix: str, sha: str, grid: int, offset: int) -> str:
+    return f"{prefix}/repo/cast/{sha}/{grid}/{offset}"
+
+
+def cast_index_topic(prefix: str, sha: str) -> str:
+    """Retained beside a cast file's chunks: which file, how long, on which grids, and until when
+    the caster keeps it on the broker — so any server (another replica, or this one after a crash)
+    can clear it."""
+    return f"{prefix}/repo/castidx/{sha}"
+
+
 def device_from_request_topic(prefix: str, topic: str) -> str:
     head = f"{prefix}/repo/req/"
     device = topic[len(head):] if isinstance(topic, str) and topic.startswith(head) else ""

@@ -35,9 +35,14 @@ from edgeopt.delta import CODEC, CODECS, DeltaError, apply_delta, delta_path, sh
 from edgeopt.errors import EdgeoptError, RemoteError, UserInputError
 from edgeopt.fsutil import atomic_write_bytes
 from edgeopt.protocol import (
+    CAST_CHUNK,
+    CAST_ID,
     DEFAULT_CHUNK,
     MAX_CHUNK,
     ProtocolError,
+    cast_grid,
+    cast_key,
+    cast_topic,
     request_topic,
     response_topic,
     target_path,
@@ -47,6 +52,10 @@ from edgeopt.repo_frames import ChunkRequest, ChunkResponse, decode_response
 log = logging.getLogger("edgeopt.repo_client")
 URL_SCHEME = "edgeopt-repo:"
 READ_PIECE = 1 << 20
+# Whether the broker holds a chunk: its retained message comes one round trip after subscribing, so
+# listen that long -- 1.5 x the link's measured request/response time, at least CAST_WAIT_S -- then
+# ask. The server ignores a request for a chunk it cast just now: a short guess costs the request only.
+CAST_WAIT_S = 0.05
 
 
 # -- request/response over MQTT (one outstanding request at a time) ------------------------------------------
@@ -62,9 +71,17 @@ class Topics(Protocol):
 
     def subscribe(self, topic: str, handler) -> None: ...
 
+    # optional: with it, artifact chunks come by cast (``unsubscribe(topic)``)
+
 
 class MqttRepoLink:
     """Publishes chunk requests on ``{prefix}/repo/req/{device}`` and waits for the matching response.
+
+    An artifact chunk is taken from its cast topic (see fleet/repo_server.py) when the topics can
+    unsubscribe: subscribe to the chunk's topic, then ask with ``cast``; the chunk comes from the
+    broker (retained, when another device had it cast) or from the server's cast, and an older server
+    answers on the response topic as before. ``distrust_cast(path)`` turns casting off for a file
+    whose cast bytes failed verification, so the retry comes from the server itself.
 
     Responses that do not decode are refused (``on_rejected(error)`` is told, e.g. the agent's
     rejected-message counter); those that answer an older request are dropped. Both are counted in
@@ -72,38 +89,90 @@ class MqttRepoLink:
     """
 
     def __init__(self, topics: Topics, device_id: str, prefix: str = "edgeopt", max_chunk: int = MAX_CHUNK,
-                 on_rejected: Callable[[ProtocolError], None] | None = None):
+                 on_rejected: Callable[[ProtocolError], None] | None = None, cast: bool = True,
+                 cast_chunk: int = CAST_CHUNK, cast_wait: float = CAST_WAIT_S):
+        """``cast_chunk``: the chunk size the fetcher asks for (the cast grid is the power of two at or
+        below it); ``cast_wait``: how long at least to listen for a chunk already on the broker before
+        asking."""
         self.topics, self.device_id, self.prefix, self.max_chunk = topics, device_id, prefix, max_chunk
         self.on_rejected = on_rejected
+        grid = cast_grid(cast_chunk, max_chunk)
+        self.grid = grid if cast and grid and callable(getattr(topics, "unsubscribe", None)) else 0
+        self.cast_wait = cast_wait
+        self.rtt: float | None = None  # seconds from a request to its answer (moving average)
         self._responses: queue.Queue[ChunkResponse] = queue.Queue()
         self._lock = threading.Lock()
         self.dropped = 0
+        self.cast_chunks = 0  # chunks that came by cast
+        self._cast_paths: set[str] = set()
+        self._no_cast: set[str] = set()
         topics.subscribe(response_topic(prefix, device_id), lambda topic, payload: self._on_response(payload))
 
-    def _on_response(self, payload: bytes) -> None:
+    def _on_response(self, payload: bytes, max_chunk: int | None = None) -> None:
         try:
-            self._responses.put(decode_response(payload, self.max_chunk))
+            self._responses.put(decode_response(payload, max_chunk or self.max_chunk))
         except ProtocolError as exc:
             self.dropped += 1
             log.warning("dropped malformed repository response: %s", exc)
             if self.on_rejected is not None:
                 self.on_rejected(exc)
 
+    def _on_cast(self, topic: str, payload: bytes) -> None:
+        if payload:  # empty: a cast being cleared from the broker
+            self._on_response(payload)
+
+    def distrust_cast(self, path: str) -> bool:
+        """Fetch ``path`` from the server from now on; True if some of it had come by cast."""
+        self._no_cast.add(path)
+        return path in self._cast_paths
+
     def request(self, path: str, offset: int, length: int, timeout: float) -> ChunkResponse | None:
+        sha = cast_key(path) if self.grid and path not in self._no_cast else None
+        grid = self.grid if sha else 0
         with self._lock:
-            req = ChunkRequest(uuid.uuid4().hex[:16], path, offset, length)
+            req = ChunkRequest(uuid.uuid4().hex[:16], path, offset, length, cast=grid)
             while not self._responses.empty():  # stale answers to requests that timed out
                 self._responses.get_nowait()
                 self.dropped += 1
-            self.topics.publish(request_topic(self.prefix, self.device_id), req.encode(), qos=1)
+            base = offset - offset % grid if grid else None
+            topic = cast_topic(self.prefix, sha, grid, base) if sha else None  # type: ignore[arg-type]
+            resp = None
+            if topic:  # before the request: the cast cannot go out before we listen
+                self.topics.subscribe(topic, self._on_cast)
             try:
-                while True:
-                    resp = self._responses.get(timeout=timeout)
-                    if resp.id == req.id and resp.path == path:
-                        return resp
-                    self.dropped += 1
-            except queue.Empty:
-                return None
+                if topic:  # on the broker already (another device had it cast): no request at all
+                    resp = self._wait(req, base, min(max(self.cast_wait, 1.5 * (self.rtt or 0.0)), timeout / 2))
+                if resp is None:
+                    sent = time.monotonic()
+                    self.topics.publish(request_topic(self.prefix, self.device_id), req.encode(), qos=1)
+                    resp = self._wait(req, base, timeout)
+                    if resp is not None:
+                        took = time.monotonic() - sent
+                        self.rtt = took if self.rtt is None else 0.8 * self.rtt + 0.2 * took
+            finally:
+                if topic:
+                    self.topics.unsubscribe(topic)  # type: ignore[attr-defined]
+        if resp is None or resp.id != CAST_ID:
+            if resp is not None and grid and resp.error is None:
+                self._no_cast.add(path)  # the server answered alone: it does not cast (--unicast, older)
+            return resp
+        self.cast_chunks += 1
+        self._cast_paths.add(path)
+        start = offset - base  # type: ignore[operator]
+        return ChunkResponse(req.id, path, offset, resp.total, resp.data[start:start + length])
+
+    def _wait(self, req: ChunkRequest, base: int | None, timeout: float) -> ChunkResponse | None:
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                resp = self._responses.get(timeout=max(0.0, deadline - time.monotonic()))
+                if resp.path == req.path and (resp.id == req.id or (
+                        base is not None and resp.id == CAST_ID and resp.offset == base and resp.error is None
+                        and base <= req.offset < base + len(resp.data))):
+                    return resp
+                self.dropped += 1
+        except queue.Empty:
+            return None
 
 
 # -- python-tuf's fetcher over the link -----------------------------------------------------------------------
@@ -119,7 +188,7 @@ class MqttFetcher(FetcherInterface):
         self.link, self.chunk_size, self.timeout, self.retries = link, chunk_size, timeout, retries
         self.max_total, self.backoff = max_total, backoff
         self.partial_dir = Path(partial_dir) if partial_dir else None
-        self.stats: Counter[str] = Counter()  # bytes_network, bytes_resumed, requests, retries
+        self.stats: Counter[str] = Counter()  # bytes_network, bytes_resumed, requests, retries, cast_refused
 
     def partial_path(self, repo_path: str) -> Path | None:
         if self.partial_dir is None or not repo_path.startswith("targets/"):
@@ -345,7 +414,7 @@ class DeviceTrust:
         self.delta_stats["bytes_saved"] += target.length - len(patch)
         return dest
 
-    def _download_full(self, target: ModelTarget) -> Path:
+    def _download_full(self, target: ModelTarget, again: bool = True) -> Path:
         from tuf.api import exceptions as e
 
         info = self._updater.get_targetinfo(target.path)
@@ -355,6 +424,13 @@ class DeviceTrust:
             path = self._updater.download_target(info, str(dest))
         except e.LengthOrHashMismatchError as exc:
             self.fetcher.discard_partial(repo_path)  # poisoned bytes: never resume from them
+            distrust = getattr(self.fetcher.link, "distrust_cast", None)
+            if again and distrust is not None and distrust(repo_path):
+                # bytes from the broker's cast (anyone allowed to publish there could have put them):
+                # once more, from the repository server alone
+                log.warning("%s: the cast bytes failed verification (%s): downloading from the server", target.path, exc)
+                self.fetcher.stats["cast_refused"] += 1
+                return self._download_full(target, again=False)
             raise UpdateRefused("hash_mismatch", f"{target.path}: {exc}") from exc
         except e.DownloadLengthMismatchError as exc:
             self.fetcher.discard_partial(repo_path)

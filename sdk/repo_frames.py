@@ -34,21 +34,29 @@ def _repo_path(v: Any) -> str:
 
 @dataclass(frozen=True)
 class ChunkRequest:
-    """{"id", "path", "offset", "length"}: ``length`` bytes of ``path`` from ``offset``."""
+    """{"id", "path", "offset", "length"[, "cast": GRID]}: ``length`` bytes of ``path`` from ``offset``.
+
+    ``cast``: the device has subscribed to the cast topic of the GRID-byte chunk that holds ``offset``
+    (``edgeopt.protocol.cast_topic``) and takes it from there; a server that does not cast (or not on
+    that grid) answers as usual. 0: not listening."""
 
     id: str
     path: str
     offset: int
     length: int
+    cast: int = 0
 
     def encode(self) -> bytes:
-        return dump({"id": self.id, "path": self.path, "offset": self.offset, "length": self.length})
+        body = {"id": self.id, "path": self.path, "offset": self.offset, "length": self.length}
+        return dump(body | {"cast": self.cast} if self.cast else body)
 
 
 def decode_request(payload: bytes, max_chunk: int = MAX_CHUNK) -> ChunkRequest:
     obj = load_object(payload, MAX_REQUEST_BYTES, "request")
+    cast = check_int(obj.get("cast", 0), "cast", 0, MAX_CHUNK)
     return ChunkRequest(check_id(obj.get("id"), "id", REQUEST_ID_RE, False), _repo_path(obj.get("path")),  # type: ignore[arg-type]
-                        check_int(obj.get("offset"), "offset", 0, 2**40), check_int(obj.get("length"), "length", 1, max_chunk))
+                        check_int(obj.get("offset"), "offset", 0, 2**40), check_int(obj.get("length"), "length", 1, max_chunk),
+                        cast)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from brokers import GeneratedMosquitto, free_port, reachable_workdir, remove_wor
 from conftest import run_cli
 
 QUIET = 1.0  # how long a message that the ACL drops is given to (not) arrive
+CAST = f"edgeopt/repo/cast/{'0' * 64}"  # an artifact chunk's cast topic
 
 
 @pytest.fixture(scope="module")
@@ -94,16 +95,19 @@ def test_device_a_reads_only_its_own_desired_and_repository_responses(secured):
     a = Client("dev-a", device_url(secured, "dev-a"))
     try:
         for topic in ("edgeopt/devices/dev-b/desired", "edgeopt/devices/+/desired", "edgeopt/repo/resp/dev-b",
-                      "edgeopt/repo/resp/+", "edgeopt/#", "edgeopt/devices/dev-a/desired", "edgeopt/repo/resp/dev-a"):
+                      "edgeopt/repo/resp/+", "edgeopt/#", "edgeopt/devices/dev-a/desired", "edgeopt/repo/resp/dev-a",
+                      f"{CAST}/0"):
             a.subscribe(topic)
         time.sleep(0.3)
         fleet.publish("edgeopt/devices/dev-b/desired", b'{"name":"kws","version":"9","rollout":null}', retain=True)
         fleet.publish("edgeopt/repo/resp/dev-b", b"chunk for b")
         fleet.publish("edgeopt/devices/dev-a/desired", b'{"name":"kws","version":"2","rollout":null}', retain=True)
         fleet.publish("edgeopt/repo/resp/dev-a", b"chunk for a")
-        assert wait_for(lambda: {"edgeopt/devices/dev-a/desired", "edgeopt/repo/resp/dev-a"} <= a.topics())
+        fleet.publish(f"{CAST}/0", b"a chunk cast to every device")  # (fleet/repo_server.py)
+        mine = {"edgeopt/devices/dev-a/desired", "edgeopt/repo/resp/dev-a", f"{CAST}/0"}
+        assert wait_for(lambda: mine <= a.topics())
         time.sleep(QUIET)
-        assert a.topics() == {"edgeopt/devices/dev-a/desired", "edgeopt/repo/resp/dev-a"}, a.got
+        assert a.topics() == mine, a.got
         # a retained message for B is not handed to A on a new subscription either
         late = Client("dev-a-late", device_url(secured, "dev-a"))
         late.subscribe("edgeopt/devices/dev-b/desired")
@@ -124,6 +128,8 @@ def test_device_a_writes_only_its_own_state_telemetry_results_and_requests(secur
         for kind in ("state", "telemetry", "results"):
             a.publish(f"edgeopt/devices/dev-b/{kind}", b"spoofed")
         a.publish("edgeopt/repo/req/dev-b", b"spoofed request")
+        a.publish(f"{CAST}/0", b"a poisoned chunk for every device", retain=True)
+        a.publish(f"edgeopt/repo/castidx/{'0' * 64}", b"a forged cast index", retain=True)
         a.publish("edgeopt/devices/dev-a/desired", b"desired by itself")   # not its to write
         a.publish("edgeopt/devices/dev-b/desired", b"desired for b")
         own = {f"edgeopt/devices/dev-a/{k}" for k in ("state", "telemetry", "results")} | {"edgeopt/repo/req/dev-a"}

@@ -390,3 +390,22 @@ def test_agent_config_refuses_identity_the_fleet_would_drop():
                   {"device_id": "dev-1", "profile": "pi 4"}, {"device_id": "dev-1", "labels": ["s\u0456te=lab"]}):
         with pytest.raises(UserInputError, match=r"\[agent\]"):
             parse_config({"agent": agent, "source": [{"type": "synthetic"}]})
+
+
+def test_a_chunk_that_arrives_after_the_agent_unsubscribed_is_dropped_quietly():
+    """The updater subscribes to a chunk's cast topic for one request (fleet/repo_server.py); a cast
+    already on its way when it unsubscribes is not a message the device never asked for."""
+    from types import SimpleNamespace
+
+    from edgeopt.agent.config import MqttSection
+    from edgeopt.agent.transport import MqttTransport
+
+    transport, unmatched, got = MqttTransport(MqttSection(), "dev-1", "t", b""), [], []
+    transport.on_unmatched = unmatched.append
+    cast = "edgeopt/repo/cast/" + "0" * 64 + "/0"
+    transport.subscribe(cast, got.append)
+    transport._on_message(None, None, SimpleNamespace(topic=cast, payload=b"chunk"))
+    transport.unsubscribe(cast)
+    transport._on_message(None, None, SimpleNamespace(topic=cast, payload=b"late"))
+    transport._on_message(None, None, SimpleNamespace(topic="edgeopt/devices/dev-2/desired", payload=b"{}"))
+    assert got == [b"chunk"] and unmatched == ["edgeopt/devices/dev-2/desired"]

@@ -200,6 +200,7 @@ FIELDS = [
     ("request", "path", "metadata/timestamp.json", NOTHING),
     ("request", "offset", "x", integer(0, 2**40)),
     ("request", "length", "x", integer(1, 64 * 1024)),
+    ("request", "cast", "x", integer(0, 2**20)),
     ("response", "id", "req-1", ident(False)),
     ("response", "path", "targets/abc.imu-1.tar", NOTHING),
     ("response", "offset", "x", integer(0, 6)),     # offset + 4 data bytes within the total of 10

@@ -67,6 +67,8 @@ def test_happy_path_commits_v2_and_no_window_is_lost_across_the_switch(rig, arti
     downloads = status["telemetry"]["update_downloads"]
     assert downloads["deltas_applied"] == 1 and downloads["deltas_refused"] == 0, downloads
     assert downloads["bytes_saved"] > 0.8 * v2["length"], downloads
+    # v1 and the delta came as the repository server's casts (fleet/repo_server.py), all of them good
+    assert downloads["cast_chunks"] >= 2 and downloads["cast_refused"] == 0, downloads
     assert downloads["last"] == {"target": {"name": "imu-cnn", "version": "2"}, "delta": True,
                                  "bytes": downloads["delta_bytes"], "full_bytes": v2["length"]}, downloads
     agent.wait_status(lambda s: s["telemetry"]["windows_out"] > status["telemetry"]["windows_out"] + 20,

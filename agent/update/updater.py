@@ -165,6 +165,9 @@ class _TopicsOver:
     def subscribe(self, topic: str, handler) -> None:
         self.transport.subscribe(topic, lambda payload: handler(topic, payload))
 
+    def unsubscribe(self, topic: str) -> None:
+        self.transport.unsubscribe(topic)
+
 
 class Updater:
     def __init__(self, host: Host, config, transport, device_id: str):
@@ -190,7 +193,8 @@ class Updater:
             link = HttpRepoLink(self.cfg.repo_url, self.cfg.repo_ca_file)
         else:
             link = MqttRepoLink(_TopicsOver(transport), device_id, self.prefix,
-                                on_rejected=lambda exc: host.rejected.add("repo", exc.code))
+                                on_rejected=lambda exc: host.rejected.add("repo", exc.code),
+                                cast=callable(getattr(transport, "unsubscribe", None)), cast_chunk=self.cfg.chunk_bytes)
         self.fetcher = MqttFetcher(link, chunk_size=self.cfg.chunk_bytes, timeout=self.cfg.request_timeout_s,
                                    retries=self.cfg.request_retries, max_total=self.cfg.max_download_bytes,
                                    partial_dir=self.root / "downloads" / "partial")
@@ -297,7 +301,8 @@ class Updater:
         d = self.trust.delta_stats
         return {"bytes_network": self.fetcher.stats["bytes_network"], "deltas_applied": d["applied"],
                 "delta_bytes": d["bytes"], "bytes_saved": d["bytes_saved"], "deltas_refused": d["refused"],
-                "last": self.last_download}
+                "cast_chunks": getattr(self.fetcher.link, "cast_chunks", 0),
+                "cast_refused": self.fetcher.stats["cast_refused"], "last": self.last_download}
 
     def health(self) -> dict[str, Any] | None:
         w = self.watch

@@ -196,11 +196,12 @@ def _serve_option(name: str, **overrides):
 @_serve_option("http_key", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_serve_option("http_repo", metavar="HOST:PORT")
 @_serve_option("replicas")
+@_serve_option("unicast")
 @_serve_option("log_level")
 def serve_cmd(repo: Path, db: str | None, broker: str | None, listen: str, local_broker: str, prefix: str,
               chunk_size: int, tick: float, timestamp_refresh: float, http: str | None, http_token_file: Path | None,
               http_cert: Path | None, http_key: Path | None, http_repo: str | None, replicas: bool,
-              log_level: str) -> None:
+              unicast: bool, log_level: str) -> None:
     """Run the fleet service until interrupted: the repository server (metadata and artifact chunks
     over MQTT), the device registry and the rollout controller, with --http the dashboard, and with
     --http-repo the repository's files over HTTP for devices that fetch them there.
@@ -217,7 +218,7 @@ def serve_cmd(repo: Path, db: str | None, broker: str | None, listen: str, local
                                          local_broker=local_broker, prefix=prefix, chunk_size=chunk_size, tick=tick,
                                          timestamp_refresh=timestamp_refresh, http=http, http_token_file=http_token_file,
                                          http_cert=http_cert, http_key=http_key, http_repo=http_repo,
-                                         replicas=replicas)).start()
+                                         replicas=replicas, unicast=unicast)).start()
     signal.signal(signal.SIGTERM, lambda *_: service._stop.set())
     dashboard = f", dashboard {service.dashboard.url}" if service.dashboard else ""
     dashboard += f", repository files {service.repo_web.url}" if service.repo_web else ""
