@@ -96,7 +96,7 @@ class RepoServer:
             self._count("rejected")
             log.warning("rejected repository request on %s: %s", topic, exc)
             return None
-        if req.cast and self.cast and self._cast(req):
+        if req.cast and self.cast and self._cast(req, len(payload)):
             return None
         resp = self._answer(req)
         frame = resp.encode()
@@ -123,7 +123,7 @@ class RepoServer:
         return ChunkResponse(req.id, req.path, req.offset, total, data)
 
     # -- casting -------------------------------------------------------------------------------------
-    def _cast(self, req: ChunkRequest) -> bool:
+    def _cast(self, req: ChunkRequest, request_bytes: int) -> bool:
         """Answer ``req`` on its cast topic; False when it needs an ordinary answer (an error, a grid
         this server does not cast on)."""
         sha, grid = cast_key(req.path), req.cast
@@ -173,7 +173,7 @@ class RepoServer:
                     c.chunks.pop((grid, o), None)
             return False
         self._count("cast_requests", casts=len(todo), payload_bytes=sent, bytes_sent=sent,
-                    request_bytes=len(req.encode()))
+                    request_bytes=request_bytes)
         return True
 
     def _on_index(self, topic: str, payload: bytes) -> None:

@@ -108,9 +108,9 @@ class MqttRepoLink:
         self._no_cast: set[str] = set()
         topics.subscribe(response_topic(prefix, device_id), lambda topic, payload: self._on_response(payload))
 
-    def _on_response(self, payload: bytes, max_chunk: int | None = None) -> None:
+    def _on_response(self, payload: bytes) -> None:
         try:
-            self._responses.put(decode_response(payload, max_chunk or self.max_chunk))
+            self._responses.put(decode_response(payload, self.max_chunk))
         except ProtocolError as exc:
             self.dropped += 1
             log.warning("dropped malformed repository response: %s", exc)
@@ -118,7 +118,7 @@ class MqttRepoLink:
                 self.on_rejected(exc)
 
     def _on_cast(self, topic: str, payload: bytes) -> None:
-        if payload:  # empty: a cast being cleared from the broker
+        if payload:  # empty: a cast being cleared from the broker (a grid is never above max_chunk)
             self._on_response(payload)
 
     def distrust_cast(self, path: str) -> bool:
