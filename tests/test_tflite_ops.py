@@ -41,6 +41,8 @@ class Case:
     layout: str = "nhwc"  # "nhwc" or "keep" (keep_io_layout)
     reference: str = "onnxruntime"  # or "onnx" (onnx.reference) where ONNX Runtime lacks the feature
     no_transpose: bool = False  # the converted graph must contain no TRANSPOSE
+    lowered_to: str | None = None  # a builtin the converted graph must contain
+    not_lowered_to: str | None = None  # one it must not
 
 
 def _const(shape, positive=False):
@@ -109,7 +111,13 @@ add(
     Case("conv_transpose_s2_p1_op1", "ConvTranspose", X4,
          {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]}, {"w": c(4, 3, 3, 3), "b": c(3)}),
     Case("conv_transpose_s1", "ConvTranspose", X4, {}, {"w": c(4, 2, 3, 3)}),
-    Case("conv_transpose_s2_k2", "ConvTranspose", X4, {"strides": [2, 2]}, {"w": c(4, 2, 2, 2), "b": c(2)}),
+    # stride = kernel: a 1x1 CONV_2D and DEPTH_TO_SPACE (XNNPACK's INT8 TRANSPOSE_CONV is slow)
+    Case("conv_transpose_s2_k2", "ConvTranspose", X4, {"strides": [2, 2]}, {"w": c(4, 2, 2, 2), "b": c(2)},
+         lowered_to="DEPTH_TO_SPACE", not_lowered_to="TRANSPOSE_CONV"),
+    Case("conv_transpose_s3_k3_batch2", "ConvTranspose", {"x": (2, 3, 4, 5)}, {"strides": [3, 3]},
+         {"w": c(3, 5, 3, 3), "b": c(5)}, after_conv=True, lowered_to="DEPTH_TO_SPACE", not_lowered_to="TRANSPOSE_CONV"),
+    Case("conv_transpose_s2_k2_cropped", "ConvTranspose", X4, {"strides": [2, 2], "pads": [1, 0, 0, 1]},
+         {"w": c(4, 2, 2, 2)}, lowered_to="TRANSPOSE_CONV"),
     Case("conv_transpose_same_upper", "ConvTranspose", X4, {"strides": [2, 2], "auto_pad": "SAME_UPPER"},
          {"w": c(4, 2, 3, 3)}),
     Case("conv_transpose_output_shape", "ConvTranspose", X4, {"strides": [2, 2], "output_shape": [12, 12]},
@@ -366,6 +374,8 @@ def test_op_parity_with_onnxruntime(case: Case, tmp_path):
     assert not any(o.startswith("CUSTOM") for o in ops), ops
     if case.no_transpose:
         assert "TRANSPOSE" not in ops, ops
+    assert case.lowered_to is None or case.lowered_to in ops, ops
+    assert case.not_lowered_to is None or case.not_lowered_to not in ops, ops
     for xnnpack in (True, False):
         got = litert_outputs(conv, feeds, xnnpack=xnnpack)
         for name, r in ref.items():
