@@ -58,8 +58,9 @@ class LoadedModel:
         ins, outs = self.runtime.inputs, self.runtime.outputs
         return len(ins) == 1 and all(s.dtype == "float32" and not s.quantization for s in (*ins, *outs))
 
-    @property
+    @cached_property
     def fixed_batch(self) -> int | None:
+        """The runtime's (its batch axes are set when the model loads; asked once per call, so kept)."""
         return self.runtime.fixed_batch
 
     def describe(self) -> dict[str, Any]:

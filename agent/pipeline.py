@@ -32,7 +32,10 @@ from edgeopt.errors import EdgeoptError
 
 log = logging.getLogger("edgeopt.agent")
 
-TAKE_WINDOWS = 32  # windows taken from the queue at once, in calls of max_batch (Pipeline.take)
+# windows taken from the queue at once when they are waiting, in calls of max_batch (Pipeline.take): on
+# the IMU model 32 -> 256 took the LiteRT agent from 0.47x to 0.62x a bare loop at batch 32; 512 gained
+# a few % more but took the agent's peak RSS past 60 MiB (docs/benchmarks.md, "Issue 18")
+TAKE_WINDOWS = 256
 
 
 class ResultWriter:
@@ -51,6 +54,9 @@ class ResultWriter:
         self.windows_written = 0
         self.lap = Lap()  # wait, encode, sink:KIND (agent/profile.py)
         self._backlog = backlog
+        # the writer is woken when half the backlog waits (or a burst ends), not for every batch: waking a
+        # thread costs the inference loop more than a small batch's hand-off (docs/agent.md, "Threads")
+        self._wake_at = max(1, backlog // 2)
         self._items: deque = deque()  # (batch, outputs, model), or None: stop
         lock = threading.Lock()
         self._queued = threading.Condition(lock)  # the writer waits on it
@@ -63,12 +69,20 @@ class ResultWriter:
         """Queue one batch's results; ``model`` is the one that produced them (it changes at a switch)."""
         self._put((batch, outputs, model or self.model))
 
-    def _put(self, item) -> None:
+    def _put(self, item, wake: bool = False) -> None:
         with self._queued:
             while len(self._items) >= self._backlog:
                 self._room.wait()
             self._items.append(item)
-            self._queued.notify()
+            if wake or len(self._items) >= self._wake_at:
+                self._queued.notify()
+
+    def wake(self) -> None:
+        """Let the writer take what is queued now: the inference loop calls it when a burst of batches
+        ends (``Pipeline.step``), so results wait at most one burst."""
+        with self._queued:
+            if self._items:
+                self._queued.notify()
 
     def _take(self) -> list:
         """Every queued item (waiting for the first)."""
@@ -123,7 +137,7 @@ class ResultWriter:
 
     def close(self, timeout: float = 5.0) -> None:
         """Write everything submitted, then stop."""
-        self._put(None)
+        self._put(None, wake=True)
         self._thread.join(timeout)
 
 
@@ -195,13 +209,15 @@ class Pipeline:
             self.lap("queue_wait")
             self.infer(batch)
             done += len(batch)
+        self.writer.wake()
         return done
 
     @property
     def take(self) -> int:
-        """Windows taken from the queue at once when they are waiting: ``max_batch`` for big batches; for
-        small ones several calls' worth (``TAKE_WINDOWS``), so the queue, the statistics and the
-        writer's hand-off are paid once for all of them — each call still gets ``max_batch``."""
+        """Windows taken from the queue at once when they are waiting: several calls' worth
+        (``TAKE_WINDOWS``, or one call's when ``max_batch`` is bigger), so the queue, the statistics, the
+        observers and the writer's hand-off are paid once for all of them — each call still gets
+        ``max_batch``."""
         return self.max_batch * max(1, TAKE_WINDOWS // self.max_batch)
 
     def infer(self, batch: WindowBatch) -> None:
@@ -222,7 +238,7 @@ class Pipeline:
             lap("agent")
             return
         lap("inference")
-        self.writer.submit(batch, outputs, model)
+        self.writer.submit(batch.labels(), outputs, model)
         lap("handoff")
         self.stats.record_calls(calls)
         # observers compare latencies: the longest call, not the take (which may be several calls)

@@ -93,6 +93,9 @@ class WindowBlock:
         return f"{self.source}:{self.seq[i]}"
 
 
+_NO_DATA = np.empty((0,), np.float32)
+
+
 class WindowBatch:
     """The windows of one inference call: blocks in queue order (several sources may be mixed, each
     block holds one source's windows)."""
@@ -129,6 +132,11 @@ class WindowBatch:
         if current:
             parts.append(WindowBatch(current))
         return parts
+
+    def labels(self) -> WindowBatch:
+        """The same windows without their data (ids and timestamps only): what the result writer needs,
+        so that queued results do not keep the windows' samples alive."""
+        return WindowBatch([WindowBlock(b.source, b.seq, b.t_start, b.t_end, _NO_DATA) for b in self.blocks])
 
     def describe(self) -> str:
         """'first id ... last id', for log messages."""

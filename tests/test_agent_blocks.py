@@ -357,3 +357,40 @@ def test_a_failing_call_in_a_take_of_several_loses_only_its_windows():
     pipeline.writer.close()
     assert pipeline.inference_errors == 1 and pipeline.windows_inferred == 12
     assert [json.loads(r)["seq"] for r in written] == [s for s in range(12) if s != 5]
+
+
+def test_a_step_hands_its_results_to_the_writer_at_once_and_not_the_samples():
+    """The writer is woken when half its backlog waits or a step ends, not for every take: one take's
+    results are written when its step ends, without more takes or closing (a slow live source must not
+    hold results back); what waits for the writer is the windows' ids and timestamps, not their samples."""
+    from types import SimpleNamespace
+
+    from edgeopt.agent.config import parse_config
+    from edgeopt.agent.pipeline import Pipeline
+    from edgeopt.agent.telemetry import InferenceStats
+
+    class Model(SimpleNamespace):
+        def run_calls(self, batch, max_call=None):
+            seqs = [int(s) for b in batch.blocks for s in b.seq]
+            return {"y": np.asarray(seqs, np.float32)[:, None]}, [(len(seqs), 1e-4)]
+
+    pre = preprocessing(2, 2, True, normalize=False)
+    model = Model(pre=pre, fixed_batch=None, name="m", version="1", state_resets=0)
+    written, handed = [], []
+    sink = SimpleNamespace(kind="list", write=lambda results: written.extend(results.records))
+    config = parse_config({"source": [{"type": "synthetic"}], "batching": {"max_batch": 64}})
+    pipeline = Pipeline(config, model, [sink], "dev", InferenceStats())
+    submit = pipeline.writer.submit
+    pipeline.writer.submit = lambda batch, outputs, model=None: (handed.append(batch), submit(batch, outputs, model))
+    block = Windower("s", pre).push(np.ones((24, 3), np.float32), np.arange(24.0))  # 12 windows
+    pipeline.queue.put(block)
+    assert pipeline.step(0.0) == 12
+    for _ in range(200):
+        if len(written) == 12:
+            break
+        threading.Event().wait(0.01)
+    assert [json.loads(r)["seq"] for r in written] == list(range(12))
+    (labels,) = handed
+    assert [b.data.size for b in labels.blocks] == [0]
+    assert np.array_equal(labels.blocks[0].seq, block.seq) and np.array_equal(labels.blocks[0].t_end, block.t_end)
+    pipeline.writer.close()
