@@ -81,31 +81,24 @@ class LoadedModel:
         if self.state_pairs:
             return self._infer_streams(batch, step)
         data = batch.data.reshape((n, *self.sample_shape))
+        if self.float_io and (n % step == 0 or not self.fixed_batch):  # nothing to convert or pad
+            for size in {min(step, n), n % step or step}:
+                if size not in self._checked_sizes:  # once per call size, not every call
+                    self.runtime.check_feeds({self.input_name: data[:size]})
+                    self._checked_sizes.add(size)
+            return self.runtime.run_calls(self.input_name, data, step)
         calls: list[tuple[int, float]] = []
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
-        if self.float_io and (n % step == 0 or not self.fixed_batch):  # nothing to convert or pad
-            for start in range(0, n, step):
-                feeds = {self.input_name: data[start:start + step]}
-                size = len(feeds[self.input_name])
-                if size not in self._checked_sizes:  # once per batch size, not every call
-                    self.runtime.check_feeds(feeds)
-                    self._checked_sizes.add(size)
-                t0 = time.perf_counter()
-                out = self.runtime.run_checked(feeds)
-                calls.append((size, time.perf_counter() - t0))
-                for name in self.output_names:
-                    parts[name].append(out[name])
-        else:
-            for start in range(0, n, step):
-                part = data[start:start + step]
-                real = len(part)
-                if self.fixed_batch and real < step:
-                    part = np.concatenate([part, np.repeat(part[-1:], step - real, axis=0)])
-                t0 = time.perf_counter()
-                out = self.runtime.run_float({self.input_name: part})
-                calls.append((real, time.perf_counter() - t0))
-                for name in self.output_names:
-                    parts[name].append(out[name][:real])
+        for start in range(0, n, step):
+            part = data[start:start + step]
+            real = len(part)
+            if self.fixed_batch and real < step:
+                part = np.concatenate([part, np.repeat(part[-1:], step - real, axis=0)])
+            t0 = time.perf_counter()
+            out = self.runtime.run_float({self.input_name: part})
+            calls.append((real, time.perf_counter() - t0))
+            for name in self.output_names:
+                parts[name].append(out[name][:real])
         return {name: v[0] if len(v) == 1 else np.concatenate(v) for name, v in parts.items()}, calls
 
     def _infer_streams(self, batch: WindowBatch, width: int
