@@ -95,8 +95,8 @@ class Runtime(Configurable):
     def run_calls(self, name: str, data: np.ndarray, step: int) -> tuple[dict[str, np.ndarray], list[tuple[int, float]]]:
         """``run_checked`` over ``data`` (the model's only input, whose call sizes the caller checked) in
         consecutive calls of ``step`` samples: every output, the calls' joined along axis 0, and (samples,
-        seconds inside the runtime) of each call. The agent's hot loop: at batch 1 the per-call dicts and
-        exception handling of ``run_checked`` cost half as much as a small model's call."""
+        seconds inside the runtime) of each call. The agent's hot loop: at batch 1, ``run_checked``'s per-call
+        dicts and exception handling cost ~0.6 µs beside a small model's ~5 µs call."""
         parts: list[list[np.ndarray]] = [[] for _ in self.outputs]
         calls: list[tuple[int, float]] = []
         run, clock = self._run, time.perf_counter
