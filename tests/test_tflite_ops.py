@@ -40,9 +40,8 @@ class Case:
     positive: bool = False  # inputs > 0 (Log, Sqrt, Pow)
     layout: str = "nhwc"  # "nhwc" or "keep" (keep_io_layout)
     reference: str = "onnxruntime"  # or "onnx" (onnx.reference) where ONNX Runtime lacks the feature
-    no_transpose: bool = False  # the converted graph must contain no TRANSPOSE
     lowered_to: str | None = None  # a builtin the converted graph must contain
-    not_lowered_to: str | None = None  # one it must not
+    not_lowered_to: str | None = None  # one it must not ("TRANSPOSE": the layout needs no transposes)
 
 
 def _const(shape, positive=False):
@@ -102,7 +101,7 @@ add(
          {"w": c(4, 3, 3, 3), "b": c(4)}),
     Case("conv_grouped", "Conv", {"x": (1, 4, 7, 7)}, {"group": 2, "pads": [1, 1, 1, 1]}, {"w": c(6, 2, 3, 3), "b": c(6)}),
     Case("conv_depthwise", "Conv", X4, {"group": 4, "pads": [1, 1, 1, 1]}, {"w": c(4, 1, 3, 3), "b": c(4)},
-         no_transpose=True),
+         not_lowered_to="TRANSPOSE"),
     Case("conv_depthwise_mult2_s2", "Conv", X4, {"group": 4, "strides": [2, 2], "pads": [1, 1, 1, 1]},
          {"w": c(8, 1, 3, 3), "b": c(8)}),
     Case("conv_1x1_keep_layout", "Conv", X4, {}, {"w": c(3, 4, 1, 1)}, layout="keep"),
@@ -145,7 +144,7 @@ for op in ("Add", "Sub", "Mul", "Div", "Max", "Min"):
     add(
         Case(f"{op.lower()}_same", op, {"a": (2, 3, 4), "b": (2, 3, 4)}),
         Case(f"{op.lower()}_channel_const_nhwc", op, {"x": (1, 3, 5, 5)},
-             consts={"k": c(3, 1, 1, positive=op == "Div")}, after_conv=True, no_transpose=True),
+             consts={"k": c(3, 1, 1, positive=op == "Div")}, after_conv=True, not_lowered_to="TRANSPOSE"),
         Case(f"{op.lower()}_row_runtime_nhwc", op, {"x": (1, 3, 4, 5), "r": (5,)}, after_conv=True),
         Case(f"{op.lower()}_scalar_const", op, {"x": (2, 5)}, consts={"k": np.array(1.5 if op != "Sub" else -0.5,
                                                                                    np.float32)}),
@@ -158,14 +157,14 @@ add(
 
 for op in ("Relu", "Sigmoid", "Tanh", "HardSwish", "Exp", "Abs", "Neg", "Identity"):
     add(Case(f"{op.lower()}_2d", op, {"x": (3, 7)}),
-        Case(f"{op.lower()}_nhwc", op, {"x": (1, 4, 5, 5)}, after_conv=True, no_transpose=True))
+        Case(f"{op.lower()}_nhwc", op, {"x": (1, 4, 5, 5)}, after_conv=True, not_lowered_to="TRANSPOSE"))
 for op in ("Log", "Sqrt"):
     add(Case(f"{op.lower()}_2d", op, {"x": (3, 7)}, positive=True))
 add(
     Case("leaky_relu", "LeakyRelu", {"x": (2, 9)}, {"alpha": 0.1}),
     Case("leaky_relu_nhwc", "LeakyRelu", X4, {}, after_conv=True),
     Case("prelu_channel_nhwc", "PRelu", {"x": (1, 3, 5, 5)}, consts={"slope": c(3, 1, 1)}, after_conv=True,
-         no_transpose=True),
+         not_lowered_to="TRANSPOSE"),
     Case("prelu_scalar", "PRelu", {"x": (2, 6)}, consts={"slope": np.array([0.25], np.float32)}),
     Case("clip_relu6", "Clip", {"x": (2, 8)}, consts={"lo": np.array(0, np.float32), "hi": np.array(6, np.float32)},
          input_order=["x", "lo", "hi"]),
@@ -188,7 +187,7 @@ add(
     Case("pow_runtime", "Pow", {"x": (3, 5), "e": (3, 5)}, positive=True),
     Case("dropout_inference", "Dropout", {"x": (3, 5)}),
     Case("batchnorm_nhwc", "BatchNormalization", X4,
-         consts={"s": c(4), "bb": c(4), "m": c(4), "v": c(4, positive=True)}, after_conv=True, no_transpose=True),
+         consts={"s": c(4), "bb": c(4), "m": c(4), "v": c(4, positive=True)}, after_conv=True, not_lowered_to="TRANSPOSE"),
     Case("batchnorm_2d", "BatchNormalization", {"x": (5, 3)},
          consts={"s": c(3), "bb": c(3), "m": c(3), "v": c(3, positive=True)}, attrs={"epsilon": 1e-3}),
 )
@@ -196,13 +195,13 @@ add(
 # -- softmax, pools, reductions, norms -----------------------------------------------------------------
 add(
     Case("softmax_last", "Softmax", {"x": (3, 10)}),
-    Case("softmax_axis1_nhwc", "Softmax", X4, {"axis": 1}, after_conv=True, no_transpose=True),
+    Case("softmax_axis1_nhwc", "Softmax", X4, {"axis": 1}, after_conv=True, not_lowered_to="TRANSPOSE"),
     Case("softmax_axis2_3d", "Softmax", {"x": (2, 3, 5)}, {"axis": 1}),
     Case("softmax_opset11_flatten", "Softmax", {"x": (2, 3, 4)}, {"axis": 1}, opset=11),
     Case("log_softmax_last", "LogSoftmax", {"x": (3, 10)}),
     Case("log_softmax_axis0", "LogSoftmax", {"x": (4, 3)}, {"axis": 0}),
     Case("maxpool_k2s2", "MaxPool", X4, {"kernel_shape": [2, 2], "strides": [2, 2]}, after_conv=True,
-         no_transpose=True),
+         not_lowered_to="TRANSPOSE"),
     Case("maxpool_k3s1p1", "MaxPool", X4, {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
     Case("maxpool_ceil", "MaxPool", {"x": (1, 2, 7, 7)}, {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}),
     Case("maxpool_asym_pads", "MaxPool", X4, {"kernel_shape": [3, 2], "pads": [0, 1, 2, 0]}),
@@ -218,15 +217,15 @@ add(
     Case("avgpool_same_upper", "AveragePool", {"x": (1, 3, 7, 8)}, {"kernel_shape": [3, 3], "strides": [2, 2],
                                                                     "auto_pad": "SAME_UPPER"}),
     Case("avgpool_1d", "AveragePool", X3, {"kernel_shape": [4], "strides": [2], "pads": [1, 2]}),
-    Case("global_avgpool", "GlobalAveragePool", X4, after_conv=True, no_transpose=True),
+    Case("global_avgpool", "GlobalAveragePool", X4, after_conv=True, not_lowered_to="TRANSPOSE"),
     Case("global_maxpool", "GlobalMaxPool", X4),
     Case("global_avgpool_1d", "GlobalAveragePool", X3),
     Case("reduce_mean_spatial_nhwc", "ReduceMean", X4, {"keepdims": 1},
-         consts={"axes": np.array([2, 3], np.int64)}, opset=18, after_conv=True, no_transpose=True),
+         consts={"axes": np.array([2, 3], np.int64)}, opset=18, after_conv=True, not_lowered_to="TRANSPOSE"),
     Case("reduce_mean_axis1_nokeep", "ReduceMean", {"x": (2, 3, 4)}, {"axes": [1], "keepdims": 0}),
     Case("reduce_max_all", "ReduceMax", {"x": (2, 3, 4)}, {"keepdims": 0}),
     Case("reduce_max_channel_nhwc", "ReduceMax", X4, {"axes": [1], "keepdims": 0}, after_conv=True),
-    Case("reduce_min_nhwc", "ReduceMin", X4, {"axes": [2], "keepdims": 1}, after_conv=True, no_transpose=True),
+    Case("reduce_min_nhwc", "ReduceMin", X4, {"axes": [2], "keepdims": 1}, after_conv=True, not_lowered_to="TRANSPOSE"),
     Case("reduce_sum_axes_input", "ReduceSum", {"x": (2, 3, 4)}, consts={"axes": np.array([0, 2], np.int64)}),
     Case("reduce_sum_keep", "ReduceSum", X4, {"keepdims": 1}, consts={"axes": np.array([-1], np.int64)},
          after_conv=True),
@@ -242,11 +241,11 @@ add(
 add(
     Case("flatten_nhwc", "Flatten", X4, {"axis": 1}, after_conv=True),
     Case("flatten_axis2", "Flatten", X4, {"axis": 2}),
-    Case("flatten_after_global_pool", "Flatten", {"x": (2, 6, 1, 1)}, after_conv=True, no_transpose=True),
+    Case("flatten_after_global_pool", "Flatten", {"x": (2, 6, 1, 1)}, after_conv=True, not_lowered_to="TRANSPOSE"),
     Case("reshape", "Reshape", {"x": (2, 3, 4)}, consts={"s": np.array([4, -1, 2], np.int64)}),
     Case("reshape_nhwc", "Reshape", X4, consts={"s": np.array([1, 4, 36], np.int64)}, after_conv=True),
     Case("transpose_2d", "Transpose", {"x": (3, 5)}),
-    Case("transpose_nchw_to_nhwc", "Transpose", X4, {"perm": [0, 2, 3, 1]}, after_conv=True, no_transpose=True),
+    Case("transpose_nchw_to_nhwc", "Transpose", X4, {"perm": [0, 2, 3, 1]}, after_conv=True, not_lowered_to="TRANSPOSE"),
     Case("transpose_3d", "Transpose", {"x": (2, 3, 4)}, {"perm": [1, 0, 2]}),
     Case("squeeze", "Squeeze", {"x": (2, 1, 4, 1)}, consts={"axes": np.array([1, 3], np.int64)}),
     Case("squeeze_opset11", "Squeeze", {"x": (2, 1, 4)}, {"axes": [1]}, opset=11),
@@ -255,7 +254,7 @@ add(
     Case("concat_axis0", "Concat", {"a": (2, 3), "b": (1, 3)}, {"axis": 0}),
     Case("concat_with_const", "Concat", {"a": (2, 3)}, {"axis": -1}, consts={"k": c(2, 2)}),
     Case("split_equal_nhwc", "Split", {"x": (1, 4, 3, 3)}, {"axis": 1, "num_outputs": 2}, outputs=2, opset=18,
-         after_conv=True, no_transpose=True),
+         after_conv=True, not_lowered_to="TRANSPOSE"),
     Case("split_sizes", "Split", {"x": (2, 7)}, {"axis": 1}, consts={"sp": np.array([2, 5], np.int64)}, outputs=2),
     Case("split_opset11_attr", "Split", {"x": (6, 2)}, {"axis": 0, "split": [1, 2, 3]}, outputs=3, opset=11),
     Case("slice_basic", "Slice", {"x": (4, 6)}, consts={"st": np.array([1, 0], np.int64),
@@ -268,23 +267,23 @@ add(
         "sp": np.array([-2], np.int64)}),
     Case("slice_nhwc_channels", "Slice", X4, consts={"st": np.array([1], np.int64), "en": np.array([3], np.int64),
                                                       "ax": np.array([1], np.int64)}, after_conv=True,
-         no_transpose=True),
+         not_lowered_to="TRANSPOSE"),
     Case("gather_scalar_axis0", "Gather", {"x": (5, 4)}, {"axis": 0}, consts={"i": np.array(2, np.int64)}),
     Case("gather_vector_axis1", "Gather", {"x": (3, 5, 2)}, {"axis": 1}, consts={"i": np.array([4, 0, -1], np.int64)}),
     Case("gather_matrix_indices", "Gather", {"x": (6, 3)}, {"axis": 0}, consts={"i": np.array([[0, 1], [5, 2]],
                                                                                               np.int64)}),
     Case("gather_channels_nhwc", "Gather", X4, {"axis": 1}, consts={"i": np.array([3, 1], np.int64)},
-         after_conv=True, no_transpose=True),
+         after_conv=True, not_lowered_to="TRANSPOSE"),
     Case("pad_constant", "Pad", {"x": (2, 3)}, consts={"p": np.array([0, 1, 1, 2], np.int64)}),
     Case("pad_value_nhwc", "Pad", X4, consts={"p": np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64),
-                                              "v": np.array(0.5, np.float32)}, after_conv=True, no_transpose=True),
+                                              "v": np.array(0.5, np.float32)}, after_conv=True, not_lowered_to="TRANSPOSE"),
     Case("pad_reflect", "Pad", {"x": (1, 2, 5, 5)}, {"mode": "reflect"},
          consts={"p": np.array([0, 0, 2, 1, 0, 0, 1, 2], np.int64)}),
     Case("pad_axes_opset18", "Pad", {"x": (2, 3, 4)}, consts={"p": np.array([1, 2], np.int64), "v": np.array(
         -1.0, np.float32), "ax": np.array([2], np.int64)}, opset=18),
     Case("resize_nearest_x2", "Resize", X4, {"mode": "nearest"},
          consts={"roi": np.array([], np.float32), "sc": np.array([1, 1, 2, 2], np.float32)}, after_conv=True,
-         no_transpose=True),
+         not_lowered_to="TRANSPOSE"),
     Case("resize_nearest_asym_floor", "Resize", X4, {"mode": "nearest", "coordinate_transformation_mode": "asymmetric",
                                                      "nearest_mode": "floor"},
          consts={"roi": np.array([], np.float32), "sc": np.array([1, 1, 3, 2], np.float32)}),
@@ -372,8 +371,6 @@ def test_op_parity_with_onnxruntime(case: Case, tmp_path):
     ref = ort_outputs(model, feeds) if case.reference == "onnxruntime" else reference_outputs(model, feeds)
     ops = builtin_op_names(conv.path)
     assert not any(o.startswith("CUSTOM") for o in ops), ops
-    if case.no_transpose:
-        assert "TRANSPOSE" not in ops, ops
     assert case.lowered_to is None or case.lowered_to in ops, ops
     assert case.not_lowered_to is None or case.not_lowered_to not in ops, ops
     for xnnpack in (True, False):
