@@ -5,12 +5,10 @@ hardware profiles, runtime backends and the ``edgeopt`` command line. It imports
 import time so that ``edgeopt --help`` and the device agent start fast.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("edgeopt")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+# The one place the version is written: pyproject.toml reads it from here (a dynamic version). Asking
+# importlib.metadata instead imports it, email and zipfile: 3.2 MiB of the device agent's peak RSS,
+# whose bound is 60 MiB (docs/benchmarks.md, "Issue 18").
+__version__ = "0.1.0"
 
 
 # The Python API (docs/python.md): edgeopt.convert, edgeopt.analyze, edgeopt.optimize. The converter sits

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +64,9 @@ def refuse_failed(artifact: Artifact, allow_failed: bool) -> list[str]:
 
 
 def tool_versions(*packages: str) -> dict[str, str]:
+    # lazy: the device agent opens artifacts without importing importlib.metadata (registry.BUILTIN)
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {}
     for pkg in ("edgeopt", "numpy", "onnx", "onnxruntime", "onnxslim", *packages):
         try:

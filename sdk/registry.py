@@ -8,9 +8,9 @@ functions that use them.
 
 from __future__ import annotations
 
+import importlib
 from functools import cache
-from importlib.metadata import EntryPoint, entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeopt.errors import EnvironmentFault, UserInputError, closest
 
@@ -18,11 +18,27 @@ PASSES = "edgeopt.passes"
 TARGETS = "edgeopt.targets"
 RUNTIMES = "edgeopt.runtimes"
 
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
+
 _KIND = {PASSES: "pass", TARGETS: "target", RUNTIMES: "runtime"}
+
+# edgeopt's own runtimes as pyproject.toml registers them (tests/test_registry.py keeps the two equal).
+# ``load`` takes these without reading entry points, so the device agent, which loads the one runtime
+# its model names, never imports importlib.metadata: that import (email, zipfile, csv with it) is 3.2 MiB
+# of the agent's peak RSS, whose bound is 60 MiB (docs/benchmarks.md, "Issue 18").
+BUILTIN = {RUNTIMES: {
+    "onnxruntime": "edgeopt.runtime.onnxruntime:OnnxRuntime",
+    "litert": "edgeopt.runtime.litert:LiteRtRuntime",
+    "coreml": "edgeopt.runtime.coreml:CoreMLRuntime",
+    "tvm": "edgeopt.runtime.tvm:TVMRuntime",
+}}
 
 
 @cache
 def _entry_points(group: str) -> dict[str, EntryPoint]:
+    from importlib.metadata import entry_points  # lazy: see BUILTIN
+
     return {ep.name: ep for ep in entry_points(group=group)}
 
 
@@ -32,13 +48,18 @@ def names(group: str) -> list[str]:
 
 @cache
 def load(group: str, name: str) -> Any:
-    eps = _entry_points(group)
-    if name not in eps:
+    builtin = BUILTIN.get(group, {}).get(name)
+    eps = {} if builtin else _entry_points(group)
+    if not builtin and name not in eps:
         kind = _KIND.get(group, group)
         available = ", ".join(sorted(eps)) or "none"
         raise UserInputError(f"unknown {kind} '{name}'{closest(name, list(eps))}; available: {available}")
     try:
-        obj = eps[name].load()
+        if builtin:
+            module, attr = builtin.split(":")
+            obj = getattr(importlib.import_module(module), attr)
+        else:
+            obj = eps[name].load()
     except ImportError as exc:
         raise EnvironmentFault(f"{_KIND.get(group, group)} '{name}' could not be imported: {exc}") from exc
     if getattr(obj, "name", name) != name:

@@ -45,3 +45,25 @@ def test_pass_params_are_checked():
         cls(calibration_method="median")
     with pytest.raises(UserInputError, match=r"must be in \[90.0, 100.0\]"):
         cls(percentile=50)
+
+
+def test_builtin_table_is_what_pyproject_registers():
+    """registry.BUILTIN (loaded without entry points) names the same classes as the entry points."""
+    for group, table in registry.BUILTIN.items():
+        eps = {n: ep.value for n, ep in registry._entry_points(group).items()}
+        assert {n: eps.get(n) for n in table} == table
+        for name in table:
+            assert registry.load(group, name).name == name
+
+
+def test_loading_the_agents_runtime_reads_no_entry_points():
+    """The device agent loads its model's runtime without importing importlib.metadata (3.2 MiB of RSS)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom edgeopt.runtime import runtime_class\n"
+            "cls = runtime_class({'model': {'runtime': 'onnxruntime', 'format': 'onnx'}})\n"
+            "import edgeopt.agent.service, edgeopt.cli.agent\n"
+            "print(cls.name, 'importlib.metadata' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["onnxruntime", "False"]

@@ -197,6 +197,8 @@ def runtime_class(manifest: dict[str, Any], override: str = "") -> type[Runtime]
     """The runtime ``override`` names, else the manifest's, else any registered one for its format."""
     wanted = override or manifest["model"].get("runtime") or ""
     fmt = manifest["model"]["format"]
+    if wanted in registry.BUILTIN[registry.RUNTIMES]:  # without reading entry points (registry.BUILTIN)
+        return registry.load(registry.RUNTIMES, wanted)
     names = registry.names(registry.RUNTIMES)
     if wanted in names:
         return registry.load(registry.RUNTIMES, wanted)
