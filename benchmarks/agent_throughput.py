@@ -84,7 +84,7 @@ def agent_config(work: Path, name: str, npy: Path, max_batch: int) -> Path:
 
     cfg = {"agent": {"device_id": "bench", "state_dir": str(work / f"state-{name}"), "exit_when_sources_end": True},
            "telemetry": {"interval_s": 60.0, "status_file": str(work / f"{name}.status.json")},
-           "batching": {"max_batch": max_batch, "max_wait_ms": 20.0, "overflow": "block", "queue_windows": 4096},
+           "batching": {"max_batch": max_batch, "max_wait_ms": 20.0, "overflow": "block"},
            "source": [{"type": "npy", "name": "imu", "path": str(npy), "replay": "fast",
                        "channels": ["ax", "ay", "az"]}],
            "sink": [{"type": "jsonl", "path": str(work / f"{name}.jsonl"), "max_bytes": 64 << 20, "keep": 1}]}
