@@ -83,6 +83,7 @@ bench: setup
 	$(BIN)/python benchmarks/fleet_scale.py
 	$(BIN)/python benchmarks/dashboard.py
 	$(BIN)/python benchmarks/agent_throughput.py
+	$(BIN)/python benchmarks/agent_processes.py
 	$(BIN)/python benchmarks/mixed_precision.py
 	$(BIN)/python benchmarks/update.py
 	$(BIN)/python benchmarks/convert_tflite.py

@@ -1,7 +1,7 @@
 """The model the agent runs: the artifact in the active slot, loaded with the runtime its manifest
 names, and run on batches of windows.
 
-Only the runtime the manifest names is imported (through its entry point), so an ONNX model never
+Only the runtime the manifest names is imported (``edgeopt.registry.load``), so an ONNX model never
 pulls in LiteRT or TVM and the reverse.
 
 A stateful model (the manifest's ``state`` pairs: an LSTM's h/c, silero-vad's state) is run as one
