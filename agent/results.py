@@ -41,7 +41,7 @@ class EncodedResults:
     and per window a record object (``records``); ``lines()`` and ``message()`` are built from the
     columns in one join each, never a record at a time."""
 
-    def __init__(self, meta: str, columns: list[tuple[str, ...] | list[str]], size: int):
+    def __init__(self, meta: str, columns: list[list[str | list[str]]], size: int):
         self.meta = meta
         # per block: the record's texts in order, each a constant (a str: the same for every window) or a
         # column (a list: one str per window); a record is their concatenation
@@ -54,8 +54,8 @@ class EncodedResults:
     def _join(self, first: str, end: str) -> str:
         """Every record, each starting with ``first`` where it has its '{' and ending with ``end``. One
         ``str.join`` over the columns zipped together (repeat/zip/chain iterate in C): what is done per
-        window in Python bytecode holds the GIL the inference thread waits for after each call (0.97 ->
-        0.45 µs per window, docs/agent.md, "Threads")."""
+        window in Python bytecode holds the GIL the inference thread waits for after each call (encoding
+        and JSON Lines 0.97 -> 0.46-0.6 µs per window: docs/benchmarks.md, "Issue 18, third pass")."""
         parts = []
         for block in self._columns:
             n = next(len(c) for c in block if not isinstance(c, str))
@@ -86,7 +86,7 @@ def encode_results(meta: dict[str, Any], batch: WindowBatch, outputs: dict[str, 
         only = next(iter(outputs.values()))
         if only.ndim == 2 and only.shape[1] > 1:
             top1 = json_rows(only.argmax(axis=1))
-    columns: list[tuple[str, ...] | list[str]] = []
+    columns: list[list[str | list[str]]] = []
     done = 0
     for block in batch.blocks:
         n = len(block)

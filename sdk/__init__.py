@@ -6,8 +6,8 @@ import time so that ``edgeopt --help`` and the device agent start fast.
 """
 
 # The one place the version is written: pyproject.toml reads it from here (a dynamic version). Asking
-# importlib.metadata instead imports it, email and zipfile: 3.2 MiB of the device agent's peak RSS,
-# whose bound is 60 MiB (docs/benchmarks.md, "Issue 18").
+# importlib.metadata instead imports it with email and zipfile: 1.5 MiB of the device agent's peak RSS,
+# whose bound is 60 MiB (docs/benchmarks.md, "Issue 18, third pass").
 __version__ = "0.1.0"
 
 

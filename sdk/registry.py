@@ -25,8 +25,8 @@ _KIND = {PASSES: "pass", TARGETS: "target", RUNTIMES: "runtime"}
 
 # edgeopt's own runtimes as pyproject.toml registers them (tests/test_registry.py keeps the two equal).
 # ``load`` takes these without reading entry points, so the device agent, which loads the one runtime
-# its model names, never imports importlib.metadata: that import (email, zipfile, csv with it) is 3.2 MiB
-# of the agent's peak RSS, whose bound is 60 MiB (docs/benchmarks.md, "Issue 18").
+# its model names, never imports importlib.metadata: that import (email, zipfile, csv with it) is 1.5 MiB
+# of the agent's peak RSS, whose bound is 60 MiB (docs/benchmarks.md, "Issue 18, third pass").
 BUILTIN = {RUNTIMES: {
     "onnxruntime": "edgeopt.runtime.onnxruntime:OnnxRuntime",
     "litert": "edgeopt.runtime.litert:LiteRtRuntime",
