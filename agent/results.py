@@ -59,8 +59,8 @@ class EncodedResults:
         parts = []
         for block in self._columns:
             n = next(len(c) for c in block if not isinstance(c, str))
-            cols = [repeat(c, n) if isinstance(c, str) else c for c in block]
-            cols[0] = repeat(first + block[0][1:], n)  # the block's first text is its records' opening '{"id":'
+            # the block's first text is its records' opening '{"id":...', a constant
+            cols = [repeat(first + block[0][1:], n), *(repeat(c, n) if isinstance(c, str) else c for c in block[1:])]
             parts.append(chain.from_iterable(zip(*cols, repeat(end, n), strict=True)))
         return "".join(chain.from_iterable(parts))
 

@@ -23,18 +23,15 @@ import mmap
 import os
 import queue
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from agent_throughput import bare_loop, build
 
-from common import ROOT, add_out_option, print_table, write_json
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from agent_throughput import bare_loop, build  # noqa: E402
+from common import add_out_option, print_table, write_json
 
 TAKE, CALL, SLOTS = 256, 32, 4
 STOP = 255

@@ -42,6 +42,11 @@ def _entry_points(group: str) -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=group)}
 
 
+def registered(group: str, name: str) -> bool:
+    """Whether ``load(group, name)`` finds ``name`` (a built-in without reading entry points)."""
+    return name in BUILTIN.get(group, {}) or name in _entry_points(group)
+
+
 def names(group: str) -> list[str]:
     return sorted(_entry_points(group))
 

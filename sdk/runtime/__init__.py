@@ -197,11 +197,9 @@ def runtime_class(manifest: dict[str, Any], override: str = "") -> type[Runtime]
     """The runtime ``override`` names, else the manifest's, else any registered one for its format."""
     wanted = override or manifest["model"].get("runtime") or ""
     fmt = manifest["model"]["format"]
-    if wanted in registry.BUILTIN[registry.RUNTIMES]:  # without reading entry points (registry.BUILTIN)
+    if wanted and registry.registered(registry.RUNTIMES, wanted):
         return registry.load(registry.RUNTIMES, wanted)
     names = registry.names(registry.RUNTIMES)
-    if wanted in names:
-        return registry.load(registry.RUNTIMES, wanted)
     if override:
         registry.load(registry.RUNTIMES, override)  # raises: unknown runtime, with the closest name
     for name in names:
