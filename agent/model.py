@@ -77,15 +77,12 @@ class LoadedModel:
         exactly the model's fixed batch, the last one padded), and (windows, seconds inside the runtime)
         of each call; ``edgeopt.agent.results`` turns the outputs into records."""
         n = len(batch)
-        step = max(1, min(self.fixed_batch or n, max_call or n))
+        step = self.call_step(n, max_call)
         if self.state_pairs:
             return self._infer_streams(batch, step)
         data = batch.data.reshape((n, *self.sample_shape))
         if self.float_io and (n % step == 0 or not self.fixed_batch):  # nothing to convert or pad
-            for size in {min(step, n), n % step or step}:
-                if size not in self._checked_sizes:  # once per call size, not every call
-                    self.runtime.check_feeds({self.input_name: data[:size]})
-                    self._checked_sizes.add(size)
+            self.check_call_sizes(data, step)
             return self.runtime.run_calls(self.input_name, data, step)
         calls: list[tuple[int, float]] = []
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
@@ -100,6 +97,20 @@ class LoadedModel:
             for name in self.output_names:
                 parts[name].append(out[name][:real])
         return {name: v[0] if len(v) == 1 else np.concatenate(v) for name, v in parts.items()}, calls
+
+    def call_step(self, n: int, max_call: int | None = None) -> int:
+        """Windows per call for ``n`` windows in calls of at most ``max_call`` (and of exactly the model's
+        fixed batch)."""
+        return max(1, min(self.fixed_batch or n, max_call or n))
+
+    def check_call_sizes(self, data: np.ndarray, step: int) -> None:
+        """Check the feeds of ``data`` cut into calls of ``step`` (a ``UserInputError`` naming the input
+        when the model cannot take them): once per call size, not every call."""
+        n = len(data)
+        for size in {min(step, n), n % step or step}:
+            if size not in self._checked_sizes:
+                self.runtime.check_feeds({self.input_name: data[:size]})
+                self._checked_sizes.add(size)
 
     def _infer_streams(self, batch: WindowBatch, width: int
                        ) -> tuple[dict[str, np.ndarray], list[tuple[int, float]]]:

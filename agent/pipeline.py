@@ -28,6 +28,7 @@ from edgeopt.agent.sinks import Sink
 from edgeopt.agent.sources import Source, SourceContext, make_source
 from edgeopt.agent.telemetry import InferenceStats
 from edgeopt.agent.windowing import WindowBatch
+from edgeopt.agent.worker import SLOTS, InferenceWorker, WorkerGone, unsuitable
 from edgeopt.errors import EdgeoptError
 
 log = logging.getLogger("edgeopt.agent")
@@ -36,6 +37,9 @@ log = logging.getLogger("edgeopt.agent")
 # the IMU model 32 -> 256 took the LiteRT agent from 0.47x to 0.62x a bare loop at batch 32; 512 gained
 # a few % more but took the agent's peak RSS past 60 MiB (docs/benchmarks.md, "Issue 18")
 TAKE_WINDOWS = 256
+# Pipeline.inference() before any model runs
+NO_INFERENCE = {"process": "thread", "worker_pid": None, "note": "no model yet", "worker_private_bytes": 0,
+                "worker_peak_private_bytes": 0}
 
 
 class ResultWriter:
@@ -185,17 +189,66 @@ class Pipeline:
         # called after every batch with (windows, outputs or None, seconds, model): the updater's
         # shadow and probation watch live windows this way
         self.observers: list = []
+        # the model's calls in a forked process when it can run there (agent/worker.py); the takes
+        # sent to it and not yet received: (batch, model)
+        self.worker: InferenceWorker | None = None
+        self.process = "thread"  # where the model's calls run: "worker" once one starts, until one dies
+        self.worker_note = ""  # why the model runs on this thread instead, when it does
+        self.worker_peak_private = 0  # the largest worker's own memory seen, bytes
+        self._inflight: deque[tuple[WindowBatch, LoadedModel]] = deque()
 
     def start(self) -> None:
+        self._start_worker()  # before the sources: the fewer pages the agent has written, the fewer it copies
         self.lap.restart()
         for src in self.sources:
             src.start()
 
+    def _start_worker(self) -> None:
+        self.process = "thread"
+        if self.config.model.process == "thread":
+            self.worker_note = "[model] process = \"thread\""
+            return
+        self.worker_note = unsuitable(self.model) or ""
+        if self.worker_note:
+            log.info("running the model on the agent's thread: %s", self.worker_note)
+            return
+        try:
+            self.worker = InferenceWorker(self.model, self.take, self.model.call_step(self.take, self.max_batch))
+        except OSError as exc:  # no memory or processes left for it
+            self.worker_note = f"cannot start the inference worker: {exc}"
+            log.warning("running the model on the agent's thread: %s", self.worker_note)
+            return
+        self.process = "worker"
+
+    def _stop_worker(self) -> None:
+        self._drain()
+        if self.worker is not None:
+            self.worker.close()
+            self.worker_peak_private = max(self.worker_peak_private, self.worker.peak_private)
+            self.worker = None
+
+    def inference(self) -> dict[str, Any]:
+        """Where the model's calls run, for telemetry: ``process`` ("worker" or "thread"); while a worker
+        runs, its pid and its own memory (bytes); the largest it held; why the thread, when it is that."""
+        w = self.worker
+        private = w.private_bytes() if w is not None else 0
+        self.worker_peak_private = max(self.worker_peak_private, private)
+        return {"process": self.process, "worker_pid": w.pid if w is not None else None, "note": self.worker_note,
+                "worker_private_bytes": private, "worker_peak_private_bytes": self.worker_peak_private}
+
     def step(self, idle_timeout_s: float = 0.1, burst_s: float = 0.005) -> int:
         """Take one batch (waiting at most ``idle_timeout_s`` for its first window), infer, write; then
         more while full batches are waiting, for up to ``burst_s`` (the service loop's checks run
-        between bursts, not between every two batches). Returns the number of windows handled."""
+        between bursts, not between every two batches). With a worker, up to ``SLOTS`` takes stay in
+        flight between steps (it computes while the service loop runs); a step with no full batch to
+        send takes the oldest one's results instead. Returns the number of windows handled."""
         self.lap("agent")  # the service loop's work since the last batch
+        if self._inflight and len(self.queue) < self.max_batch:
+            # no full batch to send the worker meanwhile: its results first (they come back in order)
+            done = len(self._inflight[0][0])
+            self._receive()
+            self.writer.wake()
+            return done
         take = self.take
         batch = self.queue.get_batch(self.max_batch, self.max_wait_s, idle_timeout_s, take)
         self.lap("queue_wait")
@@ -221,7 +274,67 @@ class Pipeline:
         return self.max_batch * max(1, TAKE_WINDOWS // self.max_batch)
 
     def infer(self, batch: WindowBatch) -> None:
-        model, lap = self.model, self.lap
+        """Run the model on ``batch``: sent to the worker (its results are taken when the next take
+        needs the slot, or by ``_drain``), else here."""
+        worker = self.worker
+        if worker is None:
+            self._infer_here(batch, self.model)
+            return
+        if len(self._inflight) == SLOTS:
+            self._receive()
+            if self.worker is None:  # it died: the takes went to this thread
+                self._infer_here(batch, self.model)
+                return
+        self.windows_inferred += len(batch)
+        try:
+            worker.send(batch)
+        except WorkerGone as exc:
+            self.windows_inferred -= len(batch)
+            self._worker_gone(exc, [(batch, self.model)])
+            return
+        except EdgeoptError:  # the model refuses the call's shape: said on this thread
+            self.windows_inferred -= len(batch)
+            self._drain()
+            self._infer_here(batch, self.model)
+            return
+        self.lap("inference")
+        self._inflight.append((batch, self.model))
+
+    def _receive(self) -> None:
+        """Wait for the oldest take in flight and hand its results on."""
+        batch, model = self._inflight.popleft()
+        try:
+            _, result = self.worker.receive(len(batch))  # type: ignore[union-attr]
+        except WorkerGone as exc:
+            self.windows_inferred -= len(batch)
+            self._worker_gone(exc, [(batch, model)])
+            return
+        self.lap("inference")
+        if result is None:  # a call failed: run the take here, which says why and loses only that call
+            self.windows_inferred -= len(batch)
+            self._infer_here(batch, model)
+            return
+        self._done(batch, model, *result)
+
+    def _drain(self) -> None:
+        """Receive every take in flight."""
+        while self._inflight:
+            self._receive()
+
+    def _worker_gone(self, exc: WorkerGone, pending: list[tuple[WindowBatch, LoadedModel]]) -> None:
+        """The worker exited: its takes in flight (and ``pending``) run here, as every later one."""
+        self.windows_inferred -= sum(len(b) for b, _ in self._inflight)
+        pending = [*pending, *self._inflight]
+        self._inflight.clear()
+        log.error("the inference worker (pid %d) exited (%s); running the model on the agent's thread",
+                  self.worker.pid if self.worker else 0, exc)
+        self._stop_worker()
+        self.process, self.worker_note = "thread", f"the inference worker exited ({exc})"
+        for batch, model in pending:
+            self._infer_here(batch, model)
+
+    def _infer_here(self, batch: WindowBatch, model: LoadedModel) -> None:
+        lap = self.lap
         self.windows_inferred += len(batch)
         try:
             outputs, calls = model.run_calls(batch, self.max_batch)
@@ -229,7 +342,7 @@ class Pipeline:
             if len(batch) > self.max_batch:  # a take of several calls: only the failing call's windows are lost
                 self.windows_inferred -= len(batch)
                 for part in batch.split(self.max_batch):
-                    self.infer(part)
+                    self._infer_here(part, model)
                 return
             lap("inference")
             self.inference_errors += len(batch)
@@ -238,6 +351,12 @@ class Pipeline:
             lap("agent")
             return
         lap("inference")
+        self._done(batch, model, outputs, calls)
+
+    def _done(self, batch: WindowBatch, model: LoadedModel, outputs: dict[str, np.ndarray],
+              calls: list[tuple[int, float]]) -> None:
+        """A take's results: to the writer, the statistics and the observers."""
+        lap = self.lap
         self.writer.submit(batch.labels(), outputs, model)
         lap("handoff")
         self.stats.record_calls(calls)
@@ -262,9 +381,12 @@ class Pipeline:
         return same and arrays and self.model.sample_shape == model.sample_shape
 
     def swap_model(self, model: LoadedModel) -> None:
-        """Use ``model`` from the next batch on (between two batches: no window is lost or repeated)."""
+        """Use ``model`` from the next batch on (between two batches: no window is lost or repeated); a
+        worker running the old one is replaced by one forked with the new one."""
+        self._stop_worker()
         self.model = model
         self.max_batch = min(self.config.batching.max_batch, model.fixed_batch or self.config.batching.max_batch)
+        self._start_worker()
 
     @property
     def sources_finished(self) -> bool:
@@ -282,11 +404,12 @@ class Pipeline:
     def flush(self, timeout: float = 5.0) -> int:
         """Infer every window still queued (the partial batch included) and write every result;
         returns how many windows were inferred here."""
-        done = 0
+        before = self.windows_inferred
         while len(self.queue):
-            done += self.step(0.0)
+            self.step(0.0)
+        self._stop_worker()
         self.writer.close(timeout)
-        return done
+        return self.windows_inferred - before
 
     def counters(self) -> Counter[str]:
         c: Counter[str] = Counter()

@@ -32,7 +32,7 @@ from edgeopt import __version__
 from edgeopt.agent.config import AgentConfig, load_config
 from edgeopt.agent.model import LoadedModel, NoModel, load_active_model
 from edgeopt.agent.outbox import Outbox
-from edgeopt.agent.pipeline import Pipeline
+from edgeopt.agent.pipeline import NO_INFERENCE, Pipeline
 from edgeopt.agent.sinks import Sink, make_sink
 from edgeopt.agent.sinks.mqtt import ResultPublisher
 from edgeopt.agent.statedir import SLOTS, StateDir
@@ -76,6 +76,8 @@ class Agent:
         self.rejected = RejectedMessages()  # network messages refused, by topic kind and reason (kept across reloads)
         self._rejected_published = 0
         self.totals: Counter[str] = Counter()  # counters of pipelines already torn down
+        self._worker_peak = 0  # the largest inference worker's own memory seen, bytes (agent/worker.py)
+        self._inference_history = dict(NO_INFERENCE)  # where the last pipeline's model ran
         self.pipeline: Pipeline | None = None
         self.model: LoadedModel | None = None
         self.status = "starting"
@@ -362,6 +364,7 @@ class Agent:
         if flushed:
             log.info("flushed %d queued window(s)", flushed)
         self.totals.update(p.counters())
+        self._inference_history = p.inference()  # (its worker is stopped)
         self._source_history = p.source_stats()
         self._profile_history = p.profile.snapshot()
         self.pipeline = None
@@ -432,7 +435,10 @@ class Agent:
         p = self.pipeline  # the main thread may tear it down meanwhile
         if p is not None:
             c.update(p.counters())
-        rss, peak = rss_bytes()
+        inference = p.inference() if p is not None else dict(self._inference_history)
+        self._worker_peak = max(self._worker_peak, inference["worker_peak_private_bytes"])
+        inference["worker_peak_private_bytes"] = self._worker_peak
+        rss, peak = rss_bytes(inference["worker_private_bytes"], self._worker_peak)
         out: dict[str, Any] = {
             "device": self.config.device_id, "time": time.time(), "uptime_s": self.uptime.seconds(),
             "status": self.status, "error": self.error,
@@ -449,6 +455,7 @@ class Agent:
             "latency_ms": self.stats.latency(),
             "queue_depth": len(p.queue) if p else 0,
             "rss_bytes": rss, "peak_rss_bytes": peak,
+            "inference": inference,
             "first_inference": self.stats.first_inference, "last_inference": self.stats.last_inference,
             "sources": p.source_stats() if p else getattr(self, "_source_history", {}),
             "profile": p.profile.snapshot() if p else getattr(self, "_profile_history", {}),

@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
-from importlib import resources
 from pathlib import Path
 
 import click
@@ -71,6 +69,7 @@ def install_service_cmd(unit_dir: Path, config_path: Path, exec_path: Path | Non
 
     Missing folders (--unit-dir, the config's) are created, mode 0755; the unit names the executable
     and the config by absolute path."""
+    import shutil
     import tomllib
 
     exe = exec_path or Path(sys.executable).parent / "edgeopt-agent"
@@ -125,6 +124,8 @@ def render_unit(exe: Path, config_path: Path, password_file: str | None = None) 
     broker password file handed to the unit's throw-away user as a credential: DynamicUser cannot
     read the root-only file ('edgeopt fleet provision' writes it 0600); the agent reads the
     credential ($CREDENTIALS_DIRECTORY/mqtt.password, agent/transport.py) in its place."""
+    from importlib import resources  # here: ~1 MiB of the running agent's memory otherwise
+
     template = resources.files("edgeopt.hardware").joinpath("systemd", UNIT_NAME).read_text()
     lines = []
     for line in template.splitlines():

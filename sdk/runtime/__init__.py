@@ -34,6 +34,9 @@ class Runtime(Configurable):
 
     name: ClassVar[str] = ""
     formats: ClassVar[tuple[str, ...]] = ()
+    # at 1 thread the backend keeps no threads of its own, so a process forked after the model loads
+    # can call it (the agent's inference worker, edgeopt.agent.worker)
+    fork_safe: ClassVar[bool] = False
     params: ClassVar[tuple[Param, ...]] = (
         Param("threads", int, None, "CPU threads for inference (default: the backend's choice)",
               check=lambda v: None if v >= 1 else "must be >= 1"),

@@ -55,6 +55,7 @@ def quiet_native_stderr() -> Iterator[None]:
 class LiteRtRuntime(Runtime):
     name: ClassVar[str] = "litert"
     formats: ClassVar[tuple[str, ...]] = ("tflite",)
+    fork_safe: ClassVar[bool] = True  # XNNPACK at 1 thread runs on the caller's thread
     params: ClassVar[tuple[Param, ...]] = Runtime.params + (
         Param("xnnpack", bool, True, "use the XNNPACK delegate (LiteRT's default CPU acceleration)"),
         Param("preserve_all_tensors", bool, False, "keep every intermediate tensor after a run (all_tensors, for "

@@ -48,6 +48,7 @@ def quiet_onnxruntime() -> None:
 class OnnxRuntime(Runtime):
     name: ClassVar[str] = "onnxruntime"
     formats: ClassVar[tuple[str, ...]] = ("onnx",)
+    fork_safe: ClassVar[bool] = True  # intra_op_num_threads=1, inter_op_num_threads=1: no pool threads
     params: ClassVar[tuple[Param, ...]] = Runtime.params + (
         Param("optimization", str, "all", "graph optimization level", choices=("disable", "basic", "extended", "all")),
         Param("memory_arena", bool, True, "keep freed activation memory for the next run (ONNX Runtime's CPU "
