@@ -157,6 +157,7 @@ def test_agent_imports_only_the_runtime_it_uses(tmp_path, state, imu_model):
     assert proc.returncode == 0, proc.stderr
     modules = set(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert "onnxruntime" in modules  # the runtime the manifest names
+    # click: the edgeopt CLI's, not the agent's (~2 MiB of a running agent with its worker, docs/agent.md)
     for heavy in ("onnx", "onnxslim", "torch", "tvm", "coremltools", "ai_edge_litert", "tflite_runtime", "paho",
-                  "sklearn", "rich"):
+                  "sklearn", "rich", "click"):
         assert heavy not in modules, heavy

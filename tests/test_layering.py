@@ -139,7 +139,8 @@ LAZY_PROJECT_IMPORTS = {
     # CLI start-up: a command imports the subsystem it drives when it runs, where that subsystem pulls
     # in numpy (edgeopt.artifact), onnx or python-tuf, so that `edgeopt GROUP --help` and the group's
     # other commands do not load it (tests/test_cli.py checks that --help loads none of them).
-    "sdk/cli/agent.py": 4,  # the agent service, state dir and model loading (numpy, the runtimes); rich for status
+    "sdk/cli/agent.py": 1,  # the agent service (numpy, the runtimes): `edgeopt-agent --help` loads neither
+    "sdk/cli/agent_commands.py": 3,  # state dir and model loading (numpy, the runtimes); rich for status
     "sdk/cli/fleet.py": 4,  # the signed repository (numpy), the fleet service
     "sdk/cli/fleet_ops.py": 2,  # the device simulator (numpy, python-tuf), provisioning (the repository)
     "sdk/cli/fleet_rollout.py": 1,  # the repository, to check that a rollout's model is published

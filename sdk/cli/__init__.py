@@ -1,139 +1,23 @@
-"""The ``edgeopt`` command line.
+"""The command lines: ``edgeopt`` (``edgeopt.cli.app``, built on click) and ``edgeopt-agent``
+(``edgeopt.cli.agent``, which is not).
 
-Subcommands are imported only when they run (the table below holds their one-line help), so
-``edgeopt --help`` starts fast. This is the only place where exceptions become one-line messages:
-``EdgeoptError`` → ``edgeopt: error: ...`` with its exit code (1 check failed, 2 bad input); click's
-usage errors → one line naming the option (exit 2); anything else is a bug (exit 3) with a one-line
-hint. ``--debug`` or EDGEOPT_DEBUG=1 prints the traceback first and changes nothing else. SIGTERM and
-SIGHUP interrupt like SIGINT (exit 128 + the signal), so every staging and temporary directory is
-removed on the way out.
+This ``__init__`` imports nothing, so that ``edgeopt-agent`` on a board does not load click: click and
+what it imports held ~2 MiB of the running agent's memory (docs/benchmarks.md, "Issue 18, fourth
+pass"). The ``edgeopt`` CLI's names (``main``, ``cli``, ``COMMANDS``, ``debug_requested``, ...) are
+read from ``edgeopt.cli.app`` on first use, so ``from edgeopt.cli import main`` keeps working.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-import traceback
-
-import click
-
-from edgeopt.cli.interrupts import InterruptSignals, private_temp_dir
-from edgeopt.errors import EdgeoptError, missing_dependency
-
-# name → (module:attribute, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("edgeopt.cli.convert:convert_cmd", "Compress, compile and validate an ONNX model into an artifact."),
-    "inspect": ("edgeopt.cli.inspect:inspect_cmd", "Ops, parameters, size and target support of an ONNX model."),
-    "analyze": ("edgeopt.cli.analyze:analyze_cmd", "Rank a model's nodes by what INT8 quantization of each costs."),
-    "optimize": ("edgeopt.cli.optimize:optimize_cmd", "Convert with every recipe a board takes; the Pareto front and the best."),
-    "bench": ("edgeopt.cli.bench:bench_cmd", "Latency and throughput of an artifact or model over a batch sweep."),
-    "profiles": ("edgeopt.cli.profiles:profiles_cmd", "List and show hardware profiles."),
-    "keys": ("edgeopt.cli.keys:keys_cmd", "Create and rotate the signing keys of a fleet repository."),
-    "fleet": ("edgeopt.cli.fleet:fleet_cmd", "Publish models, run the fleet service, roll models out in waves."),
-    "agent": ("edgeopt.cli.agent:agent_group", "Run the device agent, install it as a systemd service, install a model."),
-}
-
-EXIT_INTERNAL = 3  # a bug in edgeopt, not the user's input (0 ok, 1 a check failed, 2 bad input)
+from typing import Any
 
 
-def debug_enabled() -> bool:
-    return os.environ.get("EDGEOPT_DEBUG", "") not in ("", "0")
-
-
-class LazyGroup(click.Group):
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in COMMANDS:
-            return None
-        module, _, attr = COMMANDS[name][0].partition(":")
-        return getattr(importlib.import_module(module), attr)
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        with formatter.section("Commands"):
-            formatter.write_dl([(name, COMMANDS[name][1]) for name in self.list_commands(ctx)])
-
-
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--debug", is_flag=True, help="Show tracebacks (same as EDGEOPT_DEBUG=1).")
-@click.version_option(package_name="edgeopt", message="edgeopt %(version)s")
-def cli(debug: bool) -> None:
-    """edgeopt: shrink, compile, validate and ship ONNX models to edge devices.
-
-    Exit codes: 0 ok, 1 a check failed (accuracy gate, fit, parity), 2 bad input or usage, 3 an internal
-    error (a bug); interrupted by SIGINT / SIGTERM / SIGHUP: 130 / 143 / 129, nothing left behind.
-    """
-
-
-def debug_requested(ctx: click.Context | None = None) -> bool:
-    """Whether this run was started with --debug / EDGEOPT_DEBUG=1 (for a command that behaves
-    differently then, e.g. leaving the toolchains' native output on the terminal)."""
-    ctx = ctx or click.get_current_context(silent=True)
-    root = ctx.find_root() if ctx is not None else None
-    return bool(isinstance(getattr(root, "obj", None), dict) and root.obj.get("debug")) or debug_enabled()
-
-
-def usage_message(exc: click.ClickException) -> str:
-    """Click's usage error as one line that starts with the option at fault: ``--batch: must be >= 1``."""
-    if isinstance(exc, click.BadParameter) and not isinstance(exc, click.MissingParameter):
-        hint = exc.param_hint
-        if hint is None and isinstance(exc.param, click.Option):
-            hint = max(exc.param.opts, key=len)  # the long form: --batch, not -b
-        elif hint is None and exc.param is not None:
-            hint = exc.param.human_readable_name
-        text = f"{hint if isinstance(hint, str) else ' / '.join(hint)}: {exc.message}" if hint else exc.message
-    else:
-        text = exc.format_message()
-    text = " ".join(text.split()).rstrip(".")
-    ctx = getattr(exc, "ctx", None)
-    return f"{text} (see '{ctx.command_path} --help')" if ctx is not None else text
-
-
-def main(argv: list[str] | None = None, command: click.Command | None = None, prog_name: str = "edgeopt") -> None:
-    """Run ``command`` (default: the ``edgeopt`` group) and turn errors into one-line messages and
-    exit codes; other entry points (``edgeopt-agent``) pass their own command and name. ``--debug``
-    (or EDGEOPT_DEBUG=1) prints the traceback before that line; the exit code stays the same."""
-    command = command or cli
-    args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args or debug_enabled()
-    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # before any import of onnxruntime: see no_telemetry
-    with InterruptSignals() as signals, private_temp_dir():
-        code = _run(command, args, prog_name, debug, signals)
-    sys.exit(code)
-
-
-def _run(command: click.Command, args: list[str], prog_name: str, debug: bool, signals: InterruptSignals) -> int:
-    def fail(message: str, exit_code: int) -> int:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"{prog_name}: {message}", err=True)
-        return exit_code
+def __getattr__(name: str) -> Any:
+    if name.startswith("__") or name == "app":  # import machinery probing; the submodule itself
+        raise AttributeError(f"module 'edgeopt.cli' has no attribute {name!r}")
+    import importlib
 
     try:
-        try:
-            return command.main(args=args, prog_name=prog_name, standalone_mode=False, obj={"debug": debug}) or 0
-        finally:
-            signals.armed = False  # from here on, a signal is noted, not raised
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        return fail(f"error: {usage_message(exc)}", exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
-        return fail(*signals.exit_code(exc))
-    except EdgeoptError as exc:
-        if interrupted := signals.exit_code():
-            return fail(*interrupted)
-        return fail(f"error: {exc}", exc.exit_code)
-    except Exception as exc:
-        if interrupted := signals.exit_code():
-            return fail(*interrupted)
-        # an optional toolchain this install lacks (e.g. onnx where only the `agent` extra is installed)
-        command_name = " ".join([prog_name, *args[:1]]) if args and not args[0].startswith("-") else prog_name
-        missing = missing_dependency(exc, f"'{command_name}'") if isinstance(exc, ModuleNotFoundError) else None
-        if missing is not None:
-            return fail(f"error: {missing}", missing.exit_code)
-        first = (str(exc).strip().splitlines() or [""])[0]
-        return fail(f"internal error: {type(exc).__name__}: {first} (a bug in edgeopt; "
-                    f"{'the traceback is above' if debug else 'rerun with --debug for the traceback'})", EXIT_INTERNAL)
+        return getattr(importlib.import_module("edgeopt.cli.app"), name)
+    except AttributeError:
+        raise AttributeError(f"module 'edgeopt.cli' has no attribute {name!r}") from None

@@ -11,8 +11,6 @@ import os
 import signal
 from collections.abc import Iterator
 
-import click
-
 INTERRUPTING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # exit 128 + the signal: 130, 143, 129
 
 
@@ -61,7 +59,7 @@ class InterruptSignals:
         """('interrupted (SIGTERM)', 143) when the run was interrupted (also when a toolchain turned
         the interruption into an error of its own on the way out), else None."""
         signum = getattr(exc, "signum", None) or (self.received[0] if self.received else None)
-        if signum is None and isinstance(exc, KeyboardInterrupt | click.exceptions.Abort):
+        if signum is None and isinstance(exc, KeyboardInterrupt):
             signum = signal.SIGINT
         return None if signum is None else (f"interrupted ({signal.Signals(signum).name})", 128 + signum)
 
