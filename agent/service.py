@@ -40,12 +40,10 @@ from edgeopt.agent.systemd import Notifier
 from edgeopt.agent.telemetry import InferenceStats, RejectedMessages, Uptime, rss_bytes
 from edgeopt.agent.transport import MqttTransport
 from edgeopt.agent.update.machine import reason_text
-from edgeopt.agent.update.updater import Updater
 from edgeopt.errors import EdgeoptError
 from edgeopt.fsutil import atomic_write_json
 from edgeopt.protocol import (
     MAX_SOURCES,
-    ROLLOUT_ID_RE,
     DeviceState,
     Health,
     ModelRef,
@@ -56,7 +54,6 @@ from edgeopt.protocol import (
     encode_state,
     encode_telemetry,
     is_name,
-    matches,
     offline_will,
     parse_device_topic,
 )
@@ -167,6 +164,9 @@ class Agent:
         if not self.config.update.enabled:
             self.updates_note = "updates disabled in [update]"
             return
+
+        # here: updates come over MQTT, and a board without a broker is spared the update machinery's ~1 MiB
+        from edgeopt.agent.update.updater import Updater
 
         try:
             self.updater = Updater(self, self.config, self.transport, self.config.device_id)
@@ -396,7 +396,7 @@ class Agent:
         p = self.pipeline
         sources = p.source_stats() if p else getattr(self, "_source_history", {})
         u = self.updater
-        update = _update_status(u.status()) if u else UpdateStatus("IDLE", reason=self.updates_note)
+        update = u.protocol_status() if u else UpdateStatus("IDLE", reason=self.updates_note)
         health = u.health() if u else None
         model = self.model
         error = self.error
@@ -586,15 +586,3 @@ class Agent:
         self.notifier.close()
         log.info("stopped after %d window(s) in %d batch(es)", self.stats.windows_out, self.stats.batches)
 
-
-def _update_status(u: dict[str, Any]) -> UpdateStatus:
-    """The updater's ``status()`` as the protocol's ``UpdateStatus``."""
-    t = u.get("target")
-    target = ModelRef(t["name"], t["version"]) if t else None
-    reason = u.get("reason")
-    if target is not None and not (is_name(target.name) and is_name(target.version)):
-        # a record written before names were matched whole (a version ending in a newline): report the
-        # update without its target rather than send a state the fleet drops
-        reason, target = f"target {clean_text(str(target), 80)} refused by the protocol; {reason or ''}", None
-    rollout = u.get("rollout") if matches(ROLLOUT_ID_RE, u.get("rollout")) else None
-    return UpdateStatus(u["state"], target, rollout, reason, u.get("since") or 0.0)

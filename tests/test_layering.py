@@ -151,6 +151,8 @@ LAZY_PROJECT_IMPORTS = {
     # python-tuf and cryptography (~0.1 s) load only when the agent's updates are on; urllib3 only when
     # they come over HTTP
     "agent/update/updater.py": 3,
+    # the update machinery (~1 MiB of the running agent) loads only with a broker: updates come over MQTT
+    "agent/service.py": 1,
 }
 
 

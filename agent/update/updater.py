@@ -58,7 +58,16 @@ from edgeopt.agent.update.selftest import run_in_child
 from edgeopt.artifact import pack_artifact, unpack_artifact
 from edgeopt.errors import EdgeoptError, RemoteError
 from edgeopt.fsutil import sha256_file
-from edgeopt.protocol import ProtocolError, parse_desired
+from edgeopt.protocol import (
+    ROLLOUT_ID_RE,
+    ModelRef,
+    ProtocolError,
+    UpdateStatus,
+    clean_text,
+    is_name,
+    matches,
+    parse_desired,
+)
 
 log = logging.getLogger("edgeopt.agent.update")
 
@@ -295,6 +304,19 @@ class Updater:
         state = r.outcome if r.state is State.IDLE and r.outcome else str(r.state)
         return {"state": state, "target": {"name": t.name, "version": t.version} if t and t.name else None,
                 "rollout": t.rollout if t else None, "reason": reason_text(r.reason), "since": r.entered_at}
+
+    def protocol_status(self) -> UpdateStatus:
+        """``status()`` as the state message's ``update`` (``edgeopt.protocol.UpdateStatus``)."""
+        u = self.status()
+        t = u.get("target")
+        target = ModelRef(t["name"], t["version"]) if t else None
+        reason = u.get("reason")
+        if target is not None and not (is_name(target.name) and is_name(target.version)):
+            # a record written before names were matched whole (a version ending in a newline): report the
+            # update without its target rather than send a state the fleet drops
+            reason, target = f"target {clean_text(str(target), 80)} refused by the protocol; {reason or ''}", None
+        rollout = u.get("rollout") if matches(ROLLOUT_ID_RE, u.get("rollout")) else None
+        return UpdateStatus(u["state"], target, rollout, reason, u.get("since") or 0.0)
 
     def downloads(self) -> dict[str, int]:
         """For telemetry: bytes fetched from the repository, and the deltas applied (with the bytes they
