@@ -1,7 +1,8 @@
 """Where the agent's inference should run: the same pipeline with the model called (a) on a thread of
-the agent's process, as edgeopt-agent does today, and (b) in a worker process forked after the model
-is loaded, fed through a shared-memory ring, each against the bare loop (agent_throughput.py's) in the
-same round, on the IMU 1-D CNN at batch 32.
+the agent's process, as edgeopt-agent did before its inference worker (``[model] process = "thread"``
+still does), and (b) in a worker process forked after the model is loaded, fed through a
+shared-memory ring (the design agent/worker.py took from this measurement), each against the bare loop
+(agent_throughput.py's) in the same round, on the IMU 1-D CNN at batch 32.
 
     python benchmarks/agent_processes.py [--format tflite|onnx] [--samples N] [--rounds R] [--out DIR]
 

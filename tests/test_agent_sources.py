@@ -160,7 +160,7 @@ def test_agent_imports_only_the_runtime_it_uses(tmp_path, state, imu_model):
     assert "onnxruntime" in modules  # the runtime the manifest names
     # no broker configured: no update machinery (updates come over MQTT), no subprocess (self-tests, hooks)
     assert not {"edgeopt.agent.update.updater", "subprocess", "numpy.ma"} & loaded
-    # click: the edgeopt CLI's, not the agent's (~2 MiB of a running agent with its worker, docs/agent.md)
+    # click: the edgeopt CLI's, not the agent's (~1.2 MiB of a running agent with its worker, docs/agent.md)
     for heavy in ("onnx", "onnxslim", "torch", "tvm", "coremltools", "ai_edge_litert", "tflite_runtime", "paho",
                   "sklearn", "rich", "click"):
         assert heavy not in modules, heavy

@@ -2,7 +2,7 @@
 (``edgeopt.cli.agent``, which is not).
 
 This ``__init__`` imports nothing, so that ``edgeopt-agent`` on a board does not load click: click and
-what it imports held ~2 MiB of the running agent's memory (docs/benchmarks.md, "Issue 18, fourth
+what it imports held ~1.2 MiB of the running agent and its worker (docs/benchmarks.md, "Issue 18, fourth
 pass"). The ``edgeopt`` CLI's names (``main``, ``cli``, ``COMMANDS``, ``debug_requested``, ...) are
 read from ``edgeopt.cli.app`` on first use, so ``from edgeopt.cli import main`` keeps working.
 """

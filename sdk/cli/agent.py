@@ -1,7 +1,7 @@
 """``edgeopt-agent --config agent.toml``: the device agent's entry point, without click.
 
 The agent runs for months on boards where each MiB counts, so its entry point loads neither click nor
-the ``edgeopt`` CLI: measured on the IMU benchmark, they held ~2.8 MiB of the running agent and its
+the ``edgeopt`` CLI: measured on the IMU benchmark, they held ~1.2 MiB of the running agent and its
 inference worker (docs/benchmarks.md, "Issue 18, fourth pass"). The options are parsed with argparse
 (which the agent's self-test loads anyway); errors become one line and an exit code as in every
 ``edgeopt`` command (``edgeopt.cli.failures``). ``edgeopt agent run`` (``edgeopt.cli.agent_commands``)
