@@ -75,7 +75,7 @@ class ModelSection:
     runtime: str = key("", "registered runtime to use (empty: the one the artifact's manifest names)")
     threads: int = key(1, "CPU threads for inference", check=at_least(1))
     process: str = key("auto", "where the model's calls run: \"auto\" in a worker process forked from the agent "
-                               "once the model loads (where it can: 2+ CPUs, 1 thread, float32 I/O, not "
+                               "once the model loads (where it can: Linux, 2+ CPUs, 1 thread, float32 I/O, not "
                                "stateful, LiteRT or ONNX Runtime; its own memory is reported in telemetry), "
                                "\"thread\" on the agent's own thread", choices=("auto", "thread"))
     poll_interval_s: float = key(2.0, "while no model is active (or it failed to load), seconds between "

@@ -34,6 +34,7 @@ import mmap
 import os
 import signal
 import struct
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -56,8 +57,8 @@ class WorkerGone(Exception):
 def unsuitable(model: LoadedModel) -> str | None:
     """Why ``model`` cannot run in a worker (the pipeline runs it on its own thread then), or None."""
     runtime = model.runtime
-    if not hasattr(os, "fork"):
-        return "this platform has no fork"
+    if sys.platform != "linux":  # macOS: forking a process whose other threads run is not safe there
+        return f"the inference worker runs on Linux only, not {sys.platform}"
     if len(os.sched_getaffinity(0)) < 2:
         return "one CPU: a second process would only take turns with the agent"
     if not type(runtime).fork_safe:
@@ -82,7 +83,7 @@ class InferenceWorker:
         self.step = step
         self.rows = -(-take // step) * step  # a slot holds a whole number of calls
         sample = model.sample_shape
-        outputs = [spec for spec in model.runtime.outputs]
+        outputs = list(model.runtime.outputs)
         self.output_names = [spec.name for spec in outputs]
         self.kept = [spec.name in model.output_names for spec in outputs]
         # the ring, mapped before the fork so that both processes see the same pages
