@@ -168,7 +168,8 @@ def test_a_fixed_batch_models_partial_take_is_padded_in_the_worker_and_trimmed(f
         np.testing.assert_allclose(outputs[name], expected[name], rtol=1e-5, atol=1e-6)
 
 
-def test_sigterm_to_the_process_group_stops_the_agent_and_its_worker(tmp_path, imu_model):
+def live_agent(tmp_path: Path, imu_model) -> tuple[AgentProcess, dict]:
+    """A running agent on a live synthetic source, once its worker runs and it has inferred; its status."""
     StateDir(tmp_path / "state").install(imu_model["artifact"])
     cfg = base_config(tmp_path, telemetry={"interval_s": 0.2, "status_file": str(tmp_path / "status.json")},
                       source=[{"type": "synthetic", "name": "imu", "rate_hz": 2000}],
@@ -176,8 +177,13 @@ def test_sigterm_to_the_process_group_stops_the_agent_and_its_worker(tmp_path, i
     agent = AgentProcess(tmp_path, cfg)
     status = agent.wait_status(lambda s: s["telemetry"]["windows_out"] > 0 and s["telemetry"]["inference"]["worker_pid"],
                                what="the worker running")
-    assert status["telemetry"]["inference"]["worker_private_bytes"] > 0
-    pid = status["telemetry"]["inference"]["worker_pid"]
+    return agent, status["telemetry"]["inference"]
+
+
+def test_sigterm_to_each_process_of_the_unit_stops_the_agent_and_its_worker(tmp_path, imu_model):
+    agent, inference = live_agent(tmp_path, imu_model)
+    assert inference["worker_private_bytes"] > 0
+    pid = inference["worker_pid"]
     # as systemd stops a unit: SIGTERM to each of its processes; the worker ignores it, the agent flushes
     os.kill(pid, signal.SIGTERM)
     agent.signal(signal.SIGTERM)
@@ -188,13 +194,8 @@ def test_sigterm_to_the_process_group_stops_the_agent_and_its_worker(tmp_path, i
 
 
 def test_a_worker_whose_agent_is_killed_exits_by_itself(tmp_path, imu_model):
-    StateDir(tmp_path / "state").install(imu_model["artifact"])
-    cfg = base_config(tmp_path, telemetry={"interval_s": 0.2, "status_file": str(tmp_path / "status.json")},
-                      source=[{"type": "synthetic", "name": "imu", "rate_hz": 2000}],
-                      sink=[{"type": "jsonl", "path": str(tmp_path / "out.jsonl")}])
-    agent = AgentProcess(tmp_path, cfg)
-    status = agent.wait_status(lambda s: s["telemetry"]["inference"]["worker_pid"], what="the worker running")
-    pid = status["telemetry"]["inference"]["worker_pid"]
+    agent, inference = live_agent(tmp_path, imu_model)
+    pid = inference["worker_pid"]
     agent.signal(signal.SIGKILL)
     agent.communicate()
     deadline = time.monotonic() + 10
