@@ -223,8 +223,8 @@ class Pipeline:
     def _stop_worker(self) -> None:
         self._drain()
         if self.worker is not None:
+            self.worker_peak_private = max(self.worker_peak_private, self.worker.private_bytes())
             self.worker.close()
-            self.worker_peak_private = max(self.worker_peak_private, self.worker.peak_private)
             self.worker = None
 
     def inference(self) -> dict[str, Any]:
@@ -285,15 +285,12 @@ class Pipeline:
             if self.worker is None:  # it died: the takes went to this thread
                 self._infer_here(batch, self.model)
                 return
-        self.windows_inferred += len(batch)
         try:
             worker.send(batch)
         except WorkerGone as exc:
-            self.windows_inferred -= len(batch)
             self._worker_gone(exc, [(batch, self.model)])
             return
         except EdgeoptError:  # the model refuses the call's shape: said on this thread
-            self.windows_inferred -= len(batch)
             self._drain()
             self._infer_here(batch, self.model)
             return
@@ -301,19 +298,19 @@ class Pipeline:
         self._inflight.append((batch, self.model))
 
     def _receive(self) -> None:
-        """Wait for the oldest take in flight and hand its results on."""
+        """Wait for the oldest take in flight and hand its results on (its windows count as inferred
+        then: a take the worker did not finish runs again on this thread)."""
         batch, model = self._inflight.popleft()
         try:
-            _, result = self.worker.receive(len(batch))  # type: ignore[union-attr]
+            result = self.worker.receive(len(batch))  # type: ignore[union-attr]
         except WorkerGone as exc:
-            self.windows_inferred -= len(batch)
             self._worker_gone(exc, [(batch, model)])
             return
         self.lap("inference")
         if result is None:  # a call failed: run the take here, which says why and loses only that call
-            self.windows_inferred -= len(batch)
             self._infer_here(batch, model)
             return
+        self.windows_inferred += len(batch)
         self._done(batch, model, *result)
 
     def _drain(self) -> None:
@@ -323,7 +320,6 @@ class Pipeline:
 
     def _worker_gone(self, exc: WorkerGone, pending: list[tuple[WindowBatch, LoadedModel]]) -> None:
         """The worker exited: its takes in flight (and ``pending``) run here, as every later one."""
-        self.windows_inferred -= sum(len(b) for b, _ in self._inflight)
         pending = [*pending, *self._inflight]
         self._inflight.clear()
         log.error("the inference worker (pid %d) exited (%s); running the model on the agent's thread",
@@ -403,7 +399,7 @@ class Pipeline:
 
     def flush(self, timeout: float = 5.0) -> int:
         """Infer every window still queued (the partial batch included) and write every result;
-        returns how many windows were inferred here."""
+        returns how many windows were inferred here (with the worker's takes in flight when it began)."""
         before = self.windows_inferred
         while len(self.queue):
             self.step(0.0)

@@ -96,7 +96,6 @@ class InferenceWorker:
         self.outs = [v.reshape(SLOTS, self.rows, *s.sample_shape()) for v, s in zip(views[1:-1], outputs, strict=True)]
         self.seconds = views[-1].reshape(SLOTS, self.rows // step)
         self._free = list(range(SLOTS - 1, -1, -1))
-        self.peak_private = 0
         self.pid = 0
         self._running = False  # forked and not yet waited for
         self._fork()
@@ -129,9 +128,8 @@ class InferenceWorker:
         os.close(down_r)
         os.close(up_w)
 
-    def send(self, batch: WindowBatch) -> int:
-        """Copy the windows of ``batch`` into a free slot and hand it to the worker; returns the slot.
-        A fixed-batch model's last call is padded with the last window (its outputs are dropped)."""
+    def send(self, batch: WindowBatch) -> None:
+        """Copy the windows of ``batch`` into a free slot and hand it to the worker. A fixed-batch model's last call is padded with the last window (its outputs are dropped)."""
         slot = self._free.pop()
         dst, n = self.ins[slot], len(batch)
         at = 0
@@ -151,33 +149,30 @@ class InferenceWorker:
         except BaseException:
             self._free.append(slot)
             raise
-        return slot
 
-    def receive(self, n: int) -> tuple[int, tuple[dict[str, np.ndarray], list[tuple[int, float]]] | None]:
-        """The slot of the oldest take sent (``n`` windows) and its outputs with (windows, seconds) per
-        call, or None for them when a call failed (the caller runs the take itself, to say why)."""
+    def receive(self, n: int) -> tuple[dict[str, np.ndarray], list[tuple[int, float]]] | None:
+        """The outputs of the oldest take sent (``n`` windows) with (windows, seconds) per call, or None
+        when a call failed (the caller runs the take itself, to say why)."""
         answer = os.read(self._up, _ANSWER.size)  # the GIL is released while it waits
         if len(answer) < _ANSWER.size:
             raise WorkerGone(self._exit_status())
         slot, status, calls = _ANSWER.unpack(answer)
         self._free.append(slot)
         if status != _OK:
-            return slot, None
+            return None
         outputs = {name: out[slot, :n].copy()
                    for name, out, kept in zip(self.output_names, self.outs, self.kept, strict=True) if kept}
         seconds = self.seconds[slot]
-        return slot, (outputs, [(min(self.step, n - k * self.step), float(seconds[k])) for k in range(calls)])
+        return outputs, [(min(self.step, n - k * self.step), float(seconds[k])) for k in range(calls)]
 
     def private_bytes(self) -> int:
         """The worker's own memory (pages it shares with the agent are the agent's): its USS, read from
-        /proc; the peak of the readings is kept in ``peak_private``."""
+        /proc (0 once it is gone)."""
         try:
             lines = Path(f"/proc/{self.pid}/smaps_rollup").read_text().splitlines()
         except OSError:
             return 0
-        private = sum(int(line.split()[1]) for line in lines if line.startswith("Private_")) * 1024
-        self.peak_private = max(self.peak_private, private)
-        return private
+        return sum(int(line.split()[1]) for line in lines if line.startswith("Private_")) * 1024
 
     def _exit_status(self) -> str:
         try:
@@ -193,8 +188,6 @@ class InferenceWorker:
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop the worker (it exits when its pipe closes; killed if it has not after ``timeout``)."""
-        if self._running:
-            self.private_bytes()
         with contextlib.suppress(OSError):
             os.close(self._down)
         deadline = time.monotonic() + timeout

@@ -158,7 +158,7 @@ def test_a_fixed_batch_models_partial_take_is_padded_in_the_worker_and_trimmed(f
     worker = InferenceWorker(model, 64, 8)
     try:
         worker.send(batch)
-        _, (outputs, calls) = worker.receive(len(batch))
+        outputs, calls = worker.receive(len(batch))
     finally:
         worker.close()
     assert [n for n, _ in calls] == [n for n, _ in expected_calls] == [8, 8, 5]

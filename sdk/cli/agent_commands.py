@@ -16,24 +16,20 @@ import click
 
 from edgeopt.agent.config import default_config_text, load_config, parse_config
 from edgeopt.agent.transport import PASSWORD_CREDENTIAL
-from edgeopt.cli.agent import run_agent
+from edgeopt.cli.agent import DESCRIPTION, run_agent
 from edgeopt.errors import UserInputError
 from edgeopt.fsutil import atomic_write_bytes, environment_fault
 
 UNIT_NAME = "edgeopt-agent.service"
 
 
-@click.command("run", short_help="Run the agent (same as edgeopt-agent).", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("run", short_help="Run the agent (same as edgeopt-agent).", help=DESCRIPTION,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-c", "--config", "config_path", type=click.Path(path_type=Path), required=True,
               help="Agent configuration (TOML); keys and defaults: docs/agent.md.")
 @click.option("--debug", is_flag=True, help="Show tracebacks (same as EDGEOPT_DEBUG=1).")
 @click.version_option(package_name="edgeopt", message="edgeopt-agent %(version)s")
 def run_cmd(config_path: Path, debug: bool) -> None:
-    """Run the device agent: the model in the state directory's active slot, fed by the configured
-    sources, results to the configured sinks; MQTT state and telemetry; systemd notify and watchdog.
-
-    SIGTERM flushes the partial batch and exits 0; SIGHUP reloads the configuration.
-    """
     code = run_agent(config_path, debug)
     if code:
         raise SystemExit(code)
